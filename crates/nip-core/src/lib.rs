@@ -1,0 +1,7 @@
+//! Pure domain types shared by the nip server and client: no I/O lives here.
+pub mod base32;
+pub mod hash;
+pub mod nar_file;
+pub mod narinfo;
+pub mod signing;
+pub mod store_path;

@@ -1,0 +1,338 @@
+//! The typed configuration of `nip serve`, built from the merged settings layer (see
+//! [`crate::settings`]). Loading never panics: every bad value is an error that names the setting.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nip_core::signing::PublicKey;
+
+use crate::settings::{Layer, SETTINGS};
+
+pub const DEFAULT_UPSTREAM: &str = "https://cache.nixos.org";
+pub const DEFAULT_UPSTREAM_KEY: &str =
+    "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+/// Nix's own default priority for a binary cache that does not announce one.
+pub const DEFAULT_PRIORITY: u32 = 50;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// Base URL, always ending in `/`, without the `priority` query parameter.
+    pub url: String,
+    /// Priority from `?priority=N`, used until the upstream's `/nix-cache-info` answers.
+    pub priority: Option<u32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub hostname: String,
+    pub data_path: PathBuf,
+    pub database_url: String,
+    pub temp_path: PathBuf,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub upstream_public_keys: Vec<PublicKey>,
+    pub sign_narinfo: bool,
+    pub secret_key_path: PathBuf,
+    pub netrc_file: Option<PathBuf>,
+    pub dialer_timeout: Duration,
+    pub response_header_timeout: Duration,
+    pub body_idle_timeout: Duration,
+    pub negative_ttl: Duration,
+    pub server_addr: String,
+    pub log_level: String,
+    /// Settings that were given but have no effect yet, with the reason (logged at start).
+    pub ignored: Vec<(String, &'static str)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {message}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub message: String,
+}
+
+fn err(key: &str, message: impl Into<String>) -> ConfigError {
+    let flag = SETTINGS
+        .iter()
+        .find(|s| s.key == key)
+        .map(|s| s.flags[0])
+        .unwrap_or(key);
+    ConfigError {
+        setting: format!("--{flag}"),
+        message: message.into(),
+    }
+}
+
+/// Parses Go-style durations as ncps takes them: `500ms`, `3s`, `5m`, `2h`, `1d`, or plain seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        _ => return None,
+    };
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(err(key, format!("expected true or false, got {v:?}"))),
+    }
+}
+
+/// Splits `?priority=N` off an upstream URL and normalizes it to end in `/`.
+pub fn parse_upstream(raw: &str) -> Result<UpstreamConfig, String> {
+    let raw = raw.trim();
+    if !(raw.starts_with("http://") || raw.starts_with("https://")) {
+        return Err(format!(
+            "upstream URL {raw:?} must start with http:// or https://"
+        ));
+    }
+    let (base, query) = match raw.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (raw, None),
+    };
+    let mut priority = None;
+    let mut rest = Vec::new();
+    for pair in query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("priority", n)) => {
+                priority = Some(
+                    n.parse()
+                        .map_err(|_| format!("bad priority {n:?} in {raw:?}"))?,
+                )
+            }
+            _ => rest.push(pair),
+        }
+    }
+    let mut url = base.trim_end_matches('/').to_string();
+    url.push('/');
+    if !rest.is_empty() {
+        return Err(format!(
+            "upstream URL {raw:?}: only the `priority` query parameter is understood"
+        ));
+    }
+    Ok(UpstreamConfig { url, priority })
+}
+
+fn default_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "nip".to_string())
+}
+
+impl ServeConfig {
+    /// Builds the typed config from merged settings. Pure apart from reading the host name.
+    pub fn from_layer(layer: &Layer) -> Result<Self, ConfigError> {
+        let one = |key: &str| layer.get(key).and_then(|v| v.last()).cloned();
+        let many = |key: &str| layer.get(key).cloned().unwrap_or_default();
+        let duration = |key: &str, default: Duration| -> Result<Duration, ConfigError> {
+            match one(key) {
+                None => Ok(default),
+                Some(v) => parse_duration(&v).ok_or_else(|| {
+                    err(key, format!("expected a duration like 3s or 5m, got {v:?}"))
+                }),
+            }
+        };
+
+        let hostname = one("cache.hostname").unwrap_or_else(default_hostname);
+        if hostname.is_empty() || hostname.contains([':', ' ', '/']) {
+            return Err(err(
+                "cache.hostname",
+                format!("{hostname:?} is not a host name"),
+            ));
+        }
+        let data_path =
+            PathBuf::from(one("cache.storage.local").unwrap_or_else(|| "nip-data".into()));
+        let database_url = one("cache.database-url").unwrap_or_else(|| {
+            format!(
+                "sqlite:{}",
+                data_path.join("db").join("db.sqlite").display()
+            )
+        });
+        if !database_url.starts_with("sqlite:") {
+            return Err(err("cache.database-url", format!(
+                "{database_url:?}: only sqlite: URLs are supported (e.g. sqlite:/var/lib/nip/db.sqlite)"
+            )));
+        }
+        let temp_path = one("cache.temp-path")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| data_path.join("tmp"));
+
+        let raw_upstreams = many("cache.upstream.urls");
+        let user_gave_upstreams = !raw_upstreams.is_empty();
+        let upstreams = if user_gave_upstreams {
+            raw_upstreams
+                .iter()
+                .map(|u| parse_upstream(u).map_err(|m| err("cache.upstream.urls", m)))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            vec![parse_upstream(DEFAULT_UPSTREAM).expect("default upstream parses")]
+        };
+        let mut raw_keys = many("cache.upstream.public-keys");
+        if raw_keys.is_empty() {
+            if user_gave_upstreams {
+                return Err(err("cache.upstream.public-keys", "no upstream public key given: nip only caches narinfo signed by a trusted key; pass each upstream's key, e.g. --upstream-public-key cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="));
+            }
+            raw_keys.push(DEFAULT_UPSTREAM_KEY.to_string());
+        }
+        let upstream_public_keys = raw_keys
+            .iter()
+            .map(|k| {
+                PublicKey::parse(k).map_err(|e| {
+                    err(
+                        "cache.upstream.public-keys",
+                        format!("{k:?} is not a name:base64 public key: {e}"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let sign_narinfo = match one("cache.sign-narinfo") {
+            Some(v) => parse_bool("cache.sign-narinfo", &v)?,
+            None => true,
+        };
+        let secret_key_path = one("cache.secret-key-path")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| data_path.join("secret-key"));
+
+        let mut ignored = Vec::new();
+        for setting in SETTINGS {
+            if let (Some(reason), Some(v)) = (setting.not_implemented, layer.get(setting.key)) {
+                if setting.boolean
+                    && v.last()
+                        .is_some_and(|v| matches!(parse_bool(setting.key, v), Ok(false)))
+                {
+                    continue;
+                }
+                ignored.push((format!("--{}", setting.flags[0]), reason));
+            }
+        }
+
+        Ok(ServeConfig {
+            hostname,
+            database_url,
+            temp_path,
+            upstreams,
+            upstream_public_keys,
+            sign_narinfo,
+            secret_key_path,
+            netrc_file: one("cache.netrc-file").map(PathBuf::from),
+            dialer_timeout: duration("cache.upstream.dialer-timeout", Duration::from_secs(3))?,
+            response_header_timeout: duration(
+                "cache.upstream.response-header-timeout",
+                Duration::from_secs(3),
+            )?,
+            body_idle_timeout: duration(
+                "cache.upstream.body-idle-timeout",
+                Duration::from_secs(30),
+            )?,
+            negative_ttl: duration("cache.negative-ttl", Duration::from_secs(30))?,
+            server_addr: one("server.addr").unwrap_or_else(|| ":8501".into()),
+            log_level: one("log.level").unwrap_or_else(|| "info".into()),
+            data_path,
+            ignored,
+        })
+    }
+
+    /// The listen address in a form `tokio::net::TcpListener` takes (`:8501` means all interfaces).
+    pub fn listen_addr(&self) -> String {
+        match self.server_addr.strip_prefix(':') {
+            Some(port) => format!("[::]:{port}"),
+            None => self.server_addr.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(pairs: &[(&'static str, &[&str])]) -> Layer {
+        pairs
+            .iter()
+            .map(|(k, v)| (*k, v.iter().map(|s| s.to_string()).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_need_no_settings() {
+        let c = ServeConfig::from_layer(&Layer::new()).unwrap();
+        assert_eq!(
+            c.upstreams,
+            vec![UpstreamConfig {
+                url: "https://cache.nixos.org/".into(),
+                priority: None
+            }]
+        );
+        assert_eq!(c.upstream_public_keys[0].name(), "cache.nixos.org-1");
+        assert_eq!(c.listen_addr(), "[::]:8501");
+        assert!(c.sign_narinfo);
+        assert_eq!(c.database_url, "sqlite:nip-data/db/db.sqlite");
+        assert!(c.ignored.is_empty());
+    }
+
+    #[test]
+    fn upstream_priority_is_split_off() {
+        let u = parse_upstream("http://127.0.0.1:1/cache/?priority=10").unwrap();
+        assert_eq!(
+            u,
+            UpstreamConfig {
+                url: "http://127.0.0.1:1/cache/".into(),
+                priority: Some(10)
+            }
+        );
+        assert!(parse_upstream("ftp://x").is_err());
+        assert!(parse_upstream("http://x?priority=abc").is_err());
+    }
+
+    #[test]
+    fn upstreams_without_keys_are_refused() {
+        let e =
+            ServeConfig::from_layer(&layer(&[("cache.upstream.urls", &["http://a"])])).unwrap_err();
+        assert_eq!(e.setting, "--upstream-public-key");
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let e = ServeConfig::from_layer(&layer(&[("cache.negative-ttl", &["soon"])])).unwrap_err();
+        assert_eq!(e.setting, "--cache-negative-ttl");
+        let e = ServeConfig::from_layer(&layer(&[("cache.sign-narinfo", &["maybe"])])).unwrap_err();
+        assert_eq!(e.setting, "--cache-sign-narinfo");
+    }
+
+    #[test]
+    fn unimplemented_settings_are_reported() {
+        let c = ServeConfig::from_layer(&layer(&[
+            ("cache.max-size", &["10G"]),
+            ("prometheus.enabled", &["false"]),
+        ]))
+        .unwrap();
+        assert_eq!(c.ignored.len(), 1);
+        assert_eq!(c.ignored[0].0, "--cache-max-size");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("3s"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("x"), None);
+        assert_eq!(parse_duration("-1s"), None);
+    }
+}

@@ -1,0 +1,93 @@
+//! The one error type that HTTP handlers return, and its mapping to status codes and JSON bodies.
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    BadGateway(String),
+    #[error("{0}")]
+    InsufficientStorage(String),
+    #[error("{0}")]
+    Unavailable(String),
+    /// Details are logged, never sent: they may hold paths or OS error text.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        // Exhaustive on purpose: a new variant must choose its status.
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<nip_store::StoreError> for ApiError {
+    fn from(e: nip_store::StoreError) -> Self {
+        match e {
+            nip_store::StoreError::Full(_) => ApiError::InsufficientStorage(
+                "the cache's storage is full: free space or lower --cache-max-size, then retry"
+                    .into(),
+            ),
+            nip_store::StoreError::InvalidKey(k) => {
+                ApiError::BadRequest(format!("invalid key {k:?}"))
+            }
+            nip_store::StoreError::Io(e) => ApiError::internal(format!("storage: {e}")),
+        }
+    }
+}
+
+impl From<nip_store::MetaError> for ApiError {
+    fn from(e: nip_store::MetaError) -> Self {
+        ApiError::Unavailable(format!("database: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let message = match &self {
+            ApiError::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                "internal server error; the server log has the details".to_string()
+            }
+            ApiError::Unavailable(detail) => {
+                tracing::warn!(%detail, "service unavailable");
+                "the cache's database is unavailable; retry shortly".to_string()
+            }
+            other => other.to_string(),
+        };
+        let mut resp = (status, Json(serde_json::json!({ "error": message }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"nip\""),
+            );
+        }
+        resp
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,346 @@
+//! Filling the cache with a NAR from upstream while streaming it to every client that asks.
+//!
+//! One fill per NAR file runs in its own task: it downloads into a staged temp file, hashing as it
+//! goes; clients (the first and any that join later) read the temp file up to the length written
+//! so far, so a late joiner still gets the whole body. Only after size and hash check out is the
+//! file fsynced, published and recorded. On any failure nothing is cached and every client's
+//! stream ends in an error, so no client sees a complete-looking body with bad bytes.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use nip_store::staging::read_at;
+use nip_store::{BlobKey, BlobStore, MetaStore, NarRecord, NarSource, StagedFile, Staging};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::upstream::Upstreams;
+
+/// Chunk size for client reads of a file being filled.
+const READ_CHUNK: usize = 256 * 1024;
+/// How long a source that failed to deliver a NAR is tried last for that NAR.
+const FAILED_SOURCE_TTL: Duration = Duration::from_secs(600);
+
+#[derive(Clone, Debug)]
+pub enum FillState {
+    Running { written: u64 },
+    Done { written: u64 },
+    Failed(Arc<str>),
+}
+
+/// What must be fetched and what it must look like.
+#[derive(Clone, Debug)]
+pub struct FillSpec {
+    pub nar_file: String,
+    pub sources: Vec<NarSource>,
+    pub file_size: Option<u64>,
+    /// Expected SHA-256 of the file's bytes.
+    pub sha256: [u8; 32],
+}
+
+pub struct Fill {
+    file: Arc<std::fs::File>,
+    state: watch::Receiver<FillState>,
+    /// The announced size: the last byte is held back until the hash is checked, so a client
+    /// can never hold a complete-looking body whose bytes turn out wrong.
+    expected_size: Option<u64>,
+}
+
+/// Whether a request started a fill or joined one under way (for logs and metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FillRole {
+    Started,
+    Joined,
+}
+
+pub struct Fills {
+    inflight: tokio::sync::Mutex<HashMap<String, Arc<Fill>>>,
+    failed_sources: Mutex<HashMap<(String, String), Instant>>,
+    started: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct FillContext {
+    pub upstreams: Arc<Upstreams>,
+    pub staging: Staging,
+    pub blobs: Arc<dyn BlobStore>,
+    pub meta: Arc<dyn MetaStore>,
+}
+
+pub fn nar_blob_key(nar_file: &str) -> Result<BlobKey, nip_store::StoreError> {
+    BlobKey::new(format!("nar/{nar_file}"))
+}
+
+impl Default for Fills {
+    fn default() -> Self {
+        Fills {
+            inflight: tokio::sync::Mutex::new(HashMap::new()),
+            failed_sources: Mutex::new(HashMap::new()),
+            started: Default::default(),
+        }
+    }
+}
+
+impl Fills {
+    /// Fills started since the server started (each is one upstream download).
+    pub fn started_count(&self) -> u64 {
+        self.started.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Joins the fill of `spec.nar_file` or starts one. `None` when the NAR got stored in the
+    /// meantime: the caller serves it from storage.
+    pub async fn join_or_start(
+        self: &Arc<Self>,
+        ctx: &FillContext,
+        spec: FillSpec,
+    ) -> Result<Option<(Arc<Fill>, FillRole)>, nip_store::StoreError> {
+        let mut map = self.inflight.lock().await;
+        if let Some(fill) = map.get(&spec.nar_file) {
+            return Ok(Some((fill.clone(), FillRole::Joined)));
+        }
+        // Re-checked under the lock: a fill may have finished since the caller looked.
+        if ctx
+            .blobs
+            .stat(&nar_blob_key(&spec.nar_file)?)
+            .await?
+            .is_some()
+        {
+            return Ok(None);
+        }
+        let staged = ctx.staging.create().await?;
+        let (tx, rx) = watch::channel(FillState::Running { written: 0 });
+        let fill = Arc::new(Fill {
+            file: staged.file.clone(),
+            state: rx,
+            expected_size: spec.file_size,
+        });
+        map.insert(spec.nar_file.clone(), fill.clone());
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (fills, ctx) = (self.clone(), ctx.clone());
+        tokio::spawn(async move {
+            let nar_file = spec.nar_file.clone();
+            let started = Instant::now();
+            let result = fills.run(&ctx, spec, staged, &tx).await;
+            let state = match result {
+                Ok(written) => {
+                    tracing::debug!(%nar_file, bytes = written, ms = started.elapsed().as_millis() as u64, "NAR cached");
+                    FillState::Done { written }
+                }
+                Err(why) => {
+                    tracing::warn!(%nar_file, %why, "NAR fill failed; nothing cached");
+                    FillState::Failed(why.into())
+                }
+            };
+            let _ = tx.send(state);
+            fills.inflight.lock().await.remove(&nar_file);
+        });
+        Ok(Some((fill, FillRole::Started)))
+    }
+
+    /// Sources in order, those that recently failed for this NAR last.
+    fn order_sources(&self, nar_file: &str, sources: Vec<NarSource>) -> Vec<NarSource> {
+        let mut bad = self
+            .failed_sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        bad.retain(|_, t| t.elapsed() < FAILED_SOURCE_TTL);
+        let (mut good, rest): (Vec<_>, Vec<_>) = sources
+            .into_iter()
+            .partition(|s| !bad.contains_key(&(nar_file.to_string(), s.url.clone())));
+        good.extend(rest);
+        good
+    }
+
+    fn mark_failed(&self, nar_file: &str, url: &str) {
+        self.failed_sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((nar_file.to_string(), url.to_string()), Instant::now());
+    }
+
+    async fn run(
+        &self,
+        ctx: &FillContext,
+        spec: FillSpec,
+        staged: StagedFile,
+        tx: &watch::Sender<FillState>,
+    ) -> Result<u64, String> {
+        let sources = self.order_sources(&spec.nar_file, spec.sources.clone());
+        let mut last_error = "no upstream is known to have this NAR".to_string();
+        for src in &sources {
+            let upstream = ctx
+                .upstreams
+                .list()
+                .iter()
+                .find(|u| u.name() == src.upstream)
+                .cloned();
+            match self.download(ctx, &spec, src, &staged, tx).await {
+                Ok(written) => {
+                    if let Some(u) = &upstream {
+                        u.record_success();
+                    }
+                    staged.sync().await.map_err(|e| e.to_string())?;
+                    let key = nar_blob_key(&spec.nar_file).map_err(|e| e.to_string())?;
+                    ctx.blobs
+                        .put_file(&key, staged.path())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let rec = NarRecord {
+                        nar_file: spec.nar_file.clone(),
+                        size: written as i64,
+                        sha256: hex::encode(spec.sha256),
+                    };
+                    ctx.meta.put_nar(&rec).await.map_err(|e| e.to_string())?;
+                    return Ok(written);
+                }
+                Err(DownloadError {
+                    message,
+                    bytes_sent,
+                }) => {
+                    tracing::warn!(url = %src.url, error = %message, "NAR download failed");
+                    if let Some(u) = &upstream {
+                        u.record_failure(&message);
+                    }
+                    self.mark_failed(&spec.nar_file, &src.url);
+                    last_error = format!("{}: {message}", src.upstream);
+                    // Clients already got bytes from this source: they cannot be switched over.
+                    if bytes_sent {
+                        return Err(last_error);
+                    }
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    async fn download(
+        &self,
+        ctx: &FillContext,
+        spec: &FillSpec,
+        src: &NarSource,
+        staged: &StagedFile,
+        tx: &watch::Sender<FillState>,
+    ) -> Result<u64, DownloadError> {
+        let fail = |message: String, bytes_sent: bool| DownloadError {
+            message,
+            bytes_sent,
+        };
+        let url =
+            reqwest::Url::parse(&src.url).map_err(|e| fail(format!("bad URL: {e}"), false))?;
+        let resp = ctx
+            .upstreams
+            .get(url)
+            .await
+            .map_err(|e| fail(e.to_string(), false))?;
+        if !resp.status().is_success() {
+            return Err(fail(format!("HTTP {}", resp.status()), false));
+        }
+        let mut body = Box::pin(ctx.upstreams.body_stream(resp));
+        let mut hasher = Sha256::new();
+        let mut written: u64 = 0;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| fail(e.to_string(), written > 0))?;
+            if spec
+                .file_size
+                .is_some_and(|n| written + chunk.len() as u64 > n)
+            {
+                return Err(fail(
+                    "upstream sent more bytes than FileSize".into(),
+                    written > 0,
+                ));
+            }
+            hasher.update(&chunk);
+            let len = chunk.len() as u64;
+            staged
+                .append(chunk)
+                .await
+                .map_err(|e| fail(e.to_string(), written > 0))?;
+            written += len;
+            let _ = tx.send(FillState::Running { written });
+        }
+        if let Some(n) = spec.file_size {
+            if written != n {
+                return Err(fail(
+                    format!("got {written} bytes, FileSize says {n}"),
+                    written > 0,
+                ));
+            }
+        }
+        let digest: [u8; 32] = hasher.finalize().into();
+        if digest != spec.sha256 {
+            return Err(fail(
+                "bytes do not match the narinfo's FileHash".into(),
+                written > 0,
+            ));
+        }
+        Ok(written)
+    }
+}
+
+struct DownloadError {
+    message: String,
+    /// Whether bytes already reached the staged file (and so possibly clients).
+    bytes_sent: bool,
+}
+
+impl Fill {
+    /// The file's bytes from the start, as they arrive. Ends with an error if the fill fails.
+    pub fn stream(self: Arc<Self>) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+        let rx = self.state.clone();
+        futures::stream::unfold(
+            (self, rx, 0u64, false),
+            |(fill, mut rx, offset, done)| async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    let state = rx.borrow_and_update().clone();
+                    let available = match &state {
+                        FillState::Running { written } => match fill.expected_size {
+                            Some(n) => (*written).min(n.saturating_sub(1)),
+                            None => *written,
+                        },
+                        FillState::Done { written } => *written,
+                        FillState::Failed(_) => offset,
+                    };
+                    if offset < available {
+                        let len = ((available - offset) as usize).min(READ_CHUNK);
+                        return match read_at(fill.file.clone(), offset, len).await {
+                            Ok(b) if !b.is_empty() => {
+                                let next = offset + b.len() as u64;
+                                Some((Ok(b), (fill, rx, next, false)))
+                            }
+                            Ok(_) => Some((
+                                Err(std::io::Error::other("staged file shorter than written")),
+                                (fill, rx, offset, true),
+                            )),
+                            Err(e) => Some((Err(e), (fill, rx, offset, true))),
+                        };
+                    }
+                    match state {
+                        FillState::Done { .. } => return None,
+                        FillState::Failed(why) => {
+                            return Some((
+                                Err(std::io::Error::other(format!(
+                                    "upstream fetch failed: {why}"
+                                ))),
+                                (fill, rx, offset, true),
+                            ));
+                        }
+                        FillState::Running { .. } => {
+                            if rx.changed().await.is_err() {
+                                return Some((
+                                    Err(std::io::Error::other("fill ended unexpectedly")),
+                                    (fill, rx, offset, true),
+                                ));
+                            }
+                        }
+                    }
+                }
+            },
+        )
+    }
+}

@@ -1,0 +1,158 @@
+//! The nip HTTP server: a Nix binary cache proxy (and, on the same store, the artifact cache).
+//! [`router`] builds the whole application from an [`AppState`]; `main` only parses config and serves.
+pub mod coalesce;
+pub mod config;
+pub mod error;
+pub mod fill;
+pub mod health;
+pub mod keys;
+pub mod netrc;
+pub mod nix;
+pub mod range;
+pub mod settings;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use nip_core::signing::{PublicKey, SigningKey};
+use nip_store::{BlobStore, LocalBlobStore, MetaStore, SqliteMeta, Staging};
+
+use crate::coalesce::Coalescer;
+use crate::config::ServeConfig;
+use crate::fill::{FillContext, Fills};
+use crate::upstream::Upstreams;
+
+/// Result of a coalesced narinfo lookup: the narinfo text as served, or `None` when absent.
+pub type NarInfoOutcome = Result<Option<Arc<str>>, Arc<str>>;
+
+/// Everything a request handler needs; built once at start.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub config: ServeConfig,
+    pub meta: Arc<dyn MetaStore>,
+    pub blobs: Arc<dyn BlobStore>,
+    pub staging: Staging,
+    pub upstreams: Arc<Upstreams>,
+    pub signer: SigningKey,
+    pub public_key: PublicKey,
+    pub fills: Arc<Fills>,
+    pub narinfo_lookups: Coalescer<String, NarInfoOutcome>,
+    /// Narinfos no upstream had, with when they were found missing.
+    pub negative: Mutex<HashMap<String, Instant>>,
+    pub started_at: Instant,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// Bound on the negative cache so that scans for random hashes cannot grow it without limit.
+const NEGATIVE_CACHE_MAX: usize = 100_000;
+
+impl AppState {
+    /// Opens storage and the database (running migrations), loads or generates the signing key.
+    pub async fn open(config: ServeConfig) -> anyhow::Result<Self> {
+        let staging = Staging::new(&config.temp_path).map_err(|e| {
+            anyhow::anyhow!("cannot use temp path {}: {e}", config.temp_path.display())
+        })?;
+        match staging.clean_leftovers() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(count = n, "removed temp files left by an earlier crash"),
+            Err(e) => tracing::warn!(error = %e, "could not clean the temp path"),
+        }
+        let blobs: Arc<dyn BlobStore> = Arc::new(
+            LocalBlobStore::new(config.data_path.join("store")).map_err(|e| {
+                anyhow::anyhow!("cannot use data path {}: {e}", config.data_path.display())
+            })?,
+        );
+        let meta: Arc<dyn MetaStore> = Arc::new(SqliteMeta::connect(&config.database_url).await?);
+        let signer = keys::load_or_generate(&config.secret_key_path, &config.hostname)?;
+        let public_key = signer.public_key();
+        let upstreams = Arc::new(Upstreams::new(&config)?);
+        Ok(AppState(Arc::new(Inner {
+            config,
+            meta,
+            blobs,
+            staging,
+            upstreams,
+            signer,
+            public_key,
+            fills: Arc::default(),
+            narinfo_lookups: Coalescer::default(),
+            negative: Mutex::new(HashMap::new()),
+            started_at: Instant::now(),
+        })))
+    }
+
+    pub fn fill_context(&self) -> FillContext {
+        FillContext {
+            upstreams: self.upstreams.clone(),
+            staging: self.staging.clone(),
+            blobs: self.blobs.clone(),
+            meta: self.meta.clone(),
+        }
+    }
+
+    pub fn is_known_missing(&self, hash: &str) -> bool {
+        let ttl = self.config.negative_ttl;
+        let mut neg = self.negative.lock().unwrap_or_else(|e| e.into_inner());
+        match neg.get(hash) {
+            Some(t) if t.elapsed() < ttl => true,
+            Some(_) => {
+                neg.remove(hash);
+                false
+            }
+            None => false,
+        }
+    }
+
+    pub fn remember_missing(&self, hash: &str) {
+        let ttl = self.config.negative_ttl;
+        if ttl.is_zero() {
+            return;
+        }
+        let mut neg = self.negative.lock().unwrap_or_else(|e| e.into_inner());
+        if neg.len() >= NEGATIVE_CACHE_MAX {
+            neg.retain(|_, t| t.elapsed() < ttl);
+            if neg.len() >= NEGATIVE_CACHE_MAX {
+                neg.clear();
+            }
+        }
+        neg.insert(hash.to_string(), Instant::now());
+    }
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(health::router())
+        .merge(nix::router())
+        .fallback(|| async { error::ApiError::NotFound("no such endpoint".into()) })
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then drains connections.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let upstreams = state.upstreams.clone();
+    tokio::spawn(async move { upstreams.refresh_priorities().await });
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Time since start, for health output.
+pub fn uptime(state: &AppState) -> Duration {
+    state.started_at.elapsed()
+}

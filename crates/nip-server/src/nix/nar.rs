@@ -1,0 +1,135 @@
+//! `GET|HEAD /nar/<filehash>.nar[.xz|.zst|.bz2|…]`: served from storage with Content-Length and
+//! Range support; on a miss, streamed from upstream while it is cached (see [`crate::fill`]).
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use nip_core::hash::NixHash;
+use nip_core::nar_file::NarFileName;
+
+use crate::error::{ApiError, ApiResult};
+use crate::fill::{nar_blob_key, FillSpec};
+use crate::range::{parse_range, RangeRequest};
+use crate::AppState;
+
+const NAR_CONTENT_TYPE: &str = "application/x-nix-nar";
+
+#[tracing::instrument(skip_all, fields(file = %file))]
+pub async fn get_nar(
+    State(state): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+    Path(file): Path<String>,
+) -> ApiResult<Response> {
+    let name = NarFileName::parse(&file)
+        .map_err(|e| ApiError::BadRequest(format!("invalid NAR file name: {e}")))?;
+    let file = name.file_name();
+    let key = nar_blob_key(&file)?;
+    let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+
+    if state.meta.get_nar(&file).await?.is_some() {
+        if let Some(resp) = serve_stored(&state, &key, range_header, &method).await? {
+            tracing::debug!("NAR hit");
+            return Ok(resp);
+        }
+        tracing::warn!("NAR recorded but missing from storage; fetching again");
+    }
+
+    let Some(info) = state.meta.narinfo_for_nar(&file).await? else {
+        return Err(ApiError::NotFound(
+            "this cache knows no narinfo for this NAR; fetch the narinfo first".into(),
+        ));
+    };
+    let size = info.file_size.map(|n| n as u64);
+    if method == Method::HEAD {
+        // Answer from the narinfo without downloading the NAR.
+        return nar_headers(StatusCode::OK, size)
+            .body(Body::empty())
+            .map_err(ApiError::internal);
+    }
+    let sha256 = info
+        .file_hash
+        .as_deref()
+        .and_then(|h| NixHash::parse(h).ok())
+        .and_then(|h| <[u8; 32]>::try_from(h.digest.as_slice()).ok())
+        .ok_or_else(|| ApiError::internal(format!("narinfo for {file} has no usable FileHash")))?;
+    let sources = state.meta.nar_sources(&file).await?;
+    let spec = FillSpec {
+        nar_file: file.clone(),
+        sources,
+        file_size: size,
+        sha256,
+    };
+    match state
+        .fills
+        .join_or_start(&state.fill_context(), spec)
+        .await?
+    {
+        Some((fill, role)) => {
+            tracing::debug!(?role, "NAR miss: streaming from upstream");
+            Ok(nar_headers(StatusCode::OK, size)
+                .body(Body::from_stream(fill.stream()))
+                .map_err(ApiError::internal)?)
+        }
+        None => serve_stored(&state, &key, range_header, &method)
+            .await?
+            .ok_or_else(|| ApiError::internal("NAR vanished right after it was stored")),
+    }
+}
+
+fn nar_headers(status: StatusCode, size: Option<u64>) -> axum::http::response::Builder {
+    let mut b = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, NAR_CONTENT_TYPE)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable");
+    if let Some(n) = size {
+        b = b.header(header::CONTENT_LENGTH, n);
+    }
+    b
+}
+
+/// Serves a stored NAR, honouring Range. `None` when the blob is not in storage.
+async fn serve_stored(
+    state: &AppState,
+    key: &nip_store::BlobKey,
+    range_header: Option<&str>,
+    method: &Method,
+) -> ApiResult<Option<Response>> {
+    let Some(size) = state.blobs.stat(key).await? else {
+        return Ok(None);
+    };
+    let (status, range) = match parse_range(range_header, size) {
+        RangeRequest::Full => (StatusCode::OK, None),
+        RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, Some(r)),
+        RangeRequest::Unsatisfiable => {
+            let mut resp = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+            resp.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).map_err(ApiError::internal)?,
+            );
+            return Ok(Some(resp));
+        }
+    };
+    let len = range.map_or(size, |r| r.end - r.start + 1);
+    let mut builder = nar_headers(status, Some(len));
+    if let Some(r) = range {
+        builder = builder.header(
+            header::CONTENT_RANGE,
+            format!("bytes {}-{}/{size}", r.start, r.end),
+        );
+    }
+    if method == Method::HEAD {
+        return Ok(Some(
+            builder.body(Body::empty()).map_err(ApiError::internal)?,
+        ));
+    }
+    let Some(read) = state.blobs.read(key, range).await? else {
+        return Ok(None);
+    };
+    Ok(Some(
+        builder
+            .body(Body::from_stream(read.body))
+            .map_err(ApiError::internal)?,
+    ))
+}

@@ -1,0 +1,303 @@
+//! Every `nip serve` setting in one table: its flag names, environment variables and config-file
+//! keys side by side (ncps' names first, so ncps deployments work unchanged), and the pure merge of
+//! the layers. Precedence, as in ncps: flag > config file > environment > default.
+use std::collections::{BTreeMap, HashMap};
+
+/// One setting. `key` is the canonical dotted config key.
+#[derive(Debug)]
+pub struct Setting {
+    pub key: &'static str,
+    /// Long flag names without `--`; the first is the documented one, the rest are aliases.
+    pub flags: &'static [&'static str],
+    pub envs: &'static [&'static str],
+    /// Config-file keys (dotted paths into the nested document); the first is canonical.
+    pub file_keys: &'static [&'static str],
+    pub multi: bool,
+    pub boolean: bool,
+    pub help: &'static str,
+    /// `Some(reason)` when the setting is accepted but has no effect yet.
+    pub not_implemented: Option<&'static str>,
+}
+
+const fn s(
+    key: &'static str,
+    flags: &'static [&'static str],
+    envs: &'static [&'static str],
+    file_keys: &'static [&'static str],
+    help: &'static str,
+) -> Setting {
+    Setting {
+        key,
+        flags,
+        envs,
+        file_keys,
+        multi: false,
+        boolean: false,
+        help,
+        not_implemented: None,
+    }
+}
+
+const fn multi(mut x: Setting) -> Setting {
+    x.multi = true;
+    x
+}
+
+const fn boolean(mut x: Setting) -> Setting {
+    x.boolean = true;
+    x
+}
+
+const fn later(mut x: Setting, reason: &'static str) -> Setting {
+    x.not_implemented = Some(reason);
+    x
+}
+
+pub const SETTINGS: &[Setting] = &[
+    s("cache.hostname", &["cache-hostname"], &["CACHE_HOSTNAME"], &["cache.hostname"],
+      "Host name of this cache; names the generated signing key (<hostname>-1). Default: the machine's host name"),
+    s("cache.storage.local", &["cache-data-path", "cache-storage-local"],
+      &["CACHE_DATA_PATH", "CACHE_STORAGE_LOCAL"], &["cache.storage.local", "cache.data-path"],
+      "Directory for the cache's files (NARs, database, signing key). Default: ./nip-data"),
+    s("cache.database-url", &["cache-database-url"], &["CACHE_DATABASE_URL"], &["cache.database-url"],
+      "Metadata database URL (sqlite:PATH). Default: sqlite:<data path>/db/db.sqlite"),
+    s("cache.temp-path", &["cache-temp-path"], &["CACHE_TEMP_PATH"], &["cache.temp-path"],
+      "Directory for downloads and uploads in progress. Default: <data path>/tmp"),
+    multi(s("cache.upstream.urls", &["upstream-cache", "cache-upstream-url"],
+      &["UPSTREAM_CACHES", "CACHE_UPSTREAM_URLS"], &["cache.upstream.urls", "upstream.caches"],
+      "Upstream binary cache URL; repeat for several. `?priority=N` sets its priority until its /nix-cache-info answers. Default: https://cache.nixos.org")),
+    multi(s("cache.upstream.public-keys", &["upstream-public-key", "cache-upstream-public-key"],
+      &["UPSTREAM_PUBLIC_KEYS", "CACHE_UPSTREAM_PUBLIC_KEYS"],
+      &["cache.upstream.public-keys", "upstream.public-keys"],
+      "Public key (name:base64) trusted to sign upstream narinfo; repeat for several")),
+    boolean(s("cache.sign-narinfo", &["cache-sign-narinfo"], &["CACHE_SIGN_NARINFO"], &["cache.sign-narinfo"],
+      "Add this cache's signature to every narinfo it serves. Default: true")),
+    s("cache.secret-key-path", &["cache-secret-key-path"], &["CACHE_SECRET_KEY_PATH"], &["cache.secret-key-path"],
+      "Signing key file (Nix format). Default: generated once as <data path>/secret-key"),
+    s("cache.netrc-file", &["netrc-file", "cache-netrc-file"], &["NETRC_FILE", "CACHE_NETRC_FILE"],
+      &["cache.netrc-file", "netrc-file"], "netrc file with credentials for upstream caches"),
+    s("cache.upstream.dialer-timeout", &["upstream-dialer-timeout", "cache-upstream-dialer-timeout"],
+      &["UPSTREAM_DIALER_TIMEOUT", "CACHE_UPSTREAM_DIALER_TIMEOUT"],
+      &["cache.upstream.dialer-timeout", "upstream.dialer-timeout"],
+      "Timeout to connect to an upstream (e.g. 3s). Default: 3s"),
+    s("cache.upstream.response-header-timeout",
+      &["upstream-response-header-timeout", "cache-upstream-response-header-timeout"],
+      &["UPSTREAM_RESPONSE_HEADER_TIMEOUT", "CACHE_UPSTREAM_RESPONSE_HEADER_TIMEOUT"],
+      &["cache.upstream.response-header-timeout", "upstream.response-header-timeout"],
+      "Timeout for an upstream's response headers (e.g. 3s). Default: 3s"),
+    s("cache.upstream.body-idle-timeout", &["cache-upstream-body-idle-timeout"],
+      &["CACHE_UPSTREAM_BODY_IDLE_TIMEOUT"], &["cache.upstream.body-idle-timeout"],
+      "An upstream body that sends nothing for this long is abandoned. Default: 30s"),
+    s("cache.negative-ttl", &["cache-negative-ttl"], &["CACHE_NEGATIVE_TTL"], &["cache.negative-ttl"],
+      "How long a narinfo that no upstream has is remembered as absent. Default: 30s"),
+    s("server.addr", &["server-addr"], &["SERVER_ADDR"], &["server.addr"],
+      "Address to listen on ([host]:port). Default: :8501"),
+    s("log.level", &["log-level"], &["LOG_LEVEL"], &["log.level"],
+      "Log level: error, warn, info, debug, trace. Default: info"),
+    later(boolean(s("cache.allow-put-verb", &["cache-allow-put-verb"], &["CACHE_ALLOW_PUT_VERB"],
+      &["cache.allow-put-verb"], "Accept PUT uploads (nix copy --to)")), "uploads are not implemented yet"),
+    later(boolean(s("cache.allow-delete-verb", &["cache-allow-delete-verb"], &["CACHE_ALLOW_DELETE_VERB"],
+      &["cache.allow-delete-verb"], "Accept DELETE")), "DELETE is not implemented yet"),
+    later(s("cache.max-size", &["cache-max-size"], &["CACHE_MAX_SIZE"], &["cache.max-size"],
+      "Maximum store size (e.g. 10G)"), "size-bounded eviction is not implemented yet"),
+    later(s("cache.lru.schedule", &["cache-lru-schedule"], &["CACHE_LRU_SCHEDULE"], &["cache.lru.schedule"],
+      "Cron schedule of the eviction job"), "size-bounded eviction is not implemented yet"),
+    later(boolean(s("prometheus.enabled", &["prometheus-enabled"], &["PROMETHEUS_ENABLED"], &["prometheus.enabled"],
+      "Serve Prometheus metrics on /metrics")), "metrics are not implemented yet"),
+    later(boolean(s("opentelemetry.enabled", &["otel-enabled"], &["OTEL_ENABLED"], &["opentelemetry.enabled"],
+      "Export traces via OpenTelemetry")), "OpenTelemetry is not implemented yet"),
+    later(s("opentelemetry.grpc-url", &["otel-grpc-url"], &["OTEL_GRPC_URL"], &["opentelemetry.grpc-url"],
+      "OTLP gRPC endpoint"), "OpenTelemetry is not implemented yet"),
+];
+
+/// Values of settings from one source, by canonical key.
+pub type Layer = BTreeMap<&'static str, Vec<String>>;
+
+pub fn find(key: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.key == key)
+}
+
+/// Reads settings from an environment snapshot (never from the process directly, for tests).
+/// Lists in environment variables are comma-separated, as in ncps.
+pub fn layer_from_env(env: &HashMap<String, String>) -> Layer {
+    let mut layer = Layer::new();
+    for setting in SETTINGS {
+        if let Some(v) = setting.envs.iter().find_map(|e| env.get(*e)) {
+            let values: Vec<String> = if setting.multi {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|x| !x.is_empty())
+                    .map(String::from)
+                    .collect()
+            } else {
+                vec![v.clone()]
+            };
+            layer.insert(setting.key, values);
+        }
+    }
+    layer
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SettingsError {
+    #[error("unknown configuration key {0:?}")]
+    UnknownKey(String),
+    #[error("configuration key {key:?} must be {expected}")]
+    BadValue { key: String, expected: &'static str },
+}
+
+/// Reads settings from a parsed config document (YAML, TOML or JSON, as a JSON value). Nested
+/// tables and dotted keys are both accepted: `{cache: {hostname: x}}` and `{"cache.hostname": x}`.
+pub fn layer_from_document(doc: &serde_json::Value) -> Result<Layer, SettingsError> {
+    let mut flat = Vec::new();
+    flatten("", doc, &mut flat)?;
+    let mut layer = Layer::new();
+    for (path, value) in flat {
+        let setting = SETTINGS
+            .iter()
+            .find(|s| s.file_keys.contains(&path.as_str()))
+            .ok_or_else(|| SettingsError::UnknownKey(path.clone()))?;
+        let values = match value {
+            serde_json::Value::Array(items) if setting.multi => items
+                .iter()
+                .map(|i| scalar(&path, i))
+                .collect::<Result<Vec<_>, _>>()?,
+            other => vec![scalar(&path, other)?],
+        };
+        layer.insert(setting.key, values);
+    }
+    Ok(layer)
+}
+
+fn scalar(path: &str, v: &serde_json::Value) -> Result<String, SettingsError> {
+    match v {
+        serde_json::Value::String(s) => Ok(s.clone()),
+        serde_json::Value::Bool(b) => Ok(b.to_string()),
+        serde_json::Value::Number(n) => Ok(n.to_string()),
+        _ => Err(SettingsError::BadValue {
+            key: path.to_string(),
+            expected: "a string, number or boolean",
+        }),
+    }
+}
+
+fn flatten<'a>(
+    prefix: &str,
+    v: &'a serde_json::Value,
+    out: &mut Vec<(String, &'a serde_json::Value)>,
+) -> Result<(), SettingsError> {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, child) in map {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                // A table is descended into unless its own path names a setting.
+                if child.is_object()
+                    && !SETTINGS
+                        .iter()
+                        .any(|s| s.file_keys.contains(&path.as_str()))
+                {
+                    flatten(&path, child, out)?;
+                } else {
+                    out.push((path, child));
+                }
+            }
+            Ok(())
+        }
+        serde_json::Value::Null if prefix.is_empty() => Ok(()),
+        _ if prefix.is_empty() => Err(SettingsError::BadValue {
+            key: "<document>".into(),
+            expected: "a table of settings",
+        }),
+        _ => {
+            out.push((prefix.to_string(), v));
+            Ok(())
+        }
+    }
+}
+
+/// Merges layers: for each key, the first layer that has it wins.
+pub fn merge(layers: &[&Layer]) -> Layer {
+    let mut out = Layer::new();
+    for layer in layers.iter().rev() {
+        for (k, v) in layer.iter() {
+            out.insert(k, v.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_has_unique_names() {
+        let mut seen = std::collections::HashSet::new();
+        for s in SETTINGS {
+            assert!(seen.insert(s.key), "duplicate key {}", s.key);
+            for f in s.flags {
+                assert!(seen.insert(f), "duplicate flag {f}");
+            }
+            for e in s.envs {
+                assert!(seen.insert(e), "duplicate env {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn env_layer_reads_both_ncps_generations_and_splits_lists() {
+        let env: HashMap<String, String> = [
+            ("CACHE_UPSTREAM_URLS", "http://a, http://b"),
+            ("CACHE_HOSTNAME", "h"),
+            ("UNRELATED", "x"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let layer = layer_from_env(&env);
+        assert_eq!(layer["cache.upstream.urls"], vec!["http://a", "http://b"]);
+        assert_eq!(layer["cache.hostname"], vec!["h"]);
+        assert_eq!(layer.len(), 2);
+    }
+
+    #[test]
+    fn document_layer_accepts_nested_and_dotted_keys() {
+        let doc: serde_json::Value = serde_yaml::from_str(
+            "cache:\n  hostname: h\n  upstream:\n    urls: [http://a]\n    public-keys:\n      - k:1\n\"server.addr\": \":9\"\n",
+        )
+        .unwrap();
+        let layer = layer_from_document(&doc).unwrap();
+        assert_eq!(layer["cache.hostname"], vec!["h"]);
+        assert_eq!(layer["cache.upstream.urls"], vec!["http://a"]);
+        assert_eq!(layer["cache.upstream.public-keys"], vec!["k:1"]);
+        assert_eq!(layer["server.addr"], vec![":9"]);
+    }
+
+    #[test]
+    fn document_layer_rejects_unknown_keys() {
+        let doc = serde_json::json!({"cache": {"hostnam": "typo"}});
+        assert_eq!(
+            layer_from_document(&doc),
+            Err(SettingsError::UnknownKey("cache.hostnam".into()))
+        );
+    }
+
+    #[test]
+    fn flag_beats_file_beats_env() {
+        let mk = |v: &str| Layer::from([("cache.hostname", vec![v.to_string()])]);
+        let (flag, file, env) = (mk("flag"), mk("file"), mk("env"));
+        assert_eq!(merge(&[&flag, &file, &env])["cache.hostname"], vec!["flag"]);
+        assert_eq!(
+            merge(&[&Layer::new(), &file, &env])["cache.hostname"],
+            vec!["file"]
+        );
+        assert_eq!(
+            merge(&[&Layer::new(), &Layer::new(), &env])["cache.hostname"],
+            vec!["env"]
+        );
+    }
+}

@@ -1,0 +1,62 @@
+//! Concurrent requests for one missing narinfo or NAR share one upstream fetch.
+use std::time::Duration;
+
+use nip_core::nar_file::Compression;
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn fifty_concurrent_nar_requests_make_one_upstream_fetch() {
+    let key = upstream_key();
+    let up = FakeUpstream::start(40).await;
+    let e = make_entry("popular", 2 * 1024 * 1024, Compression::Xz, &key);
+    up.publish(&e);
+    // Slow enough that all 50 requests arrive while the fill is under way.
+    up.set(
+        &e.nar_path,
+        Behavior::Slow {
+            body: e.nar.clone(),
+            chunk: 64 * 1024,
+            delay: Duration::from_millis(30),
+        },
+    );
+    let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
+
+    let narinfo_requests: Vec<_> = (0..50)
+        .map(|_| tokio::spawn(get_owned(format!("{}/{}.narinfo", nip.url, e.hash))))
+        .collect();
+    let mut nar_path = None;
+    for r in narinfo_requests {
+        let (status, body) = r.await.unwrap();
+        assert_eq!(status, 200);
+        nar_path = Some(served_nar_path(
+            std::str::from_utf8(&body.unwrap()).unwrap(),
+        ));
+    }
+    assert_eq!(up.hits(&e.narinfo_path()), 1);
+
+    let nar_url = format!("{}/{}", nip.url, nar_path.unwrap());
+    let mut requests = Vec::new();
+    for i in 0..50 {
+        let url = nar_url.clone();
+        requests.push(tokio::spawn(async move {
+            // Stagger: late joiners must still get the body from its first byte.
+            tokio::time::sleep(Duration::from_millis(i * 10)).await;
+            get_owned(url).await
+        }));
+    }
+    for r in requests {
+        let (status, body) = r.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            body.unwrap() == e.nar,
+            "a body differs from the upstream's bytes"
+        );
+    }
+    assert_eq!(up.hits(&e.nar_path), 1);
+    assert_eq!(nip.state.fills.started_count(), 1);
+}
+
+async fn get_owned(url: String) -> (u16, Result<bytes::Bytes, String>) {
+    get(&url).await
+}

@@ -1,0 +1,357 @@
+//! A fake upstream binary cache with fault injection, signed fixtures, and an in-process nip.
+#![allow(dead_code)]
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use nip_core::hash::NixHash;
+use nip_core::nar_file::{Compression, NarFileName};
+use nip_core::narinfo::NarInfo;
+use nip_core::signing::{PublicKey, SigningKey};
+use nip_core::store_path::StorePath;
+use nip_server::settings::Layer;
+use nip_server::AppState;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+/// How the fake upstream answers one path.
+#[derive(Clone)]
+pub enum Behavior {
+    Serve(Bytes),
+    Status(u16),
+    /// Never answers.
+    Hang,
+    /// Announces the full length, sends `keep` bytes, then drops the connection.
+    Truncate {
+        body: Bytes,
+        keep: usize,
+    },
+    /// Sends the body in chunks with a pause before each.
+    Slow {
+        body: Bytes,
+        chunk: usize,
+        delay: Duration,
+    },
+    /// Sends part of the body, then stalls forever.
+    Stall {
+        body: Bytes,
+        keep: usize,
+    },
+}
+
+#[derive(Default)]
+struct FakeState {
+    routes: Mutex<HashMap<String, Behavior>>,
+    hits: Mutex<HashMap<String, usize>>,
+    priority: Mutex<u32>,
+}
+
+pub struct FakeUpstream {
+    pub url: String,
+    state: Arc<FakeState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn fake_handler(State(state): State<Arc<FakeState>>, uri: Uri) -> Response {
+    let path = uri.path().trim_start_matches('/').to_string();
+    *state.hits.lock().unwrap().entry(path.clone()).or_default() += 1;
+    let behavior = state.routes.lock().unwrap().get(&path).cloned();
+    let behavior = match (behavior, path.as_str()) {
+        (Some(b), _) => b,
+        (None, "nix-cache-info") => {
+            let p = *state.priority.lock().unwrap();
+            Behavior::Serve(Bytes::from(format!(
+                "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {p}\n"
+            )))
+        }
+        (None, _) => Behavior::Status(404),
+    };
+    match behavior {
+        Behavior::Serve(body) => body.into_response(),
+        Behavior::Status(code) => StatusCode::from_u16(code).unwrap().into_response(),
+        Behavior::Hang => {
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        Behavior::Truncate { body, keep } => {
+            let len = body.len();
+            let part = body.slice(..keep);
+            // The pause lets headers and the first bytes go out before the cut.
+            let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(part) }).chain(
+                futures::stream::once(async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Err(std::io::Error::other("connection cut by the fake upstream"))
+                }),
+            );
+            Response::builder()
+                .header("content-length", len)
+                .body(Body::from_stream(stream))
+                .unwrap()
+        }
+        Behavior::Slow { body, chunk, delay } => {
+            let len = body.len();
+            let chunks: Vec<Bytes> = (0..len)
+                .step_by(chunk)
+                .map(|i| body.slice(i..(i + chunk).min(len)))
+                .collect();
+            let stream = futures::stream::unfold(chunks.into_iter(), move |mut it| async move {
+                let next = it.next()?;
+                tokio::time::sleep(delay).await;
+                Some((Ok::<_, std::io::Error>(next), it))
+            });
+            Response::builder()
+                .header("content-length", len)
+                .body(Body::from_stream(stream))
+                .unwrap()
+        }
+        Behavior::Stall { body, keep } => {
+            let len = body.len();
+            let part = body.slice(..keep);
+            let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(part) }).chain(
+                futures::stream::once(async {
+                    std::future::pending::<()>().await;
+                    Ok(Bytes::new())
+                }),
+            );
+            Response::builder()
+                .header("content-length", len)
+                .body(Body::from_stream(stream))
+                .unwrap()
+        }
+    }
+}
+
+use futures::StreamExt;
+
+impl FakeUpstream {
+    pub async fn start(priority: u32) -> Self {
+        let state = Arc::new(FakeState::default());
+        *state.priority.lock().unwrap() = priority;
+        let app = axum::Router::new()
+            .fallback(fake_handler)
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        FakeUpstream { url, state, task }
+    }
+
+    pub fn set(&self, path: &str, b: Behavior) {
+        self.state
+            .routes
+            .lock()
+            .unwrap()
+            .insert(path.trim_start_matches('/').to_string(), b);
+    }
+
+    /// Serves the entry's narinfo and NAR correctly.
+    pub fn publish(&self, e: &Entry) {
+        self.set(
+            &e.narinfo_path(),
+            Behavior::Serve(Bytes::from(e.narinfo.to_text())),
+        );
+        self.set(&e.nar_path, Behavior::Serve(e.nar.clone()));
+    }
+
+    /// Requests for anything but `/nix-cache-info` (which nip polls on its own).
+    pub fn total_hits(&self) -> usize {
+        self.state
+            .hits
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| *k != "nix-cache-info")
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    pub fn hits(&self, path: &str) -> usize {
+        self.state
+            .hits
+            .lock()
+            .unwrap()
+            .get(path.trim_start_matches('/'))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// A store path with its (fake) NAR bytes and a narinfo signed by an upstream key.
+#[derive(Clone)]
+pub struct Entry {
+    pub hash: String,
+    pub narinfo: NarInfo,
+    pub nar: Bytes,
+    /// Where the upstream serves the NAR, relative to its base URL.
+    pub nar_path: String,
+}
+
+impl Entry {
+    pub fn narinfo_path(&self) -> String {
+        format!("{}.narinfo", self.hash)
+    }
+}
+
+pub fn random_bytes(n: usize) -> Bytes {
+    let mut v = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut v);
+    Bytes::from(v)
+}
+
+pub fn random_hash() -> String {
+    let mut b = [0u8; 20];
+    rand::thread_rng().fill_bytes(&mut b);
+    nip_core::base32::encode(&b)
+}
+
+/// Makes an entry of `size` random bytes, its NAR stored with `compression`, signed by `key`.
+pub fn make_entry(name: &str, size: usize, compression: Compression, key: &SigningKey) -> Entry {
+    let hash = random_hash();
+    let nar = random_bytes(size);
+    let file_hash = NixHash::sha256(Sha256::digest(&nar).into());
+    let nar_hash = NixHash::sha256(Sha256::digest(random_bytes(32)).into());
+    let file = NarFileName::new(&file_hash, compression);
+    let store_path = StorePath::parse_base_name(&format!("{hash}-{name}")).unwrap();
+    let dep = StorePath::parse_base_name(&format!("{}-dep", random_hash())).unwrap();
+    let mut narinfo = NarInfo {
+        store_path,
+        url: format!("nar/{file}"),
+        compression: Some(compression.narinfo_name().to_string()),
+        file_hash: Some(file_hash),
+        file_size: Some(size as u64),
+        nar_hash,
+        nar_size: size as u64 * 2,
+        references: vec![dep],
+        deriver: None,
+        system: Some("x86_64-linux".into()),
+        sigs: vec![],
+        ca: None,
+        extra: vec![],
+    };
+    narinfo.sign(key);
+    Entry {
+        hash,
+        nar_path: format!("nar/{file}"),
+        narinfo,
+        nar,
+    }
+}
+
+pub fn upstream_key() -> SigningKey {
+    SigningKey::generate("upstream-test-1").unwrap()
+}
+
+/// A nip server running in this process on a loopback port.
+pub struct Nip {
+    pub url: String,
+    pub state: AppState,
+    pub dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Nip {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn layer_with(pairs: Vec<(&'static str, Vec<String>)>) -> Layer {
+    pairs.into_iter().collect()
+}
+
+/// Starts nip in front of `upstreams` trusting `keys`, with short timeouts; `extra` settings win.
+pub async fn start_nip(
+    upstreams: &[&FakeUpstream],
+    keys: &[PublicKey],
+    extra: Vec<(&'static str, Vec<String>)>,
+) -> Nip {
+    // Logs show in failing tests' output (RUST_LOG=debug for more).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "nip_server=debug".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let mut layer = layer_with(vec![
+        ("cache.hostname", vec!["nip-test".into()]),
+        (
+            "cache.storage.local",
+            vec![dir.path().join("data").display().to_string()],
+        ),
+        (
+            "cache.upstream.urls",
+            upstreams.iter().map(|u| u.url.clone()).collect(),
+        ),
+        (
+            "cache.upstream.public-keys",
+            keys.iter().map(|k| k.to_string()).collect(),
+        ),
+        ("cache.upstream.response-header-timeout", vec!["1s".into()]),
+        ("cache.upstream.body-idle-timeout", vec!["1s".into()]),
+    ]);
+    layer.extend(extra);
+    let config = nip_server::config::ServeConfig::from_layer(&layer).unwrap();
+    let state = AppState::open(config).await.unwrap();
+    // Priorities are learned before tests look at them.
+    state.upstreams.refresh_priorities().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let s = state.clone();
+    let task = tokio::spawn(async move {
+        nip_server::serve(listener, s, std::future::pending())
+            .await
+            .unwrap();
+    });
+    Nip {
+        url,
+        state,
+        dir,
+        task,
+    }
+}
+
+impl Nip {
+    pub fn staging_files(&self) -> usize {
+        std::fs::read_dir(self.dir.path().join("data/tmp"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    pub fn stored_nar(&self, file: &str) -> bool {
+        self.dir.path().join("data/store/nar").join(file).exists()
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// GET and read the whole body; `Err` when the body was cut short.
+pub async fn get(url: &str) -> (u16, Result<Bytes, String>) {
+    let resp = client().get(url).send().await.expect("request failed");
+    let status = resp.status().as_u16();
+    (status, resp.bytes().await.map_err(|e| e.to_string()))
+}
+
+/// The NAR file name the proxy serves an entry's NAR under.
+pub fn served_nar_path(narinfo_text: &str) -> String {
+    NarInfo::parse(narinfo_text).unwrap().url
+}

@@ -1,0 +1,7 @@
+//! In-process tests of the Nix proxy against fake upstreams that can misbehave.
+mod harness;
+
+mod bad_input;
+mod coalescing;
+mod faults;
+mod serving;

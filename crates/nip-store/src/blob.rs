@@ -1,0 +1,106 @@
+//! The blob storage contract: immutable, atomically published byte objects addressed by key.
+use std::path::Path;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid blob key {0:?}")]
+    InvalidKey(String),
+    #[error("storage is full: {0}")]
+    Full(std::io::Error),
+    #[error("storage I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl StoreError {
+    /// Maps an I/O error, telling "disk full" apart so callers can answer 507.
+    pub fn from_io(e: std::io::Error) -> Self {
+        if e.raw_os_error() == Some(28) || e.kind() == std::io::ErrorKind::StorageFull {
+            StoreError::Full(e)
+        } else {
+            StoreError::Io(e)
+        }
+    }
+}
+
+/// A validated blob key: `/`-separated segments of `[A-Za-z0-9._-]`, none empty, `.` or `..`.
+/// Validation here is defence in depth: callers validate their own names first.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BlobKey(String);
+
+impl BlobKey {
+    pub fn new(key: impl Into<String>) -> Result<Self, StoreError> {
+        let key = key.into();
+        let ok = !key.is_empty()
+            && key.len() <= 512
+            && key.split('/').all(|seg| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            });
+        if ok {
+            Ok(BlobKey(key))
+        } else {
+            Err(StoreError::InvalidKey(key))
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An inclusive byte range `start..=end`, already checked against the blob size by the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+/// An open blob: its total size and a stream of the requested bytes.
+pub struct BlobRead {
+    pub size: u64,
+    pub body: BoxStream<'static, std::io::Result<Bytes>>,
+}
+
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// Size of the blob, or `None` when it does not exist. Never returns a partial blob.
+    async fn stat(&self, key: &BlobKey) -> Result<Option<u64>, StoreError>;
+
+    /// Opens the blob for streaming, restricted to `range` when given. `None` when absent.
+    async fn read(
+        &self,
+        key: &BlobKey,
+        range: Option<BlobRange>,
+    ) -> Result<Option<BlobRead>, StoreError>;
+
+    /// Publishes a fully written, fsynced staged file under `key`, replacing nothing that readers
+    /// could see half-written: after this returns the blob is complete and durable.
+    async fn put_file(&self, key: &BlobKey, staged: &Path) -> Result<(), StoreError>;
+
+    /// Removes the blob; absent blobs are not an error.
+    async fn delete(&self, key: &BlobKey) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_key_rejects_traversal_and_odd_bytes() {
+        for bad in [
+            "", "..", "nar/../x", "/abs", "a//b", "a/", "x\0y", "a b", "a%2fb", "./a",
+        ] {
+            assert!(BlobKey::new(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["nar/0abc.nar.xz", "artifacts/my-pkg_1.0"] {
+            assert_eq!(BlobKey::new(good).unwrap().as_str(), good);
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! Storage for nip: blobs (NAR files, artifacts) behind [`BlobStore`] and the metadata index
+//! behind [`MetaStore`]. Nothing here knows about HTTP.
+pub mod blob;
+pub mod local;
+pub mod meta;
+pub mod sqlite;
+pub mod staging;
+
+pub use blob::{BlobKey, BlobRange, BlobRead, BlobStore, StoreError};
+pub use local::LocalBlobStore;
+pub use meta::{MetaError, MetaStore, NarInfoRecord, NarRecord, NarSource};
+pub use sqlite::SqliteMeta;
+pub use staging::{StagedFile, Staging};
+
+/// Seconds since the Unix epoch; the index stores times as integers.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

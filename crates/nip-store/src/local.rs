@@ -1,0 +1,165 @@
+//! Blob storage in a local directory: one file per blob, published by rename after fsync.
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::blob::{BlobKey, BlobRange, BlobRead, BlobStore, StoreError};
+
+/// Read buffer for streaming blobs out; large reads keep syscalls per byte low.
+const READ_CHUNK: usize = 256 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct LocalBlobStore {
+    root: PathBuf,
+}
+
+impl LocalBlobStore {
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(StoreError::from_io)?;
+        Ok(LocalBlobStore { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &BlobKey) -> PathBuf {
+        self.root.join(key.as_str())
+    }
+}
+
+fn not_found_is_none<T>(r: std::io::Result<T>) -> Result<Option<T>, StoreError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::from_io(e)),
+    }
+}
+
+#[async_trait]
+impl BlobStore for LocalBlobStore {
+    async fn stat(&self, key: &BlobKey) -> Result<Option<u64>, StoreError> {
+        Ok(not_found_is_none(tokio::fs::metadata(self.path(key)).await)?.map(|m| m.len()))
+    }
+
+    async fn read(
+        &self,
+        key: &BlobKey,
+        range: Option<BlobRange>,
+    ) -> Result<Option<BlobRead>, StoreError> {
+        let Some(mut file) = not_found_is_none(tokio::fs::File::open(self.path(key)).await)? else {
+            return Ok(None);
+        };
+        let size = file.metadata().await.map_err(StoreError::from_io)?.len();
+        let (start, len) = match range {
+            Some(r) => (r.start, r.end.saturating_sub(r.start) + 1),
+            None => (0, size),
+        };
+        if start > 0 {
+            file.seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(StoreError::from_io)?;
+        }
+        let reader = file.take(len);
+        let body = tokio_util::io::ReaderStream::with_capacity(reader, READ_CHUNK).boxed();
+        Ok(Some(BlobRead { size, body }))
+    }
+
+    async fn put_file(&self, key: &BlobKey, staged: &Path) -> Result<(), StoreError> {
+        let dest = self.path(key);
+        let staged = staged.to_path_buf();
+        tokio::task::spawn_blocking(move || publish(&staged, &dest))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+            .map_err(StoreError::from_io)
+    }
+
+    async fn delete(&self, key: &BlobKey) -> Result<(), StoreError> {
+        not_found_is_none(tokio::fs::remove_file(self.path(key)).await)?;
+        Ok(())
+    }
+}
+
+/// Hard-links (or, across file systems, copies) the staged file next to `dest`, then renames it
+/// into place and fsyncs the directory, so `dest` is either absent or complete, even after a crash.
+/// The staged file itself stays where it is: its owner deletes it.
+fn publish(staged: &Path, dest: &Path) -> std::io::Result<()> {
+    let dir = dest
+        .parent()
+        .ok_or_else(|| std::io::Error::other("blob path has no parent"))?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".publish-")
+        .make_in(dir, |p| {
+            match std::fs::hard_link(staged, p) {
+                Ok(()) => Ok(()),
+                // EXDEV: the temp path is on another file system.
+                Err(e) if e.raw_os_error() == Some(18) => {
+                    std::fs::copy(staged, p)?;
+                    std::fs::File::open(p)?.sync_all()
+                }
+                Err(e) => Err(e),
+            }
+        })?;
+    tmp.persist(dest).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::staging::Staging;
+
+    async fn collect(read: BlobRead) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut body = read.body;
+        while let Some(chunk) = body.next().await {
+            out.extend_from_slice(&chunk.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn publish_read_range_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalBlobStore::new(dir.path().join("store")).unwrap();
+        let staging = Staging::new(dir.path().join("tmp")).unwrap();
+        let key = BlobKey::new("nar/abc.nar").unwrap();
+        assert!(store.stat(&key).await.unwrap().is_none());
+        assert!(store.read(&key, None).await.unwrap().is_none());
+
+        let staged = staging.create().await.unwrap();
+        staged
+            .append(bytes::Bytes::from_static(b"0123456789"))
+            .await
+            .unwrap();
+        staged.sync().await.unwrap();
+        store.put_file(&key, staged.path()).await.unwrap();
+        drop(staged);
+        assert_eq!(
+            std::fs::read_dir(staging.dir()).unwrap().count(),
+            0,
+            "staged file not removed"
+        );
+
+        assert_eq!(store.stat(&key).await.unwrap(), Some(10));
+        assert_eq!(
+            collect(store.read(&key, None).await.unwrap().unwrap()).await,
+            b"0123456789"
+        );
+        let part = store
+            .read(&key, Some(BlobRange { start: 2, end: 4 }))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(part.size, 10);
+        assert_eq!(collect(part).await, b"234");
+
+        store.delete(&key).await.unwrap();
+        store.delete(&key).await.unwrap();
+        assert!(store.stat(&key).await.unwrap().is_none());
+    }
+}

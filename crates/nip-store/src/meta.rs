@@ -1,0 +1,71 @@
+//! The metadata index contract: which narinfos and NARs the cache holds and where missing NARs
+//! come from. Backends: SQLite (embedded default).
+use async_trait::async_trait;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("invalid database URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+}
+
+/// A narinfo as served by this cache (already rewritten and signed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NarInfoRecord {
+    pub hash: String,
+    pub store_path: String,
+    pub nar_file: String,
+    pub file_size: Option<i64>,
+    pub file_hash: Option<String>,
+    pub nar_hash: String,
+    pub narinfo: String,
+    /// Upstream base URL it came from, or `upload`.
+    pub origin: String,
+}
+
+/// A place a NAR can be fetched from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NarSource {
+    pub url: String,
+    pub upstream: String,
+}
+
+/// A stored, verified NAR file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NarRecord {
+    pub nar_file: String,
+    pub size: i64,
+    pub sha256: String,
+}
+
+#[async_trait]
+pub trait MetaStore: Send + Sync + 'static {
+    /// The narinfo for a store path hash, if the cache holds it.
+    async fn get_narinfo(&self, hash: &str) -> Result<Option<NarInfoRecord>, MetaError>;
+
+    /// Inserts or replaces a narinfo together with the places its NAR can be fetched from
+    /// (best first), in one transaction.
+    async fn put_narinfo(
+        &self,
+        rec: &NarInfoRecord,
+        sources: &[NarSource],
+    ) -> Result<(), MetaError>;
+
+    /// Any narinfo that refers to `nar_file` (to learn its expected size and hash).
+    async fn narinfo_for_nar(&self, nar_file: &str) -> Result<Option<NarInfoRecord>, MetaError>;
+
+    /// Where `nar_file` can be fetched from, best first. Empty when unknown.
+    async fn nar_sources(&self, nar_file: &str) -> Result<Vec<NarSource>, MetaError>;
+
+    /// The stored NAR record, if its bytes are stored.
+    async fn get_nar(&self, nar_file: &str) -> Result<Option<NarRecord>, MetaError>;
+
+    /// Records that the NAR's bytes are stored and verified. Call only after the blob is published.
+    async fn put_nar(&self, rec: &NarRecord) -> Result<(), MetaError>;
+
+    /// A trivial query, for readiness checks.
+    async fn ping(&self) -> Result<(), MetaError>;
+}

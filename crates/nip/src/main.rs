@@ -1,0 +1,45 @@
+//! The `nip` command: `nip serve` runs the cache server.
+mod serve;
+
+use clap::{Arg, ArgAction, Command};
+
+fn cli() -> Command {
+    Command::new("nip")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("nip: a remote binary cache for Nix and build artifacts")
+        .subcommand_required(true)
+        .arg_required_else_help(true)
+        .subcommand(serve::command())
+}
+
+fn main() -> std::process::ExitCode {
+    let matches = cli().get_matches();
+    let result = match matches.subcommand() {
+        Some(("serve", m)) => serve::run(m),
+        _ => unreachable!("clap enforces a subcommand"),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nip: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Adds the `--config` argument shared by commands that read the server configuration.
+pub fn config_arg() -> Arg {
+    Arg::new("config")
+        .long("config")
+        .value_name("FILE")
+        .action(ArgAction::Set)
+        .help("Config file (YAML, TOML or JSON) [env: NIP_CONFIG_FILE, NCPS_CONFIG_FILE]")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_is_well_formed() {
+        super::cli().debug_assert();
+    }
+}

@@ -1,0 +1,185 @@
+//! `nip serve`: flags are generated from the settings table, so every flag, environment variable
+//! and config key of ncps is accepted under the same name.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::parser::ValueSource;
+use clap::{Arg, ArgAction, ArgMatches, Command};
+use nip_server::config::ServeConfig;
+use nip_server::settings::{self, Layer, SETTINGS};
+
+pub fn command() -> Command {
+    let mut cmd = Command::new("serve")
+        .about("Run the cache server (Nix binary cache proxy and artifact cache)")
+        .arg(crate::config_arg())
+        .arg(
+            Arg::new("print-config")
+                .long("print-config")
+                .action(ArgAction::SetTrue)
+                .help("Print the effective configuration as JSON (secrets masked) and exit"),
+        );
+    for s in SETTINGS {
+        let mut help = format!("{} [env: {}]", s.help, s.envs.join(", "));
+        if let Some(reason) = s.not_implemented {
+            help.push_str(&format!(" (accepted, no effect yet: {reason})"));
+        }
+        let mut arg = Arg::new(s.key)
+            .long(s.flags[0])
+            .help(help)
+            .value_name("VALUE");
+        for alias in &s.flags[1..] {
+            arg = arg.visible_alias(*alias);
+        }
+        arg = if s.multi {
+            arg.action(ArgAction::Append)
+        } else if s.boolean {
+            // `--flag`, `--flag=false` and `--flag false` all work, as with ncps' flag library.
+            arg.action(ArgAction::Set)
+                .num_args(0..=1)
+                .default_missing_value("true")
+                .value_name("BOOL")
+        } else {
+            arg.action(ArgAction::Set)
+        };
+        cmd = cmd.arg(arg);
+    }
+    cmd
+}
+
+fn flag_layer(m: &ArgMatches) -> Layer {
+    let mut layer = Layer::new();
+    for s in SETTINGS {
+        if m.value_source(s.key) == Some(ValueSource::CommandLine) {
+            if let Some(values) = m.get_many::<String>(s.key) {
+                layer.insert(s.key, values.cloned().collect());
+            }
+        }
+    }
+    layer
+}
+
+/// The config file: `--config`, else `NIP_CONFIG_FILE` / `NCPS_CONFIG_FILE`, else
+/// `$XDG_CONFIG_HOME/ncps/config.yaml` when it exists.
+fn config_path(m: &ArgMatches, env: &HashMap<String, String>) -> Option<PathBuf> {
+    if let Some(p) = m.get_one::<String>("config") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = env
+        .get("NIP_CONFIG_FILE")
+        .or_else(|| env.get("NCPS_CONFIG_FILE"))
+    {
+        return Some(PathBuf::from(p));
+    }
+    let xdg = env
+        .get("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env.get("HOME").map(|h| Path::new(h).join(".config")))?;
+    let ncps = xdg.join("ncps").join("config.yaml");
+    ncps.exists().then_some(ncps)
+}
+
+pub fn read_config_file(path: &Path) -> anyhow::Result<Layer> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let doc: serde_json::Value = match ext {
+        "toml" => toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        "json" => {
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        _ => serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+    };
+    settings::layer_from_document(&doc).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+pub fn load_config(m: &ArgMatches) -> anyhow::Result<ServeConfig> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let file = match config_path(m, &env) {
+        Some(p) => read_config_file(&p)?,
+        None => Layer::new(),
+    };
+    let merged = settings::merge(&[&flag_layer(m), &file, &settings::layer_from_env(&env)]);
+    Ok(ServeConfig::from_layer(&merged)?)
+}
+
+fn print_config(c: &ServeConfig) {
+    let json = serde_json::json!({
+        "cache.hostname": c.hostname,
+        "cache.storage.local": c.data_path,
+        "cache.database-url": c.database_url,
+        "cache.temp-path": c.temp_path,
+        "cache.upstream.urls": c.upstreams.iter().map(|u| match u.priority {
+            Some(p) => format!("{}?priority={p}", u.url),
+            None => u.url.clone(),
+        }).collect::<Vec<_>>(),
+        "cache.upstream.public-keys": c.upstream_public_keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+        "cache.sign-narinfo": c.sign_narinfo,
+        "cache.secret-key-path": c.secret_key_path,
+        "cache.netrc-file": c.netrc_file,
+        "cache.upstream.dialer-timeout": format!("{}ms", c.dialer_timeout.as_millis()),
+        "cache.upstream.response-header-timeout": format!("{}ms", c.response_header_timeout.as_millis()),
+        "cache.upstream.body-idle-timeout": format!("{}ms", c.body_idle_timeout.as_millis()),
+        "cache.negative-ttl": format!("{}ms", c.negative_ttl.as_millis()),
+        "server.addr": c.server_addr,
+        "log.level": c.log_level,
+        "ignored": c.ignored.iter().map(|(f, why)| format!("{f}: {why}")).collect::<Vec<_>>(),
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json).unwrap_or_default()
+    );
+}
+
+fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(format!(
+        "{level},hyper=warn,sqlx=warn,reqwest=warn"
+    ))
+    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
+    let config = load_config(m)?;
+    if m.get_flag("print-config") {
+        print_config(&config);
+        return Ok(());
+    }
+    init_tracing(&config.log_level);
+    for (flag, reason) in &config.ignored {
+        tracing::warn!("{flag} is ignored because {reason}");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr = config.listen_addr();
+        let state = nip_server::AppState::open(config).await?;
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--server-addr)"))?;
+        tracing::info!(addr = %listener.local_addr()?, public_key = %state.public_key, "nip serve listening");
+        nip_server::serve(listener, state, shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,155 @@
+//! Helpers for black-box tests: free ports, child processes killed on drop, waiting for servers.
+#![allow(dead_code)]
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+pub fn fixture_script(name: &str) -> PathBuf {
+    repo_root().join("scripts/nix-fixture").join(name)
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process that is killed when dropped, so a failing test leaves no server behind.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether real Nix is present. When the test command requires it (NIP_REQUIRE_NIX=1) or under
+/// CI=true, a missing Nix is a failure, never a skip.
+pub fn nix_available(test: &str) -> bool {
+    let ok = Command::new("nix-store")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let required = std::env::var("CI").as_deref() == Ok("true")
+            || std::env::var("NIP_REQUIRE_NIX").is_ok();
+        assert!(
+            !required,
+            "{test}: nix-store is missing; run scripts/nix-fixture/install-nix.sh (as root)"
+        );
+        eprintln!("{test}: SKIPPED: nix-store is missing (run ./scripts/test.sh to install it)");
+    }
+    ok
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    out
+}
+
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn http_get(url: &str) -> Option<(u16, Vec<u8>)> {
+    let resp = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+        .get(url)
+        .send()
+        .ok()?;
+    let status = resp.status().as_u16();
+    Some((status, resp.bytes().ok()?.to_vec()))
+}
+
+/// Polls `url` until it answers 200, or panics after `timeout`.
+pub fn wait_http_ok(url: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if matches!(http_get(url), Some((200, _))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{url} did not answer 200 within {timeout:?}");
+}
+
+/// Starts `nip serve` on a free loopback port with the given extra arguments.
+pub struct NipServer {
+    pub child: KillOnDrop,
+    pub url: String,
+}
+
+pub fn start_nip(data: &Path, args: &[&str]) -> NipServer {
+    let port = free_port();
+    let log = std::fs::File::create(data.with_extension("log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_nip"))
+        .arg("serve")
+        .arg("--cache-data-path")
+        .arg(data)
+        .arg("--server-addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(args)
+        .env("LOG_LEVEL", "debug")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start nip serve");
+    let server = NipServer {
+        child: KillOnDrop(child),
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    wait_http_ok(&format!("{}/healthz", server.url), Duration::from_secs(30));
+    server
+}
+
+/// Serves a directory over HTTP with Python's http.server (a plain static upstream).
+pub fn start_static(dir: &Path) -> (KillOnDrop, String) {
+    let port = free_port();
+    let child = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start python3 -m http.server");
+    let url = format!("http://127.0.0.1:{port}");
+    wait_http_ok(&format!("{url}/nix-cache-info"), Duration::from_secs(30));
+    (KillOnDrop(child), url)
+}
