@@ -38,6 +38,15 @@ pub struct ServeConfig {
     pub negative_ttl: Duration,
     pub server_addr: String,
     pub log_level: String,
+    pub allow_put: bool,
+    pub allow_delete: bool,
+    pub require_auth_read: bool,
+    /// Token accepted as a read-write key (`NIP_CACHE_API_KEY`). Never printed.
+    pub api_key: Option<String>,
+    pub max_upload_size: u64,
+    pub artifact_retention: Option<Duration>,
+    /// Requests per second and burst per key; `None` when rate limiting is off.
+    pub rate_limit: Option<(f64, f64)>,
     /// Settings that were given but have no effect yet, with the reason (logged at start).
     pub ignored: Vec<(String, &'static str)>,
 }
@@ -50,15 +59,31 @@ pub struct ConfigError {
 }
 
 fn err(key: &str, message: impl Into<String>) -> ConfigError {
-    let flag = SETTINGS
-        .iter()
-        .find(|s| s.key == key)
-        .map(|s| s.flags[0])
-        .unwrap_or(key);
-    ConfigError {
-        setting: format!("--{flag}"),
-        message: message.into(),
-    }
+    let setting = match SETTINGS.iter().find(|s| s.key == key) {
+        Some(s) if !s.flags.is_empty() => format!("--{}", s.flags[0]),
+        Some(s) if !s.envs.is_empty() => s.envs[0].to_string(),
+        _ => key.to_string(),
+    };
+    ConfigError { setting, message: message.into() }
+}
+
+/// Parses sizes as ncps takes them: `512`, `10K`, `100M`, `10G`, `1T` (powers of 1024; a trailing
+/// `B` or `iB` is allowed).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let s = s.strip_suffix("iB").or_else(|| s.strip_suffix('B')).unwrap_or(s);
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 /// Parses Go-style durations as ncps takes them: `500ms`, `3s`, `5m`, `2h`, `1d`, or plain seconds.
@@ -210,6 +235,39 @@ impl ServeConfig {
             .map(PathBuf::from)
             .unwrap_or_else(|| data_path.join("secret-key"));
 
+        let flag = |key: &str| -> Result<bool, ConfigError> {
+            one(key).map_or(Ok(false), |v| parse_bool(key, &v))
+        };
+        let max_upload_size = match one("artifact.max-size") {
+            Some(v) => parse_size(&v).filter(|n| *n > 0).ok_or_else(|| err("artifact.max-size", format!("expected a size like 10G, got {v:?}")))?,
+            None => 10 << 30,
+        };
+        let artifact_retention = match one("artifact.retention") {
+            Some(v) => Some(
+                parse_duration(&v)
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| err("artifact.retention", format!("expected a duration like 30d, got {v:?}")))?,
+            ),
+            None => None,
+        };
+        let rate_limit = match one("rate-limit.rps") {
+            Some(v) => {
+                let rps: f64 = v.parse().ok().filter(|r: &f64| r.is_finite() && *r > 0.0)
+                    .ok_or_else(|| err("rate-limit.rps", format!("expected a positive number, got {v:?}")))?;
+                let burst = match one("rate-limit.burst") {
+                    Some(b) => b.parse().ok().filter(|b: &f64| b.is_finite() && *b >= 1.0)
+                        .ok_or_else(|| err("rate-limit.burst", format!("expected a number >= 1, got {b:?}")))?,
+                    None => (rps * 2.0).max(1.0),
+                };
+                Some((rps, burst))
+            }
+            None => None,
+        };
+        let api_key = one("cache.api-key").filter(|k| !k.is_empty());
+        if api_key.as_ref().is_some_and(|k| k.len() < 16) {
+            return Err(err("cache.api-key", "must be at least 16 characters"));
+        }
+
         let mut ignored = Vec::new();
         for setting in SETTINGS {
             if let (Some(reason), Some(v)) = (setting.not_implemented, layer.get(setting.key)) {
@@ -244,6 +302,13 @@ impl ServeConfig {
             negative_ttl: duration("cache.negative-ttl", Duration::from_secs(30))?,
             server_addr: one("server.addr").unwrap_or_else(|| ":8501".into()),
             log_level: one("log.level").unwrap_or_else(|| "info".into()),
+            allow_put: flag("cache.allow-put-verb")?,
+            allow_delete: flag("cache.allow-delete-verb")?,
+            require_auth_read: flag("cache.require-auth-read")?,
+            api_key,
+            max_upload_size,
+            artifact_retention,
+            rate_limit,
             data_path,
             ignored,
         })
@@ -324,6 +389,16 @@ mod tests {
         .unwrap();
         assert_eq!(c.ignored.len(), 1);
         assert_eq!(c.ignored[0].0, "--cache-max-size");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10G"), Some(10 << 30));
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("100MiB"), Some(100 << 20));
+        assert_eq!(parse_size("5K"), Some(5 << 10));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size("99999999999T"), None);
     }
 
     #[test]

@@ -14,6 +14,17 @@ pub enum ApiError {
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    /// Seconds until the caller may retry.
+    #[error("too many requests: retry in {0} s")]
+    TooManyRequests(u64),
+    #[error("{0}")]
     BadGateway(String),
     #[error("{0}")]
     InsufficientStorage(String),
@@ -36,6 +47,11 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -80,6 +96,9 @@ impl IntoResponse for ApiError {
             other => other.to_string(),
         };
         let mut resp = (status, Json(serde_json::json!({ "error": message }))).into_response();
+        if let ApiError::TooManyRequests(secs) = &self {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -91,3 +110,18 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    /// Nix 2.8 hangs when a PUT gets a 5xx (it retries without the body), so refused uploads
+    /// always get a 4xx; the server log keeps the details of server-side failures.
+    pub fn for_nix_upload(self) -> Self {
+        match self {
+            ApiError::InsufficientStorage(m) => ApiError::PayloadTooLarge(m),
+            ApiError::Internal(detail) | ApiError::Unavailable(detail) | ApiError::BadGateway(detail) => {
+                tracing::error!(%detail, "Nix upload failed on the server side");
+                ApiError::Conflict("the cache could not store this upload; retry later (the server log has the details)".into())
+            }
+            other => other,
+        }
+    }
+}

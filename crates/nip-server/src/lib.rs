@@ -1,5 +1,6 @@
 //! The nip HTTP server: a Nix binary cache proxy (and, on the same store, the artifact cache).
 //! [`router`] builds the whole application from an [`AppState`]; `main` only parses config and serves.
+pub mod auth;
 pub mod coalesce;
 pub mod config;
 pub mod error;
@@ -11,6 +12,8 @@ pub mod nix;
 pub mod range;
 pub mod settings;
 pub mod upstream;
+pub mod v1;
+pub mod jobs;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use nip_core::signing::{PublicKey, SigningKey};
-use nip_store::{BlobStore, LocalBlobStore, MetaStore, SqliteMeta, Staging};
+use nip_store::{BlobStore, Index, LocalBlobStore, SqliteMeta, Staging};
 
 use crate::coalesce::Coalescer;
 use crate::config::ServeConfig;
@@ -34,7 +37,7 @@ pub struct AppState(Arc<Inner>);
 
 pub struct Inner {
     pub config: ServeConfig,
-    pub meta: Arc<dyn MetaStore>,
+    pub meta: Arc<dyn Index>,
     pub blobs: Arc<dyn BlobStore>,
     pub staging: Staging,
     pub upstreams: Arc<Upstreams>,
@@ -45,6 +48,9 @@ pub struct Inner {
     /// Narinfos no upstream had, with when they were found missing.
     pub negative: Mutex<HashMap<String, Instant>>,
     pub started_at: Instant,
+    pub rate_limiter: Option<auth::RateLimiter>,
+    /// Artifacts read since the last flush of access times (batched: no write per download).
+    pub accessed: Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::ops::Deref for AppState {
@@ -73,12 +79,15 @@ impl AppState {
                 anyhow::anyhow!("cannot use data path {}: {e}", config.data_path.display())
             })?,
         );
-        let meta: Arc<dyn MetaStore> = Arc::new(SqliteMeta::connect(&config.database_url).await?);
+        let meta: Arc<dyn Index> = Arc::new(SqliteMeta::connect(&config.database_url).await?);
         let signer = keys::load_or_generate(&config.secret_key_path, &config.hostname)?;
         let public_key = signer.public_key();
         let upstreams = Arc::new(Upstreams::new(&config)?);
+        let rate_limiter = config.rate_limit.map(|(rate, burst)| auth::RateLimiter::new(rate, burst));
         Ok(AppState(Arc::new(Inner {
             config,
+            rate_limiter,
+            accessed: Mutex::default(),
             meta,
             blobs,
             staging,
@@ -135,6 +144,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .merge(nix::router())
+        .merge(v1::router())
         .fallback(|| async { error::ApiError::NotFound("no such endpoint".into()) })
         .with_state(state)
 }

@@ -1,12 +1,15 @@
 //! Storage for nip: blobs (NAR files, artifacts) behind [`BlobStore`] and the metadata index
 //! behind [`MetaStore`]. Nothing here knows about HTTP.
 pub mod blob;
+pub mod index;
 pub mod local;
 pub mod meta;
 pub mod sqlite;
+mod sqlite_index;
 pub mod staging;
 
 pub use blob::{BlobKey, BlobRange, BlobRead, BlobStore, StoreError};
+pub use index::{ApiKeyRecord, ArtifactIndex, ArtifactRecord, AuditEntry, AuditLog, Index, KeyStore, PutArtifact};
 pub use local::LocalBlobStore;
 pub use meta::{MetaError, MetaStore, NarInfoRecord, NarRecord, NarSource};
 pub use sqlite::SqliteMeta;

@@ -66,6 +66,12 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Records that the NAR's bytes are stored and verified. Call only after the blob is published.
     async fn put_nar(&self, rec: &NarRecord) -> Result<(), MetaError>;
 
+    /// Removes a narinfo; true when it existed.
+    async fn delete_narinfo(&self, hash: &str) -> Result<bool, MetaError>;
+
+    /// Removes a NAR's record (its bytes are the caller's to delete); true when it existed.
+    async fn delete_nar(&self, nar_file: &str) -> Result<bool, MetaError>;
+
     /// A trivial query, for readiness checks.
     async fn ping(&self) -> Result<(), MetaError>;
 }

@@ -184,6 +184,24 @@ impl MetaStore for SqliteMeta {
         Ok(())
     }
 
+    async fn delete_narinfo(&self, hash: &str) -> Result<bool, MetaError> {
+        let n = sqlx::query("DELETE FROM narinfos WHERE hash = ?")
+            .bind(hash)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn delete_nar(&self, nar_file: &str) -> Result<bool, MetaError> {
+        let n = sqlx::query("DELETE FROM nars WHERE nar_file = ?")
+            .bind(nar_file)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
     async fn ping(&self) -> Result<(), MetaError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

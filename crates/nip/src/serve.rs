@@ -19,7 +19,7 @@ pub fn command() -> Command {
                 .action(ArgAction::SetTrue)
                 .help("Print the effective configuration as JSON (secrets masked) and exit"),
         );
-    for s in SETTINGS {
+    for s in SETTINGS.iter().filter(|s| !s.flags.is_empty()) {
         let mut help = format!("{} [env: {}]", s.help, s.envs.join(", "));
         if let Some(reason) = s.not_implemented {
             help.push_str(&format!(" (accepted, no effect yet: {reason})"));
@@ -49,7 +49,7 @@ pub fn command() -> Command {
 
 fn flag_layer(m: &ArgMatches) -> Layer {
     let mut layer = Layer::new();
-    for s in SETTINGS {
+    for s in SETTINGS.iter().filter(|s| !s.flags.is_empty()) {
         if m.value_source(s.key) == Some(ValueSource::CommandLine) {
             if let Some(values) = m.get_many::<String>(s.key) {
                 layer.insert(s.key, values.cloned().collect());
@@ -123,6 +123,13 @@ fn print_config(c: &ServeConfig) {
         "cache.negative-ttl": format!("{}ms", c.negative_ttl.as_millis()),
         "server.addr": c.server_addr,
         "log.level": c.log_level,
+        "cache.allow-put-verb": c.allow_put,
+        "cache.allow-delete-verb": c.allow_delete,
+        "cache.require-auth-read": c.require_auth_read,
+        "cache.api-key": c.api_key.as_ref().map(|_| "***"),
+        "artifact.max-size": c.max_upload_size,
+        "artifact.retention": c.artifact_retention.map(|d| format!("{}s", d.as_secs())),
+        "rate-limit": c.rate_limit.map(|(rps, burst)| format!("{rps}/s burst {burst}")),
         "ignored": c.ignored.iter().map(|(f, why)| format!("{f}: {why}")).collect::<Vec<_>>(),
     });
     println!(

@@ -2,6 +2,7 @@
 mod cache_info;
 mod nar;
 mod narinfo;
+mod upload;
 
 use axum::routing::get;
 use axum::Router;
@@ -12,6 +13,16 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/nix-cache-info", get(cache_info::nix_cache_info))
         .route("/pubkey", get(cache_info::pubkey))
-        .route("/{name}", get(narinfo::get_narinfo))
-        .route("/nar/{file}", get(nar::get_nar))
+        .route(
+            "/{name}",
+            get(narinfo::get_narinfo).put(upload::put_narinfo).delete(upload::delete_narinfo),
+        )
+        .route(
+            "/nar/{file}",
+            get(nar::get_nar)
+                .put(upload::put_nar)
+                // NAR uploads stream to disk under their own size limit.
+                .layer(axum::extract::DefaultBodyLimit::disable())
+                .delete(upload::delete_nar),
+        )
 }

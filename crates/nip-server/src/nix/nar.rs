@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use nip_core::hash::NixHash;
 use nip_core::nar_file::NarFileName;
 
+use crate::auth::{Caller, Scope};
 use crate::error::{ApiError, ApiResult};
 use crate::fill::{nar_blob_key, FillSpec};
 use crate::range::{parse_range, RangeRequest};
@@ -17,10 +18,14 @@ const NAR_CONTENT_TYPE: &str = "application/x-nix-nar";
 #[tracing::instrument(skip_all, fields(file = %file))]
 pub async fn get_nar(
     State(state): State<AppState>,
+    caller: Caller,
     method: Method,
     headers: HeaderMap,
     Path(file): Path<String>,
 ) -> ApiResult<Response> {
+    if state.config.require_auth_read {
+        caller.require(Scope::Read, None)?;
+    }
     let name = NarFileName::parse(&file)
         .map_err(|e| ApiError::BadRequest(format!("invalid NAR file name: {e}")))?;
     let file = name.file_name();

@@ -11,6 +11,7 @@ use nip_core::narinfo::NarInfo;
 use nip_core::store_path::StorePathHash;
 use nip_store::{NarInfoRecord, NarSource};
 
+use crate::auth::{Caller, Scope};
 use crate::coalesce::Role;
 use crate::error::{ApiError, ApiResult};
 use crate::upstream::{Found, Lookup};
@@ -19,8 +20,12 @@ use crate::AppState;
 #[tracing::instrument(skip_all, fields(name = %name))]
 pub async fn get_narinfo(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
+    if state.config.require_auth_read {
+        caller.require(Scope::Read, None)?;
+    }
     let Some(hash) = name.strip_suffix(".narinfo") else {
         return Err(ApiError::NotFound("no such endpoint".into()));
     };

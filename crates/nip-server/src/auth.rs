@@ -1,0 +1,294 @@
+//! API keys and who may do what. Tokens arrive as `Authorization: Bearer <token>` or as the
+//! password of HTTP Basic (what Nix sends from a netrc file). Only a SHA-256 of each token is
+//! stored; tokens are never logged. Unknown, expired or revoked tokens are 401; a valid key
+//! without the scope or the cache-key prefix is 403.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap};
+use base64::Engine;
+use nip_store::AuditEntry;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// Scopes, ordered: each includes the ones before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    Read,
+    Write,
+    Admin,
+}
+
+impl Scope {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "read" => Some(Scope::Read),
+            "write" => Some(Scope::Write),
+            "admin" => Some(Scope::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Write => "write",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+/// An authenticated key.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub name: String,
+    pub scope: Scope,
+    /// When set, the key may only touch artifact keys starting with it.
+    pub prefix: Option<String>,
+}
+
+/// Name under which the `NIP_CACHE_API_KEY` token appears in the audit log.
+pub const ENV_KEY_NAME: &str = "NIP_CACHE_API_KEY";
+
+/// A new random token: 192 bits, hex, with a recognisable prefix for secret scanners.
+pub fn generate_token() -> String {
+    let mut bytes = [0u8; 24];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    format!("nip_{}", hex::encode(bytes))
+}
+
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Compares without an early exit, so timing does not reveal how much of a secret matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The token a request carries, if any.
+pub fn token_from_headers(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (kind, rest) = value.split_once(' ')?;
+    match kind.to_ascii_lowercase().as_str() {
+        "bearer" => Some(rest.trim().to_string()),
+        "basic" => {
+            let decoded = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+            let text = String::from_utf8(decoded).ok()?;
+            let (_, password) = text.split_once(':')?;
+            Some(password.to_string())
+        }
+        _ => None,
+    }
+}
+
+/// The caller of a request: its address and, when it presented a valid token, its key.
+/// Extracting it rejects invalid tokens (401, audited) and rate-limited callers (429).
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub principal: Option<Principal>,
+    pub remote: Option<SocketAddr>,
+}
+
+impl Caller {
+    pub fn key_name(&self) -> Option<String> {
+        self.principal.as_ref().map(|p| p.name.clone())
+    }
+
+    /// Requires a key with `scope`; for artifact operations also the key's prefix.
+    pub fn require(&self, scope: Scope, artifact_key: Option<&str>) -> Result<&Principal, ApiError> {
+        let Some(p) = &self.principal else {
+            return Err(ApiError::Unauthorized(
+                "an API key is required: send Authorization: Bearer <token> (create one with `nip keys create`)".into(),
+            ));
+        };
+        if p.scope < scope {
+            return Err(ApiError::Forbidden(format!(
+                "key {:?} has scope {}; this needs {}",
+                p.name,
+                p.scope.as_str(),
+                scope.as_str()
+            )));
+        }
+        if let (Some(prefix), Some(key)) = (&p.prefix, artifact_key) {
+            if !key.starts_with(prefix.as_str()) {
+                return Err(ApiError::Forbidden(format!(
+                    "key {:?} may only use cache keys starting with {prefix:?}",
+                    p.name
+                )));
+            }
+        }
+        Ok(p)
+    }
+
+    pub fn audit_entry(&self, action: &str, target: Option<&str>, result: &str) -> AuditEntry {
+        AuditEntry {
+            at: nip_store::unix_now(),
+            key_name: self.key_name(),
+            remote_addr: self.remote.map(|a| a.ip().to_string()),
+            action: action.to_string(),
+            target: target.map(String::from),
+            result: result.to_string(),
+            ..Default::default()
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let remote = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+        let mut caller = Caller { principal: None, remote };
+        if let Some(token) = token_from_headers(&parts.headers) {
+            match state.authenticate(&token).await? {
+                Ok(p) => caller.principal = Some(p),
+                Err(why) => {
+                    state.audit(caller.audit_entry("auth", Some(parts.uri.path()), &format!("401 {why}"))).await;
+                    return Err(ApiError::Unauthorized(format!(
+                        "API key {why}: check the token, or ask an admin for a new one (`nip keys create`)"
+                    )));
+                }
+            }
+        }
+        if let Some(limiter) = &state.rate_limiter {
+            let who = match (&caller.principal, remote) {
+                (Some(p), _) => format!("key:{}", p.name),
+                (None, Some(a)) => format!("ip:{}", a.ip()),
+                (None, None) => "anonymous".to_string(),
+            };
+            if let Err(retry_after) = limiter.check(&who) {
+                return Err(ApiError::TooManyRequests(retry_after));
+            }
+        }
+        Ok(caller)
+    }
+}
+
+impl AppState {
+    /// Looks a token up. The outer error is a database failure; the inner one says why the
+    /// token is refused.
+    pub async fn authenticate(&self, token: &str) -> Result<Result<Principal, &'static str>, ApiError> {
+        let hash = hash_token(token);
+        if let Some(env_key) = &self.config.api_key {
+            if constant_time_eq(hash.as_bytes(), hash_token(env_key).as_bytes()) {
+                return Ok(Ok(Principal { name: ENV_KEY_NAME.into(), scope: Scope::Write, prefix: None }));
+            }
+        }
+        let Some(rec) = self.meta.key_by_token_hash(&hash).await? else {
+            return Ok(Err("unknown"));
+        };
+        if rec.revoked_at.is_some() {
+            return Ok(Err("revoked"));
+        }
+        if rec.expires_at.is_some_and(|t| t <= nip_store::unix_now()) {
+            return Ok(Err("expired"));
+        }
+        let scope = Scope::parse(&rec.scope).ok_or_else(|| ApiError::internal(format!("bad scope {:?}", rec.scope)))?;
+        Ok(Ok(Principal { name: rec.name, scope, prefix: rec.prefix }))
+    }
+
+    /// Whether uploads and deletes need a key: once any key exists, they do.
+    pub async fn keys_exist(&self) -> Result<bool, ApiError> {
+        Ok(self.config.api_key.is_some() || self.meta.any_active_key(nip_store::unix_now()).await?)
+    }
+
+    /// Writes an audit entry; a failure to do so is logged, not returned.
+    pub async fn audit(&self, entry: AuditEntry) {
+        if let Err(e) = self.meta.audit(&entry).await {
+            tracing::error!(error = %e, action = %entry.action, "could not write the audit log");
+        }
+    }
+}
+
+/// Per-caller token buckets.
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(rate: f64, burst: f64) -> Self {
+        RateLimiter { rate, burst, buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// Takes one token for `who`, or says how many seconds until one is available.
+    pub fn check(&self, who: &str) -> Result<(), u64> {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() > 100_000 {
+            // Forget full buckets: they are indistinguishable from new ones.
+            let (rate, burst) = (self.rate, self.burst);
+            buckets.retain(|_, (tokens, at)| *tokens + at.elapsed().as_secs_f64() * rate < burst);
+        }
+        let (tokens, at) = buckets.entry(who.to_string()).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / self.rate).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_from_bearer_and_basic() {
+        let mut h = HeaderMap::new();
+        assert_eq!(token_from_headers(&h), None);
+        h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert_eq!(token_from_headers(&h).as_deref(), Some("abc"));
+        let basic = base64::engine::general_purpose::STANDARD.encode("nix:s3cret:x");
+        h.insert(header::AUTHORIZATION, format!("Basic {basic}").parse().unwrap());
+        assert_eq!(token_from_headers(&h).as_deref(), Some("s3cret:x"));
+        h.insert(header::AUTHORIZATION, "Digest x".parse().unwrap());
+        assert_eq!(token_from_headers(&h), None);
+    }
+
+    #[test]
+    fn scopes_are_ordered_and_prefixes_enforced() {
+        let caller = |scope, prefix: Option<&str>| Caller {
+            principal: Some(Principal { name: "k".into(), scope, prefix: prefix.map(String::from) }),
+            remote: None,
+        };
+        assert!(caller(Scope::Write, None).require(Scope::Read, Some("x")).is_ok());
+        assert!(matches!(caller(Scope::Read, None).require(Scope::Write, None), Err(ApiError::Forbidden(_))));
+        assert!(caller(Scope::Admin, None).require(Scope::Write, None).is_ok());
+        assert!(caller(Scope::Write, Some("proj-")).require(Scope::Write, Some("proj-a")).is_ok());
+        assert!(matches!(caller(Scope::Write, Some("proj-")).require(Scope::Write, Some("other")), Err(ApiError::Forbidden(_))));
+        let anon = Caller { principal: None, remote: None };
+        assert!(matches!(anon.require(Scope::Read, None), Err(ApiError::Unauthorized(_))));
+    }
+
+    #[test]
+    fn generated_tokens_are_long_and_distinct() {
+        let (a, b) = (generate_token(), generate_token());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 4 + 48);
+        assert!(constant_time_eq(hash_token(&a).as_bytes(), hash_token(&a).as_bytes()));
+        assert!(!constant_time_eq(hash_token(&a).as_bytes(), hash_token(&b).as_bytes()));
+    }
+
+    #[test]
+    fn rate_limiter_allows_burst_then_refuses() {
+        let l = RateLimiter::new(1.0, 3.0);
+        for _ in 0..3 {
+            assert!(l.check("a").is_ok());
+        }
+        assert_eq!(l.check("a"), Err(1));
+        assert!(l.check("b").is_ok(), "buckets are per caller");
+    }
+}

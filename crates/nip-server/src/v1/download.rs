@@ -1,0 +1,61 @@
+//! `GET|HEAD /v1/download/{key}` (read): the bytes, with Content-Length, ETag (the SHA-256) and
+//! Range support.
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::{artifact_blob_key, checked_key};
+use crate::auth::{Caller, Scope};
+use crate::error::{ApiError, ApiResult};
+use crate::range::{parse_range, RangeRequest};
+use crate::AppState;
+
+#[tracing::instrument(skip_all, fields(key = %key))]
+pub async fn download(
+    State(state): State<AppState>,
+    caller: Caller,
+    method: Method,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+) -> ApiResult<Response> {
+    let key = checked_key(&key)?;
+    caller.require(Scope::Read, Some(key))?;
+    let rec = state.meta.get_artifact(key).await?.ok_or_else(|| ApiError::NotFound("not found".into()))?;
+    let etag = format!("\"{}\"", rec.sha256);
+    if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    let blob = artifact_blob_key(&rec.sha256)?;
+    let size = rec.size as u64;
+    let (status, range) = match parse_range(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), size) {
+        RangeRequest::Full => (StatusCode::OK, None),
+        RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, Some(r)),
+        RangeRequest::Unsatisfiable => {
+            let mut resp = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+            let v = HeaderValue::from_str(&format!("bytes */{size}")).map_err(ApiError::internal)?;
+            resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            return Ok(resp);
+        }
+    };
+    let len = range.map_or(size, |r| r.end - r.start + 1);
+    let mut builder = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::ETAG, &etag)
+        .header(header::ACCEPT_RANGES, "bytes");
+    if let Some(r) = range {
+        builder = builder.header(header::CONTENT_RANGE, format!("bytes {}-{}/{size}", r.start, r.end));
+    }
+    state.accessed.lock().unwrap_or_else(|e| e.into_inner()).insert(rec.key.clone());
+    if method == Method::HEAD {
+        return builder.body(Body::empty()).map_err(ApiError::internal);
+    }
+    let read = state
+        .blobs
+        .read(&blob, range)
+        .await?
+        .ok_or_else(|| ApiError::internal(format!("artifact {key} is indexed but its bytes are missing")))?;
+    builder.body(Body::from_stream(read.body)).map_err(ApiError::internal)
+}

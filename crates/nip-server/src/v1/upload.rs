@@ -1,0 +1,171 @@
+//! `POST /v1/artifacts/{key}` (write): multipart `file` + `metadata`. The file is streamed to a
+//! staged temp file while hashed (memory stays flat), checked against the size limit and any
+//! expected digest, fsynced and published; only then is the row committed and the key visible.
+//! Keys are immutable: the same bytes again is 200, other bytes 409.
+use axum::extract::multipart::{Field, Multipart, MultipartRejection};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use nip_core::api::{UploadResult, HEADER_SHA256};
+use nip_store::{ArtifactRecord, PutArtifact, StagedFile};
+use sha2::{Digest, Sha256};
+
+use super::{artifact_blob_key, checked_key};
+use crate::auth::{Caller, Scope};
+use crate::error::{ApiError, ApiResult};
+use crate::AppState;
+
+/// Largest accepted metadata part.
+const MAX_METADATA: usize = 1024 * 1024;
+
+struct Received {
+    staged: StagedFile,
+    size: u64,
+    sha256: String,
+}
+
+#[tracing::instrument(skip_all, fields(key = %key))]
+pub async fn upload(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> ApiResult<Response> {
+    let key = checked_key(&key)?.to_string();
+    let result = receive_and_store(&state, &caller, &key, &headers, multipart).await;
+    let (status, size, sha) = match &result {
+        Ok((status, r)) => (status.as_u16(), Some(r.size as i64), Some(r.sha256.clone())),
+        Err(e) => (e.status().as_u16(), None, None),
+    };
+    let mut entry = caller.audit_entry("artifact-upload", Some(&key), &status.to_string());
+    entry.size = size;
+    entry.sha256 = sha;
+    state.audit(entry).await;
+    let (status, body) = result?;
+    tracing::debug!(status = status.as_u16(), size = body.size, "artifact upload");
+    Ok((status, Json(body)).into_response())
+}
+
+async fn receive_and_store(
+    state: &AppState,
+    caller: &Caller,
+    key: &str,
+    headers: &HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> ApiResult<(StatusCode, UploadResult)> {
+    caller.require(Scope::Write, Some(key))?;
+    let max = state.config.max_upload_size;
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    // Multipart framing adds a little; anything far past the limit is refused before reading.
+    if declared.is_some_and(|n| n > max.saturating_add(MAX_METADATA as u64 + 64 * 1024)) {
+        return Err(too_large(max));
+    }
+    let mut multipart = multipart.map_err(|e| {
+        ApiError::BadRequest(format!("expected multipart/form-data with parts `file` and `metadata`: {e}"))
+    })?;
+    let mut file: Option<Received> = None;
+    let mut metadata: Option<serde_json::Map<String, serde_json::Value>> = None;
+    while let Some(field) = multipart.next_field().await.map_err(bad_multipart)? {
+        match field.name() {
+            Some("file") if file.is_none() => file = Some(receive_file(state, field, max).await?),
+            Some("metadata") if metadata.is_none() => metadata = Some(receive_metadata(field).await?),
+            Some(other @ ("file" | "metadata")) => {
+                return Err(ApiError::BadRequest(format!("part `{other}` appears twice")));
+            }
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unexpected part {:?}: send only `file` and `metadata`",
+                    other.unwrap_or("")
+                )));
+            }
+        }
+    }
+    let file = file.ok_or_else(|| ApiError::BadRequest("the `file` part is missing".into()))?;
+    let metadata = metadata.unwrap_or_default();
+
+    let expected = headers
+        .get(HEADER_SHA256)
+        .map(|v| v.to_str().unwrap_or("").to_string())
+        .or_else(|| metadata.get("sha256").and_then(|v| v.as_str()).map(String::from));
+    if let Some(expected) = expected {
+        if !expected.eq_ignore_ascii_case(&file.sha256) {
+            return Err(ApiError::Unprocessable(format!(
+                "the uploaded bytes have sha256 {}, but {expected:?} was expected: the upload was corrupted or the digest is wrong; nothing was stored",
+                file.sha256
+            )));
+        }
+    }
+    let result = UploadResult { key: key.to_string(), size: file.size, sha256: file.sha256.clone(), created: false };
+    if let Some(existing) = state.meta.get_artifact(key).await? {
+        return if existing.sha256 == file.sha256 {
+            Ok((StatusCode::OK, result))
+        } else {
+            Err(conflict(key))
+        };
+    }
+
+    file.staged.sync().await?;
+    let blob = artifact_blob_key(&file.sha256)?;
+    if state.blobs.stat(&blob).await? != Some(file.size) {
+        state.blobs.put_file(&blob, file.staged.path()).await?;
+    }
+    let field = |name: &str| metadata.get(name).and_then(|v| v.as_str()).map(String::from);
+    let rec = ArtifactRecord {
+        key: key.to_string(),
+        size: file.size as i64,
+        sha256: file.sha256.clone(),
+        metadata: serde_json::Value::Object(metadata.clone()).to_string(),
+        created_at: nip_store::unix_now(),
+    };
+    match state.meta.put_artifact(&rec, field("name").as_deref(), field("version").as_deref()).await? {
+        PutArtifact::Created => Ok((StatusCode::CREATED, UploadResult { created: true, ..result })),
+        PutArtifact::AlreadyPresent(_) => Ok((StatusCode::OK, result)),
+        PutArtifact::Conflict(_) => Err(conflict(key)),
+    }
+}
+
+fn conflict(key: &str) -> ApiError {
+    ApiError::Conflict(format!(
+        "key {key:?} already holds different bytes; keys are immutable: use a new key, or have an admin delete it first"
+    ))
+}
+
+fn too_large(max: u64) -> ApiError {
+    ApiError::PayloadTooLarge(format!("the artifact is larger than this server's limit of {max} bytes (--artifact-max-size)"))
+}
+
+fn bad_multipart(e: axum::extract::multipart::MultipartError) -> ApiError {
+    ApiError::BadRequest(format!("malformed or truncated multipart body: {}; nothing was stored", e.body_text()))
+}
+
+async fn receive_file(state: &AppState, mut field: Field<'_>, max: u64) -> ApiResult<Received> {
+    let staged = state.staging.create().await?;
+    let mut hasher = Sha256::new();
+    let mut size: u64 = 0;
+    while let Some(chunk) = field.chunk().await.map_err(bad_multipart)? {
+        size += chunk.len() as u64;
+        if size > max {
+            return Err(too_large(max));
+        }
+        hasher.update(&chunk);
+        staged.append(chunk).await?;
+    }
+    Ok(Received { staged, size, sha256: hex::encode(hasher.finalize()) })
+}
+
+async fn receive_metadata(mut field: Field<'_>) -> ApiResult<serde_json::Map<String, serde_json::Value>> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(bad_multipart)? {
+        if buf.len() + chunk.len() > MAX_METADATA {
+            return Err(ApiError::PayloadTooLarge(format!("metadata is larger than {MAX_METADATA} bytes")));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    match serde_json::from_slice(&buf) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::BadRequest("metadata must be a JSON object".into())),
+        Err(e) => Err(ApiError::BadRequest(format!("metadata is not valid JSON: {e}"))),
+    }
+}

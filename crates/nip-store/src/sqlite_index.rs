@@ -1,0 +1,298 @@
+//! SQLite implementation of the artifact index, API keys and audit log.
+use async_trait::async_trait;
+use sqlx::sqlite::SqliteRow;
+use sqlx::Row;
+
+use crate::index::{ApiKeyRecord, ArtifactIndex, ArtifactRecord, AuditEntry, AuditLog, KeyStore, PutArtifact};
+use crate::meta::MetaError;
+use crate::sqlite::SqliteMeta;
+
+const ARTIFACT_COLUMNS: &str = "key, size, sha256, metadata, created_at";
+
+fn artifact(row: &SqliteRow) -> Result<ArtifactRecord, sqlx::Error> {
+    Ok(ArtifactRecord {
+        key: row.try_get("key")?,
+        size: row.try_get("size")?,
+        sha256: row.try_get("sha256")?,
+        metadata: row.try_get("metadata")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn api_key(row: &SqliteRow) -> Result<ApiKeyRecord, sqlx::Error> {
+    Ok(ApiKeyRecord {
+        name: row.try_get("name")?,
+        scope: row.try_get("scope")?,
+        prefix: row.try_get("prefix")?,
+        created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+    })
+}
+
+fn audit_entry(row: &SqliteRow) -> Result<AuditEntry, sqlx::Error> {
+    Ok(AuditEntry {
+        at: row.try_get("at")?,
+        key_name: row.try_get("key_name")?,
+        remote_addr: row.try_get("remote_addr")?,
+        action: row.try_get("action")?,
+        target: row.try_get("target")?,
+        size: row.try_get("size")?,
+        sha256: row.try_get("sha256")?,
+        result: row.try_get("result")?,
+    })
+}
+
+#[async_trait]
+impl ArtifactIndex for SqliteMeta {
+    async fn get_artifact(&self, key: &str) -> Result<Option<ArtifactRecord>, MetaError> {
+        let row = sqlx::query(&format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE key = ?"))
+            .bind(key)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.as_ref().map(artifact).transpose()?)
+    }
+
+    async fn put_artifact(
+        &self,
+        rec: &ArtifactRecord,
+        name: Option<&str>,
+        version: Option<&str>,
+    ) -> Result<PutArtifact, MetaError> {
+        let inserted = sqlx::query(
+            "INSERT INTO artifacts (key, size, sha256, metadata, name, version, created_at, last_accessed_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(&rec.key)
+        .bind(rec.size)
+        .bind(&rec.sha256)
+        .bind(&rec.metadata)
+        .bind(name)
+        .bind(version)
+        .bind(rec.created_at)
+        .bind(rec.created_at)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            return Ok(PutArtifact::Created);
+        }
+        let existing = self.get_artifact(&rec.key).await?.ok_or(MetaError::Db(sqlx::Error::RowNotFound))?;
+        Ok(if existing.sha256 == rec.sha256 && existing.size == rec.size {
+            PutArtifact::AlreadyPresent(existing)
+        } else {
+            PutArtifact::Conflict(existing)
+        })
+    }
+
+    async fn list_artifacts(
+        &self,
+        name: Option<&str>,
+        version: Option<&str>,
+        prefix: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<ArtifactRecord>, MetaError> {
+        // Prefix match with substr (not LIKE): keys may contain `_`, a LIKE wildcard.
+        let rows = sqlx::query(&format!(
+            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE (?1 IS NULL OR name = ?1) \
+             AND (?2 IS NULL OR version = ?2) AND (?3 IS NULL OR substr(key, 1, length(?3)) = ?3) \
+             ORDER BY created_at DESC, rowid DESC LIMIT ?4"
+        ))
+        .bind(name)
+        .bind(version)
+        .bind(prefix)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(artifact).collect::<Result<_, _>>()?)
+    }
+
+    async fn delete_artifact(&self, key: &str) -> Result<Option<(ArtifactRecord, bool)>, MetaError> {
+        let mut tx = self.pool().begin().await?;
+        let row = sqlx::query(&format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE key = ?"))
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(rec) = row.as_ref().map(artifact).transpose()? else {
+            return Ok(None);
+        };
+        sqlx::query("DELETE FROM artifacts WHERE key = ?").bind(key).execute(&mut *tx).await?;
+        let shared: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM artifacts WHERE sha256 = ?")
+            .bind(&rec.sha256)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some((rec, shared > 0)))
+    }
+
+    async fn touch_artifacts(&self, keys: &[String], at: i64) -> Result<(), MetaError> {
+        let mut tx = self.pool().begin().await?;
+        for key in keys {
+            sqlx::query("UPDATE artifacts SET last_accessed_at = ? WHERE key = ? AND last_accessed_at < ?")
+                .bind(at)
+                .bind(key)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn artifacts_idle_since(&self, before: i64, limit: i64) -> Result<Vec<String>, MetaError> {
+        let keys = sqlx::query_scalar("SELECT key FROM artifacts WHERE last_accessed_at < ? ORDER BY last_accessed_at LIMIT ?")
+            .bind(before)
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await?;
+        Ok(keys)
+    }
+}
+
+#[async_trait]
+impl KeyStore for SqliteMeta {
+    async fn create_key(&self, rec: &ApiKeyRecord, token_hash: &str) -> Result<(), MetaError> {
+        sqlx::query(
+            "INSERT INTO api_keys (name, token_hash, scope, prefix, created_at, expires_at, revoked_at) \
+             VALUES (?, ?, ?, ?, ?, ?, NULL)",
+        )
+        .bind(&rec.name)
+        .bind(token_hash)
+        .bind(&rec.scope)
+        .bind(&rec.prefix)
+        .bind(rec.created_at)
+        .bind(rec.expires_at)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn key_by_token_hash(&self, token_hash: &str) -> Result<Option<ApiKeyRecord>, MetaError> {
+        let row = sqlx::query(
+            "SELECT name, scope, prefix, created_at, expires_at, revoked_at FROM api_keys WHERE token_hash = ?",
+        )
+        .bind(token_hash)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.as_ref().map(api_key).transpose()?)
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT name, scope, prefix, created_at, expires_at, revoked_at FROM api_keys ORDER BY created_at, name",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(api_key).collect::<Result<_, _>>()?)
+    }
+
+    async fn revoke_key(&self, name: &str, at: i64) -> Result<bool, MetaError> {
+        let n = sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL")
+            .bind(at)
+            .bind(name)
+            .execute(self.pool())
+            .await?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn any_active_key(&self, now: i64) -> Result<bool, MetaError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
+        )
+        .bind(now)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(n > 0)
+    }
+}
+
+#[async_trait]
+impl AuditLog for SqliteMeta {
+    async fn audit(&self, e: &AuditEntry) -> Result<(), MetaError> {
+        sqlx::query(
+            "INSERT INTO audit_log (at, key_name, remote_addr, action, target, size, sha256, result) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(e.at)
+        .bind(&e.key_name)
+        .bind(&e.remote_addr)
+        .bind(&e.action)
+        .bind(&e.target)
+        .bind(e.size)
+        .bind(&e.sha256)
+        .bind(&e.result)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn audit_since(&self, since: i64, key_name: Option<&str>, limit: i64) -> Result<Vec<AuditEntry>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT at, key_name, remote_addr, action, target, size, sha256, result FROM audit_log \
+             WHERE at >= ?1 AND (?2 IS NULL OR key_name = ?2) ORDER BY id DESC LIMIT ?3",
+        )
+        .bind(since)
+        .bind(key_name)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(audit_entry).collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::KeyStore;
+
+    async fn db() -> (tempfile::TempDir, SqliteMeta) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("db.sqlite").display());
+        let meta = SqliteMeta::connect(&url).await.unwrap();
+        (dir, meta)
+    }
+
+    fn rec(key: &str, sha: &str, at: i64) -> ArtifactRecord {
+        ArtifactRecord { key: key.into(), size: 3, sha256: sha.into(), metadata: "{}".into(), created_at: at }
+    }
+
+    #[tokio::test]
+    async fn artifacts_are_immutable_and_listed_newest_first() {
+        let (_d, db) = db().await;
+        assert_eq!(db.put_artifact(&rec("a_1", "s1", 10), Some("pkg"), Some("1")).await.unwrap(), PutArtifact::Created);
+        assert!(matches!(db.put_artifact(&rec("a_1", "s1", 11), None, None).await.unwrap(), PutArtifact::AlreadyPresent(_)));
+        assert!(matches!(db.put_artifact(&rec("a_1", "s2", 12), None, None).await.unwrap(), PutArtifact::Conflict(_)));
+        db.put_artifact(&rec("a_2", "s1", 20), Some("pkg"), Some("1")).await.unwrap();
+        db.put_artifact(&rec("axb", "s3", 30), Some("other"), Some("1")).await.unwrap();
+        let keys = |v: Vec<ArtifactRecord>| v.into_iter().map(|r| r.key).collect::<Vec<_>>();
+        assert_eq!(keys(db.list_artifacts(Some("pkg"), Some("1"), None, 10).await.unwrap()), ["a_2", "a_1"]);
+        // `_` is literal in prefixes.
+        assert_eq!(keys(db.list_artifacts(None, None, Some("a_"), 10).await.unwrap()), ["a_2", "a_1"]);
+        let (gone, shared) = db.delete_artifact("a_1").await.unwrap().unwrap();
+        assert_eq!((gone.sha256.as_str(), shared), ("s1", true));
+        let (_, shared) = db.delete_artifact("a_2").await.unwrap().unwrap();
+        assert!(!shared);
+        assert!(db.delete_artifact("a_2").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn keys_revoke_and_audit() {
+        let (_d, db) = db().await;
+        assert!(!db.any_active_key(0).await.unwrap());
+        let k = ApiKeyRecord { name: "ci".into(), scope: "write".into(), prefix: None, created_at: 1, expires_at: None, revoked_at: None };
+        db.create_key(&k, "h1").await.unwrap();
+        assert!(db.create_key(&k, "h2").await.is_err(), "duplicate name accepted");
+        assert_eq!(db.key_by_token_hash("h1").await.unwrap().unwrap().name, "ci");
+        assert!(db.any_active_key(0).await.unwrap());
+        assert!(db.revoke_key("ci", 5).await.unwrap());
+        assert!(!db.revoke_key("ci", 6).await.unwrap());
+        assert_eq!(db.key_by_token_hash("h1").await.unwrap().unwrap().revoked_at, Some(5));
+        assert!(!db.any_active_key(0).await.unwrap());
+        db.audit(&AuditEntry { at: 7, action: "upload".into(), result: "201".into(), key_name: Some("ci".into()), ..Default::default() })
+            .await
+            .unwrap();
+        assert_eq!(db.audit_since(0, Some("ci"), 10).await.unwrap().len(), 1);
+        assert_eq!(db.audit_since(8, None, 10).await.unwrap().len(), 0);
+    }
+}
