@@ -1,4 +1,5 @@
-//! The `nip` command: `nip serve` runs the cache server.
+//! The `nip` command: `nip serve` runs the cache server; `nip keys` / `nip audit` manage it.
+mod admin;
 mod serve;
 
 use clap::{Arg, ArgAction, Command};
@@ -10,12 +11,16 @@ fn cli() -> Command {
         .subcommand_required(true)
         .arg_required_else_help(true)
         .subcommand(serve::command())
+        .subcommand(admin::keys_command())
+        .subcommand(admin::audit_command())
 }
 
 fn main() -> std::process::ExitCode {
     let matches = cli().get_matches();
     let result = match matches.subcommand() {
         Some(("serve", m)) => serve::run(m),
+        Some(("keys", m)) => admin::run_keys(m),
+        Some(("audit", m)) => admin::run_audit(m),
         _ => unreachable!("clap enforces a subcommand"),
     };
     match result {

@@ -10,15 +10,21 @@ use nip_server::config::ServeConfig;
 use nip_server::settings::{self, Layer, SETTINGS};
 
 pub fn command() -> Command {
-    let mut cmd = Command::new("serve")
+    let cmd = Command::new("serve")
         .about("Run the cache server (Nix binary cache proxy and artifact cache)")
-        .arg(crate::config_arg())
         .arg(
             Arg::new("print-config")
                 .long("print-config")
                 .action(ArgAction::SetTrue)
                 .help("Print the effective configuration as JSON (secrets masked) and exit"),
         );
+    with_settings(cmd)
+}
+
+/// Adds `--config` and every server setting as a flag, so commands that work on the server's
+/// data (`keys`, `audit`, `migrate`) find it exactly as `serve` does.
+pub fn with_settings(cmd: Command) -> Command {
+    let mut cmd = cmd.arg(crate::config_arg());
     for s in SETTINGS.iter().filter(|s| !s.flags.is_empty()) {
         let mut help = format!("{} [env: {}]", s.help, s.envs.join(", "));
         if let Some(reason) = s.not_implemented {

@@ -110,6 +110,11 @@ pub struct NipServer {
 }
 
 pub fn start_nip(data: &Path, args: &[&str]) -> NipServer {
+    start_nip_env(data, args, &[])
+}
+
+/// Starts `nip serve` with extra environment variables; its log goes to `<data>.log`.
+pub fn start_nip_env(data: &Path, args: &[&str], envs: &[(&str, &str)]) -> NipServer {
     let port = free_port();
     let log = std::fs::File::create(data.with_extension("log")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_nip"))
@@ -120,6 +125,7 @@ pub fn start_nip(data: &Path, args: &[&str]) -> NipServer {
         .arg(format!("127.0.0.1:{port}"))
         .args(args)
         .env("LOG_LEVEL", "debug")
+        .envs(envs.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -152,4 +158,20 @@ pub fn start_static(dir: &Path) -> (KillOnDrop, String) {
     let url = format!("http://127.0.0.1:{port}");
     wait_http_ok(&format!("{url}/nix-cache-info"), Duration::from_secs(30));
     (KillOnDrop(child), url)
+}
+
+/// Runs `nip keys create` against a server data directory and returns the new token.
+pub fn create_key(data: &Path, name: &str, scope: &str, extra: &[&str]) -> String {
+    let out = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_nip"))
+            .args(["keys", "create", "--name", name, "--scope", scope, "--cache-data-path"])
+            .arg(data)
+            .args(extra),
+    );
+    out.trim_end().lines().last().expect("token line").to_string()
+}
+
+/// Runs the `nip` binary with arguments and returns its output.
+pub fn nip(args: &[&str]) -> Output {
+    run(Command::new(env!("CARGO_BIN_EXE_nip")).args(args))
 }

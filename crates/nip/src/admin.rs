@@ -1,0 +1,203 @@
+//! Commands run on the server machine against the server's database: `nip keys` (create, list,
+//! revoke API keys) and `nip audit` (read the audit log). They take the same settings as `serve`.
+use anyhow::{bail, Context};
+use clap::{Arg, ArgAction, ArgMatches, Command};
+use nip_server::auth::{generate_token, hash_token, Scope};
+use nip_store::{ApiKeyRecord, AuditEntry, AuditLog, KeyStore, SqliteMeta};
+
+use crate::serve::{load_config, with_settings};
+
+pub fn keys_command() -> Command {
+    let name = || Arg::new("name").long("name").value_name("NAME").required(true).help("Key name (unique; shown in the audit log)");
+    Command::new("keys")
+        .about("Manage API keys of the server's database")
+        .subcommand_required(true)
+        .subcommand(with_settings(
+            Command::new("create")
+                .about("Create a key; prints its token once, alone on the last line of stdout")
+                .arg(name())
+                .arg(Arg::new("scope").long("scope").required(true).value_parser(["read", "write", "admin"]).help("read, write (includes read) or admin (includes both)"))
+                .arg(Arg::new("prefix").long("prefix").value_name("P").help("Limit the key to artifact keys starting with P"))
+                .arg(Arg::new("expires").long("expires").value_name("DURATION").help("Expire after this long, e.g. 30d or 12h")),
+        ))
+        .subcommand(with_settings(
+            Command::new("list").about("List keys (never their tokens)").arg(json_arg()),
+        ))
+        .subcommand(with_settings(
+            Command::new("revoke")
+                .about("Revoke a key; a running server refuses it from its next request")
+                .arg(Arg::new("name").required(true).value_name("NAME")),
+        ))
+}
+
+pub fn audit_command() -> Command {
+    with_settings(
+        Command::new("audit")
+            .about("Read the audit log: writes, deletes, key changes and authentication failures, newest first")
+            .arg(Arg::new("since").long("since").value_name("DURATION").default_value("1d").help("How far back, e.g. 1h, 7d"))
+            .arg(Arg::new("key").long("key").value_name("NAME").help("Only entries of this key"))
+            .arg(Arg::new("limit").long("limit").value_name("N").default_value("1000").value_parser(clap::value_parser!(i64)))
+            .arg(json_arg()),
+    )
+}
+
+fn json_arg() -> Arg {
+    Arg::new("json").long("json").action(ArgAction::SetTrue).help("Print JSON")
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+async fn open_db(m: &ArgMatches) -> anyhow::Result<SqliteMeta> {
+    let config = load_config(m)?;
+    SqliteMeta::connect(&config.database_url)
+        .await
+        .with_context(|| format!("cannot open the database {}", config.database_url))
+}
+
+fn time(t: Option<i64>) -> String {
+    t.map(nip_core::api::rfc3339).unwrap_or_else(|| "-".into())
+}
+
+fn audit_key_change(action: &str, name: &str, result: &str) -> AuditEntry {
+    AuditEntry {
+        at: nip_store::unix_now(),
+        key_name: Some(name.to_string()),
+        remote_addr: Some("local-cli".into()),
+        action: action.into(),
+        target: Some(name.to_string()),
+        result: result.into(),
+        ..Default::default()
+    }
+}
+
+pub fn run_keys(m: &ArgMatches) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        match m.subcommand() {
+            Some(("create", m)) => {
+                let db = open_db(m).await?;
+                let name = m.get_one::<String>("name").expect("required");
+                if name.is_empty() || name.len() > 100 || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                    bail!("--name must be 1-100 characters without spaces");
+                }
+                let scope = Scope::parse(m.get_one::<String>("scope").expect("required")).expect("clap checked");
+                let now = nip_store::unix_now();
+                let expires_at = match m.get_one::<String>("expires") {
+                    Some(d) => {
+                        let d = nip_server::config::parse_duration(d)
+                            .filter(|d| !d.is_zero())
+                            .with_context(|| format!("--expires {d:?}: expected a duration like 30d or 12h"))?;
+                        Some(now + d.as_secs() as i64)
+                    }
+                    None => None,
+                };
+                let rec = ApiKeyRecord {
+                    name: name.clone(),
+                    scope: scope.as_str().into(),
+                    prefix: m.get_one::<String>("prefix").cloned(),
+                    created_at: now,
+                    expires_at,
+                    revoked_at: None,
+                };
+                let token = generate_token();
+                if let Err(e) = db.create_key(&rec, &hash_token(&token)).await {
+                    if db.list_keys().await?.iter().any(|k| &k.name == name) {
+                        bail!("a key named {name:?} already exists (revoked keys keep their names): choose another name");
+                    }
+                    return Err(e.into());
+                }
+                db.audit(&audit_key_change("key-create", name, &format!("created scope={}", scope.as_str()))).await?;
+                println!(
+                    "Created key {name:?}: scope {}, prefix {}, expires {}. The token is shown only now:",
+                    scope.as_str(),
+                    rec.prefix.as_deref().unwrap_or("-"),
+                    time(expires_at)
+                );
+                println!("{token}");
+                Ok(())
+            }
+            Some(("list", m)) => {
+                let keys = open_db(m).await?.list_keys().await?;
+                let now = nip_store::unix_now();
+                let status = |k: &ApiKeyRecord| match (k.revoked_at, k.expires_at) {
+                    (Some(_), _) => "revoked",
+                    (None, Some(e)) if e <= now => "expired",
+                    _ => "active",
+                };
+                if m.get_flag("json") {
+                    let v: Vec<_> = keys
+                        .iter()
+                        .map(|k| {
+                            serde_json::json!({"name": k.name, "scope": k.scope, "prefix": k.prefix,
+                                "createdAt": time(Some(k.created_at)), "expiresAt": k.expires_at.map(nip_core::api::rfc3339),
+                                "revokedAt": k.revoked_at.map(nip_core::api::rfc3339), "status": status(k)})
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    println!("{:<24} {:<6} {:<16} {:<21} {:<21} STATUS", "NAME", "SCOPE", "PREFIX", "CREATED", "EXPIRES");
+                    for k in &keys {
+                        println!(
+                            "{:<24} {:<6} {:<16} {:<21} {:<21} {}",
+                            k.name,
+                            k.scope,
+                            k.prefix.as_deref().unwrap_or("-"),
+                            time(Some(k.created_at)),
+                            time(k.expires_at),
+                            status(k)
+                        );
+                    }
+                }
+                Ok(())
+            }
+            Some(("revoke", m)) => {
+                let db = open_db(m).await?;
+                let name = m.get_one::<String>("name").expect("required");
+                if !db.revoke_key(name, nip_store::unix_now()).await? {
+                    bail!("no active key named {name:?} (see `nip keys list`)");
+                }
+                db.audit(&audit_key_change("key-revoke", name, "revoked")).await?;
+                println!("Revoked key {name:?}");
+                Ok(())
+            }
+            _ => unreachable!("clap enforces a subcommand"),
+        }
+    })
+}
+
+pub fn run_audit(m: &ArgMatches) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let since = m.get_one::<String>("since").expect("has default");
+        let since = nip_server::config::parse_duration(since).with_context(|| format!("--since {since:?}: expected a duration like 1d"))?;
+        let from = nip_store::unix_now() - since.as_secs() as i64;
+        let entries = open_db(m)
+            .await?
+            .audit_since(from, m.get_one::<String>("key").map(String::as_str), *m.get_one::<i64>("limit").expect("has default"))
+            .await?;
+        if m.get_flag("json") {
+            let v: Vec<_> = entries
+                .iter()
+                .map(|e| {
+                    serde_json::json!({"time": time(Some(e.at)), "key": e.key_name, "remoteAddr": e.remote_addr,
+                        "action": e.action, "target": e.target, "size": e.size, "sha256": e.sha256, "result": e.result})
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!("{:<21} {:<18} {:<16} {:<18} {:<12} TARGET", "TIME", "KEY", "REMOTE", "ACTION", "RESULT");
+            for e in &entries {
+                println!(
+                    "{:<21} {:<18} {:<16} {:<18} {:<12} {}",
+                    time(Some(e.at)),
+                    e.key_name.as_deref().unwrap_or("-"),
+                    e.remote_addr.as_deref().unwrap_or("-"),
+                    e.action,
+                    e.result,
+                    e.target.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        Ok(())
+    })
+}
