@@ -1,21 +1,27 @@
-//! `GET|HEAD /nix-cache-info` and `GET /pubkey`: public, no authentication.
+//! `GET|HEAD /nix-cache-info` (public unless `--cache-require-auth-read`) and `GET /pubkey`
+//! (always public: it is what clients need to trust this cache).
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
+use crate::auth::{Caller, Scope};
+use crate::error::ApiResult;
 use crate::AppState;
 
 /// Lower than cache.nixos.org's 40, so Nix prefers this cache when both are configured.
 const PRIORITY: u32 = 30;
 
-pub async fn nix_cache_info() -> impl IntoResponse {
-    (
+pub async fn nix_cache_info(State(state): State<AppState>, caller: Caller) -> ApiResult<impl IntoResponse> {
+    if state.config.require_auth_read {
+        caller.require(Scope::Read, None)?;
+    }
+    Ok((
         [(header::CONTENT_TYPE, "text/x-nix-cache-info")],
         format!(
             "StoreDir: {}\nWantMassQuery: 1\nPriority: {PRIORITY}\n",
             nip_core::store_path::STORE_DIR
         ),
-    )
+    ))
 }
 
 pub async fn pubkey(State(state): State<AppState>) -> impl IntoResponse {

@@ -1,3 +1,5 @@
 //! Black-box tests: they start the real `nip` binary (and real Nix, where needed).
 mod common;
+mod nix_fixture;
 mod nix_substitute;
+mod v1_auth_matrix;
