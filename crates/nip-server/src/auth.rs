@@ -80,7 +80,9 @@ pub fn token_from_headers(headers: &HeaderMap) -> Option<String> {
     match kind.to_ascii_lowercase().as_str() {
         "bearer" => Some(rest.trim().to_string()),
         "basic" => {
-            let decoded = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(rest.trim())
+                .ok()?;
             let text = String::from_utf8(decoded).ok()?;
             let (_, password) = text.split_once(':')?;
             Some(password.to_string())
@@ -103,7 +105,11 @@ impl Caller {
     }
 
     /// Requires a key with `scope`; for artifact operations also the key's prefix.
-    pub fn require(&self, scope: Scope, artifact_key: Option<&str>) -> Result<&Principal, ApiError> {
+    pub fn require(
+        &self,
+        scope: Scope,
+        artifact_key: Option<&str>,
+    ) -> Result<&Principal, ApiError> {
         let Some(p) = &self.principal else {
             return Err(ApiError::Unauthorized(
                 "an API key is required: send Authorization: Bearer <token> (create one with `nip keys create`)".into(),
@@ -145,13 +151,25 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let remote = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-        let mut caller = Caller { principal: None, remote };
+        let remote = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0);
+        let mut caller = Caller {
+            principal: None,
+            remote,
+        };
         if let Some(token) = token_from_headers(&parts.headers) {
             match state.authenticate(&token).await? {
                 Ok(p) => caller.principal = Some(p),
                 Err(why) => {
-                    state.audit(caller.audit_entry("auth", Some(parts.uri.path()), &format!("401 {why}"))).await;
+                    state
+                        .audit(caller.audit_entry(
+                            "auth",
+                            Some(parts.uri.path()),
+                            &format!("401 {why}"),
+                        ))
+                        .await;
                     return Err(ApiError::Unauthorized(format!(
                         "API key {why}: check the token, or ask an admin for a new one (`nip keys create`)"
                     )));
@@ -175,11 +193,18 @@ impl FromRequestParts<AppState> for Caller {
 impl AppState {
     /// Looks a token up. The outer error is a database failure; the inner one says why the
     /// token is refused.
-    pub async fn authenticate(&self, token: &str) -> Result<Result<Principal, &'static str>, ApiError> {
+    pub async fn authenticate(
+        &self,
+        token: &str,
+    ) -> Result<Result<Principal, &'static str>, ApiError> {
         let hash = hash_token(token);
         if let Some(env_key) = &self.config.api_key {
             if constant_time_eq(hash.as_bytes(), hash_token(env_key).as_bytes()) {
-                return Ok(Ok(Principal { name: ENV_KEY_NAME.into(), scope: Scope::Write, prefix: None }));
+                return Ok(Ok(Principal {
+                    name: ENV_KEY_NAME.into(),
+                    scope: Scope::Write,
+                    prefix: None,
+                }));
             }
         }
         let Some(rec) = self.meta.key_by_token_hash(&hash).await? else {
@@ -191,13 +216,21 @@ impl AppState {
         if rec.expires_at.is_some_and(|t| t <= nip_store::unix_now()) {
             return Ok(Err("expired"));
         }
-        let scope = Scope::parse(&rec.scope).ok_or_else(|| ApiError::internal(format!("bad scope {:?}", rec.scope)))?;
-        Ok(Ok(Principal { name: rec.name, scope, prefix: rec.prefix }))
+        let scope = Scope::parse(&rec.scope)
+            .ok_or_else(|| ApiError::internal(format!("bad scope {:?}", rec.scope)))?;
+        Ok(Ok(Principal {
+            name: rec.name,
+            scope,
+            prefix: rec.prefix,
+        }))
     }
 
     /// Whether uploads and deletes need a key: once any key exists, they do.
     pub async fn keys_exist(&self) -> Result<bool, ApiError> {
-        Ok(self.config.api_key.is_some() || self.meta.any_active_key(nip_store::unix_now()).await?)
+        Ok(
+            self.config.api_key.is_some()
+                || self.meta.any_active_key(nip_store::unix_now()).await?,
+        )
     }
 
     /// Writes an audit entry; a failure to do so is logged, not returned.
@@ -217,7 +250,11 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(rate: f64, burst: f64) -> Self {
-        RateLimiter { rate, burst, buckets: Mutex::new(HashMap::new()) }
+        RateLimiter {
+            rate,
+            burst,
+            buckets: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Takes one token for `who`, or says how many seconds until one is available.
@@ -252,7 +289,10 @@ mod tests {
         h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
         assert_eq!(token_from_headers(&h).as_deref(), Some("abc"));
         let basic = base64::engine::general_purpose::STANDARD.encode("nix:s3cret:x");
-        h.insert(header::AUTHORIZATION, format!("Basic {basic}").parse().unwrap());
+        h.insert(
+            header::AUTHORIZATION,
+            format!("Basic {basic}").parse().unwrap(),
+        );
         assert_eq!(token_from_headers(&h).as_deref(), Some("s3cret:x"));
         h.insert(header::AUTHORIZATION, "Digest x".parse().unwrap());
         assert_eq!(token_from_headers(&h), None);
@@ -261,16 +301,38 @@ mod tests {
     #[test]
     fn scopes_are_ordered_and_prefixes_enforced() {
         let caller = |scope, prefix: Option<&str>| Caller {
-            principal: Some(Principal { name: "k".into(), scope, prefix: prefix.map(String::from) }),
+            principal: Some(Principal {
+                name: "k".into(),
+                scope,
+                prefix: prefix.map(String::from),
+            }),
             remote: None,
         };
-        assert!(caller(Scope::Write, None).require(Scope::Read, Some("x")).is_ok());
-        assert!(matches!(caller(Scope::Read, None).require(Scope::Write, None), Err(ApiError::Forbidden(_))));
-        assert!(caller(Scope::Admin, None).require(Scope::Write, None).is_ok());
-        assert!(caller(Scope::Write, Some("proj-")).require(Scope::Write, Some("proj-a")).is_ok());
-        assert!(matches!(caller(Scope::Write, Some("proj-")).require(Scope::Write, Some("other")), Err(ApiError::Forbidden(_))));
-        let anon = Caller { principal: None, remote: None };
-        assert!(matches!(anon.require(Scope::Read, None), Err(ApiError::Unauthorized(_))));
+        assert!(caller(Scope::Write, None)
+            .require(Scope::Read, Some("x"))
+            .is_ok());
+        assert!(matches!(
+            caller(Scope::Read, None).require(Scope::Write, None),
+            Err(ApiError::Forbidden(_))
+        ));
+        assert!(caller(Scope::Admin, None)
+            .require(Scope::Write, None)
+            .is_ok());
+        assert!(caller(Scope::Write, Some("proj-"))
+            .require(Scope::Write, Some("proj-a"))
+            .is_ok());
+        assert!(matches!(
+            caller(Scope::Write, Some("proj-")).require(Scope::Write, Some("other")),
+            Err(ApiError::Forbidden(_))
+        ));
+        let anon = Caller {
+            principal: None,
+            remote: None,
+        };
+        assert!(matches!(
+            anon.require(Scope::Read, None),
+            Err(ApiError::Unauthorized(_))
+        ));
     }
 
     #[test]
@@ -278,8 +340,14 @@ mod tests {
         let (a, b) = (generate_token(), generate_token());
         assert_ne!(a, b);
         assert_eq!(a.len(), 4 + 48);
-        assert!(constant_time_eq(hash_token(&a).as_bytes(), hash_token(&a).as_bytes()));
-        assert!(!constant_time_eq(hash_token(&a).as_bytes(), hash_token(&b).as_bytes()));
+        assert!(constant_time_eq(
+            hash_token(&a).as_bytes(),
+            hash_token(&a).as_bytes()
+        ));
+        assert!(!constant_time_eq(
+            hash_token(&a).as_bytes(),
+            hash_token(&b).as_bytes()
+        ));
     }
 
     #[test]

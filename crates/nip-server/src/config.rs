@@ -64,14 +64,20 @@ fn err(key: &str, message: impl Into<String>) -> ConfigError {
         Some(s) if !s.envs.is_empty() => s.envs[0].to_string(),
         _ => key.to_string(),
     };
-    ConfigError { setting, message: message.into() }
+    ConfigError {
+        setting,
+        message: message.into(),
+    }
 }
 
 /// Parses sizes as ncps takes them: `512`, `10K`, `100M`, `10G`, `1T` (powers of 1024; a trailing
 /// `B` or `iB` is allowed).
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
-    let s = s.strip_suffix("iB").or_else(|| s.strip_suffix('B')).unwrap_or(s);
+    let s = s
+        .strip_suffix("iB")
+        .or_else(|| s.strip_suffix('B'))
+        .unwrap_or(s);
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().ok()?;
@@ -239,24 +245,46 @@ impl ServeConfig {
             one(key).map_or(Ok(false), |v| parse_bool(key, &v))
         };
         let max_upload_size = match one("artifact.max-size") {
-            Some(v) => parse_size(&v).filter(|n| *n > 0).ok_or_else(|| err("artifact.max-size", format!("expected a size like 10G, got {v:?}")))?,
+            Some(v) => parse_size(&v).filter(|n| *n > 0).ok_or_else(|| {
+                err(
+                    "artifact.max-size",
+                    format!("expected a size like 10G, got {v:?}"),
+                )
+            })?,
             None => 10 << 30,
         };
         let artifact_retention = match one("artifact.retention") {
-            Some(v) => Some(
-                parse_duration(&v)
-                    .filter(|d| !d.is_zero())
-                    .ok_or_else(|| err("artifact.retention", format!("expected a duration like 30d, got {v:?}")))?,
-            ),
+            Some(v) => Some(parse_duration(&v).filter(|d| !d.is_zero()).ok_or_else(|| {
+                err(
+                    "artifact.retention",
+                    format!("expected a duration like 30d, got {v:?}"),
+                )
+            })?),
             None => None,
         };
         let rate_limit = match one("rate-limit.rps") {
             Some(v) => {
-                let rps: f64 = v.parse().ok().filter(|r: &f64| r.is_finite() && *r > 0.0)
-                    .ok_or_else(|| err("rate-limit.rps", format!("expected a positive number, got {v:?}")))?;
+                let rps: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|r: &f64| r.is_finite() && *r > 0.0)
+                    .ok_or_else(|| {
+                        err(
+                            "rate-limit.rps",
+                            format!("expected a positive number, got {v:?}"),
+                        )
+                    })?;
                 let burst = match one("rate-limit.burst") {
-                    Some(b) => b.parse().ok().filter(|b: &f64| b.is_finite() && *b >= 1.0)
-                        .ok_or_else(|| err("rate-limit.burst", format!("expected a number >= 1, got {b:?}")))?,
+                    Some(b) => b
+                        .parse()
+                        .ok()
+                        .filter(|b: &f64| b.is_finite() && *b >= 1.0)
+                        .ok_or_else(|| {
+                            err(
+                                "rate-limit.burst",
+                                format!("expected a number >= 1, got {b:?}"),
+                            )
+                        })?,
                     None => (rps * 2.0).max(1.0),
                 };
                 Some((rps, burst))

@@ -97,7 +97,8 @@ impl IntoResponse for ApiError {
         };
         let mut resp = (status, Json(serde_json::json!({ "error": message }))).into_response();
         if let ApiError::TooManyRequests(secs) = &self {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
         }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
@@ -117,7 +118,9 @@ impl ApiError {
     pub fn for_nix_upload(self) -> Self {
         match self {
             ApiError::InsufficientStorage(m) => ApiError::PayloadTooLarge(m),
-            ApiError::Internal(detail) | ApiError::Unavailable(detail) | ApiError::BadGateway(detail) => {
+            ApiError::Internal(detail)
+            | ApiError::Unavailable(detail)
+            | ApiError::BadGateway(detail) => {
                 tracing::error!(%detail, "Nix upload failed on the server side");
                 ApiError::Conflict("the cache could not store this upload; retry later (the server log has the details)".into())
             }

@@ -48,7 +48,11 @@ pub async fn flush_access_times(state: &AppState) {
     if keys.is_empty() {
         return;
     }
-    if let Err(e) = state.meta.touch_artifacts(&keys, nip_store::unix_now()).await {
+    if let Err(e) = state
+        .meta
+        .touch_artifacts(&keys, nip_store::unix_now())
+        .await
+    {
         tracing::warn!(error = %e, count = keys.len(), "could not record artifact access times");
     }
 }
@@ -104,7 +108,11 @@ pub async fn retention_pass(state: &AppState, retention: Duration) -> usize {
         }
     }
     if deleted > 0 {
-        tracing::info!(deleted, "retention: deleted artifacts not downloaded for {}s", retention.as_secs());
+        tracing::info!(
+            deleted,
+            "retention: deleted artifacts not downloaded for {}s",
+            retention.as_secs()
+        );
     }
     deleted
 }

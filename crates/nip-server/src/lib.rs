@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod fill;
 pub mod health;
+pub mod jobs;
 pub mod keys;
 pub mod netrc;
 pub mod nix;
@@ -13,7 +14,6 @@ pub mod range;
 pub mod settings;
 pub mod upstream;
 pub mod v1;
-pub mod jobs;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -83,7 +83,9 @@ impl AppState {
         let signer = keys::load_or_generate(&config.secret_key_path, &config.hostname)?;
         let public_key = signer.public_key();
         let upstreams = Arc::new(Upstreams::new(&config)?);
-        let rate_limiter = config.rate_limit.map(|(rate, burst)| auth::RateLimiter::new(rate, burst));
+        let rate_limiter = config
+            .rate_limit
+            .map(|(rate, burst)| auth::RateLimiter::new(rate, burst));
         Ok(AppState(Arc::new(Inner {
             config,
             rate_limiter,
@@ -157,9 +159,13 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let upstreams = state.upstreams.clone();
     tokio::spawn(async move { upstreams.refresh_priorities().await });
-    axum::serve(listener, router(state))
+    let jobs = jobs::spawn(state.clone());
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    jobs.shutdown().await;
+    result
 }
 
 /// Time since start, for health output.

@@ -8,7 +8,13 @@ use nip_store::{ApiKeyRecord, AuditEntry, AuditLog, KeyStore, SqliteMeta};
 use crate::serve::{load_config, with_settings};
 
 pub fn keys_command() -> Command {
-    let name = || Arg::new("name").long("name").value_name("NAME").required(true).help("Key name (unique; shown in the audit log)");
+    let name = || {
+        Arg::new("name")
+            .long("name")
+            .value_name("NAME")
+            .required(true)
+            .help("Key name (unique; shown in the audit log)")
+    };
     Command::new("keys")
         .about("Manage API keys of the server's database")
         .subcommand_required(true)
@@ -16,12 +22,30 @@ pub fn keys_command() -> Command {
             Command::new("create")
                 .about("Create a key; prints its token once, alone on the last line of stdout")
                 .arg(name())
-                .arg(Arg::new("scope").long("scope").required(true).value_parser(["read", "write", "admin"]).help("read, write (includes read) or admin (includes both)"))
-                .arg(Arg::new("prefix").long("prefix").value_name("P").help("Limit the key to artifact keys starting with P"))
-                .arg(Arg::new("expires").long("expires").value_name("DURATION").help("Expire after this long, e.g. 30d or 12h")),
+                .arg(
+                    Arg::new("scope")
+                        .long("scope")
+                        .required(true)
+                        .value_parser(["read", "write", "admin"])
+                        .help("read, write (includes read) or admin (includes both)"),
+                )
+                .arg(
+                    Arg::new("prefix")
+                        .long("prefix")
+                        .value_name("P")
+                        .help("Limit the key to artifact keys starting with P"),
+                )
+                .arg(
+                    Arg::new("expires")
+                        .long("expires")
+                        .value_name("DURATION")
+                        .help("Expire after this long, e.g. 30d or 12h"),
+                ),
         ))
         .subcommand(with_settings(
-            Command::new("list").about("List keys (never their tokens)").arg(json_arg()),
+            Command::new("list")
+                .about("List keys (never their tokens)")
+                .arg(json_arg()),
         ))
         .subcommand(with_settings(
             Command::new("revoke")
@@ -42,11 +66,16 @@ pub fn audit_command() -> Command {
 }
 
 fn json_arg() -> Arg {
-    Arg::new("json").long("json").action(ArgAction::SetTrue).help("Print JSON")
+    Arg::new("json")
+        .long("json")
+        .action(ArgAction::SetTrue)
+        .help("Print JSON")
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 async fn open_db(m: &ArgMatches) -> anyhow::Result<SqliteMeta> {

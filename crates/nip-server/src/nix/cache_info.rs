@@ -11,7 +11,10 @@ use crate::AppState;
 /// Lower than cache.nixos.org's 40, so Nix prefers this cache when both are configured.
 const PRIORITY: u32 = 30;
 
-pub async fn nix_cache_info(State(state): State<AppState>, caller: Caller) -> ApiResult<impl IntoResponse> {
+pub async fn nix_cache_info(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<impl IntoResponse> {
     if state.config.require_auth_read {
         caller.require(Scope::Read, None)?;
     }

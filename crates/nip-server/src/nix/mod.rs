@@ -15,7 +15,9 @@ pub fn router() -> Router<AppState> {
         .route("/pubkey", get(cache_info::pubkey))
         .route(
             "/{name}",
-            get(narinfo::get_narinfo).put(upload::put_narinfo).delete(upload::delete_narinfo),
+            get(narinfo::get_narinfo)
+                .put(upload::put_narinfo)
+                .delete(upload::delete_narinfo),
         )
         .route(
             "/nar/{file}",

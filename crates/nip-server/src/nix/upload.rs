@@ -21,17 +21,30 @@ use crate::AppState;
 /// Checks the verb is enabled and the caller may use it (a key is needed once any key exists).
 async fn permit(state: &AppState, caller: &Caller, put: bool) -> ApiResult<()> {
     let (enabled, flag, scope) = if put {
-        (state.config.allow_put, "--cache-allow-put-verb", Scope::Write)
+        (
+            state.config.allow_put,
+            "--cache-allow-put-verb",
+            Scope::Write,
+        )
     } else {
-        (state.config.allow_delete, "--cache-allow-delete-verb", Scope::Admin)
+        (
+            state.config.allow_delete,
+            "--cache-allow-delete-verb",
+            Scope::Admin,
+        )
     };
     if !enabled {
-        return Err(ApiError::MethodNotAllowed(format!("this cache does not accept this method; start nip serve with {flag}")));
+        return Err(ApiError::MethodNotAllowed(format!(
+            "this cache does not accept this method; start nip serve with {flag}"
+        )));
     }
     if caller.principal.is_some() || state.keys_exist().await? {
         let p = caller.require(scope, None)?;
         if p.prefix.is_some() {
-            return Err(ApiError::Forbidden(format!("key {:?} is limited to a cache-key prefix and cannot change the Nix store cache", p.name)));
+            return Err(ApiError::Forbidden(format!(
+                "key {:?} is limited to a cache-key prefix and cannot change the Nix store cache",
+                p.name
+            )));
         }
     }
     Ok(())
@@ -41,10 +54,17 @@ fn parse_hash(name: &str) -> ApiResult<StorePathHash> {
     let hash = name
         .strip_suffix(".narinfo")
         .ok_or_else(|| ApiError::NotFound("no such endpoint".into()))?;
-    StorePathHash::parse(hash).map_err(|e| ApiError::BadRequest(format!("invalid store path hash: {e}")))
+    StorePathHash::parse(hash)
+        .map_err(|e| ApiError::BadRequest(format!("invalid store path hash: {e}")))
 }
 
-async fn audited(state: &AppState, caller: &Caller, action: &str, target: &str, r: ApiResult<(StatusCode, Option<(i64, String)>)>) -> ApiResult<StatusCode> {
+async fn audited(
+    state: &AppState,
+    caller: &Caller,
+    action: &str,
+    target: &str,
+    r: ApiResult<(StatusCode, Option<(i64, String)>)>,
+) -> ApiResult<StatusCode> {
     let r = r.map_err(ApiError::for_nix_upload);
     let status = match &r {
         Ok((s, _)) => s.as_u16(),
@@ -60,67 +80,127 @@ async fn audited(state: &AppState, caller: &Caller, action: &str, target: &str, 
 }
 
 #[tracing::instrument(skip_all, fields(file = %file))]
-pub async fn put_nar(State(state): State<AppState>, caller: Caller, Path(file): Path<String>, body: Body) -> ApiResult<StatusCode> {
+pub async fn put_nar(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(file): Path<String>,
+    body: Body,
+) -> ApiResult<StatusCode> {
     let r = store_nar(&state, &caller, &file, body).await;
     audited(&state, &caller, "nar-upload", &file, r).await
 }
 
-async fn store_nar(state: &AppState, caller: &Caller, file: &str, body: Body) -> ApiResult<(StatusCode, Option<(i64, String)>)> {
+async fn store_nar(
+    state: &AppState,
+    caller: &Caller,
+    file: &str,
+    body: Body,
+) -> ApiResult<(StatusCode, Option<(i64, String)>)> {
     permit(state, caller, true).await?;
-    let name = NarFileName::parse(file).map_err(|e| ApiError::BadRequest(format!("invalid NAR file name: {e}")))?;
+    let name = NarFileName::parse(file)
+        .map_err(|e| ApiError::BadRequest(format!("invalid NAR file name: {e}")))?;
     let max = state.config.max_upload_size;
     let staged = state.staging.create().await?;
     let mut hasher = Sha256::new();
     let mut size: u64 = 0;
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("upload body ended early: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::BadRequest(format!("upload body ended early: {e}")))?;
         size += chunk.len() as u64;
         if size > max {
-            return Err(ApiError::PayloadTooLarge(format!("NAR larger than this server's limit of {max} bytes")));
+            return Err(ApiError::PayloadTooLarge(format!(
+                "NAR larger than this server's limit of {max} bytes"
+            )));
         }
         hasher.update(&chunk);
         staged.append(chunk).await?;
     }
     let digest: [u8; 32] = hasher.finalize().into();
     if nip_core::base32::encode(&digest) != name.hash() {
-        return Err(ApiError::BadRequest("the NAR's bytes do not match the file hash in its name; nothing was stored".into()));
+        return Err(ApiError::BadRequest(
+            "the NAR's bytes do not match the file hash in its name; nothing was stored".into(),
+        ));
     }
     staged.sync().await?;
-    state.blobs.put_file(&nar_blob_key(&name.file_name())?, staged.path()).await?;
+    state
+        .blobs
+        .put_file(&nar_blob_key(&name.file_name())?, staged.path())
+        .await?;
     let sha = hex::encode(digest);
-    state.meta.put_nar(&NarRecord { nar_file: name.file_name(), size: size as i64, sha256: sha.clone() }).await?;
+    state
+        .meta
+        .put_nar(&NarRecord {
+            nar_file: name.file_name(),
+            size: size as i64,
+            sha256: sha.clone(),
+        })
+        .await?;
     Ok((StatusCode::OK, Some((size as i64, sha))))
 }
 
 #[tracing::instrument(skip_all, fields(name = %name))]
-pub async fn put_narinfo(State(state): State<AppState>, caller: Caller, Path(name): Path<String>, body: Body) -> ApiResult<StatusCode> {
+pub async fn put_narinfo(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult<StatusCode> {
     let r = store_narinfo(&state, &caller, &name, body).await;
     audited(&state, &caller, "narinfo-upload", &name, r).await
 }
 
-async fn store_narinfo(state: &AppState, caller: &Caller, name: &str, body: Body) -> ApiResult<(StatusCode, Option<(i64, String)>)> {
+async fn store_narinfo(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+    body: Body,
+) -> ApiResult<(StatusCode, Option<(i64, String)>)> {
     permit(state, caller, true).await?;
     let hash = parse_hash(name)?;
     let bytes = axum::body::to_bytes(body, MAX_NARINFO_SIZE)
         .await
-        .map_err(|_| ApiError::PayloadTooLarge(format!("narinfo larger than {MAX_NARINFO_SIZE} bytes, or body cut short")))?;
-    let text = std::str::from_utf8(&bytes).map_err(|_| ApiError::BadRequest("narinfo is not UTF-8".into()))?;
-    let mut info = NarInfo::parse(text).map_err(|e| ApiError::BadRequest(format!("invalid narinfo: {e}")))?;
+        .map_err(|_| {
+            ApiError::PayloadTooLarge(format!(
+                "narinfo larger than {MAX_NARINFO_SIZE} bytes, or body cut short"
+            ))
+        })?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| ApiError::BadRequest("narinfo is not UTF-8".into()))?;
+    let mut info =
+        NarInfo::parse(text).map_err(|e| ApiError::BadRequest(format!("invalid narinfo: {e}")))?;
     if info.store_path.hash() != &hash {
-        return Err(ApiError::BadRequest("the narinfo's StorePath does not match the URL".into()));
+        return Err(ApiError::BadRequest(
+            "the narinfo's StorePath does not match the URL".into(),
+        ));
     }
     let file = info
         .url
         .strip_prefix("nar/")
         .and_then(|f| NarFileName::parse(f).ok())
-        .ok_or_else(|| ApiError::BadRequest(format!("URL {:?} must be nar/<filehash>.nar[.ext]", info.url)))?;
-    let stored = state.meta.get_nar(&file.file_name()).await?.ok_or_else(|| {
-        ApiError::BadRequest(format!("upload the NAR first: PUT /nar/{file} (this cache does not have it)"))
-    })?;
-    let file_hash_ok = info.file_hash.as_ref().is_some_and(|h| hex::encode(&h.digest) == stored.sha256);
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "URL {:?} must be nar/<filehash>.nar[.ext]",
+                info.url
+            ))
+        })?;
+    let stored = state
+        .meta
+        .get_nar(&file.file_name())
+        .await?
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "upload the NAR first: PUT /nar/{file} (this cache does not have it)"
+            ))
+        })?;
+    let file_hash_ok = info
+        .file_hash
+        .as_ref()
+        .is_some_and(|h| hex::encode(&h.digest) == stored.sha256);
     if !file_hash_ok || info.file_size != Some(stored.size as u64) {
-        return Err(ApiError::BadRequest("FileHash/FileSize do not match the stored NAR".into()));
+        return Err(ApiError::BadRequest(
+            "FileHash/FileSize do not match the stored NAR".into(),
+        ));
     }
     if state.config.sign_narinfo {
         info.sign(&state.signer);
@@ -140,7 +220,11 @@ async fn store_narinfo(state: &AppState, caller: &Caller, name: &str, body: Body
 }
 
 #[tracing::instrument(skip_all, fields(name = %name))]
-pub async fn delete_narinfo(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete_narinfo(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
     let r = async {
         permit(&state, &caller, false).await?;
         let hash = parse_hash(&name)?;
@@ -155,12 +239,20 @@ pub async fn delete_narinfo(State(state): State<AppState>, caller: Caller, Path(
 }
 
 #[tracing::instrument(skip_all, fields(file = %file))]
-pub async fn delete_nar(State(state): State<AppState>, caller: Caller, Path(file): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete_nar(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(file): Path<String>,
+) -> ApiResult<StatusCode> {
     let r = async {
         permit(&state, &caller, false).await?;
-        let name = NarFileName::parse(&file).map_err(|e| ApiError::BadRequest(format!("invalid NAR file name: {e}")))?;
+        let name = NarFileName::parse(&file)
+            .map_err(|e| ApiError::BadRequest(format!("invalid NAR file name: {e}")))?;
         let existed = state.meta.delete_nar(&name.file_name()).await?;
-        state.blobs.delete(&nar_blob_key(&name.file_name())?).await?;
+        state
+            .blobs
+            .delete(&nar_blob_key(&name.file_name())?)
+            .await?;
         if existed {
             Ok((StatusCode::NO_CONTENT, None))
         } else {

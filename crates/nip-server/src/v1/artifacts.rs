@@ -22,7 +22,11 @@ pub fn download_url(key: &str) -> String {
 }
 
 #[tracing::instrument(skip_all, fields(key = %key))]
-pub async fn lookup(State(state): State<AppState>, caller: Caller, Path(key): Path<String>) -> ApiResult<Json<ArtifactInfo>> {
+pub async fn lookup(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<ArtifactInfo>> {
     let key = checked_key(&key)?;
     caller.require(Scope::Read, Some(key))?;
     let rec = state.meta.get_artifact(key).await?.ok_or_else(not_found)?;
@@ -36,7 +40,11 @@ pub async fn lookup(State(state): State<AppState>, caller: Caller, Path(key): Pa
 }
 
 #[tracing::instrument(skip_all, fields(key = %key))]
-pub async fn metadata(State(state): State<AppState>, caller: Caller, Path(key): Path<String>) -> ApiResult<Response> {
+pub async fn metadata(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Response> {
     let key = checked_key(&key)?;
     caller.require(Scope::Read, Some(key))?;
     let rec = state.meta.get_artifact(key).await?.ok_or_else(not_found)?;
@@ -58,15 +66,23 @@ pub async fn list(
     caller: Caller,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<ArtifactList>> {
-    let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("bad query: {e}; use ?name=&version=&limit=")))?;
+    let Query(q) = query
+        .map_err(|e| ApiError::BadRequest(format!("bad query: {e}; use ?name=&version=&limit=")))?;
     let principal = caller.require(Scope::Read, None)?;
     let limit = q.limit.unwrap_or(DEFAULT_LIST_LIMIT);
     if !(1..=MAX_LIST_LIMIT).contains(&limit) {
-        return Err(ApiError::BadRequest(format!("limit must be between 1 and {MAX_LIST_LIMIT}")));
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_LIST_LIMIT}"
+        )));
     }
     let records = state
         .meta
-        .list_artifacts(q.name.as_deref(), q.version.as_deref(), principal.prefix.as_deref(), limit)
+        .list_artifacts(
+            q.name.as_deref(),
+            q.version.as_deref(),
+            principal.prefix.as_deref(),
+            limit,
+        )
         .await?;
     let artifacts = records
         .into_iter()
@@ -82,14 +98,28 @@ pub async fn list(
 }
 
 #[tracing::instrument(skip_all, fields(key = %key))]
-pub async fn delete(State(state): State<AppState>, caller: Caller, Path(key): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<StatusCode> {
     let key = checked_key(&key)?;
     if let Err(e) = caller.require(Scope::Admin, Some(key)) {
-        state.audit(caller.audit_entry("artifact-delete", Some(key), &format!("{}", e.status().as_u16()))).await;
+        state
+            .audit(caller.audit_entry(
+                "artifact-delete",
+                Some(key),
+                &format!("{}", e.status().as_u16()),
+            ))
+            .await;
         return Err(e);
     }
     let rec = delete_artifact(&state, key).await?;
-    let mut entry = caller.audit_entry("artifact-delete", Some(key), if rec.is_some() { "204" } else { "404" });
+    let mut entry = caller.audit_entry(
+        "artifact-delete",
+        Some(key),
+        if rec.is_some() { "204" } else { "404" },
+    );
     if let Some(r) = &rec {
         entry.size = Some(r.size);
         entry.sha256 = Some(r.sha256.clone());

@@ -21,19 +21,31 @@ pub async fn download(
 ) -> ApiResult<Response> {
     let key = checked_key(&key)?;
     caller.require(Scope::Read, Some(key))?;
-    let rec = state.meta.get_artifact(key).await?.ok_or_else(|| ApiError::NotFound("not found".into()))?;
+    let rec = state
+        .meta
+        .get_artifact(key)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("not found".into()))?;
     let etag = format!("\"{}\"", rec.sha256);
-    if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        == Some(etag.as_str())
+    {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
     let blob = artifact_blob_key(&rec.sha256)?;
     let size = rec.size as u64;
-    let (status, range) = match parse_range(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), size) {
+    let (status, range) = match parse_range(
+        headers.get(header::RANGE).and_then(|v| v.to_str().ok()),
+        size,
+    ) {
         RangeRequest::Full => (StatusCode::OK, None),
         RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, Some(r)),
         RangeRequest::Unsatisfiable => {
             let mut resp = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
-            let v = HeaderValue::from_str(&format!("bytes */{size}")).map_err(ApiError::internal)?;
+            let v =
+                HeaderValue::from_str(&format!("bytes */{size}")).map_err(ApiError::internal)?;
             resp.headers_mut().insert(header::CONTENT_RANGE, v);
             return Ok(resp);
         }
@@ -46,16 +58,25 @@ pub async fn download(
         .header(header::ETAG, &etag)
         .header(header::ACCEPT_RANGES, "bytes");
     if let Some(r) = range {
-        builder = builder.header(header::CONTENT_RANGE, format!("bytes {}-{}/{size}", r.start, r.end));
+        builder = builder.header(
+            header::CONTENT_RANGE,
+            format!("bytes {}-{}/{size}", r.start, r.end),
+        );
     }
-    state.accessed.lock().unwrap_or_else(|e| e.into_inner()).insert(rec.key.clone());
+    state
+        .accessed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(rec.key.clone());
     if method == Method::HEAD {
         return builder.body(Body::empty()).map_err(ApiError::internal);
     }
-    let read = state
-        .blobs
-        .read(&blob, range)
-        .await?
-        .ok_or_else(|| ApiError::internal(format!("artifact {key} is indexed but its bytes are missing")))?;
-    builder.body(Body::from_stream(read.body)).map_err(ApiError::internal)
+    let read = state.blobs.read(&blob, range).await?.ok_or_else(|| {
+        ApiError::internal(format!(
+            "artifact {key} is indexed but its bytes are missing"
+        ))
+    })?;
+    builder
+        .body(Body::from_stream(read.body))
+        .map_err(ApiError::internal)
 }

@@ -44,7 +44,11 @@ pub async fn upload(
     entry.sha256 = sha;
     state.audit(entry).await;
     let (status, body) = result?;
-    tracing::debug!(status = status.as_u16(), size = body.size, "artifact upload");
+    tracing::debug!(
+        status = status.as_u16(),
+        size = body.size,
+        "artifact upload"
+    );
     Ok((status, Json(body)).into_response())
 }
 
@@ -57,22 +61,30 @@ async fn receive_and_store(
 ) -> ApiResult<(StatusCode, UploadResult)> {
     caller.require(Scope::Write, Some(key))?;
     let max = state.config.max_upload_size;
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     // Multipart framing adds a little; anything far past the limit is refused before reading.
     if declared.is_some_and(|n| n > max.saturating_add(MAX_METADATA as u64 + 64 * 1024)) {
         return Err(too_large(max));
     }
     let mut multipart = multipart.map_err(|e| {
-        ApiError::BadRequest(format!("expected multipart/form-data with parts `file` and `metadata`: {e}"))
+        ApiError::BadRequest(format!(
+            "expected multipart/form-data with parts `file` and `metadata`: {e}"
+        ))
     })?;
     let mut file: Option<Received> = None;
     let mut metadata: Option<serde_json::Map<String, serde_json::Value>> = None;
     while let Some(field) = multipart.next_field().await.map_err(bad_multipart)? {
         match field.name() {
             Some("file") if file.is_none() => file = Some(receive_file(state, field, max).await?),
-            Some("metadata") if metadata.is_none() => metadata = Some(receive_metadata(field).await?),
+            Some("metadata") if metadata.is_none() => {
+                metadata = Some(receive_metadata(field).await?)
+            }
             Some(other @ ("file" | "metadata")) => {
-                return Err(ApiError::BadRequest(format!("part `{other}` appears twice")));
+                return Err(ApiError::BadRequest(format!(
+                    "part `{other}` appears twice"
+                )));
             }
             other => {
                 return Err(ApiError::BadRequest(format!(
@@ -88,7 +100,12 @@ async fn receive_and_store(
     let expected = headers
         .get(HEADER_SHA256)
         .map(|v| v.to_str().unwrap_or("").to_string())
-        .or_else(|| metadata.get("sha256").and_then(|v| v.as_str()).map(String::from));
+        .or_else(|| {
+            metadata
+                .get("sha256")
+                .and_then(|v| v.as_str())
+                .map(String::from)
+        });
     if let Some(expected) = expected {
         if !expected.eq_ignore_ascii_case(&file.sha256) {
             return Err(ApiError::Unprocessable(format!(
@@ -97,7 +114,12 @@ async fn receive_and_store(
             )));
         }
     }
-    let result = UploadResult { key: key.to_string(), size: file.size, sha256: file.sha256.clone(), created: false };
+    let result = UploadResult {
+        key: key.to_string(),
+        size: file.size,
+        sha256: file.sha256.clone(),
+        created: false,
+    };
     if let Some(existing) = state.meta.get_artifact(key).await? {
         return if existing.sha256 == file.sha256 {
             Ok((StatusCode::OK, result))
@@ -111,7 +133,12 @@ async fn receive_and_store(
     if state.blobs.stat(&blob).await? != Some(file.size) {
         state.blobs.put_file(&blob, file.staged.path()).await?;
     }
-    let field = |name: &str| metadata.get(name).and_then(|v| v.as_str()).map(String::from);
+    let field = |name: &str| {
+        metadata
+            .get(name)
+            .and_then(|v| v.as_str())
+            .map(String::from)
+    };
     let rec = ArtifactRecord {
         key: key.to_string(),
         size: file.size as i64,
@@ -119,8 +146,18 @@ async fn receive_and_store(
         metadata: serde_json::Value::Object(metadata.clone()).to_string(),
         created_at: nip_store::unix_now(),
     };
-    match state.meta.put_artifact(&rec, field("name").as_deref(), field("version").as_deref()).await? {
-        PutArtifact::Created => Ok((StatusCode::CREATED, UploadResult { created: true, ..result })),
+    match state
+        .meta
+        .put_artifact(&rec, field("name").as_deref(), field("version").as_deref())
+        .await?
+    {
+        PutArtifact::Created => Ok((
+            StatusCode::CREATED,
+            UploadResult {
+                created: true,
+                ..result
+            },
+        )),
         PutArtifact::AlreadyPresent(_) => Ok((StatusCode::OK, result)),
         PutArtifact::Conflict(_) => Err(conflict(key)),
     }
@@ -133,11 +170,16 @@ fn conflict(key: &str) -> ApiError {
 }
 
 fn too_large(max: u64) -> ApiError {
-    ApiError::PayloadTooLarge(format!("the artifact is larger than this server's limit of {max} bytes (--artifact-max-size)"))
+    ApiError::PayloadTooLarge(format!(
+        "the artifact is larger than this server's limit of {max} bytes (--artifact-max-size)"
+    ))
 }
 
 fn bad_multipart(e: axum::extract::multipart::MultipartError) -> ApiError {
-    ApiError::BadRequest(format!("malformed or truncated multipart body: {}; nothing was stored", e.body_text()))
+    ApiError::BadRequest(format!(
+        "malformed or truncated multipart body: {}; nothing was stored",
+        e.body_text()
+    ))
 }
 
 async fn receive_file(state: &AppState, mut field: Field<'_>, max: u64) -> ApiResult<Received> {
@@ -152,20 +194,32 @@ async fn receive_file(state: &AppState, mut field: Field<'_>, max: u64) -> ApiRe
         hasher.update(&chunk);
         staged.append(chunk).await?;
     }
-    Ok(Received { staged, size, sha256: hex::encode(hasher.finalize()) })
+    Ok(Received {
+        staged,
+        size,
+        sha256: hex::encode(hasher.finalize()),
+    })
 }
 
-async fn receive_metadata(mut field: Field<'_>) -> ApiResult<serde_json::Map<String, serde_json::Value>> {
+async fn receive_metadata(
+    mut field: Field<'_>,
+) -> ApiResult<serde_json::Map<String, serde_json::Value>> {
     let mut buf = Vec::new();
     while let Some(chunk) = field.chunk().await.map_err(bad_multipart)? {
         if buf.len() + chunk.len() > MAX_METADATA {
-            return Err(ApiError::PayloadTooLarge(format!("metadata is larger than {MAX_METADATA} bytes")));
+            return Err(ApiError::PayloadTooLarge(format!(
+                "metadata is larger than {MAX_METADATA} bytes"
+            )));
         }
         buf.extend_from_slice(&chunk);
     }
     match serde_json::from_slice(&buf) {
         Ok(serde_json::Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ApiError::BadRequest("metadata must be a JSON object".into())),
-        Err(e) => Err(ApiError::BadRequest(format!("metadata is not valid JSON: {e}"))),
+        Ok(_) => Err(ApiError::BadRequest(
+            "metadata must be a JSON object".into(),
+        )),
+        Err(e) => Err(ApiError::BadRequest(format!(
+            "metadata is not valid JSON: {e}"
+        ))),
     }
 }

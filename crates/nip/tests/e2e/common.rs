@@ -164,11 +164,23 @@ pub fn start_static(dir: &Path) -> (KillOnDrop, String) {
 pub fn create_key(data: &Path, name: &str, scope: &str, extra: &[&str]) -> String {
     let out = run_ok(
         Command::new(env!("CARGO_BIN_EXE_nip"))
-            .args(["keys", "create", "--name", name, "--scope", scope, "--cache-data-path"])
+            .args([
+                "keys",
+                "create",
+                "--name",
+                name,
+                "--scope",
+                scope,
+                "--cache-data-path",
+            ])
             .arg(data)
             .args(extra),
     );
-    out.trim_end().lines().last().expect("token line").to_string()
+    out.trim_end()
+        .lines()
+        .last()
+        .expect("token line")
+        .to_string()
 }
 
 /// Runs the `nip` binary with arguments and returns its output.

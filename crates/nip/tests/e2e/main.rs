@@ -2,4 +2,5 @@
 mod common;
 mod nix_fixture;
 mod nix_substitute;
+mod v1_artifacts;
 mod v1_auth_matrix;

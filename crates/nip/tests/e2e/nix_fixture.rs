@@ -20,5 +20,10 @@ pub fn upload(name: &str) -> Upload {
         "StorePath: /nix/store/{hash}-{name}\nURL: nar/{nar_file}\nCompression: none\nFileHash: sha256:{digest}\nFileSize: {len}\nNarHash: sha256:{digest}\nNarSize: {len}\nReferences: \n",
         len = nar.len()
     );
-    Upload { hash, nar_file, nar, narinfo }
+    Upload {
+        hash,
+        nar_file,
+        nar,
+        narinfo,
+    }
 }

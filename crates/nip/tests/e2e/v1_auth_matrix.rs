@@ -8,7 +8,9 @@ use reqwest::Method;
 use crate::common::*;
 use crate::nix_fixture;
 
-const CREDS: [&str; 8] = ["none", "bad", "expired", "revoked", "read", "write", "admin", "prefix"];
+const CREDS: [&str; 8] = [
+    "none", "bad", "expired", "revoked", "read", "write", "admin", "prefix",
+];
 
 struct Setup {
     server: NipServer,
@@ -31,23 +33,43 @@ fn setup(extra_args: &[&str]) -> Setup {
     ] {
         tokens.insert(cred, create_key(&data, cred, scope, extra));
     }
-    let out = nip(&["keys", "revoke", "revoked", "--cache-data-path", data.to_str().unwrap()]);
+    let out = nip(&[
+        "keys",
+        "revoke",
+        "revoked",
+        "--cache-data-path",
+        data.to_str().unwrap(),
+    ]);
     assert!(out.status.success());
-    tokens.insert("bad", "nip_0000000000000000000000000000000000000000000000000".into());
+    tokens.insert(
+        "bad",
+        "nip_0000000000000000000000000000000000000000000000000".into(),
+    );
     let mut args = vec![
-        "--upstream-cache", "http://127.0.0.1:9", "--upstream-public-key",
+        "--upstream-cache",
+        "http://127.0.0.1:9",
+        "--upstream-public-key",
         "upstream-test-1:1OKmiPyTgRWbLRn0o6A1BS5hkdKbzvU7/rZ1nzddr/s=",
-        "--cache-allow-put-verb", "--cache-allow-delete-verb",
+        "--cache-allow-put-verb",
+        "--cache-allow-delete-verb",
     ];
     args.extend_from_slice(extra_args);
     let server = start_nip(&data, &args);
     // The expiring key was made before the server started; make sure it is past its time.
     std::thread::sleep(Duration::from_millis(1100));
-    Setup { server, tokens, data, _tmp: tmp }
+    Setup {
+        server,
+        tokens,
+        data,
+        _tmp: tmp,
+    }
 }
 
 fn client() -> Client {
-    Client::builder().timeout(Duration::from_secs(20)).build().unwrap()
+    Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
 }
 
 fn send(s: &Setup, cred: &str, method: Method, path: &str, body: Option<Body>) -> u16 {
@@ -59,7 +81,10 @@ fn send(s: &Setup, cred: &str, method: Method, path: &str, body: Option<Body>) -
         Some(Body::Artifact(bytes)) => req.multipart(
             multipart::Form::new()
                 .part("file", multipart::Part::bytes(bytes))
-                .part("metadata", multipart::Part::text(r#"{"name":"m","version":"1"}"#)),
+                .part(
+                    "metadata",
+                    multipart::Part::text(r#"{"name":"m","version":"1"}"#),
+                ),
         ),
         Some(Body::Raw(bytes)) => req.body(bytes),
         None => req,
@@ -74,13 +99,40 @@ enum Body {
 
 /// Uploads an artifact as admin, for the read and delete rows.
 fn seed_artifact(s: &Setup, key: &str) {
-    assert_eq!(send(s, "admin", Method::POST, &format!("/v1/artifacts/{key}"), Some(Body::Artifact(b"seed".to_vec()))), 201);
+    assert_eq!(
+        send(
+            s,
+            "admin",
+            Method::POST,
+            &format!("/v1/artifacts/{key}"),
+            Some(Body::Artifact(b"seed".to_vec()))
+        ),
+        201
+    );
 }
 
 fn seed_nix(s: &Setup) -> nix_fixture::Upload {
     let u = nix_fixture::upload("seed");
-    assert_eq!(send(s, "admin", Method::PUT, &format!("/nar/{}", u.nar_file), Some(Body::Raw(u.nar.clone()))), 200);
-    assert_eq!(send(s, "admin", Method::PUT, &format!("/{}.narinfo", u.hash), Some(Body::Raw(u.narinfo.clone().into_bytes()))), 200);
+    assert_eq!(
+        send(
+            s,
+            "admin",
+            Method::PUT,
+            &format!("/nar/{}", u.nar_file),
+            Some(Body::Raw(u.nar.clone()))
+        ),
+        200
+    );
+    assert_eq!(
+        send(
+            s,
+            "admin",
+            Method::PUT,
+            &format!("/{}.narinfo", u.hash),
+            Some(Body::Raw(u.narinfo.clone().into_bytes()))
+        ),
+        200
+    );
     u
 }
 
@@ -97,48 +149,124 @@ fn every_credential_against_every_route_gives_the_exact_status() {
     let read_row: [u16; 8] = [401, 401, 401, 401, 200, 200, 200, 403];
     let rows: Vec<(Method, String, Row)> = vec![
         (Method::GET, "/v1/health".into(), ("health", [200; 8])),
-        (Method::GET, "/v1/artifacts/base-x".into(), ("lookup", read_row)),
-        (Method::GET, "/v1/artifacts/proj-x".into(), ("lookup in prefix", [401, 401, 401, 401, 200, 200, 200, 200])),
-        (Method::GET, "/v1/artifacts/base-x/metadata".into(), ("metadata", read_row)),
-        (Method::GET, "/v1/download/base-x".into(), ("download", read_row)),
-        (Method::HEAD, "/v1/download/base-x".into(), ("download HEAD", read_row)),
-        (Method::GET, "/v1/artifacts?name=m".into(), ("list", [401, 401, 401, 401, 200, 200, 200, 200])),
-        (Method::GET, "/nix-cache-info".into(), ("nix-cache-info", [200, 401, 401, 401, 200, 200, 200, 200])),
-        (Method::GET, format!("/{}.narinfo", nix.hash), ("narinfo GET", [200, 401, 401, 401, 200, 200, 200, 200])),
-        (Method::GET, format!("/nar/{}", nix.nar_file), ("NAR GET", [200, 401, 401, 401, 200, 200, 200, 200])),
-        (Method::PUT, format!("/nar/{}", nix.nar_file), ("NAR PUT", [401, 401, 401, 401, 403, 200, 200, 403])),
+        (
+            Method::GET,
+            "/v1/artifacts/base-x".into(),
+            ("lookup", read_row),
+        ),
+        (
+            Method::GET,
+            "/v1/artifacts/proj-x".into(),
+            ("lookup in prefix", [401, 401, 401, 401, 200, 200, 200, 200]),
+        ),
+        (
+            Method::GET,
+            "/v1/artifacts/base-x/metadata".into(),
+            ("metadata", read_row),
+        ),
+        (
+            Method::GET,
+            "/v1/download/base-x".into(),
+            ("download", read_row),
+        ),
+        (
+            Method::HEAD,
+            "/v1/download/base-x".into(),
+            ("download HEAD", read_row),
+        ),
+        (
+            Method::GET,
+            "/v1/artifacts?name=m".into(),
+            ("list", [401, 401, 401, 401, 200, 200, 200, 200]),
+        ),
+        (
+            Method::GET,
+            "/nix-cache-info".into(),
+            ("nix-cache-info", [200, 401, 401, 401, 200, 200, 200, 200]),
+        ),
+        (
+            Method::GET,
+            format!("/{}.narinfo", nix.hash),
+            ("narinfo GET", [200, 401, 401, 401, 200, 200, 200, 200]),
+        ),
+        (
+            Method::GET,
+            format!("/nar/{}", nix.nar_file),
+            ("NAR GET", [200, 401, 401, 401, 200, 200, 200, 200]),
+        ),
+        (
+            Method::PUT,
+            format!("/nar/{}", nix.nar_file),
+            ("NAR PUT", [401, 401, 401, 401, 403, 200, 200, 403]),
+        ),
     ];
     for (method, path, (what, want)) in &rows {
         for (i, cred) in CREDS.iter().enumerate() {
             let body = (*method == Method::PUT).then(|| Body::Raw(nix.nar.clone()));
             let got = send(&s, cred, method.clone(), path, body);
             if got != want[i] {
-                failures.push(format!("{what} {method} {path} as {cred}: got {got}, want {}", want[i]));
+                failures.push(format!(
+                    "{what} {method} {path} as {cred}: got {got}, want {}",
+                    want[i]
+                ));
             }
         }
     }
     // Writes and deletes: each credential acts on its own key so earlier rows do not interfere.
     for (i, cred) in CREDS.iter().enumerate() {
         let checks: [(&str, Method, String, Option<Body>, u16); 5] = [
-            ("upload", Method::POST, format!("/v1/artifacts/new-{cred}"), Some(Body::Artifact(cred.as_bytes().to_vec())),
-                [401, 401, 401, 401, 403, 201, 201, 403][i]),
-            ("upload in prefix", Method::POST, format!("/v1/artifacts/proj-new-{cred}"), Some(Body::Artifact(cred.as_bytes().to_vec())),
-                [401, 401, 401, 401, 403, 201, 201, 201][i]),
-            ("artifact DELETE", Method::DELETE, format!("/v1/artifacts/del-{cred}"), None, [401, 401, 401, 401, 403, 403, 204, 403][i]),
-            ("narinfo DELETE", Method::DELETE, format!("/{}.narinfo", nix_fixture_for(&s, cred).hash), None,
-                [401, 401, 401, 401, 403, 403, 204, 403][i]),
-            ("narinfo PUT", Method::PUT, format!("/{}.narinfo", nix.hash), Some(Body::Raw(nix.narinfo.clone().into_bytes())),
-                [401, 401, 401, 401, 403, 200, 200, 403][i]),
+            (
+                "upload",
+                Method::POST,
+                format!("/v1/artifacts/new-{cred}"),
+                Some(Body::Artifact(cred.as_bytes().to_vec())),
+                [401, 401, 401, 401, 403, 201, 201, 403][i],
+            ),
+            (
+                "upload in prefix",
+                Method::POST,
+                format!("/v1/artifacts/proj-new-{cred}"),
+                Some(Body::Artifact(cred.as_bytes().to_vec())),
+                [401, 401, 401, 401, 403, 201, 201, 201][i],
+            ),
+            (
+                "artifact DELETE",
+                Method::DELETE,
+                format!("/v1/artifacts/del-{cred}"),
+                None,
+                [401, 401, 401, 401, 403, 403, 204, 403][i],
+            ),
+            (
+                "narinfo DELETE",
+                Method::DELETE,
+                format!("/{}.narinfo", nix_fixture_for(&s, cred).hash),
+                None,
+                [401, 401, 401, 401, 403, 403, 204, 403][i],
+            ),
+            (
+                "narinfo PUT",
+                Method::PUT,
+                format!("/{}.narinfo", nix.hash),
+                Some(Body::Raw(nix.narinfo.clone().into_bytes())),
+                [401, 401, 401, 401, 403, 200, 200, 403][i],
+            ),
         ];
         seed_artifact(&s, &format!("del-{cred}"));
         for (what, method, path, body, want) in checks {
             let got = send(&s, cred, method.clone(), &path, body);
             if got != want {
-                failures.push(format!("{what} {method} {path} as {cred}: got {got}, want {want}"));
+                failures.push(format!(
+                    "{what} {method} {path} as {cred}: got {got}, want {want}"
+                ));
             }
         }
     }
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 fn nix_fixture_for(s: &Setup, _cred: &str) -> nix_fixture::Upload {
@@ -152,7 +280,16 @@ fn nix_reads_need_a_read_key_when_required_and_accept_basic_auth() {
     let path = format!("/{}.narinfo", nix.hash);
     assert_eq!(send(&s, "none", Method::GET, &path, None), 401);
     assert_eq!(send(&s, "read", Method::GET, &path, None), 200);
-    assert_eq!(send(&s, "none", Method::GET, &format!("/nar/{}", nix.nar_file), None), 401);
+    assert_eq!(
+        send(
+            &s,
+            "none",
+            Method::GET,
+            &format!("/nar/{}", nix.nar_file),
+            None
+        ),
+        401
+    );
     // What Nix sends from a netrc file: Basic with the token as password.
     let resp = client()
         .get(format!("{}{path}", s.server.url))
@@ -160,7 +297,11 @@ fn nix_reads_need_a_read_key_when_required_and_accept_basic_auth() {
         .send()
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let resp = client().get(format!("{}{path}", s.server.url)).basic_auth("nix", Some("wrong")).send().unwrap();
+    let resp = client()
+        .get(format!("{}{path}", s.server.url))
+        .basic_auth("nix", Some("wrong"))
+        .send()
+        .unwrap();
     assert_eq!(resp.status(), 401);
     assert!(resp.headers().contains_key("www-authenticate"));
 }
@@ -170,16 +311,38 @@ fn a_revoked_key_is_refused_within_a_second_without_restart() {
     let s = setup(&[]);
     let token = create_key(&s.data, "short-lived", "read", &[]);
     let url = format!("{}/v1/artifacts?limit=1", s.server.url);
-    assert_eq!(client().get(&url).bearer_auth(&token).send().unwrap().status(), 200);
-    let out = nip(&["keys", "revoke", "short-lived", "--cache-data-path", s.data.to_str().unwrap()]);
+    assert_eq!(
+        client()
+            .get(&url)
+            .bearer_auth(&token)
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    let out = nip(&[
+        "keys",
+        "revoke",
+        "short-lived",
+        "--cache-data-path",
+        s.data.to_str().unwrap(),
+    ]);
     assert!(out.status.success());
     let revoked_at = Instant::now();
     loop {
-        let status = client().get(&url).bearer_auth(&token).send().unwrap().status();
+        let status = client()
+            .get(&url)
+            .bearer_auth(&token)
+            .send()
+            .unwrap()
+            .status();
         if status == 401 {
             break;
         }
-        assert!(revoked_at.elapsed() < Duration::from_secs(1), "still {status} a second after revocation");
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "still {status} a second after revocation"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -190,14 +353,31 @@ fn env_api_key_is_a_read_write_key() {
     let token = "env-token-0123456789abcdef";
     let server = start_nip_env(
         &tmp.path().join("data"),
-        &["--upstream-cache", "http://127.0.0.1:9", "--upstream-public-key", "upstream-test-1:1OKmiPyTgRWbLRn0o6A1BS5hkdKbzvU7/rZ1nzddr/s="],
+        &[
+            "--upstream-cache",
+            "http://127.0.0.1:9",
+            "--upstream-public-key",
+            "upstream-test-1:1OKmiPyTgRWbLRn0o6A1BS5hkdKbzvU7/rZ1nzddr/s=",
+        ],
         &[("NIP_CACHE_API_KEY", token)],
     );
     let form = multipart::Form::new().part("file", multipart::Part::bytes(b"x".to_vec()));
-    let up = client().post(format!("{}/v1/artifacts/env-k", server.url)).bearer_auth(token).multipart(form).send().unwrap();
+    let up = client()
+        .post(format!("{}/v1/artifacts/env-k", server.url))
+        .bearer_auth(token)
+        .multipart(form)
+        .send()
+        .unwrap();
     assert_eq!(up.status(), 201);
-    let del = client().delete(format!("{}/v1/artifacts/env-k", server.url)).bearer_auth(token).send().unwrap();
+    let del = client()
+        .delete(format!("{}/v1/artifacts/env-k", server.url))
+        .bearer_auth(token)
+        .send()
+        .unwrap();
     assert_eq!(del.status(), 403, "the env key must not be admin");
-    let anon = client().get(format!("{}/v1/artifacts/env-k", server.url)).send().unwrap();
+    let anon = client()
+        .get(format!("{}/v1/artifacts/env-k", server.url))
+        .send()
+        .unwrap();
     assert_eq!(anon.status(), 401);
 }
