@@ -81,7 +81,8 @@ pub fn validate_key(key: &str) -> Result<(), InvalidKey> {
     let ok = !b.is_empty()
         && b.len() <= MAX_KEY_LEN
         && b[0].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c));
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c));
     if ok {
         Ok(())
     } else {
@@ -105,7 +106,19 @@ mod tests {
         for good in ["a", "hello-2.12-x86_64", "A.b_c-D", &"k".repeat(255)] {
             assert!(validate_key(good).is_ok(), "{good}");
         }
-        for bad in ["", ".hidden", "-x", "_x", "a/b", "..", "a b", "a%2fb", "a\0", "é", &"k".repeat(256)] {
+        for bad in [
+            "",
+            ".hidden",
+            "-x",
+            "_x",
+            "a/b",
+            "..",
+            "a b",
+            "a%2fb",
+            "a\0",
+            "é",
+            &"k".repeat(256),
+        ] {
             assert!(validate_key(bad).is_err(), "{bad:?}");
         }
     }

@@ -48,8 +48,12 @@ pub struct AuditEntry {
 pub trait ArtifactIndex: Send + Sync + 'static {
     async fn get_artifact(&self, key: &str) -> Result<Option<ArtifactRecord>, MetaError>;
     /// Records an artifact whose blob is already published; never replaces another's bytes.
-    async fn put_artifact(&self, rec: &ArtifactRecord, name: Option<&str>, version: Option<&str>)
-        -> Result<PutArtifact, MetaError>;
+    async fn put_artifact(
+        &self,
+        rec: &ArtifactRecord,
+        name: Option<&str>,
+        version: Option<&str>,
+    ) -> Result<PutArtifact, MetaError>;
     /// Newest first; `prefix` restricts to keys starting with it.
     async fn list_artifacts(
         &self,
@@ -59,11 +63,13 @@ pub trait ArtifactIndex: Send + Sync + 'static {
         limit: i64,
     ) -> Result<Vec<ArtifactRecord>, MetaError>;
     /// Deletes the row; returns it, and whether another row still uses the same bytes.
-    async fn delete_artifact(&self, key: &str) -> Result<Option<(ArtifactRecord, bool)>, MetaError>;
+    async fn delete_artifact(&self, key: &str)
+        -> Result<Option<(ArtifactRecord, bool)>, MetaError>;
     /// Marks artifacts as read now (batched by the caller).
     async fn touch_artifacts(&self, keys: &[String], at: i64) -> Result<(), MetaError>;
     /// Keys of artifacts not read since `before`.
-    async fn artifacts_idle_since(&self, before: i64, limit: i64) -> Result<Vec<String>, MetaError>;
+    async fn artifacts_idle_since(&self, before: i64, limit: i64)
+        -> Result<Vec<String>, MetaError>;
 }
 
 #[async_trait]
@@ -82,7 +88,12 @@ pub trait KeyStore: Send + Sync + 'static {
 pub trait AuditLog: Send + Sync + 'static {
     async fn audit(&self, entry: &AuditEntry) -> Result<(), MetaError>;
     /// Newest first.
-    async fn audit_since(&self, since: i64, key_name: Option<&str>, limit: i64) -> Result<Vec<AuditEntry>, MetaError>;
+    async fn audit_since(
+        &self,
+        since: i64,
+        key_name: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AuditEntry>, MetaError>;
 }
 
 /// Everything the server keeps in its database.

@@ -9,7 +9,9 @@ mod sqlite_index;
 pub mod staging;
 
 pub use blob::{BlobKey, BlobRange, BlobRead, BlobStore, StoreError};
-pub use index::{ApiKeyRecord, ArtifactIndex, ArtifactRecord, AuditEntry, AuditLog, Index, KeyStore, PutArtifact};
+pub use index::{
+    ApiKeyRecord, ArtifactIndex, ArtifactRecord, AuditEntry, AuditLog, Index, KeyStore, PutArtifact,
+};
 pub use local::LocalBlobStore;
 pub use meta::{MetaError, MetaStore, NarInfoRecord, NarRecord, NarSource};
 pub use sqlite::SqliteMeta;

@@ -3,7 +3,9 @@ use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 
-use crate::index::{ApiKeyRecord, ArtifactIndex, ArtifactRecord, AuditEntry, AuditLog, KeyStore, PutArtifact};
+use crate::index::{
+    ApiKeyRecord, ArtifactIndex, ArtifactRecord, AuditEntry, AuditLog, KeyStore, PutArtifact,
+};
 use crate::meta::MetaError;
 use crate::sqlite::SqliteMeta;
 
@@ -46,10 +48,12 @@ fn audit_entry(row: &SqliteRow) -> Result<AuditEntry, sqlx::Error> {
 #[async_trait]
 impl ArtifactIndex for SqliteMeta {
     async fn get_artifact(&self, key: &str) -> Result<Option<ArtifactRecord>, MetaError> {
-        let row = sqlx::query(&format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE key = ?"))
-            .bind(key)
-            .fetch_optional(self.pool())
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE key = ?"
+        ))
+        .bind(key)
+        .fetch_optional(self.pool())
+        .await?;
         Ok(row.as_ref().map(artifact).transpose()?)
     }
 
@@ -77,12 +81,17 @@ impl ArtifactIndex for SqliteMeta {
         if inserted == 1 {
             return Ok(PutArtifact::Created);
         }
-        let existing = self.get_artifact(&rec.key).await?.ok_or(MetaError::Db(sqlx::Error::RowNotFound))?;
-        Ok(if existing.sha256 == rec.sha256 && existing.size == rec.size {
-            PutArtifact::AlreadyPresent(existing)
-        } else {
-            PutArtifact::Conflict(existing)
-        })
+        let existing = self
+            .get_artifact(&rec.key)
+            .await?
+            .ok_or(MetaError::Db(sqlx::Error::RowNotFound))?;
+        Ok(
+            if existing.sha256 == rec.sha256 && existing.size == rec.size {
+                PutArtifact::AlreadyPresent(existing)
+            } else {
+                PutArtifact::Conflict(existing)
+            },
+        )
     }
 
     async fn list_artifacts(
@@ -107,16 +116,24 @@ impl ArtifactIndex for SqliteMeta {
         Ok(rows.iter().map(artifact).collect::<Result<_, _>>()?)
     }
 
-    async fn delete_artifact(&self, key: &str) -> Result<Option<(ArtifactRecord, bool)>, MetaError> {
+    async fn delete_artifact(
+        &self,
+        key: &str,
+    ) -> Result<Option<(ArtifactRecord, bool)>, MetaError> {
         let mut tx = self.pool().begin().await?;
-        let row = sqlx::query(&format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE key = ?"))
-            .bind(key)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE key = ?"
+        ))
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await?;
         let Some(rec) = row.as_ref().map(artifact).transpose()? else {
             return Ok(None);
         };
-        sqlx::query("DELETE FROM artifacts WHERE key = ?").bind(key).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM artifacts WHERE key = ?")
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
         let shared: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM artifacts WHERE sha256 = ?")
             .bind(&rec.sha256)
             .fetch_one(&mut *tx)
@@ -128,18 +145,24 @@ impl ArtifactIndex for SqliteMeta {
     async fn touch_artifacts(&self, keys: &[String], at: i64) -> Result<(), MetaError> {
         let mut tx = self.pool().begin().await?;
         for key in keys {
-            sqlx::query("UPDATE artifacts SET last_accessed_at = ? WHERE key = ? AND last_accessed_at < ?")
-                .bind(at)
-                .bind(key)
-                .bind(at)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE artifacts SET last_accessed_at = ? WHERE key = ? AND last_accessed_at < ?",
+            )
+            .bind(at)
+            .bind(key)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
     }
 
-    async fn artifacts_idle_since(&self, before: i64, limit: i64) -> Result<Vec<String>, MetaError> {
+    async fn artifacts_idle_since(
+        &self,
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<String>, MetaError> {
         let keys = sqlx::query_scalar("SELECT key FROM artifacts WHERE last_accessed_at < ? ORDER BY last_accessed_at LIMIT ?")
             .bind(before)
             .bind(limit)
@@ -187,12 +210,13 @@ impl KeyStore for SqliteMeta {
     }
 
     async fn revoke_key(&self, name: &str, at: i64) -> Result<bool, MetaError> {
-        let n = sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL")
-            .bind(at)
-            .bind(name)
-            .execute(self.pool())
-            .await?
-            .rows_affected();
+        let n =
+            sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL")
+                .bind(at)
+                .bind(name)
+                .execute(self.pool())
+                .await?
+                .rows_affected();
         Ok(n == 1)
     }
 
@@ -227,7 +251,12 @@ impl AuditLog for SqliteMeta {
         Ok(())
     }
 
-    async fn audit_since(&self, since: i64, key_name: Option<&str>, limit: i64) -> Result<Vec<AuditEntry>, MetaError> {
+    async fn audit_since(
+        &self,
+        since: i64,
+        key_name: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AuditEntry>, MetaError> {
         let rows = sqlx::query(
             "SELECT at, key_name, remote_addr, action, target, size, sha256, result FROM audit_log \
              WHERE at >= ?1 AND (?2 IS NULL OR key_name = ?2) ORDER BY id DESC LIMIT ?3",
@@ -254,21 +283,56 @@ mod tests {
     }
 
     fn rec(key: &str, sha: &str, at: i64) -> ArtifactRecord {
-        ArtifactRecord { key: key.into(), size: 3, sha256: sha.into(), metadata: "{}".into(), created_at: at }
+        ArtifactRecord {
+            key: key.into(),
+            size: 3,
+            sha256: sha.into(),
+            metadata: "{}".into(),
+            created_at: at,
+        }
     }
 
     #[tokio::test]
     async fn artifacts_are_immutable_and_listed_newest_first() {
         let (_d, db) = db().await;
-        assert_eq!(db.put_artifact(&rec("a_1", "s1", 10), Some("pkg"), Some("1")).await.unwrap(), PutArtifact::Created);
-        assert!(matches!(db.put_artifact(&rec("a_1", "s1", 11), None, None).await.unwrap(), PutArtifact::AlreadyPresent(_)));
-        assert!(matches!(db.put_artifact(&rec("a_1", "s2", 12), None, None).await.unwrap(), PutArtifact::Conflict(_)));
-        db.put_artifact(&rec("a_2", "s1", 20), Some("pkg"), Some("1")).await.unwrap();
-        db.put_artifact(&rec("axb", "s3", 30), Some("other"), Some("1")).await.unwrap();
+        assert_eq!(
+            db.put_artifact(&rec("a_1", "s1", 10), Some("pkg"), Some("1"))
+                .await
+                .unwrap(),
+            PutArtifact::Created
+        );
+        assert!(matches!(
+            db.put_artifact(&rec("a_1", "s1", 11), None, None)
+                .await
+                .unwrap(),
+            PutArtifact::AlreadyPresent(_)
+        ));
+        assert!(matches!(
+            db.put_artifact(&rec("a_1", "s2", 12), None, None)
+                .await
+                .unwrap(),
+            PutArtifact::Conflict(_)
+        ));
+        db.put_artifact(&rec("a_2", "s1", 20), Some("pkg"), Some("1"))
+            .await
+            .unwrap();
+        db.put_artifact(&rec("axb", "s3", 30), Some("other"), Some("1"))
+            .await
+            .unwrap();
         let keys = |v: Vec<ArtifactRecord>| v.into_iter().map(|r| r.key).collect::<Vec<_>>();
-        assert_eq!(keys(db.list_artifacts(Some("pkg"), Some("1"), None, 10).await.unwrap()), ["a_2", "a_1"]);
+        assert_eq!(
+            keys(
+                db.list_artifacts(Some("pkg"), Some("1"), None, 10)
+                    .await
+                    .unwrap()
+            ),
+            ["a_2", "a_1"]
+        );
         // `_` is literal in prefixes.
-        assert_eq!(keys(db.list_artifacts(None, None, Some("a_"), 10).await.unwrap()), ["a_2", "a_1"]);
+        assert_eq!(
+            keys(db.list_artifacts(None, None, Some("a_"), 10).await.unwrap()),
+            ["a_2", "a_1"]
+        );
         let (gone, shared) = db.delete_artifact("a_1").await.unwrap().unwrap();
         assert_eq!((gone.sha256.as_str(), shared), ("s1", true));
         let (_, shared) = db.delete_artifact("a_2").await.unwrap().unwrap();
@@ -280,18 +344,44 @@ mod tests {
     async fn keys_revoke_and_audit() {
         let (_d, db) = db().await;
         assert!(!db.any_active_key(0).await.unwrap());
-        let k = ApiKeyRecord { name: "ci".into(), scope: "write".into(), prefix: None, created_at: 1, expires_at: None, revoked_at: None };
+        let k = ApiKeyRecord {
+            name: "ci".into(),
+            scope: "write".into(),
+            prefix: None,
+            created_at: 1,
+            expires_at: None,
+            revoked_at: None,
+        };
         db.create_key(&k, "h1").await.unwrap();
-        assert!(db.create_key(&k, "h2").await.is_err(), "duplicate name accepted");
-        assert_eq!(db.key_by_token_hash("h1").await.unwrap().unwrap().name, "ci");
+        assert!(
+            db.create_key(&k, "h2").await.is_err(),
+            "duplicate name accepted"
+        );
+        assert_eq!(
+            db.key_by_token_hash("h1").await.unwrap().unwrap().name,
+            "ci"
+        );
         assert!(db.any_active_key(0).await.unwrap());
         assert!(db.revoke_key("ci", 5).await.unwrap());
         assert!(!db.revoke_key("ci", 6).await.unwrap());
-        assert_eq!(db.key_by_token_hash("h1").await.unwrap().unwrap().revoked_at, Some(5));
+        assert_eq!(
+            db.key_by_token_hash("h1")
+                .await
+                .unwrap()
+                .unwrap()
+                .revoked_at,
+            Some(5)
+        );
         assert!(!db.any_active_key(0).await.unwrap());
-        db.audit(&AuditEntry { at: 7, action: "upload".into(), result: "201".into(), key_name: Some("ci".into()), ..Default::default() })
-            .await
-            .unwrap();
+        db.audit(&AuditEntry {
+            at: 7,
+            action: "upload".into(),
+            result: "201".into(),
+            key_name: Some("ci".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         assert_eq!(db.audit_since(0, Some("ci"), 10).await.unwrap().len(), 1);
         assert_eq!(db.audit_since(8, None, 10).await.unwrap().len(), 0);
     }
