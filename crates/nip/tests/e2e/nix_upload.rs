@@ -1,0 +1,117 @@
+//! Real `nix copy --to http://…` into `nip serve` with a netrc key: a write key uploads, a read key
+//! is refused with a 4xx (never a hang), and a fresh store then substitutes the uploaded paths.
+use std::process::Command;
+
+use crate::common::*;
+
+#[test]
+fn nix_copy_with_a_write_key_uploads_and_a_fresh_store_substitutes() {
+    if !nix_available("nix_copy_with_a_write_key_uploads") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // Local store paths to upload (the fixture also writes a signed file:// cache we ignore).
+    let up = tmp.path().join("paths");
+    let upstream_key = run_ok(
+        Command::new(fixture_script("make-upstream.sh"))
+            .arg(&up)
+            .env("BIG_MIB", "2"),
+    );
+    let upstream_key = upstream_key.trim().lines().last().unwrap().to_string();
+    let paths: Vec<String> = std::fs::read_to_string(up.join("paths.txt"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+
+    let data = tmp.path().join("data");
+    let write = create_key(&data, "uploader", "write", &[]);
+    let read = create_key(&data, "reader", "read", &[]);
+    let server = start_nip(
+        &data,
+        &[
+            "--upstream-cache",
+            "http://127.0.0.1:9",
+            "--upstream-public-key",
+            &upstream_key,
+            "--cache-allow-put-verb",
+            "--cache-hostname",
+            "nip-up",
+        ],
+    );
+    let netrc = |token: &str| {
+        let f = tmp.path().join(format!("netrc-{}", &token[..12]));
+        std::fs::write(
+            &f,
+            format!("machine 127.0.0.1 login nix password {token}\n"),
+        )
+        .unwrap();
+        f
+    };
+    let copy = |token: &str| {
+        let mut cmd = Command::new("timeout");
+        cmd.args(["120", "nix", "copy", "--to", &server.url])
+            .args(&paths)
+            .arg("--option")
+            .arg("netrc-file")
+            .arg(netrc(token))
+            .args(["--option", "connect-timeout", "5"]);
+        run(&mut cmd)
+    };
+
+    let refused = copy(&read);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "nix copy with a read key succeeded"
+    );
+    assert_ne!(
+        refused.status.code(),
+        Some(124),
+        "nix copy with a read key hung: {stderr}"
+    );
+    assert!(
+        stderr.contains("403"),
+        "expected an HTTP 403 from nix copy, got: {stderr}"
+    );
+
+    let ok = copy(&write);
+    assert!(
+        ok.status.success(),
+        "nix copy with a write key failed: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let (status, body) = http_get(&format!("{}/pubkey", server.url)).unwrap();
+    assert_eq!(status, 200);
+    let nip_key = String::from_utf8(body).unwrap();
+    let mut check = Command::new(fixture_script("check-substitute.sh"));
+    check
+        .arg(&server.url)
+        .arg(nip_key.trim())
+        .args(&paths)
+        .env("CHECK_TIMEOUT", "120");
+    run_ok(&mut check);
+
+    let audit = nip(&[
+        "audit",
+        "--json",
+        "--key",
+        "uploader",
+        "--cache-data-path",
+        data.to_str().unwrap(),
+    ]);
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&audit.stdout).unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["action"] == "nar-upload" && e["result"] == "200"),
+        "{entries:?}"
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["action"] == "narinfo-upload" && e["result"] == "200"),
+        "{entries:?}"
+    );
+}
