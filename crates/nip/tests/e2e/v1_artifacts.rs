@@ -495,3 +495,65 @@ fn audit_log_records_writes_deletes_and_failures_without_tokens() {
         }
     }
 }
+
+#[test]
+fn rate_limit_answers_429_with_retry_after() {
+    let e = env(&["--rate-limit-rps", "0.5", "--rate-limit-burst", "2"]);
+    let statuses: Vec<u16> = (0..3)
+        .map(|_| get(&e, "/v1/artifacts?limit=1").status().as_u16())
+        .collect();
+    assert_eq!(statuses, [200, 200, 429]);
+    let limited = get(&e, "/v1/artifacts?limit=1");
+    assert_eq!(limited.status(), 429);
+    let retry: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    // Another key has its own bucket.
+    let other = create_key(&e.data, "other", "read", &[]);
+    let r = client()
+        .get(format!("{}/v1/artifacts?limit=1", e.server.url))
+        .bearer_auth(other)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn retention_deletes_artifacts_not_downloaded_recently() {
+    let e = env(&["--artifact-retention", "2s"]);
+    assert_eq!(upload(&e, "idle", b"idle bytes".to_vec(), "{}").0, 201);
+    assert_eq!(upload(&e, "busy", b"busy bytes".to_vec(), "{}").0, 201);
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        assert_eq!(get(&e, "/v1/download/busy").status(), 200);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert_eq!(
+        get(&e, "/v1/artifacts/idle").status(),
+        404,
+        "idle artifact survived retention"
+    );
+    assert_eq!(
+        get(&e, "/v1/artifacts/busy").status(),
+        200,
+        "downloaded artifact was deleted"
+    );
+    assert_eq!(
+        artifact_files(&e),
+        1,
+        "the idle artifact's bytes are still stored"
+    );
+    let out = nip(&[
+        "audit",
+        "--json",
+        "--cache-data-path",
+        e.data.to_str().unwrap(),
+    ]);
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(entries
+        .iter()
+        .any(|x| x["action"] == "retention-delete" && x["target"] == "idle"));
+}
