@@ -1,0 +1,343 @@
+//! `nip build`: local cache → remote → build → store locally → upload. Only the build command
+//! itself can fail a build; every cache problem is a warning and the flow goes on.
+use crate::artifact::{self, Packed};
+use crate::client::{warn, Client, Fetch};
+use crate::error::{io_ctx, ClientError, Result};
+use crate::key;
+use crate::local::Metadata;
+use crate::progress;
+use crate::recipe::{self, LoadedRecipe};
+use crate::record::{now_rfc3339, Op, OpKind};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+pub struct BuildOptions {
+    pub pkg: String,
+    /// `+a+b`, `+c` … as typed.
+    pub variant_args: Vec<String>,
+    /// `--no-remote-cache`.
+    pub no_remote: bool,
+    pub cwd: PathBuf,
+    /// `NIP_RECIPES_PATH`.
+    pub recipes_path: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Local,
+    Remote,
+    Built,
+}
+
+/// What `nip build --json` prints.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildResult {
+    pub key: String,
+    pub source: Source,
+    pub path: PathBuf,
+    pub name: String,
+    pub version: String,
+    pub variants: Vec<String>,
+    pub platform: String,
+    pub sha256: String,
+    pub size: u64,
+    /// Seconds this command took.
+    pub elapsed_secs: f64,
+    /// Whether the artifact reached a remote in this run.
+    pub uploaded: bool,
+}
+
+/// A recipe resolved to its cache key.
+pub struct Resolved {
+    pub recipe: LoadedRecipe,
+    pub variants: Vec<String>,
+    pub key: String,
+    pub platform: String,
+}
+
+/// Finds the recipe, checks the variants and derives the cache key.
+pub fn resolve(
+    client: &Client,
+    pkg: &str,
+    variant_args: &[String],
+    cwd: &Path,
+    recipes_path: Option<&str>,
+) -> Result<Resolved> {
+    let dirs = recipe::search_dirs(cwd, recipes_path, &client.dirs.user_recipes());
+    let recipe = recipe::find(pkg, &dirs)?;
+    let variants = recipe::select_variants(&recipe.recipe, variant_args)?;
+    let digest = match recipe.source_dir() {
+        Some(d) if !d.is_dir() => {
+            return Err(ClientError::Recipe(format!(
+                "{}: source {} is not a directory",
+                recipe.path.display(),
+                d.display()
+            )))
+        }
+        Some(d) => Some(key::source_digest(&d)?),
+        None => None,
+    };
+    let platform = key::platform();
+    let key = key::cache_key(&recipe, digest.as_deref(), &variants, &platform);
+    Ok(Resolved {
+        recipe,
+        variants,
+        key,
+        platform,
+    })
+}
+
+pub fn build(client: &Client, opts: &BuildOptions) -> Result<BuildResult> {
+    let started = Instant::now();
+    let r = resolve(
+        client,
+        &opts.pkg,
+        &opts.variant_args,
+        &opts.cwd,
+        opts.recipes_path.as_deref(),
+    )?;
+    let key = r.key.clone();
+    let pkgs = client.dirs.pkgs();
+    let finish = |meta: &Metadata, source: Source, path: PathBuf, uploaded: bool| BuildResult {
+        key: key.clone(),
+        source,
+        path,
+        name: meta.name.clone(),
+        version: meta.version.clone(),
+        variants: meta.variants.clone(),
+        platform: meta.platform.clone(),
+        sha256: meta.sha256.clone(),
+        size: meta.size,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+        uploaded,
+    };
+    let hit_op = |source: &str, meta: &Metadata| {
+        let mut op = Op::new(OpKind::Build, &key, source);
+        op.saved_secs = Some(meta.build_duration_secs);
+        op
+    };
+
+    // 1. Local cache.
+    if let Some(meta) = client.local.get(&key) {
+        match use_artifact(client, &meta, &pkgs) {
+            Ok(path) => {
+                client.log(hit_op("local", &meta));
+                return Ok(finish(&meta, Source::Local, path, false));
+            }
+            Err(e) => {
+                warn(&format!(
+                    "Local cache entry {key} is unusable, discarded: {e}"
+                ));
+                client.local.remove(&key);
+            }
+        }
+    }
+
+    // 2. Remote.
+    let remote_on = !opts.no_remote && client.config.enabled && !client.config.servers.is_empty();
+    if remote_on && client.config.policies.download_before_build {
+        let fallback = |info: &nip_core::api::ArtifactInfo| Metadata {
+            name: r.recipe.recipe.name.clone(),
+            version: r.recipe.recipe.version.clone(),
+            variants: r.variants.clone(),
+            key: key.clone(),
+            platform: r.platform.clone(),
+            sha256: info.sha256.clone(),
+            size: info.size,
+            build_duration_secs: 0.0,
+            builder_host: "unknown".into(),
+            created: info.created_at.clone(),
+        };
+        match client.fetch(&key, &fallback) {
+            Fetch::Hit(meta) => match use_artifact(client, &meta, &pkgs) {
+                Ok(path) => {
+                    client.log(hit_op("remote", &meta));
+                    return Ok(finish(&meta, Source::Remote, path, false));
+                }
+                Err(e) => {
+                    warn(&format!(
+                        "Remote artifact {key} cannot be used, discarded: {e}"
+                    ));
+                    client.local.remove(&key);
+                }
+            },
+            Fetch::Miss => {}
+            Fetch::Failed if !client.config.policies.fallback_to_local => {
+                return Err(ClientError::BuildFailed {
+                    key,
+                    message: "the remote cache failed and policies.fallbackToLocal is false".into(),
+                });
+            }
+            Fetch::Failed => {}
+        }
+    }
+
+    // 3. Build, 4. store locally.
+    let (packed, secs) = match run_build(client, &r) {
+        Ok(x) => x,
+        Err(e) => {
+            let mut op = Op::new(OpKind::Build, &key, "failed");
+            op.detail = Some(e.to_string());
+            client.log(op);
+            return Err(e);
+        }
+    };
+    let meta = Metadata {
+        name: r.recipe.recipe.name.clone(),
+        version: r.recipe.recipe.version.clone(),
+        variants: r.variants.clone(),
+        key: key.clone(),
+        platform: r.platform.clone(),
+        sha256: packed.sha256.clone(),
+        size: packed.size,
+        build_duration_secs: secs,
+        builder_host: builder_host(),
+        created: now_rfc3339(),
+    };
+    client.local.insert(packed.file, &meta)?;
+    let path = artifact::unpack(&client.local.artifact_path(&key), &pkgs, &key)?;
+    let mut op = Op::new(OpKind::Build, &key, "built");
+    op.duration_ms = Some((secs * 1000.0) as u64);
+    client.log(op);
+
+    // 5. Upload.
+    let mut uploaded = false;
+    if remote_on && client.config.policies.upload_on_build {
+        match client.push(&meta) {
+            Ok(_) => uploaded = true,
+            Err(errors) => {
+                for e in errors {
+                    warn(&format!(
+                        "Remote upload failed (local cache still available): {e}"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(finish(&meta, Source::Built, path, uploaded))
+}
+
+/// Returns the unpacked package, verifying the archive first when it has to be unpacked.
+fn use_artifact(client: &Client, meta: &Metadata, pkgs: &Path) -> Result<PathBuf> {
+    let done = pkgs.join(&meta.key);
+    if done.is_dir() {
+        return Ok(done);
+    }
+    let archive = client.local.artifact_path(&meta.key);
+    let actual = artifact::file_sha256(&archive)?;
+    if !actual.eq_ignore_ascii_case(&meta.sha256) {
+        return Err(ClientError::Corrupt(
+            meta.key.clone(),
+            format!("sha256 {actual}, expected {}", meta.sha256),
+        ));
+    }
+    artifact::unpack(&archive, pkgs, &meta.key)
+}
+
+/// Runs the recipe's build command in a fresh copy of the source and packs `$OUT`.
+fn run_build(client: &Client, r: &Resolved) -> Result<(Packed, f64)> {
+    let work_root = client.dirs.cache.join("tmp");
+    std::fs::create_dir_all(&work_root)
+        .map_err(io_ctx(format!("create {}", work_root.display())))?;
+    let work = tempfile::Builder::new()
+        .prefix("build-")
+        .tempdir_in(&work_root)
+        .map_err(io_ctx(format!(
+            "create a directory in {}",
+            work_root.display()
+        )))?;
+    let src = work.path().join("src");
+    let out = work.path().join("out");
+    match r.recipe.source_dir() {
+        Some(d) => copy_tree(&d, &src)?,
+        None => std::fs::create_dir(&src).map_err(io_ctx(format!("create {}", src.display())))?,
+    }
+    std::fs::create_dir(&out).map_err(io_ctx(format!("create {}", out.display())))?;
+
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(&r.recipe.recipe.build)
+        .current_dir(&src)
+        .env("OUT", &out)
+        .env("NIP_VARIANTS", r.variants.join(","))
+        .stdin(Stdio::null());
+    // Variants come only from this build, never from the caller's environment.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("NIP_VARIANT_") {
+            cmd.env_remove(k);
+        }
+    }
+    for v in &r.variants {
+        cmd.env(
+            format!("NIP_VARIANT_{}", v.to_ascii_uppercase().replace('-', "_")),
+            "1",
+        );
+    }
+    // The build's output goes to stderr so stdout carries only our result (the path or JSON).
+    if let Ok(fd) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
+        cmd.stdout(Stdio::from(fd));
+    }
+    eprintln!("🔨 Building {} ({})", r.key, r.recipe.path.display());
+    let spinner = progress::spinner(&format!("building {}", r.key));
+    let t0 = Instant::now();
+    let status = cmd.status();
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => {
+            return Err(ClientError::BuildFailed {
+                key: r.key.clone(),
+                message: format!("the build command exited with {s}"),
+            })
+        }
+        Err(e) => {
+            return Err(ClientError::BuildFailed {
+                key: r.key.clone(),
+                message: format!("cannot run sh: {e}"),
+            })
+        }
+    }
+    let packed = artifact::pack(&out, client.local.dir())?;
+    Ok((packed, secs))
+}
+
+/// Copies a directory tree, keeping symlinks as symlinks and file modes.
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(io_ctx(format!("create {}", to.display())))?;
+    let rd = std::fs::read_dir(from).map_err(io_ctx(format!("read {}", from.display())))?;
+    for e in rd {
+        let e = e.map_err(io_ctx(format!("read {}", from.display())))?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        let ft = e
+            .file_type()
+            .map_err(io_ctx(format!("stat {}", src.display())))?;
+        if ft.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else if ft.is_symlink() {
+            let t =
+                std::fs::read_link(&src).map_err(io_ctx(format!("readlink {}", src.display())))?;
+            std::os::unix::fs::symlink(t, &dst)
+                .map_err(io_ctx(format!("symlink {}", dst.display())))?;
+        } else if ft.is_file() {
+            std::fs::copy(&src, &dst).map_err(io_ctx(format!("copy {}", src.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// This machine's host name, for the metadata.
+pub fn builder_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -1,0 +1,331 @@
+//! The `/v1` HTTP client for one server: health, lookup, streamed download (hashed and verified),
+//! streamed multipart upload and listing, with the retry policy applied to every request.
+use crate::config::{Policies, Server};
+use crate::progress;
+use nip_core::api::{ArtifactInfo, ArtifactList, ErrorBody, HEADER_SHA256};
+use reqwest::blocking::{Client, RequestBuilder, Response};
+use reqwest::StatusCode;
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+/// Why a remote operation failed; `Display` is one line fit for a warning.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("not reachable at {url} ({reason})")]
+    Unreachable { url: String, reason: String },
+    #[error("timed out talking to {url}")]
+    Timeout { url: String },
+    #[error("401 Unauthorized (API key missing, wrong, expired or revoked): {message}")]
+    Unauthorized { message: String },
+    #[error("403 Forbidden (API key lacks the scope for this): {message}")]
+    Forbidden { message: String },
+    #[error("{status}: {message}")]
+    Status { status: StatusCode, message: String },
+    #[error("corrupt download of {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("invalid answer from {url}: {reason}")]
+    BadResponse { url: String, reason: String },
+    #[error("local file: {0}")]
+    Local(String),
+}
+
+/// What an upload did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UploadOutcome {
+    Created,
+    /// The server already held these exact bytes (200).
+    AlreadyPresent,
+}
+
+/// A downloaded artifact whose size and SHA-256 matched the lookup, still in a temp file.
+pub struct Verified {
+    pub file: tempfile::NamedTempFile,
+    pub size: u64,
+    pub sha256: String,
+}
+
+pub struct RemoteClient {
+    http: Client,
+    pub server: Server,
+    policies: Policies,
+}
+
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+impl RemoteClient {
+    pub fn new(server: Server, timeout: Duration, policies: Policies) -> Result<Self, RemoteError> {
+        let http = Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("nip/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| RemoteError::Local(format!("HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            server,
+            policies,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.url)
+    }
+
+    fn authed(&self, rb: RequestBuilder) -> RequestBuilder {
+        match &self.server.api_key {
+            Some(k) => rb.bearer_auth(k),
+            None => rb,
+        }
+    }
+
+    /// Sends with retries: connection errors, timeouts, 408, 429 and 5xx are retried up to
+    /// `retry_attempts` attempts with exponential backoff (or `Retry-After`); other answers are
+    /// returned as they are for the caller to interpret.
+    fn send(
+        &self,
+        make: &dyn Fn() -> Result<RequestBuilder, RemoteError>,
+    ) -> Result<Response, RemoteError> {
+        let attempts = self.policies.retry_attempts.max(1);
+        let mut delay = self.policies.retry_delay;
+        for attempt in 1..=attempts {
+            let last = attempt == attempts;
+            let wait = match make()?.send() {
+                Ok(resp) => {
+                    let s = resp.status();
+                    let retryable = s.is_server_error()
+                        || s == StatusCode::REQUEST_TIMEOUT
+                        || s == StatusCode::TOO_MANY_REQUESTS;
+                    // 507 means the server's disk is full: retrying soon will not help.
+                    if !retryable || last || s == StatusCode::INSUFFICIENT_STORAGE {
+                        return Ok(resp);
+                    }
+                    retry_after(&resp).unwrap_or(delay)
+                }
+                Err(e) => {
+                    if last {
+                        return Err(self.transport_error(e));
+                    }
+                    delay
+                }
+            };
+            std::thread::sleep(wait);
+            delay = delay.saturating_mul(2);
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    fn transport_error(&self, e: reqwest::Error) -> RemoteError {
+        if e.is_timeout() {
+            RemoteError::Timeout {
+                url: self.server.url.clone(),
+            }
+        } else {
+            // The innermost cause ("Connection refused") is the useful part.
+            let mut reason = e.to_string();
+            let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+            while let Some(s) = src {
+                reason = s.to_string();
+                src = s.source();
+            }
+            RemoteError::Unreachable {
+                url: self.server.url.clone(),
+                reason,
+            }
+        }
+    }
+
+    /// `GET /v1/health`: is the server up (no auth)?
+    pub fn health(&self) -> Result<(), RemoteError> {
+        let resp = self.send(&|| Ok(self.http.get(self.url("/v1/health"))))?;
+        expect_success(resp).map(drop)
+    }
+
+    /// Checks that the key is accepted, with the cheapest authenticated read.
+    pub fn check_auth(&self) -> Result<(), RemoteError> {
+        self.list(None, None, 1).map(drop)
+    }
+
+    /// `GET /v1/artifacts/{key}`: `None` on 404.
+    pub fn lookup(&self, key: &str) -> Result<Option<ArtifactInfo>, RemoteError> {
+        let url = self.url(&format!("/v1/artifacts/{key}"));
+        let resp = self.send(&|| Ok(self.authed(self.http.get(&url))))?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        json(expect_success(resp)?, &url).map(Some)
+    }
+
+    /// `GET /v1/artifacts/{key}/metadata`.
+    pub fn metadata(&self, key: &str) -> Result<serde_json::Value, RemoteError> {
+        let url = self.url(&format!("/v1/artifacts/{key}/metadata"));
+        let resp = self.send(&|| Ok(self.authed(self.http.get(&url))))?;
+        json(expect_success(resp)?, &url)
+    }
+
+    /// `GET /v1/artifacts?name=&version=&limit=`.
+    pub fn list(
+        &self,
+        name: Option<&str>,
+        version: Option<&str>,
+        limit: u32,
+    ) -> Result<ArtifactList, RemoteError> {
+        let url = self.url("/v1/artifacts");
+        let mut q: Vec<(&str, String)> = vec![("limit", limit.to_string())];
+        q.extend(name.map(|n| ("name", n.to_string())));
+        q.extend(version.map(|v| ("version", v.to_string())));
+        let resp = self.send(&|| Ok(self.authed(self.http.get(&url).query(&q))))?;
+        json(expect_success(resp)?, &url)
+    }
+
+    /// Streams the artifact into a temp file in `dir` while hashing it; the file is returned only
+    /// when its size and SHA-256 match `info`, so nothing unverified is ever used.
+    pub fn download(&self, info: &ArtifactInfo, dir: &Path) -> Result<Verified, RemoteError> {
+        let url = if info.download_url.starts_with('/') {
+            self.url(&info.download_url)
+        } else {
+            info.download_url.clone()
+        };
+        // The token goes only to our own server, never to a third-party (e.g. presigned) URL.
+        let same_origin = url.starts_with(&format!("{}/", self.server.url));
+        let mut resp = self.send(&|| {
+            let rb = self.http.get(&url);
+            Ok(if same_origin { self.authed(rb) } else { rb })
+        })?;
+        if !resp.status().is_success() {
+            return Err(status_error(resp));
+        }
+        let local = |e: std::io::Error| RemoteError::Local(format!("{}: {e}", dir.display()));
+        std::fs::create_dir_all(dir).map_err(local)?;
+        let mut file = tempfile::NamedTempFile::new_in(dir).map_err(local)?;
+        let bar = progress::bar(info.size, &format!("⬇️  {}", info.key));
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match resp.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    return Err(RemoteError::Unreachable {
+                        url: self.server.url.clone(),
+                        reason: format!("download interrupted: {e}"),
+                    })
+                }
+            };
+            hasher.update(&buf[..n]);
+            file.write_all(&buf[..n]).map_err(local)?;
+            size += n as u64;
+            if let Some(b) = &bar {
+                b.inc(n as u64);
+            }
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        file.flush().map_err(local)?;
+        let sha256 = hex::encode(hasher.finalize());
+        let corrupt = |reason: String| RemoteError::Corrupt {
+            key: info.key.clone(),
+            reason,
+        };
+        if size != info.size {
+            return Err(corrupt(format!("{size} bytes, expected {}", info.size)));
+        }
+        if !sha256.eq_ignore_ascii_case(&info.sha256) {
+            return Err(corrupt(format!(
+                "sha256 {sha256}, expected {}",
+                info.sha256
+            )));
+        }
+        Ok(Verified { file, size, sha256 })
+    }
+
+    /// `POST /v1/artifacts/{key}`: streams `path` as the `file` part (never read whole into
+    /// memory) with the metadata part and the digest header.
+    pub fn upload(
+        &self,
+        key: &str,
+        path: &Path,
+        sha256: &str,
+        metadata: &serde_json::Value,
+    ) -> Result<UploadOutcome, RemoteError> {
+        let url = self.url(&format!("/v1/artifacts/{key}"));
+        let meta = metadata.to_string();
+        let resp = self.send(&|| {
+            let file = std::fs::File::open(path)
+                .map_err(|e| RemoteError::Local(format!("{}: {e}", path.display())))?;
+            let len = file
+                .metadata()
+                .map_err(|e| RemoteError::Local(format!("{}: {e}", path.display())))?
+                .len();
+            let bar = progress::bar(len, &format!("⬆️  {key}"));
+            let reader = progress::Reader { inner: file, bar };
+            let file_part = reqwest::blocking::multipart::Part::reader_with_length(reader, len)
+                .file_name(format!("{key}.tar.zst"))
+                .mime_str("application/octet-stream")
+                .expect("static mime");
+            let meta_part = reqwest::blocking::multipart::Part::text(meta.clone())
+                .mime_str("application/json")
+                .expect("static mime");
+            // Metadata first, so a server can validate it before it stores any bytes.
+            let form = reqwest::blocking::multipart::Form::new()
+                .part("metadata", meta_part)
+                .part("file", file_part);
+            Ok(self
+                .authed(self.http.post(&url))
+                .header(HEADER_SHA256, sha256)
+                .multipart(form))
+        })?;
+        match resp.status() {
+            StatusCode::CREATED => Ok(UploadOutcome::Created),
+            StatusCode::OK => Ok(UploadOutcome::AlreadyPresent),
+            _ => Err(status_error(resp)),
+        }
+    }
+}
+
+/// Seconds from a `Retry-After` header (the HTTP-date form is rare for APIs and ignored), capped.
+fn retry_after(resp: &Response) -> Option<Duration> {
+    let secs: u64 = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+}
+
+fn expect_success(resp: Response) -> Result<Response, RemoteError> {
+    if resp.status().is_success() {
+        Ok(resp)
+    } else {
+        Err(status_error(resp))
+    }
+}
+
+/// Turns an error answer into a `RemoteError`, using the shared `{"error": …}` body when present.
+pub(crate) fn status_error(resp: Response) -> RemoteError {
+    let status = resp.status();
+    let mut body = Vec::new();
+    // An error body is small; read at most 64 KiB of it.
+    let _ = resp.take(64 * 1024).read_to_end(&mut body);
+    let message = serde_json::from_slice::<ErrorBody>(&body)
+        .map(|b| b.error)
+        .unwrap_or_else(|_| status.canonical_reason().unwrap_or("error").to_string());
+    match status {
+        StatusCode::UNAUTHORIZED => RemoteError::Unauthorized { message },
+        StatusCode::FORBIDDEN => RemoteError::Forbidden { message },
+        _ => RemoteError::Status { status, message },
+    }
+}
+
+fn json<T: serde::de::DeserializeOwned>(resp: Response, url: &str) -> Result<T, RemoteError> {
+    serde_json::from_reader(resp).map_err(|e| RemoteError::BadResponse {
+        url: url.to_string(),
+        reason: e.to_string(),
+    })
+}
