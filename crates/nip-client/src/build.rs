@@ -209,6 +209,9 @@ pub fn build(client: &Client, opts: &BuildOptions) -> Result<BuildResult> {
     if remote_on && client.config.policies.upload_on_build {
         match client.push(&meta) {
             Ok(_) => uploaded = true,
+            Err(errors) if errors.is_empty() => warn(
+                "Remote upload skipped: no reachable remote cache (local cache still available)",
+            ),
             Err(errors) => {
                 for e in errors {
                     warn(&format!(

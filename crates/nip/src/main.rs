@@ -1,5 +1,7 @@
 //! The `nip` command: `nip serve` runs the cache server; `nip keys` / `nip audit` manage it.
 mod admin;
+mod client_cmd;
+mod client_report;
 mod serve;
 
 use clap::{Arg, ArgAction, Command};
@@ -13,6 +15,9 @@ fn cli() -> Command {
         .subcommand(serve::command())
         .subcommand(admin::keys_command())
         .subcommand(admin::audit_command())
+        .subcommand(client_cmd::cache_command())
+        .subcommand(client_cmd::build_command())
+        .subcommand(client_cmd::completions_command())
 }
 
 fn main() -> std::process::ExitCode {
@@ -21,6 +26,9 @@ fn main() -> std::process::ExitCode {
         Some(("serve", m)) => serve::run(m),
         Some(("keys", m)) => admin::run_keys(m),
         Some(("audit", m)) => admin::run_audit(m),
+        Some(("cache", m)) => client_cmd::run_cache(m),
+        Some(("build", m)) => client_cmd::run_build(m),
+        Some(("completions", m)) => client_cmd::run_completions(m, cli()),
         _ => unreachable!("clap enforces a subcommand"),
     };
     match result {
