@@ -62,6 +62,14 @@ pub struct BlobRange {
     pub end: u64,
 }
 
+/// A stored blob as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobEntry {
+    pub key: String,
+    pub size: u64,
+    pub modified: Option<std::time::SystemTime>,
+}
+
 /// An open blob: its total size and a stream of the requested bytes.
 pub struct BlobRead {
     pub size: u64,
@@ -84,8 +92,12 @@ pub trait BlobStore: Send + Sync + 'static {
     /// could see half-written: after this returns the blob is complete and durable.
     async fn put_file(&self, key: &BlobKey, staged: &Path) -> Result<(), StoreError>;
 
-    /// Removes the blob; absent blobs are not an error.
+    /// Removes the blob; absent blobs are not an error. Readers that already opened it may finish.
     async fn delete(&self, key: &BlobKey) -> Result<(), StoreError>;
+
+    /// Every blob directly under `prefix/` (including half-published ones, whose names start
+    /// with `.`), for reconciliation after a crash.
+    async fn list(&self, prefix: &str) -> Result<Vec<BlobEntry>, StoreError>;
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Index contracts beyond the Nix cache: `/v1` artifacts, API keys and the audit log.
 use async_trait::async_trait;
 
+use crate::gc::GcIndex;
 use crate::meta::{MetaError, MetaStore};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,5 +98,5 @@ pub trait AuditLog: Send + Sync + 'static {
 }
 
 /// Everything the server keeps in its database.
-pub trait Index: MetaStore + ArtifactIndex + KeyStore + AuditLog {}
-impl<T: MetaStore + ArtifactIndex + KeyStore + AuditLog> Index for T {}
+pub trait Index: MetaStore + ArtifactIndex + KeyStore + AuditLog + GcIndex {}
+impl<T: MetaStore + ArtifactIndex + KeyStore + AuditLog + GcIndex> Index for T {}

@@ -1,14 +1,17 @@
 //! Storage for nip: blobs (NAR files, artifacts) behind [`BlobStore`] and the metadata index
 //! behind [`MetaStore`]. Nothing here knows about HTTP.
 pub mod blob;
+pub mod gc;
 pub mod index;
 pub mod local;
 pub mod meta;
 pub mod sqlite;
+mod sqlite_gc;
 mod sqlite_index;
 pub mod staging;
 
-pub use blob::{BlobKey, BlobRange, BlobRead, BlobStore, StoreError};
+pub use blob::{BlobEntry, BlobKey, BlobRange, BlobRead, BlobStore, StoreError};
+pub use gc::{GcIndex, Usage};
 pub use index::{
     ApiKeyRecord, ArtifactIndex, ArtifactRecord, AuditEntry, AuditLog, Index, KeyStore, PutArtifact,
 };

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use crate::blob::{BlobKey, BlobRange, BlobRead, BlobStore, StoreError};
+use crate::blob::{BlobEntry, BlobKey, BlobRange, BlobRead, BlobStore, StoreError};
 
 /// Read buffer for streaming blobs out; large reads keep syscalls per byte low.
 const READ_CHUNK: usize = 256 * 1024;
@@ -80,6 +80,27 @@ impl BlobStore for LocalBlobStore {
     async fn delete(&self, key: &BlobKey) -> Result<(), StoreError> {
         not_found_is_none(tokio::fs::remove_file(self.path(key)).await)?;
         Ok(())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<BlobEntry>, StoreError> {
+        let dir = self.path(&BlobKey::new(prefix)?);
+        let Some(mut entries) = not_found_is_none(tokio::fs::read_dir(&dir).await)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        while let Some(e) = entries.next_entry().await.map_err(StoreError::from_io)? {
+            let Ok(meta) = e.metadata().await else {
+                continue;
+            };
+            if meta.is_file() {
+                out.push(BlobEntry {
+                    key: format!("{prefix}/{}", e.file_name().to_string_lossy()),
+                    size: meta.len(),
+                    modified: meta.modified().ok(),
+                });
+            }
+        }
+        Ok(out)
     }
 }
 

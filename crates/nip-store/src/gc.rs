@@ -1,0 +1,409 @@
+//! Keeping the store inside its budget and consistent: least-recently-used eviction (a narinfo
+//! goes with its NAR, an artifact's row with its bytes; pinned entries stay) and reconciliation
+//! of what a crash left behind (rows without bytes, bytes without rows, half-published files).
+//! Used by the server's background job and by `nip admin gc` alike.
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+
+use crate::blob::{BlobKey, BlobStore, StoreError};
+use crate::index::Index;
+use crate::meta::MetaError;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes of stored NARs plus distinct artifact contents.
+    pub bytes: i64,
+    pub nars: i64,
+    pub narinfos: i64,
+    pub artifacts: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum CandidateKind {
+    /// A stored NAR (with the narinfos that point at it).
+    Nar,
+    Artifact,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub kind: CandidateKind,
+    /// NAR file name or artifact key.
+    pub id: String,
+    pub size: i64,
+}
+
+#[async_trait]
+pub trait GcIndex: Send + Sync + 'static {
+    async fn usage(&self) -> Result<Usage, MetaError>;
+    /// Least recently accessed first; pinned entries are never returned.
+    async fn eviction_candidates(&self, limit: i64) -> Result<Vec<Candidate>, MetaError>;
+    /// Removes a NAR's row with every narinfo and source that points at it, in one transaction,
+    /// so no narinfo is left without its NAR. Returns the number of narinfos removed.
+    async fn evict_nar(&self, nar_file: &str) -> Result<u64, MetaError>;
+    /// Records reads of NARs and narinfos (batched by the caller).
+    async fn touch_nix(
+        &self,
+        nar_files: &[String],
+        narinfo_hashes: &[String],
+        at: i64,
+    ) -> Result<(), MetaError>;
+    async fn pin(&self, key: &str, at: i64) -> Result<(), MetaError>;
+    /// True when the key was pinned.
+    async fn unpin(&self, key: &str) -> Result<bool, MetaError>;
+    async fn pins(&self) -> Result<Vec<String>, MetaError>;
+    async fn all_nar_files(&self) -> Result<Vec<String>, MetaError>;
+    /// (key, sha256) of every artifact.
+    async fn all_artifacts(&self) -> Result<Vec<(String, String)>, MetaError>;
+    /// Narinfos uploaded by clients whose NAR is not stored (they cannot be refetched).
+    async fn orphan_uploaded_narinfos(&self) -> Result<Vec<String>, MetaError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EvictionSummary {
+    pub nars: u64,
+    pub narinfos: u64,
+    pub artifacts: u64,
+    pub bytes: i64,
+    pub usage_after: i64,
+}
+
+/// Evicts least recently used entries until usage is at most `max_bytes`. With `dry_run` nothing
+/// is deleted and the summary says what would be.
+pub async fn evict<I: Index + ?Sized>(
+    index: &I,
+    blobs: &dyn BlobStore,
+    max_bytes: u64,
+    dry_run: bool,
+) -> Result<EvictionSummary, GcError> {
+    let mut usage = index.usage().await?.bytes;
+    let mut summary = EvictionSummary::default();
+    let mut seen = HashSet::new();
+    while usage > max_bytes as i64 {
+        let batch = index.eviction_candidates(256).await?;
+        let fresh: Vec<_> = batch
+            .into_iter()
+            .filter(|c| seen.insert((c.kind.clone(), c.id.clone())))
+            .collect();
+        if fresh.is_empty() {
+            break;
+        }
+        for c in fresh {
+            if usage <= max_bytes as i64 {
+                break;
+            }
+            match c.kind {
+                CandidateKind::Nar => {
+                    if !dry_run {
+                        summary.narinfos += index.evict_nar(&c.id).await?;
+                        blobs
+                            .delete(&BlobKey::new(format!("nar/{}", c.id))?)
+                            .await?;
+                    }
+                    summary.nars += 1;
+                }
+                CandidateKind::Artifact => {
+                    if !dry_run {
+                        if let Some((rec, shared)) = index.delete_artifact(&c.id).await? {
+                            if !shared {
+                                blobs
+                                    .delete(&BlobKey::new(format!("artifacts/{}", rec.sha256))?)
+                                    .await?;
+                            }
+                        }
+                    }
+                    summary.artifacts += 1;
+                }
+            }
+            usage -= c.size;
+            summary.bytes += c.size;
+        }
+        if dry_run {
+            // Nothing changes between batches in a dry run: one batch is all we can look at.
+            break;
+        }
+    }
+    summary.usage_after = usage;
+    Ok(summary)
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileSummary {
+    pub rows_without_bytes: u64,
+    pub bytes_without_rows: u64,
+    pub partial_files: u64,
+}
+
+impl ReconcileSummary {
+    pub fn total(&self) -> u64 {
+        self.rows_without_bytes + self.bytes_without_rows + self.partial_files
+    }
+}
+
+/// Files younger than this are left alone: another instance may be between publishing the bytes
+/// and committing the row.
+const GRACE: Duration = Duration::from_secs(600);
+
+/// Finds and removes what a crash can leave: index rows whose bytes are gone, stored bytes that no
+/// row references, and half-published files.
+pub async fn reconcile<I: Index + ?Sized>(
+    index: &I,
+    blobs: &dyn BlobStore,
+    dry_run: bool,
+) -> Result<ReconcileSummary, GcError> {
+    let mut s = ReconcileSummary::default();
+    let now = SystemTime::now();
+    let old_enough = |m: Option<SystemTime>| {
+        m.and_then(|m| now.duration_since(m).ok())
+            .is_none_or(|age| age >= GRACE)
+    };
+
+    let nar_rows: HashSet<String> = index.all_nar_files().await?.into_iter().collect();
+    let nar_blobs = blobs.list("nar").await?;
+    let stored_nars: HashSet<String> = nar_blobs
+        .iter()
+        .filter_map(|b| b.key.strip_prefix("nar/").map(String::from))
+        .collect();
+    for file in nar_rows.difference(&stored_nars) {
+        s.rows_without_bytes += 1;
+        if !dry_run {
+            index.delete_nar(file).await?;
+        }
+    }
+    for hash in index.orphan_uploaded_narinfos().await? {
+        s.rows_without_bytes += 1;
+        if !dry_run {
+            index.delete_narinfo(&hash).await?;
+        }
+    }
+    for b in &nar_blobs {
+        let name = b.key.strip_prefix("nar/").unwrap_or(&b.key);
+        let partial = name.starts_with('.');
+        if (partial || !nar_rows.contains(name)) && (partial || old_enough(b.modified)) {
+            if partial {
+                s.partial_files += 1;
+            } else {
+                s.bytes_without_rows += 1;
+            }
+            if !dry_run {
+                blobs.delete(&BlobKey::new(b.key.clone())?).await?;
+            }
+        }
+    }
+
+    let artifacts = index.all_artifacts().await?;
+    let art_blobs = blobs.list("artifacts").await?;
+    let stored: HashSet<String> = art_blobs
+        .iter()
+        .filter_map(|b| b.key.strip_prefix("artifacts/").map(String::from))
+        .collect();
+    let referenced: HashSet<&str> = artifacts.iter().map(|(_, sha)| sha.as_str()).collect();
+    for (key, sha) in &artifacts {
+        if !stored.contains(sha) {
+            s.rows_without_bytes += 1;
+            if !dry_run {
+                index.delete_artifact(key).await?;
+            }
+        }
+    }
+    for b in &art_blobs {
+        let name = b.key.strip_prefix("artifacts/").unwrap_or(&b.key);
+        let partial = name.starts_with('.');
+        if (partial || !referenced.contains(name)) && (partial || old_enough(b.modified)) {
+            if partial {
+                s.partial_files += 1;
+            } else {
+                s.bytes_without_rows += 1;
+            }
+            if !dry_run {
+                blobs.delete(&BlobKey::new(b.key.clone())?).await?;
+            }
+        }
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{ArtifactIndex, ArtifactRecord};
+    use crate::meta::{MetaStore, NarInfoRecord, NarRecord};
+    use crate::{LocalBlobStore, SqliteMeta, Staging};
+
+    struct Fx {
+        _dir: tempfile::TempDir,
+        db: SqliteMeta,
+        blobs: LocalBlobStore,
+        staging: Staging,
+    }
+
+    async fn fx() -> Fx {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SqliteMeta::connect(&format!(
+            "sqlite:{}",
+            dir.path().join("db.sqlite").display()
+        ))
+        .await
+        .unwrap();
+        let blobs = LocalBlobStore::new(dir.path().join("store")).unwrap();
+        let staging = Staging::new(dir.path().join("tmp")).unwrap();
+        Fx {
+            _dir: dir,
+            db,
+            blobs,
+            staging,
+        }
+    }
+
+    async fn put_blob(f: &Fx, key: &str, size: usize) {
+        let staged = f.staging.create().await.unwrap();
+        staged
+            .append(bytes::Bytes::from(vec![1u8; size]))
+            .await
+            .unwrap();
+        f.blobs
+            .put_file(&BlobKey::new(key).unwrap(), staged.path())
+            .await
+            .unwrap();
+    }
+
+    /// A narinfo and its stored NAR, last read at `at`.
+    async fn nix_entry(f: &Fx, hash: &str, size: usize, at: i64) {
+        let file = format!("{hash}.nar");
+        put_blob(f, &format!("nar/{file}"), size).await;
+        let rec = NarInfoRecord {
+            hash: hash.into(),
+            store_path: format!("/nix/store/{hash}-x"),
+            nar_file: file.clone(),
+            file_size: Some(size as i64),
+            file_hash: None,
+            nar_hash: "sha256:x".into(),
+            narinfo: "x".into(),
+            origin: "upload".into(),
+        };
+        f.db.put_narinfo(&rec, &[]).await.unwrap();
+        f.db.put_nar(&NarRecord {
+            nar_file: file.clone(),
+            size: size as i64,
+            sha256: "00".into(),
+        })
+        .await
+        .unwrap();
+        sqlx::query("UPDATE nars SET last_accessed_at = ? WHERE nar_file = ?")
+            .bind(at)
+            .bind(&file)
+            .execute(f.db.pool())
+            .await
+            .unwrap();
+    }
+
+    async fn artifact(f: &Fx, key: &str, size: usize, at: i64) {
+        let sha = format!("{key}sha");
+        put_blob(f, &format!("artifacts/{sha}"), size).await;
+        let rec = ArtifactRecord {
+            key: key.into(),
+            size: size as i64,
+            sha256: sha,
+            metadata: "{}".into(),
+            created_at: at,
+        };
+        f.db.put_artifact(&rec, None, None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn evicts_least_recently_used_first_keeping_pins_and_pairs() {
+        let f = fx().await;
+        nix_entry(&f, "aaa", 100, 1).await; // oldest, but pinned
+        artifact(&f, "old-artifact", 100, 2).await;
+        nix_entry(&f, "bbb", 100, 3).await;
+        nix_entry(&f, "ccc", 100, 4).await;
+        artifact(&f, "new-artifact", 100, 5).await;
+        f.db.pin("aaa", 0).await.unwrap();
+        assert_eq!(f.db.usage().await.unwrap().bytes, 500);
+
+        let dry = evict(&f.db, &f.blobs, 300, true).await.unwrap();
+        assert_eq!((dry.nars, dry.artifacts, dry.usage_after), (1, 1, 300));
+        assert_eq!(
+            f.db.usage().await.unwrap().bytes,
+            500,
+            "dry run deleted something"
+        );
+
+        let s = evict(&f.db, &f.blobs, 300, false).await.unwrap();
+        assert_eq!(
+            (s.nars, s.narinfos, s.artifacts, s.usage_after),
+            (1, 1, 1, 300)
+        );
+        assert!(
+            f.db.get_narinfo("aaa").await.unwrap().is_some(),
+            "pinned entry evicted"
+        );
+        assert!(f.db.get_artifact("old-artifact").await.unwrap().is_none());
+        assert!(
+            f.db.get_narinfo("bbb").await.unwrap().is_none(),
+            "narinfo left without its NAR"
+        );
+        assert!(f
+            .blobs
+            .stat(&BlobKey::new("nar/bbb.nar").unwrap())
+            .await
+            .unwrap()
+            .is_none());
+        assert!(f.db.get_narinfo("ccc").await.unwrap().is_some());
+        assert!(f.db.get_artifact("new-artifact").await.unwrap().is_some());
+        // Everything left is pinned or under the budget: nothing more to do.
+        let s = evict(&f.db, &f.blobs, 0, false).await.unwrap();
+        assert_eq!(s.usage_after, 100, "only the pinned entry stays");
+    }
+
+    #[tokio::test]
+    async fn reconcile_removes_what_a_crash_left() {
+        let f = fx().await;
+        nix_entry(&f, "good", 10, 1).await;
+        nix_entry(&f, "lost", 10, 1).await;
+        std::fs::remove_file(f.blobs.root().join("nar/lost.nar")).unwrap();
+        artifact(&f, "art", 10, 1).await;
+        artifact(&f, "gone", 10, 1).await;
+        std::fs::remove_file(f.blobs.root().join("artifacts/gonesha")).unwrap();
+        // Bytes without rows (old enough to be leftovers) and a half-published file.
+        let stray = f.blobs.root().join("nar/stray.nar");
+        std::fs::write(&stray, b"x").unwrap();
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&stray)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        std::fs::write(f.blobs.root().join("artifacts/.publish-x"), b"x").unwrap();
+        // A young stray file may belong to an upload in progress elsewhere: left alone.
+        std::fs::write(f.blobs.root().join("artifacts/young"), b"x").unwrap();
+
+        let s = reconcile(&f.db, &f.blobs, false).await.unwrap();
+        assert_eq!(
+            s,
+            ReconcileSummary {
+                rows_without_bytes: 3,
+                bytes_without_rows: 1,
+                partial_files: 1
+            }
+        );
+        assert!(f.db.get_narinfo("lost").await.unwrap().is_none());
+        assert!(f.db.get_narinfo("good").await.unwrap().is_some());
+        assert!(f.db.get_artifact("gone").await.unwrap().is_none());
+        assert!(f.db.get_artifact("art").await.unwrap().is_some());
+        assert!(!stray.exists());
+        assert!(f.blobs.root().join("artifacts/young").exists());
+        assert_eq!(reconcile(&f.db, &f.blobs, false).await.unwrap().total(), 0);
+    }
+}

@@ -1,0 +1,167 @@
+//! SQLite implementation of the eviction and reconciliation queries.
+use async_trait::async_trait;
+use sqlx::Row;
+
+use crate::gc::{Candidate, CandidateKind, GcIndex, Usage};
+use crate::meta::MetaError;
+use crate::sqlite::SqliteMeta;
+
+#[async_trait]
+impl GcIndex for SqliteMeta {
+    async fn usage(&self) -> Result<Usage, MetaError> {
+        let row = sqlx::query(
+            "SELECT (SELECT COALESCE(SUM(size), 0) FROM nars) \
+                  + (SELECT COALESCE(SUM(size), 0) FROM (SELECT DISTINCT sha256, size FROM artifacts)) AS bytes, \
+                    (SELECT COUNT(*) FROM nars) AS nars, (SELECT COUNT(*) FROM narinfos) AS narinfos, \
+                    (SELECT COUNT(*) FROM artifacts) AS artifacts",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok(Usage {
+            bytes: row.try_get("bytes")?,
+            nars: row.try_get("nars")?,
+            narinfos: row.try_get("narinfos")?,
+            artifacts: row.try_get("artifacts")?,
+        })
+    }
+
+    async fn eviction_candidates(&self, limit: i64) -> Result<Vec<Candidate>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT 'nar' AS kind, n.nar_file AS id, n.size AS size, n.last_accessed_at AS at FROM nars n \
+             WHERE NOT EXISTS (SELECT 1 FROM narinfos i JOIN pins p ON p.key = i.hash WHERE i.nar_file = n.nar_file) \
+             UNION ALL \
+             SELECT 'artifact', a.key, a.size, a.last_accessed_at FROM artifacts a \
+             WHERE NOT EXISTS (SELECT 1 FROM pins p WHERE p.key = a.key) \
+             ORDER BY at ASC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let kind: String = r.try_get("kind")?;
+                Ok(Candidate {
+                    kind: if kind == "nar" {
+                        CandidateKind::Nar
+                    } else {
+                        CandidateKind::Artifact
+                    },
+                    id: r.try_get("id")?,
+                    size: r.try_get("size")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    async fn evict_nar(&self, nar_file: &str) -> Result<u64, MetaError> {
+        let mut tx = self.pool().begin().await?;
+        let narinfos = sqlx::query("DELETE FROM narinfos WHERE nar_file = ?")
+            .bind(nar_file)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("DELETE FROM nar_sources WHERE nar_file = ?")
+            .bind(nar_file)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM nars WHERE nar_file = ?")
+            .bind(nar_file)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(narinfos)
+    }
+
+    async fn touch_nix(
+        &self,
+        nar_files: &[String],
+        narinfo_hashes: &[String],
+        at: i64,
+    ) -> Result<(), MetaError> {
+        let mut tx = self.pool().begin().await?;
+        for f in nar_files {
+            sqlx::query(
+                "UPDATE nars SET last_accessed_at = ? WHERE nar_file = ? AND last_accessed_at < ?",
+            )
+            .bind(at)
+            .bind(f)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for h in narinfo_hashes {
+            // A narinfo read counts for its NAR too: Nix reads the narinfo before the NAR, and a
+            // client whose store already has the NAR's contents may read only the narinfo.
+            sqlx::query(
+                "UPDATE nars SET last_accessed_at = ?1 WHERE last_accessed_at < ?1 \
+                 AND nar_file = (SELECT nar_file FROM narinfos WHERE hash = ?2)",
+            )
+            .bind(at)
+            .bind(h)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE narinfos SET last_accessed_at = ? WHERE hash = ? AND last_accessed_at < ?",
+            )
+            .bind(at)
+            .bind(h)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn pin(&self, key: &str, at: i64) -> Result<(), MetaError> {
+        sqlx::query(
+            "INSERT INTO pins (key, created_at) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(at)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn unpin(&self, key: &str) -> Result<bool, MetaError> {
+        let n = sqlx::query("DELETE FROM pins WHERE key = ?")
+            .bind(key)
+            .execute(self.pool())
+            .await?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn pins(&self) -> Result<Vec<String>, MetaError> {
+        Ok(sqlx::query_scalar("SELECT key FROM pins ORDER BY key")
+            .fetch_all(self.pool())
+            .await?)
+    }
+
+    async fn all_nar_files(&self) -> Result<Vec<String>, MetaError> {
+        Ok(sqlx::query_scalar("SELECT nar_file FROM nars")
+            .fetch_all(self.pool())
+            .await?)
+    }
+
+    async fn all_artifacts(&self) -> Result<Vec<(String, String)>, MetaError> {
+        let rows = sqlx::query("SELECT key, sha256 FROM artifacts")
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("key")?, r.try_get("sha256")?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    async fn orphan_uploaded_narinfos(&self) -> Result<Vec<String>, MetaError> {
+        Ok(sqlx::query_scalar(
+            "SELECT hash FROM narinfos i WHERE origin = 'upload' \
+             AND NOT EXISTS (SELECT 1 FROM nars n WHERE n.nar_file = i.nar_file)",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+}
