@@ -1,4 +1,7 @@
 //! Black-box tests: they start the real `nip` binary (and real Nix, where needed).
+mod client_build;
+mod client_env;
+mod client_status;
 mod common;
 mod nix_fixture;
 mod nix_substitute;
