@@ -97,6 +97,8 @@ pub fn token_from_headers(headers: &HeaderMap) -> Option<String> {
 pub struct Caller {
     pub principal: Option<Principal>,
     pub remote: Option<SocketAddr>,
+    /// The request carried ncps' `--cache-get-token`: Nix reads only, no API key.
+    pub get_token: bool,
 }
 
 impl Caller {
@@ -158,21 +160,30 @@ impl FromRequestParts<AppState> for Caller {
         let mut caller = Caller {
             principal: None,
             remote,
+            get_token: false,
         };
         if let Some(token) = token_from_headers(&parts.headers) {
-            match state.authenticate(&token).await? {
-                Ok(p) => caller.principal = Some(p),
-                Err(why) => {
-                    state
-                        .audit(caller.audit_entry(
-                            "auth",
-                            Some(parts.uri.path()),
-                            &format!("401 {why}"),
-                        ))
-                        .await;
-                    return Err(ApiError::Unauthorized(format!(
+            let is_get_token = state.config.get_token.as_deref().is_some_and(|g| {
+                constant_time_eq(hash_token(g).as_bytes(), hash_token(&token).as_bytes())
+            });
+            if is_get_token {
+                caller.get_token = true;
+            } else {
+                match state.authenticate(&token).await? {
+                    Ok(p) => caller.principal = Some(p),
+                    Err(why) => {
+                        metrics::counter!("nip_auth_failures_total", "reason" => why).increment(1);
+                        state
+                            .audit(caller.audit_entry(
+                                "auth",
+                                Some(parts.uri.path()),
+                                &format!("401 {why}"),
+                            ))
+                            .await;
+                        return Err(ApiError::Unauthorized(format!(
                         "API key {why}: check the token, or ask an admin for a new one (`nip keys create`)"
                     )));
+                    }
                 }
             }
         }
@@ -183,6 +194,7 @@ impl FromRequestParts<AppState> for Caller {
                 (None, None) => "anonymous".to_string(),
             };
             if let Err(retry_after) = limiter.check(&who) {
+                metrics::counter!("nip_rate_limited_total").increment(1);
                 return Err(ApiError::TooManyRequests(retry_after));
             }
         }
@@ -223,6 +235,18 @@ impl AppState {
             scope,
             prefix: rec.prefix,
         }))
+    }
+
+    /// Nix reads (nix-cache-info, narinfo, NAR) are public unless `--cache-require-auth-read` or
+    /// ncps' `--cache-get-token` is set; then they need that token or a read key.
+    pub fn check_nix_read(&self, caller: &Caller) -> Result<(), ApiError> {
+        if caller.get_token {
+            return Ok(());
+        }
+        if self.config.require_auth_read || self.config.get_token.is_some() {
+            caller.require(Scope::Read, None)?;
+        }
+        Ok(())
     }
 
     /// Whether uploads and deletes need a key: once any key exists, they do.
@@ -307,6 +331,7 @@ mod tests {
                 prefix: prefix.map(String::from),
             }),
             remote: None,
+            get_token: false,
         };
         assert!(caller(Scope::Write, None)
             .require(Scope::Read, Some("x"))
@@ -328,6 +353,7 @@ mod tests {
         let anon = Caller {
             principal: None,
             remote: None,
+            get_token: false,
         };
         assert!(matches!(
             anon.require(Scope::Read, None),

@@ -10,6 +10,8 @@ use crate::settings::{Layer, SETTINGS};
 pub const DEFAULT_UPSTREAM: &str = "https://cache.nixos.org";
 pub const DEFAULT_UPSTREAM_KEY: &str =
     "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+/// SQLite connections when `--cache-database-pool-max-open-conns` is not given.
+pub const DEFAULT_DB_CONNECTIONS: u32 = 8;
 /// Nix's own default priority for a binary cache that does not announce one.
 pub const DEFAULT_PRIORITY: u32 = 50;
 
@@ -47,6 +49,17 @@ pub struct ServeConfig {
     pub artifact_retention: Option<Duration>,
     /// Requests per second and burst per key; `None` when rate limiting is off.
     pub rate_limit: Option<(f64, f64)>,
+    /// Store size limit in bytes (`--cache-max-size`).
+    pub max_size: Option<u64>,
+    /// Cron expression of the eviction job (validated).
+    pub lru_schedule: Option<String>,
+    pub prometheus_enabled: bool,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// ncps' `--cache-get-token`: a bearer token that Nix GET/HEAD requests need. Never printed.
+    pub get_token: Option<String>,
+    /// SQLite pool size (`--cache-database-pool-max-open-conns`).
+    pub database_max_connections: u32,
     /// Settings that were given but have no effect yet, with the reason (logged at start).
     pub ignored: Vec<(String, &'static str)>,
 }
@@ -291,10 +304,51 @@ impl ServeConfig {
             }
             None => None,
         };
+        let max_size = match one("cache.max-size") {
+            Some(v) => Some(parse_size(&v).filter(|n| *n > 0).ok_or_else(|| {
+                err(
+                    "cache.max-size",
+                    format!("expected a size like 10G, got {v:?}"),
+                )
+            })?),
+            None => None,
+        };
+        let lru_schedule = one("cache.lru.schedule").filter(|v| !v.trim().is_empty());
+        if let Some(cron) = &lru_schedule {
+            croner::Cron::new(cron).parse().map_err(|e| {
+                err(
+                    "cache.lru.schedule",
+                    format!("{cron:?} is not a cron schedule (e.g. \"0 2 * * *\"): {e}"),
+                )
+            })?;
+        }
+        let log_format = one("log.format").unwrap_or_else(|| "text".into());
+        if log_format != "text" && log_format != "json" {
+            return Err(err(
+                "log.format",
+                format!("expected text or json, got {log_format:?}"),
+            ));
+        }
         let api_key = one("cache.api-key").filter(|k| !k.is_empty());
         if api_key.as_ref().is_some_and(|k| k.len() < 16) {
             return Err(err("cache.api-key", "must be at least 16 characters"));
         }
+
+        let get_token = one("cache.get-token").filter(|t| !t.is_empty());
+        let database_max_connections = match one("cache.database.pool.max-open-conns") {
+            Some(v) => match v.trim().parse::<u32>() {
+                // 0 means "the default" in ncps.
+                Ok(0) => DEFAULT_DB_CONNECTIONS,
+                Ok(n) => n,
+                Err(_) => {
+                    return Err(err(
+                        "cache.database.pool.max-open-conns",
+                        format!("expected a number of connections, got {v:?}"),
+                    ))
+                }
+            },
+            None => DEFAULT_DB_CONNECTIONS,
+        };
 
         let mut ignored = Vec::new();
         for setting in SETTINGS {
@@ -337,7 +391,13 @@ impl ServeConfig {
             max_upload_size,
             artifact_retention,
             rate_limit,
+            max_size,
+            lru_schedule,
+            prometheus_enabled: flag("prometheus.enabled")?,
+            log_format,
             data_path,
+            get_token,
+            database_max_connections,
             ignored,
         })
     }
@@ -411,12 +471,12 @@ mod tests {
     #[test]
     fn unimplemented_settings_are_reported() {
         let c = ServeConfig::from_layer(&layer(&[
-            ("cache.max-size", &["10G"]),
+            ("opentelemetry.enabled", &["true"]),
             ("prometheus.enabled", &["false"]),
         ]))
         .unwrap();
         assert_eq!(c.ignored.len(), 1);
-        assert_eq!(c.ignored[0].0, "--cache-max-size");
+        assert_eq!(c.ignored[0].0, "--otel-enabled");
     }
 
     #[test]

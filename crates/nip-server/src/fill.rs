@@ -67,6 +67,7 @@ pub struct FillContext {
     pub staging: Staging,
     pub blobs: Arc<dyn BlobStore>,
     pub meta: Arc<dyn MetaStore>,
+    pub budget: Arc<crate::budget::Budget>,
 }
 
 pub fn nar_blob_key(nar_file: &str) -> Result<BlobKey, nip_store::StoreError> {
@@ -177,7 +178,14 @@ impl Fills {
                 .iter()
                 .find(|u| u.name() == src.upstream)
                 .cloned();
-            match self.download(ctx, &spec, src, &staged, tx).await {
+            let started = Instant::now();
+            let result = self.download(ctx, &spec, src, &staged, tx).await;
+            let outcome = if result.is_ok() { "ok" } else { "error" };
+            crate::upstream::record_upstream(&src.upstream, "nar", outcome, started);
+            if let Ok(n) = &result {
+                metrics::counter!("nip_upstream_bytes_total").increment(*n);
+            }
+            match result {
                 Ok(written) => {
                     if let Some(u) = &upstream {
                         u.record_success();
@@ -194,6 +202,7 @@ impl Fills {
                         sha256: hex::encode(spec.sha256),
                     };
                     ctx.meta.put_nar(&rec).await.map_err(|e| e.to_string())?;
+                    ctx.budget.stored(written);
                     return Ok(written);
                 }
                 Err(DownloadError {

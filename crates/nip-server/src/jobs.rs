@@ -1,4 +1,7 @@
-//! Background jobs of a running server: flushing batched access times and artifact retention.
+//! Background jobs of a running server: flushing batched access times, artifact retention, and
+//! size-bounded eviction (on its cron schedule, or at once when a write overshoots the budget).
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -7,6 +10,33 @@ use tokio::task::JoinHandle;
 use crate::AppState;
 
 const ACCESS_FLUSH_EVERY: Duration = Duration::from_secs(5);
+/// Eviction schedule when `--cache-max-size` is set without `--cache-lru-schedule`.
+const DEFAULT_EVICT_EVERY: Duration = Duration::from_secs(300);
+
+/// Reads since the last flush; recorded in batches so a hit costs no database write.
+#[derive(Default)]
+pub struct Accessed {
+    pub artifacts: Mutex<HashSet<String>>,
+    pub nars: Mutex<HashSet<String>>,
+    pub narinfos: Mutex<HashSet<String>>,
+}
+
+impl Accessed {
+    pub fn note(set: &Mutex<HashSet<String>>, key: &str) {
+        let mut set = set.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded: past this, extra keys wait for the next flush to be counted at all.
+        if set.len() < 100_000 {
+            set.insert(key.to_string());
+        }
+    }
+
+    fn drain(set: &Mutex<HashSet<String>>) -> Vec<String> {
+        set.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect()
+    }
+}
 
 pub struct Jobs {
     stop: watch::Sender<bool>,
@@ -17,7 +47,14 @@ pub fn spawn(state: AppState) -> Jobs {
     let (stop, rx) = watch::channel(false);
     let mut handles = vec![tokio::spawn(flush_loop(state.clone(), rx.clone()))];
     if let Some(retention) = state.config.artifact_retention {
-        handles.push(tokio::spawn(retention_loop(state, retention, rx)));
+        handles.push(tokio::spawn(retention_loop(
+            state.clone(),
+            retention,
+            rx.clone(),
+        )));
+    }
+    if let Some(max) = state.budget.max_bytes {
+        handles.push(tokio::spawn(eviction_loop(state, max, rx)));
     }
     Jobs { stop, handles }
 }
@@ -41,19 +78,21 @@ async fn tick(rx: &mut watch::Receiver<bool>, period: Duration) -> bool {
 }
 
 pub async fn flush_access_times(state: &AppState) {
-    let keys: Vec<String> = {
-        let mut set = state.accessed.lock().unwrap_or_else(|e| e.into_inner());
-        set.drain().collect()
-    };
-    if keys.is_empty() {
-        return;
+    let now = nip_store::unix_now();
+    let artifacts = Accessed::drain(&state.accessed.artifacts);
+    if !artifacts.is_empty() {
+        if let Err(e) = state.meta.touch_artifacts(&artifacts, now).await {
+            tracing::warn!(error = %e, count = artifacts.len(), "could not record artifact access times");
+        }
     }
-    if let Err(e) = state
-        .meta
-        .touch_artifacts(&keys, nip_store::unix_now())
-        .await
-    {
-        tracing::warn!(error = %e, count = keys.len(), "could not record artifact access times");
+    let (nars, narinfos) = (
+        Accessed::drain(&state.accessed.nars),
+        Accessed::drain(&state.accessed.narinfos),
+    );
+    if !nars.is_empty() || !narinfos.is_empty() {
+        if let Err(e) = state.meta.touch_nix(&nars, &narinfos, now).await {
+            tracing::warn!(error = %e, "could not record NAR access times");
+        }
     }
 }
 
@@ -85,6 +124,7 @@ pub async fn retention_pass(state: &AppState, retention: Duration) -> usize {
             match crate::v1::artifacts::delete_artifact(state, &key).await {
                 Ok(Some(rec)) => {
                     deleted += 1;
+                    state.stats.activity("retention-delete", key.clone());
                     let entry = nip_store::AuditEntry {
                         at: nip_store::unix_now(),
                         action: "retention-delete".into(),
@@ -124,5 +164,86 @@ async fn retention_loop(state: AppState, retention: Duration, mut rx: watch::Rec
         if !tick(&mut rx, period).await {
             return;
         }
+    }
+}
+
+/// One eviction pass down to `max` bytes.
+pub async fn eviction_pass(state: &AppState, max: u64) {
+    flush_access_times(state).await;
+    match nip_store::gc::evict(state.meta.as_ref(), state.blobs.as_ref(), max, false).await {
+        Ok(s) => {
+            state.budget.set(s.usage_after);
+            if s.nars + s.artifacts > 0 {
+                metrics::counter!("nip_evictions_total", "kind" => "nar").increment(s.nars);
+                metrics::counter!("nip_evictions_total", "kind" => "artifact")
+                    .increment(s.artifacts);
+                state.stats.activity(
+                    "evict",
+                    format!(
+                        "{} NARs, {} artifacts, {} bytes",
+                        s.nars, s.artifacts, s.bytes
+                    ),
+                );
+                tracing::info!(
+                    nars = s.nars,
+                    narinfos = s.narinfos,
+                    artifacts = s.artifacts,
+                    bytes = s.bytes,
+                    usage = s.usage_after,
+                    limit = max,
+                    "evicted least recently used entries"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "eviction failed"),
+    }
+}
+
+/// Time until the schedule's next run.
+fn until_next(schedule: Option<&str>) -> Duration {
+    let Some(expr) = schedule else {
+        return DEFAULT_EVICT_EVERY;
+    };
+    let now = chrono::Utc::now();
+    croner::Cron::new(expr)
+        .parse()
+        .ok()
+        .and_then(|c| c.find_next_occurrence(&now, false).ok())
+        .and_then(|next| (next - now).to_std().ok())
+        .unwrap_or(DEFAULT_EVICT_EVERY)
+}
+
+async fn eviction_loop(state: AppState, max: u64, mut rx: watch::Receiver<bool>) {
+    eviction_pass(&state, max).await;
+    loop {
+        let wait = until_next(state.config.lru_schedule.as_deref());
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = state.budget.evict_now.notified() => {}
+            _ = rx.changed() => return,
+        }
+        eviction_pass(&state, max).await;
+    }
+}
+
+/// Refreshes the store size gauges from the index.
+pub async fn update_store_gauges(state: &AppState) {
+    if let Ok(u) = state.meta.usage().await {
+        metrics::gauge!("nip_store_size_bytes").set(u.bytes as f64);
+        metrics::gauge!("nip_store_entries", "kind" => "nar").set(u.nars as f64);
+        metrics::gauge!("nip_store_entries", "kind" => "narinfo").set(u.narinfos as f64);
+        metrics::gauge!("nip_store_entries", "kind" => "artifact").set(u.artifacts as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_gives_the_wait_until_the_next_run() {
+        assert_eq!(until_next(None), DEFAULT_EVICT_EVERY);
+        let every_minute = until_next(Some("* * * * *"));
+        assert!(every_minute <= Duration::from_secs(60), "{every_minute:?}");
     }
 }

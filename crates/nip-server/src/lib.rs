@@ -1,6 +1,7 @@
 //! The nip HTTP server: a Nix binary cache proxy (and, on the same store, the artifact cache).
 //! [`router`] builds the whole application from an [`AppState`]; `main` only parses config and serves.
 pub mod auth;
+pub mod budget;
 pub mod coalesce;
 pub mod config;
 pub mod error;
@@ -8,10 +9,13 @@ pub mod fill;
 pub mod health;
 pub mod jobs;
 pub mod keys;
+pub mod metrics;
 pub mod netrc;
 pub mod nix;
 pub mod range;
 pub mod settings;
+pub mod stats;
+pub mod status;
 pub mod upstream;
 pub mod v1;
 
@@ -49,8 +53,12 @@ pub struct Inner {
     pub negative: Mutex<HashMap<String, Instant>>,
     pub started_at: Instant,
     pub rate_limiter: Option<auth::RateLimiter>,
-    /// Artifacts read since the last flush of access times (batched: no write per download).
-    pub accessed: Mutex<std::collections::HashSet<String>>,
+    /// Reads since the last flush of access times (batched: no database write per hit).
+    pub accessed: jobs::Accessed,
+    pub stats: stats::Stats,
+    /// Set when `--prometheus-enabled`.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub budget: Arc<budget::Budget>,
 }
 
 impl std::ops::Deref for AppState {
@@ -80,6 +88,28 @@ impl AppState {
             })?,
         );
         let meta: Arc<dyn Index> = Arc::new(SqliteMeta::connect(&config.database_url).await?);
+        match nip_store::gc::reconcile(meta.as_ref(), blobs.as_ref(), false).await {
+            Ok(s) if s.total() == 0 => {}
+            Ok(s) => tracing::info!(
+                rows_without_bytes = s.rows_without_bytes,
+                bytes_without_rows = s.bytes_without_rows,
+                partial_files = s.partial_files,
+                "cleaned what an earlier crash left in the store"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not check the store for crash leftovers"),
+        }
+        let budget = Arc::new(budget::Budget::new(
+            config.max_size,
+            meta.usage().await?.bytes,
+        ));
+        let metrics = if config.prometheus_enabled {
+            Some(
+                metrics::install()
+                    .ok_or_else(|| anyhow::anyhow!("cannot install the metrics recorder"))?,
+            )
+        } else {
+            None
+        };
         let signer = keys::load_or_generate(&config.secret_key_path, &config.hostname)?;
         let public_key = signer.public_key();
         let upstreams = Arc::new(Upstreams::new(&config)?);
@@ -89,7 +119,10 @@ impl AppState {
         Ok(AppState(Arc::new(Inner {
             config,
             rate_limiter,
-            accessed: Mutex::default(),
+            accessed: jobs::Accessed::default(),
+            stats: stats::Stats::default(),
+            metrics,
+            budget,
             meta,
             blobs,
             staging,
@@ -109,6 +142,7 @@ impl AppState {
             staging: self.staging.clone(),
             blobs: self.blobs.clone(),
             meta: self.meta.clone(),
+            budget: self.budget.clone(),
         }
     }
 
@@ -145,9 +179,11 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
+        .merge(status::router())
         .merge(nix::router())
         .merge(v1::router())
         .fallback(|| async { error::ApiError::NotFound("no such endpoint".into()) })
+        .layer(axum::middleware::from_fn(metrics::track))
         .with_state(state)
 }
 

@@ -293,7 +293,19 @@ impl Upstreams {
             .filter(|u| u.is_healthy())
             .cloned()
             .collect();
-        let answers = futures::future::join_all(candidates.iter().map(|u| self.ask(u, hash))).await;
+        let answers = futures::future::join_all(candidates.iter().map(|u| async move {
+            let started = Instant::now();
+            let answer = self.ask(u, hash).await;
+            let result = match &answer {
+                NarInfoAnswer::Verified { .. } => "found",
+                NarInfoAnswer::Missing => "missing",
+                NarInfoAnswer::Rejected(_) => "rejected",
+                NarInfoAnswer::Failed(_) => "error",
+            };
+            record_upstream(u.name(), "narinfo", result, started);
+            answer
+        }))
+        .await;
         let mut verified = Vec::new();
         let mut answered = false;
         for (u, answer) in candidates.into_iter().zip(answers) {
@@ -339,4 +351,13 @@ impl Upstreams {
             alternates,
         }))
     }
+}
+
+/// Counts one upstream request and its duration.
+pub fn record_upstream(upstream: &str, kind: &'static str, result: &'static str, started: Instant) {
+    let upstream = upstream.to_string();
+    metrics::histogram!("nip_upstream_request_duration_seconds", "upstream" => upstream.clone(), "kind" => kind)
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("nip_upstream_requests_total", "upstream" => upstream, "kind" => kind, "result" => result)
+        .increment(1);
 }

@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
-use crate::auth::{Caller, Scope};
+use crate::auth::Caller;
 use crate::error::ApiResult;
 use crate::AppState;
 
@@ -15,9 +15,7 @@ pub async fn nix_cache_info(
     State(state): State<AppState>,
     caller: Caller,
 ) -> ApiResult<impl IntoResponse> {
-    if state.config.require_auth_read {
-        caller.require(Scope::Read, None)?;
-    }
+    state.check_nix_read(&caller)?;
     Ok((
         [(header::CONTENT_TYPE, "text/x-nix-cache-info")],
         format!(

@@ -1,5 +1,6 @@
 //! `GET|HEAD /nar/<filehash>.nar[.xz|.zst|.bz2|…]`: served from storage with Content-Length and
 //! Range support; on a miss, streamed from upstream while it is cached (see [`crate::fill`]).
+//! `GET|HEAD /upload/nar/<file>` (ncps' upload path) serves stored NARs only: a miss is a 404.
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -7,10 +8,12 @@ use axum::response::{IntoResponse, Response};
 use nip_core::hash::NixHash;
 use nip_core::nar_file::NarFileName;
 
-use crate::auth::{Caller, Scope};
+use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::fill::{nar_blob_key, FillSpec};
+use crate::fill::{nar_blob_key, FillRole, FillSpec};
+use crate::nix::OnMiss;
 use crate::range::{parse_range, RangeRequest};
+use crate::stats::Kind;
 use crate::AppState;
 
 const NAR_CONTENT_TYPE: &str = "application/x-nix-nar";
@@ -23,9 +26,29 @@ pub async fn get_nar(
     headers: HeaderMap,
     Path(file): Path<String>,
 ) -> ApiResult<Response> {
-    if state.config.require_auth_read {
-        caller.require(Scope::Read, None)?;
-    }
+    nar(state, caller, method, headers, file, OnMiss::AskUpstreams).await
+}
+
+#[tracing::instrument(skip_all, fields(file = %file))]
+pub async fn get_upload_nar(
+    State(state): State<AppState>,
+    caller: Caller,
+    method: Method,
+    headers: HeaderMap,
+    Path(file): Path<String>,
+) -> ApiResult<Response> {
+    nar(state, caller, method, headers, file, OnMiss::NotFound).await
+}
+
+async fn nar(
+    state: AppState,
+    caller: Caller,
+    method: Method,
+    headers: HeaderMap,
+    file: String,
+    on_miss: OnMiss,
+) -> ApiResult<Response> {
+    state.check_nix_read(&caller)?;
     let name = NarFileName::parse(&file)
         .map_err(|e| ApiError::BadRequest(format!("invalid NAR file name: {e}")))?;
     let file = name.file_name();
@@ -35,9 +58,14 @@ pub async fn get_nar(
     if state.meta.get_nar(&file).await?.is_some() {
         if let Some(resp) = serve_stored(&state, &key, range_header, &method).await? {
             tracing::debug!("NAR hit");
+            state.stats.hit(Kind::Nar);
+            crate::jobs::Accessed::note(&state.accessed.nars, &file);
             return Ok(resp);
         }
         tracing::warn!("NAR recorded but missing from storage; fetching again");
+    }
+    if on_miss == OnMiss::NotFound {
+        return Err(ApiError::NotFound("this cache has no such NAR".into()));
     }
 
     let Some(info) = state.meta.narinfo_for_nar(&file).await? else {
@@ -72,6 +100,11 @@ pub async fn get_nar(
     {
         Some((fill, role)) => {
             tracing::debug!(?role, "NAR miss: streaming from upstream");
+            state.stats.miss(Kind::Nar);
+            match role {
+                FillRole::Started => state.stats.activity("nar-fetch", file.clone()),
+                FillRole::Joined => state.stats.coalesced(Kind::Nar),
+            }
             Ok(nar_headers(StatusCode::OK, size)
                 .body(Body::from_stream(fill.stream()))
                 .map_err(ApiError::internal)?)

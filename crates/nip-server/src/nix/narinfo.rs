@@ -1,5 +1,7 @@
 //! `GET|HEAD /<hash>.narinfo`: served from the index, or fetched once from the best upstream that
 //! has it signed by a trusted key, rewritten to point at this cache's `/nar/` and re-signed.
+//! `GET|HEAD /upload/<hash>.narinfo` (ncps' upload path) serves the index only: a miss is a 404
+//! and never goes upstream, so `nix copy --to …/upload` uploads what the cache lacks.
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -11,9 +13,11 @@ use nip_core::narinfo::NarInfo;
 use nip_core::store_path::StorePathHash;
 use nip_store::{NarInfoRecord, NarSource};
 
-use crate::auth::{Caller, Scope};
+use crate::auth::Caller;
 use crate::coalesce::Role;
 use crate::error::{ApiError, ApiResult};
+use crate::nix::OnMiss;
+use crate::stats::Kind;
 use crate::upstream::{Found, Lookup};
 use crate::AppState;
 
@@ -23,9 +27,25 @@ pub async fn get_narinfo(
     caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
-    if state.config.require_auth_read {
-        caller.require(Scope::Read, None)?;
-    }
+    narinfo(state, caller, name, OnMiss::AskUpstreams).await
+}
+
+#[tracing::instrument(skip_all, fields(name = %name))]
+pub async fn get_upload_narinfo(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    narinfo(state, caller, name, OnMiss::NotFound).await
+}
+
+async fn narinfo(
+    state: AppState,
+    caller: Caller,
+    name: String,
+    on_miss: OnMiss,
+) -> ApiResult<Response> {
+    state.check_nix_read(&caller)?;
     let Some(hash) = name.strip_suffix(".narinfo") else {
         return Err(ApiError::NotFound("no such endpoint".into()));
     };
@@ -36,10 +56,16 @@ pub async fn get_narinfo(
     })?;
     if let Some(rec) = state.meta.get_narinfo(hash.as_str()).await? {
         tracing::debug!("narinfo hit");
+        state.stats.hit(Kind::Narinfo);
+        crate::jobs::Accessed::note(&state.accessed.narinfos, hash.as_str());
         return Ok(narinfo_response(&rec.narinfo));
+    }
+    if on_miss == OnMiss::NotFound {
+        return Err(ApiError::NotFound("this cache has no such narinfo".into()));
     }
     if state.is_known_missing(hash.as_str()) {
         tracing::debug!("narinfo negative-cache hit");
+        state.stats.miss(Kind::Narinfo);
         return Err(not_found());
     }
     let st = state.clone();
@@ -53,6 +79,10 @@ pub async fn get_narinfo(
         )
         .await;
     tracing::debug!(coalesced = (role == Role::Joined), "narinfo miss");
+    state.stats.miss(Kind::Narinfo);
+    if role == Role::Joined {
+        state.stats.coalesced(Kind::Narinfo);
+    }
     match outcome {
         Ok(Some(text)) => Ok(narinfo_response(&text)),
         Ok(None) => Err(not_found()),
@@ -94,6 +124,9 @@ async fn fetch_and_store(state: AppState, hash: StorePathHash) -> crate::NarInfo
         .put_narinfo(&record, &sources)
         .await
         .map_err(|e| Arc::<str>::from(e.to_string()))?;
+    state
+        .stats
+        .activity("narinfo-fetch", record.store_path.clone());
     Ok(Some(Arc::from(record.narinfo)))
 }
 

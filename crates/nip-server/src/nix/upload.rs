@@ -128,6 +128,8 @@ async fn store_nar(
         .put_file(&nar_blob_key(&name.file_name())?, staged.path())
         .await?;
     let sha = hex::encode(digest);
+    state.budget.stored(size);
+    state.stats.activity("nar-upload", name.file_name());
     state
         .meta
         .put_nar(&NarRecord {

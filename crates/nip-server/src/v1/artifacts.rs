@@ -29,7 +29,10 @@ pub async fn lookup(
 ) -> ApiResult<Json<ArtifactInfo>> {
     let key = checked_key(&key)?;
     caller.require(Scope::Read, Some(key))?;
-    let rec = state.meta.get_artifact(key).await?.ok_or_else(not_found)?;
+    let Some(rec) = state.meta.get_artifact(key).await? else {
+        state.stats.miss(crate::stats::Kind::Artifact);
+        return Err(not_found());
+    };
     Ok(Json(ArtifactInfo {
         key: rec.key.clone(),
         download_url: download_url(&rec.key),

@@ -63,11 +63,8 @@ pub async fn download(
             format!("bytes {}-{}/{size}", r.start, r.end),
         );
     }
-    state
-        .accessed
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(rec.key.clone());
+    crate::jobs::Accessed::note(&state.accessed.artifacts, &rec.key);
+    state.stats.hit(crate::stats::Kind::Artifact);
     if method == Method::HEAD {
         return builder.body(Body::empty()).map_err(ApiError::internal);
     }

@@ -151,13 +151,17 @@ async fn receive_and_store(
         .put_artifact(&rec, field("name").as_deref(), field("version").as_deref())
         .await?
     {
-        PutArtifact::Created => Ok((
-            StatusCode::CREATED,
-            UploadResult {
-                created: true,
-                ..result
-            },
-        )),
+        PutArtifact::Created => {
+            state.budget.stored(file.size);
+            state.stats.activity("artifact-upload", key);
+            Ok((
+                StatusCode::CREATED,
+                UploadResult {
+                    created: true,
+                    ..result
+                },
+            ))
+        }
         PutArtifact::AlreadyPresent(_) => Ok((StatusCode::OK, result)),
         PutArtifact::Conflict(_) => Err(conflict(key)),
     }

@@ -1,0 +1,66 @@
+//! The store's size budget (`--cache-max-size`): a running estimate of stored bytes, and a wake-up
+//! for the eviction job when a write pushes the store far past the limit.
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use tokio::sync::Notify;
+
+/// How far past the limit a write may push the store before eviction runs without waiting for
+/// its schedule.
+const OVERSHOOT: f64 = 1.1;
+
+pub struct Budget {
+    pub max_bytes: Option<u64>,
+    bytes: AtomicI64,
+    pub evict_now: Notify,
+}
+
+impl Budget {
+    pub fn new(max_bytes: Option<u64>, current: i64) -> Self {
+        Budget {
+            max_bytes,
+            bytes: AtomicI64::new(current),
+            evict_now: Notify::new(),
+        }
+    }
+
+    pub fn bytes(&self) -> i64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self, bytes: i64) {
+        self.bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Records newly stored bytes; wakes the eviction job when far past the limit.
+    pub fn stored(&self, n: u64) {
+        let now = self.bytes.fetch_add(n as i64, Ordering::Relaxed) + n as i64;
+        if let Some(max) = self.max_bytes {
+            if now as f64 > max as f64 * OVERSHOOT {
+                self.evict_now.notify_one();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn wakes_eviction_only_far_past_the_limit() {
+        let b = Budget::new(Some(1000), 0);
+        b.stored(1050);
+        let quiet =
+            tokio::time::timeout(std::time::Duration::from_millis(20), b.evict_now.notified())
+                .await;
+        assert!(quiet.is_err(), "woke eviction at 5% over");
+        b.stored(100);
+        tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            b.evict_now.notified(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(b.bytes(), 1150);
+    }
+}

@@ -1,0 +1,139 @@
+//! Prometheus metrics (`--prometheus-enabled`): a recorder installed once per process, a
+//! middleware counting requests by route and status with latency histograms, and `/metrics`.
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the global recorder (once; later calls return the same handle).
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "nip_http_requests_total",
+        "HTTP requests by route, method and status"
+    );
+    describe_histogram!(
+        "nip_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time to response headers, by route"
+    );
+    describe_counter!(
+        "nip_http_response_bytes_total",
+        Unit::Bytes,
+        "Bytes announced in responses (Content-Length)"
+    );
+    describe_counter!(
+        "nip_http_request_bytes_total",
+        Unit::Bytes,
+        "Bytes announced in requests (Content-Length)"
+    );
+    describe_counter!(
+        "nip_cache_hits_total",
+        "Cache hits by kind (narinfo, nar, artifact)"
+    );
+    describe_counter!("nip_cache_misses_total", "Cache misses by kind");
+    describe_counter!(
+        "nip_coalesced_requests_total",
+        "Requests that joined an upstream fetch under way"
+    );
+    describe_counter!(
+        "nip_upstream_requests_total",
+        "Requests to upstream caches by upstream, kind and result"
+    );
+    describe_histogram!(
+        "nip_upstream_request_duration_seconds",
+        Unit::Seconds,
+        "Upstream request time by upstream and kind"
+    );
+    describe_counter!(
+        "nip_upstream_bytes_total",
+        Unit::Bytes,
+        "Bytes received from upstream caches"
+    );
+    describe_counter!(
+        "nip_auth_failures_total",
+        "Requests refused for a bad token, by reason"
+    );
+    describe_counter!(
+        "nip_rate_limited_total",
+        "Requests refused by the rate limit"
+    );
+    describe_counter!(
+        "nip_evictions_total",
+        "Entries evicted to stay under --cache-max-size, by kind"
+    );
+    describe_gauge!(
+        "nip_store_size_bytes",
+        Unit::Bytes,
+        "Bytes stored (NARs and artifacts)"
+    );
+    describe_gauge!("nip_store_entries", "Entries stored (NARs and artifacts)");
+}
+
+/// Counts every request by its route pattern (bounded cardinality), method and status.
+pub async fn track(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().as_str().to_owned();
+    if let Some(n) = content_length(req.headers()) {
+        metrics::counter!("nip_http_request_bytes_total").increment(n);
+    }
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::histogram!("nip_http_request_duration_seconds", "route" => route.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("nip_http_requests_total", "route" => route, "method" => method, "status" => status).increment(1);
+    if let Some(n) = content_length(resp.headers()) {
+        metrics::counter!("nip_http_response_bytes_total").increment(n);
+    }
+    resp
+}
+
+fn content_length(h: &axum::http::HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// `GET /metrics` in the Prometheus text format (404 unless enabled).
+pub async fn metrics_handler(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let handle = state.metrics.as_ref().ok_or_else(|| {
+        ApiError::NotFound("metrics are off: start nip serve with --prometheus-enabled".into())
+    })?;
+    crate::jobs::update_store_gauges(&state).await;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response())
+}
