@@ -23,7 +23,7 @@ pub struct Client {
 /// What a remote fetch found.
 pub enum Fetch {
     /// Downloaded, verified and stored in the local cache.
-    Hit(Metadata),
+    Hit(Box<Metadata>),
     /// No server has it.
     Miss,
     /// No server had it usable, and at least one failed (warned already).
@@ -138,7 +138,7 @@ impl Client {
             o.bytes = Some(meta.size);
             o.duration_ms = Some(elapsed.as_millis() as u64);
             self.log(o);
-            return Fetch::Hit(meta);
+            return Fetch::Hit(Box::new(meta));
         }
         if failed {
             Fetch::Failed

@@ -149,7 +149,7 @@ pub fn pull(client: &Client, key: &str) -> Result<Metadata> {
         created: info.created_at.clone(),
     };
     match client.fetch(key, &fallback) {
-        Fetch::Hit(m) => Ok(m),
+        Fetch::Hit(m) => Ok(*m),
         Fetch::Miss => Err(ClientError::NotFound(format!(
             "{key} is not in the remote cache"
         ))),

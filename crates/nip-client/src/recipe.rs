@@ -252,6 +252,14 @@ mod tests {
     }
 
     #[test]
+    fn example_recipe_in_the_repository_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/recipes");
+        let r = find("hello", &[dir]).unwrap();
+        assert_eq!(r.recipe.variants, ["python", "ruby"]);
+        assert!(r.source_dir().unwrap().is_dir());
+    }
+
+    #[test]
     fn missing_recipe_lists_what_exists() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("hello.toml"), HELLO).unwrap();
