@@ -329,3 +329,91 @@ fn json<T: serde::de::DeserializeOwned>(resp: Response, url: &str) -> Result<T, 
         reason: e.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A one-shot-per-connection HTTP server answering `responses` in turn (the last repeats),
+    /// counting the requests it saw.
+    fn fake(responses: Vec<&'static str>) -> (String, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming().take(20) {
+                let Ok(mut c) = conn else { return };
+                let i = count.fetch_add(1, Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                let r = responses[i.min(responses.len() - 1)];
+                let _ = c.write_all(r.as_bytes());
+            }
+        });
+        (url, seen)
+    }
+
+    fn client(url: &str, attempts: u32) -> RemoteClient {
+        let server = Server {
+            url: url.to_string(),
+            priority: 0,
+            api_key: Some("k".into()),
+        };
+        let policies = Policies {
+            upload_on_build: true,
+            download_before_build: true,
+            fallback_to_local: true,
+            retry_attempts: attempts,
+            retry_delay: Duration::from_millis(10),
+        };
+        RemoteClient::new(server, Duration::from_secs(5), policies).unwrap()
+    }
+
+    const UNAVAILABLE: &str = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    const NOT_FOUND: &str = "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 23\r\nConnection: close\r\n\r\n{\"error\":\"not found\"}\r\n";
+    const FORBIDDEN: &str = "HTTP/1.1 403 Forbidden\r\nContent-Length: 20\r\nConnection: close\r\n\r\n{\"error\":\"no scope\"}";
+
+    #[test]
+    fn server_errors_are_retried_then_the_answer_is_used() {
+        let (url, seen) = fake(vec![UNAVAILABLE, UNAVAILABLE, NOT_FOUND]);
+        assert!(client(&url, 3).lookup("k").unwrap().is_none());
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn retries_stop_at_the_attempt_limit() {
+        let (url, seen) = fake(vec![UNAVAILABLE]);
+        let err = client(&url, 2).lookup("k").unwrap_err();
+        assert!(err.to_string().starts_with("503"), "{err}");
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn client_errors_are_not_retried_and_keep_the_server_message() {
+        let (url, seen) = fake(vec![FORBIDDEN]);
+        let err = client(&url, 3).lookup("k").unwrap_err();
+        assert!(
+            matches!(&err, RemoteError::Forbidden { message } if message == "no scope"),
+            "{err}"
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn unreachable_server_is_a_one_line_error() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let err = client(&format!("http://127.0.0.1:{port}"), 2)
+            .health()
+            .unwrap_err();
+        assert!(matches!(err, RemoteError::Unreachable { .. }), "{err}");
+        assert!(!err.to_string().contains('\n'));
+    }
+}
