@@ -87,7 +87,9 @@ impl AppState {
                 anyhow::anyhow!("cannot use data path {}: {e}", config.data_path.display())
             })?,
         );
-        let meta: Arc<dyn Index> = Arc::new(SqliteMeta::connect(&config.database_url).await?);
+        let meta: Arc<dyn Index> = Arc::new(
+            SqliteMeta::connect_with(&config.database_url, config.database_max_connections).await?,
+        );
         match nip_store::gc::reconcile(meta.as_ref(), blobs.as_ref(), false).await {
             Ok(s) if s.total() == 0 => {}
             Ok(s) => tracing::info!(

@@ -154,6 +154,37 @@ impl ReconcileSummary {
 /// and committing the row.
 const GRACE: Duration = Duration::from_secs(600);
 
+/// Deletes listed blobs that no row references (once older than [`GRACE`]) and half-published
+/// files (names starting with `.`).
+async fn sweep(
+    blobs: &dyn BlobStore,
+    listed: &[crate::blob::BlobEntry],
+    prefix: &str,
+    referenced: impl Fn(&str) -> bool,
+    dry_run: bool,
+    s: &mut ReconcileSummary,
+) -> Result<(), GcError> {
+    let now = SystemTime::now();
+    let old_enough = |m: Option<SystemTime>| {
+        m.and_then(|m| now.duration_since(m).ok())
+            .is_none_or(|age| age >= GRACE)
+    };
+    for b in listed {
+        let name = b.key.strip_prefix(prefix).unwrap_or(&b.key);
+        if name.starts_with('.') {
+            s.partial_files += 1;
+        } else if !referenced(name) && old_enough(b.modified) {
+            s.bytes_without_rows += 1;
+        } else {
+            continue;
+        }
+        if !dry_run {
+            blobs.delete(&BlobKey::new(b.key.clone())?).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Finds and removes what a crash can leave: index rows whose bytes are gone, stored bytes that no
 /// row references, and half-published files.
 pub async fn reconcile<I: Index + ?Sized>(
@@ -162,11 +193,6 @@ pub async fn reconcile<I: Index + ?Sized>(
     dry_run: bool,
 ) -> Result<ReconcileSummary, GcError> {
     let mut s = ReconcileSummary::default();
-    let now = SystemTime::now();
-    let old_enough = |m: Option<SystemTime>| {
-        m.and_then(|m| now.duration_since(m).ok())
-            .is_none_or(|age| age >= GRACE)
-    };
 
     let nar_rows: HashSet<String> = index.all_nar_files().await?.into_iter().collect();
     let nar_blobs = blobs.list("nar").await?;
@@ -186,20 +212,15 @@ pub async fn reconcile<I: Index + ?Sized>(
             index.delete_narinfo(&hash).await?;
         }
     }
-    for b in &nar_blobs {
-        let name = b.key.strip_prefix("nar/").unwrap_or(&b.key);
-        let partial = name.starts_with('.');
-        if (partial || !nar_rows.contains(name)) && (partial || old_enough(b.modified)) {
-            if partial {
-                s.partial_files += 1;
-            } else {
-                s.bytes_without_rows += 1;
-            }
-            if !dry_run {
-                blobs.delete(&BlobKey::new(b.key.clone())?).await?;
-            }
-        }
-    }
+    sweep(
+        blobs,
+        &nar_blobs,
+        "nar/",
+        |name| nar_rows.contains(name),
+        dry_run,
+        &mut s,
+    )
+    .await?;
 
     let artifacts = index.all_artifacts().await?;
     let art_blobs = blobs.list("artifacts").await?;
@@ -216,20 +237,15 @@ pub async fn reconcile<I: Index + ?Sized>(
             }
         }
     }
-    for b in &art_blobs {
-        let name = b.key.strip_prefix("artifacts/").unwrap_or(&b.key);
-        let partial = name.starts_with('.');
-        if (partial || !referenced.contains(name)) && (partial || old_enough(b.modified)) {
-            if partial {
-                s.partial_files += 1;
-            } else {
-                s.bytes_without_rows += 1;
-            }
-            if !dry_run {
-                blobs.delete(&BlobKey::new(b.key.clone())?).await?;
-            }
-        }
-    }
+    sweep(
+        blobs,
+        &art_blobs,
+        "artifacts/",
+        |name| referenced.contains(name),
+        dry_run,
+        &mut s,
+    )
+    .await?;
     Ok(s)
 }
 

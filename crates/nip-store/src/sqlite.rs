@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{ConnectOptions, Connection, Row, SqlitePool};
 
 use crate::meta::{MetaError, MetaStore, NarInfoRecord, NarRecord, NarSource};
 use crate::unix_now;
@@ -16,14 +16,36 @@ pub struct SqliteMeta {
     pool: SqlitePool,
 }
 
+/// Connections in the pool unless the caller says otherwise.
+pub const DEFAULT_POOL_SIZE: u32 = 8;
+
+/// How often migrations are retried when another process migrates the same file at once.
+const MIGRATE_ATTEMPTS: u32 = 8;
+
+/// A migration embedded in this build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrationInfo {
+    pub version: i64,
+    pub description: String,
+}
+
+fn options(url: &str) -> Result<SqliteConnectOptions, MetaError> {
+    SqliteConnectOptions::from_str(url).map_err(|e| MetaError::BadUrl {
+        url: url.to_string(),
+        reason: e.to_string(),
+    })
+}
+
 impl SqliteMeta {
     /// Opens (creating when missing) the database at a `sqlite:` URL and applies migrations.
     pub async fn connect(url: &str) -> Result<Self, MetaError> {
-        let opts = SqliteConnectOptions::from_str(url)
-            .map_err(|e| MetaError::BadUrl {
-                url: url.to_string(),
-                reason: e.to_string(),
-            })?
+        Self::connect_with(url, DEFAULT_POOL_SIZE).await
+    }
+
+    /// Like [`SqliteMeta::connect`] with a pool of `max_connections` (at least 1). Safe when
+    /// several processes open a fresh file at the same time: see [`migrate`].
+    pub async fn connect_with(url: &str, max_connections: u32) -> Result<Self, MetaError> {
+        let opts = options(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // FULL: a committed row survives power loss, so "recorded" implies "durable".
@@ -39,15 +61,79 @@ impl SqliteMeta {
             }
         }
         let pool = SqlitePoolOptions::new()
-            .max_connections(8)
+            .max_connections(max_connections.max(1))
             .connect_with(opts)
             .await?;
-        MIGRATOR.run(&pool).await?;
+        migrate(&pool).await?;
         Ok(SqliteMeta { pool })
+    }
+
+    /// Every migration embedded in this build, oldest first.
+    pub fn migrations() -> Vec<MigrationInfo> {
+        MIGRATOR
+            .iter()
+            .map(|m| MigrationInfo {
+                version: m.version,
+                description: m.description.to_string(),
+            })
+            .collect()
+    }
+
+    /// The migrations not yet applied to the database at `url`, without changing anything: a
+    /// missing file has all of them pending.
+    pub async fn pending_migrations(url: &str) -> Result<Vec<MigrationInfo>, MetaError> {
+        let opts = options(url)?;
+        if !opts.get_filename().exists() {
+            return Ok(Self::migrations());
+        }
+        let mut conn = opts
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(10))
+            .connect()
+            .await?;
+        let has_table: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_optional(&mut conn)
+        .await?;
+        let applied: Vec<i64> = if has_table.is_some() {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&mut conn)
+                .await?
+        } else {
+            Vec::new()
+        };
+        conn.close().await?;
+        Ok(Self::migrations()
+            .into_iter()
+            .filter(|m| !applied.contains(&m.version))
+            .collect())
     }
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+}
+
+/// Applies pending migrations. sqlx takes no lock on SQLite, so two processes starting on a
+/// fresh file both try to apply migration 1; each migration is one transaction, so the loser
+/// fails without a trace (table exists, or a busy snapshot) and simply runs again, and then finds
+/// the work done.
+async fn migrate(pool: &SqlitePool) -> Result<(), MetaError> {
+    let mut attempt = 1;
+    loop {
+        match MIGRATOR.run(pool).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < MIGRATE_ATTEMPTS => {
+                tracing::debug!(error = %e, attempt, "migration failed, probably racing another process; retrying");
+                // Stagger the retries so racing processes do not collide again.
+                let salt = u64::from(std::process::id()) ^ (pool as *const SqlitePool as u64 >> 4);
+                let jitter = salt.wrapping_mul(u64::from(attempt) * 31) % 50;
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt) + jitter)).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -265,5 +351,43 @@ mod tests {
         // Reopening runs migrations again without error.
         let meta = SqliteMeta::connect(&url).await.unwrap();
         assert!(meta.get_narinfo("h1").await.unwrap().is_some());
+    }
+
+    /// Regression: sqlx takes no migration lock on SQLite, so instances starting together on a
+    /// fresh file raced to create the same tables and all but one failed to start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_connects_on_a_fresh_file_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("db/db.sqlite").display());
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { SqliteMeta::connect_with(&url, 2).await })
+            })
+            .collect();
+        for t in tasks {
+            let meta = t.await.unwrap().expect("every concurrent connect succeeds");
+            meta.ping().await.unwrap();
+        }
+        assert!(SqliteMeta::pending_migrations(&url)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn pending_migrations_reads_without_creating() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("db.sqlite");
+        let url = format!("sqlite:{}", file.display());
+        let pending = SqliteMeta::pending_migrations(&url).await.unwrap();
+        assert_eq!(pending, SqliteMeta::migrations());
+        assert!(!pending.is_empty());
+        assert!(!file.exists(), "a dry run must not create the database");
+        SqliteMeta::connect(&url).await.unwrap();
+        assert!(SqliteMeta::pending_migrations(&url)
+            .await
+            .unwrap()
+            .is_empty());
     }
 }

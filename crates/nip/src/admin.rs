@@ -3,7 +3,9 @@
 use anyhow::{bail, Context};
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use nip_server::auth::{generate_token, hash_token, Scope};
-use nip_store::{ApiKeyRecord, AuditEntry, AuditLog, KeyStore, SqliteMeta};
+use nip_store::{
+    ApiKeyRecord, ArtifactIndex, AuditEntry, AuditLog, GcIndex, KeyStore, MetaStore, SqliteMeta,
+};
 
 use crate::serve::{load_config, with_settings};
 
@@ -226,6 +228,97 @@ pub fn run_audit(m: &ArgMatches) -> anyhow::Result<()> {
                     e.target.as_deref().unwrap_or("-")
                 );
             }
+        }
+        Ok(())
+    })
+}
+
+pub fn admin_command() -> Command {
+    let key = || {
+        Arg::new("key")
+            .required(true)
+            .value_name("KEY")
+            .help("An artifact key or a store path hash")
+    };
+    Command::new("admin")
+        .about("Maintain the server's store: garbage collection, statistics, pins")
+        .subcommand_required(true)
+        .subcommand(with_settings(
+            Command::new("gc")
+                .about("Clean crash leftovers and evict least recently used entries down to --cache-max-size")
+                .arg(Arg::new("dry-run").long("dry-run").action(ArgAction::SetTrue).help("Only say what would be removed")),
+        ))
+        .subcommand(with_settings(Command::new("stats").about("Store size and entry counts").arg(json_arg())))
+        .subcommand(with_settings(Command::new("pin").about("Keep an entry whatever eviction decides").arg(key())))
+        .subcommand(with_settings(Command::new("unpin").about("Let eviction consider an entry again").arg(key())))
+}
+
+pub fn run_admin(m: &ArgMatches) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let (name, m) = m.subcommand().expect("clap enforces a subcommand");
+        let config = load_config(m)?;
+        let db = SqliteMeta::connect(&config.database_url)
+            .await
+            .with_context(|| format!("cannot open the database {}", config.database_url))?;
+        match name {
+            "gc" => {
+                let blobs = nip_store::LocalBlobStore::new(config.data_path.join("store"))?;
+                let dry = m.get_flag("dry-run");
+                let verb = if dry { "would remove" } else { "removed" };
+                let r = nip_store::gc::reconcile(&db, &blobs, dry).await?;
+                println!(
+                    "crash leftovers: {verb} {} rows without bytes, {} stored files without rows, {} half-written files",
+                    r.rows_without_bytes, r.bytes_without_rows, r.partial_files
+                );
+                match config.max_size {
+                    Some(max) => {
+                        let s = nip_store::gc::evict(&db, &blobs, max, dry).await?;
+                        println!(
+                            "eviction: {verb} {} NARs ({} narinfos), {} artifacts, {}; store now {} of {}",
+                            s.nars,
+                            s.narinfos,
+                            s.artifacts,
+                            nip_server::status::human_bytes(s.bytes),
+                            nip_server::status::human_bytes(s.usage_after),
+                            nip_server::status::human_bytes(max as i64)
+                        );
+                    }
+                    None => println!("eviction: no --cache-max-size set, nothing to evict"),
+                }
+            }
+            "stats" => {
+                let u = db.usage().await?;
+                let pins = db.pins().await?.len();
+                if m.get_flag("json") {
+                    let v = serde_json::json!({"bytes": u.bytes, "maxBytes": config.max_size, "nars": u.nars,
+                        "narinfos": u.narinfos, "artifacts": u.artifacts, "pins": pins});
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    let limit = config.max_size.map(|m| nip_server::status::human_bytes(m as i64)).unwrap_or_else(|| "no limit".into());
+                    println!("store:     {} of {limit}", nip_server::status::human_bytes(u.bytes));
+                    println!("NARs:      {}", u.nars);
+                    println!("narinfos:  {}", u.narinfos);
+                    println!("artifacts: {}", u.artifacts);
+                    println!("pinned:    {pins}");
+                }
+            }
+            "pin" => {
+                let key = m.get_one::<String>("key").expect("required");
+                let known = db.get_artifact(key).await?.is_some() || db.get_narinfo(key).await?.is_some();
+                if !known {
+                    bail!("{key:?} is neither an artifact key nor a cached store path hash");
+                }
+                db.pin(key, nip_store::unix_now()).await?;
+                println!("pinned {key}");
+            }
+            "unpin" => {
+                let key = m.get_one::<String>("key").expect("required");
+                if !db.unpin(key).await? {
+                    bail!("{key:?} is not pinned");
+                }
+                println!("unpinned {key}");
+            }
+            _ => unreachable!("clap enforces a subcommand"),
         }
         Ok(())
     })

@@ -2,6 +2,7 @@
 mod admin;
 mod client_cmd;
 mod client_report;
+mod migrate;
 mod serve;
 
 use clap::{Arg, ArgAction, Command};
@@ -15,6 +16,8 @@ fn cli() -> Command {
         .subcommand(serve::command())
         .subcommand(admin::keys_command())
         .subcommand(admin::audit_command())
+        .subcommand(migrate::command())
+        .subcommand(admin::admin_command())
         .subcommand(client_cmd::cache_command())
         .subcommand(client_cmd::build_command())
         .subcommand(client_cmd::completions_command())
@@ -26,6 +29,8 @@ fn main() -> std::process::ExitCode {
         Some(("serve", m)) => serve::run(m),
         Some(("keys", m)) => admin::run_keys(m),
         Some(("audit", m)) => admin::run_audit(m),
+        Some(("migrate", m)) => migrate::run(m),
+        Some(("admin", m)) => admin::run_admin(m),
         Some(("cache", m)) => client_cmd::run_cache(m),
         Some(("build", m)) => client_cmd::run_build(m),
         Some(("completions", m)) => client_cmd::run_completions(m, cli()),

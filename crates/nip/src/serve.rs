@@ -136,6 +136,10 @@ fn print_config(c: &ServeConfig) {
         "artifact.max-size": c.max_upload_size,
         "artifact.retention": c.artifact_retention.map(|d| format!("{}s", d.as_secs())),
         "rate-limit": c.rate_limit.map(|(rps, burst)| format!("{rps}/s burst {burst}")),
+        "cache.max-size": c.max_size,
+        "cache.lru.schedule": c.lru_schedule,
+        "prometheus.enabled": c.prometheus_enabled,
+        "log.format": c.log_format,
         "ignored": c.ignored.iter().map(|(f, why)| format!("{f}: {why}")).collect::<Vec<_>>(),
     });
     println!(
@@ -144,15 +148,19 @@ fn print_config(c: &ServeConfig) {
     );
 }
 
-fn init_tracing(level: &str) {
+fn init_tracing(level: &str, format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(format!(
         "{level},hyper=warn,sqlx=warn,reqwest=warn"
     ))
     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }
 
 pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
@@ -161,7 +169,7 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
         print_config(&config);
         return Ok(());
     }
-    init_tracing(&config.log_level);
+    init_tracing(&config.log_level, &config.log_format);
     for (flag, reason) in &config.ignored {
         tracing::warn!("{flag} is ignored because {reason}");
     }

@@ -1,12 +1,14 @@
 //! `GET|HEAD /nar/<filehash>.nar[.xz|.zst|.bz2|…]`: served from storage with Content-Length and
 //! Range support; on a miss, streamed from upstream while it is cached (see [`crate::fill`]).
 //! `GET|HEAD /upload/nar/<file>` (ncps' upload path) serves stored NARs only: a miss is a 404.
+use async_compression::tokio::bufread::ZstdEncoder;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use nip_core::hash::NixHash;
-use nip_core::nar_file::NarFileName;
+use nip_core::nar_file::{Compression, NarFileName};
+use tokio_util::io::{ReaderStream, StreamReader};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -53,10 +55,11 @@ async fn nar(
         .map_err(|e| ApiError::BadRequest(format!("invalid NAR file name: {e}")))?;
     let file = name.file_name();
     let key = nar_blob_key(&file)?;
-    let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
 
     if state.meta.get_nar(&file).await?.is_some() {
-        if let Some(resp) = serve_stored(&state, &key, range_header, &method).await? {
+        if let Some(resp) =
+            serve_stored(&state, &key, &headers, &method, name.compression()).await?
+        {
             tracing::debug!("NAR hit");
             state.stats.hit(Kind::Nar);
             crate::jobs::Accessed::note(&state.accessed.nars, &file);
@@ -109,7 +112,7 @@ async fn nar(
                 .body(Body::from_stream(fill.stream()))
                 .map_err(ApiError::internal)?)
         }
-        None => serve_stored(&state, &key, range_header, &method)
+        None => serve_stored(&state, &key, &headers, &method, name.compression())
             .await?
             .ok_or_else(|| ApiError::internal("NAR vanished right after it was stored")),
     }
@@ -131,9 +134,11 @@ fn nar_headers(status: StatusCode, size: Option<u64>) -> axum::http::response::B
 async fn serve_stored(
     state: &AppState,
     key: &nip_store::BlobKey,
-    range_header: Option<&str>,
+    headers: &HeaderMap,
     method: &Method,
+    compression: Compression,
 ) -> ApiResult<Option<Response>> {
+    let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let Some(size) = state.blobs.stat(key).await? else {
         return Ok(None);
     };
@@ -165,9 +170,54 @@ async fn serve_stored(
     let Some(read) = state.blobs.read(key, range).await? else {
         return Ok(None);
     };
+    // Uncompressed NARs (e.g. from `nix copy ?compression=none`) go out zstd-compressed to clients
+    // that accept it, as Harmonia does; already compressed ones are served as stored.
+    if compression == Compression::None && range.is_none() && accepts_zstd(headers) {
+        let encoder = ZstdEncoder::new(StreamReader::new(read.body));
+        return Ok(Some(
+            nar_headers(StatusCode::OK, None)
+                .header(header::CONTENT_ENCODING, "zstd")
+                .header(header::VARY, "Accept-Encoding")
+                .body(Body::from_stream(ReaderStream::new(encoder)))
+                .map_err(ApiError::internal)?,
+        ));
+    }
     Ok(Some(
         builder
             .body(Body::from_stream(read.body))
             .map_err(ApiError::internal)?,
     ))
+}
+
+/// Whether `Accept-Encoding` lists zstd with a non-zero quality.
+fn accepts_zstd(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            parts.next().is_some_and(|c| c.eq_ignore_ascii_case("zstd"))
+                && parts.all(|p| p.replace(' ', "") != "q=0" && p.replace(' ', "") != "q=0.0")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zstd_acceptance() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::ACCEPT_ENCODING, v.parse().unwrap());
+            m
+        };
+        assert!(accepts_zstd(&h("gzip, zstd")));
+        assert!(accepts_zstd(&h("ZSTD;q=0.5")));
+        assert!(!accepts_zstd(&h("zstd;q=0")));
+        assert!(!accepts_zstd(&h("gzip, br")));
+        assert!(!accepts_zstd(&HeaderMap::new()));
+    }
 }

@@ -161,3 +161,48 @@ async fn missing_everywhere_is_404_and_remembered() {
         "negative cache did not hold"
     );
 }
+
+/// Uncompressed NARs go out zstd-compressed to clients that accept it; compressed ones never.
+#[tokio::test]
+async fn uncompressed_nar_is_zstd_encoded_for_clients_that_accept_it() {
+    let key = upstream_key();
+    let up = FakeUpstream::start(40).await;
+    let plain = make_entry("plain", 200_000, Compression::None, &key);
+    let xz = make_entry("packed", 50_000, Compression::Xz, &key);
+    up.publish(&plain);
+    up.publish(&xz);
+    let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
+    for (e, expect_zstd) in [(&plain, true), (&xz, false)] {
+        let (_, text) = get(&format!("{}/{}.narinfo", nip.url, e.hash)).await;
+        let nar_url = format!(
+            "{}/{}",
+            nip.url,
+            served_nar_path(std::str::from_utf8(&text.unwrap()).unwrap())
+        );
+        assert_eq!(
+            get(&nar_url).await.1.unwrap(),
+            e.nar,
+            "first fetch (fills the cache)"
+        );
+        let resp = client()
+            .get(&nar_url)
+            .header("accept-encoding", "gzip, zstd")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let encoding = resp
+            .headers()
+            .get("content-encoding")
+            .map(|v| v.to_str().unwrap().to_string());
+        let body = resp.bytes().await.unwrap();
+        if expect_zstd {
+            assert_eq!(encoding.as_deref(), Some("zstd"));
+            assert!(body.len() < e.nar.len() + 1024);
+            assert_eq!(zstd::decode_all(&body[..]).unwrap(), e.nar.to_vec());
+        } else {
+            assert_eq!(encoding, None);
+            assert_eq!(body, e.nar);
+        }
+    }
+}
