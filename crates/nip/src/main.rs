@@ -8,7 +8,7 @@ mod serve;
 use clap::{Arg, ArgAction, Command};
 
 fn cli() -> Command {
-    Command::new("nip")
+    serve::with_root_settings(Command::new("nip"))
         .version(env!("CARGO_PKG_VERSION"))
         .about("nip: a remote binary cache for Nix and build artifacts")
         .subcommand_required(true)
@@ -25,6 +25,7 @@ fn cli() -> Command {
 
 fn main() -> std::process::ExitCode {
     let matches = cli().get_matches();
+    serve::remember_root_flags(&matches);
     let result = match matches.subcommand() {
         Some(("serve", m)) => serve::run(m),
         Some(("keys", m)) => admin::run_keys(m),

@@ -2,12 +2,13 @@
 //! and config key of ncps is accepted under the same name.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use anyhow::Context;
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use nip_server::config::ServeConfig;
-use nip_server::settings::{self, Layer, SETTINGS};
+use nip_server::settings::{self, Layer, Setting, SETTINGS};
 
 pub fn command() -> Command {
     let cmd = Command::new("serve")
@@ -26,37 +27,72 @@ pub fn command() -> Command {
 pub fn with_settings(cmd: Command) -> Command {
     let mut cmd = cmd.arg(crate::config_arg());
     for s in SETTINGS.iter().filter(|s| !s.flags.is_empty()) {
-        let mut help = format!("{} [env: {}]", s.help, s.envs.join(", "));
-        if let Some(reason) = s.not_implemented {
-            help.push_str(&format!(" (accepted, no effect yet: {reason})"));
-        }
-        let mut arg = Arg::new(s.key)
-            .long(s.flags[0])
-            .help(help)
-            .value_name("VALUE");
-        for alias in &s.flags[1..] {
-            arg = arg.visible_alias(*alias);
-        }
-        arg = if s.multi {
-            arg.action(ArgAction::Append)
-        } else if s.boolean {
-            // `--flag`, `--flag=false` and `--flag false` all work, as with ncps' flag library.
-            arg.action(ArgAction::Set)
-                .num_args(0..=1)
-                .default_missing_value("true")
-                .value_name("BOOL")
-        } else {
-            arg.action(ArgAction::Set)
-        };
-        cmd = cmd.arg(arg);
+        cmd = cmd.arg(setting_arg(s));
     }
     cmd
+}
+
+/// ncps' global flags, which ncps takes before the subcommand: its NixOS module runs
+/// `ncps --log-level=info --otel-enabled … serve …`. `nip` accepts them there too.
+const ROOT_SETTINGS: &[&str] = &[
+    "log.level",
+    "opentelemetry.enabled",
+    "opentelemetry.grpc-url",
+    "prometheus.enabled",
+    "analytics.reporting.enabled",
+];
+
+/// Adds ncps' global flags (and `--config`) to the top-level command.
+pub fn with_root_settings(cmd: Command) -> Command {
+    let mut cmd = cmd.arg(crate::config_arg());
+    for s in SETTINGS.iter().filter(|s| ROOT_SETTINGS.contains(&s.key)) {
+        // `--otel-enabled serve`: a boolean before the subcommand takes a value only after `=`
+        // (as in ncps), or it would swallow the subcommand's name.
+        cmd = cmd.arg(setting_arg(s).require_equals(s.boolean));
+    }
+    cmd
+}
+
+/// Flags given before the subcommand; a subcommand's own flag wins over them.
+static ROOT_FLAGS: OnceLock<(Layer, Option<String>)> = OnceLock::new();
+
+/// Records the top-level flags for [`load_config`]; called once by `main`.
+pub fn remember_root_flags(m: &ArgMatches) {
+    let _ = ROOT_FLAGS.set((flag_layer(m), m.get_one::<String>("config").cloned()));
+}
+
+fn setting_arg(s: &Setting) -> Arg {
+    let mut help = format!("{} [env: {}]", s.help, s.envs.join(", "));
+    if let Some(reason) = s.not_implemented {
+        help.push_str(&format!(" (accepted, ignored: {reason})"));
+    }
+    let mut arg = Arg::new(s.key)
+        .long(s.flags[0])
+        .help(help)
+        .value_name("VALUE");
+    for alias in &s.flags[1..] {
+        arg = arg.visible_alias(*alias);
+    }
+    if s.multi {
+        arg.action(ArgAction::Append)
+    } else if s.boolean {
+        // `--flag`, `--flag=false` and `--flag false` all work, as with ncps' flag library.
+        arg.action(ArgAction::Set)
+            .num_args(0..=1)
+            .default_missing_value("true")
+            .value_name("BOOL")
+    } else {
+        arg.action(ArgAction::Set)
+    }
 }
 
 fn flag_layer(m: &ArgMatches) -> Layer {
     let mut layer = Layer::new();
     for s in SETTINGS.iter().filter(|s| !s.flags.is_empty()) {
-        if m.value_source(s.key) == Some(ValueSource::CommandLine) {
+        // try_: the top-level command defines only some settings.
+        if matches!(m.try_get_raw(s.key), Ok(Some(_)))
+            && m.value_source(s.key) == Some(ValueSource::CommandLine)
+        {
             if let Some(values) = m.get_many::<String>(s.key) {
                 layer.insert(s.key, values.cloned().collect());
             }
@@ -68,7 +104,8 @@ fn flag_layer(m: &ArgMatches) -> Layer {
 /// The config file: `--config`, else `NIP_CONFIG_FILE` / `NCPS_CONFIG_FILE`, else
 /// `$XDG_CONFIG_HOME/ncps/config.yaml` when it exists.
 fn config_path(m: &ArgMatches, env: &HashMap<String, String>) -> Option<PathBuf> {
-    if let Some(p) = m.get_one::<String>("config") {
+    let root = ROOT_FLAGS.get().and_then(|(_, c)| c.as_ref());
+    if let Some(p) = m.get_one::<String>("config").or(root) {
         return Some(PathBuf::from(p));
     }
     if let Some(p) = env
@@ -105,7 +142,11 @@ pub fn load_config(m: &ArgMatches) -> anyhow::Result<ServeConfig> {
         Some(p) => read_config_file(&p)?,
         None => Layer::new(),
     };
-    let merged = settings::merge(&[&flag_layer(m), &file, &settings::layer_from_env(&env)]);
+    let flags = match ROOT_FLAGS.get() {
+        Some((root, _)) => settings::merge(&[&flag_layer(m), root]),
+        None => flag_layer(m),
+    };
+    let merged = settings::merge(&[&flags, &file, &settings::layer_from_env(&env)]);
     Ok(ServeConfig::from_layer(&merged)?)
 }
 
@@ -140,6 +181,8 @@ fn print_config(c: &ServeConfig) {
         "cache.lru.schedule": c.lru_schedule,
         "prometheus.enabled": c.prometheus_enabled,
         "log.format": c.log_format,
+        "cache.get-token": c.get_token.as_ref().map(|_| "***"),
+        "cache.database.pool.max-open-conns": c.database_max_connections,
         "ignored": c.ignored.iter().map(|(f, why)| format!("{f}: {why}")).collect::<Vec<_>>(),
     });
     println!(
