@@ -4,4 +4,5 @@ mod harness;
 mod bad_input;
 mod coalescing;
 mod faults;
+mod ncps_compat;
 mod serving;
