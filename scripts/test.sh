@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the tests need when it is missing (Nix from Debian's nix-bin), then runs every test:
+# Installs what the tests need when it is missing (Nix from Debian's nix-bin; Prometheus and
+# Chromium from Debian), then runs every test:
 # unit, property, in-process router/integration tests, and black-box tests that start the real
 # `nip` binary in front of a real Nix client.
 # Under CI=true a test whose component is missing fails; it never skips.
@@ -14,8 +15,24 @@ elif ! command -v nix-store >/dev/null 2>&1; then
   [ "${CI:-}" = true ] && exit 1
 fi
 
-# The real-Nix tests must run, not skip, whenever this script is used.
-export NIP_REQUIRE_NIX=1
+# Debian packages the black-box tests drive: prometheus (+ promtool) and headless chromium.
+need=()
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    log "installing ${need[*]} with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >&2
+    apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=120 "${need[@]}" >&2
+  else
+    log "missing ${need[*]} and not root: install them with apt-get"
+    [ "${CI:-}" = true ] && exit 1
+  fi
+fi
+
+# The tests that need real components must run, not skip, whenever this script is used.
+export NIP_REQUIRE_NIX=1 NIP_REQUIRE_TOOLS=1
 # Two cores: keep parallel test binaries from starving the servers they start.
 export RUST_TEST_THREADS=${RUST_TEST_THREADS:-4}
 

@@ -1,12 +1,12 @@
 //! The store's size budget (`--cache-max-size`): a running estimate of stored bytes, and a wake-up
-//! for the eviction job when a write pushes the store far past the limit.
+//! for the eviction job as soon as a write pushes the store past the limit. Eviction then goes
+//! down to a low watermark below the limit, so that the next writes do not each trigger a pass.
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use tokio::sync::Notify;
 
-/// How far past the limit a write may push the store before eviction runs without waiting for
-/// its schedule.
-const OVERSHOOT: f64 = 1.1;
+/// Eviction empties the store down to this fraction of the limit.
+const LOW_WATERMARK: f64 = 0.9;
 
 pub struct Budget {
     pub max_bytes: Option<u64>,
@@ -31,14 +31,17 @@ impl Budget {
         self.bytes.store(bytes, Ordering::Relaxed);
     }
 
-    /// Records newly stored bytes; wakes the eviction job when far past the limit.
+    /// Records newly stored bytes; wakes the eviction job once past the limit.
     pub fn stored(&self, n: u64) {
         let now = self.bytes.fetch_add(n as i64, Ordering::Relaxed) + n as i64;
-        if let Some(max) = self.max_bytes {
-            if now as f64 > max as f64 * OVERSHOOT {
-                self.evict_now.notify_one();
-            }
+        if self.max_bytes.is_some_and(|max| now > max as i64) {
+            self.evict_now.notify_one();
         }
+    }
+
+    /// What an eviction pass empties the store down to.
+    pub fn eviction_target(max: u64) -> u64 {
+        (max as f64 * LOW_WATERMARK) as u64
     }
 }
 

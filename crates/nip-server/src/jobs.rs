@@ -170,7 +170,8 @@ async fn retention_loop(state: AppState, retention: Duration, mut rx: watch::Rec
 /// One eviction pass down to `max` bytes.
 pub async fn eviction_pass(state: &AppState, max: u64) {
     flush_access_times(state).await;
-    match nip_store::gc::evict(state.meta.as_ref(), state.blobs.as_ref(), max, false).await {
+    let target = crate::budget::Budget::eviction_target(max);
+    match nip_store::gc::evict(state.meta.as_ref(), state.blobs.as_ref(), target, false).await {
         Ok(s) => {
             state.budget.set(s.usage_after);
             if s.nars + s.artifacts > 0 {

@@ -196,8 +196,10 @@ fn init_tracing(level: &str, format: &str) {
         "{level},hyper=warn,sqlx=warn,reqwest=warn"
     ))
     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: log files and journald get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();

@@ -34,7 +34,18 @@ pub async fn upload(
     multipart: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<Response> {
     let key = checked_key(&key)?.to_string();
-    let result = receive_and_store(&state, &caller, &key, &headers, multipart).await;
+    let mut multipart = multipart.ok();
+    let result = receive_and_store(&state, &caller, &key, &headers, multipart.as_mut()).await;
+    if let (Err(e), Some(m)) = (&result, multipart.as_mut()) {
+        // Read what the client is still sending, so that it gets this answer rather than a
+        // connection reset; not when the body is too large, which is why it was refused.
+        if !matches!(
+            e,
+            ApiError::PayloadTooLarge(_) | ApiError::Unauthorized(_) | ApiError::Forbidden(_)
+        ) {
+            drain(m, state.config.max_upload_size).await;
+        }
+    }
     let (status, size, sha) = match &result {
         Ok((status, r)) => (status.as_u16(), Some(r.size as i64), Some(r.sha256.clone())),
         Err(e) => (e.status().as_u16(), None, None),
@@ -57,7 +68,7 @@ async fn receive_and_store(
     caller: &Caller,
     key: &str,
     headers: &HeaderMap,
-    multipart: Result<Multipart, MultipartRejection>,
+    multipart: Option<&mut Multipart>,
 ) -> ApiResult<(StatusCode, UploadResult)> {
     caller.require(Scope::Write, Some(key))?;
     let max = state.config.max_upload_size;
@@ -68,10 +79,10 @@ async fn receive_and_store(
     if declared.is_some_and(|n| n > max.saturating_add(MAX_METADATA as u64 + 64 * 1024)) {
         return Err(too_large(max));
     }
-    let mut multipart = multipart.map_err(|e| {
-        ApiError::BadRequest(format!(
-            "expected multipart/form-data with parts `file` and `metadata`: {e}"
-        ))
+    let multipart = multipart.ok_or_else(|| {
+        ApiError::BadRequest(
+            "expected a multipart/form-data body with parts `file` and `metadata`".into(),
+        )
     })?;
     let mut file: Option<Received> = None;
     let mut metadata: Option<serde_json::Map<String, serde_json::Value>> = None;
@@ -177,6 +188,22 @@ fn too_large(max: u64) -> ApiError {
     ApiError::PayloadTooLarge(format!(
         "the artifact is larger than this server's limit of {max} bytes (--artifact-max-size)"
     ))
+}
+
+/// Discards the rest of the body (bounded in bytes and time).
+async fn drain(multipart: &mut Multipart, limit: u64) {
+    let mut seen: u64 = 0;
+    let work = async {
+        while let Ok(Some(mut field)) = multipart.next_field().await {
+            while let Ok(Some(chunk)) = field.chunk().await {
+                seen += chunk.len() as u64;
+                if seen > limit {
+                    return;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), work).await;
 }
 
 fn bad_multipart(e: axum::extract::multipart::MultipartError) -> ApiError {

@@ -187,3 +187,24 @@ pub fn create_key(data: &Path, name: &str, scope: &str, extra: &[&str]) -> Strin
 pub fn nip(args: &[&str]) -> Output {
     run(Command::new(env!("CARGO_BIN_EXE_nip")).args(args))
 }
+
+/// Whether a command-line tool is present. When the test command requires the tools
+/// (NIP_REQUIRE_TOOLS=1) or under CI=true, a missing tool is a failure, never a skip.
+pub fn tool_available(tool: &str, test: &str) -> bool {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let required = std::env::var("CI").as_deref() == Ok("true")
+            || std::env::var("NIP_REQUIRE_TOOLS").is_ok();
+        assert!(
+            !required,
+            "{test}: {tool} is missing; ./scripts/test.sh installs it (apt-get install {tool})"
+        );
+        eprintln!("{test}: SKIPPED: {tool} is missing (run ./scripts/test.sh to install it)");
+    }
+    ok
+}

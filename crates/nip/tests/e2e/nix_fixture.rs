@@ -12,7 +12,11 @@ pub struct Upload {
 
 /// An uncompressed "NAR" of random bytes and a matching narinfo for a fresh store path.
 pub fn upload(name: &str) -> Upload {
-    let nar: Vec<u8> = (0..4096).map(|_| rand::random::<u8>()).collect();
+    upload_sized(name, 4096)
+}
+
+pub fn upload_sized(name: &str, size: usize) -> Upload {
+    let nar: Vec<u8> = (0..size).map(|_| rand::random::<u8>()).collect();
     let digest = base32::encode(&Sha256::digest(&nar));
     let hash = base32::encode(&rand::random::<[u8; 20]>());
     let nar_file = format!("{digest}.nar");
