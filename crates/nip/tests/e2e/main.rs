@@ -6,6 +6,7 @@ mod common;
 mod nix_fixture;
 mod nix_substitute;
 mod nix_upload;
+mod ops_observe;
 mod ops_store;
 mod v1_artifacts;
 mod v1_auth_matrix;

@@ -1,0 +1,209 @@
+//! Observability through the real binary: a real Prometheus scrapes `/metrics` and sees a counter
+//! move (and `promtool check metrics` accepts the output); the status page renders in headless
+//! Chromium with the facts an operator needs and no secret; `/` speaks ncps' JSON to JSON clients.
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const DUMMY_UPSTREAM: [&str; 4] = [
+    "--upstream-cache",
+    "http://127.0.0.1:9",
+    "--upstream-public-key",
+    "upstream-test-1:1OKmiPyTgRWbLRn0o6A1BS5hkdKbzvU7/rZ1nzddr/s=",
+];
+
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn real_prometheus_scrapes_a_counter_that_moves_and_promtool_accepts_the_metrics() {
+    if !tool_available("prometheus", "prometheus test")
+        || !tool_available("promtool", "prometheus test")
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = DUMMY_UPSTREAM.to_vec();
+    args.push("--prometheus-enabled");
+    let server = start_nip(&tmp.path().join("data"), &args);
+    for _ in 0..7 {
+        assert_eq!(
+            http()
+                .get(format!("{}/nix-cache-info", server.url))
+                .send()
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    // A narinfo miss asks the (unreachable) upstream: that moves the upstream counters.
+    let miss = http()
+        .get(format!("{}/{}.narinfo", server.url, "0".repeat(32)))
+        .send()
+        .unwrap();
+    assert_eq!(miss.status(), 404);
+    let metrics = http()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    for name in [
+        "nip_http_requests_total",
+        "nip_http_request_duration_seconds_bucket",
+        "nip_store_size_bytes",
+        "nip_upstream_requests_total",
+        "nip_cache_misses_total",
+    ] {
+        assert!(
+            metrics.contains(name),
+            "{name} missing from /metrics:\n{metrics}"
+        );
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let target = server.url.trim_start_matches("http://");
+    let config = tmp.path().join("prometheus.yml");
+    std::fs::write(&config, format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: nip\n    static_configs:\n      - targets: ['{target}']\n")).unwrap();
+    let port = free_port();
+    let _prom = KillOnDrop(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                tmp.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(tmp.path().join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("start prometheus"),
+    );
+    let query = format!(
+        "http://127.0.0.1:{port}/api/v1/query?query=nip_http_requests_total%7Broute%3D%22%2Fnix-cache-info%22%2Cstatus%3D%22200%22%7D"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let value = loop {
+        let answer = http()
+            .get(&query)
+            .send()
+            .ok()
+            .and_then(|r| r.json::<serde_json::Value>().ok());
+        if let Some(v) = answer
+            .as_ref()
+            .and_then(|a| a["data"]["result"][0]["value"][1].as_str())
+        {
+            break v.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never reported the counter: {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(value, "7", "Prometheus saw the counter at {value}");
+}
+
+#[test]
+fn status_page_renders_in_chromium_without_secrets_and_root_speaks_ncps_json() {
+    if !tool_available("chromium", "status page test") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = "env-secret-token-0123456789";
+    let mut args = DUMMY_UPSTREAM.to_vec();
+    args.extend(["--cache-hostname", "status-test", "--cache-max-size", "1G"]);
+    let server = start_nip_env(
+        &tmp.path().join("data"),
+        &args,
+        &[("NIP_CACHE_API_KEY", secret)],
+    );
+    let json: serde_json::Value = http()
+        .get(&server.url)
+        .header("accept", "application/json")
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(json["hostname"], "status-test");
+    let pubkey = json["publicKey"].as_str().unwrap().to_string();
+    assert!(pubkey.starts_with("status-test-1:"));
+
+    let chromium = |extra: &[&str]| {
+        let out = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ])
+            .arg(format!(
+                "--user-data-dir={}",
+                tmp.path().join("chromium").display()
+            ))
+            .args(extra)
+            .arg(&server.url)
+            .output()
+            .expect("run chromium");
+        assert!(
+            out.status.success(),
+            "chromium failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let dom = chromium(&["--dump-dom"]);
+    for want in [
+        "nip cache",
+        "status-test",
+        &pubkey,
+        "substituters = http://127.0.0.1",
+        "of 1.0 GiB",
+        "http://127.0.0.1:9/",
+        "nip cache remote config",
+    ] {
+        assert!(dom.contains(want), "rendered page lacks {want:?}:\n{dom}");
+    }
+    assert!(!dom.contains(secret), "the status page shows a secret");
+    let shot = repo_root().join("target/nip-status.png");
+    let _ = std::fs::remove_file(&shot);
+    chromium(&[
+        "--window-size=1200,1400",
+        &format!("--screenshot={}", shot.display()),
+    ]);
+    let png = std::fs::read(&shot).expect("screenshot written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "screenshot is not a real PNG ({} bytes)",
+        png.len()
+    );
+}
