@@ -3,6 +3,7 @@ mod client_build;
 mod client_env;
 mod client_status;
 mod common;
+mod ncps_compat;
 mod nix_fixture;
 mod nix_substitute;
 mod nix_upload;
