@@ -137,7 +137,7 @@ fn print_config(dir: &Path, generation: usize, source: Source) -> (String, Value
         let (flag, env, key) = row.names[generation];
         match source {
             Source::CommandLine => {
-                let args = if GLOBAL.iter().any(|g| *g == key) {
+                let args = if GLOBAL.contains(&key) {
                     &mut global
                 } else {
                     &mut serve
