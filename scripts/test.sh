@@ -37,4 +37,4 @@ export NIP_REQUIRE_NIX=1 NIP_REQUIRE_TOOLS=1
 export RUST_TEST_THREADS=${RUST_TEST_THREADS:-4}
 
 log "building and running all tests"
-cargo test --workspace --locked 2>&1
+cargo test --workspace --locked --no-fail-fast 2>&1

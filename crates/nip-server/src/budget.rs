@@ -50,20 +50,18 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn wakes_eviction_only_far_past_the_limit() {
+    async fn wakes_eviction_once_past_the_limit() {
         let b = Budget::new(Some(1000), 0);
-        b.stored(1050);
+        b.stored(1000);
         let quiet =
             tokio::time::timeout(std::time::Duration::from_millis(20), b.evict_now.notified())
                 .await;
-        assert!(quiet.is_err(), "woke eviction at 5% over");
-        b.stored(100);
-        tokio::time::timeout(
-            std::time::Duration::from_millis(200),
-            b.evict_now.notified(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(b.bytes(), 1150);
+        assert!(quiet.is_err(), "woke eviction at the limit");
+        b.stored(1);
+        tokio::time::timeout(std::time::Duration::from_millis(200), b.evict_now.notified())
+            .await
+            .unwrap();
+        assert_eq!(b.bytes(), 1001);
+        assert_eq!(Budget::eviction_target(1000), 900);
     }
 }
