@@ -4,6 +4,7 @@ pub mod auth;
 pub mod budget;
 pub mod coalesce;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod fill;
 pub mod health;
@@ -198,10 +199,9 @@ pub async fn serve(
     let upstreams = state.upstreams.clone();
     tokio::spawn(async move { upstreams.refresh_priorities().await });
     let jobs = jobs::spawn(state.clone());
-    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    // Timeouts and a connection limit that axum::serve lacks (slowloris, idle sockets).
+    let limits = conn::ConnLimits::from_env();
+    let result = conn::serve_tcp(listener, router(state), limits, shutdown).await;
     jobs.shutdown().await;
     result
 }

@@ -42,6 +42,20 @@ pub enum Behavior {
         body: Bytes,
         keep: usize,
     },
+    /// Writes these bytes (status line, headers, body) to the socket verbatim, then closes it:
+    /// for what an HTTP library would refuse to send (a Content-Length that lies).
+    Raw(Bytes),
+    /// Writes these bytes verbatim, then resets the connection (TCP RST, not a clean close).
+    RawReset(Bytes),
+}
+
+/// A raw HTTP/1.1 200 answer announcing `content_length` and carrying `body`.
+pub fn raw_response(content_length: usize, body: &[u8]) -> Bytes {
+    let mut v =
+        format!("HTTP/1.1 200 OK\r\ncontent-length: {content_length}\r\nconnection: close\r\n\r\n")
+            .into_bytes();
+    v.extend_from_slice(body);
+    Bytes::from(v)
 }
 
 #[derive(Default)]
@@ -115,6 +129,8 @@ async fn fake_handler(State(state): State<Arc<FakeState>>, uri: Uri) -> Response
                 .body(Body::from_stream(stream))
                 .unwrap()
         }
+        // Answered on the socket by `serve_raw` before hyper sees the request.
+        Behavior::Raw(_) | Behavior::RawReset(_) => StatusCode::IM_A_TEAPOT.into_response(),
         Behavior::Stall { body, keep } => {
             let len = body.len();
             let part = body.slice(..keep);
@@ -134,6 +150,80 @@ async fn fake_handler(State(state): State<Arc<FakeState>>, uri: Uri) -> Response
 
 use futures::StreamExt;
 
+/// One connection to the fake upstream. Keep-alive is off, so every request arrives on a fresh
+/// connection whose request line can be peeked at: raw behaviours answer on the socket itself.
+async fn serve_fake_connection(
+    stream: tokio::net::TcpStream,
+    app: axum::Router,
+    state: Arc<FakeState>,
+) {
+    if let Some(path) = peek_path(&stream).await {
+        let raw = match state.routes.lock().unwrap().get(&path) {
+            Some(Behavior::Raw(b)) => Some((b.clone(), false)),
+            Some(Behavior::RawReset(b)) => Some((b.clone(), true)),
+            _ => None,
+        };
+        if let Some((bytes, reset)) = raw {
+            *state.hits.lock().unwrap().entry(path).or_default() += 1;
+            serve_raw(stream, &bytes, reset).await;
+            return;
+        }
+    }
+    use tower::ServiceExt;
+    let service = hyper_util::service::TowerToHyperService::new(
+        app.map_request(|req: axum::http::Request<hyper::body::Incoming>| req.map(Body::new)),
+    );
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder.http1().keep_alive(false);
+    let _ = builder
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await;
+}
+
+/// The path of the request line (without `/` and query), once it has arrived.
+async fn peek_path(stream: &tokio::net::TcpStream) -> Option<String> {
+    let mut buf = [0u8; 4096];
+    for _ in 0..200 {
+        let n = stream.peek(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if let Some(end) = buf[..n].windows(2).position(|w| w == b"\r\n") {
+            let line = std::str::from_utf8(&buf[..end]).ok()?;
+            let target = line.split(' ').nth(1)?;
+            let path = target.split('?').next()?.trim_start_matches('/');
+            return Some(path.to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+/// Reads the request head, writes `bytes` as they are, then closes or resets the connection.
+async fn serve_raw(mut stream: tokio::net::TcpStream, bytes: &[u8], reset: bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    if stream.write_all(bytes).await.is_err() {
+        return;
+    }
+    let _ = stream.flush().await;
+    if reset {
+        // Let the bytes reach the client before the RST discards what is still in flight.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = stream.set_zero_linger();
+    } else {
+        let _ = stream.shutdown().await;
+    }
+}
+
 impl FakeUpstream {
     pub async fn start(priority: u32) -> Self {
         let state = Arc::new(FakeState::default());
@@ -143,8 +233,15 @@ impl FakeUpstream {
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
+        let shared = state.clone();
         let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (app, state) = (app.clone(), shared.clone());
+                tokio::spawn(serve_fake_connection(stream, app, state));
+            }
         });
         FakeUpstream { url, state, task }
     }

@@ -6,3 +6,4 @@ mod coalescing;
 mod faults;
 mod ncps_compat;
 mod serving;
+mod upstream_faults;
