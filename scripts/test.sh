@@ -31,6 +31,14 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
+# A throwaway PostgreSQL for the metadata tests on that backend and the two-instance tests.
+pg_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+pg_dir=$(mktemp -d /tmp/nip-test-pg.XXXXXX)
+chmod 755 "$pg_dir"  # the cluster runs as the postgres user
+PG_FAST=1 scripts/run-postgres.sh "$pg_port" "$pg_dir/data" start >&2
+trap 'scripts/run-postgres.sh "$pg_port" "$pg_dir/data" stop >/dev/null 2>&1 || true; rm -rf "$pg_dir"' EXIT
+export NIP_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
+
 # The tests that need real components must run, not skip, whenever this script is used.
 export NIP_REQUIRE_NIX=1 NIP_REQUIRE_TOOLS=1
 # Two cores: keep parallel test binaries from starving the servers they start.

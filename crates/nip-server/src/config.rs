@@ -208,9 +208,9 @@ impl ServeConfig {
                 data_path.join("db").join("db.sqlite").display()
             )
         });
-        if !database_url.starts_with("sqlite:") {
+        if nip_store::Backend::of_url(&database_url).is_err() {
             return Err(err("cache.database-url", format!(
-                "{database_url:?}: only sqlite: URLs are supported (e.g. sqlite:/var/lib/nip/db.sqlite)"
+                "{database_url:?}: use sqlite:PATH (e.g. sqlite:/var/lib/nip/db.sqlite) or postgres://USER@HOST/DB"
             )));
         }
         let temp_path = one("cache.temp-path")

@@ -258,27 +258,22 @@ mod tests {
 
     struct Fx {
         _dir: tempfile::TempDir,
+        _t: Option<tempfile::TempDir>,
         db: SqliteMeta,
         blobs: LocalBlobStore,
         staging: Staging,
     }
 
-    async fn fx() -> Fx {
-        let dir = tempfile::tempdir().unwrap();
-        let db = SqliteMeta::connect(&format!(
-            "sqlite:{}",
-            dir.path().join("db.sqlite").display()
-        ))
-        .await
-        .unwrap();
-        let blobs = LocalBlobStore::new(dir.path().join("store")).unwrap();
-        let staging = Staging::new(dir.path().join("tmp")).unwrap();
-        Fx {
-            _dir: dir,
-            db,
-            blobs,
-            staging,
+    async fn fx_all() -> Vec<Fx> {
+        let mut out = Vec::new();
+        for t in crate::testdb::all().await {
+            let dir = tempfile::tempdir().unwrap();
+            let blobs = LocalBlobStore::new(dir.path().join("store")).unwrap();
+            let staging = Staging::new(dir.path().join("tmp")).unwrap();
+            let (db, keep) = t.into_parts();
+            out.push(Fx { _dir: dir, db, _t: keep, blobs, staging });
         }
+        out
     }
 
     async fn put_blob(f: &Fx, key: &str, size: usize) {
@@ -315,7 +310,7 @@ mod tests {
         })
         .await
         .unwrap();
-        sqlx::query("UPDATE nars SET last_accessed_at = ? WHERE nar_file = ?")
+        sqlx::query("UPDATE nars SET last_accessed_at = $1 WHERE nar_file = $2")
             .bind(at)
             .bind(&file)
             .execute(f.db.pool())
@@ -338,88 +333,90 @@ mod tests {
 
     #[tokio::test]
     async fn evicts_least_recently_used_first_keeping_pins_and_pairs() {
-        let f = fx().await;
-        nix_entry(&f, "aaa", 100, 1).await; // oldest, but pinned
-        artifact(&f, "old-artifact", 100, 2).await;
-        nix_entry(&f, "bbb", 100, 3).await;
-        nix_entry(&f, "ccc", 100, 4).await;
-        artifact(&f, "new-artifact", 100, 5).await;
-        f.db.pin("aaa", 0).await.unwrap();
-        assert_eq!(f.db.usage().await.unwrap().bytes, 500);
+        for f in fx_all().await {
+            nix_entry(&f, "aaa", 100, 1).await; // oldest, but pinned
+            artifact(&f, "old-artifact", 100, 2).await;
+            nix_entry(&f, "bbb", 100, 3).await;
+            nix_entry(&f, "ccc", 100, 4).await;
+            artifact(&f, "new-artifact", 100, 5).await;
+            f.db.pin("aaa", 0).await.unwrap();
+            assert_eq!(f.db.usage().await.unwrap().bytes, 500);
 
-        let dry = evict(&f.db, &f.blobs, 300, true).await.unwrap();
-        assert_eq!((dry.nars, dry.artifacts, dry.usage_after), (1, 1, 300));
-        assert_eq!(
-            f.db.usage().await.unwrap().bytes,
-            500,
-            "dry run deleted something"
-        );
+            let dry = evict(&f.db, &f.blobs, 300, true).await.unwrap();
+            assert_eq!((dry.nars, dry.artifacts, dry.usage_after), (1, 1, 300));
+            assert_eq!(
+                f.db.usage().await.unwrap().bytes,
+                500,
+                "dry run deleted something"
+            );
 
-        let s = evict(&f.db, &f.blobs, 300, false).await.unwrap();
-        assert_eq!(
-            (s.nars, s.narinfos, s.artifacts, s.usage_after),
-            (1, 1, 1, 300)
-        );
-        assert!(
-            f.db.get_narinfo("aaa").await.unwrap().is_some(),
-            "pinned entry evicted"
-        );
-        assert!(f.db.get_artifact("old-artifact").await.unwrap().is_none());
-        assert!(
-            f.db.get_narinfo("bbb").await.unwrap().is_none(),
-            "narinfo left without its NAR"
-        );
-        assert!(f
-            .blobs
-            .stat(&BlobKey::new("nar/bbb.nar").unwrap())
-            .await
-            .unwrap()
-            .is_none());
-        assert!(f.db.get_narinfo("ccc").await.unwrap().is_some());
-        assert!(f.db.get_artifact("new-artifact").await.unwrap().is_some());
-        // Everything left is pinned or under the budget: nothing more to do.
-        let s = evict(&f.db, &f.blobs, 0, false).await.unwrap();
-        assert_eq!(s.usage_after, 100, "only the pinned entry stays");
+            let s = evict(&f.db, &f.blobs, 300, false).await.unwrap();
+            assert_eq!(
+                (s.nars, s.narinfos, s.artifacts, s.usage_after),
+                (1, 1, 1, 300)
+            );
+            assert!(
+                f.db.get_narinfo("aaa").await.unwrap().is_some(),
+                "pinned entry evicted"
+            );
+            assert!(f.db.get_artifact("old-artifact").await.unwrap().is_none());
+            assert!(
+                f.db.get_narinfo("bbb").await.unwrap().is_none(),
+                "narinfo left without its NAR"
+            );
+            assert!(f
+                .blobs
+                .stat(&BlobKey::new("nar/bbb.nar").unwrap())
+                .await
+                .unwrap()
+                .is_none());
+            assert!(f.db.get_narinfo("ccc").await.unwrap().is_some());
+            assert!(f.db.get_artifact("new-artifact").await.unwrap().is_some());
+            // Everything left is pinned or under the budget: nothing more to do.
+            let s = evict(&f.db, &f.blobs, 0, false).await.unwrap();
+            assert_eq!(s.usage_after, 100, "only the pinned entry stays");
+        }
     }
 
     #[tokio::test]
     async fn reconcile_removes_what_a_crash_left() {
-        let f = fx().await;
-        nix_entry(&f, "good", 10, 1).await;
-        nix_entry(&f, "lost", 10, 1).await;
-        std::fs::remove_file(f.blobs.root().join("nar/lost.nar")).unwrap();
-        artifact(&f, "art", 10, 1).await;
-        artifact(&f, "gone", 10, 1).await;
-        std::fs::remove_file(f.blobs.root().join("artifacts/gonesha")).unwrap();
-        // Bytes without rows (old enough to be leftovers) and a half-published file.
-        let stray = f.blobs.root().join("nar/stray.nar");
-        std::fs::write(&stray, b"x").unwrap();
-        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
-        std::fs::File::options()
-            .write(true)
-            .open(&stray)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
-        std::fs::write(f.blobs.root().join("artifacts/.publish-x"), b"x").unwrap();
-        // A young stray file may belong to an upload in progress elsewhere: left alone.
-        std::fs::write(f.blobs.root().join("artifacts/young"), b"x").unwrap();
+        for f in fx_all().await {
+            nix_entry(&f, "good", 10, 1).await;
+            nix_entry(&f, "lost", 10, 1).await;
+            std::fs::remove_file(f.blobs.root().join("nar/lost.nar")).unwrap();
+            artifact(&f, "art", 10, 1).await;
+            artifact(&f, "gone", 10, 1).await;
+            std::fs::remove_file(f.blobs.root().join("artifacts/gonesha")).unwrap();
+            // Bytes without rows (old enough to be leftovers) and a half-published file.
+            let stray = f.blobs.root().join("nar/stray.nar");
+            std::fs::write(&stray, b"x").unwrap();
+            let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+            std::fs::File::options()
+                .write(true)
+                .open(&stray)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+            std::fs::write(f.blobs.root().join("artifacts/.publish-x"), b"x").unwrap();
+            // A young stray file may belong to an upload in progress elsewhere: left alone.
+            std::fs::write(f.blobs.root().join("artifacts/young"), b"x").unwrap();
 
-        let s = reconcile(&f.db, &f.blobs, false).await.unwrap();
-        assert_eq!(
-            s,
-            ReconcileSummary {
-                rows_without_bytes: 3,
-                bytes_without_rows: 1,
-                partial_files: 1
-            }
-        );
-        assert!(f.db.get_narinfo("lost").await.unwrap().is_none());
-        assert!(f.db.get_narinfo("good").await.unwrap().is_some());
-        assert!(f.db.get_artifact("gone").await.unwrap().is_none());
-        assert!(f.db.get_artifact("art").await.unwrap().is_some());
-        assert!(!stray.exists());
-        assert!(f.blobs.root().join("artifacts/young").exists());
-        assert_eq!(reconcile(&f.db, &f.blobs, false).await.unwrap().total(), 0);
+            let s = reconcile(&f.db, &f.blobs, false).await.unwrap();
+            assert_eq!(
+                s,
+                ReconcileSummary {
+                    rows_without_bytes: 3,
+                    bytes_without_rows: 1,
+                    partial_files: 1
+                }
+            );
+            assert!(f.db.get_narinfo("lost").await.unwrap().is_none());
+            assert!(f.db.get_narinfo("good").await.unwrap().is_some());
+            assert!(f.db.get_artifact("gone").await.unwrap().is_none());
+            assert!(f.db.get_artifact("art").await.unwrap().is_some());
+            assert!(!stray.exists());
+            assert!(f.blobs.root().join("artifacts/young").exists());
+            assert_eq!(reconcile(&f.db, &f.blobs, false).await.unwrap().total(), 0);
+        }
     }
 }

@@ -5,10 +5,12 @@ pub mod gc;
 pub mod index;
 pub mod local;
 pub mod meta;
-pub mod sqlite;
-mod sqlite_gc;
-mod sqlite_index;
+pub mod sql;
+mod sql_gc;
+mod sql_index;
 pub mod staging;
+#[cfg(test)]
+mod testdb;
 
 pub use blob::{BlobEntry, BlobKey, BlobRange, BlobRead, BlobStore, StoreError};
 pub use gc::{GcIndex, Usage};
@@ -17,7 +19,7 @@ pub use index::{
 };
 pub use local::LocalBlobStore;
 pub use meta::{MetaError, MetaStore, NarInfoRecord, NarRecord, NarSource};
-pub use sqlite::SqliteMeta;
+pub use sql::{Backend, SqlMeta, SqliteMeta};
 pub use staging::{StagedFile, Staging};
 
 /// Seconds since the Unix epoch; the index stores times as integers.

@@ -1,25 +1,61 @@
-//! SQLite metadata backend (the embedded default). Migrations are embedded and run at start.
+//! The SQL metadata backend: SQLite (the embedded default) or PostgreSQL (for several instances),
+//! chosen by the database URL's scheme, with one set of queries for both through sqlx's `Any`
+//! driver. Migrations for each are embedded and run at start, safely when instances start together.
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{ConnectOptions, Connection, Row, SqlitePool};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{AnyPool, ConnectOptions, Connection, Executor, Row};
 
 use crate::meta::{MetaError, MetaStore, NarInfoRecord, NarRecord, NarSource};
 use crate::unix_now;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn of_url(url: &str) -> Result<Self, MetaError> {
+        if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else {
+            Err(MetaError::BadUrl {
+                url: url.to_string(),
+                reason: "use sqlite:PATH or postgres://USER@HOST/DB".into(),
+            })
+        }
+    }
+
+    fn migrator(self) -> &'static sqlx::migrate::Migrator {
+        match self {
+            Backend::Sqlite => &SQLITE_MIGRATOR,
+            Backend::Postgres => &POSTGRES_MIGRATOR,
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
-pub struct SqliteMeta {
-    pool: SqlitePool,
+pub struct SqlMeta {
+    pool: AnyPool,
+    backend: Backend,
 }
+
+/// The embedded default's historical name.
+pub type SqliteMeta = SqlMeta;
 
 /// Connections in the pool unless the caller says otherwise.
 pub const DEFAULT_POOL_SIZE: u32 = 8;
 
-/// How often migrations are retried when another process migrates the same file at once.
+/// How often migrations are retried when another process migrates the same database at once.
 const MIGRATE_ATTEMPTS: u32 = 8;
 
 /// A migration embedded in this build.
@@ -29,105 +65,151 @@ pub struct MigrationInfo {
     pub description: String,
 }
 
-fn options(url: &str) -> Result<SqliteConnectOptions, MetaError> {
+fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, MetaError> {
     SqliteConnectOptions::from_str(url).map_err(|e| MetaError::BadUrl {
         url: url.to_string(),
         reason: e.to_string(),
     })
 }
 
-impl SqliteMeta {
-    /// Opens (creating when missing) the database at a `sqlite:` URL and applies migrations.
+impl SqlMeta {
+    /// Opens the database (creating a SQLite file when missing) and applies migrations.
     pub async fn connect(url: &str) -> Result<Self, MetaError> {
         Self::connect_with(url, DEFAULT_POOL_SIZE).await
     }
 
-    /// Like [`SqliteMeta::connect`] with a pool of `max_connections` (at least 1). Safe when
-    /// several processes open a fresh file at the same time: see [`migrate`].
+    /// Like [`SqlMeta::connect`] with a pool of `max_connections` (at least 1). Safe when several
+    /// processes open a fresh database at the same time: see [`migrate`].
     pub async fn connect_with(url: &str, max_connections: u32) -> Result<Self, MetaError> {
-        let opts = options(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // FULL: a committed row survives power loss, so "recorded" implies "durable".
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
-        if let Some(parent) = opts.get_filename().parent() {
-            if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent).map_err(|e| MetaError::BadUrl {
-                    url: url.to_string(),
-                    reason: e.to_string(),
-                })?;
+        sqlx::any::install_default_drivers();
+        let backend = Backend::of_url(url)?;
+        let options = AnyPoolOptions::new().max_connections(max_connections.max(1));
+        let pool = match backend {
+            Backend::Sqlite => {
+                let file = sqlite_options(url)?.get_filename().to_path_buf();
+                if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent).map_err(|e| MetaError::BadUrl {
+                        url: url.to_string(),
+                        reason: e.to_string(),
+                    })?;
+                }
+                let url = if url.contains("mode=") {
+                    url.to_string()
+                } else if url.contains('?') {
+                    format!("{url}&mode=rwc")
+                } else {
+                    format!("{url}?mode=rwc")
+                };
+                options
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            // WAL + FULL: a committed row survives power loss, so "recorded"
+                            // implies "durable"; readers never wait for the writer.
+                            conn.execute("PRAGMA busy_timeout = 10000").await?;
+                            conn.execute("PRAGMA journal_mode = WAL").await?;
+                            conn.execute("PRAGMA synchronous = FULL").await?;
+                            conn.execute("PRAGMA foreign_keys = ON").await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&url)
+                    .await?
             }
-        }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .connect_with(opts)
-            .await?;
-        migrate(&pool).await?;
-        Ok(SqliteMeta { pool })
+            Backend::Postgres => options.connect(url).await?,
+        };
+        migrate(&pool, backend).await?;
+        Ok(SqlMeta { pool, backend })
     }
 
-    /// Every migration embedded in this build, oldest first.
-    pub fn migrations() -> Vec<MigrationInfo> {
-        MIGRATOR
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Every migration embedded in this build for the URL's backend, oldest first.
+    pub fn migrations_for(url: &str) -> Result<Vec<MigrationInfo>, MetaError> {
+        Ok(Backend::of_url(url)?
+            .migrator()
             .iter()
             .map(|m| MigrationInfo {
                 version: m.version,
                 description: m.description.to_string(),
             })
-            .collect()
-    }
-
-    /// The migrations not yet applied to the database at `url`, without changing anything: a
-    /// missing file has all of them pending.
-    pub async fn pending_migrations(url: &str) -> Result<Vec<MigrationInfo>, MetaError> {
-        let opts = options(url)?;
-        if !opts.get_filename().exists() {
-            return Ok(Self::migrations());
-        }
-        let mut conn = opts
-            .read_only(true)
-            .busy_timeout(Duration::from_secs(10))
-            .connect()
-            .await?;
-        let has_table: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
-        )
-        .fetch_optional(&mut conn)
-        .await?;
-        let applied: Vec<i64> = if has_table.is_some() {
-            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-                .fetch_all(&mut conn)
-                .await?
-        } else {
-            Vec::new()
-        };
-        conn.close().await?;
-        Ok(Self::migrations()
-            .into_iter()
-            .filter(|m| !applied.contains(&m.version))
             .collect())
     }
 
-    pub fn pool(&self) -> &SqlitePool {
+    /// Every SQLite migration embedded in this build, oldest first.
+    pub fn migrations() -> Vec<MigrationInfo> {
+        Self::migrations_for("sqlite:x").unwrap_or_default()
+    }
+
+    /// The migrations not yet applied to the database at `url`, without changing anything: a
+    /// missing SQLite file has all of them pending.
+    pub async fn pending_migrations(url: &str) -> Result<Vec<MigrationInfo>, MetaError> {
+        let all = Self::migrations_for(url)?;
+        let applied: Vec<i64> = match Backend::of_url(url)? {
+            Backend::Sqlite => {
+                let opts = sqlite_options(url)?;
+                if !opts.get_filename().exists() {
+                    return Ok(all);
+                }
+                let mut conn = opts
+                    .read_only(true)
+                    .busy_timeout(Duration::from_secs(10))
+                    .connect()
+                    .await?;
+                let has_table: Option<i64> = sqlx::query_scalar(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+                )
+                .fetch_optional(&mut conn)
+                .await?;
+                let applied = if has_table.is_some() {
+                    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                        .fetch_all(&mut conn)
+                        .await?
+                } else {
+                    Vec::new()
+                };
+                conn.close().await?;
+                applied
+            }
+            Backend::Postgres => {
+                let mut conn = sqlx::postgres::PgConnection::connect(url).await?;
+                let has_table: Option<String> =
+                    sqlx::query_scalar("SELECT CAST(to_regclass('_sqlx_migrations') AS TEXT)")
+                        .fetch_one(&mut conn)
+                        .await?;
+                let applied = if has_table.is_some() {
+                    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                        .fetch_all(&mut conn)
+                        .await?
+                } else {
+                    Vec::new()
+                };
+                conn.close().await?;
+                applied
+            }
+        };
+        Ok(all.into_iter().filter(|m| !applied.contains(&m.version)).collect())
+    }
+
+    pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
 }
 
-/// Applies pending migrations. sqlx takes no lock on SQLite, so two processes starting on a
-/// fresh file both try to apply migration 1; each migration is one transaction, so the loser
-/// fails without a trace (table exists, or a busy snapshot) and simply runs again, and then finds
-/// the work done.
-async fn migrate(pool: &SqlitePool) -> Result<(), MetaError> {
+/// Applies pending migrations. On PostgreSQL sqlx holds an advisory lock while migrating. On
+/// SQLite it takes none, so two processes starting on a fresh file both try migration 1; each
+/// migration is one transaction, so the loser fails without a trace (table exists, or a busy
+/// snapshot) and simply runs again, and then finds the work done.
+async fn migrate(pool: &AnyPool, backend: Backend) -> Result<(), MetaError> {
     let mut attempt = 1;
     loop {
-        match MIGRATOR.run(pool).await {
+        match backend.migrator().run(pool).await {
             Ok(()) => return Ok(()),
             Err(e) if attempt < MIGRATE_ATTEMPTS => {
                 tracing::debug!(error = %e, attempt, "migration failed, probably racing another process; retrying");
                 // Stagger the retries so racing processes do not collide again.
-                let salt = u64::from(std::process::id()) ^ (pool as *const SqlitePool as u64 >> 4);
+                let salt = u64::from(std::process::id()) ^ (pool as *const AnyPool as u64 >> 4);
                 let jitter = salt.wrapping_mul(u64::from(attempt) * 31) % 50;
                 tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt) + jitter)).await;
                 attempt += 1;
@@ -137,7 +219,7 @@ async fn migrate(pool: &SqlitePool) -> Result<(), MetaError> {
     }
 }
 
-fn narinfo_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<NarInfoRecord, sqlx::Error> {
+fn narinfo_from_row(row: &AnyRow) -> Result<NarInfoRecord, sqlx::Error> {
     Ok(NarInfoRecord {
         hash: row.try_get("hash")?,
         store_path: row.try_get("store_path")?,
@@ -154,10 +236,10 @@ const NARINFO_COLUMNS: &str =
     "hash, store_path, nar_file, file_size, file_hash, nar_hash, narinfo, origin";
 
 #[async_trait]
-impl MetaStore for SqliteMeta {
+impl MetaStore for SqlMeta {
     async fn get_narinfo(&self, hash: &str) -> Result<Option<NarInfoRecord>, MetaError> {
         let row = sqlx::query(&format!(
-            "SELECT {NARINFO_COLUMNS} FROM narinfos WHERE hash = ?"
+            "SELECT {NARINFO_COLUMNS} FROM narinfos WHERE hash = $1"
         ))
         .bind(hash)
         .fetch_optional(&self.pool)
@@ -174,7 +256,7 @@ impl MetaStore for SqliteMeta {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO narinfos (hash, store_path, nar_file, file_size, file_hash, nar_hash, \
-             narinfo, origin, created_at, last_accessed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             narinfo, origin, created_at, last_accessed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              ON CONFLICT (hash) DO UPDATE SET store_path = excluded.store_path, \
              nar_file = excluded.nar_file, file_size = excluded.file_size, \
              file_hash = excluded.file_hash, nar_hash = excluded.nar_hash, \
@@ -195,7 +277,7 @@ impl MetaStore for SqliteMeta {
         .await?;
         for (rank, src) in sources.iter().enumerate() {
             sqlx::query(
-                "INSERT INTO nar_sources (nar_file, url, upstream, rank) VALUES (?, ?, ?, ?) \
+                "INSERT INTO nar_sources (nar_file, url, upstream, rank) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (nar_file, url) DO UPDATE SET upstream = excluded.upstream, \
                  rank = excluded.rank",
             )
@@ -212,7 +294,7 @@ impl MetaStore for SqliteMeta {
 
     async fn narinfo_for_nar(&self, nar_file: &str) -> Result<Option<NarInfoRecord>, MetaError> {
         let row = sqlx::query(&format!(
-            "SELECT {NARINFO_COLUMNS} FROM narinfos WHERE nar_file = ? LIMIT 1"
+            "SELECT {NARINFO_COLUMNS} FROM narinfos WHERE nar_file = $1 LIMIT 1"
         ))
         .bind(nar_file)
         .fetch_optional(&self.pool)
@@ -222,7 +304,7 @@ impl MetaStore for SqliteMeta {
 
     async fn nar_sources(&self, nar_file: &str) -> Result<Vec<NarSource>, MetaError> {
         let rows =
-            sqlx::query("SELECT url, upstream FROM nar_sources WHERE nar_file = ? ORDER BY rank")
+            sqlx::query("SELECT url, upstream FROM nar_sources WHERE nar_file = $1 ORDER BY rank")
                 .bind(nar_file)
                 .fetch_all(&self.pool)
                 .await?;
@@ -238,7 +320,7 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn get_nar(&self, nar_file: &str) -> Result<Option<NarRecord>, MetaError> {
-        let row = sqlx::query("SELECT nar_file, size, sha256 FROM nars WHERE nar_file = ?")
+        let row = sqlx::query("SELECT nar_file, size, sha256 FROM nars WHERE nar_file = $1")
             .bind(nar_file)
             .fetch_optional(&self.pool)
             .await?;
@@ -257,7 +339,7 @@ impl MetaStore for SqliteMeta {
         let now = unix_now();
         sqlx::query(
             "INSERT INTO nars (nar_file, size, sha256, created_at, last_accessed_at) \
-             VALUES (?, ?, ?, ?, ?) ON CONFLICT (nar_file) DO UPDATE SET size = excluded.size, \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (nar_file) DO UPDATE SET size = excluded.size, \
              sha256 = excluded.sha256",
         )
         .bind(&rec.nar_file)
@@ -271,7 +353,7 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn delete_narinfo(&self, hash: &str) -> Result<bool, MetaError> {
-        let n = sqlx::query("DELETE FROM narinfos WHERE hash = ?")
+        let n = sqlx::query("DELETE FROM narinfos WHERE hash = $1")
             .bind(hash)
             .execute(&self.pool)
             .await?
@@ -280,7 +362,7 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn delete_nar(&self, nar_file: &str) -> Result<bool, MetaError> {
-        let n = sqlx::query("DELETE FROM nars WHERE nar_file = ?")
+        let n = sqlx::query("DELETE FROM nars WHERE nar_file = $1")
             .bind(nar_file)
             .execute(&self.pool)
             .await?
@@ -313,9 +395,9 @@ mod tests {
 
     #[tokio::test]
     async fn narinfo_and_nar_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite:{}", dir.path().join("db/db.sqlite").display());
-        let meta = SqliteMeta::connect(&url).await.unwrap();
+        for t in crate::testdb::all().await {
+        let url = t.url.clone();
+        let meta = t.meta.clone();
         assert!(meta.get_narinfo("h1").await.unwrap().is_none());
         let sources = vec![
             NarSource {
@@ -351,6 +433,7 @@ mod tests {
         // Reopening runs migrations again without error.
         let meta = SqliteMeta::connect(&url).await.unwrap();
         assert!(meta.get_narinfo("h1").await.unwrap().is_some());
+        }
     }
 
     /// Regression: sqlx takes no migration lock on SQLite, so instances starting together on a

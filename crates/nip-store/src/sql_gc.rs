@@ -1,17 +1,18 @@
-//! SQLite implementation of the eviction and reconciliation queries.
+//! SQL (SQLite and PostgreSQL) implementation of the eviction and reconciliation queries.
 use async_trait::async_trait;
 use sqlx::Row;
 
 use crate::gc::{Candidate, CandidateKind, GcIndex, Usage};
 use crate::meta::MetaError;
-use crate::sqlite::SqliteMeta;
+use crate::sql::SqlMeta;
 
 #[async_trait]
-impl GcIndex for SqliteMeta {
+impl GcIndex for SqlMeta {
     async fn usage(&self) -> Result<Usage, MetaError> {
         let row = sqlx::query(
-            "SELECT (SELECT COALESCE(SUM(size), 0) FROM nars) \
-                  + (SELECT COALESCE(SUM(size), 0) FROM (SELECT DISTINCT sha256, size FROM artifacts)) AS bytes, \
+            // CAST: PostgreSQL sums BIGINTs into NUMERIC.
+            "SELECT CAST((SELECT COALESCE(SUM(size), 0) FROM nars) \
+                  + (SELECT COALESCE(SUM(size), 0) FROM (SELECT DISTINCT sha256, size FROM artifacts) AS d) AS BIGINT) AS bytes, \
                     (SELECT COUNT(*) FROM nars) AS nars, (SELECT COUNT(*) FROM narinfos) AS narinfos, \
                     (SELECT COUNT(*) FROM artifacts) AS artifacts",
         )
@@ -32,7 +33,7 @@ impl GcIndex for SqliteMeta {
              UNION ALL \
              SELECT 'artifact', a.key, a.size, a.last_accessed_at FROM artifacts a \
              WHERE NOT EXISTS (SELECT 1 FROM pins p WHERE p.key = a.key) \
-             ORDER BY at ASC LIMIT ?",
+             ORDER BY at ASC LIMIT $1",
         )
         .bind(limit)
         .fetch_all(self.pool())
@@ -56,16 +57,16 @@ impl GcIndex for SqliteMeta {
 
     async fn evict_nar(&self, nar_file: &str) -> Result<u64, MetaError> {
         let mut tx = self.pool().begin().await?;
-        let narinfos = sqlx::query("DELETE FROM narinfos WHERE nar_file = ?")
+        let narinfos = sqlx::query("DELETE FROM narinfos WHERE nar_file = $1")
             .bind(nar_file)
             .execute(&mut *tx)
             .await?
             .rows_affected();
-        sqlx::query("DELETE FROM nar_sources WHERE nar_file = ?")
+        sqlx::query("DELETE FROM nar_sources WHERE nar_file = $1")
             .bind(nar_file)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM nars WHERE nar_file = ?")
+        sqlx::query("DELETE FROM nars WHERE nar_file = $1")
             .bind(nar_file)
             .execute(&mut *tx)
             .await?;
@@ -82,7 +83,7 @@ impl GcIndex for SqliteMeta {
         let mut tx = self.pool().begin().await?;
         for f in nar_files {
             sqlx::query(
-                "UPDATE nars SET last_accessed_at = ? WHERE nar_file = ? AND last_accessed_at < ?",
+                "UPDATE nars SET last_accessed_at = $1 WHERE nar_file = $2 AND last_accessed_at < $3",
             )
             .bind(at)
             .bind(f)
@@ -94,15 +95,15 @@ impl GcIndex for SqliteMeta {
             // A narinfo read counts for its NAR too: Nix reads the narinfo before the NAR, and a
             // client whose store already has the NAR's contents may read only the narinfo.
             sqlx::query(
-                "UPDATE nars SET last_accessed_at = ?1 WHERE last_accessed_at < ?1 \
-                 AND nar_file = (SELECT nar_file FROM narinfos WHERE hash = ?2)",
+                "UPDATE nars SET last_accessed_at = $1 WHERE last_accessed_at < $1 \
+                 AND nar_file = (SELECT nar_file FROM narinfos WHERE hash = $2)",
             )
             .bind(at)
             .bind(h)
             .execute(&mut *tx)
             .await?;
             sqlx::query(
-                "UPDATE narinfos SET last_accessed_at = ? WHERE hash = ? AND last_accessed_at < ?",
+                "UPDATE narinfos SET last_accessed_at = $1 WHERE hash = $2 AND last_accessed_at < $3",
             )
             .bind(at)
             .bind(h)
@@ -116,7 +117,7 @@ impl GcIndex for SqliteMeta {
 
     async fn pin(&self, key: &str, at: i64) -> Result<(), MetaError> {
         sqlx::query(
-            "INSERT INTO pins (key, created_at) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+            "INSERT INTO pins (key, created_at) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
         )
         .bind(key)
         .bind(at)
@@ -126,7 +127,7 @@ impl GcIndex for SqliteMeta {
     }
 
     async fn unpin(&self, key: &str) -> Result<bool, MetaError> {
-        let n = sqlx::query("DELETE FROM pins WHERE key = ?")
+        let n = sqlx::query("DELETE FROM pins WHERE key = $1")
             .bind(key)
             .execute(self.pool())
             .await?

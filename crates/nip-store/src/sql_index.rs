@@ -1,17 +1,17 @@
-//! SQLite implementation of the artifact index, API keys and audit log.
+//! SQL (SQLite and PostgreSQL) implementation of the artifact index, API keys and audit log.
 use async_trait::async_trait;
-use sqlx::sqlite::SqliteRow;
+use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use crate::index::{
     ApiKeyRecord, ArtifactIndex, ArtifactRecord, AuditEntry, AuditLog, KeyStore, PutArtifact,
 };
 use crate::meta::MetaError;
-use crate::sqlite::SqliteMeta;
+use crate::sql::SqlMeta;
 
 const ARTIFACT_COLUMNS: &str = "key, size, sha256, metadata, created_at";
 
-fn artifact(row: &SqliteRow) -> Result<ArtifactRecord, sqlx::Error> {
+fn artifact(row: &AnyRow) -> Result<ArtifactRecord, sqlx::Error> {
     Ok(ArtifactRecord {
         key: row.try_get("key")?,
         size: row.try_get("size")?,
@@ -21,7 +21,7 @@ fn artifact(row: &SqliteRow) -> Result<ArtifactRecord, sqlx::Error> {
     })
 }
 
-fn api_key(row: &SqliteRow) -> Result<ApiKeyRecord, sqlx::Error> {
+fn api_key(row: &AnyRow) -> Result<ApiKeyRecord, sqlx::Error> {
     Ok(ApiKeyRecord {
         name: row.try_get("name")?,
         scope: row.try_get("scope")?,
@@ -32,7 +32,7 @@ fn api_key(row: &SqliteRow) -> Result<ApiKeyRecord, sqlx::Error> {
     })
 }
 
-fn audit_entry(row: &SqliteRow) -> Result<AuditEntry, sqlx::Error> {
+fn audit_entry(row: &AnyRow) -> Result<AuditEntry, sqlx::Error> {
     Ok(AuditEntry {
         at: row.try_get("at")?,
         key_name: row.try_get("key_name")?,
@@ -46,10 +46,10 @@ fn audit_entry(row: &SqliteRow) -> Result<AuditEntry, sqlx::Error> {
 }
 
 #[async_trait]
-impl ArtifactIndex for SqliteMeta {
+impl ArtifactIndex for SqlMeta {
     async fn get_artifact(&self, key: &str) -> Result<Option<ArtifactRecord>, MetaError> {
         let row = sqlx::query(&format!(
-            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE key = ?"
+            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE key = $1"
         ))
         .bind(key)
         .fetch_optional(self.pool())
@@ -65,7 +65,7 @@ impl ArtifactIndex for SqliteMeta {
     ) -> Result<PutArtifact, MetaError> {
         let inserted = sqlx::query(
             "INSERT INTO artifacts (key, size, sha256, metadata, name, version, created_at, last_accessed_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (key) DO NOTHING",
         )
         .bind(&rec.key)
         .bind(rec.size)
@@ -103,9 +103,9 @@ impl ArtifactIndex for SqliteMeta {
     ) -> Result<Vec<ArtifactRecord>, MetaError> {
         // Prefix match with substr (not LIKE): keys may contain `_`, a LIKE wildcard.
         let rows = sqlx::query(&format!(
-            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE (?1 IS NULL OR name = ?1) \
-             AND (?2 IS NULL OR version = ?2) AND (?3 IS NULL OR substr(key, 1, length(?3)) = ?3) \
-             ORDER BY created_at DESC, rowid DESC LIMIT ?4"
+            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE ($1 IS NULL OR name = $1) \
+             AND ($2 IS NULL OR version = $2) AND ($3 IS NULL OR substr(key, 1, length($3)) = $3) \
+             ORDER BY created_at DESC, key DESC LIMIT $4"
         ))
         .bind(name)
         .bind(version)
@@ -122,7 +122,7 @@ impl ArtifactIndex for SqliteMeta {
     ) -> Result<Option<(ArtifactRecord, bool)>, MetaError> {
         let mut tx = self.pool().begin().await?;
         let row = sqlx::query(&format!(
-            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE key = ?"
+            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE key = $1"
         ))
         .bind(key)
         .fetch_optional(&mut *tx)
@@ -130,11 +130,11 @@ impl ArtifactIndex for SqliteMeta {
         let Some(rec) = row.as_ref().map(artifact).transpose()? else {
             return Ok(None);
         };
-        sqlx::query("DELETE FROM artifacts WHERE key = ?")
+        sqlx::query("DELETE FROM artifacts WHERE key = $1")
             .bind(key)
             .execute(&mut *tx)
             .await?;
-        let shared: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM artifacts WHERE sha256 = ?")
+        let shared: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM artifacts WHERE sha256 = $1")
             .bind(&rec.sha256)
             .fetch_one(&mut *tx)
             .await?;
@@ -146,7 +146,7 @@ impl ArtifactIndex for SqliteMeta {
         let mut tx = self.pool().begin().await?;
         for key in keys {
             sqlx::query(
-                "UPDATE artifacts SET last_accessed_at = ? WHERE key = ? AND last_accessed_at < ?",
+                "UPDATE artifacts SET last_accessed_at = $1 WHERE key = $2 AND last_accessed_at < $3",
             )
             .bind(at)
             .bind(key)
@@ -163,7 +163,7 @@ impl ArtifactIndex for SqliteMeta {
         before: i64,
         limit: i64,
     ) -> Result<Vec<String>, MetaError> {
-        let keys = sqlx::query_scalar("SELECT key FROM artifacts WHERE last_accessed_at < ? ORDER BY last_accessed_at LIMIT ?")
+        let keys = sqlx::query_scalar("SELECT key FROM artifacts WHERE last_accessed_at < $1 ORDER BY last_accessed_at LIMIT $2")
             .bind(before)
             .bind(limit)
             .fetch_all(self.pool())
@@ -173,11 +173,11 @@ impl ArtifactIndex for SqliteMeta {
 }
 
 #[async_trait]
-impl KeyStore for SqliteMeta {
+impl KeyStore for SqlMeta {
     async fn create_key(&self, rec: &ApiKeyRecord, token_hash: &str) -> Result<(), MetaError> {
         sqlx::query(
             "INSERT INTO api_keys (name, token_hash, scope, prefix, created_at, expires_at, revoked_at) \
-             VALUES (?, ?, ?, ?, ?, ?, NULL)",
+             VALUES ($1, $2, $3, $4, $5, $6, NULL)",
         )
         .bind(&rec.name)
         .bind(token_hash)
@@ -192,7 +192,7 @@ impl KeyStore for SqliteMeta {
 
     async fn key_by_token_hash(&self, token_hash: &str) -> Result<Option<ApiKeyRecord>, MetaError> {
         let row = sqlx::query(
-            "SELECT name, scope, prefix, created_at, expires_at, revoked_at FROM api_keys WHERE token_hash = ?",
+            "SELECT name, scope, prefix, created_at, expires_at, revoked_at FROM api_keys WHERE token_hash = $1",
         )
         .bind(token_hash)
         .fetch_optional(self.pool())
@@ -211,7 +211,7 @@ impl KeyStore for SqliteMeta {
 
     async fn revoke_key(&self, name: &str, at: i64) -> Result<bool, MetaError> {
         let n =
-            sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL")
+            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL")
                 .bind(at)
                 .bind(name)
                 .execute(self.pool())
@@ -222,7 +222,7 @@ impl KeyStore for SqliteMeta {
 
     async fn any_active_key(&self, now: i64) -> Result<bool, MetaError> {
         let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
+            "SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $1)",
         )
         .bind(now)
         .fetch_one(self.pool())
@@ -232,11 +232,11 @@ impl KeyStore for SqliteMeta {
 }
 
 #[async_trait]
-impl AuditLog for SqliteMeta {
+impl AuditLog for SqlMeta {
     async fn audit(&self, e: &AuditEntry) -> Result<(), MetaError> {
         sqlx::query(
             "INSERT INTO audit_log (at, key_name, remote_addr, action, target, size, sha256, result) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(e.at)
         .bind(&e.key_name)
@@ -259,7 +259,7 @@ impl AuditLog for SqliteMeta {
     ) -> Result<Vec<AuditEntry>, MetaError> {
         let rows = sqlx::query(
             "SELECT at, key_name, remote_addr, action, target, size, sha256, result FROM audit_log \
-             WHERE at >= ?1 AND (?2 IS NULL OR key_name = ?2) ORDER BY id DESC LIMIT ?3",
+             WHERE at >= $1 AND ($2 IS NULL OR key_name = $2) ORDER BY id DESC LIMIT $3",
         )
         .bind(since)
         .bind(key_name)
@@ -275,12 +275,6 @@ mod tests {
     use super::*;
     use crate::KeyStore;
 
-    async fn db() -> (tempfile::TempDir, SqliteMeta) {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite:{}", dir.path().join("db.sqlite").display());
-        let meta = SqliteMeta::connect(&url).await.unwrap();
-        (dir, meta)
-    }
 
     fn rec(key: &str, sha: &str, at: i64) -> ArtifactRecord {
         ArtifactRecord {
@@ -294,95 +288,99 @@ mod tests {
 
     #[tokio::test]
     async fn artifacts_are_immutable_and_listed_newest_first() {
-        let (_d, db) = db().await;
-        assert_eq!(
-            db.put_artifact(&rec("a_1", "s1", 10), Some("pkg"), Some("1"))
-                .await
-                .unwrap(),
-            PutArtifact::Created
-        );
-        assert!(matches!(
-            db.put_artifact(&rec("a_1", "s1", 11), None, None)
-                .await
-                .unwrap(),
-            PutArtifact::AlreadyPresent(_)
-        ));
-        assert!(matches!(
-            db.put_artifact(&rec("a_1", "s2", 12), None, None)
-                .await
-                .unwrap(),
-            PutArtifact::Conflict(_)
-        ));
-        db.put_artifact(&rec("a_2", "s1", 20), Some("pkg"), Some("1"))
-            .await
-            .unwrap();
-        db.put_artifact(&rec("axb", "s3", 30), Some("other"), Some("1"))
-            .await
-            .unwrap();
-        let keys = |v: Vec<ArtifactRecord>| v.into_iter().map(|r| r.key).collect::<Vec<_>>();
-        assert_eq!(
-            keys(
-                db.list_artifacts(Some("pkg"), Some("1"), None, 10)
+        for t in crate::testdb::all().await {
+            let db = &t.meta;
+            assert_eq!(
+                db.put_artifact(&rec("a_1", "s1", 10), Some("pkg"), Some("1"))
                     .await
-                    .unwrap()
-            ),
-            ["a_2", "a_1"]
-        );
-        // `_` is literal in prefixes.
-        assert_eq!(
-            keys(db.list_artifacts(None, None, Some("a_"), 10).await.unwrap()),
-            ["a_2", "a_1"]
-        );
-        let (gone, shared) = db.delete_artifact("a_1").await.unwrap().unwrap();
-        assert_eq!((gone.sha256.as_str(), shared), ("s1", true));
-        let (_, shared) = db.delete_artifact("a_2").await.unwrap().unwrap();
-        assert!(!shared);
-        assert!(db.delete_artifact("a_2").await.unwrap().is_none());
+                    .unwrap(),
+                PutArtifact::Created
+            );
+            assert!(matches!(
+                db.put_artifact(&rec("a_1", "s1", 11), None, None)
+                    .await
+                    .unwrap(),
+                PutArtifact::AlreadyPresent(_)
+            ));
+            assert!(matches!(
+                db.put_artifact(&rec("a_1", "s2", 12), None, None)
+                    .await
+                    .unwrap(),
+                PutArtifact::Conflict(_)
+            ));
+            db.put_artifact(&rec("a_2", "s1", 20), Some("pkg"), Some("1"))
+                .await
+                .unwrap();
+            db.put_artifact(&rec("axb", "s3", 30), Some("other"), Some("1"))
+                .await
+                .unwrap();
+            let keys = |v: Vec<ArtifactRecord>| v.into_iter().map(|r| r.key).collect::<Vec<_>>();
+            assert_eq!(
+                keys(
+                    db.list_artifacts(Some("pkg"), Some("1"), None, 10)
+                        .await
+                        .unwrap()
+                ),
+                ["a_2", "a_1"]
+            );
+            // `_` is literal in prefixes.
+            assert_eq!(
+                keys(db.list_artifacts(None, None, Some("a_"), 10).await.unwrap()),
+                ["a_2", "a_1"]
+            );
+            let (gone, shared) = db.delete_artifact("a_1").await.unwrap().unwrap();
+            assert_eq!((gone.sha256.as_str(), shared), ("s1", true));
+            let (_, shared) = db.delete_artifact("a_2").await.unwrap().unwrap();
+            assert!(!shared);
+            assert!(db.delete_artifact("a_2").await.unwrap().is_none());
+        }
     }
 
     #[tokio::test]
     async fn keys_revoke_and_audit() {
-        let (_d, db) = db().await;
-        assert!(!db.any_active_key(0).await.unwrap());
-        let k = ApiKeyRecord {
-            name: "ci".into(),
-            scope: "write".into(),
-            prefix: None,
-            created_at: 1,
-            expires_at: None,
-            revoked_at: None,
-        };
-        db.create_key(&k, "h1").await.unwrap();
-        assert!(
-            db.create_key(&k, "h2").await.is_err(),
-            "duplicate name accepted"
-        );
-        assert_eq!(
-            db.key_by_token_hash("h1").await.unwrap().unwrap().name,
-            "ci"
-        );
-        assert!(db.any_active_key(0).await.unwrap());
-        assert!(db.revoke_key("ci", 5).await.unwrap());
-        assert!(!db.revoke_key("ci", 6).await.unwrap());
-        assert_eq!(
-            db.key_by_token_hash("h1")
-                .await
-                .unwrap()
-                .unwrap()
-                .revoked_at,
-            Some(5)
-        );
-        assert!(!db.any_active_key(0).await.unwrap());
-        db.audit(&AuditEntry {
-            at: 7,
-            action: "upload".into(),
-            result: "201".into(),
-            key_name: Some("ci".into()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        assert_eq!(db.audit_since(0, Some("ci"), 10).await.unwrap().len(), 1);
-        assert_eq!(db.audit_since(8, None, 10).await.unwrap().len(), 0);
+        for t in crate::testdb::all().await {
+            let db = &t.meta;
+            assert!(!db.any_active_key(0).await.unwrap());
+            let k = ApiKeyRecord {
+                name: "ci".into(),
+                scope: "write".into(),
+                prefix: None,
+                created_at: 1,
+                expires_at: None,
+                revoked_at: None,
+            };
+            db.create_key(&k, "h1").await.unwrap();
+            assert!(
+                db.create_key(&k, "h2").await.is_err(),
+                "duplicate name accepted"
+            );
+            assert_eq!(
+                db.key_by_token_hash("h1").await.unwrap().unwrap().name,
+                "ci"
+            );
+            assert!(db.any_active_key(0).await.unwrap());
+            assert!(db.revoke_key("ci", 5).await.unwrap());
+            assert!(!db.revoke_key("ci", 6).await.unwrap());
+            assert_eq!(
+                db.key_by_token_hash("h1")
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .revoked_at,
+                Some(5)
+            );
+            assert!(!db.any_active_key(0).await.unwrap());
+            db.audit(&AuditEntry {
+                at: 7,
+                action: "upload".into(),
+                result: "201".into(),
+                key_name: Some("ci".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            assert_eq!(db.audit_since(0, Some("ci"), 10).await.unwrap().len(), 1);
+            assert_eq!(db.audit_since(8, None, 10).await.unwrap().len(), 0);
+        }
     }
 }

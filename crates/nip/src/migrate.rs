@@ -3,7 +3,7 @@
 //! (safely when several instances start together). Takes the same settings as `serve`.
 use anyhow::Context;
 use clap::{Arg, ArgAction, ArgMatches, Command};
-use nip_store::sqlite::MigrationInfo;
+use nip_store::sql::MigrationInfo;
 use nip_store::SqliteMeta;
 
 use crate::serve::{load_config, with_settings};

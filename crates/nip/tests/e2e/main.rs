@@ -9,5 +9,6 @@ mod nix_substitute;
 mod nix_upload;
 mod ops_observe;
 mod ops_store;
+mod scale_out;
 mod v1_artifacts;
 mod v1_auth_matrix;

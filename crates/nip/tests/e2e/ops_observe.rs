@@ -194,7 +194,7 @@ fn status_page_renders_in_chromium_without_secrets_and_root_speaks_ncps_json() {
         assert!(dom.contains(want), "rendered page lacks {want:?}:\n{dom}");
     }
     assert!(!dom.contains(secret), "the status page shows a secret");
-    let shot = repo_root().join("target/nip-status.png");
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("nip-status.png");
     let _ = std::fs::remove_file(&shot);
     chromium(&[
         "--window-size=1200,1400",
