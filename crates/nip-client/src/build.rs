@@ -49,6 +49,8 @@ pub struct BuildResult {
     pub elapsed_secs: f64,
     /// Whether the artifact reached a remote in this run.
     pub uploaded: bool,
+    /// Build time a cache hit saved (the recorded duration of the original build); 0 when built.
+    pub saved_secs: f64,
 }
 
 /// A recipe resolved to its cache key.
@@ -114,6 +116,10 @@ pub fn build(client: &Client, opts: &BuildOptions) -> Result<BuildResult> {
         size: meta.size,
         elapsed_secs: started.elapsed().as_secs_f64(),
         uploaded,
+        saved_secs: match source {
+            Source::Local | Source::Remote => meta.build_duration_secs,
+            Source::Built => 0.0,
+        },
     };
     let hit_op = |source: &str, meta: &Metadata| {
         let mut op = Op::new(OpKind::Build, &key, source);

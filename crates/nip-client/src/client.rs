@@ -54,9 +54,14 @@ impl Client {
             .iter()
             .filter(|s| !down.contains(&s.url))
             .filter_map(|s| {
-                RemoteClient::new(s.clone(), self.config.timeout, self.config.policies.clone())
-                    .map_err(|e| warn(&format!("Remote cache {}: {e}", s.url)))
-                    .ok()
+                RemoteClient::new(
+                    s.clone(),
+                    self.config.timeout,
+                    self.config.policies.clone(),
+                    self.config.ca_cert.as_deref(),
+                )
+                .map_err(|e| warn(&format!("Remote cache {}: {e}", s.url)))
+                .ok()
             })
             .collect()
     }
@@ -64,7 +69,7 @@ impl Client {
     fn note_failure(&self, rc: &RemoteClient, e: &RemoteError) {
         if matches!(
             e,
-            RemoteError::Unreachable { .. } | RemoteError::Timeout { .. }
+            RemoteError::Unreachable { .. } | RemoteError::Timeout { .. } | RemoteError::Tls { .. }
         ) {
             self.down.borrow_mut().insert(rc.server.url.clone());
         }

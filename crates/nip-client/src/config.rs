@@ -3,7 +3,7 @@
 use crate::error::{io_ctx, ClientError, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The file as stored. Every field is optional so `config --url X` can write a partial file.
@@ -27,6 +27,10 @@ pub struct ConfigFile {
     pub servers: Vec<ServerEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policies: Option<PoliciesFile>,
+    /// PEM file of extra CA certificates to trust for https:// servers (a private CA), on top of
+    /// the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -82,6 +86,9 @@ pub struct RemoteConfig {
     /// `url` first (priority 0), then `servers`, ordered by priority.
     pub servers: Vec<Server>,
     pub policies: Policies,
+    /// Extra trusted CA certificates: `NIP_REMOTE_CACHE_CA_CERT`, else `caCert`, else
+    /// `SSL_CERT_FILE`.
+    pub ca_cert: Option<PathBuf>,
 }
 
 pub const DEFAULT_TIMEOUT_SECS: u64 = 300;
@@ -125,6 +132,10 @@ pub fn effective(file: &ConfigFile, env: &BTreeMap<String, String>) -> Result<Re
     let nonempty = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
     let url = nonempty("NIP_REMOTE_CACHE_URL").or_else(|| file.url.clone());
     let api_key = nonempty("NIP_REMOTE_CACHE_API_KEY").or_else(|| file.api_key.clone());
+    let ca_cert = nonempty("NIP_REMOTE_CACHE_CA_CERT")
+        .or_else(|| file.ca_cert.clone().filter(|c| !c.is_empty()))
+        .or_else(|| nonempty("SSL_CERT_FILE"))
+        .map(PathBuf::from);
     let enabled = match nonempty("NIP_REMOTE_CACHE_ENABLED") {
         Some(v) => parse_bool(&v).ok_or_else(|| {
             ClientError::ConfigInvalid(format!(
@@ -167,6 +178,7 @@ pub fn effective(file: &ConfigFile, env: &BTreeMap<String, String>) -> Result<Re
         api_key,
         timeout: Duration::from_secs(file.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS).max(1)),
         servers,
+        ca_cert,
         policies: Policies {
             upload_on_build: p.upload_on_build.unwrap_or(true),
             download_before_build: p.download_before_build.unwrap_or(true),
@@ -177,12 +189,16 @@ pub fn effective(file: &ConfigFile, env: &BTreeMap<String, String>) -> Result<Re
     })
 }
 
+/// The environment variables the client reads: `NIP_REMOTE_CACHE_*` and `SSL_CERT_FILE`.
+pub fn env_snapshot() -> BTreeMap<String, String> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("NIP_REMOTE_CACHE_") || k == "SSL_CERT_FILE")
+        .collect()
+}
+
 /// Loads the effective config from the file at `path` and the process environment.
 pub fn load(path: &Path) -> Result<RemoteConfig> {
-    let env = std::env::vars()
-        .filter(|(k, _)| k.starts_with("NIP_REMOTE_CACHE_"))
-        .collect();
-    effective(&read_file(path)?, &env)
+    effective(&read_file(path)?, &env_snapshot())
 }
 
 fn parse_bool(v: &str) -> Option<bool> {
@@ -265,6 +281,37 @@ mod tests {
         assert_eq!(keys, [Some("ek"), Some("bk"), Some("ek")]);
         assert_eq!(c.policies.retry_attempts, 5);
         assert_eq!(c.policies.retry_delay, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn ca_cert_comes_from_env_then_file_then_ssl_cert_file() {
+        let file = ConfigFile {
+            ca_cert: Some("/file/ca.pem".into()),
+            ..Default::default()
+        };
+        let ssl = env(&[("SSL_CERT_FILE", "/ssl/ca.pem")]);
+        assert_eq!(
+            effective(&file, &ssl).unwrap().ca_cert,
+            Some(PathBuf::from("/file/ca.pem"))
+        );
+        assert_eq!(
+            effective(&ConfigFile::default(), &ssl).unwrap().ca_cert,
+            Some(PathBuf::from("/ssl/ca.pem"))
+        );
+        let both = env(&[
+            ("SSL_CERT_FILE", "/ssl/ca.pem"),
+            ("NIP_REMOTE_CACHE_CA_CERT", "/env/ca.pem"),
+        ]);
+        assert_eq!(
+            effective(&file, &both).unwrap().ca_cert,
+            Some(PathBuf::from("/env/ca.pem"))
+        );
+        assert_eq!(
+            effective(&ConfigFile::default(), &env(&[]))
+                .unwrap()
+                .ca_cert,
+            None
+        );
     }
 
     #[test]

@@ -48,8 +48,9 @@ pub fn status(client: &Client) -> StatusReport {
         .servers
         .iter()
         .map(|s| {
-            let check = RemoteClient::new(s.clone(), c.timeout, policies.clone())
-                .and_then(|rc| rc.health().and_then(|()| rc.check_auth()));
+            let check =
+                RemoteClient::new(s.clone(), c.timeout, policies.clone(), c.ca_cert.as_deref())
+                    .and_then(|rc| rc.health().and_then(|()| rc.check_auth()));
             ServerStatus {
                 url: s.url.clone(),
                 priority: s.priority,

@@ -2,10 +2,21 @@
 //! logs and pipes stay quiet.
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+/// Set by `nip build --ci`: no bars or spinners even on a terminal (CI runners with a TTY).
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Turns every bar and spinner off for the rest of the process.
+pub fn set_quiet() {
+    QUIET.store(true, Ordering::Relaxed);
+}
+
 fn interactive() -> bool {
-    std::io::stdout().is_terminal() && std::io::stderr().is_terminal()
+    !QUIET.load(Ordering::Relaxed)
+        && std::io::stdout().is_terminal()
+        && std::io::stderr().is_terminal()
 }
 
 /// A byte progress bar of `len`, or `None` when not on a terminal.

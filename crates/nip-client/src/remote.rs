@@ -17,6 +17,9 @@ pub enum RemoteError {
     Unreachable { url: String, reason: String },
     #[error("timed out talking to {url}")]
     Timeout { url: String },
+    /// The TLS handshake failed; `reason` says why in one line (unknown CA, expired, wrong host).
+    #[error("TLS failure with {url}: {reason}")]
+    Tls { url: String, reason: String },
     #[error("401 Unauthorized (API key missing, wrong, expired or revoked): {message}")]
     Unauthorized { message: String },
     #[error("403 Forbidden (API key lacks the scope for this): {message}")]
@@ -55,11 +58,24 @@ pub struct RemoteClient {
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 impl RemoteClient {
-    pub fn new(server: Server, timeout: Duration, policies: Policies) -> Result<Self, RemoteError> {
-        let http = Client::builder()
+    /// A client for `server`. Certificates are checked against the system's roots (and the
+    /// bundled Mozilla roots), plus the CA certificates in `ca_cert` when given.
+    pub fn new(
+        server: Server,
+        timeout: Duration,
+        policies: Policies,
+        ca_cert: Option<&Path>,
+    ) -> Result<Self, RemoteError> {
+        let mut builder = Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("nip/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("nip/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = ca_cert {
+            for cert in load_ca_certs(path)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
             .build()
             .map_err(|e| RemoteError::Local(format!("HTTP client: {e}")))?;
         Ok(Self {
@@ -104,8 +120,10 @@ impl RemoteClient {
                     retry_after(&resp).unwrap_or(delay)
                 }
                 Err(e) => {
-                    if last {
-                        return Err(self.transport_error(e));
+                    let err = self.transport_error(e);
+                    // A certificate problem does not go away by asking again.
+                    if last || matches!(err, RemoteError::Tls { .. }) {
+                        return Err(err);
                     }
                     delay
                 }
@@ -120,6 +138,11 @@ impl RemoteClient {
         if e.is_timeout() {
             RemoteError::Timeout {
                 url: self.server.url.clone(),
+            }
+        } else if let Some(tls) = find_rustls_error(&e) {
+            RemoteError::Tls {
+                url: self.server.url.clone(),
+                reason: tls_reason(tls, &self.server.url),
             }
         } else {
             // The innermost cause ("Connection refused") is the useful part.
@@ -286,6 +309,69 @@ impl RemoteClient {
     }
 }
 
+/// Reads a PEM bundle of CA certificates (`--ca-cert`, `caCert`, `SSL_CERT_FILE`).
+fn load_ca_certs(path: &Path) -> Result<Vec<reqwest::Certificate>, RemoteError> {
+    let bad = |why: String| RemoteError::Local(format!("CA certificate {}: {why}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("no PEM certificate in it".into()));
+    }
+    Ok(certs)
+}
+
+/// The rustls error behind a reqwest error, if any. It sits inside nested `io::Error`s
+/// (reqwest 0.12: Other wrapping InvalidData wrapping it), whose `source()` skips the wrapped
+/// error, so each `io::Error` is opened with `get_ref`.
+fn find_rustls_error(e: &reqwest::Error) -> Option<&rustls::Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(r) = err.downcast_ref::<rustls::Error>() {
+            return Some(r);
+        }
+        cur = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
+}
+
+/// One line saying what failed in a TLS handshake, and what to do about it.
+pub fn tls_reason(e: &rustls::Error, url: &str) -> String {
+    use rustls::CertificateError as C;
+    let host = reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(String::from))
+        .unwrap_or_default();
+    match e {
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer => "certificate signed by an unknown CA (trust a private CA with \
+                 `nip cache remote config --ca-cert FILE` or SSL_CERT_FILE)"
+                .into(),
+            C::Expired | C::ExpiredContext { .. } => "the server's certificate has expired".into(),
+            C::NotValidYet | C::NotValidYetContext { .. } => {
+                "the server's certificate is not valid yet (check the clocks)".into()
+            }
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                format!("the server's certificate is not valid for host {host:?} (wrong host name)")
+            }
+            C::Revoked => "the server's certificate has been revoked".into(),
+            C::BadSignature => {
+                "the server's certificate has a bad signature".into()
+            }
+            other => format!("invalid server certificate: {other:?}"),
+        },
+        rustls::Error::InvalidMessage(_) => {
+            "handshake failed: the server did not answer in TLS (is it serving plain HTTP? then use http://)".into()
+        }
+        other => format!("handshake failed: {other}"),
+    }
+}
+
 /// Seconds from a `Retry-After` header (the HTTP-date form is rare for APIs and ignored), capped.
 fn retry_after(resp: &Response) -> Option<Duration> {
     let secs: u64 = resp
@@ -370,7 +456,7 @@ mod tests {
             retry_attempts: attempts,
             retry_delay: Duration::from_millis(10),
         };
-        RemoteClient::new(server, Duration::from_secs(5), policies).unwrap()
+        RemoteClient::new(server, Duration::from_secs(5), policies, None).unwrap()
     }
 
     const UNAVAILABLE: &str = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
@@ -401,6 +487,21 @@ mod tests {
             "{err}"
         );
         assert_eq!(seen.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn tls_failures_say_what_failed() {
+        use rustls::CertificateError as C;
+        let reason = |c| {
+            tls_reason(
+                &rustls::Error::InvalidCertificate(c),
+                "https://cache.test:8501",
+            )
+        };
+        assert!(reason(C::UnknownIssuer).contains("unknown CA"));
+        assert!(reason(C::Expired).contains("expired"));
+        assert!(reason(C::NotValidForName).contains("not valid for host \"cache.test\""));
+        assert!(reason(C::NotValidYet).contains("not valid yet"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! stored; tokens are never logged. Unknown, expired or revoked tokens are 401; a valid key
 //! without the scope or the cache-key prefix is 403.
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -91,11 +91,51 @@ pub fn token_from_headers(headers: &HeaderMap) -> Option<String> {
     }
 }
 
+/// The client's address: the TCP peer, unless the peer is a trusted proxy. Then `X-Forwarded-For`
+/// (all its headers, in order) is read from the right, skipping trusted proxies: the first hop
+/// that is not one is the client. Hops further left were written by the client itself and prove
+/// nothing. When every hop is trusted the leftmost is used; when a hop does not parse, the last
+/// trusted address before it is (the header cannot be believed past that point).
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(&ip.to_canonical()));
+    let peer = peer.to_canonical();
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        let Some(ip) = parse_hop(hop) else {
+            return client;
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            return ip;
+        }
+    }
+    client
+}
+
+/// One `X-Forwarded-For` entry: an address, optionally with a port (`1.2.3.4:80`, `[::1]:80`).
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>()
+        .or_else(|_| hop.parse::<SocketAddr>().map(|a| a.ip()))
+        .ok()
+        .map(|ip| ip.to_canonical())
+}
+
 /// The caller of a request: its address and, when it presented a valid token, its key.
 /// Extracting it rejects invalid tokens (401, audited) and rate-limited callers (429).
 #[derive(Clone, Debug)]
 pub struct Caller {
     pub principal: Option<Principal>,
+    /// The client's address (see [`client_ip`]); the port is 0 when it came from a proxy header.
     pub remote: Option<SocketAddr>,
     /// The request carried ncps' `--cache-get-token`: Nix reads only, no API key.
     pub get_token: bool,
@@ -156,7 +196,15 @@ impl FromRequestParts<AppState> for Caller {
         let remote = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0);
+            .map(|c| c.0)
+            .map(|peer| {
+                let ip = client_ip(peer.ip(), &parts.headers, &state.config.trusted_proxies);
+                if ip == peer.ip().to_canonical() {
+                    peer
+                } else {
+                    SocketAddr::new(ip, 0)
+                }
+            });
         let mut caller = Caller {
             principal: None,
             remote,
@@ -374,6 +422,65 @@ mod tests {
             hash_token(&a).as_bytes(),
             hash_token(&b).as_bytes()
         ));
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let xff = |vals: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in vals {
+                h.append("x-forwarded-for", v.parse().unwrap());
+            }
+            h
+        };
+        // Not from a proxy: the header is the client's word and ignored.
+        assert_eq!(
+            client_ip(ip("203.0.113.9"), &xff(&["1.1.1.1"]), &trusted),
+            ip("203.0.113.9")
+        );
+        // From a trusted proxy: the rightmost untrusted hop, not the spoofable leftmost one.
+        assert_eq!(
+            client_ip(
+                ip("10.0.0.2"),
+                &xff(&["6.6.6.6, 198.51.100.7, 10.1.1.1"]),
+                &trusted
+            ),
+            ip("198.51.100.7")
+        );
+        // Several headers count as one list, in order; ports and brackets are allowed.
+        assert_eq!(
+            client_ip(
+                ip("10.0.0.2"),
+                &xff(&["6.6.6.6", "[2001:db8::1]:443"]),
+                &trusted
+            ),
+            ip("2001:db8::1")
+        );
+        // Only proxies: the leftmost. No header: the proxy itself.
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &xff(&["10.9.9.9"]), &trusted),
+            ip("10.9.9.9")
+        );
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &HeaderMap::new(), &trusted),
+            ip("10.0.0.2")
+        );
+        // Garbage stops the walk at the last trusted hop.
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &xff(&["1.2.3.4, nonsense"]), &trusted),
+            ip("10.0.0.2")
+        );
+        // IPv4-mapped IPv6 peers (dual-stack listeners) match IPv4 ranges.
+        assert_eq!(
+            client_ip(ip("::ffff:10.0.0.2"), &xff(&["192.0.2.1"]), &trusted),
+            ip("192.0.2.1")
+        );
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &xff(&["192.0.2.1"]), &[]),
+            ip("10.0.0.2")
+        );
     }
 
     #[test]

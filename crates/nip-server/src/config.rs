@@ -62,6 +62,10 @@ pub struct ServeConfig {
     pub database_max_connections: u32,
     /// Settings that were given but have no effect yet, with the reason (logged at start).
     pub ignored: Vec<(String, &'static str)>,
+    /// `--tls-cert` and `--tls-key`: serve HTTPS. `None`: plain HTTP.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// `--trusted-proxies`: peers whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +173,14 @@ pub fn parse_upstream(raw: &str) -> Result<UpstreamConfig, String> {
         ));
     }
     Ok(UpstreamConfig { url, priority })
+}
+
+/// Parses `10.0.0.0/8`, `::1/128` or a single address (a /32 or /128 range).
+pub fn parse_cidr(v: &str) -> Option<ipnet::IpNet> {
+    v.parse::<ipnet::IpNet>()
+        .ok()
+        .map(|n| n.trunc())
+        .or_else(|| v.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
 fn default_hostname() -> String {
@@ -350,6 +362,30 @@ impl ServeConfig {
             None => DEFAULT_DB_CONNECTIONS,
         };
 
+        let tls = match (one("tls.cert"), one("tls.key")) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+            }),
+            (Some(_), None) => return Err(err("tls.key", "--tls-cert needs --tls-key too")),
+            (None, Some(_)) => return Err(err("tls.cert", "--tls-key needs --tls-cert too")),
+        };
+        let trusted_proxies = many("server.trusted-proxies")
+            .iter()
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                parse_cidr(v).ok_or_else(|| {
+                    err(
+                        "server.trusted-proxies",
+                        format!("{v:?} is not an address or CIDR range (e.g. 10.0.0.0/8)"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
         let mut ignored = Vec::new();
         for setting in SETTINGS {
             if let (Some(reason), Some(v)) = (setting.not_implemented, layer.get(setting.key)) {
@@ -399,6 +435,8 @@ impl ServeConfig {
             get_token,
             database_max_connections,
             ignored,
+            tls,
+            trusted_proxies,
         })
     }
 
@@ -477,6 +515,24 @@ mod tests {
         .unwrap();
         assert_eq!(c.ignored.len(), 1);
         assert_eq!(c.ignored[0].0, "--otel-enabled");
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_proxies_parse() {
+        let e = ServeConfig::from_layer(&layer(&[("tls.cert", &["c.pem"])])).unwrap_err();
+        assert_eq!(e.setting, "--tls-key");
+        let c = ServeConfig::from_layer(&layer(&[
+            ("tls.cert", &["c.pem"]),
+            ("tls.key", &["k.pem"]),
+            ("server.trusted-proxies", &["10.0.0.0/8, 127.0.0.1", "::1"]),
+        ]))
+        .unwrap();
+        assert_eq!(c.tls.unwrap().key, PathBuf::from("k.pem"));
+        let nets: Vec<String> = c.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        assert_eq!(nets, ["10.0.0.0/8", "127.0.0.1/32", "::1/128"]);
+        let e = ServeConfig::from_layer(&layer(&[("server.trusted-proxies", &["10.0.0.0/33"])]))
+            .unwrap_err();
+        assert_eq!(e.setting, "--trusted-proxies");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod range;
 pub mod settings;
 pub mod stats;
 pub mod status;
+pub mod tls;
 pub mod upstream;
 pub mod v1;
 
@@ -199,9 +200,18 @@ pub async fn serve(
     let upstreams = state.upstreams.clone();
     tokio::spawn(async move { upstreams.refresh_priorities().await });
     let jobs = jobs::spawn(state.clone());
-    // Timeouts and a connection limit that axum::serve lacks (slowloris, idle sockets).
-    let limits = conn::ConnLimits::from_env();
-    let result = conn::serve_tcp(listener, router(state), limits, shutdown).await;
+    let tls = state.config.tls.clone();
+    let app = router(state);
+    let result = match tls {
+        Some(files) => {
+            tls::serve_https(listener, app, files, conn::ConnLimits::from_env(), shutdown).await
+        }
+        None => {
+            tls::warn_if_plaintext(listener.local_addr());
+            // Timeouts and a connection limit that axum::serve lacks (slowloris, idle sockets).
+            conn::serve_tcp(listener, app, conn::ConnLimits::from_env(), shutdown).await
+        }
+    };
     jobs.shutdown().await;
     result
 }

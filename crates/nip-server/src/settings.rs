@@ -122,6 +122,13 @@ pub const SETTINGS: &[Setting] = &[
       "Export traces via OpenTelemetry")), "OpenTelemetry is not implemented yet"),
     later(s("opentelemetry.grpc-url", &["otel-grpc-url"], &["OTEL_GRPC_URL"], &["opentelemetry.grpc-url"],
       "OTLP gRPC endpoint"), "OpenTelemetry is not implemented yet"),
+    // HTTPS and reverse proxies (issue 10).
+    s("tls.cert", &["tls-cert"], &["NIP_TLS_CERT"], &["tls.cert"],
+      "PEM certificate chain: serve HTTPS (with --tls-key). Reloaded on SIGHUP and when the file changes. Default: plain HTTP"),
+    s("tls.key", &["tls-key"], &["NIP_TLS_KEY"], &["tls.key"],
+      "PEM private key of --tls-cert"),
+    multi(s("server.trusted-proxies", &["trusted-proxies"], &["NIP_TRUSTED_PROXIES"], &["server.trusted-proxies"],
+      "Reverse proxies (addresses or CIDR ranges, comma-separated) whose X-Forwarded-For names the client in audit logs and rate limits. Default: none")),
     // ncps compatibility (issue 11): the rest of what ncps deployments pass. Implemented where
     // it means something for nip; otherwise accepted with the reason it is ignored.
     s("cache.get-token", &["cache-get-token"], &["CACHE_GET_TOKEN"], &["cache.get-token"],

@@ -36,6 +36,8 @@ pub fn cache_command() -> Command {
                 .arg(Arg::new("enable").long("enable").action(ArgAction::SetTrue).conflicts_with("disable").help("Use the remote in builds"))
                 .arg(Arg::new("disable").long("disable").action(ArgAction::SetTrue).help("Do not use the remote in builds"))
                 .arg(Arg::new("timeout").long("timeout").value_name("SECS").value_parser(clap::value_parser!(u64).range(1..)).help("Per-request timeout in seconds"))
+                .arg(Arg::new("ca-cert").long("ca-cert").value_name("FILE").help("PEM file of CA certificates to trust for https:// (a private CA), besides the system's; \"\" removes it"))
+                .arg(Arg::new("from-env").long("from-env").action(ArgAction::SetTrue).help("For pipelines: save NIP_REMOTE_CACHE_URL, NIP_REMOTE_CACHE_API_KEY (and NIP_REMOTE_CACHE_CA_CERT when set) and enable the remote"))
                 .arg(Arg::new("show").long("show").action(ArgAction::SetTrue).help("Print the effective configuration (key masked)")),
         )
         .subcommand(Command::new("status").about("Test the connection and the API key; exit 1 when unavailable").arg(json_flag()))
@@ -91,6 +93,13 @@ pub fn build_command() -> Command {
                 .help("Variants, e.g. +python+ruby or +ruby +python"),
         )
         .arg(json_flag())
+        .arg(
+            Arg::new("ci")
+                .long("ci")
+                .action(ArgAction::SetTrue)
+                .conflicts_with("json")
+                .help("CI output: no progress bars, one `nip-build:` summary line (hits, misses, time saved) on stderr"),
+        )
         .arg(
             Arg::new("no-remote-cache")
                 .long("no-remote-cache")
@@ -161,6 +170,17 @@ fn remote_config(c: &ArgMatches) -> Result<()> {
         file.timeout = Some(*t);
         changed = true;
     }
+    if let Some(ca) = c.get_one::<String>("ca-cert") {
+        file.ca_cert = if ca.is_empty() {
+            None
+        } else {
+            Some(absolute(ca)?)
+        };
+        changed = true;
+    }
+    if c.get_flag("from-env") && from_env(&mut file, &config::env_snapshot())? {
+        changed = true;
+    }
     if changed {
         config::write_file(&path, &file)?;
         eprintln!("✅ Saved {}", path.display());
@@ -168,10 +188,7 @@ fn remote_config(c: &ArgMatches) -> Result<()> {
     if changed && !c.get_flag("show") {
         return Ok(());
     }
-    let env = std::env::vars()
-        .filter(|(k, _)| k.starts_with("NIP_REMOTE_CACHE_"))
-        .collect();
-    let eff = config::effective(&file, &env)?;
+    let eff = config::effective(&file, &config::env_snapshot())?;
     let p = &eff.policies;
     let show = serde_json::json!({
         "file": path,
@@ -179,6 +196,7 @@ fn remote_config(c: &ArgMatches) -> Result<()> {
         "apiKey": eff.api_key.as_deref().map(mask_key),
         "timeout": eff.timeout.as_secs(),
         "enabled": eff.enabled,
+        "caCert": eff.ca_cert,
         "servers": eff.servers.iter().map(|s| serde_json::json!({
             "url": s.url, "priority": s.priority, "apiKey": s.api_key.as_deref().map(mask_key),
         })).collect::<Vec<_>>(),
@@ -192,6 +210,44 @@ fn remote_config(c: &ArgMatches) -> Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&show)?);
     Ok(())
+}
+
+/// The CA file as an absolute path: the config file is read from other directories later.
+fn absolute(path: &str) -> Result<String> {
+    let p = std::path::Path::new(path);
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .context("current directory")?
+            .join(p)
+    };
+    Ok(abs.to_string_lossy().into_owned())
+}
+
+/// `--from-env`: one line in a pipeline configures the client from its secrets. Without
+/// `NIP_REMOTE_CACHE_URL` (a fork's pipeline gets no secrets) it warns and changes nothing:
+/// the pipeline goes on and builds without the cache. Returns whether the file changed.
+fn from_env(
+    file: &mut config::ConfigFile,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<bool> {
+    let get = |k: &str| env.get(k).filter(|v| !v.trim().is_empty()).cloned();
+    let Some(url) = get("NIP_REMOTE_CACHE_URL") else {
+        nip_client::client::warn(
+            "NIP_REMOTE_CACHE_URL is not set: the remote cache stays off and builds run without it",
+        );
+        return Ok(false);
+    };
+    file.url = Some(config::normalize_url(url.trim())?);
+    // A pipeline without a key (e.g. a fork's pull request) reads anonymously or not at all;
+    // a key saved earlier must not linger.
+    file.api_key = get("NIP_REMOTE_CACHE_API_KEY");
+    if let Some(ca) = get("NIP_REMOTE_CACHE_CA_CERT") {
+        file.ca_cert = Some(absolute(&ca)?);
+    }
+    file.enabled = Some(true);
+    Ok(true)
 }
 
 fn remote_status(json: bool) -> Result<()> {
@@ -286,6 +342,10 @@ fn push(args: &[String]) -> Result<()> {
 }
 
 pub fn run_build(m: &ArgMatches) -> Result<()> {
+    let ci = m.get_flag("ci");
+    if ci {
+        nip_client::progress::set_quiet();
+    }
     let c = client()?;
     let opts = BuildOptions {
         pkg: m.get_one::<String>("pkg").cloned().unwrap_or_default(),
@@ -295,7 +355,23 @@ pub fn run_build(m: &ArgMatches) -> Result<()> {
         recipes_path: recipes_path(),
     };
     let r = nip_client::build::build(&c, &opts)?;
-    if m.get_flag("json") {
+    if ci {
+        // One line a CI log can grep: what happened, and what the cache saved.
+        let (hits, misses) = match r.source {
+            Source::Local | Source::Remote => (1, 0),
+            Source::Built => (0, 1),
+        };
+        let source = match r.source {
+            Source::Local => "local",
+            Source::Remote => "remote",
+            Source::Built => "built",
+        };
+        eprintln!(
+            "nip-build: {} source={source} hits={hits} misses={misses} saved={:.1}s elapsed={:.1}s uploaded={}",
+            r.key, r.saved_secs, r.elapsed_secs, r.uploaded
+        );
+        println!("{}", r.path.display());
+    } else if m.get_flag("json") {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         let how = match r.source {

@@ -4,6 +4,7 @@ mod client_cmd;
 mod client_report;
 mod migrate;
 mod serve;
+mod tls_cmd;
 
 use clap::{Arg, ArgAction, Command};
 
@@ -21,6 +22,7 @@ fn cli() -> Command {
         .subcommand(client_cmd::cache_command())
         .subcommand(client_cmd::build_command())
         .subcommand(client_cmd::completions_command())
+        .subcommand(tls_cmd::command())
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,6 +37,7 @@ fn main() -> std::process::ExitCode {
         Some(("cache", m)) => client_cmd::run_cache(m),
         Some(("build", m)) => client_cmd::run_build(m),
         Some(("completions", m)) => client_cmd::run_completions(m, cli()),
+        Some(("tls", m)) => tls_cmd::run(m),
         _ => unreachable!("clap enforces a subcommand"),
     };
     match result {

@@ -183,6 +183,9 @@ fn print_config(c: &ServeConfig) {
         "log.format": c.log_format,
         "cache.get-token": c.get_token.as_ref().map(|_| "***"),
         "cache.database.pool.max-open-conns": c.database_max_connections,
+        "tls.cert": c.tls.as_ref().map(|t| &t.cert),
+        "tls.key": c.tls.as_ref().map(|t| &t.key),
+        "server.trusted-proxies": c.trusted_proxies.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
         "ignored": c.ignored.iter().map(|(f, why)| format!("{f}: {why}")).collect::<Vec<_>>(),
     });
     println!(
@@ -221,13 +224,22 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // A bad certificate or key is an error now, before storage is opened or the port bound.
+    if let Some(files) = &config.tls {
+        nip_server::tls::load(files)?;
+    }
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     rt.block_on(async move {
         let addr = config.listen_addr();
         let state = nip_server::AppState::open(config).await?;
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (--server-addr)"))?;
-        tracing::info!(addr = %listener.local_addr()?, public_key = %state.public_key, "nip serve listening");
+        tracing::info!(addr = %listener.local_addr()?, scheme, public_key = %state.public_key, "nip serve listening");
         nip_server::serve(listener, state, shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())
