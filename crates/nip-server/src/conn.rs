@@ -133,9 +133,11 @@ pub async fn serve_connection(
     limits: ConnLimits,
     watcher: Watcher,
 ) {
-    match tokio::time::timeout(limits.read_timeout, stream.readable()).await {
-        Ok(Ok(())) => serve_io(stream, addr, app, limits, watcher).await,
-        Ok(Err(_)) => {}
+    // `peek`, not `readable()`: a fresh socket can report readiness before any byte arrived.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limits.read_timeout, stream.peek(&mut first)).await {
+        Ok(Ok(1..)) => serve_io(stream, addr, app, limits, watcher).await,
+        Ok(_) => {}
         Err(_) => tracing::debug!(client = %addr, "closed a connection that sent nothing"),
     }
 }

@@ -4,6 +4,7 @@ mod harness;
 mod bad_input;
 mod coalescing;
 mod faults;
+mod hostile_input;
 mod ncps_compat;
 mod serving;
 mod upstream_faults;
