@@ -58,8 +58,16 @@ fn narinfo_text() -> impl Strategy<Value = String> {
     ]
 }
 
+/// Case count: the default, or `PROPTEST_CASES` for a longer run.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(2000), ..ProptestConfig::default() })]
 
     /// Parsing never panics, and whatever parses prints to text that parses to the same value
     /// (what nip stores is exactly what it accepted).

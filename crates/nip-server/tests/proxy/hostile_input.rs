@@ -60,8 +60,16 @@ fn document() -> impl Strategy<Value = serde_json::Value> {
     })
 }
 
+/// Case count: the default, or `PROPTEST_CASES` for a longer run.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(1000), ..ProptestConfig::default() })]
 
     /// Any Range header against any size: no panic, and a partial range lies inside the body.
     #[test]
@@ -166,7 +174,7 @@ fn multipart_uploads_never_cause_a_server_error() {
     });
     let client = client();
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
-        cases: 200,
+        cases: cases(200),
         ..ProptestConfig::default()
     });
     let n = std::sync::atomic::AtomicUsize::new(0);

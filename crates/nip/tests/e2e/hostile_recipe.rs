@@ -35,8 +35,16 @@ fn recipe_text() -> impl Strategy<Value = String> {
     })
 }
 
+/// Case count: the default, or `PROPTEST_CASES` for a longer run.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(1000), ..ProptestConfig::default() })]
 
     /// Any recipe text: an error naming the file, or a recipe whose name and version are safe
     /// path segments and whose variants select only what it lists.
