@@ -39,6 +39,19 @@ PG_FAST=1 scripts/run-postgres.sh "$pg_port" "$pg_dir/data" start >&2
 trap 'scripts/run-postgres.sh "$pg_port" "$pg_dir/data" stop >/dev/null 2>&1 || true; rm -rf "$pg_dir"' EXIT
 export NIP_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
 
+# A throwaway S3-compatible server (moto, from PyPI) for the S3 storage tests.
+s3_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+S3_BACKEND=moto scripts/run-s3.sh "$s3_port" "$pg_dir/s3" >"$pg_dir/s3.env" 2>"$pg_dir/s3.log" &
+s3_pid=$!
+trap 'kill $s3_pid 2>/dev/null; scripts/run-postgres.sh "$pg_port" "$pg_dir/data" stop >/dev/null 2>&1 || true; rm -rf "$pg_dir"' EXIT
+for _ in $(seq 1 600); do
+  python3 -c "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:$s3_port/nip-test', method='PUT'), timeout=5)" 2>/dev/null && break
+  kill -0 $s3_pid 2>/dev/null || { cat "$pg_dir/s3.log" >&2; log "the S3 server did not start"; exit 1; }
+  sleep 0.5
+done
+export NIP_TEST_S3_ENDPOINT="http://127.0.0.1:$s3_port" NIP_TEST_S3_BUCKET=nip-test
+export AWS_ACCESS_KEY_ID=peersaccesskey AWS_SECRET_ACCESS_KEY=peerssecretkey AWS_REGION=us-east-1
+
 # The tests that need real components must run, not skip, whenever this script is used.
 export NIP_REQUIRE_NIX=1 NIP_REQUIRE_TOOLS=1
 # Two cores: keep parallel test binaries from starving the servers they start.

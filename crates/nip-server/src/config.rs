@@ -25,6 +25,8 @@ pub struct UpstreamConfig {
 
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
+    /// S3 storage instead of the local store directory.
+    pub s3: Option<nip_store::S3Config>,
     pub hostname: String,
     pub data_path: PathBuf,
     pub database_url: String,
@@ -225,6 +227,37 @@ impl ServeConfig {
                 "{database_url:?}: use sqlite:PATH (e.g. sqlite:/var/lib/nip/db.sqlite) or postgres://USER@HOST/DB"
             )));
         }
+        let s3 = match one("cache.storage.s3.bucket").filter(|b| !b.is_empty()) {
+            Some(bucket) => {
+                if layer.contains_key("cache.storage.local") {
+                    return Err(err("cache.storage.s3.bucket", "give either local storage (--cache-storage-local / --cache-data-path) or S3 storage (--cache-storage-s3-bucket), not both"));
+                }
+                let endpoint = one("cache.storage.s3.endpoint");
+                if let Some(e) = &endpoint {
+                    if !(e.starts_with("http://") || e.starts_with("https://")) {
+                        return Err(err("cache.storage.s3.endpoint", format!("{e:?} must be a URL with http:// or https://")));
+                    }
+                }
+                let (key_id, secret) = (one("cache.storage.s3.access-key-id"), one("cache.storage.s3.secret-access-key"));
+                if key_id.is_some() != secret.is_some() {
+                    return Err(err("cache.storage.s3.access-key-id", "give both the S3 access key id and the secret access key, or neither (then AWS_* environment variables are used)"));
+                }
+                let force_path_style = match one("cache.storage.s3.force-path-style") {
+                    Some(v) => parse_bool("cache.storage.s3.force-path-style", &v)?,
+                    None => false,
+                };
+                Some(nip_store::S3Config {
+                    bucket,
+                    endpoint,
+                    region: one("cache.storage.s3.region"),
+                    access_key_id: key_id,
+                    secret_access_key: secret,
+                    force_path_style,
+                    prefix: one("cache.storage.s3.prefix"),
+                })
+            }
+            None => None,
+        };
         let temp_path = one("cache.temp-path")
             .map(PathBuf::from)
             .unwrap_or_else(|| data_path.join("tmp"));
@@ -432,6 +465,7 @@ impl ServeConfig {
             prometheus_enabled: flag("prometheus.enabled")?,
             log_format,
             data_path,
+            s3,
             get_token,
             database_max_connections,
             ignored,
@@ -543,6 +577,25 @@ mod tests {
         assert_eq!(parse_size("5K"), Some(5 << 10));
         assert_eq!(parse_size("x"), None);
         assert_eq!(parse_size("99999999999T"), None);
+    }
+
+    #[test]
+    fn s3_storage_excludes_local_storage_and_needs_both_credentials() {
+        let s3 = ServeConfig::from_layer(&layer(&[
+            ("cache.storage.s3.bucket", &["b"]),
+            ("cache.storage.s3.endpoint", &["http://127.0.0.1:9000"]),
+            ("cache.storage.s3.force-path-style", &["true"]),
+        ]))
+        .unwrap()
+        .s3
+        .unwrap();
+        assert_eq!((s3.bucket.as_str(), s3.force_path_style), ("b", true));
+        let both = ServeConfig::from_layer(&layer(&[("cache.storage.s3.bucket", &["b"]), ("cache.storage.local", &["/x"])]));
+        assert_eq!(both.unwrap_err().setting, "--cache-storage-s3-bucket");
+        let half = ServeConfig::from_layer(&layer(&[("cache.storage.s3.bucket", &["b"]), ("cache.storage.s3.access-key-id", &["k"])]));
+        assert_eq!(half.unwrap_err().setting, "--cache-storage-s3-access-key-id");
+        let bad = ServeConfig::from_layer(&layer(&[("cache.storage.s3.bucket", &["b"]), ("cache.storage.s3.endpoint", &["minio:9000"])]));
+        assert_eq!(bad.unwrap_err().setting, "--cache-storage-s3-endpoint");
     }
 
     #[test]

@@ -70,6 +70,16 @@ impl std::ops::Deref for AppState {
     }
 }
 
+/// The configured blob storage: an S3 bucket, or the local store directory.
+pub fn open_blobs(config: &ServeConfig) -> anyhow::Result<Arc<dyn BlobStore>> {
+    Ok(match &config.s3 {
+        Some(s3) => Arc::new(nip_store::S3BlobStore::new(s3).map_err(|e| anyhow::anyhow!("cannot use S3 bucket {}: {e}", s3.bucket))?),
+        None => Arc::new(LocalBlobStore::new(config.data_path.join("store")).map_err(|e| {
+            anyhow::anyhow!("cannot use data path {}: {e}", config.data_path.display())
+        })?),
+    })
+}
+
 /// Bound on the negative cache so that scans for random hashes cannot grow it without limit.
 const NEGATIVE_CACHE_MAX: usize = 100_000;
 
@@ -84,11 +94,7 @@ impl AppState {
             Ok(n) => tracing::info!(count = n, "removed temp files left by an earlier crash"),
             Err(e) => tracing::warn!(error = %e, "could not clean the temp path"),
         }
-        let blobs: Arc<dyn BlobStore> = Arc::new(
-            LocalBlobStore::new(config.data_path.join("store")).map_err(|e| {
-                anyhow::anyhow!("cannot use data path {}: {e}", config.data_path.display())
-            })?,
-        );
+        let blobs = open_blobs(&config)?;
         let meta: Arc<dyn Index> = Arc::new(
             SqliteMeta::connect_with(&config.database_url, config.database_max_connections).await?,
         );

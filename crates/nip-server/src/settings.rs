@@ -149,23 +149,22 @@ pub const SETTINGS: &[Setting] = &[
     later(boolean(s("analytics.reporting.enabled", &["analytics-reporting-enabled"], &["ANALYTICS_REPORTING_ENABLED"],
       &["analytics.reporting.enabled"], "ncps' anonymous usage reporting")),
       "nip never reports usage or contacts anything but the configured upstreams"),
-    later(s("cache.storage.s3.bucket", &["cache-storage-s3-bucket"], &["CACHE_STORAGE_S3_BUCKET"],
-      &["cache.storage.s3.bucket"], "S3 bucket for NARs (instead of --cache-storage-local)"), S3_LATER),
-    later(s("cache.storage.s3.endpoint", &["cache-storage-s3-endpoint"], &["CACHE_STORAGE_S3_ENDPOINT"],
-      &["cache.storage.s3.endpoint"], "S3-compatible endpoint URL"), S3_LATER),
-    later(s("cache.storage.s3.region", &["cache-storage-s3-region"], &["CACHE_STORAGE_S3_REGION"],
-      &["cache.storage.s3.region"], "S3 region"), S3_LATER),
-    later(s("cache.storage.s3.access-key-id", &["cache-storage-s3-access-key-id"], &["CACHE_STORAGE_S3_ACCESS_KEY_ID"],
-      &["cache.storage.s3.access-key-id"], "S3 access key id"), S3_LATER),
-    later(s("cache.storage.s3.secret-access-key", &["cache-storage-s3-secret-access-key"],
-      &["CACHE_STORAGE_S3_SECRET_ACCESS_KEY"], &["cache.storage.s3.secret-access-key"], "S3 secret access key"), S3_LATER),
-    later(boolean(s("cache.storage.s3.force-path-style", &["cache-storage-s3-force-path-style"],
-      &["CACHE_STORAGE_S3_FORCE_PATH_STYLE"], &["cache.storage.s3.force-path-style"], "Path-style S3 addressing")), S3_LATER),
+    s("cache.storage.s3.bucket", &["cache-storage-s3-bucket"], &["CACHE_STORAGE_S3_BUCKET"],
+      &["cache.storage.s3.bucket"], "S3 bucket for NARs (instead of --cache-storage-local)"),
+    s("cache.storage.s3.endpoint", &["cache-storage-s3-endpoint"], &["CACHE_STORAGE_S3_ENDPOINT"],
+      &["cache.storage.s3.endpoint"], "S3-compatible endpoint URL"),
+    s("cache.storage.s3.region", &["cache-storage-s3-region"], &["CACHE_STORAGE_S3_REGION"],
+      &["cache.storage.s3.region"], "S3 region"),
+    s("cache.storage.s3.access-key-id", &["cache-storage-s3-access-key-id"], &["CACHE_STORAGE_S3_ACCESS_KEY_ID"],
+      &["cache.storage.s3.access-key-id"], "S3 access key id"),
+    s("cache.storage.s3.secret-access-key", &["cache-storage-s3-secret-access-key"],
+      &["CACHE_STORAGE_S3_SECRET_ACCESS_KEY"], &["cache.storage.s3.secret-access-key"], "S3 secret access key"),
+    boolean(s("cache.storage.s3.force-path-style", &["cache-storage-s3-force-path-style"],
+      &["CACHE_STORAGE_S3_FORCE_PATH_STYLE"], &["cache.storage.s3.force-path-style"], "Path-style S3 addressing (MinIO and most self-hosted servers)")),
+    s("cache.storage.s3.prefix", &["cache-storage-s3-prefix"], &["CACHE_STORAGE_S3_PREFIX"],
+      &["cache.storage.s3.prefix"], "Key prefix inside the bucket"),
 ];
 
-/// Why the `cache.storage.s3.*` settings do nothing yet.
-const S3_LATER: &str =
-    "S3 storage is not implemented yet (issue 7): NARs stay under --cache-storage-local";
 
 /// Values of settings from one source, by canonical key.
 pub type Layer = BTreeMap<&'static str, Vec<String>>;

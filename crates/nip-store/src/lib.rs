@@ -1,9 +1,12 @@
 //! Storage for nip: blobs (NAR files, artifacts) behind [`BlobStore`] and the metadata index
 //! behind [`MetaStore`]. Nothing here knows about HTTP.
 pub mod blob;
+#[cfg(test)]
+mod blob_suite;
 pub mod gc;
 pub mod index;
 pub mod local;
+pub mod s3;
 pub mod meta;
 pub mod sql;
 mod sql_gc;
@@ -18,6 +21,7 @@ pub use index::{
     ApiKeyRecord, ArtifactIndex, ArtifactRecord, AuditEntry, AuditLog, Index, KeyStore, PutArtifact,
 };
 pub use local::LocalBlobStore;
+pub use s3::{S3BlobStore, S3Config};
 pub use meta::{MetaError, MetaStore, NarInfoRecord, NarRecord, NarSource};
 pub use sql::{Backend, SqlMeta, SqliteMeta};
 pub use staging::{StagedFile, Staging};

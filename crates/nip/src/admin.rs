@@ -262,17 +262,17 @@ pub fn run_admin(m: &ArgMatches) -> anyhow::Result<()> {
             .with_context(|| format!("cannot open the database {}", config.database_url))?;
         match name {
             "gc" => {
-                let blobs = nip_store::LocalBlobStore::new(config.data_path.join("store"))?;
+                let blobs = nip_server::open_blobs(&config)?;
                 let dry = m.get_flag("dry-run");
                 let verb = if dry { "would remove" } else { "removed" };
-                let r = nip_store::gc::reconcile(&db, &blobs, dry).await?;
+                let r = nip_store::gc::reconcile(&db, blobs.as_ref(), dry).await?;
                 println!(
                     "crash leftovers: {verb} {} rows without bytes, {} stored files without rows, {} half-written files",
                     r.rows_without_bytes, r.bytes_without_rows, r.partial_files
                 );
                 match config.max_size {
                     Some(max) => {
-                        let s = nip_store::gc::evict(&db, &blobs, max, dry).await?;
+                        let s = nip_store::gc::evict(&db, blobs.as_ref(), max, dry).await?;
                         println!(
                             "eviction: {verb} {} NARs ({} narinfos), {} artifacts, {}; store now {} of {}",
                             s.nars,

@@ -181,6 +181,11 @@ fn print_config(c: &ServeConfig) {
         "cache.lru.schedule": c.lru_schedule,
         "prometheus.enabled": c.prometheus_enabled,
         "log.format": c.log_format,
+        "cache.storage.s3": c.s3.as_ref().map(|s3| serde_json::json!({
+            "bucket": s3.bucket, "endpoint": s3.endpoint, "region": s3.region,
+            "access-key-id": s3.access_key_id, "secret-access-key": s3.secret_access_key.as_ref().map(|_| "***"),
+            "force-path-style": s3.force_path_style, "prefix": s3.prefix,
+        })),
         "cache.get-token": c.get_token.as_ref().map(|_| "***"),
         "cache.database.pool.max-open-conns": c.database_max_connections,
         "tls.cert": c.tls.as_ref().map(|t| &t.cert),

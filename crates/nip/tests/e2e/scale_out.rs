@@ -1,4 +1,5 @@
-//! Two stateless `nip serve` instances on one PostgreSQL database and one shared store directory:
+//! Two stateless `nip serve` instances on one PostgreSQL database and one S3 bucket (or, without
+//! an S3 server, one shared store directory):
 //! what one stores the other serves, a key revoked for one is refused by the other within a
 //! second, concurrent misses spread over both cost at most one upstream fetch per instance, and
 //! real Nix substitutes through B what A fetched.
@@ -13,38 +14,69 @@ use crate::common::*;
 /// the test command requires it).
 fn fresh_database(test: &str) -> Option<String> {
     let Ok(admin) = std::env::var("NIP_TEST_POSTGRES_URL") else {
-        let required = std::env::var("CI").as_deref() == Ok("true") || std::env::var("NIP_REQUIRE_TOOLS").is_ok();
-        assert!(!required, "{test}: NIP_TEST_POSTGRES_URL is not set; ./scripts/test.sh starts PostgreSQL");
+        let required = std::env::var("CI").as_deref() == Ok("true")
+            || std::env::var("NIP_REQUIRE_TOOLS").is_ok();
+        assert!(
+            !required,
+            "{test}: NIP_TEST_POSTGRES_URL is not set; ./scripts/test.sh starts PostgreSQL"
+        );
         eprintln!("{test}: SKIPPED: NIP_TEST_POSTGRES_URL is not set");
         return None;
     };
     let name = format!("nip_e2e_{}_{}", std::process::id(), rand::random::<u32>());
-    run_ok(Command::new("psql").arg(&admin).args(["-q", "-c", &format!("CREATE DATABASE {name}")]));
-    let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or(admin);
+    run_ok(
+        Command::new("psql")
+            .arg(&admin)
+            .args(["-q", "-c", &format!("CREATE DATABASE {name}")]),
+    );
+    let base = admin
+        .rsplit_once('/')
+        .map(|(b, _)| b.to_string())
+        .unwrap_or(admin);
     Some(format!("{base}/{name}"))
 }
 
 fn client() -> Client {
-    Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+    Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
 }
 
 #[test]
 fn two_instances_share_postgres_and_the_store() {
-    let Some(db) = fresh_database("two_instances_share_postgres_and_the_store") else { return };
+    let Some(db) = fresh_database("two_instances_share_postgres_and_the_store") else {
+        return;
+    };
     if !nix_available("two_instances_share_postgres_and_the_store") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let up = tmp.path().join("upstream");
-    let upstream_key = run_ok(Command::new(fixture_script("make-upstream.sh")).arg(&up).env("BIG_MIB", "8"));
+    let upstream_key = run_ok(
+        Command::new(fixture_script("make-upstream.sh"))
+            .arg(&up)
+            .env("BIG_MIB", "8"),
+    );
     let upstream_key = upstream_key.trim().lines().last().unwrap().to_string();
-    let paths: Vec<String> = std::fs::read_to_string(up.join("paths.txt")).unwrap().lines().map(String::from).collect();
+    let paths: Vec<String> = std::fs::read_to_string(up.join("paths.txt"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
     // The upstream logs every request: that is how fetches are counted.
     let port = free_port();
     let log_path = tmp.path().join("upstream.log");
     let mut upstream = KillOnDrop(
         Command::new("python3")
-            .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"])
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
             .arg(up.join("cache"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log_path).unwrap())
@@ -52,65 +84,219 @@ fn two_instances_share_postgres_and_the_store() {
             .unwrap(),
     );
     let upstream_url = format!("http://127.0.0.1:{port}");
-    wait_http_ok(&format!("{upstream_url}/nix-cache-info"), Duration::from_secs(30));
+    wait_http_ok(
+        &format!("{upstream_url}/nix-cache-info"),
+        Duration::from_secs(30),
+    );
 
     let data = tmp.path().join("shared");
-    let common = ["--cache-database-url", db.as_str(), "--upstream-cache", upstream_url.as_str(), "--upstream-public-key", upstream_key.as_str(), "--cache-hostname", "nip-pair"];
+    let common = [
+        "--cache-database-url",
+        db.as_str(),
+        "--upstream-cache",
+        upstream_url.as_str(),
+        "--upstream-public-key",
+        upstream_key.as_str(),
+        "--cache-hostname",
+        "nip-pair",
+    ];
     let admin = create_key(&data, "admin", "admin", &["--cache-database-url", &db]);
     let reader = create_key(&data, "reader", "read", &["--cache-database-url", &db]);
     // Each instance stages incoming bytes in its own temp directory.
     let temp = |n: &str| tmp.path().join(n).display().to_string();
     let (ta, tb) = (temp("tmp-a"), temp("tmp-b"));
-    let a = start_nip(&data, &[&common[..], &["--cache-temp-path", &ta]].concat());
-    let b = start_nip(&data, &[&common[..], &["--cache-temp-path", &tb]].concat());
+    let (a, b) = match std::env::var("NIP_TEST_S3_ENDPOINT") {
+        Ok(endpoint) => {
+            let prefix = format!("pair-{}-{}", std::process::id(), rand::random::<u32>());
+            let key = data.join("secret-key").display().to_string();
+            std::fs::create_dir_all(&data).unwrap();
+            let s3 = [
+                "--cache-storage-s3-bucket",
+                "nip-test",
+                "--cache-storage-s3-endpoint",
+                endpoint.as_str(),
+                "--cache-storage-s3-force-path-style",
+                "--cache-storage-s3-prefix",
+                prefix.as_str(),
+                "--cache-secret-key-path",
+                key.as_str(),
+            ];
+            let start = |t: &str, name: &str| {
+                start_nip_without_data_path(
+                    &tmp.path().join(format!("{name}.log")),
+                    &[&common[..], &s3[..], &["--cache-temp-path", t]].concat(),
+                )
+            };
+            (start(&ta, "a"), start(&tb, "b"))
+        }
+        Err(_) => (
+            start_nip(&data, &[&common[..], &["--cache-temp-path", &ta]].concat()),
+            start_nip(&data, &[&common[..], &["--cache-temp-path", &tb]].concat()),
+        ),
+    };
 
     // An artifact uploaded through A downloads through B byte-identical.
     let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     let form = multipart::Form::new().part("file", multipart::Part::bytes(bytes.clone()));
-    let up_resp = client().post(format!("{}/v1/artifacts/shared-1", a.url)).bearer_auth(&admin).multipart(form).send().unwrap();
+    let up_resp = client()
+        .post(format!("{}/v1/artifacts/shared-1", a.url))
+        .bearer_auth(&admin)
+        .multipart(form)
+        .send()
+        .unwrap();
     assert_eq!(up_resp.status(), 201);
-    let down = client().get(format!("{}/v1/download/shared-1", b.url)).bearer_auth(&reader).send().unwrap();
+    let down = client()
+        .get(format!("{}/v1/download/shared-1", b.url))
+        .bearer_auth(&reader)
+        .send()
+        .unwrap();
     assert_eq!(down.status(), 200);
-    assert!(down.bytes().unwrap() == bytes, "B served other bytes than A stored");
+    assert!(
+        down.bytes().unwrap() == bytes,
+        "B served other bytes than A stored"
+    );
 
     // Revoked through the shared database: B refuses within a second.
     let url = format!("{}/v1/artifacts/shared-1", b.url);
-    assert_eq!(client().get(&url).bearer_auth(&reader).send().unwrap().status(), 200);
-    let out = nip(&["keys", "revoke", "reader", "--cache-data-path", data.to_str().unwrap(), "--cache-database-url", &db]);
+    assert_eq!(
+        client()
+            .get(&url)
+            .bearer_auth(&reader)
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    let out = nip(&[
+        "keys",
+        "revoke",
+        "reader",
+        "--cache-data-path",
+        data.to_str().unwrap(),
+        "--cache-database-url",
+        &db,
+    ]);
     assert!(out.status.success());
     let revoked = Instant::now();
-    while client().get(&url).bearer_auth(&reader).send().unwrap().status() != 401 {
-        assert!(revoked.elapsed() < Duration::from_secs(1), "B still accepts a revoked key");
+    while client()
+        .get(&url)
+        .bearer_auth(&reader)
+        .send()
+        .unwrap()
+        .status()
+        != 401
+    {
+        assert!(
+            revoked.elapsed() < Duration::from_secs(1),
+            "B still accepts a revoked key"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
     // 20 concurrent requests for one uncached NAR over A and B: at most one fetch per instance.
     let big = &paths[1];
-    let hash = big.trim_start_matches("/nix/store/").split('-').next().unwrap().to_string();
-    let narinfo = client().get(format!("{}/{hash}.narinfo", a.url)).send().unwrap().text().unwrap();
-    let nar_path = narinfo.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap().to_string();
-    assert_eq!(client().get(format!("{}/{hash}.narinfo", b.url)).send().unwrap().status(), 200);
+    let hash = big
+        .trim_start_matches("/nix/store/")
+        .split('-')
+        .next()
+        .unwrap()
+        .to_string();
+    let narinfo = client()
+        .get(format!("{}/{hash}.narinfo", a.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let nar_path = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        client()
+            .get(format!("{}/{hash}.narinfo", b.url))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
     let handles: Vec<_> = (0..20)
         .map(|i| {
             let url = format!("{}/{nar_path}", if i % 2 == 0 { &a.url } else { &b.url });
-            std::thread::spawn(move || client().get(url).send().and_then(|r| r.bytes()).map(|b| b.len()))
+            std::thread::spawn(move || {
+                client()
+                    .get(url)
+                    .send()
+                    .and_then(|r| r.bytes())
+                    .map(|b| b.len())
+            })
         })
         .collect();
-    let sizes: Vec<usize> = handles.into_iter().map(|h| h.join().unwrap().expect("NAR download")).collect();
-    assert!(sizes.iter().all(|s| *s == sizes[0] && *s > 1_000_000), "{sizes:?}");
+    let sizes: Vec<usize> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().expect("NAR download"))
+        .collect();
+    assert!(
+        sizes.iter().all(|s| *s == sizes[0] && *s > 1_000_000),
+        "{sizes:?}"
+    );
     let log = std::fs::read_to_string(&log_path).unwrap();
-    let fetches = log.lines().filter(|l| l.contains(&format!("GET /{nar_path}"))).count();
-    assert!((1..=2).contains(&fetches), "{fetches} upstream fetches of one NAR for 20 requests over 2 instances");
+    let fetches = log
+        .lines()
+        .filter(|l| l.contains(&format!("GET /{nar_path}")))
+        .count();
+    assert!(
+        (1..=2).contains(&fetches),
+        "{fetches} upstream fetches of one NAR for 20 requests over 2 instances"
+    );
 
     // Real Nix: A fetches everything, the upstream goes away, B serves it all.
-    let pubkey = client().get(format!("{}/pubkey", a.url)).send().unwrap().text().unwrap();
-    assert_eq!(pubkey, client().get(format!("{}/pubkey", b.url)).send().unwrap().text().unwrap(), "instances sign with different keys");
+    let pubkey = client()
+        .get(format!("{}/pubkey", a.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert_eq!(
+        pubkey,
+        client()
+            .get(format!("{}/pubkey", b.url))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap(),
+        "instances sign with different keys"
+    );
     let check = |url: &str| {
         let mut cmd = Command::new(fixture_script("check-substitute.sh"));
-        cmd.arg(url).arg(pubkey.trim()).args(&paths).env("CHECK_TIMEOUT", "120");
+        cmd.arg(url)
+            .arg(pubkey.trim())
+            .args(&paths)
+            .env("CHECK_TIMEOUT", "120");
         run_ok(&mut cmd);
     };
     check(&a.url);
     upstream.kill();
     check(&b.url);
+}
+
+/// Starts `nip serve` with S3 storage (which excludes a local store path).
+fn start_nip_without_data_path(log: &std::path::Path, args: &[&str]) -> NipServer {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_nip"))
+        .arg("serve")
+        .arg("--server-addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(args)
+        .env("LOG_LEVEL", "debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start nip serve");
+    let server = NipServer {
+        child: KillOnDrop(child),
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    wait_http_ok(&format!("{}/healthz", server.url), Duration::from_secs(30));
+    server
 }
