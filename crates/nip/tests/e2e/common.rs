@@ -115,19 +115,27 @@ pub fn start_nip(data: &Path, args: &[&str]) -> NipServer {
 
 /// Starts `nip serve` with extra environment variables; its log goes to `<data>.log`.
 pub fn start_nip_env(data: &Path, args: &[&str], envs: &[(&str, &str)]) -> NipServer {
+    let data_arg = data.display().to_string();
+    let all: Vec<&str> = ["--cache-data-path", data_arg.as_str()]
+        .iter()
+        .copied()
+        .chain(args.iter().copied())
+        .collect();
+    spawn_nip(&data.with_extension("log"), &all, envs)
+}
+
+/// Starts `nip serve` on a free loopback port with exactly these arguments; its log goes to `log`.
+pub fn spawn_nip(log: &Path, args: &[&str], envs: &[(&str, &str)]) -> NipServer {
     let port = free_port();
-    let log = std::fs::File::create(data.with_extension("log")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_nip"))
         .arg("serve")
-        .arg("--cache-data-path")
-        .arg(data)
         .arg("--server-addr")
         .arg(format!("127.0.0.1:{port}"))
         .args(args)
         .env("LOG_LEVEL", "debug")
         .envs(envs.iter().copied())
         .stdout(Stdio::null())
-        .stderr(log)
+        .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .expect("start nip serve");
     let server = NipServer {
@@ -207,4 +215,26 @@ pub fn tool_available(tool: &str, test: &str) -> bool {
         eprintln!("{test}: SKIPPED: {tool} is missing (run ./scripts/test.sh to install it)");
     }
     ok
+}
+
+/// Builds a signed upstream cache in `dir` with the fixture script (`BIG_MIB` for its big path)
+/// and returns its public key and the top-level store paths (line 1 is input-addressed).
+pub fn make_upstream(dir: &Path, big_mib: u32) -> (String, Vec<String>) {
+    let out = run_ok(
+        Command::new(fixture_script("make-upstream.sh"))
+            .arg(dir)
+            .env("BIG_MIB", big_mib.to_string()),
+    );
+    let key = out
+        .trim()
+        .lines()
+        .last()
+        .expect("public key line")
+        .to_string();
+    let paths = std::fs::read_to_string(dir.join("paths.txt"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    (key, paths)
 }

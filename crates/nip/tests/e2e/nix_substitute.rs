@@ -12,17 +12,7 @@ fn real_nix_substitutes_through_nip_and_from_cache_after_upstream_stops() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let up = tmp.path().join("upstream");
-    let upstream_key = run_ok(
-        Command::new(fixture_script("make-upstream.sh"))
-            .arg(&up)
-            .env("BIG_MIB", "4"),
-    );
-    let upstream_key = upstream_key.trim().lines().last().unwrap().to_string();
-    let paths: Vec<String> = std::fs::read_to_string(up.join("paths.txt"))
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
+    let (upstream_key, paths) = make_upstream(&up, 4);
     assert_eq!(paths.len(), 3);
 
     let (mut upstream, upstream_url) = start_static(&up.join("cache"));

@@ -12,17 +12,7 @@ fn nix_copy_with_a_write_key_uploads_and_a_fresh_store_substitutes() {
     let tmp = tempfile::tempdir().unwrap();
     // Local store paths to upload (the fixture also writes a signed file:// cache we ignore).
     let up = tmp.path().join("paths");
-    let upstream_key = run_ok(
-        Command::new(fixture_script("make-upstream.sh"))
-            .arg(&up)
-            .env("BIG_MIB", "2"),
-    );
-    let upstream_key = upstream_key.trim().lines().last().unwrap().to_string();
-    let paths: Vec<String> = std::fs::read_to_string(up.join("paths.txt"))
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
+    let (upstream_key, paths) = make_upstream(&up, 2);
 
     let data = tmp.path().join("data");
     let write = create_key(&data, "uploader", "write", &[]);

@@ -53,17 +53,7 @@ fn two_instances_share_postgres_and_the_store() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let up = tmp.path().join("upstream");
-    let upstream_key = run_ok(
-        Command::new(fixture_script("make-upstream.sh"))
-            .arg(&up)
-            .env("BIG_MIB", "8"),
-    );
-    let upstream_key = upstream_key.trim().lines().last().unwrap().to_string();
-    let paths: Vec<String> = std::fs::read_to_string(up.join("paths.txt"))
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
+    let (upstream_key, paths) = make_upstream(&up, 8);
     // The upstream logs every request: that is how fetches are counted.
     let port = free_port();
     let log_path = tmp.path().join("upstream.log");
@@ -122,9 +112,10 @@ fn two_instances_share_postgres_and_the_store() {
                 key.as_str(),
             ];
             let start = |t: &str, name: &str| {
-                start_nip_without_data_path(
+                spawn_nip(
                     &tmp.path().join(format!("{name}.log")),
                     &[&common[..], &s3[..], &["--cache-temp-path", t]].concat(),
+                    &[],
                 )
             };
             (start(&ta, "a"), start(&tb, "b"))
@@ -278,25 +269,4 @@ fn two_instances_share_postgres_and_the_store() {
     check(&a.url);
     upstream.kill();
     check(&b.url);
-}
-
-/// Starts `nip serve` with S3 storage (which excludes a local store path).
-fn start_nip_without_data_path(log: &std::path::Path, args: &[&str]) -> NipServer {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_nip"))
-        .arg("serve")
-        .arg("--server-addr")
-        .arg(format!("127.0.0.1:{port}"))
-        .args(args)
-        .env("LOG_LEVEL", "debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("start nip serve");
-    let server = NipServer {
-        child: KillOnDrop(child),
-        url: format!("http://127.0.0.1:{port}"),
-    };
-    wait_http_ok(&format!("{}/healthz", server.url), Duration::from_secs(30));
-    server
 }

@@ -422,17 +422,7 @@ fn real_nix_substitutes_over_https() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let up = tmp.path().join("upstream");
-    let upstream_key = run_ok(
-        Command::new(fixture_script("make-upstream.sh"))
-            .arg(&up)
-            .env("BIG_MIB", "2"),
-    );
-    let upstream_key = upstream_key.trim().lines().last().unwrap().to_string();
-    let paths: Vec<String> = std::fs::read_to_string(up.join("paths.txt"))
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
+    let (upstream_key, paths) = make_upstream(&up, 2);
     let (_upstream, upstream_url) = start_static(&up.join("cache"));
     let pki = TestPki::new(tmp.path());
     let (cert, key, _) = pki.issue("server", &["127.0.0.1"]);
