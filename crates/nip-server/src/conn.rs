@@ -84,6 +84,37 @@ pub async fn serve_tcp(
     limits: ConnLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    accept_loop(
+        listener,
+        limits,
+        shutdown,
+        move |stream, addr, watcher, stop| {
+            let app = app.clone();
+            async move {
+                tokio::select! {
+                    _ = serve_connection(stream, addr, app, limits, watcher) => {}
+                    // Connections that never sent a byte have no request to finish.
+                    _ = stop.cancelled() => {}
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// The accept loop shared by plain HTTP and HTTPS: at most `max_connections` open connections
+/// (newer ones are closed at once), each handled by `handle` in its own task. On `shutdown` it
+/// stops accepting, cancels `stop` for connections with no request yet, and waits for the rest.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    limits: ConnLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    handle: F,
+) -> std::io::Result<()>
+where
+    F: Fn(TcpStream, SocketAddr, Watcher, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let graceful = GracefulShutdown::new();
     let stop = CancellationToken::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -108,14 +139,10 @@ pub async fn serve_tcp(
         };
         // Small responses (narinfo) should not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        let (app, watcher, stop) = (app.clone(), graceful.watcher(), stop.clone());
+        let work = handle(stream, addr, graceful.watcher(), stop.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            tokio::select! {
-                _ = serve_connection(stream, addr, app, limits, watcher) => {}
-                // Connections that never sent a byte have no request to finish.
-                _ = stop.cancelled() => {}
-            }
+            work.await;
         });
     }
     drop(listener);

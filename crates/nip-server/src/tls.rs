@@ -7,15 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 
 use crate::conn::{self, ConnLimits};
 
@@ -212,54 +209,32 @@ pub async fn serve_https(
     let cert = Arc::new(ReloadingCert::new(files).map_err(std::io::Error::other)?);
     let acceptor = TlsAcceptor::from(Arc::new(server_config(cert.clone())));
     let reloader = spawn_reloader(cert);
-    let graceful = GracefulShutdown::new();
-    let stop = CancellationToken::new();
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (stream, addr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+    let result = conn::accept_loop(
+        listener,
+        limits,
+        shutdown,
+        move |stream, addr, watcher, stop| {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            async move {
+                let handshake = tokio::select! {
+                    r = tokio::time::timeout(limits.read_timeout, acceptor.accept(stream)) => r,
+                    // Shutting down: a connection still in its handshake has no request to finish.
+                    _ = stop.cancelled() => return,
+                };
+                match handshake {
+                    // Requests in flight finish on shutdown: the watcher drains them gracefully.
+                    Ok(Ok(tls)) => conn::serve_io(tls, addr, app, limits, watcher).await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(client = %addr, error = %e, "TLS handshake failed")
+                    }
+                    Err(_) => tracing::debug!(client = %addr, "TLS handshake timed out"),
                 }
-            },
-            _ = &mut shutdown => break,
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(client = %addr, limit = limits.max_connections,
-                "too many open connections: closing a new one");
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let (acceptor, app, watcher, stop) = (
-            acceptor.clone(),
-            app.clone(),
-            graceful.watcher(),
-            stop.clone(),
-        );
-        tokio::spawn(async move {
-            let _permit = permit;
-            let handshake = tokio::select! {
-                r = tokio::time::timeout(limits.read_timeout, acceptor.accept(stream)) => r,
-                // Shutting down: a connection still in its handshake has no request to finish.
-                _ = stop.cancelled() => return,
-            };
-            match handshake {
-                // Requests in flight finish on shutdown: the watcher drains them gracefully.
-                Ok(Ok(tls)) => conn::serve_io(tls, addr, app, limits, watcher).await,
-                Ok(Err(e)) => tracing::debug!(client = %addr, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(client = %addr, "TLS handshake timed out"),
             }
-        });
-    }
-    drop(listener);
-    stop.cancel();
-    graceful.shutdown().await;
+        },
+    )
+    .await;
     reloader.abort();
-    Ok(())
+    result
 }
 
 /// Logs once that traffic is unencrypted when plain HTTP listens beyond the loopback interface.
