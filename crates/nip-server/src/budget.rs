@@ -58,9 +58,12 @@ mod tests {
                 .await;
         assert!(quiet.is_err(), "woke eviction at the limit");
         b.stored(1);
-        tokio::time::timeout(std::time::Duration::from_millis(200), b.evict_now.notified())
-            .await
-            .unwrap();
+        tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            b.evict_now.notified(),
+        )
+        .await
+        .unwrap();
         assert_eq!(b.bytes(), 1001);
         assert_eq!(Budget::eviction_target(1000), 900);
     }

@@ -27,6 +27,8 @@ pub struct UpstreamConfig {
 pub struct ServeConfig {
     /// S3 storage instead of the local store directory.
     pub s3: Option<nip_store::S3Config>,
+    /// `--s3-presign-downloads`: artifact downloads go to presigned S3 URLs.
+    pub s3_presign_downloads: bool,
     pub hostname: String,
     pub data_path: PathBuf,
     pub database_url: String,
@@ -68,6 +70,8 @@ pub struct ServeConfig {
     pub tls: Option<crate::tls::TlsFiles>,
     /// `--trusted-proxies`: peers whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `--server-read-timeout`, `--server-max-connections`.
+    pub conn_limits: crate::conn::ConnLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,7 +189,7 @@ pub fn parse_cidr(v: &str) -> Option<ipnet::IpNet> {
         .or_else(|| v.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
-fn default_hostname() -> String {
+pub fn default_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())
@@ -224,7 +228,8 @@ impl ServeConfig {
         });
         if nip_store::Backend::of_url(&database_url).is_err() {
             return Err(err("cache.database-url", format!(
-                "{database_url:?}: use sqlite:PATH (e.g. sqlite:/var/lib/nip/db.sqlite) or postgres://USER@HOST/DB"
+                "{:?}: use sqlite:PATH (e.g. sqlite:/var/lib/nip/db.sqlite) or postgres://USER@HOST/DB",
+                nip_store::redacted_url(&database_url)
             )));
         }
         let s3 = match one("cache.storage.s3.bucket").filter(|b| !b.is_empty()) {
@@ -235,10 +240,16 @@ impl ServeConfig {
                 let endpoint = one("cache.storage.s3.endpoint");
                 if let Some(e) = &endpoint {
                     if !(e.starts_with("http://") || e.starts_with("https://")) {
-                        return Err(err("cache.storage.s3.endpoint", format!("{e:?} must be a URL with http:// or https://")));
+                        return Err(err(
+                            "cache.storage.s3.endpoint",
+                            format!("{e:?} must be a URL with http:// or https://"),
+                        ));
                     }
                 }
-                let (key_id, secret) = (one("cache.storage.s3.access-key-id"), one("cache.storage.s3.secret-access-key"));
+                let (key_id, secret) = (
+                    one("cache.storage.s3.access-key-id"),
+                    one("cache.storage.s3.secret-access-key"),
+                );
                 if key_id.is_some() != secret.is_some() {
                     return Err(err("cache.storage.s3.access-key-id", "give both the S3 access key id and the secret access key, or neither (then AWS_* environment variables are used)"));
                 }
@@ -258,6 +269,16 @@ impl ServeConfig {
             }
             None => None,
         };
+        let s3_presign_downloads = match one("cache.storage.s3.presign-downloads") {
+            Some(v) => parse_bool("cache.storage.s3.presign-downloads", &v)?,
+            None => false,
+        };
+        if s3_presign_downloads && s3.is_none() {
+            return Err(err(
+                "cache.storage.s3.presign-downloads",
+                "--s3-presign-downloads needs S3 storage (--cache-storage-s3-bucket)",
+            ));
+        }
         let temp_path = one("cache.temp-path")
             .map(PathBuf::from)
             .unwrap_or_else(|| data_path.join("tmp"));
@@ -404,6 +425,25 @@ impl ServeConfig {
             (Some(_), None) => return Err(err("tls.key", "--tls-cert needs --tls-key too")),
             (None, Some(_)) => return Err(err("tls.cert", "--tls-key needs --tls-cert too")),
         };
+        let mut conn_limits = crate::conn::ConnLimits::default();
+        if let Some(v) = one("server.read-timeout") {
+            conn_limits.read_timeout =
+                parse_duration(&v).filter(|d| !d.is_zero()).ok_or_else(|| {
+                    err(
+                        "server.read-timeout",
+                        format!("expected a duration like 30s, got {v:?}"),
+                    )
+                })?;
+        }
+        if let Some(v) = one("server.max-connections") {
+            conn_limits.max_connections =
+                v.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    err(
+                        "server.max-connections",
+                        format!("expected a positive number, got {v:?}"),
+                    )
+                })?;
+        }
         let trusted_proxies = many("server.trusted-proxies")
             .iter()
             .flat_map(|v| v.split(','))
@@ -466,11 +506,13 @@ impl ServeConfig {
             log_format,
             data_path,
             s3,
+            s3_presign_downloads,
             get_token,
             database_max_connections,
             ignored,
             tls,
             trusted_proxies,
+            conn_limits,
         })
     }
 
@@ -590,11 +632,23 @@ mod tests {
         .s3
         .unwrap();
         assert_eq!((s3.bucket.as_str(), s3.force_path_style), ("b", true));
-        let both = ServeConfig::from_layer(&layer(&[("cache.storage.s3.bucket", &["b"]), ("cache.storage.local", &["/x"])]));
+        let both = ServeConfig::from_layer(&layer(&[
+            ("cache.storage.s3.bucket", &["b"]),
+            ("cache.storage.local", &["/x"]),
+        ]));
         assert_eq!(both.unwrap_err().setting, "--cache-storage-s3-bucket");
-        let half = ServeConfig::from_layer(&layer(&[("cache.storage.s3.bucket", &["b"]), ("cache.storage.s3.access-key-id", &["k"])]));
-        assert_eq!(half.unwrap_err().setting, "--cache-storage-s3-access-key-id");
-        let bad = ServeConfig::from_layer(&layer(&[("cache.storage.s3.bucket", &["b"]), ("cache.storage.s3.endpoint", &["minio:9000"])]));
+        let half = ServeConfig::from_layer(&layer(&[
+            ("cache.storage.s3.bucket", &["b"]),
+            ("cache.storage.s3.access-key-id", &["k"]),
+        ]));
+        assert_eq!(
+            half.unwrap_err().setting,
+            "--cache-storage-s3-access-key-id"
+        );
+        let bad = ServeConfig::from_layer(&layer(&[
+            ("cache.storage.s3.bucket", &["b"]),
+            ("cache.storage.s3.endpoint", &["minio:9000"]),
+        ]));
         assert_eq!(bad.unwrap_err().setting, "--cache-storage-s3-endpoint");
     }
 

@@ -51,31 +51,6 @@ impl Default for ConnLimits {
     }
 }
 
-impl ConnLimits {
-    /// The defaults, with `NIP_SERVER_READ_TIMEOUT` (e.g. `30s`) and `NIP_SERVER_MAX_CONNECTIONS`
-    /// applied when set and valid (a bad value is logged and ignored, never fatal).
-    pub fn from_env() -> Self {
-        let mut limits = ConnLimits::default();
-        if let Ok(v) = std::env::var("NIP_SERVER_READ_TIMEOUT") {
-            match crate::config::parse_duration(&v) {
-                Some(d) if !d.is_zero() => limits.read_timeout = d,
-                _ => {
-                    tracing::warn!(value = %v, "NIP_SERVER_READ_TIMEOUT is not a duration; using 30s")
-                }
-            }
-        }
-        if let Ok(v) = std::env::var("NIP_SERVER_MAX_CONNECTIONS") {
-            match v.parse::<usize>() {
-                Ok(n) if n > 0 => limits.max_connections = n,
-                _ => {
-                    tracing::warn!(value = %v, "NIP_SERVER_MAX_CONNECTIONS is not a positive number; using 10000")
-                }
-            }
-        }
-        limits
-    }
-}
-
 /// Accepts connections on `listener` and serves `app` on each until `shutdown` resolves, then
 /// stops accepting and waits for the open requests to finish (as `axum::serve` does).
 pub async fn serve_tcp(

@@ -1,5 +1,7 @@
 //! Background jobs of a running server: flushing batched access times, artifact retention, and
 //! size-bounded eviction (on its cron schedule, or at once when a write overshoots the budget).
+//! Retention and eviction are cluster-wide: when several instances share a database, a lease makes
+//! one instance at a time run them, and the others skip passes that were just done.
 use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -12,6 +14,46 @@ use crate::AppState;
 const ACCESS_FLUSH_EVERY: Duration = Duration::from_secs(5);
 /// Eviction schedule when `--cache-max-size` is set without `--cache-lru-schedule`.
 const DEFAULT_EVICT_EVERY: Duration = Duration::from_secs(300);
+/// Longest a pass holds its lease: an instance that dies mid-pass blocks the others at most this.
+const LEASE_TERM: Duration = Duration::from_secs(900);
+/// After an eviction pass, other instances skip eviction this long: the store was just trimmed.
+const EVICT_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// Runs `pass` while this instance holds the cluster-wide lease `name`, then keeps the lease for
+/// `cooldown` so other instances skip the work just done. `None` when another instance has it.
+pub async fn exclusive<T>(
+    state: &AppState,
+    name: &str,
+    cooldown: Duration,
+    pass: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let now = nip_store::unix_now();
+    let until = now + LEASE_TERM.as_secs() as i64;
+    match state
+        .meta
+        .take_lease(name, &state.instance_id, now, until)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::debug!(
+                job = name,
+                "another instance holds the lease; skipping this pass"
+            );
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(job = name, error = %e, "cannot take the job lease; skipping this pass");
+            return None;
+        }
+    }
+    let out = pass.await;
+    let until = nip_store::unix_now() + cooldown.as_secs() as i64;
+    if let Err(e) = state.meta.end_lease(name, &state.instance_id, until).await {
+        tracing::warn!(job = name, error = %e, "cannot release the job lease; it expires by itself");
+    }
+    Some(out)
+}
 
 /// Reads since the last flush; recorded in batches so a hit costs no database write.
 #[derive(Default)]
@@ -160,7 +202,13 @@ pub async fn retention_pass(state: &AppState, retention: Duration) -> usize {
 async fn retention_loop(state: AppState, retention: Duration, mut rx: watch::Receiver<bool>) {
     let period = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
     loop {
-        retention_pass(&state, retention).await;
+        exclusive(
+            &state,
+            "retention",
+            period / 2,
+            retention_pass(&state, retention),
+        )
+        .await;
         if !tick(&mut rx, period).await {
             return;
         }
@@ -174,6 +222,10 @@ pub async fn eviction_pass(state: &AppState, max: u64) {
     match nip_store::gc::evict(state.meta.as_ref(), state.blobs.as_ref(), target, false).await {
         Ok(s) => {
             state.budget.set(s.usage_after);
+            if s.narinfos > 0 {
+                // Which narinfos went is not reported: drop them all from memory.
+                state.hot_narinfos.clear();
+            }
             if s.nars + s.artifacts > 0 {
                 metrics::counter!("nip_evictions_total", "kind" => "nar").increment(s.nars);
                 metrics::counter!("nip_evictions_total", "kind" => "artifact")
@@ -214,16 +266,35 @@ fn until_next(schedule: Option<&str>) -> Duration {
         .unwrap_or(DEFAULT_EVICT_EVERY)
 }
 
+/// One eviction pass if no other instance is running one; false when skipped.
+async fn exclusive_eviction(state: &AppState, max: u64) -> bool {
+    exclusive(state, "eviction", EVICT_COOLDOWN, eviction_pass(state, max))
+        .await
+        .is_some()
+}
+
 async fn eviction_loop(state: AppState, max: u64, mut rx: watch::Receiver<bool>) {
-    eviction_pass(&state, max).await;
+    let mut skipped = !exclusive_eviction(&state, max).await;
     loop {
-        let wait = until_next(state.config.lru_schedule.as_deref());
+        // Skipped while over the limit: another instance was evicting; check again after its
+        // cooldown instead of waiting for the next scheduled run.
+        let over = skipped && {
+            if let Ok(u) = state.meta.usage().await {
+                state.budget.set(u.bytes);
+            }
+            state.budget.bytes() > max as i64
+        };
+        let wait = if over {
+            EVICT_COOLDOWN
+        } else {
+            until_next(state.config.lru_schedule.as_deref())
+        };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = state.budget.evict_now.notified() => {}
             _ = rx.changed() => return,
         }
-        eviction_pass(&state, max).await;
+        skipped = !exclusive_eviction(&state, max).await;
     }
 }
 

@@ -8,6 +8,7 @@ pub mod conn;
 pub mod error;
 pub mod fill;
 pub mod health;
+pub mod hot;
 pub mod jobs;
 pub mod keys;
 pub mod metrics;
@@ -61,6 +62,10 @@ pub struct Inner {
     /// Set when `--prometheus-enabled`.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub budget: Arc<budget::Budget>,
+    /// Narinfos recently served, so hits skip the database.
+    pub hot_narinfos: hot::HotNarinfos,
+    /// Names this process in cluster-wide leases (host, pid, random: unique across restarts).
+    pub instance_id: String,
 }
 
 impl std::ops::Deref for AppState {
@@ -73,10 +78,15 @@ impl std::ops::Deref for AppState {
 /// The configured blob storage: an S3 bucket, or the local store directory.
 pub fn open_blobs(config: &ServeConfig) -> anyhow::Result<Arc<dyn BlobStore>> {
     Ok(match &config.s3 {
-        Some(s3) => Arc::new(nip_store::S3BlobStore::new(s3).map_err(|e| anyhow::anyhow!("cannot use S3 bucket {}: {e}", s3.bucket))?),
-        None => Arc::new(LocalBlobStore::new(config.data_path.join("store")).map_err(|e| {
-            anyhow::anyhow!("cannot use data path {}: {e}", config.data_path.display())
-        })?),
+        Some(s3) => Arc::new(
+            nip_store::S3BlobStore::new(s3)
+                .map_err(|e| anyhow::anyhow!("cannot use S3 bucket {}: {e}", s3.bucket))?,
+        ),
+        None => Arc::new(
+            LocalBlobStore::new(config.data_path.join("store")).map_err(|e| {
+                anyhow::anyhow!("cannot use data path {}: {e}", config.data_path.display())
+            })?,
+        ),
     })
 }
 
@@ -143,6 +153,13 @@ impl AppState {
             narinfo_lookups: Coalescer::default(),
             negative: Mutex::new(HashMap::new()),
             started_at: Instant::now(),
+            hot_narinfos: hot::HotNarinfos::default(),
+            instance_id: format!(
+                "{}-{}-{:08x}",
+                crate::config::default_hostname(),
+                std::process::id(),
+                rand::random::<u32>()
+            ),
         })))
     }
 
@@ -207,15 +224,14 @@ pub async fn serve(
     tokio::spawn(async move { upstreams.refresh_priorities().await });
     let jobs = jobs::spawn(state.clone());
     let tls = state.config.tls.clone();
+    let limits = state.config.conn_limits;
     let app = router(state);
     let result = match tls {
-        Some(files) => {
-            tls::serve_https(listener, app, files, conn::ConnLimits::from_env(), shutdown).await
-        }
+        Some(files) => tls::serve_https(listener, app, files, limits, shutdown).await,
         None => {
             tls::warn_if_plaintext(listener.local_addr());
             // Timeouts and a connection limit that axum::serve lacks (slowloris, idle sockets).
-            conn::serve_tcp(listener, app, conn::ConnLimits::from_env(), shutdown).await
+            conn::serve_tcp(listener, app, limits, shutdown).await
         }
     };
     jobs.shutdown().await;

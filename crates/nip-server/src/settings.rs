@@ -129,6 +129,10 @@ pub const SETTINGS: &[Setting] = &[
       "PEM private key of --tls-cert"),
     multi(s("server.trusted-proxies", &["trusted-proxies"], &["NIP_TRUSTED_PROXIES"], &["server.trusted-proxies"],
       "Reverse proxies (addresses or CIDR ranges, comma-separated) whose X-Forwarded-For names the client in audit logs and rate limits. Default: none")),
+    s("server.read-timeout", &["server-read-timeout"], &["NIP_SERVER_READ_TIMEOUT"], &["server.read-timeout"],
+      "Longest a client may stay silent while sending a request head or body (slowloris defence), e.g. 30s. Default: 30s"),
+    s("server.max-connections", &["server-max-connections"], &["NIP_SERVER_MAX_CONNECTIONS"], &["server.max-connections"],
+      "Open client connections at most; new ones past it are closed at once. Default: 10000"),
     // ncps compatibility (issue 11): the rest of what ncps deployments pass. Implemented where
     // it means something for nip; otherwise accepted with the reason it is ignored.
     s("cache.get-token", &["cache-get-token"], &["CACHE_GET_TOKEN"], &["cache.get-token"],
@@ -163,8 +167,10 @@ pub const SETTINGS: &[Setting] = &[
       &["CACHE_STORAGE_S3_FORCE_PATH_STYLE"], &["cache.storage.s3.force-path-style"], "Path-style S3 addressing (MinIO and most self-hosted servers)")),
     s("cache.storage.s3.prefix", &["cache-storage-s3-prefix"], &["CACHE_STORAGE_S3_PREFIX"],
       &["cache.storage.s3.prefix"], "Key prefix inside the bucket"),
+    boolean(s("cache.storage.s3.presign-downloads", &["s3-presign-downloads", "cache-storage-s3-presign-downloads"],
+      &["NIP_S3_PRESIGN_DOWNLOADS", "CACHE_STORAGE_S3_PRESIGN_DOWNLOADS"], &["cache.storage.s3.presign-downloads"],
+      "Serve /v1 artifact downloads from S3 directly: the lookup's downloadUrl is a presigned URL (valid 15 minutes) and /v1/download redirects to one. Default: false")),
 ];
-
 
 /// Values of settings from one source, by canonical key.
 pub type Layer = BTreeMap<&'static str, Vec<String>>;

@@ -98,6 +98,16 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Every blob directly under `prefix/` (including half-published ones, whose names start
     /// with `.`), for reconciliation after a crash.
     async fn list(&self, prefix: &str) -> Result<Vec<BlobEntry>, StoreError>;
+
+    /// A URL that lets anyone holding it GET the blob directly for `ttl`, when the backend can
+    /// make one (S3 presigned URLs); `None` otherwise.
+    async fn presigned_get(
+        &self,
+        _key: &BlobKey,
+        _ttl: std::time::Duration,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
 }
 
 #[cfg(test)]

@@ -271,7 +271,13 @@ mod tests {
             let blobs = LocalBlobStore::new(dir.path().join("store")).unwrap();
             let staging = Staging::new(dir.path().join("tmp")).unwrap();
             let (db, keep) = t.into_parts();
-            out.push(Fx { _dir: dir, db, _t: keep, blobs, staging });
+            out.push(Fx {
+                _dir: dir,
+                db,
+                _t: keep,
+                blobs,
+                staging,
+            });
         }
         out
     }

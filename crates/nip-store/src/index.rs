@@ -2,6 +2,7 @@
 use async_trait::async_trait;
 
 use crate::gc::GcIndex;
+use crate::lease::Leases;
 use crate::meta::{MetaError, MetaStore};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,5 +99,5 @@ pub trait AuditLog: Send + Sync + 'static {
 }
 
 /// Everything the server keeps in its database.
-pub trait Index: MetaStore + ArtifactIndex + KeyStore + AuditLog + GcIndex {}
-impl<T: MetaStore + ArtifactIndex + KeyStore + AuditLog + GcIndex> Index for T {}
+pub trait Index: MetaStore + ArtifactIndex + KeyStore + AuditLog + GcIndex + Leases {}
+impl<T: MetaStore + ArtifactIndex + KeyStore + AuditLog + GcIndex + Leases> Index for T {}

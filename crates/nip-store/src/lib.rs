@@ -5,9 +5,10 @@ pub mod blob;
 mod blob_suite;
 pub mod gc;
 pub mod index;
+pub mod lease;
 pub mod local;
-pub mod s3;
 pub mod meta;
+pub mod s3;
 pub mod sql;
 mod sql_gc;
 mod sql_index;
@@ -20,10 +21,11 @@ pub use gc::{GcIndex, Usage};
 pub use index::{
     ApiKeyRecord, ArtifactIndex, ArtifactRecord, AuditEntry, AuditLog, Index, KeyStore, PutArtifact,
 };
+pub use lease::Leases;
 pub use local::LocalBlobStore;
-pub use s3::{S3BlobStore, S3Config};
 pub use meta::{MetaError, MetaStore, NarInfoRecord, NarRecord, NarSource};
-pub use sql::{Backend, SqlMeta, SqliteMeta};
+pub use s3::{S3BlobStore, S3Config};
+pub use sql::{redacted_url, Backend, SqlMeta, SqliteMeta};
 pub use staging::{StagedFile, Staging};
 
 /// Seconds since the Unix epoch; the index stores times as integers.

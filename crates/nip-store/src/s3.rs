@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
+use object_store::signer::Signer;
 use object_store::{GetOptions, GetRange, ObjectStore, WriteMultipart};
 use tokio::io::AsyncReadExt;
 
@@ -37,7 +38,7 @@ pub struct S3Config {
 }
 
 pub struct S3BlobStore {
-    store: Arc<dyn ObjectStore>,
+    store: Arc<AmazonS3>,
     prefix: String,
 }
 
@@ -153,6 +154,19 @@ impl BlobStore for S3BlobStore {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(err(e)),
         }
+    }
+
+    async fn presigned_get(
+        &self,
+        key: &BlobKey,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>, StoreError> {
+        let url = self
+            .store
+            .signed_url(http::Method::GET, &self.path(key.as_str()), ttl)
+            .await
+            .map_err(err)?;
+        Ok(Some(url.to_string()))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<BlobEntry>, StoreError> {

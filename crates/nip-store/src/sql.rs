@@ -21,6 +21,22 @@ pub enum Backend {
     Postgres,
 }
 
+/// The URL with any password replaced by `***`, for logs, errors and `--print-config`.
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
 impl Backend {
     pub fn of_url(url: &str) -> Result<Self, MetaError> {
         if url.starts_with("sqlite:") {
@@ -29,7 +45,7 @@ impl Backend {
             Ok(Backend::Postgres)
         } else {
             Err(MetaError::BadUrl {
-                url: url.to_string(),
+                url: redacted_url(url),
                 reason: "use sqlite:PATH or postgres://USER@HOST/DB".into(),
             })
         }
@@ -54,6 +70,8 @@ pub type SqliteMeta = SqlMeta;
 
 /// Connections in the pool unless the caller says otherwise.
 pub const DEFAULT_POOL_SIZE: u32 = 8;
+/// How long a request waits for a database connection before it fails (503).
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often migrations are retried when another process migrates the same database at once.
 const MIGRATE_ATTEMPTS: u32 = 8;
@@ -83,7 +101,13 @@ impl SqlMeta {
     pub async fn connect_with(url: &str, max_connections: u32) -> Result<Self, MetaError> {
         sqlx::any::install_default_drivers();
         let backend = Backend::of_url(url)?;
-        let options = AnyPoolOptions::new().max_connections(max_connections.max(1));
+        // A short acquire timeout: while the database is down requests fail fast with 503 instead of
+        // queueing for sqlx's default 30 s; connections are re-tested on acquire, so service
+        // resumes by itself once the database is back.
+        let options = AnyPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(true);
         let pool = match backend {
             Backend::Sqlite => {
                 let file = sqlite_options(url)?.get_filename().to_path_buf();
@@ -189,7 +213,10 @@ impl SqlMeta {
                 applied
             }
         };
-        Ok(all.into_iter().filter(|m| !applied.contains(&m.version)).collect())
+        Ok(all
+            .into_iter()
+            .filter(|m| !applied.contains(&m.version))
+            .collect())
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -380,6 +407,26 @@ impl MetaStore for SqlMeta {
 mod tests {
     use super::*;
 
+    #[test]
+    fn passwords_are_redacted_from_database_urls() {
+        assert_eq!(
+            redacted_url("postgres://nip:s3cr%40t@db:5432/nip?sslmode=require"),
+            "postgres://nip:***@db:5432/nip?sslmode=require"
+        );
+        assert_eq!(
+            redacted_url("postgres://nip@db/nip"),
+            "postgres://nip@db/nip"
+        );
+        assert_eq!(
+            redacted_url("sqlite:/var/lib/nip/db.sqlite"),
+            "sqlite:/var/lib/nip/db.sqlite"
+        );
+        assert_eq!(
+            redacted_url("postgres://u:p@h/d?x=a@b"),
+            "postgres://u:***@h/d?x=a@b"
+        );
+    }
+
     fn rec(hash: &str, nar_file: &str) -> NarInfoRecord {
         NarInfoRecord {
             hash: hash.into(),
@@ -396,43 +443,43 @@ mod tests {
     #[tokio::test]
     async fn narinfo_and_nar_round_trip() {
         for t in crate::testdb::all().await {
-        let url = t.url.clone();
-        let meta = t.meta.clone();
-        assert!(meta.get_narinfo("h1").await.unwrap().is_none());
-        let sources = vec![
-            NarSource {
-                url: "http://a/nar/f.nar".into(),
-                upstream: "http://a".into(),
-            },
-            NarSource {
-                url: "http://b/nar/f.nar".into(),
-                upstream: "http://b".into(),
-            },
-        ];
-        meta.put_narinfo(&rec("h1", "f.nar"), &sources)
-            .await
-            .unwrap();
-        assert_eq!(
-            meta.get_narinfo("h1").await.unwrap(),
-            Some(rec("h1", "f.nar"))
-        );
-        assert_eq!(
-            meta.narinfo_for_nar("f.nar").await.unwrap().unwrap().hash,
-            "h1"
-        );
-        assert_eq!(meta.nar_sources("f.nar").await.unwrap(), sources);
-        assert!(meta.get_nar("f.nar").await.unwrap().is_none());
-        let nar = NarRecord {
-            nar_file: "f.nar".into(),
-            size: 3,
-            sha256: "00".into(),
-        };
-        meta.put_nar(&nar).await.unwrap();
-        assert_eq!(meta.get_nar("f.nar").await.unwrap(), Some(nar));
-        drop(meta);
-        // Reopening runs migrations again without error.
-        let meta = SqliteMeta::connect(&url).await.unwrap();
-        assert!(meta.get_narinfo("h1").await.unwrap().is_some());
+            let url = t.url.clone();
+            let meta = t.meta.clone();
+            assert!(meta.get_narinfo("h1").await.unwrap().is_none());
+            let sources = vec![
+                NarSource {
+                    url: "http://a/nar/f.nar".into(),
+                    upstream: "http://a".into(),
+                },
+                NarSource {
+                    url: "http://b/nar/f.nar".into(),
+                    upstream: "http://b".into(),
+                },
+            ];
+            meta.put_narinfo(&rec("h1", "f.nar"), &sources)
+                .await
+                .unwrap();
+            assert_eq!(
+                meta.get_narinfo("h1").await.unwrap(),
+                Some(rec("h1", "f.nar"))
+            );
+            assert_eq!(
+                meta.narinfo_for_nar("f.nar").await.unwrap().unwrap().hash,
+                "h1"
+            );
+            assert_eq!(meta.nar_sources("f.nar").await.unwrap(), sources);
+            assert!(meta.get_nar("f.nar").await.unwrap().is_none());
+            let nar = NarRecord {
+                nar_file: "f.nar".into(),
+                size: 3,
+                sha256: "00".into(),
+            };
+            meta.put_nar(&nar).await.unwrap();
+            assert_eq!(meta.get_nar("f.nar").await.unwrap(), Some(nar));
+            drop(meta);
+            // Reopening runs migrations again without error.
+            let meta = SqliteMeta::connect(&url).await.unwrap();
+            assert!(meta.get_narinfo("h1").await.unwrap().is_some());
         }
     }
 

@@ -210,13 +210,14 @@ impl KeyStore for SqlMeta {
     }
 
     async fn revoke_key(&self, name: &str, at: i64) -> Result<bool, MetaError> {
-        let n =
-            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL")
-                .bind(at)
-                .bind(name)
-                .execute(self.pool())
-                .await?
-                .rows_affected();
+        let n = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",
+        )
+        .bind(at)
+        .bind(name)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
         Ok(n == 1)
     }
 
@@ -274,7 +275,6 @@ impl AuditLog for SqlMeta {
 mod tests {
     use super::*;
     use crate::KeyStore;
-
 
     fn rec(key: &str, sha: &str, at: i64) -> ArtifactRecord {
         ArtifactRecord {

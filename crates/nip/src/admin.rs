@@ -84,7 +84,12 @@ async fn open_db(m: &ArgMatches) -> anyhow::Result<SqliteMeta> {
     let config = load_config(m)?;
     SqliteMeta::connect(&config.database_url)
         .await
-        .with_context(|| format!("cannot open the database {}", config.database_url))
+        .with_context(|| {
+            format!(
+                "cannot open the database {}",
+                nip_store::redacted_url(&config.database_url)
+            )
+        })
 }
 
 fn time(t: Option<i64>) -> String {
@@ -259,7 +264,7 @@ pub fn run_admin(m: &ArgMatches) -> anyhow::Result<()> {
         let config = load_config(m)?;
         let db = SqliteMeta::connect(&config.database_url)
             .await
-            .with_context(|| format!("cannot open the database {}", config.database_url))?;
+            .with_context(|| format!("cannot open the database {}", nip_store::redacted_url(&config.database_url)))?;
         match name {
             "gc" => {
                 let blobs = nip_server::open_blobs(&config)?;

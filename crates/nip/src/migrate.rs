@@ -38,18 +38,20 @@ fn line(m: &MigrationInfo) -> String {
 fn up(m: &ArgMatches) -> anyhow::Result<()> {
     let config = load_config(m)?;
     let url = config.database_url.clone();
+    // What is printed: never the password.
+    let shown = nip_store::redacted_url(&url);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let pending = SqliteMeta::pending_migrations(&url)
             .await
-            .with_context(|| format!("cannot read the migration state of {url}"))?;
+            .with_context(|| format!("cannot read the migration state of {shown}"))?;
         if m.get_flag("dry-run") {
             if pending.is_empty() {
-                println!("{url}: up to date, nothing to apply");
+                println!("{shown}: up to date, nothing to apply");
             } else {
-                println!("{url}: {} pending migration(s):", pending.len());
+                println!("{shown}: {} pending migration(s):", pending.len());
                 for p in &pending {
                     println!("{}", line(p));
                 }
@@ -58,11 +60,11 @@ fn up(m: &ArgMatches) -> anyhow::Result<()> {
         }
         SqliteMeta::connect_with(&url, 1)
             .await
-            .with_context(|| format!("cannot migrate the database {url}"))?;
+            .with_context(|| format!("cannot migrate the database {shown}"))?;
         if pending.is_empty() {
-            println!("{url}: up to date, nothing to apply");
+            println!("{shown}: up to date, nothing to apply");
         } else {
-            println!("{url}: applied {} migration(s):", pending.len());
+            println!("{shown}: applied {} migration(s):", pending.len());
             for p in &pending {
                 println!("{}", line(p));
             }

@@ -154,7 +154,7 @@ fn print_config(c: &ServeConfig) {
     let json = serde_json::json!({
         "cache.hostname": c.hostname,
         "cache.storage.local": c.data_path,
-        "cache.database-url": c.database_url,
+        "cache.database-url": nip_store::redacted_url(&c.database_url),
         "cache.temp-path": c.temp_path,
         "cache.upstream.urls": c.upstreams.iter().map(|u| match u.priority {
             Some(p) => format!("{}?priority={p}", u.url),
@@ -185,12 +185,15 @@ fn print_config(c: &ServeConfig) {
             "bucket": s3.bucket, "endpoint": s3.endpoint, "region": s3.region,
             "access-key-id": s3.access_key_id, "secret-access-key": s3.secret_access_key.as_ref().map(|_| "***"),
             "force-path-style": s3.force_path_style, "prefix": s3.prefix,
+            "presign-downloads": c.s3_presign_downloads,
         })),
         "cache.get-token": c.get_token.as_ref().map(|_| "***"),
         "cache.database.pool.max-open-conns": c.database_max_connections,
         "tls.cert": c.tls.as_ref().map(|t| &t.cert),
         "tls.key": c.tls.as_ref().map(|t| &t.key),
         "server.trusted-proxies": c.trusted_proxies.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        "server.read-timeout": format!("{}ms", c.conn_limits.read_timeout.as_millis()),
+        "server.max-connections": c.conn_limits.max_connections,
         "ignored": c.ignored.iter().map(|(f, why)| format!("{f}: {why}")).collect::<Vec<_>>(),
     });
     println!(

@@ -54,11 +54,22 @@ async fn narinfo(
             "invalid store path hash: {e}; expected 32 nix-base32 characters"
         ))
     })?;
-    if let Some(rec) = state.meta.get_narinfo(hash.as_str()).await? {
+    let text = match state.hot_narinfos.get(hash.as_str()) {
+        Some(text) => Some(text),
+        None => {
+            let rec = state.meta.get_narinfo(hash.as_str()).await?;
+            rec.map(|rec| {
+                let text = Arc::<str>::from(rec.narinfo);
+                state.hot_narinfos.insert(hash.as_str(), text.clone());
+                text
+            })
+        }
+    };
+    if let Some(text) = text {
         tracing::debug!("narinfo hit");
         state.stats.hit(Kind::Narinfo);
         crate::jobs::Accessed::note(&state.accessed.narinfos, hash.as_str());
-        return Ok(narinfo_response(&rec.narinfo));
+        return Ok(narinfo_response(text));
     }
     if on_miss == OnMiss::NotFound {
         return Err(ApiError::NotFound("this cache has no such narinfo".into()));
@@ -84,7 +95,7 @@ async fn narinfo(
         state.stats.coalesced(Kind::Narinfo);
     }
     match outcome {
-        Ok(Some(text)) => Ok(narinfo_response(&text)),
+        Ok(Some(text)) => Ok(narinfo_response(text)),
         Ok(None) => Err(not_found()),
         Err(e) => Err(ApiError::Unavailable(e.to_string())),
     }
@@ -94,12 +105,21 @@ fn not_found() -> ApiError {
     ApiError::NotFound("no upstream cache has this store path".into())
 }
 
-fn narinfo_response(text: &str) -> Response {
+fn narinfo_response(text: Arc<str>) -> Response {
+    // Bytes from the shared text: no copy per request.
     (
         [(header::CONTENT_TYPE, "text/x-nix-narinfo")],
-        text.to_string(),
+        axum::body::Bytes::from_owner(ArcStr(text)),
     )
         .into_response()
+}
+
+struct ArcStr(Arc<str>);
+
+impl AsRef<[u8]> for ArcStr {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
 }
 
 async fn fetch_and_store(state: AppState, hash: StorePathHash) -> crate::NarInfoOutcome {
@@ -124,6 +144,7 @@ async fn fetch_and_store(state: AppState, hash: StorePathHash) -> crate::NarInfo
         .put_narinfo(&record, &sources)
         .await
         .map_err(|e| Arc::<str>::from(e.to_string()))?;
+    state.hot_narinfos.forget(hash.as_str());
     state
         .stats
         .activity("narinfo-fetch", record.store_path.clone());

@@ -218,6 +218,7 @@ async fn store_narinfo(
         origin: "upload".into(),
     };
     state.meta.put_narinfo(&rec, &[]).await?;
+    state.hot_narinfos.forget(hash.as_str());
     Ok((StatusCode::OK, None))
 }
 
@@ -230,7 +231,9 @@ pub async fn delete_narinfo(
     let r = async {
         permit(&state, &caller, false).await?;
         let hash = parse_hash(&name)?;
-        if state.meta.delete_narinfo(hash.as_str()).await? {
+        let deleted = state.meta.delete_narinfo(hash.as_str()).await?;
+        state.hot_narinfos.forget(hash.as_str());
+        if deleted {
             Ok((StatusCode::NO_CONTENT, None))
         } else {
             Err(ApiError::NotFound("no such narinfo".into()))

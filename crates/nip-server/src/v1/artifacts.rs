@@ -21,6 +21,27 @@ pub fn download_url(key: &str) -> String {
     format!("/v1/download/{key}")
 }
 
+/// How long a presigned download URL stays valid (`--s3-presign-downloads`): long enough to start
+/// a large download, short enough that a leaked URL soon stops working.
+pub const PRESIGN_TTL: std::time::Duration = std::time::Duration::from_secs(900);
+
+/// With `--s3-presign-downloads`, a presigned URL of the artifact's bytes. The download then
+/// bypasses this server, so it counts as an access now (for retention and LRU).
+pub async fn presigned(state: &AppState, rec: &ArtifactRecord) -> ApiResult<Option<String>> {
+    if !state.config.s3_presign_downloads {
+        return Ok(None);
+    }
+    let url = state
+        .blobs
+        .presigned_get(&artifact_blob_key(&rec.sha256)?, PRESIGN_TTL)
+        .await?;
+    if url.is_some() {
+        crate::jobs::Accessed::note(&state.accessed.artifacts, &rec.key);
+        state.stats.hit(crate::stats::Kind::Artifact);
+    }
+    Ok(url)
+}
+
 #[tracing::instrument(skip_all, fields(key = %key))]
 pub async fn lookup(
     State(state): State<AppState>,
@@ -33,9 +54,10 @@ pub async fn lookup(
         state.stats.miss(crate::stats::Kind::Artifact);
         return Err(not_found());
     };
+    let url = presigned(&state, &rec).await?;
     Ok(Json(ArtifactInfo {
         key: rec.key.clone(),
-        download_url: download_url(&rec.key),
+        download_url: url.unwrap_or_else(|| download_url(&rec.key)),
         size: rec.size as u64,
         sha256: rec.sha256,
         created_at: rfc3339(rec.created_at),

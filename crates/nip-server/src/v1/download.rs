@@ -1,5 +1,5 @@
 //! `GET|HEAD /v1/download/{key}` (read): the bytes, with Content-Length, ETag (the SHA-256) and
-//! Range support.
+//! Range support; with `--s3-presign-downloads`, a GET is redirected to a presigned S3 URL.
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -33,6 +33,17 @@ pub async fn download(
         == Some(etag.as_str())
     {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    if method == Method::GET {
+        if let Some(url) = super::artifacts::presigned(&state, &rec).await? {
+            // 307 keeps the method, and clients resend their Range header to the new location.
+            let location = HeaderValue::from_str(&url).map_err(ApiError::internal)?;
+            return Ok((
+                StatusCode::TEMPORARY_REDIRECT,
+                [(header::LOCATION, location)],
+            )
+                .into_response());
+        }
     }
     let blob = artifact_blob_key(&rec.sha256)?;
     let size = rec.size as u64;

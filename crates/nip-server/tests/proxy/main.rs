@@ -5,6 +5,7 @@ mod bad_input;
 mod coalescing;
 mod faults;
 mod hostile_input;
+mod jobs_lease;
 mod ncps_compat;
 mod serving;
 mod upstream_faults;

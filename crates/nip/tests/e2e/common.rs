@@ -238,3 +238,66 @@ pub fn make_upstream(dir: &Path, big_mib: u32) -> (String, Vec<String>) {
         .collect();
     (key, paths)
 }
+
+/// Whether the test command requires every component (CI=true or NIP_REQUIRE_TOOLS): a missing
+/// one is then a failure, never a skip.
+pub fn components_required() -> bool {
+    std::env::var("CI").as_deref() == Ok("true") || std::env::var("NIP_REQUIRE_TOOLS").is_ok()
+}
+
+/// The value of an environment variable naming a test server, or `None` (a failure when the
+/// test command requires it).
+pub fn test_server(var: &str, test: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) => Some(v),
+        Err(_) => {
+            assert!(
+                !components_required(),
+                "{test}: {var} is not set; ./scripts/test.sh starts that server"
+            );
+            eprintln!("{test}: SKIPPED: {var} is not set (run ./scripts/test.sh)");
+            None
+        }
+    }
+}
+
+/// A fresh database on the test PostgreSQL server, or `None` when there is none (a failure when
+/// the test command requires it).
+pub fn fresh_database(test: &str) -> Option<String> {
+    let admin = test_server("NIP_TEST_POSTGRES_URL", test)?;
+    let name = format!("nip_e2e_{}_{}", std::process::id(), rand::random::<u32>());
+    run_ok(
+        Command::new("psql")
+            .arg(&admin)
+            .args(["-q", "-c", &format!("CREATE DATABASE {name}")]),
+    );
+    let base = admin
+        .rsplit_once('/')
+        .map(|(b, _)| b.to_string())
+        .unwrap_or(admin);
+    Some(format!("{base}/{name}"))
+}
+
+/// `nip serve` arguments for a fresh prefix of the test S3 bucket, with a signing key file in
+/// `key_dir` shared by every instance given these arguments; `None` when there is no S3 server
+/// (a failure when the test command requires it).
+pub fn fresh_s3_args(test: &str, key_dir: &Path) -> Option<Vec<String>> {
+    let endpoint = test_server("NIP_TEST_S3_ENDPOINT", test)?;
+    std::fs::create_dir_all(key_dir).unwrap();
+    let prefix = format!("{test}-{}-{}", std::process::id(), rand::random::<u32>());
+    Some(
+        [
+            "--cache-storage-s3-bucket",
+            "nip-test",
+            "--cache-storage-s3-endpoint",
+            endpoint.as_str(),
+            "--cache-storage-s3-force-path-style",
+            "--cache-storage-s3-prefix",
+            prefix.as_str(),
+            "--cache-secret-key-path",
+            &key_dir.join("secret-key").display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
+}

@@ -12,6 +12,7 @@ mod nix_upload;
 mod ops_observe;
 mod ops_store;
 mod reliability_crash;
+mod reliability_db;
 mod reliability_hostile;
 mod reliability_load;
 mod scale_out;

@@ -199,21 +199,33 @@ fn check_store_files(data: &Path) -> usize {
     n
 }
 
-fn temp_files(data: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(data.join("tmp"))
+fn temp_files(temp: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(temp)
         .map(|d| d.map(|e| e.unwrap().path()).collect())
         .unwrap_or_default()
 }
 
-/// Checks, on a freshly restarted server, what the round left behind.
-fn verify(url: &str, token: &str, data: &Path, acked: &Acked, attempted: &Attempted) {
+/// What a check can look at besides the HTTP API.
+struct Disk<'a> {
+    /// The temp directory of the server that crashed and was restarted: it must be empty.
+    temp: Option<&'a Path>,
+    /// The local store's data directory (not with S3): every file must be complete.
+    store: Option<&'a Path>,
+}
+
+/// Checks, through a running server, what the round left behind.
+fn verify(url: &str, token: &str, disk: Disk, acked: &Acked, attempted: &Attempted) {
     let c = client(Duration::from_secs(30));
-    assert!(
-        temp_files(data).is_empty(),
-        "temp leftovers after restart: {:?}",
-        temp_files(data)
-    );
-    check_store_files(data);
+    if let Some(temp) = disk.temp {
+        assert!(
+            temp_files(temp).is_empty(),
+            "temp leftovers after restart: {:?}",
+            temp_files(temp)
+        );
+    }
+    if let Some(data) = disk.store {
+        check_store_files(data);
+    }
     // Durability: an acknowledged upload is there, with its bytes.
     for (key, sha) in &acked.artifacts {
         let r = c
@@ -278,45 +290,62 @@ fn verify(url: &str, token: &str, data: &Path, acked: &Acked, attempted: &Attemp
     }
 }
 
-/// Kill -9 during parallel uploads, Nix PUTs and fills, restart, repeat with new seeds: every
-/// acknowledged upload survives, nothing visible is partial or corrupt, temp files are reclaimed.
-#[test]
-fn kill_dash_nine_during_writes_loses_nothing_acknowledged_and_shows_nothing_partial() {
-    let rounds = env_num("NIP_CRASH_ROUNDS", 5);
-    let ops = env_num("NIP_CRASH_OPS", 30) as usize;
-    let seed = env_num("NIP_CRASH_SEED", rand::random::<u32>() as u64);
-    eprintln!("crash test: seed {seed}, {rounds} rounds × {ops} operations (NIP_CRASH_SEED={seed} replays)");
-    let mut rng = StdRng::seed_from_u64(seed);
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let (entries, pubkey) = write_upstream(
-        &tmp.path().join("upstream"),
-        rounds as usize * ops / 3 + 1,
-        256 * 1024,
-        &mut rng,
-    );
-    let (_upstream, upstream_url) = start_static(&tmp.path().join("upstream"));
-    let token = create_key(&data, "crash-admin", "admin", &[]);
-    let args = [
-        "--upstream-cache",
-        upstream_url.as_str(),
-        "--upstream-public-key",
-        pubkey.as_str(),
-        "--cache-allow-put-verb",
-    ];
-    let mut server = start_nip(&data, &args);
-    let mut next_entry = 0;
-    let mut total_acked = 0;
-    for round in 0..rounds {
+/// The upstream the fills come from, and the state of a run of crash rounds.
+struct CrashRun {
+    rng: StdRng,
+    seed: u64,
+    ops: usize,
+    entries: Vec<UpstreamEntry>,
+    next_entry: usize,
+    total_acked: usize,
+    _upstream: KillOnDrop,
+    upstream_args: Vec<String>,
+}
+
+impl CrashRun {
+    fn new(tmp: &Path, rounds: u64) -> Self {
+        let ops = env_num("NIP_CRASH_OPS", 30) as usize;
+        let seed = env_num("NIP_CRASH_SEED", rand::random::<u32>() as u64);
+        eprintln!("crash test: seed {seed}, {rounds} rounds × {ops} operations (NIP_CRASH_SEED={seed} replays)");
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (entries, pubkey) = write_upstream(
+            &tmp.join("upstream"),
+            rounds as usize * ops / 3 + 1,
+            256 * 1024,
+            &mut rng,
+        );
+        let (upstream, upstream_url) = start_static(&tmp.join("upstream"));
+        CrashRun {
+            rng,
+            seed,
+            ops,
+            entries,
+            next_entry: 0,
+            total_acked: 0,
+            _upstream: upstream,
+            upstream_args: vec![
+                "--upstream-cache".into(),
+                upstream_url,
+                "--upstream-public-key".into(),
+                pubkey,
+                "--cache-allow-put-verb".into(),
+            ],
+        }
+    }
+
+    /// Starts parallel uploads, Nix PUTs and fills against `server`, kills it with SIGKILL at a
+    /// random moment, and returns what was acknowledged and what was attempted.
+    fn round(&mut self, round: u64, server: &mut NipServer, token: &str) -> (Acked, Attempted) {
+        let rng = &mut self.rng;
         let acked = Arc::new(Mutex::new(Acked::default()));
         let mut attempted = Attempted::default();
         let mut threads = Vec::new();
-        for i in 0..ops {
+        for i in 0..self.ops {
             let op = match rng.gen_range(0..3) {
                 0 => {
                     let mut bytes = vec![0u8; rng.gen_range(0..2 << 20)];
                     rng.fill_bytes(&mut bytes);
-                    let key = format!("crash-{seed}-{round}-{i}");
+                    let key = format!("crash-{}-{round}-{i}", self.seed);
                     attempted.artifacts.insert(key.clone(), sha_hex(&bytes));
                     Op::Artifact { key, bytes }
                 }
@@ -325,15 +354,15 @@ fn kill_dash_nine_during_writes_loses_nothing_acknowledged_and_shows_nothing_par
                     attempted.narinfos.push(up.hash.clone());
                     Op::NixPut(up)
                 }
-                _ if next_entry < entries.len() => {
-                    let hash = entries[next_entry].hash.clone();
-                    next_entry += 1;
+                _ if self.next_entry < self.entries.len() => {
+                    let hash = self.entries[self.next_entry].hash.clone();
+                    self.next_entry += 1;
                     attempted.narinfos.push(hash.clone());
                     Op::Fill { hash }
                 }
                 _ => continue,
             };
-            let (url, token, acked) = (server.url.clone(), token.clone(), acked.clone());
+            let (url, token, acked) = (server.url.clone(), token.to_string(), acked.clone());
             threads.push(std::thread::spawn(move || run_op(&url, &token, op, &acked)));
         }
         // A random moment: sometimes before anything finished, sometimes after most did.
@@ -343,17 +372,97 @@ fn kill_dash_nine_during_writes_loses_nothing_acknowledged_and_shows_nothing_par
             t.join().unwrap();
         }
         let acked = Arc::try_unwrap(acked).ok().unwrap().into_inner().unwrap();
-        total_acked += acked.artifacts.len() + acked.narinfos.len();
-        server = start_nip(&data, &args);
-        verify(&server.url, &token, &data, &acked, &attempted);
+        self.total_acked += acked.artifacts.len() + acked.narinfos.len();
         eprintln!(
-            "round {round}: {} artifacts and {} narinfos acknowledged before the kill, all present",
+            "round {round}: {} artifacts and {} narinfos acknowledged before the kill",
             acked.artifacts.len(),
             acked.narinfos.len()
         );
+        (acked, attempted)
+    }
+}
+
+/// Kill -9 during parallel uploads, Nix PUTs and fills, restart, repeat with new seeds: every
+/// acknowledged upload survives, nothing visible is partial or corrupt, temp files are reclaimed.
+/// Short by default; `NIP_CRASH_ROUNDS=20 NIP_CRASH_OPS=100` is the long mode.
+#[test]
+fn kill_dash_nine_during_writes_loses_nothing_acknowledged_and_shows_nothing_partial() {
+    let rounds = env_num("NIP_CRASH_ROUNDS", 5);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut run = CrashRun::new(tmp.path(), rounds);
+    let data = tmp.path().join("data");
+    let token = create_key(&data, "crash-admin", "admin", &[]);
+    let upstream_args = run.upstream_args.clone();
+    let args: Vec<&str> = upstream_args.iter().map(String::as_str).collect();
+    let mut server = start_nip(&data, &args);
+    for round in 0..rounds {
+        let (acked, attempted) = run.round(round, &mut server, &token);
+        server = start_nip(&data, &args);
+        let disk = Disk {
+            temp: Some(&data.join("tmp")),
+            store: Some(&data),
+        };
+        verify(&server.url, &token, disk, &acked, &attempted);
     }
     let files = check_store_files(&data);
-    eprintln!("crash test: {total_acked} acknowledged uploads survived; {files} blobs verified");
+    eprintln!(
+        "crash test: {} acknowledged uploads survived; {files} blobs verified",
+        run.total_acked
+    );
     // The upstream entries were real fills: the test did exercise them.
-    assert!(next_entry > 0);
+    assert!(run.next_entry > 0);
+}
+
+/// The same on PostgreSQL + S3 with two instances: A is killed during the writes while B keeps
+/// running; B at once, and A after its restart, list and serve every acknowledged upload and
+/// nothing partial. `NIP_CRASH_PG_ROUNDS` sets the rounds (default 3).
+#[test]
+fn kill_dash_nine_on_postgres_and_s3_shows_the_other_instance_nothing_partial() {
+    let test = "crash-pg-s3";
+    let tmp = tempfile::tempdir().unwrap();
+    let (Some(db), Some(s3)) = (fresh_database(test), fresh_s3_args(test, tmp.path())) else {
+        return;
+    };
+    let rounds = env_num("NIP_CRASH_PG_ROUNDS", 3);
+    let mut run = CrashRun::new(tmp.path(), rounds);
+    let token = create_key(
+        &tmp.path().join("keys"),
+        "crash-admin",
+        "admin",
+        &["--cache-database-url", &db],
+    );
+    let (temp_a, temp_b) = (tmp.path().join("tmp-a"), tmp.path().join("tmp-b"));
+    let upstream_args = run.upstream_args.clone();
+    let start = |temp: &Path, name: &str| {
+        let args: Vec<String> = [
+            upstream_args.clone(),
+            s3.clone(),
+            vec!["--cache-database-url".into(), db.clone()],
+            vec!["--cache-temp-path".into(), temp.display().to_string()],
+        ]
+        .concat();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        spawn_nip(&tmp.path().join(format!("{name}.log")), &args, &[])
+    };
+    let mut a = start(&temp_a, "a");
+    let b = start(&temp_b, "b");
+    for round in 0..rounds {
+        let (acked, attempted) = run.round(round, &mut a, &token);
+        let none = || Disk {
+            temp: None,
+            store: None,
+        };
+        verify(&b.url, &token, none(), &acked, &attempted);
+        a = start(&temp_a, "a");
+        let disk = Disk {
+            temp: Some(&temp_a),
+            store: None,
+        };
+        verify(&a.url, &token, disk, &acked, &attempted);
+    }
+    eprintln!(
+        "crash test on PostgreSQL + S3: {} acknowledged uploads survived",
+        run.total_acked
+    );
+    assert!(run.next_entry > 0);
 }

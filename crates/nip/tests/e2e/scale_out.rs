@@ -10,32 +10,6 @@ use reqwest::blocking::{multipart, Client};
 
 use crate::common::*;
 
-/// A fresh database on the test PostgreSQL server, or `None` when there is none (a failure when
-/// the test command requires it).
-fn fresh_database(test: &str) -> Option<String> {
-    let Ok(admin) = std::env::var("NIP_TEST_POSTGRES_URL") else {
-        let required = std::env::var("CI").as_deref() == Ok("true")
-            || std::env::var("NIP_REQUIRE_TOOLS").is_ok();
-        assert!(
-            !required,
-            "{test}: NIP_TEST_POSTGRES_URL is not set; ./scripts/test.sh starts PostgreSQL"
-        );
-        eprintln!("{test}: SKIPPED: NIP_TEST_POSTGRES_URL is not set");
-        return None;
-    };
-    let name = format!("nip_e2e_{}_{}", std::process::id(), rand::random::<u32>());
-    run_ok(
-        Command::new("psql")
-            .arg(&admin)
-            .args(["-q", "-c", &format!("CREATE DATABASE {name}")]),
-    );
-    let base = admin
-        .rsplit_once('/')
-        .map(|(b, _)| b.to_string())
-        .unwrap_or(admin);
-    Some(format!("{base}/{name}"))
-}
-
 fn client() -> Client {
     Client::builder()
         .timeout(Duration::from_secs(60))
@@ -95,22 +69,9 @@ fn two_instances_share_postgres_and_the_store() {
     // Each instance stages incoming bytes in its own temp directory.
     let temp = |n: &str| tmp.path().join(n).display().to_string();
     let (ta, tb) = (temp("tmp-a"), temp("tmp-b"));
-    let (a, b) = match std::env::var("NIP_TEST_S3_ENDPOINT") {
-        Ok(endpoint) => {
-            let prefix = format!("pair-{}-{}", std::process::id(), rand::random::<u32>());
-            let key = data.join("secret-key").display().to_string();
-            std::fs::create_dir_all(&data).unwrap();
-            let s3 = [
-                "--cache-storage-s3-bucket",
-                "nip-test",
-                "--cache-storage-s3-endpoint",
-                endpoint.as_str(),
-                "--cache-storage-s3-force-path-style",
-                "--cache-storage-s3-prefix",
-                prefix.as_str(),
-                "--cache-secret-key-path",
-                key.as_str(),
-            ];
+    let (a, b) = match fresh_s3_args("pair", &data) {
+        Some(s3) => {
+            let s3: Vec<&str> = s3.iter().map(String::as_str).collect();
             let start = |t: &str, name: &str| {
                 spawn_nip(
                     &tmp.path().join(format!("{name}.log")),
@@ -120,7 +81,7 @@ fn two_instances_share_postgres_and_the_store() {
             };
             (start(&ta, "a"), start(&tb, "b"))
         }
-        Err(_) => (
+        None => (
             start_nip(&data, &[&common[..], &["--cache-temp-path", &ta]].concat()),
             start_nip(&data, &[&common[..], &["--cache-temp-path", &tb]].concat()),
         ),
@@ -269,4 +230,103 @@ fn two_instances_share_postgres_and_the_store() {
     check(&a.url);
     upstream.kill();
     check(&b.url);
+}
+
+/// `--s3-presign-downloads`: the lookup hands out a presigned S3 URL that works without our token,
+/// and `/v1/download` redirects to one (ranges included); the bytes are the uploaded ones.
+#[test]
+fn presigned_downloads_are_served_by_s3_directly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(s3) = fresh_s3_args("presign", tmp.path()) else {
+        return;
+    };
+    let endpoint = std::env::var("NIP_TEST_S3_ENDPOINT").unwrap();
+    let db = format!("sqlite:{}", tmp.path().join("db.sqlite").display());
+    let token = create_key(
+        &tmp.path().join("data"),
+        "presign",
+        "admin",
+        &["--cache-database-url", &db],
+    );
+    let temp = tmp.path().join("tmp").display().to_string();
+    let extra = [
+        "--cache-database-url",
+        &db,
+        "--cache-temp-path",
+        &temp,
+        "--s3-presign-downloads",
+        "--upstream-cache",
+        "http://127.0.0.1:9",
+        "--upstream-public-key",
+        "upstream-test-1:1OKmiPyTgRWbLRn0o6A1BS5hkdKbzvU7/rZ1nzddr/s=",
+    ];
+    let args: Vec<&str> = s3.iter().map(String::as_str).chain(extra).collect();
+    let server = spawn_nip(&tmp.path().join("nip.log"), &args, &[]);
+    let url = &server.url;
+    let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8).collect();
+    let form = multipart::Form::new().part("file", multipart::Part::bytes(bytes.clone()));
+    let resp = client()
+        .post(format!("{url}/v1/artifacts/presigned-1"))
+        .bearer_auth(&token)
+        .multipart(form)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+
+    let info: serde_json::Value = client()
+        .get(format!("{url}/v1/artifacts/presigned-1"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let direct = info["downloadUrl"].as_str().unwrap();
+    assert!(direct.starts_with(&endpoint), "not an S3 URL: {direct}");
+    assert!(
+        direct.contains("X-Amz-Signature="),
+        "not presigned: {direct}"
+    );
+    // No token needed, and the bytes are exactly the upload.
+    let got = client().get(direct).send().unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(&got.bytes().unwrap()[..], &bytes[..]);
+
+    let no_redirects = Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = no_redirects
+        .get(format!("{url}/v1/download/presigned-1"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 307);
+    let location = r.headers()["location"].to_str().unwrap();
+    assert!(location.starts_with(&endpoint), "{location}");
+    // Following the redirect with a Range gets that range from S3.
+    let r = client()
+        .get(format!("{url}/v1/download/presigned-1"))
+        .bearer_auth(&token)
+        .header("range", "bytes=10-19")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(&r.bytes().unwrap()[..], &bytes[10..20]);
+    // HEAD is answered here; without a token nothing (no URL) is handed out.
+    let head = client()
+        .head(format!("{url}/v1/download/presigned-1"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(
+        head.headers()["content-length"].to_str().unwrap(),
+        bytes.len().to_string()
+    );
+    let anon = no_redirects
+        .get(format!("{url}/v1/download/presigned-1"))
+        .send()
+        .unwrap();
+    assert_eq!(anon.status(), 401);
+    assert!(anon.headers().get("location").is_none());
 }

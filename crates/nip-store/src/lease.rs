@@ -1,0 +1,121 @@
+//! Leases: at most one instance at a time runs a cluster-wide job (eviction, retention) when
+//! several `nip serve` processes share one database. A lease is a row (name, holder, expiry);
+//! taking it succeeds when it is free, expired, or already ours, in one atomic statement, so two
+//! instances can never both hold it. Times are Unix seconds.
+use async_trait::async_trait;
+
+use crate::meta::MetaError;
+use crate::sql::SqlMeta;
+
+#[async_trait]
+pub trait Leases: Send + Sync + 'static {
+    /// Takes or renews the lease `name` for `holder` until `until`; false when another holder has
+    /// it and its term has not passed `now`.
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<bool, MetaError>;
+
+    /// Shortens our own lease to end at `until` (e.g. now, to free it); no effect on another's.
+    async fn end_lease(&self, name: &str, holder: &str, until: i64) -> Result<(), MetaError>;
+}
+
+#[async_trait]
+impl Leases for SqlMeta {
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<bool, MetaError> {
+        // The conditional upsert is one statement on both backends: no read-then-write race.
+        let done = sqlx::query(
+            "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
+             WHERE leases.holder = excluded.holder OR leases.expires_at <= $4",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(until)
+        .bind(now)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn end_lease(&self, name: &str, holder: &str, until: i64) -> Result<(), MetaError> {
+        sqlx::query("UPDATE leases SET expires_at = $3 WHERE name = $1 AND holder = $2")
+            .bind(name)
+            .bind(holder)
+            .bind(until)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdb;
+
+    #[tokio::test]
+    async fn one_holder_at_a_time_until_the_term_ends() {
+        for db in testdb::all().await {
+            let m = &db.meta;
+            assert!(
+                m.take_lease("evict", "a", 100, 160).await.unwrap(),
+                "{}",
+                db.url
+            );
+            assert!(
+                !m.take_lease("evict", "b", 120, 180).await.unwrap(),
+                "b took a's lease"
+            );
+            assert!(
+                m.take_lease("evict", "a", 150, 210).await.unwrap(),
+                "a cannot renew"
+            );
+            assert!(!m.take_lease("evict", "b", 209, 260).await.unwrap());
+            // Other names are independent.
+            assert!(m.take_lease("retention", "b", 150, 210).await.unwrap());
+            // Expired: anyone may take it.
+            assert!(
+                m.take_lease("evict", "b", 210, 270).await.unwrap(),
+                "expired lease kept"
+            );
+            assert!(!m.take_lease("evict", "a", 211, 270).await.unwrap());
+            // Ending someone else's lease does nothing; ending one's own frees it.
+            m.end_lease("evict", "a", 0).await.unwrap();
+            assert!(!m.take_lease("evict", "a", 212, 270).await.unwrap());
+            m.end_lease("evict", "b", 212).await.unwrap();
+            assert!(m.take_lease("evict", "a", 212, 270).await.unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_takers_get_exactly_one_lease() {
+        for db in testdb::all().await {
+            let meta = std::sync::Arc::new(db.meta.clone());
+            let tasks: Vec<_> = (0..16)
+                .map(|i| {
+                    let meta = meta.clone();
+                    tokio::spawn(async move {
+                        meta.take_lease("evict", &format!("h{i}"), 1000, 1060)
+                            .await
+                            .unwrap()
+                    })
+                })
+                .collect();
+            let mut won = 0;
+            for t in tasks {
+                won += t.await.unwrap() as usize;
+            }
+            assert_eq!(won, 1, "{}", db.url);
+        }
+    }
+}
