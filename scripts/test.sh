@@ -15,10 +15,12 @@ elif ! command -v nix-store >/dev/null 2>&1; then
   [ "${CI:-}" = true ] && exit 1
 fi
 
-# Debian packages the black-box tests drive: prometheus (+ promtool) and headless chromium.
+# Debian packages the black-box tests drive: prometheus (+ promtool), headless chromium, nginx.
 need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# nginx: deploy/nginx.conf is run in front of two servers (deploy_docs).
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     log "installing ${need[*]} with apt-get"

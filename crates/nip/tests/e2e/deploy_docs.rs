@@ -53,7 +53,9 @@ fn env_file(text: &str) -> BTreeMap<String, String> {
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(|l| {
-            let (k, v) = l.split_once('=').unwrap_or_else(|| panic!("not KEY=value: {l:?}"));
+            let (k, v) = l
+                .split_once('=')
+                .unwrap_or_else(|| panic!("not KEY=value: {l:?}"));
             (k.to_string(), v.to_string())
         })
         .collect()
@@ -83,7 +85,9 @@ fn interpolate(text: &str, vars: &BTreeMap<String, String>) -> (String, BTreeMap
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .unwrap_or(body.len());
         let (name, op) = body.split_at(name_end);
-        let value = vars.get(name).filter(|v| !v.is_empty() || !op.starts_with(':'));
+        let value = vars
+            .get(name)
+            .filter(|v| !v.is_empty() || !op.starts_with(':'));
         let (required, v) = if let Some(default) = op.strip_prefix(":-").or(op.strip_prefix('-')) {
             (false, value.cloned().unwrap_or_else(|| default.to_string()))
         } else if op.is_empty() || op.starts_with(":?") || op.starts_with('?') {
@@ -129,7 +133,11 @@ fn setting_by(name: &str, flag: bool) -> &'static Setting {
             }
         })
         .unwrap_or_else(|| {
-            let kind = if flag { "flag --" } else { "environment variable " };
+            let kind = if flag {
+                "flag --"
+            } else {
+                "environment variable "
+            };
             panic!("{kind}{name} is no `nip serve` setting")
         })
 }
@@ -142,7 +150,9 @@ fn given_settings(
     let mut given = Vec::new();
     let mut i = 0;
     while i < args.len() {
-        let arg = args[i].strip_prefix("--").unwrap_or_else(|| panic!("not a flag: {:?}", args[i]));
+        let arg = args[i]
+            .strip_prefix("--")
+            .unwrap_or_else(|| panic!("not a flag: {:?}", args[i]));
         let (name, inline) = match arg.split_once('=') {
             Some((n, v)) => (n, Some(v.to_string())),
             None => (arg, None),
@@ -153,7 +163,9 @@ fn given_settings(
             None if setting.boolean => "true".into(),
             None => {
                 i += 1;
-                args.get(i).cloned().unwrap_or_else(|| panic!("--{name} has no value"))
+                args.get(i)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("--{name} has no value"))
             }
         };
         given.push((setting, value));
@@ -173,9 +185,17 @@ fn assert_given_values_took_effect(
     raw: &str,
     cfg: &Json,
 ) {
-    assert_eq!(cfg["ignored"], serde_json::json!([]), "{what}: ignored settings\n{raw}");
+    assert_eq!(
+        cfg["ignored"],
+        serde_json::json!([]),
+        "{what}: ignored settings\n{raw}"
+    );
     for (setting, value) in given {
-        assert!(setting.not_implemented.is_none(), "{what}: {} is not implemented", setting.key);
+        assert!(
+            setting.not_implemented.is_none(),
+            "{what}: {} is not implemented",
+            setting.key
+        );
         let shown = match setting.key.strip_prefix("cache.storage.s3.") {
             Some(field) => &cfg["cache.storage.s3"][field],
             None => &cfg[setting.key],
@@ -190,8 +210,32 @@ fn assert_given_values_took_effect(
                 .all(|v| items.iter().any(|i| i.as_str() == Some(v.trim()))),
             Json::Null | Json::Object(_) => false,
         };
-        assert!(ok, "{what}: {} = {value:?} shows as {shown}\n{raw}", setting.key);
+        assert!(
+            ok,
+            "{what}: {} = {value:?} shows as {shown}\n{raw}",
+            setting.key
+        );
     }
+}
+
+/// Runs `nip ARGS --print-config` (ARGS start with `serve`) with `env` and checks that every
+/// setting given took effect; returns the raw output and its JSON.
+fn check_serve(what: &str, args: &[String], env: &BTreeMap<String, String>) -> (String, Json) {
+    assert_eq!(args[0], "serve", "{what}: {args:?}");
+    let given = given_settings(&args[1..], env);
+    let (raw, cfg) = print_config(args, env);
+    assert_given_values_took_effect(what, &given, &raw, &cfg);
+    (raw, cfg)
+}
+
+/// The image's entrypoint after the program (`serve`), then `extra` (compose `command`,
+/// Kubernetes `args`).
+fn image_args(extra: &Yaml) -> Vec<String> {
+    entrypoint()[1..]
+        .iter()
+        .cloned()
+        .chain(strings(extra))
+        .collect()
 }
 
 /// The Dockerfile's instructions, continuation lines joined and comments dropped.
@@ -207,7 +251,7 @@ fn dockerfile() -> Vec<(String, String)> {
             Some(part) => cur.push_str(part),
             None => {
                 cur.push_str(t);
-                let (op, rest) = cur.split_once(' ').unwrap_or((&cur, ""));
+                let (op, rest) = cur.split_once(' ').unwrap_or((cur.as_str(), ""));
                 out.push((op.to_uppercase(), rest.trim().to_string()));
                 cur.clear();
             }
@@ -249,7 +293,14 @@ fn lint(tool: &str, args: &[&str], test: &str) -> bool {
         return false;
     };
     let out = run_ok(Command::new(exe).args(args).current_dir(deploy_dir()));
-    eprintln!("{test}: {tool} passed{}", if out.trim().is_empty() { String::new() } else { format!(":\n{out}") });
+    eprintln!(
+        "{test}: {tool} passed{}",
+        if out.trim().is_empty() {
+            String::new()
+        } else {
+            format!(":\n{out}")
+        }
+    );
     true
 }
 
@@ -260,25 +311,38 @@ fn deploy_compose_two_instances_share_database_bucket_and_key_and_nip_accepts_th
     let (text, used) = interpolate(&read("docker-compose.yml"), &vars);
     // .env.example sets every variable that must be set, and nothing the compose file ignores.
     for (name, required) in &used {
-        assert!(!required || vars.contains_key(name), "{name} is required but not in .env.example");
+        assert!(
+            !required || vars.contains_key(name),
+            "{name} is required but not in .env.example"
+        );
     }
     for name in vars.keys() {
-        assert!(used.contains_key(name), ".env.example sets {name}, which docker-compose.yml never uses");
+        assert!(
+            used.contains_key(name),
+            ".env.example sets {name}, which docker-compose.yml never uses"
+        );
     }
     let doc = parse_yaml("docker-compose.yml", &text);
     let services = doc["services"].as_mapping().expect("services");
+    let svc = &doc["services"];
     let names: Vec<String> = services.keys().map(s).collect();
     for want in ["postgres", "minio", "create-bucket", "lb"] {
-        assert!(names.iter().any(|n| n == want), "no {want} service in {names:?}");
+        assert!(
+            names.iter().any(|n| n == want),
+            "no {want} service in {names:?}"
+        );
     }
     let nips: Vec<(String, &Yaml)> = services
         .iter()
         .filter(|(_, svc)| svc["build"]["dockerfile"].as_str() == Some("deploy/Dockerfile"))
         .map(|(n, svc)| (s(n), svc))
         .collect();
-    assert_eq!(nips.len(), 2, "two nip instances built from deploy/Dockerfile");
+    assert_eq!(
+        nips.len(),
+        2,
+        "two nip instances built from deploy/Dockerfile"
+    );
 
-    let serve_args = &entrypoint()[1..];
     let mut configs = Vec::new();
     for (name, svc) in &nips {
         let what = format!("{test}: {name}");
@@ -288,34 +352,44 @@ fn deploy_compose_two_instances_share_database_bucket_and_key_and_nip_accepts_th
             .iter()
             .map(|(k, v)| (s(k), s(v)))
             .collect();
-        let args: Vec<String> = serve_args.iter().cloned().chain(strings(&svc["command"])).collect();
-        let given = given_settings(&args[1..], &env);
-        let (raw, cfg) = print_config(&args, &env);
-        assert_given_values_took_effect(&what, &given, &raw, &cfg);
-        for secret in ["POSTGRES_PASSWORD", "NIP_S3_SECRET_ACCESS_KEY"] {
-            assert!(!raw.contains(&vars[secret]), "{what}: {secret} printed\n{raw}");
-        }
+        let (raw, cfg) = check_serve(&what, &image_args(&svc["command"]), &env);
+        // Not POSTGRES_PASSWORD: --print-config shows the database URL with its password.
+        assert!(
+            !raw.contains(&vars["NIP_S3_SECRET_ACCESS_KEY"]),
+            "{what}: S3 secret printed\n{raw}"
+        );
         // Only nginx is reached from outside; the instances' port is not published.
         assert!(svc.get("ports").is_none(), "{what}: publishes a port");
         // The signing key's directory is the shared named volume.
-        let key_dir = Path::new(cfg["cache.secret-key-path"].as_str().unwrap()).parent().unwrap().to_owned();
+        let key_dir = Path::new(cfg["cache.secret-key-path"].as_str().unwrap())
+            .parent()
+            .unwrap()
+            .to_owned();
         let volumes = strings(&svc["volumes"]);
         let key_volume = volumes
             .iter()
             .find_map(|v| v.strip_suffix(&format!(":{}", key_dir.display())))
             .unwrap_or_else(|| panic!("{what}: no volume at {}: {volumes:?}", key_dir.display()));
-        assert!(doc["volumes"].get(key_volume).is_some(), "{what}: {key_volume} is not a named volume");
+        assert!(
+            doc["volumes"].get(key_volume).is_some(),
+            "{what}: {key_volume} is not a named volume"
+        );
         configs.push((key_volume.to_string(), cfg));
     }
     let (a, b) = (&configs[0], &configs[1]);
-    for key in ["cache.database-url", "cache.storage.s3", "cache.secret-key-path", "cache.hostname"] {
+    for key in [
+        "cache.database-url",
+        "cache.storage.s3",
+        "cache.secret-key-path",
+        "cache.hostname",
+    ] {
         assert_eq!(a.1[key], b.1[key], "{test}: the instances differ in {key}");
     }
     assert_eq!(a.0, b.0, "{test}: the instances use different key volumes");
     let cfg = &a.1;
 
     // The database URL names the postgres service with its user, password and database.
-    let pg = &services["postgres"]["environment"];
+    let pg = &svc["postgres"]["environment"];
     let url = format!(
         "postgres://{}:{}@postgres:5432/{}",
         s(&pg["POSTGRES_USER"]),
@@ -334,7 +408,7 @@ fn deploy_compose_two_instances_share_database_bucket_and_key_and_nip_accepts_th
 
     // create-bucket's script, run with a stand-in `mc` that records its arguments: the `$$`
     // escapes reach the shell as `$`, and it makes that bucket and that key.
-    let job = &services["create-bucket"];
+    let job = &svc["create-bucket"];
     assert_eq!(strings(&job["entrypoint"]), ["/bin/sh", "-ec"]);
     let tmp = tempfile::tempdir().unwrap();
     let policy = tmp.path().join("nip-policy.json");
@@ -343,7 +417,11 @@ fn deploy_compose_two_instances_share_database_bucket_and_key_and_nip_accepts_th
         .replace("/tmp/nip-policy.json", policy.to_str().unwrap());
     let log = tmp.path().join("mc.log");
     let mc = tmp.path().join("mc");
-    std::fs::write(&mc, format!("#!/bin/sh\necho \"$*\" >> {}\n", log.display())).unwrap();
+    std::fs::write(
+        &mc,
+        format!("#!/bin/sh\necho \"$*\" >> {}\n", log.display()),
+    )
+    .unwrap();
     std::fs::set_permissions(&mc, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let job_env: BTreeMap<String, String> = job["environment"]
         .as_mapping()
@@ -353,7 +431,7 @@ fn deploy_compose_two_instances_share_database_bucket_and_key_and_nip_accepts_th
         .collect();
     run_ok(
         Command::new("/bin/sh")
-            .args(["-ec", &script])
+            .args(["-ec", script.as_str()])
             .env("PATH", format!("{}:/usr/bin:/bin", tmp.path().display()))
             .envs(&job_env)
             .current_dir(tmp.path()),
@@ -361,15 +439,38 @@ fn deploy_compose_two_instances_share_database_bucket_and_key_and_nip_accepts_th
     let calls = std::fs::read_to_string(&log).unwrap();
     let bucket = &vars["NIP_S3_BUCKET"];
     let key_id = &vars["NIP_S3_ACCESS_KEY_ID"];
-    assert!(calls.contains(&format!("alias set store http://minio:9000 {} {}", vars["MINIO_ROOT_USER"], vars["MINIO_ROOT_PASSWORD"])), "{calls}");
-    assert!(calls.contains(&format!("mb --ignore-existing store/{bucket}")), "{calls}");
-    assert!(calls.contains(&format!("admin user add store {key_id} {}", vars["NIP_S3_SECRET_ACCESS_KEY"])), "{calls}");
-    assert!(calls.contains(&format!("admin policy attach store nip-bucket --user {key_id}")), "{calls}");
+    assert!(
+        calls.contains(&format!(
+            "alias set store http://minio:9000 {} {}",
+            vars["MINIO_ROOT_USER"], vars["MINIO_ROOT_PASSWORD"]
+        )),
+        "{calls}"
+    );
+    assert!(
+        calls.contains(&format!("mb --ignore-existing store/{bucket}")),
+        "{calls}"
+    );
+    assert!(
+        calls.contains(&format!(
+            "admin user add store {key_id} {}",
+            vars["NIP_S3_SECRET_ACCESS_KEY"]
+        )),
+        "{calls}"
+    );
+    assert!(
+        calls.contains(&format!(
+            "admin policy attach store nip-bucket --user {key_id}"
+        )),
+        "{calls}"
+    );
     // The key's policy: the bucket and its objects, nothing else.
     let policy: Json = serde_json::from_str(&std::fs::read_to_string(&policy).unwrap()).unwrap();
     assert_eq!(
         policy["Statement"][0]["Resource"],
-        serde_json::json!([format!("arn:aws:s3:::{bucket}"), format!("arn:aws:s3:::{bucket}/*")])
+        serde_json::json!([
+            format!("arn:aws:s3:::{bucket}"),
+            format!("arn:aws:s3:::{bucket}/*")
+        ])
     );
 
     // nginx balances over exactly the nip services, on the port they listen on.
@@ -381,16 +482,36 @@ fn deploy_compose_two_instances_share_database_bucket_and_key_and_nip_accepts_th
         .collect();
     let want: Vec<String> = nips.iter().map(|(n, _)| format!("{n}:8501")).collect();
     assert_eq!(upstreams, want, "nginx.conf upstreams");
-    let lb = &services["lb"];
+    let lb = &svc["lb"];
     let port = strings(&lb["ports"]).concat();
-    let listen = nginx.lines().find_map(|l| l.trim().strip_prefix("listen ")).expect("listen").trim_end_matches(';');
-    assert!(port.ends_with(&format!(":{listen}")), "lb publishes {port}, nginx listens on {listen}");
-    assert!(strings(&lb["volumes"]).iter().any(|v| v.starts_with("./nginx.conf:")));
-    assert!(nginx.contains("proxy_request_buffering off;") && nginx.contains("proxy_buffering off;"));
+    let listen = nginx
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("listen "))
+        .expect("listen")
+        .trim_end_matches(';');
+    assert!(
+        port.ends_with(&format!(":{listen}")),
+        "lb publishes {port}, nginx listens on {listen}"
+    );
+    assert!(strings(&lb["volumes"])
+        .iter()
+        .any(|v| v.starts_with("./nginx.conf:")));
+    assert!(
+        nginx.contains("proxy_request_buffering off;") && nginx.contains("proxy_buffering off;")
+    );
 
     // The Compose schema and its checks. `no-unbound-port-interfaces` cannot see that the
     // interface is given, as ${NIP_LISTEN}, with 127.0.0.1 as the default.
-    lint("dclint", &["-q", "--disable-rule", "no-unbound-port-interfaces", "docker-compose.yml"], test);
+    lint(
+        "dclint",
+        &[
+            "-q",
+            "--disable-rule",
+            "no-unbound-port-interfaces",
+            "docker-compose.yml",
+        ],
+        test,
+    );
 }
 
 #[test]
@@ -406,7 +527,16 @@ fn deploy_k8s_deployment_runs_two_replicas_with_probes_and_nip_accepts_its_setti
         docs.insert(s(&doc["kind"]), doc);
     }
     let kinds: Vec<&str> = docs.keys().map(String::as_str).collect();
-    assert_eq!(kinds, ["ConfigMap", "Deployment", "PodDisruptionBudget", "Secret", "Service"]);
+    assert_eq!(
+        kinds,
+        [
+            "ConfigMap",
+            "Deployment",
+            "PodDisruptionBudget",
+            "Secret",
+            "Service"
+        ]
+    );
     let deploy = &docs["Deployment"];
     assert_eq!(deploy["spec"]["replicas"], 2);
     let labels = &deploy["spec"]["template"]["metadata"]["labels"];
@@ -415,7 +545,10 @@ fn deploy_k8s_deployment_runs_two_replicas_with_probes_and_nip_accepts_its_setti
         &docs["Service"]["spec"]["selector"],
         &docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
     ] {
-        assert_eq!(selector, labels, "a selector does not match the pods' labels");
+        assert_eq!(
+            selector, labels,
+            "a selector does not match the pods' labels"
+        );
     }
     let pod = &deploy["spec"]["template"]["spec"];
     let containers = pod["containers"].as_sequence().unwrap();
@@ -426,13 +559,34 @@ fn deploy_k8s_deployment_runs_two_replicas_with_probes_and_nip_accepts_its_setti
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["startupProbe"]["httpGet"]["path"], "/healthz");
     for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
-        assert_eq!(c[probe]["httpGet"]["port"], c["ports"][0]["name"], "{probe} port");
+        assert_eq!(
+            c[probe]["httpGet"]["port"], c["ports"][0]["name"],
+            "{probe} port"
+        );
     }
-    assert_eq!(docs["Service"]["spec"]["ports"][0]["targetPort"], c["ports"][0]["name"]);
-    assert!(c["resources"]["requests"]["memory"].is_string() && c["resources"]["limits"]["memory"].is_string());
+    assert_eq!(
+        docs["Service"]["spec"]["ports"][0]["targetPort"],
+        c["ports"][0]["name"]
+    );
+    assert!(
+        c["resources"]["requests"]["memory"].is_string()
+            && c["resources"]["limits"]["memory"].is_string()
+    );
     // The image's user (USER in the Dockerfile) is the pod's.
-    let user = dockerfile().into_iter().filter(|(op, _)| op == "USER").last().unwrap().1;
-    assert_eq!(user, format!("{}:{}", s(&pod["securityContext"]["runAsUser"]), s(&pod["securityContext"]["runAsGroup"])));
+    let user = dockerfile()
+        .into_iter()
+        .filter(|(op, _)| op == "USER")
+        .last()
+        .unwrap()
+        .1;
+    assert_eq!(
+        user,
+        format!(
+            "{}:{}",
+            s(&pod["securityContext"]["runAsUser"]),
+            s(&pod["securityContext"]["runAsGroup"])
+        )
+    );
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
 
@@ -456,15 +610,26 @@ fn deploy_k8s_deployment_runs_two_replicas_with_probes_and_nip_accepts_its_setti
         };
         env.insert(s(&e["name"]), value);
     }
-    assert!(c["command"].is_null(), "the image's entrypoint (nip serve) runs");
-    let args: Vec<String> = entrypoint()[1..].iter().cloned().chain(strings(&c["args"])).collect();
-    let given = given_settings(&args[1..], &env);
-    let (raw, cfg) = print_config(&args, &env);
-    assert_given_values_took_effect(test, &given, &raw, &cfg);
-    assert_eq!(cfg["cache.database-url"], secret["CACHE_DATABASE_URL"].as_str().unwrap());
-    assert_eq!(cfg["cache.storage.s3"]["bucket"], docs["ConfigMap"]["data"]["CACHE_STORAGE_S3_BUCKET"].as_str().unwrap());
+    assert!(
+        c["command"].is_null(),
+        "the image's entrypoint (nip serve) runs"
+    );
+    let (raw, cfg) = check_serve(test, &image_args(&c["args"]), &env);
+    assert_eq!(
+        cfg["cache.database-url"],
+        secret["CACHE_DATABASE_URL"].as_str().unwrap()
+    );
+    assert_eq!(
+        cfg["cache.storage.s3"]["bucket"],
+        docs["ConfigMap"]["data"]["CACHE_STORAGE_S3_BUCKET"]
+            .as_str()
+            .unwrap()
+    );
     // The port it listens on is the container port.
-    assert_eq!(cfg["server.addr"], format!(":{}", s(&c["ports"][0]["containerPort"])).as_str());
+    assert_eq!(
+        cfg["server.addr"],
+        format!(":{}", s(&c["ports"][0]["containerPort"])).as_str()
+    );
 
     // The signing key and temp path are mounted where the flags say.
     let mounts: BTreeMap<String, String> = c["volumeMounts"]
@@ -473,14 +638,26 @@ fn deploy_k8s_deployment_runs_two_replicas_with_probes_and_nip_accepts_its_setti
         .iter()
         .map(|m| (s(&m["name"]), s(&m["mountPath"])))
         .collect();
-    let volumes: BTreeMap<String, &Yaml> = pod["volumes"].as_sequence().unwrap().iter().map(|v| (s(&v["name"]), v)).collect();
+    let volumes: BTreeMap<String, &Yaml> = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| (s(&v["name"]), v))
+        .collect();
     assert_eq!(cfg["cache.temp-path"], mounts["tmp"].as_str());
     assert!(volumes["tmp"]["emptyDir"].is_mapping());
     let key_volume = &volumes["signing-key"]["secret"];
     assert_eq!(key_volume["secretName"], "nip");
     let item = &key_volume["items"][0];
-    assert!(secret.get(s(&item["key"]).as_str()).is_some(), "the Secret has no {:?}", item["key"]);
-    assert_eq!(cfg["cache.secret-key-path"], format!("{}/{}", mounts["signing-key"], s(&item["path"])).as_str());
+    assert!(
+        secret.get(s(&item["key"]).as_str()).is_some(),
+        "the Secret has no {:?}",
+        item["key"]
+    );
+    assert_eq!(
+        cfg["cache.secret-key-path"],
+        format!("{}/{}", mounts["signing-key"], s(&item["path"])).as_str()
+    );
 
     // The manifests against the Kubernetes API schemas, unknown fields rejected.
     let mut names: Vec<String> = std::fs::read_dir(&dir)
@@ -499,7 +676,11 @@ fn deploy_systemd_unit_runs_the_embedded_defaults_hardened_and_nip_accepts_its_s
     let unit = read("nip.service");
     let mut service: Vec<(String, String)> = Vec::new();
     let mut section = String::new();
-    for line in unit.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in unit
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         if line.starts_with('[') {
             section = line.to_string();
         } else if section == "[Service]" {
@@ -507,12 +688,19 @@ fn deploy_systemd_unit_runs_the_embedded_defaults_hardened_and_nip_accepts_its_s
             service.push((k.to_string(), v.to_string()));
         }
     }
-    let get = |key: &str| -> Vec<&str> {
-        service.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str()).collect()
+    let get = |key: &str| -> Vec<String> {
+        service
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .collect()
     };
     let exec = get("ExecStart");
     assert_eq!(exec.len(), 1);
-    assert!(!exec[0].contains(['"', '\'', '$']), "ExecStart is split on spaces here");
+    assert!(
+        !exec[0].contains(['"', '\'', '$']),
+        "ExecStart is split on spaces here"
+    );
     let words: Vec<String> = exec[0].split_whitespace().map(String::from).collect();
     assert_eq!(words[0], "/usr/local/bin/nip");
     assert_eq!(words[1], "serve");
@@ -524,15 +712,18 @@ fn deploy_systemd_unit_runs_the_embedded_defaults_hardened_and_nip_accepts_its_s
             (k.to_string(), v.to_string())
         })
         .collect();
-    let args = &words[1..];
-    let given = given_settings(&args[1..], &env);
-    let (raw, cfg) = print_config(args, &env);
-    assert_given_values_took_effect(test, &given, &raw, &cfg);
+    let (raw, cfg) = check_serve(test, &words[1..], &env);
     // The embedded defaults, in the state directory systemd makes for the service.
     let state = format!("/var/lib/{}", get("StateDirectory")[0]);
     assert_eq!(cfg["cache.storage.local"], state.as_str());
-    assert_eq!(cfg["cache.database-url"], format!("sqlite:{state}/db/db.sqlite").as_str());
-    assert_eq!(cfg["cache.secret-key-path"], format!("{state}/secret-key").as_str());
+    assert_eq!(
+        cfg["cache.database-url"],
+        format!("sqlite:{state}/db/db.sqlite").as_str()
+    );
+    assert_eq!(
+        cfg["cache.secret-key-path"],
+        format!("{state}/secret-key").as_str()
+    );
     assert_eq!(cfg["cache.storage.s3"], Json::Null);
     assert_eq!(get("WorkingDirectory"), [state.as_str()]);
     for (key, want) in [
@@ -552,16 +743,32 @@ fn deploy_systemd_unit_runs_the_embedded_defaults_hardened_and_nip_accepts_its_s
         // verify checks that ExecStart's program exists: point it at the binary under test.
         let tmp = tempfile::tempdir().unwrap();
         let copy = tmp.path().join("nip.service");
-        std::fs::write(&copy, unit.replace("/usr/local/bin/nip", env!("CARGO_BIN_EXE_nip"))).unwrap();
+        std::fs::write(
+            &copy,
+            unit.replace("/usr/local/bin/nip", env!("CARGO_BIN_EXE_nip")),
+        )
+        .unwrap();
         let copy = copy.to_str().unwrap();
         let out = run(Command::new("systemd-analyze").args(["verify", copy]));
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify:\n{stderr}");
+        assert!(
+            out.status.success() && stderr.trim().is_empty(),
+            "systemd-analyze verify:\n{stderr}"
+        );
         // The exposure score of `systemd-analyze security` (0 = locked down, 10 = none): at
         // most 2.0, "OK" on its scale.
-        let out = run(Command::new("systemd-analyze").args(["security", "--offline=yes", "--threshold=20", copy]));
+        let out = run(Command::new("systemd-analyze").args([
+            "security",
+            "--offline=yes",
+            "--threshold=20",
+            copy,
+        ]));
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "systemd-analyze security:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "systemd-analyze security:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         eprintln!("{test}: {}", text.lines().last().unwrap_or(""));
     }
 }
@@ -570,36 +777,161 @@ fn deploy_systemd_unit_runs_the_embedded_defaults_hardened_and_nip_accepts_its_s
 fn deploy_dockerfile_builds_nip_in_two_stages_runs_as_non_root_and_its_healthcheck_works() {
     let test = "deploy Dockerfile";
     let ins = dockerfile();
-    let froms: Vec<&str> = ins.iter().filter(|(op, _)| op == "FROM").map(|(_, r)| r.as_str()).collect();
+    let froms: Vec<&str> = ins
+        .iter()
+        .filter(|(op, _)| op == "FROM")
+        .map(|(_, r)| r.as_str())
+        .collect();
     assert_eq!(froms.len(), 2, "{froms:?}");
-    assert!(froms[0].starts_with("rust:") && froms[0].ends_with(" AS build"), "{froms:?}");
-    assert!(froms[1].starts_with("debian:") && froms[1].contains("-slim"), "{froms:?}");
-    let runs: String = ins.iter().filter(|(op, _)| op == "RUN").map(|(_, r)| r.as_str()).collect();
-    assert!(runs.contains("cargo build --release --locked -p nip"), "{runs}");
-    let last = |op: &str| ins.iter().filter(|(o, _)| o == op).last().map(|(_, r)| r.clone()).unwrap_or_default();
+    assert!(
+        froms[0].starts_with("rust:") && froms[0].ends_with(" AS build"),
+        "{froms:?}"
+    );
+    assert!(
+        froms[1].starts_with("debian:") && froms[1].contains("-slim"),
+        "{froms:?}"
+    );
+    let runs: String = ins
+        .iter()
+        .filter(|(op, _)| op == "RUN")
+        .map(|(_, r)| r.as_str())
+        .collect();
+    assert!(
+        runs.contains("cargo build --release --locked -p nip"),
+        "{runs}"
+    );
+    let last = |op: &str| {
+        ins.iter()
+            .filter(|(o, _)| o == op)
+            .last()
+            .map(|(_, r)| r.clone())
+            .unwrap_or_default()
+    };
     let user = last("USER");
-    assert!(!user.is_empty() && !user.starts_with('0') && !user.starts_with("root"), "USER {user}");
+    assert!(
+        !user.is_empty() && !user.starts_with('0') && !user.starts_with("root"),
+        "USER {user}"
+    );
     assert_eq!(last("EXPOSE"), "8501");
     let ep = entrypoint();
     assert_eq!(ep, ["/usr/local/bin/nip", "serve"]);
-    assert!(last("COPY").starts_with("--from=build ") && last("COPY").ends_with(&ep[0]), "{}", last("COPY"));
+    assert!(
+        last("COPY").starts_with("--from=build ") && last("COPY").ends_with(&ep[0]),
+        "{}",
+        last("COPY")
+    );
     let ignore = read("Dockerfile.dockerignore");
-    assert!(ignore.lines().any(|l| l.trim() == "target"), "the build context leaves out target/");
+    assert!(
+        ignore.lines().any(|l| l.trim() == "target"),
+        "the build context leaves out target/"
+    );
 
     // HEALTHCHECK: the command Docker runs, against a real server, then against a closed port.
     let hc = last("HEALTHCHECK");
-    let cmd: Vec<String> = serde_json::from_str(&hc[hc.find("CMD ").expect("HEALTHCHECK CMD") + 4..]).unwrap();
+    let cmd: Vec<String> =
+        serde_json::from_str(&hc[hc.find("CMD ").expect("HEALTHCHECK CMD") + 4..]).unwrap();
     assert_eq!(cmd[..2], ["bash", "-c"]);
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let server = start_nip(&data, &[]);
     let addr = server.url.trim_start_matches("http://").to_string();
     let check = |server_addr: &str| {
-        run(Command::new(&cmd[0]).args(&cmd[1..]).env("SERVER_ADDR", server_addr)).status.success()
+        run(Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .env("SERVER_ADDR", server_addr))
+        .status
+        .success()
     };
-    assert!(check(&addr), "HEALTHCHECK fails against a healthy server at {addr}");
+    assert!(
+        check(&addr),
+        "HEALTHCHECK fails against a healthy server at {addr}"
+    );
     let closed = format!("127.0.0.1:{}", free_port());
     assert!(!check(&closed), "HEALTHCHECK passes with nothing listening");
 
     lint("hadolint", &["Dockerfile"], test);
+}
+
+/// deploy/nginx.conf, as the compose file mounts it, in front of two real nip servers (their
+/// compose names replaced by loopback addresses): requests reach both, and with one stopped they
+/// still succeed on the other.
+#[test]
+fn deploy_nginx_conf_balances_over_two_nip_servers_and_skips_a_stopped_one() {
+    let test = "deploy nginx";
+    let nginx = if Path::new("/usr/sbin/nginx").exists() {
+        PathBuf::from("/usr/sbin/nginx")
+    } else if tool_available("nginx", test) {
+        PathBuf::from("nginx")
+    } else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = start_nip(&tmp.path().join("a"), &[]);
+    let b = start_nip(&tmp.path().join("b"), &[]);
+    let port = free_port();
+    let conf = read("nginx.conf");
+    let mut site = conf.clone();
+    for (from, to) in [
+        (
+            "nip-a:8501",
+            a.url.trim_start_matches("http://").to_string(),
+        ),
+        (
+            "nip-b:8501",
+            b.url.trim_start_matches("http://").to_string(),
+        ),
+        ("listen 8080;", format!("listen 127.0.0.1:{port};")),
+    ] {
+        assert!(conf.contains(from), "nginx.conf has no {from:?}");
+        site = site.replace(from, &to);
+    }
+    // The official image's nginx.conf includes conf.d/ inside `http`; here the same, with every
+    // path nginx writes under the temp directory.
+    let d = tmp.path().display();
+    std::fs::write(tmp.path().join("site.conf"), site).unwrap();
+    let main = format!(
+        "daemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\nhttp {{\n\
+         access_log off;\nclient_body_temp_path {d}/body;\nproxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fastcgi;\nuwsgi_temp_path {d}/uwsgi;\nscgi_temp_path {d}/scgi;\n\
+         include {d}/site.conf;\n}}\n"
+    );
+    std::fs::write(tmp.path().join("nginx.conf"), main).unwrap();
+    let conf_path = tmp.path().join("nginx.conf");
+    let error_log = tmp.path().join("error.log");
+    run_ok(
+        Command::new(&nginx)
+            .arg("-t")
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(&error_log),
+    );
+    let _lb = KillOnDrop(
+        Command::new(&nginx)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(&error_log)
+            .spawn()
+            .expect("start nginx"),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    wait_http_ok(
+        &format!("{url}/healthz"),
+        std::time::Duration::from_secs(10),
+    );
+    // Each server generated its own signing key, so /pubkey tells which one answered.
+    let keys: std::collections::HashSet<Vec<u8>> = (0..6)
+        .map(|_| {
+            let (status, body) = http_get(&format!("{url}/pubkey")).expect("GET /pubkey");
+            assert_eq!(status, 200);
+            body
+        })
+        .collect();
+    assert_eq!(keys.len(), 2, "requests did not reach both servers");
+    a.child.kill();
+    for _ in 0..4 {
+        let got = http_get(&format!("{url}/nix-cache-info")).map(|(s, _)| s);
+        assert_eq!(got, Some(200), "a GET failed with one server stopped");
+    }
 }
