@@ -8,6 +8,7 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -98,7 +99,9 @@ fn describe() {
     describe_gauge!("nip_store_entries", "Entries stored (NARs and artifacts)");
 }
 
-/// Counts every request by its route pattern (bounded cardinality), method and status.
+/// Counts every request by its route pattern (bounded cardinality), method and status, and runs
+/// it in a `request` span (an OTel server span with `--otel-enabled`). The span names the route
+/// pattern, never the query string or headers, so no token reaches it.
 pub async fn track(req: Request, next: Next) -> Response {
     let route = req
         .extensions()
@@ -109,8 +112,21 @@ pub async fn track(req: Request, next: Next) -> Response {
     if let Some(n) = content_length(req.headers()) {
         metrics::counter!("nip_http_request_bytes_total").increment(n);
     }
+    let span = tracing::info_span!("request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
     let started = Instant::now();
-    let resp = next.run(req).await;
+    let resp = next.run(req).instrument(span.clone()).await;
+    // i64: tracing-opentelemetry keeps i64 as a number but turns u64 into a string.
+    span.record("http.response.status_code", i64::from(resp.status().as_u16()));
+    if resp.status().is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
     let status = resp.status().as_u16().to_string();
     metrics::histogram!("nip_http_request_duration_seconds", "route" => route.clone())
         .record(started.elapsed().as_secs_f64());

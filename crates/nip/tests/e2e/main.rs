@@ -11,6 +11,7 @@ mod nix_substitute;
 mod nix_upload;
 mod ops_observe;
 mod ops_store;
+mod otel;
 mod reliability_crash;
 mod reliability_hostile;
 mod reliability_load;
