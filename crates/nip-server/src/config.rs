@@ -261,10 +261,16 @@ impl ServeConfig {
                 let endpoint = one("cache.storage.s3.endpoint");
                 if let Some(e) = &endpoint {
                     if !(e.starts_with("http://") || e.starts_with("https://")) {
-                        return Err(err("cache.storage.s3.endpoint", format!("{e:?} must be a URL with http:// or https://")));
+                        return Err(err(
+                            "cache.storage.s3.endpoint",
+                            format!("{e:?} must be a URL with http:// or https://"),
+                        ));
                     }
                 }
-                let (key_id, secret) = (one("cache.storage.s3.access-key-id"), one("cache.storage.s3.secret-access-key"));
+                let (key_id, secret) = (
+                    one("cache.storage.s3.access-key-id"),
+                    one("cache.storage.s3.secret-access-key"),
+                );
                 if key_id.is_some() != secret.is_some() {
                     return Err(err("cache.storage.s3.access-key-id", "give both the S3 access key id and the secret access key, or neither (then AWS_* environment variables are used)"));
                 }
@@ -611,7 +617,10 @@ mod tests {
             ("opentelemetry.grpc-url", &["http://127.0.0.1:4317"]),
         ]))
         .unwrap();
-        assert_eq!(c.otel.unwrap().grpc_url.as_deref(), Some("http://127.0.0.1:4317"));
+        assert_eq!(
+            c.otel.unwrap().grpc_url.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
         // A URL without --otel-enabled exports nothing, and says so.
         let c = ServeConfig::from_layer(&layer(&[("opentelemetry.grpc-url", &["http://c:4317"])]))
             .unwrap();
@@ -624,7 +633,10 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.setting, "--otel-grpc-url");
         assert!(!e.message.contains("secret"), "{}", e.message);
-        assert_eq!(redact_userinfo("https://u:p@h:1/x@y"), "https://***@h:1/x@y");
+        assert_eq!(
+            redact_userinfo("https://u:p@h:1/x@y"),
+            "https://***@h:1/x@y"
+        );
         assert_eq!(redact_userinfo("http://h:4317"), "http://h:4317");
     }
 
@@ -667,11 +679,23 @@ mod tests {
         .s3
         .unwrap();
         assert_eq!((s3.bucket.as_str(), s3.force_path_style), ("b", true));
-        let both = ServeConfig::from_layer(&layer(&[("cache.storage.s3.bucket", &["b"]), ("cache.storage.local", &["/x"])]));
+        let both = ServeConfig::from_layer(&layer(&[
+            ("cache.storage.s3.bucket", &["b"]),
+            ("cache.storage.local", &["/x"]),
+        ]));
         assert_eq!(both.unwrap_err().setting, "--cache-storage-s3-bucket");
-        let half = ServeConfig::from_layer(&layer(&[("cache.storage.s3.bucket", &["b"]), ("cache.storage.s3.access-key-id", &["k"])]));
-        assert_eq!(half.unwrap_err().setting, "--cache-storage-s3-access-key-id");
-        let bad = ServeConfig::from_layer(&layer(&[("cache.storage.s3.bucket", &["b"]), ("cache.storage.s3.endpoint", &["minio:9000"])]));
+        let half = ServeConfig::from_layer(&layer(&[
+            ("cache.storage.s3.bucket", &["b"]),
+            ("cache.storage.s3.access-key-id", &["k"]),
+        ]));
+        assert_eq!(
+            half.unwrap_err().setting,
+            "--cache-storage-s3-access-key-id"
+        );
+        let bad = ServeConfig::from_layer(&layer(&[
+            ("cache.storage.s3.bucket", &["b"]),
+            ("cache.storage.s3.endpoint", &["minio:9000"]),
+        ]));
         assert_eq!(bad.unwrap_err().setting, "--cache-storage-s3-endpoint");
     }
 

@@ -184,11 +184,14 @@ impl Fills {
             let started = Instant::now();
             // The upstream's base URL only: a NAR URL's query string may carry a token.
             let span = tracing::info_span!("upstream NAR",
-                otel.kind = "client",
                 upstream = %crate::config::redact_userinfo(&src.upstream),
                 bytes = tracing::field::Empty,
+                otel.kind = tracing::field::Empty,
                 otel.status_code = tracing::field::Empty,
             );
+            if crate::metrics::otel_spans() {
+                span.record("otel.kind", "client");
+            }
             let result = self
                 .download(ctx, &spec, src, &staged, tx)
                 .instrument(span.clone())

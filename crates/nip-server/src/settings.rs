@@ -165,7 +165,6 @@ pub const SETTINGS: &[Setting] = &[
       &["cache.storage.s3.prefix"], "Key prefix inside the bucket"),
 ];
 
-
 /// Values of settings from one source, by canonical key.
 pub type Layer = BTreeMap<&'static str, Vec<String>>;
 

@@ -4,11 +4,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use tracing::Instrument;
 use nip_core::narinfo::{NarInfo, MAX_NARINFO_SIZE};
 use nip_core::signing::{verify_narinfo, PublicKey};
 use nip_core::store_path::StorePathHash;
 use reqwest::Url;
+use tracing::Instrument;
 
 use crate::config::{ServeConfig, DEFAULT_PRIORITY};
 use crate::netrc::Netrc;
@@ -297,11 +297,14 @@ impl Upstreams {
         let answers = futures::future::join_all(candidates.iter().map(|u| {
             // One span per upstream asked (an OTel client span with --otel-enabled).
             let span = tracing::info_span!("upstream narinfo",
-                otel.kind = "client",
                 upstream = %crate::config::redact_userinfo(u.name()),
                 %hash,
                 result = tracing::field::Empty,
+                otel.kind = tracing::field::Empty,
             );
+            if crate::metrics::otel_spans() {
+                span.record("otel.kind", "client");
+            }
             async move {
                 let started = Instant::now();
                 let answer = self.ask(u, hash).await;

@@ -213,11 +213,7 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
     // Inside the runtime: the OTLP exporter's gRPC channel runs on it.
     let telemetry = {
         let _entered = rt.enter();
-        crate::telemetry::init(
-            &config.log_level,
-            &config.log_format,
-            config.otel.as_ref(),
-        )?
+        crate::telemetry::init(&config.log_level, &config.log_format, config.otel.as_ref())?
     };
     for (flag, reason) in &config.ignored {
         tracing::warn!("{flag} is ignored because {reason}");

@@ -42,8 +42,10 @@ const NOT_EXPORTED: &[&str] = &[
 ];
 
 fn stderr_filter(level: &str) -> EnvFilter {
-    EnvFilter::try_new(format!("{level},hyper=warn,sqlx=warn,reqwest=warn,h2=warn,tonic=warn"))
-        .unwrap_or_else(|_| EnvFilter::new("info"))
+    EnvFilter::try_new(format!(
+        "{level},hyper=warn,sqlx=warn,reqwest=warn,h2=warn,tonic=warn"
+    ))
+    .unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
 fn otel_filter(level: &str) -> EnvFilter {
@@ -63,10 +65,8 @@ fn resource() -> Resource {
     let named = detected
         .get(&opentelemetry::Key::new("service.name"))
         .is_some_and(|v| !v.as_str().starts_with("unknown_service"));
-    let builder = Resource::builder().with_attribute(KeyValue::new(
-        "service.version",
-        env!("CARGO_PKG_VERSION"),
-    ));
+    let builder = Resource::builder()
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
     if named {
         builder.build()
     } else {
@@ -144,14 +144,19 @@ pub fn init(level: &str, format: &str, otel: Option<&OtelConfig>) -> anyhow::Res
                 .with_filter(otel_filter(level))
                 .boxed(),
         );
+        nip_server::metrics::enable_otel_span_fields();
         telemetry.tracer = Some(tracer);
         telemetry.logger = Some(logger);
     }
     tracing_subscriber::registry().with(layers).init();
     if let Some(config) = otel {
         match &config.grpc_url {
-            Some(url) => tracing::info!(url = %redact_userinfo(url), "OpenTelemetry: traces and logs go to the OTLP gRPC collector"),
-            None => tracing::info!("OpenTelemetry: traces and logs go to stdout (no --otel-grpc-url)"),
+            Some(url) => {
+                tracing::info!(url = %redact_userinfo(url), "OpenTelemetry: traces and logs go to the OTLP gRPC collector")
+            }
+            None => {
+                tracing::info!("OpenTelemetry: traces and logs go to stdout (no --otel-grpc-url)")
+            }
         }
     }
     Ok(telemetry)

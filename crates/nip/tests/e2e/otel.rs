@@ -94,7 +94,10 @@ fn stop_gracefully(child: &mut Child, dir: &Path) {
             assert!(status.success(), "nip serve exited with {status}:\n{log}");
             return;
         }
-        assert!(Instant::now() < deadline, "nip serve did not stop within 15 s after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "nip serve did not stop within 15 s after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -103,7 +106,10 @@ fn stop_gracefully(child: &mut Child, dir: &Path) {
 /// endpoint, and one carrying a bearer token and a token in the query string.
 fn make_requests(url: &str) {
     assert_eq!(http_get(&format!("{url}/nix-cache-info")).unwrap().0, 200);
-    assert_eq!(http_get(&format!("{url}/{MISSING}.narinfo")).unwrap().0, 404);
+    assert_eq!(
+        http_get(&format!("{url}/{MISSING}.narinfo")).unwrap().0,
+        404
+    );
     assert_eq!(http_get(&format!("{url}/v1/health")).unwrap().0, 200);
     let resp = reqwest::blocking::Client::new()
         .get(format!("{url}/pubkey?token={SECRET}"))
@@ -157,7 +163,10 @@ fn otel_exports_request_spans_and_logs_over_otlp_grpc() {
         .collect();
     let spans: Vec<&Value> = rows.iter().filter(|r| r["signal"] == "span").collect();
     let logs: Vec<&Value> = rows.iter().filter(|r| r["signal"] == "log").collect();
-    assert!(!spans.is_empty(), "the collector got no span; nip's log:\n{stderr}");
+    assert!(
+        !spans.is_empty(),
+        "the collector got no span; nip's log:\n{stderr}"
+    );
     assert!(
         rows.iter().all(|r| r["service"] == "nip"),
         "service.name must be nip: {text}"
@@ -173,7 +182,10 @@ fn otel_exports_request_spans_and_logs_over_otlp_grpc() {
     assert_eq!(info["kind"], 2, "a server span"); // SPAN_KIND_SERVER
     assert_eq!(info["attributes"]["http.request.method"], "GET");
     assert_eq!(info["attributes"]["http.response.status_code"], 200);
-    assert_eq!(request("/v1/health")["attributes"]["http.response.status_code"], 200);
+    assert_eq!(
+        request("/v1/health")["attributes"]["http.response.status_code"],
+        200
+    );
     let narinfo = request("/{name}");
     assert_eq!(narinfo["attributes"]["http.response.status_code"], 404);
     // The upstream lookup is a client span in the same trace, below the request's span.
@@ -193,7 +205,10 @@ fn otel_exports_request_spans_and_logs_over_otlp_grpc() {
             "no log record {wanted:?} in {bodies:#?}"
         );
     }
-    assert!(!text.contains(SECRET), "a token reached the collector:\n{text}");
+    assert!(
+        !text.contains(SECRET),
+        "a token reached the collector:\n{text}"
+    );
     assert!(!stderr.contains(SECRET), "a token reached the log");
 }
 
@@ -206,13 +221,28 @@ fn otel_without_url_writes_to_stdout_and_a_dead_collector_costs_nothing() {
     let (_upstream, upstream_url) = upstream(&dir);
     let (mut server, url) = serve(
         &dir,
-        &["--otel-enabled", "--upstream-cache", &upstream_url, "--upstream-public-key", UPSTREAM_KEY],
+        &[
+            "--otel-enabled",
+            "--upstream-cache",
+            &upstream_url,
+            "--upstream-public-key",
+            UPSTREAM_KEY,
+        ],
     );
     make_requests(&url);
     stop_gracefully(&mut server.0, &dir);
     let stdout = std::fs::read_to_string(dir.join("stdout")).unwrap();
-    for wanted in ["GET /nix-cache-info", "http.route", "service.name", "nip serve listening", "stopped"] {
-        assert!(stdout.contains(wanted), "{wanted:?} is not on stdout:\n{stdout}");
+    for wanted in [
+        "GET /nix-cache-info",
+        "http.route",
+        "service.name",
+        "nip serve listening",
+        "stopped",
+    ] {
+        assert!(
+            stdout.contains(wanted),
+            "{wanted:?} is not on stdout:\n{stdout}"
+        );
     }
     assert!(!stdout.contains(SECRET));
 
@@ -223,13 +253,24 @@ fn otel_without_url_writes_to_stdout_and_a_dead_collector_costs_nothing() {
     let dead = format!("http://127.0.0.1:{}", free_port());
     let (mut server, url) = serve(
         &dir,
-        &["--otel-enabled", "--otel-grpc-url", &dead, "--upstream-cache", &upstream_url, "--upstream-public-key", UPSTREAM_KEY],
+        &[
+            "--otel-enabled",
+            "--otel-grpc-url",
+            &dead,
+            "--upstream-cache",
+            &upstream_url,
+            "--upstream-public-key",
+            UPSTREAM_KEY,
+        ],
     );
     let started = Instant::now();
     for _ in 0..20 {
         assert_eq!(http_get(&format!("{url}/nix-cache-info")).unwrap().0, 200);
     }
-    assert!(started.elapsed() < Duration::from_secs(5), "requests were slowed down");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "requests were slowed down"
+    );
     let stopping = Instant::now();
     stop_gracefully(&mut server.0, &dir);
     assert!(stopping.elapsed() < Duration::from_secs(12));
