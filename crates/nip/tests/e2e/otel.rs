@@ -147,6 +147,9 @@ fn otel_exports_request_spans_and_logs_over_otlp_grpc() {
             &collector,
             "--upstream-cache",
             &upstream_url,
+            // A dead second upstream: its failure is logged inside the narinfo request.
+            "--upstream-cache",
+            "http://127.0.0.1:1",
             "--upstream-public-key",
             UPSTREAM_KEY,
         ],
@@ -195,7 +198,18 @@ fn otel_exports_request_spans_and_logs_over_otlp_grpc() {
         .unwrap_or_else(|| panic!("no upstream narinfo span in:\n{text}"));
     assert_eq!(lookup["kind"], 3, "a client span"); // SPAN_KIND_CLIENT
     assert_eq!(lookup["trace_id"], narinfo["trace_id"]);
-    assert_eq!(lookup["attributes"]["result"], "missing");
+    assert!(
+        spans.iter().any(|s| s["name"] == "upstream narinfo"
+            && s["attributes"]["result"] == "missing"
+            && s["trace_id"] == narinfo["trace_id"]),
+        "no lookup of the live upstream in:\n{text}"
+    );
+    assert!(
+        spans.iter().any(|s| s["name"] == "upstream narinfo"
+            && s["attributes"]["result"] == "error"
+            && s["trace_id"] == narinfo["trace_id"]),
+        "no failed lookup of the dead upstream in:\n{text}"
+    );
 
     // Log records, from start to the graceful shutdown (flushed before exit).
     let bodies: Vec<String> = logs.iter().map(|l| l["body"].to_string()).collect();
@@ -210,6 +224,17 @@ fn otel_exports_request_spans_and_logs_over_otlp_grpc() {
         "a token reached the collector:\n{text}"
     );
     assert!(!stderr.contains(SECRET), "a token reached the log");
+    // A log record written while serving a request carries that request's trace.
+    let failed = logs
+        .iter()
+        .find(|l| {
+            l["body"]
+                .to_string()
+                .contains("upstream narinfo request failed")
+        })
+        .unwrap_or_else(|| panic!("no log record of the dead upstream in {bodies:#?}"));
+    assert_eq!(failed["severity"], "WARN");
+    assert_eq!(failed["trace_id"], narinfo["trace_id"]);
 }
 
 #[test]
@@ -225,6 +250,9 @@ fn otel_without_url_writes_to_stdout_and_a_dead_collector_costs_nothing() {
             "--otel-enabled",
             "--upstream-cache",
             &upstream_url,
+            // A dead second upstream: its failure is logged inside the narinfo request.
+            "--upstream-cache",
+            "http://127.0.0.1:1",
             "--upstream-public-key",
             UPSTREAM_KEY,
         ],
