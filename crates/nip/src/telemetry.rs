@@ -48,14 +48,15 @@ fn stderr_filter(level: &str) -> EnvFilter {
     .unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
+/// As on stderr (no per-query sqlx events), and nothing of the exporter's own stack.
+fn otel_directives(level: &str) -> String {
+    let offs: Vec<String> = NOT_EXPORTED.iter().map(|t| format!("{t}=off")).collect();
+    format!("{level},sqlx=warn,{}", offs.join(","))
+}
+
 fn otel_filter(level: &str) -> EnvFilter {
-    let mut filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    for target in NOT_EXPORTED {
-        if let Ok(d) = format!("{target}=off").parse() {
-            filter = filter.add_directive(d);
-        }
-    }
-    filter
+    EnvFilter::try_new(otel_directives(level))
+        .unwrap_or_else(|_| EnvFilter::new(otel_directives("info")))
 }
 
 /// `service.name` from OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES, else "nip"; plus the
@@ -180,6 +181,18 @@ impl Telemetry {
             if let Err(e) = l.shutdown_with_timeout(WAIT) {
                 tracing::warn!(error = %e, "OpenTelemetry: the last log records were not exported");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_parse_for_every_level() {
+        for level in ["error", "warn", "info", "debug", "trace"] {
+            EnvFilter::try_new(otel_directives(level)).unwrap();
         }
     }
 }
