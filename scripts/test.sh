@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need when it is missing (Nix from Debian's nix-bin; Prometheus and
-# Chromium from Debian), then runs every test:
+# Chromium from Debian; Python packages for the S3 and OTLP test servers from PyPI, in venvs under
+# /tmp), then runs every test:
 # unit, property, in-process router/integration tests, and black-box tests that start the real
 # `nip` binary in front of a real Nix client.
 # Under CI=true a test whose component is missing fails; it never skips.
@@ -56,6 +57,16 @@ for _ in $(seq 1 600); do
 done
 export NIP_TEST_S3_ENDPOINT="http://127.0.0.1:$s3_port" NIP_TEST_S3_BUCKET=nip-test
 export AWS_ACCESS_KEY_ID=peersaccesskey AWS_SECRET_ACCESS_KEY=peerssecretkey AWS_REGION=us-east-1
+
+# A real OTLP/gRPC receiver for the OpenTelemetry test: grpcio and opentelemetry-proto from PyPI.
+otlp_venv=${NIP_OTLP_VENV:-/tmp/nip-otlp-venv}
+otlp_check="import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc"
+if ! "$otlp_venv/bin/python" -c "$otlp_check" 2>/dev/null; then
+  log "installing grpcio and opentelemetry-proto in $otlp_venv"
+  [ -x "$otlp_venv/bin/python" ] || python3 -m venv "$otlp_venv" >&2
+  "$otlp_venv/bin/pip" install -q grpcio opentelemetry-proto >&2
+fi
+export NIP_TEST_OTLP_PYTHON="$otlp_venv/bin/python"
 
 # The tests that need real components must run, not skip, whenever this script is used.
 export NIP_REQUIRE_NIX=1 NIP_REQUIRE_TOOLS=1

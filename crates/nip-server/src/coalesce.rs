@@ -5,6 +5,7 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
+use tracing::Instrument;
 
 /// Whether this caller started the work or joined work already under way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,11 +45,16 @@ where
                 let fut = work();
                 let map_ref = self.inflight.clone();
                 let k = key.clone();
-                let handle = tokio::spawn(async move {
-                    let v = fut.await;
-                    map_ref.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
-                    v
-                });
+                // In the leader's span: the shared work shows up in the trace of the request
+                // that started it.
+                let handle = tokio::spawn(
+                    async move {
+                        let v = fut.await;
+                        map_ref.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
+                        v
+                    }
+                    .in_current_span(),
+                );
                 let map_ref = self.inflight.clone();
                 let insert_key = key.clone();
                 let shared = async move {

@@ -23,6 +23,13 @@ pub struct UpstreamConfig {
     pub priority: Option<u32>,
 }
 
+/// `--otel-enabled`: traces and logs via OpenTelemetry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtelConfig {
+    /// `--otel-grpc-url`: the OTLP gRPC endpoint. `None`: export to stdout, as ncps does.
+    pub grpc_url: Option<String>,
+}
+
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     /// S3 storage instead of the local store directory.
@@ -58,6 +65,8 @@ pub struct ServeConfig {
     /// Cron expression of the eviction job (validated).
     pub lru_schedule: Option<String>,
     pub prometheus_enabled: bool,
+    /// OpenTelemetry export; `None` when `--otel-enabled` is off.
+    pub otel: Option<OtelConfig>,
     /// `text` or `json`.
     pub log_format: String,
     /// ncps' `--cache-get-token`: a bearer token that Nix GET/HEAD requests need. Never printed.
@@ -179,6 +188,23 @@ pub fn parse_upstream(raw: &str) -> Result<UpstreamConfig, String> {
         ));
     }
     Ok(UpstreamConfig { url, priority })
+}
+
+/// A URL with any `user:password@` replaced by `***@`, for printing and logs.
+pub fn redact_userinfo(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, url),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let rest = match rest[..authority_end].rfind('@') {
+        Some(at) => format!("***{}", &rest[at..]),
+        None => rest.to_string(),
+    };
+    match scheme {
+        Some(s) => format!("{s}://{rest}"),
+        None => rest,
+    }
 }
 
 /// Parses `10.0.0.0/8`, `::1/128` or a single address (a /32 or /128 range).
@@ -459,7 +485,29 @@ impl ServeConfig {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
+        let otel_url = one("opentelemetry.grpc-url").filter(|u| !u.trim().is_empty());
+        if let Some(u) = &otel_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(err(
+                    "opentelemetry.grpc-url",
+                    format!(
+                        "{:?} must be a URL with http:// or https://, e.g. http://127.0.0.1:4317",
+                        redact_userinfo(u)
+                    ),
+                ));
+            }
+        }
+        let otel = flag("opentelemetry.enabled")?.then(|| OtelConfig {
+            grpc_url: otel_url.clone(),
+        });
+
         let mut ignored = Vec::new();
+        if otel.is_none() && otel_url.is_some() {
+            ignored.push((
+                "--otel-grpc-url".to_string(),
+                "OpenTelemetry is off: add --otel-enabled",
+            ));
+        }
         for setting in SETTINGS {
             if let (Some(reason), Some(v)) = (setting.not_implemented, layer.get(setting.key)) {
                 if setting.boolean
@@ -503,6 +551,7 @@ impl ServeConfig {
             max_size,
             lru_schedule,
             prometheus_enabled: flag("prometheus.enabled")?,
+            otel,
             log_format,
             data_path,
             s3,
@@ -585,12 +634,46 @@ mod tests {
     #[test]
     fn unimplemented_settings_are_reported() {
         let c = ServeConfig::from_layer(&layer(&[
-            ("opentelemetry.enabled", &["true"]),
+            ("pprof.addr", &[":6060"]),
+            ("analytics.reporting.enabled", &["false"]),
             ("prometheus.enabled", &["false"]),
         ]))
         .unwrap();
         assert_eq!(c.ignored.len(), 1);
-        assert_eq!(c.ignored[0].0, "--otel-enabled");
+        assert_eq!(c.ignored[0].0, "--pprof-addr");
+    }
+
+    #[test]
+    fn opentelemetry_settings() {
+        let c = ServeConfig::from_layer(&layer(&[("opentelemetry.enabled", &["true"])])).unwrap();
+        assert_eq!(c.otel, Some(OtelConfig { grpc_url: None }));
+        assert!(c.ignored.is_empty());
+        let c = ServeConfig::from_layer(&layer(&[
+            ("opentelemetry.enabled", &["true"]),
+            ("opentelemetry.grpc-url", &["http://127.0.0.1:4317"]),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.otel.unwrap().grpc_url.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        // A URL without --otel-enabled exports nothing, and says so.
+        let c = ServeConfig::from_layer(&layer(&[("opentelemetry.grpc-url", &["http://c:4317"])]))
+            .unwrap();
+        assert_eq!(c.otel, None);
+        assert_eq!(c.ignored[0].0, "--otel-grpc-url");
+        let e = ServeConfig::from_layer(&layer(&[
+            ("opentelemetry.enabled", &["true"]),
+            ("opentelemetry.grpc-url", &["u:secret@collector:4317"]),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.setting, "--otel-grpc-url");
+        assert!(!e.message.contains("secret"), "{}", e.message);
+        assert_eq!(
+            redact_userinfo("https://u:p@h:1/x@y"),
+            "https://***@h:1/x@y"
+        );
+        assert_eq!(redact_userinfo("http://h:4317"), "http://h:4317");
     }
 
     #[test]

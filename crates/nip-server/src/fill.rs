@@ -15,6 +15,7 @@ use nip_store::staging::read_at;
 use nip_store::{BlobKey, BlobStore, MetaStore, NarRecord, NarSource, StagedFile, Staging};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::upstream::Upstreams;
 
@@ -121,6 +122,8 @@ impl Fills {
         self.started
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (fills, ctx) = (self.clone(), ctx.clone());
+        // The download outlives the request that started it; its span stays a child of it.
+        let span = tracing::info_span!("NAR fill", nar_file = %spec.nar_file);
         tokio::spawn(async move {
             let nar_file = spec.nar_file.clone();
             let started = Instant::now();
@@ -137,7 +140,7 @@ impl Fills {
             };
             let _ = tx.send(state);
             fills.inflight.lock().await.remove(&nar_file);
-        });
+        }.instrument(span));
         Ok(Some((fill, FillRole::Started)))
     }
 
@@ -179,7 +182,24 @@ impl Fills {
                 .find(|u| u.name() == src.upstream)
                 .cloned();
             let started = Instant::now();
-            let result = self.download(ctx, &spec, src, &staged, tx).await;
+            // The upstream's base URL only: a NAR URL's query string may carry a token.
+            let span = tracing::info_span!("upstream NAR",
+                upstream = %crate::config::redact_userinfo(&src.upstream),
+                bytes = tracing::field::Empty,
+                otel.kind = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            );
+            if crate::metrics::otel_spans() {
+                span.record("otel.kind", "client");
+            }
+            let result = self
+                .download(ctx, &spec, src, &staged, tx)
+                .instrument(span.clone())
+                .await;
+            match &result {
+                Ok(n) => span.record("bytes", i64::try_from(*n).unwrap_or(i64::MAX)),
+                Err(_) => span.record("otel.status_code", "ERROR"),
+            };
             let outcome = if result.is_ok() { "ok" } else { "error" };
             crate::upstream::record_upstream(&src.upstream, "nar", outcome, started);
             if let Ok(n) = &result {

@@ -1,5 +1,6 @@
 //! Prometheus metrics (`--prometheus-enabled`): a recorder installed once per process, a
 //! middleware counting requests by route and status with latency histograms, and `/metrics`.
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -8,6 +9,7 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -98,7 +100,21 @@ fn describe() {
     describe_gauge!("nip_store_entries", "Entries stored (NARs and artifacts)");
 }
 
-/// Counts every request by its route pattern (bounded cardinality), method and status.
+static OTEL_SPANS: AtomicBool = AtomicBool::new(false);
+
+/// Called when OpenTelemetry export is on: spans then also get the `otel.*` fields that name them
+/// ("GET /nix-cache-info") and give their kind. Off, log lines stay free of them.
+pub fn enable_otel_span_fields() {
+    OTEL_SPANS.store(true, Ordering::Relaxed);
+}
+
+pub fn otel_spans() -> bool {
+    OTEL_SPANS.load(Ordering::Relaxed)
+}
+
+/// Counts every request by its route pattern (bounded cardinality), method and status, and runs
+/// it in a `request` span (an OTel server span with `--otel-enabled`). The span names the route
+/// pattern, never the query string or headers, so no token reaches it.
 pub async fn track(req: Request, next: Next) -> Response {
     let route = req
         .extensions()
@@ -109,8 +125,28 @@ pub async fn track(req: Request, next: Next) -> Response {
     if let Some(n) = content_length(req.headers()) {
         metrics::counter!("nip_http_request_bytes_total").increment(n);
     }
+    let span = tracing::info_span!("request",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        otel.name = tracing::field::Empty,
+        otel.kind = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    if otel_spans() {
+        span.record("otel.name", format_args!("{method} {route}").to_string());
+        span.record("otel.kind", "server");
+    }
     let started = Instant::now();
-    let resp = next.run(req).await;
+    let resp = next.run(req).instrument(span.clone()).await;
+    // i64: tracing-opentelemetry keeps i64 as a number but turns u64 into a string.
+    span.record(
+        "http.response.status_code",
+        i64::from(resp.status().as_u16()),
+    );
+    if resp.status().is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
     let status = resp.status().as_u16().to_string();
     metrics::histogram!("nip_http_request_duration_seconds", "route" => route.clone())
         .record(started.elapsed().as_secs_f64());

@@ -8,6 +8,7 @@ use nip_core::narinfo::{NarInfo, MAX_NARINFO_SIZE};
 use nip_core::signing::{verify_narinfo, PublicKey};
 use nip_core::store_path::StorePathHash;
 use reqwest::Url;
+use tracing::Instrument;
 
 use crate::config::{ServeConfig, DEFAULT_PRIORITY};
 use crate::netrc::Netrc;
@@ -293,17 +294,31 @@ impl Upstreams {
             .filter(|u| u.is_healthy())
             .cloned()
             .collect();
-        let answers = futures::future::join_all(candidates.iter().map(|u| async move {
-            let started = Instant::now();
-            let answer = self.ask(u, hash).await;
-            let result = match &answer {
-                NarInfoAnswer::Verified { .. } => "found",
-                NarInfoAnswer::Missing => "missing",
-                NarInfoAnswer::Rejected(_) => "rejected",
-                NarInfoAnswer::Failed(_) => "error",
-            };
-            record_upstream(u.name(), "narinfo", result, started);
-            answer
+        let answers = futures::future::join_all(candidates.iter().map(|u| {
+            // One span per upstream asked (an OTel client span with --otel-enabled).
+            let span = tracing::info_span!("upstream narinfo",
+                upstream = %crate::config::redact_userinfo(u.name()),
+                %hash,
+                result = tracing::field::Empty,
+                otel.kind = tracing::field::Empty,
+            );
+            if crate::metrics::otel_spans() {
+                span.record("otel.kind", "client");
+            }
+            async move {
+                let started = Instant::now();
+                let answer = self.ask(u, hash).await;
+                let result = match &answer {
+                    NarInfoAnswer::Verified { .. } => "found",
+                    NarInfoAnswer::Missing => "missing",
+                    NarInfoAnswer::Rejected(_) => "rejected",
+                    NarInfoAnswer::Failed(_) => "error",
+                };
+                tracing::Span::current().record("result", result);
+                record_upstream(u.name(), "narinfo", result, started);
+                answer
+            }
+            .instrument(span)
         }))
         .await;
         let mut verified = Vec::new();

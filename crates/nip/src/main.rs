@@ -4,6 +4,7 @@ mod client_cmd;
 mod client_report;
 mod migrate;
 mod serve;
+mod telemetry;
 mod tls_cmd;
 
 use clap::{Arg, ArgAction, Command};

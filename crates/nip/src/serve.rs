@@ -180,6 +180,8 @@ fn print_config(c: &ServeConfig) {
         "cache.max-size": c.max_size,
         "cache.lru.schedule": c.lru_schedule,
         "prometheus.enabled": c.prometheus_enabled,
+        "opentelemetry.enabled": c.otel.is_some(),
+        "opentelemetry.grpc-url": c.otel.as_ref().and_then(|o| o.grpc_url.as_deref()).map(nip_server::config::redact_userinfo),
         "log.format": c.log_format,
         "cache.storage.s3": c.s3.as_ref().map(|s3| serde_json::json!({
             "bucket": s3.bucket, "endpoint": s3.endpoint, "region": s3.region,
@@ -202,36 +204,23 @@ fn print_config(c: &ServeConfig) {
     );
 }
 
-fn init_tracing(level: &str, format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(format!(
-        "{level},hyper=warn,sqlx=warn,reqwest=warn"
-    ))
-    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: log files and journald get plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
     let config = load_config(m)?;
     if m.get_flag("print-config") {
         print_config(&config);
         return Ok(());
     }
-    init_tracing(&config.log_level, &config.log_format);
-    for (flag, reason) in &config.ignored {
-        tracing::warn!("{flag} is ignored because {reason}");
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // Inside the runtime: the OTLP exporter's gRPC channel runs on it.
+    let telemetry = {
+        let _entered = rt.enter();
+        crate::telemetry::init(&config.log_level, &config.log_format, config.otel.as_ref())?
+    };
+    for (flag, reason) in &config.ignored {
+        tracing::warn!("{flag} is ignored because {reason}");
+    }
     // A bad certificate or key is an error now, before storage is opened or the port bound.
     if let Some(files) = &config.tls {
         nip_server::tls::load(files)?;
@@ -241,7 +230,7 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
     } else {
         "http"
     };
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let addr = config.listen_addr();
         let state = nip_server::AppState::open(config).await?;
         let listener = tokio::net::TcpListener::bind(&addr)
@@ -250,8 +239,15 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
         tracing::info!(addr = %listener.local_addr()?, scheme, public_key = %state.public_key, "nip serve listening");
         nip_server::serve(listener, state, shutdown_signal()).await?;
         tracing::info!("stopped");
-        Ok(())
-    })
+        Ok::<_, anyhow::Error>(())
+    });
+    // main prints the error on stderr; the collector gets it as a log record too.
+    if let (Err(e), true) = (&result, telemetry.is_exporting()) {
+        tracing::error!("{e:#}");
+    }
+    // The last spans and log records, exported while the runtime still drives the gRPC channel.
+    telemetry.shutdown();
+    result
 }
 
 async fn shutdown_signal() {

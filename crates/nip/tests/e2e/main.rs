@@ -14,6 +14,7 @@ mod nix_substitute;
 mod nix_upload;
 mod ops_observe;
 mod ops_store;
+mod otel;
 mod reliability_crash;
 mod reliability_db;
 mod reliability_hostile;

@@ -76,8 +76,8 @@ fn rows() -> Vec<Row> {
         Row { names: same("pprof-addr", "PPROF_ADDR", "pprof.addr"), values: &[":6060"], check: Ignored("--pprof-addr") },
         Row { names: same("server-addr", "SERVER_ADDR", "server.addr"), values: &[":8601"], check: Eq("server.addr", json!(":8601")) },
         Row { names: same("log-level", "LOG_LEVEL", "log.level"), values: &["warn"], check: Eq("log.level", json!("warn")) },
-        Row { names: same("otel-enabled", "OTEL_ENABLED", "opentelemetry.enabled"), values: &["true"], check: Ignored("--otel-enabled") },
-        Row { names: same("otel-grpc-url", "OTEL_GRPC_URL", "opentelemetry.grpc-url"), values: &["http://otel:4317"], check: Ignored("--otel-grpc-url") },
+        Row { names: same("otel-enabled", "OTEL_ENABLED", "opentelemetry.enabled"), values: &["true"], check: Eq("opentelemetry.enabled", json!(true)) },
+        Row { names: same("otel-grpc-url", "OTEL_GRPC_URL", "opentelemetry.grpc-url"), values: &["http://otel:4317"], check: Eq("opentelemetry.grpc-url", json!("http://otel:4317")) },
         Row { names: same("prometheus-enabled", "PROMETHEUS_ENABLED", "prometheus.enabled"), values: &["true"], check: Eq("prometheus.enabled", json!(true)) },
         Row { names: same("analytics-reporting-enabled", "ANALYTICS_REPORTING_ENABLED", "analytics.reporting.enabled"), values: &["true"], check: Ignored("--analytics-reporting-enabled") },
     ]
