@@ -2,7 +2,6 @@
 of single requests, process memory, and medians with spread. Everything talks to 127.0.0.1 only,
 and every loop is bounded in count and time."""
 import http.client, os, re, socket, statistics, subprocess, time
-from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -99,12 +98,34 @@ def download(port, path, token=None, timeout=600):
     return n, ttfb, time.perf_counter() - t
 
 
-def throughput(port, path, parallel, token=None):
-    """MiB/s summed over `parallel` concurrent downloads of path."""
+def curl_parallel(commands, timeout=900):
+    """Starts one curl per argument list together and waits for all (bounded by timeout);
+    returns (seconds, bytes downloaded in total). Any failed transfer ends the run."""
     t = time.perf_counter()
-    with ThreadPoolExecutor(parallel) as ex:
-        sizes = [n for n, _, _ in ex.map(lambda _: download(port, path, token), range(parallel))]
-    return sum(sizes) / (time.perf_counter() - t) / MIB
+    procs = [subprocess.Popen(["curl", "-sS", "--fail", "-o", "/dev/null", "-w", "%{size_download}", "-H", "Expect:"]
+                              + c, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in commands]
+    deadline, total, failures = time.monotonic() + timeout, 0, []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=max(1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        if p.returncode != 0:
+            failures.append(err.decode().strip() or f"exit {p.returncode}")
+        else:
+            total += int(float(out or 0))
+    if failures:
+        raise SystemExit(f"{len(failures)} of {len(commands)} transfers failed: {failures[0]}")
+    return time.perf_counter() - t, total
+
+
+def throughput(port, path, parallel, token=None):
+    """MiB/s summed over `parallel` concurrent curl downloads of path (curl, not Python, so the
+    client is not the limit)."""
+    args = ["-H", f"Authorization: Bearer {token}"] if token else []
+    seconds, total = curl_parallel([args + [f"http://127.0.0.1:{port}{path}"] for _ in range(parallel)])
+    return total / seconds / MIB
 
 
 def ttfb_ms(conn, path):

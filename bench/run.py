@@ -5,7 +5,7 @@ reference of the /v1 API under gunicorn, and turborepo-remote-cache. Writes BENC
 bench/results.json with the machine, versions, medians with min–max over repeats, and ratios to
 the targets. Every load loop is bounded in count and time.
 Usage (from bench/run.sh): run.py NIP_BINARY [--quick] [--only p1p2,p2b,p3,p4,p5,p6,p7,criterion]"""
-import argparse, datetime, importlib.metadata, json, os, platform, shutil, subprocess, tempfile, time
+import argparse, datetime, importlib.metadata, json, os, platform, shutil, tempfile, time
 
 import dataset, report, scenarios
 from common import ROOT, version

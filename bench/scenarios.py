@@ -4,7 +4,7 @@ manifest, the `Servers` of the run), returns result rows for the report and adds
 import http.client, json, os, random, re, statistics, subprocess, threading, time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import (MIB, auth, copy_with_prefix, curl, curl_multipart, download, http_multipart,
+from common import (MIB, auth, copy_with_prefix, curl, curl_multipart, curl_parallel, download, http_multipart,
                     peak_rss_mib, percentile, reset_peak_rss, summary, throughput, ttfb_ms, wrk_summary)
 from peers import TOKEN, cold_start_seconds
 from report import absolute, versus
@@ -152,24 +152,6 @@ def p3_misses(ctx):
                      exact=True)]
 
 
-def curl_loads(commands, timeout):
-    """Starts the curl commands together and waits for all of them (bounded by timeout)."""
-    procs = [subprocess.Popen(["curl", "-sS", "--fail", "-o", "/dev/null", "-H", "Expect:"] + c,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in commands]
-    deadline = time.monotonic() + timeout
-    failures = []
-    for p in procs:
-        try:
-            p.wait(max(1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        if p.returncode != 0:
-            failures.append(p.stderr.read().decode().strip() or f"exit {p.returncode}")
-    if failures:
-        raise SystemExit(f"{len(failures)} of {len(commands)} transfers failed: {failures[0]}")
-
-
 def p4_memory(ctx):
     """P4: nip's peak RSS while 16 clients download a big artifact and 4 upload one."""
     nip, size = ctx.nip, ctx.p4_mib * MIB
@@ -177,15 +159,14 @@ def p4_memory(ctx):
     dataset.write_random(file, size)
     curl_multipart(f"http://127.0.0.1:{nip.port}/v1/artifacts/p4-download", file, TOKEN)
     url = f"http://127.0.0.1:{nip.port}/v1"
-    auth = ["-H", f"Authorization: Bearer {TOKEN}"]
+    bearer = ["-H", f"Authorization: Bearer {TOKEN}"]
     peaks, seconds = [], []
     for r in range(ctx.heavy_repeats):
         reset_peak_rss(nip.pid)
-        t = time.perf_counter()
-        curl_loads([auth + [f"{url}/download/p4-download"] for _ in range(16)]
-                   + [auth + ["-F", f"file=@{file}", "-F", "metadata={}", f"{url}/artifacts/p4-upload-{r}-{i}"]
-                      for i in range(4)], timeout=900)
-        seconds.append(time.perf_counter() - t)
+        downloads = [bearer + [f"{url}/download/p4-download"] for _ in range(16)]
+        uploads = [bearer + ["-F", f"file=@{file}", "-F", "metadata={}", f"{url}/artifacts/p4-upload-{r}-{i}"]
+                   for i in range(4)]
+        seconds.append(curl_parallel(downloads + uploads)[0])
         peaks.append(peak_rss_mib(nip.pid))
     os.remove(file)
     ctx.raw["p4"] = {"peak_rss_mib": peaks, "seconds": seconds}
@@ -255,15 +236,31 @@ def p6_big_index(ctx):
     with open(paths, "w") as f:
         f.writelines(f"/{h}.narinfo\n" for h in random.sample(hashes, min(10000, len(hashes))))
     hits = wrk_summary(server.port, paths, ctx.duration, ctx.repeats)
+    sequential = sequential_p99(server.port, paths, ctx.repeats)
     ctx.servers.stop(server)
-    ctx.raw["p6"] = {"entries": ctx.index_entries, "fill_seconds": fill_seconds, "cold_start_s": starts, "wrk": hits}
+    ctx.raw["p6"] = {"entries": ctx.index_entries, "fill_seconds": fill_seconds, "cold_start_s": starts, "wrk": hits,
+                     "sequential_p99_ms": sequential}
+    if "p1_p2" in ctx.raw:  # the same measure on the small index of P1/P2, to see what size costs
+        small = sequential_p99(ctx.nip.port, ctx.narinfos, ctx.repeats)
+        ctx.details.append(f"P6 for comparison, one connection on the {len(ctx.manifest['small'])}-entry index of "
+                           f"P2: narinfo p99 {small['median']:.2f} ms (vs {sequential['median']:.2f} ms with "
+                           f"{ctx.index_entries} entries).")
     ctx.details.append(f"P6 {ctx.index_entries} narinfo rows written with python sqlite3 in {fill_seconds:.0f} s "
                        f"(NARs not stored, as after narinfo-only traffic); wrk over 10000 random ones: "
                        f"{hits['rps']['median']:.0f} req/s, {hits['errors']} non-2xx. Cold start = exec to the "
                        "first 200 on a narinfo, page cache warm (caches are not dropped on a shared machine).")
-    return [absolute("P6", f"narinfo p99 latency, {ctx.index_entries} entries, 50 connections", "ms",
+    return [absolute("P6", f"narinfo p99 latency, {ctx.index_entries} entries, 1 connection", "ms", sequential, 2),
+            absolute("P6", f"narinfo p99 latency, {ctx.index_entries} entries, wrk 50 connections", "ms",
                      hits["p99_ms"], 2),
             absolute("P6", f"cold start to first 200, {ctx.index_entries} entries", "s", summary(starts), 1)]
+
+
+def sequential_p99(port, paths_file, repeats, count=2000):
+    """p99 latency (ms) of `count` narinfo GETs one after another on one kept-alive connection,
+    so queueing behind other clients is left out; one figure per repeat."""
+    with open(paths_file) as f:
+        paths = [line.strip() for line in f][:count]
+    return summary([percentile(ttfb_batch(port, paths), 99) for _ in range(repeats)])
 
 
 def nip_build(ctx, home, recipes):
