@@ -141,13 +141,19 @@ def ttfb_ms(conn, path):
     return ms
 
 
-def curl(args, timeout=600):
-    """Runs curl (fails on HTTP errors) and returns the seconds it reports for the transfer."""
-    out = subprocess.run(["curl", "-sS", "--fail", "-o", "/dev/null", "-w", "%{time_total}",
+def curl_times(args, timeout=600):
+    """Runs curl (fails on HTTP errors); returns the seconds to the first byte and in total."""
+    out = subprocess.run(["curl", "-sS", "--fail", "-o", "/dev/null", "-w", "%{time_starttransfer} %{time_total}",
                           "-H", "Expect:"] + args, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise SystemExit(f"curl {' '.join(args)}: {out.stderr.strip()}")
-    return float(out.stdout)
+    first, total = out.stdout.split()
+    return float(first), float(total)
+
+
+def curl(args, timeout=600):
+    """Seconds curl reports for the whole transfer."""
+    return curl_times(args, timeout)[1]
 
 
 def curl_multipart(url, file, token, metadata="{}"):

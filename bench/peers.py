@@ -57,7 +57,8 @@ class Servers:
         return self._start(name, ["bash", f"{HERE}/run-nginx-static.sh", "{port}", root], env)
 
     def flask(self, name="flask"):
-        return self._start(name, ["bash", f"{HERE}/run-flask-reference.sh", "{port}", f"{self.work}/{name}-data", TOKEN],
+        return self._start(name, ["bash", f"{HERE}/run-flask-reference.sh", "{port}", f"{self.work}/{name}-data",
+                                  TOKEN],
                            ready_path="/v1/health")
 
     def turbo(self, name="turborepo"):

@@ -4,6 +4,26 @@ import json, os
 from common import HERE, ROOT
 
 
+HOW = [
+    "P1: one and eight concurrent `curl` downloads of the same big NAR, uploaded to nip with PUT as Nix "
+    "does, and served by nginx from the same file (sendfile).",
+    "P2: `wrk` (2 threads, 50 connections) cycling through distinct narinfo paths; `/v1/artifacts/{key}` "
+    "lookups with the bearer token against nip and the Flask reference after uploading the same artifacts "
+    "to both.",
+    "P3: a fresh nip whose upstream is an nginx serving a cache signed with a key nip trusts; time to first "
+    "byte of distinct misses on one kept-alive connection, through nip and straight from the upstream; 50 "
+    "identical concurrent misses, counted in the upstream's access log.",
+    "P4: nip's VmHWM (reset with `/proc/PID/clear_refs` before the round) while 16 `curl` downloads of "
+    "one artifact and 4 `curl` multipart uploads run at once.",
+    "P5: `curl` uploads of fresh bytes each repeat: multipart `POST /v1/artifacts/{key}` to nip and Flask, "
+    "`PUT /v8/artifacts/{hash}` to turborepo-remote-cache; nip's VmHWM over each series.",
+    "P6: narinfo rows inserted straight into nip's SQLite database, then exec-to-first-200 of a narinfo, "
+    "p99 of 2000 sequential GETs on one connection, and wrk over 10000 random rows.",
+    "P7: `nip build` of a recipe writing random bytes, timed as a process: again on the machine that built "
+    "it (local hit), and on a fresh HOME (remote hit) against `curl` fetching the same artifact to a file.",
+]
+
+
 def num(x):
     """A figure with about three significant digits."""
     if x is None:
@@ -58,7 +78,8 @@ def verdict(row):
 def row_line(r):
     peer = f"{spread(r['peer_value'], r['unit'])} ({r['peer']})" if r["peer"] else "–"
     ratio = f"{r['ratio']:.2f}×" if r["ratio"] is not None else "–"
-    return f"| {r['id']} | {r['scenario']} | {spread(r['nip'], r['unit'])} | {peer} | {ratio} | {r['target']} | {verdict(r)} |"
+    cells = [r["id"], r["scenario"], spread(r["nip"], r["unit"]), peer, ratio, r["target"], verdict(r)]
+    return "| " + " | ".join(cells) + " |"
 
 
 def write(report):
@@ -68,10 +89,10 @@ def write(report):
     lines = [
         "# Benchmarks", "",
         f"Written by `bench/run.sh{' --quick' if report['mode'] == 'quick' else ''}` (mode **{report['mode']}**, "
-        f"{report['finished']}, {report['seconds']:.0f} s without builds). `nip serve` (release build) and its peers run",
-        "side by side on 127.0.0.1 in the same run; each figure is the median of the repeats with min–max in",
-        "brackets. The load generators share the machine's cores with the servers, so absolute figures are",
-        "low and noisy: read the ratios.", "",
+        f"{report['finished']}, {report['seconds']:.0f} s without builds). `nip serve` (release build) and its",
+        "peers run side by side on 127.0.0.1 in the same run; each figure is the median of the repeats with",
+        "min–max in brackets. The load generators share the machine's cores with the servers, so absolute",
+        "figures are low and noisy: read the ratios.", "",
         f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']:.0f} GiB, kernel {m['kernel']}. "
         f"Versions: {m['nip']}; {m['nginx']}; Flask {m['flask']} under gunicorn {m['gunicorn']} "
         f"({m['gunicorn_workers']} sync workers); turborepo-remote-cache {m['turborepo']} on node {m['node']}; "
@@ -84,11 +105,13 @@ def write(report):
     lines += ["", f"**{len(report['rows']) - len(missed)} of {len(report['rows'])} targets met.**"
               + (" Missed: " + ", ".join(f"{r['id']} {r['scenario']} ({verdict(r).split('(')[1]}" for r in missed)
                  if missed else ""), ""]
-    lines += ["## Details", ""] + [f"- {d}" for d in report["details"]] + [""]
+    lines += ["## How each scenario is measured", ""] + [f"- {h}" for h in HOW] + [""]
+    lines += ["## Details of this run", ""] + [f"- {d}" for d in report["details"]] + [""]
     if report.get("criterion"):
         lines += ["## Micro-benchmarks (criterion, `--quick`)", "",
                   "| function | time per call |", "|---|---|"]
-        lines += [f"| `{c['name']}` | {c['estimate']} ({c['low']} – {c['high']}) |" for c in report["criterion"]]
+        lines += [f"| `{c['name']}` | {c['estimate']} ({c['low']} – {c['high']})"
+                  + (f", {c['throughput']}" if c.get("throughput") else "") + " |" for c in report["criterion"]]
         lines += [""]
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
         f.write("\n".join(lines))

@@ -4,8 +4,9 @@ manifest, the `Servers` of the run), returns result rows for the report and adds
 import http.client, json, os, random, re, statistics, subprocess, threading, time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import (MIB, auth, copy_with_prefix, curl, curl_multipart, curl_parallel, download, http_multipart,
-                    peak_rss_mib, percentile, reset_peak_rss, summary, throughput, ttfb_ms, wrk_summary)
+from common import (MIB, auth, copy_with_prefix, curl, curl_multipart, curl_parallel, curl_times, download,
+                    http_multipart, peak_rss_mib, percentile, reset_peak_rss, summary, throughput, ttfb_ms,
+                    wrk_summary)
 from peers import TOKEN, cold_start_seconds
 from report import absolute, versus
 import dataset
@@ -95,15 +96,10 @@ def ttfb_batch(port, paths):
     return out
 
 
-def p3_misses(ctx):
-    """P3: narinfo and NAR misses through a fresh nip whose upstream is nginx with the signed cache,
-    against the same requests sent to that nginx directly; then 50 identical concurrent misses."""
-    m = ctx.manifest
-    log = f"{ctx.work}/upstream-access.log"
-    upstream = ctx.servers.nginx("upstream", m["cache"], access_log=log)
-    proxy = ctx.servers.nip("nip-proxy", m["public_key"], upstream=f"http://127.0.0.1:{upstream.port}")
-    # 50 identical concurrent misses: a narinfo, then (its narinfo known) a 16 MiB NAR.
-    coalesced = {}
+def coalesced_fetches(proxy, log, m):
+    """50 identical concurrent misses through nip, for a narinfo and then (its narinfo known) a
+    16 MiB NAR: how many requests for each reached the upstream."""
+    fetches = {}
     for label, entry, path in (("narinfo", m["small"][-1], f"/{m['small'][-1]['hash']}.narinfo"),
                                ("NAR", m["medium"], f"/nar/{m['medium']['nar']}")):
         if label == "NAR":
@@ -113,9 +109,15 @@ def p3_misses(ctx):
         want = os.path.getsize(f"{m['cache']}{path}")
         if label == "NAR" and any(s != want for s in sizes):
             raise SystemExit(f"P3: a coalesced {label} download was short: {sorted(set(sizes))}")
-        coalesced[label] = upstream_fetches(log, path)
-    # Added time to first byte, in batches (one batch per repeat), direct first, then through nip.
-    entries = m["small"][:ctx.misses]
+        fetches[label] = upstream_fetches(log, path)
+    return fetches
+
+
+def added_ttfb(ctx, upstream, proxy):
+    """Time to first byte of distinct narinfo and NAR misses through nip minus the same requests
+    sent to the upstream directly, in batches (one per repeat); returns (added ms per batch,
+    all samples)."""
+    entries = ctx.manifest["small"][:ctx.misses]
     added = {"narinfo": [], "NAR": []}
     samples = {"narinfo": {"direct": [], "nip": []}, "NAR": {"direct": [], "nip": []}}
     for batch in (entries[i::ctx.repeats] for i in range(ctx.repeats)):
@@ -125,25 +127,35 @@ def p3_misses(ctx):
             samples[label]["direct"] += direct
             samples[label]["nip"] += through
             added[label].append(statistics.median(through) - statistics.median(direct))
-    # One big NAR miss, start to end.
-    big = f"/nar/{m['big']['nar']}"
+    return added, samples
+
+
+def p3_misses(ctx):
+    """P3: misses through a fresh nip whose upstream is nginx with the signed cache, against the
+    same requests sent to that nginx directly; 50 identical concurrent misses; one big NAR miss."""
+    m = ctx.manifest
+    log = f"{ctx.work}/upstream-access.log"
+    upstream = ctx.servers.nginx("upstream", m["cache"], access_log=log)
+    proxy = ctx.servers.nip("nip-proxy", m["public_key"], upstream=f"http://127.0.0.1:{upstream.port}")
+    coalesced = coalesced_fetches(proxy, log, m)
+    added, samples = added_ttfb(ctx, upstream, proxy)
     download(proxy.port, f"/{m['big']['hash']}.narinfo")
-    _, direct_ttfb, direct_total = download(upstream.port, big)
-    _, nip_ttfb, nip_total = download(proxy.port, big)
+    big = f"/nar/{m['big']['nar']}"
+    direct = curl_times([f"http://127.0.0.1:{upstream.port}{big}"])
+    through = curl_times([f"http://127.0.0.1:{proxy.port}{big}"])
     ctx.servers.stop(proxy)
     ctx.servers.stop(upstream)
     ctx.raw["p3"] = {"added_ttfb_ms": added, "coalesced_upstream_fetches": coalesced,
-                     "big_miss": {"direct_ttfb_ms": direct_ttfb * 1000, "direct_s": direct_total,
-                                  "nip_ttfb_ms": nip_ttfb * 1000, "nip_s": nip_total}}
+                     "big_miss_curl_s": {"direct": direct, "nip": through}}
     for label, s in samples.items():
         ctx.details.append(
             f"P3 {label} misses ({len(s['nip'])} distinct, sequential, kept-alive connection): time to first byte "
             f"median {statistics.median(s['nip']):.2f} ms through nip vs {statistics.median(s['direct']):.2f} ms "
             f"direct; p99 {percentile(s['nip'], 99):.2f} vs {percentile(s['direct'], 99):.2f} ms.")
     mib = m["big"]["size"] // MIB
-    ctx.details.append(f"P3 a {mib} MiB NAR miss: first byte after {nip_ttfb * 1000:.1f} ms through nip vs "
-                       f"{direct_ttfb * 1000:.1f} ms direct; whole body {mib / nip_total:.0f} MiB/s vs "
-                       f"{mib / direct_total:.0f} MiB/s direct (one run each).")
+    ctx.details.append(f"P3 a {mib} MiB NAR miss (curl, one run each): first byte after {through[0] * 1000:.1f} ms "
+                       f"through nip vs {direct[0] * 1000:.1f} ms direct; whole body {mib / through[1]:.0f} MiB/s "
+                       f"vs {mib / direct[1]:.0f} MiB/s direct.")
     return [absolute("P3", "narinfo miss, added time to first byte", "ms", summary(added["narinfo"]), 5),
             absolute("P3", "small NAR miss, added time to first byte", "ms", summary(added["NAR"]), 5),
             absolute("P3", "50 identical concurrent narinfo misses: upstream fetches", "", coalesced["narinfo"], 1,
@@ -220,7 +232,8 @@ def p5_uploads(ctx):
 def p6_big_index(ctx):
     """P6: narinfo latency and cold start with a large index generated directly in SQLite."""
     data_dir = f"{ctx.work}/nip-index-data"
-    first = ctx.servers.nip("nip-index", ctx.manifest["public_key"], data_dir=data_dir)  # creates the database (migrations)
+    # A first start creates the database (migrations).
+    first = ctx.servers.nip("nip-index", ctx.manifest["public_key"], data_dir=data_dir)
     ctx.servers.stop(first)
     t = time.perf_counter()
     hashes = dataset.fill_narinfos(f"{data_dir}/db/db.sqlite", ctx.index_entries)
@@ -318,7 +331,8 @@ def criterion(ctx):
     found, name = [], None
     for package, bench in (("nip-core", "core"), ("nip-client", "cache_key")):
         out = subprocess.run(["nice", "cargo", "bench", "--locked", "-q", "-p", package, "--bench", bench, "--",
-                              "--quick", "--noplot", "--warm-up-time", "1", "--measurement-time", "2"], cwd=ctx.root, capture_output=True, text=True, timeout=600)
+                              "--quick", "--noplot", "--warm-up-time", "1", "--measurement-time", "2"],
+                             cwd=ctx.root, capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
             raise SystemExit(f"cargo bench -p {package}: {out.stderr[-1000:]}")
         for line in out.stdout.splitlines():
@@ -327,6 +341,8 @@ def criterion(ctx):
                 name = match.group("name") or name
                 found.append({"name": name.strip(), "low": match.group(2), "estimate": match.group(3),
                               "high": match.group(4)})
+            elif "thrpt:" in line and found:
+                found[-1]["throughput"] = line.split("[")[1].split()[2] + " " + line.split("[")[1].split()[3]
             elif line and not line[0].isspace() and "time:" not in line:
                 name = line.strip()
     return found

@@ -1,9 +1,11 @@
 //! Criterion micro-benchmarks of the hot pure functions of a narinfo hit or miss: parsing and
-//! serialising a narinfo, its fingerprint, and checking an upstream signature. Run by
+//! serialising a narinfo, its fingerprint, checking an upstream signature, and the SHA-256 that
+//! every upload and NAR fill computes over its bytes. Run by
 //! `bench/run.sh` (`cargo bench -p nip-core --bench core -- --quick`).
-use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use nip_core::narinfo::NarInfo;
 use nip_core::signing::{verify_narinfo, PublicKey, SigningKey};
+use sha2::{Digest, Sha256};
 
 /// A real narinfo from cache.nixos.org (curl 7.82.0, bin output), with its real signature.
 const CURL: &str = "\
@@ -40,5 +42,14 @@ fn signatures(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, narinfo, signatures);
+/// SHA-256 over 1 MiB: bounds the MiB/s of uploads and NAR fills, which hash every byte.
+fn sha256(c: &mut Criterion) {
+    let data = vec![0x5au8; 1 << 20];
+    let mut group = c.benchmark_group("hash");
+    group.throughput(Throughput::Bytes(data.len() as u64));
+    group.bench_function("sha256_1MiB", |b| b.iter(|| Sha256::digest(black_box(&data))));
+    group.finish();
+}
+
+criterion_group!(benches, narinfo, signatures, sha256);
 criterion_main!(benches);
