@@ -91,7 +91,10 @@ def run(args, params, only, start, work):
     if "criterion" in only:
         t = time.perf_counter()
         print("bench: criterion …", flush=True)
-        micro = scenarios.criterion(ctx)
+        try:
+            micro = scenarios.criterion(ctx)
+        except (Exception, SystemExit) as e:  # the scenarios' figures are still worth writing
+            ctx.details.append(f"The criterion benches failed: {e}")
         timings["criterion"] = round(time.perf_counter() - t, 1)
     seconds = time.perf_counter() - start
     ctx.details.append("Seconds per scenario: " + ", ".join(f"{k} {v}" for k, v in timings.items()) + ".")

@@ -323,6 +323,8 @@ def p7_client(ctx):
 
 
 CRITERION_LINE = re.compile(r"^(?P<name>\S.*?)?\s+time:\s+\[(\S+ \S+) (\S+ \S+) (\S+ \S+)\]")
+# "thrpt:  [1.40 GiB/s 1.41 GiB/s 1.41 GiB/s]"; a "change:" block has a thrpt line in percent, skipped.
+CRITERION_THRPT = re.compile(r"thrpt:\s+\[\S+ \S+/s (\S+ \S+/s) \S+ \S+/s\]")
 
 
 def criterion(ctx):
@@ -341,8 +343,8 @@ def criterion(ctx):
                 name = match.group("name") or name
                 found.append({"name": name.strip(), "low": match.group(2), "estimate": match.group(3),
                               "high": match.group(4)})
-            elif "thrpt:" in line and found:
-                found[-1]["throughput"] = line.split("[")[1].split()[2] + " " + line.split("[")[1].split()[3]
+            elif CRITERION_THRPT.search(line) and found:
+                found[-1].setdefault("throughput", CRITERION_THRPT.search(line).group(1))
             elif line and not line[0].isspace() and "time:" not in line:
                 name = line.strip()
     return found
