@@ -1,0 +1,350 @@
+"""The scenarios of issue 8. Each takes the run context `ctx` (parameters, work directory, data
+manifest, the `Servers` of the run), returns result rows for the report and adds details
+(`ctx.details`) and raw figures (`ctx.raw`)."""
+import http.client, json, os, random, re, statistics, subprocess, threading, time
+from concurrent.futures import ThreadPoolExecutor
+
+from common import (MIB, auth, copy_with_prefix, curl, curl_multipart, curl_parallel, curl_times, download,
+                    http_multipart, peak_rss_mib, percentile, reset_peak_rss, summary, throughput, ttfb_ms,
+                    wrk_summary)
+from peers import TOKEN, cold_start_seconds
+from report import absolute, versus
+import dataset
+
+
+def upload_nix(port, cache, entries):
+    """PUTs each entry's NAR then its narinfo, as `nix copy` does, on one kept-alive connection
+    (with the API key: once a key exists, Nix uploads need one)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    for e in entries:
+        for path, file in ((f"/nar/{e['nar']}", f"{cache}/nar/{e['nar']}"),
+                           (f"/{e['hash']}.narinfo", f"{cache}/{e['hash']}.narinfo")):
+            with open(file, "rb") as f:
+                c.request("PUT", path, body=f, headers={**auth(TOKEN), "Content-Length": str(os.path.getsize(file))})
+                r = c.getresponse()
+                r.read()
+            if r.status != 200:
+                raise SystemExit(f"upload {path}: HTTP {r.status}")
+
+
+def p1_p2_hits(ctx):
+    """P2 narinfo hits (wrk) and P1 a big cached NAR (1 and 8 clients), nip vs nginx."""
+    m, nip, nginx = ctx.manifest, ctx.nip, ctx.nginx
+    upload_nix(nip.port, m["cache"], m["small"] + [m["medium"], m["big"]])
+    big = f"/nar/{m['big']['nar']}"
+    results = {}
+    for s in (nginx, nip):
+        results[s.name] = {"narinfo": wrk_summary(s.port, ctx.narinfos, ctx.duration, ctx.repeats),
+                           "big_1": summary([throughput(s.port, big, 1) for _ in range(ctx.repeats)]),
+                           "big_8": summary([throughput(s.port, big, 8) for _ in range(ctx.repeats)])}
+    ctx.raw["p1_p2"] = results
+    n, g = results["nip"], results["nginx"]
+    ctx.details.append(f"P2 narinfo p99 latency under wrk: nip {n['narinfo']['p99_ms']['median']:.1f} ms, nginx "
+                       f"{g['narinfo']['p99_ms']['median']:.1f} ms; non-2xx answers: nip {n['narinfo']['errors']}, "
+                       f"nginx {g['narinfo']['errors']}.")
+    mib = m["big"]["size"] // MIB
+    return [versus("P2", f"narinfo hits, {len(m['small'])} distinct, req/s", "req/s", n["narinfo"]["rps"],
+                   "nginx", g["narinfo"]["rps"], 0.8),
+            versus("P1", f"{mib} MiB cached NAR, 1 client", "MiB/s", n["big_1"], "nginx", g["big_1"], 0.9),
+            versus("P1", f"{mib} MiB cached NAR, 8 clients", "MiB/s", n["big_8"], "nginx", g["big_8"], 0.9)]
+
+
+def p2b_artifact_lookups(ctx):
+    """P2 `/v1/artifacts/{key}` lookups (wrk, with the bearer token), nip vs the Flask reference."""
+    keys = [f"bench-art-{i}" for i in range(ctx.artifacts)]
+    for s in (ctx.nip, ctx.flask):
+        for k in keys:
+            status = http_multipart(s.port, f"/v1/artifacts/{k}", os.urandom(512), TOKEN,
+                                    '{"name": "bench", "version": "1"}')
+            if status not in (200, 201):
+                raise SystemExit(f"{s.name}: upload {k}: HTTP {status}")
+    paths = f"{ctx.work}/artifact-paths.txt"
+    with open(paths, "w") as f:
+        f.writelines(f"/v1/artifacts/{k}\n" for k in keys)
+    results = {s.name: wrk_summary(s.port, paths, ctx.duration, ctx.repeats, TOKEN) for s in (ctx.flask, ctx.nip)}
+    ctx.raw["p2b"] = results
+    n, fl = results["nip"], results["flask"]
+    ctx.details.append(f"P2 `/v1/artifacts/{{key}}` lookups over {len(keys)} keys: p99 nip "
+                       f"{n['p99_ms']['median']:.1f} ms, Flask {fl['p99_ms']['median']:.1f} ms; non-2xx: nip "
+                       f"{n['errors']}, Flask {fl['errors']}.")
+    return [versus("P2", f"`/v1/artifacts/{{key}}` lookups, {len(keys)} keys, req/s", "req/s", n["rps"],
+                   "Flask", fl["rps"], 20)]
+
+
+def upstream_fetches(log, path):
+    """How many requests for path the upstream nginx logged."""
+    with open(log) as f:
+        return sum(1 for line in f if f" {path} HTTP/" in line)
+
+
+def concurrent_gets(port, path, clients):
+    """`clients` GETs of path released together; returns the sizes received."""
+    gate = threading.Barrier(clients)
+
+    def one(_):
+        gate.wait(30)
+        return download(port, path)[0]
+
+    with ThreadPoolExecutor(clients) as ex:
+        return list(ex.map(one, range(clients)))
+
+
+def ttfb_batch(port, paths):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    out = [ttfb_ms(c, p) for p in paths]
+    c.close()
+    return out
+
+
+def coalesced_fetches(proxy, log, m):
+    """50 identical concurrent misses through nip, for a narinfo and then (its narinfo known) a
+    16 MiB NAR: how many requests for each reached the upstream."""
+    fetches = {}
+    for label, entry, path in (("narinfo", m["small"][-1], f"/{m['small'][-1]['hash']}.narinfo"),
+                               ("NAR", m["medium"], f"/nar/{m['medium']['nar']}")):
+        if label == "NAR":
+            download(proxy.port, f"/{entry['hash']}.narinfo")
+        sizes = concurrent_gets(proxy.port, path, 50)
+        # nip adds its own signature to a narinfo: only a NAR has the upstream's size.
+        want = os.path.getsize(f"{m['cache']}{path}")
+        if label == "NAR" and any(s != want for s in sizes):
+            raise SystemExit(f"P3: a coalesced {label} download was short: {sorted(set(sizes))}")
+        fetches[label] = upstream_fetches(log, path)
+    return fetches
+
+
+def added_ttfb(ctx, upstream, proxy):
+    """Time to first byte of distinct narinfo and NAR misses through nip minus the same requests
+    sent to the upstream directly, in batches (one per repeat); returns (added ms per batch,
+    all samples)."""
+    entries = ctx.manifest["small"][:ctx.misses]
+    added = {"narinfo": [], "NAR": []}
+    samples = {"narinfo": {"direct": [], "nip": []}, "NAR": {"direct": [], "nip": []}}
+    for batch in (entries[i::ctx.repeats] for i in range(ctx.repeats)):
+        for label, paths in (("narinfo", [f"/{e['hash']}.narinfo" for e in batch]),
+                             ("NAR", [f"/nar/{e['nar']}" for e in batch])):
+            direct, through = ttfb_batch(upstream.port, paths), ttfb_batch(proxy.port, paths)
+            samples[label]["direct"] += direct
+            samples[label]["nip"] += through
+            added[label].append(statistics.median(through) - statistics.median(direct))
+    return added, samples
+
+
+def p3_misses(ctx):
+    """P3: misses through a fresh nip whose upstream is nginx with the signed cache, against the
+    same requests sent to that nginx directly; 50 identical concurrent misses; one big NAR miss."""
+    m = ctx.manifest
+    log = f"{ctx.work}/upstream-access.log"
+    upstream = ctx.servers.nginx("upstream", m["cache"], access_log=log)
+    proxy = ctx.servers.nip("nip-proxy", m["public_key"], upstream=f"http://127.0.0.1:{upstream.port}")
+    coalesced = coalesced_fetches(proxy, log, m)
+    added, samples = added_ttfb(ctx, upstream, proxy)
+    download(proxy.port, f"/{m['big']['hash']}.narinfo")
+    big = f"/nar/{m['big']['nar']}"
+    direct = curl_times([f"http://127.0.0.1:{upstream.port}{big}"])
+    through = curl_times([f"http://127.0.0.1:{proxy.port}{big}"])
+    ctx.servers.stop(proxy)
+    ctx.servers.stop(upstream)
+    ctx.raw["p3"] = {"added_ttfb_ms": added, "coalesced_upstream_fetches": coalesced,
+                     "big_miss_curl_s": {"direct": direct, "nip": through}}
+    for label, s in samples.items():
+        ctx.details.append(
+            f"P3 {label} misses ({len(s['nip'])} distinct, sequential, kept-alive connection): time to first byte "
+            f"median {statistics.median(s['nip']):.2f} ms through nip vs {statistics.median(s['direct']):.2f} ms "
+            f"direct; p99 {percentile(s['nip'], 99):.2f} vs {percentile(s['direct'], 99):.2f} ms.")
+    mib = m["big"]["size"] // MIB
+    ctx.details.append(f"P3 a {mib} MiB NAR miss (curl, one run each): first byte after {through[0] * 1000:.1f} ms "
+                       f"through nip vs {direct[0] * 1000:.1f} ms direct; whole body {mib / through[1]:.0f} MiB/s "
+                       f"vs {mib / direct[1]:.0f} MiB/s direct.")
+    return [absolute("P3", "narinfo miss, added time to first byte", "ms", summary(added["narinfo"]), 5),
+            absolute("P3", "small NAR miss, added time to first byte", "ms", summary(added["NAR"]), 5),
+            absolute("P3", "50 identical concurrent narinfo misses: upstream fetches", "", coalesced["narinfo"], 1,
+                     exact=True),
+            absolute("P3", "50 identical concurrent 16 MiB NAR misses: upstream fetches", "", coalesced["NAR"], 1,
+                     exact=True)]
+
+
+def p4_memory(ctx):
+    """P4: nip's peak RSS while 16 clients download a big artifact and 4 upload one."""
+    nip, size = ctx.nip, ctx.p4_mib * MIB
+    file = f"{ctx.work}/p4.bin"
+    dataset.write_random(file, size)
+    curl_multipart(f"http://127.0.0.1:{nip.port}/v1/artifacts/p4-download", file, TOKEN)
+    url = f"http://127.0.0.1:{nip.port}/v1"
+    bearer = ["-H", f"Authorization: Bearer {TOKEN}"]
+    peaks, seconds = [], []
+    for r in range(ctx.heavy_repeats):
+        reset_peak_rss(nip.pid)
+        downloads = [bearer + [f"{url}/download/p4-download"] for _ in range(16)]
+        uploads = [bearer + ["-F", f"file=@{file}", "-F", "metadata={}", f"{url}/artifacts/p4-upload-{r}-{i}"]
+                   for i in range(4)]
+        seconds.append(curl_parallel(downloads + uploads)[0])
+        peaks.append(peak_rss_mib(nip.pid))
+    os.remove(file)
+    ctx.raw["p4"] = {"peak_rss_mib": peaks, "seconds": seconds}
+    ctx.details.append(f"P4 {ctx.p4_mib} MiB: 16 downloads of one artifact and 4 uploads (the same bytes under 4 "
+                       f"new keys each round) took {statistics.median(seconds):.1f} s; {ctx.heavy_repeats} round(s).")
+    return [absolute("P4", f"peak RSS, 16 downloads + 4 uploads of {ctx.p4_mib} MiB", "MiB", summary(peaks), 64)]
+
+
+def upload_series(ctx, base, tag, targets):
+    """Each repeat uploads fresh bytes (base with a new first 16 bytes) to every target in turn;
+    returns {name: summary of MiB/s} and nip's peak RSS over the series."""
+    mib = os.path.getsize(base) / MIB
+    speeds = {name: [] for name, _ in targets}
+    reset_peak_rss(ctx.nip.pid)
+    for r in range(ctx.repeats):
+        file = f"{ctx.work}/upload-{tag}.bin"
+        copy_with_prefix(base, file, os.urandom(16))
+        for name, upload in targets:
+            speeds[name].append(mib / upload(file, f"bench-{tag}-{r}"))
+        os.remove(file)
+    return {name: summary(v) for name, v in speeds.items()}, peak_rss_mib(ctx.nip.pid)
+
+
+def p5_uploads(ctx):
+    """P5: upload throughput, nip vs turborepo-remote-cache (64 MiB) and vs Flask (256 MiB)."""
+    nip, flask, turbo = ctx.nip, ctx.flask, ctx.turbo
+    multipart = lambda s: lambda file, key: curl_multipart(f"http://127.0.0.1:{s.port}/v1/artifacts/{key}", file, TOKEN)
+    turbo_put = lambda file, key: curl(["-H", f"Authorization: Bearer {TOKEN}", "-H",
+                                        "Content-Type: application/octet-stream", "-T", file,
+                                        f"http://127.0.0.1:{turbo.port}/v8/artifacts/{key}?teamId=bench"])
+    base = f"{ctx.work}/p5.bin"
+    dataset.write_random(base, 64 * MIB)
+    reset_peak_rss(turbo.pid)
+    small, rss_small = upload_series(ctx, base, "p5-turbo-64", [("nip", multipart(nip)), ("turborepo", turbo_put)])
+    turbo_rss = peak_rss_mib(turbo.pid)
+    dataset.write_random(base, ctx.p5_flask_mib * MIB)
+    large, rss_large = upload_series(ctx, base, f"p5-flask-{ctx.p5_flask_mib}", [("nip", multipart(nip)),
+                                                                          ("flask", multipart(flask))])
+    os.remove(base)
+    ctx.raw["p5"] = {"64": small, str(ctx.p5_flask_mib): large, "nip_peak_rss_mib": [rss_small, rss_large],
+                     "turborepo_peak_rss_mib": turbo_rss}
+    ctx.details.append(f"P5 nip's peak RSS: {rss_small:.0f} MiB during the 64 MiB uploads, {rss_large:.0f} MiB during "
+                       f"the {ctx.p5_flask_mib} MiB ones (flat means the same); turborepo-remote-cache peaked at "
+                       f"{turbo_rss:.0f} MiB (it buffers bodies in memory). Uploads with curl, multipart for nip and "
+                       "Flask, a plain PUT for turborepo-remote-cache.")
+    return [versus("P5", "64 MiB upload", "MiB/s", small["nip"], "turborepo", small["turborepo"], 1.5),
+            versus("P5", f"{ctx.p5_flask_mib} MiB upload", "MiB/s", large["nip"], "Flask", large["flask"], 3),
+            absolute("P5", f"peak RSS during the {ctx.p5_flask_mib} MiB uploads", "MiB", rss_large, 64)]
+
+
+def p6_big_index(ctx):
+    """P6: narinfo latency and cold start with a large index generated directly in SQLite."""
+    data_dir = f"{ctx.work}/nip-index-data"
+    # A first start creates the database (migrations).
+    first = ctx.servers.nip("nip-index", ctx.manifest["public_key"], data_dir=data_dir)
+    ctx.servers.stop(first)
+    t = time.perf_counter()
+    hashes = dataset.fill_narinfos(f"{data_dir}/db/db.sqlite", ctx.index_entries)
+    fill_seconds = time.perf_counter() - t
+    probe = f"/{random.choice(hashes)}.narinfo"
+    starts = []
+    for _ in range(ctx.repeats):
+        seconds, server = cold_start_seconds(ctx.servers, "nip-index", ctx.manifest["public_key"], data_dir, probe)
+        starts.append(seconds)
+        ctx.servers.stop(server)
+    server = ctx.servers.nip("nip-index", ctx.manifest["public_key"], data_dir=data_dir)
+    paths = f"{ctx.work}/index-paths.txt"
+    with open(paths, "w") as f:
+        f.writelines(f"/{h}.narinfo\n" for h in random.sample(hashes, min(10000, len(hashes))))
+    hits = wrk_summary(server.port, paths, ctx.duration, ctx.repeats)
+    sequential = sequential_p99(server.port, paths, ctx.repeats)
+    ctx.servers.stop(server)
+    ctx.raw["p6"] = {"entries": ctx.index_entries, "fill_seconds": fill_seconds, "cold_start_s": starts, "wrk": hits,
+                     "sequential_p99_ms": sequential}
+    if "p1_p2" in ctx.raw:  # the same measure on the small index of P1/P2, to see what size costs
+        small = sequential_p99(ctx.nip.port, ctx.narinfos, ctx.repeats)
+        ctx.details.append(f"P6 for comparison, one connection on the {len(ctx.manifest['small'])}-entry index of "
+                           f"P2: narinfo p99 {small['median']:.2f} ms (vs {sequential['median']:.2f} ms with "
+                           f"{ctx.index_entries} entries).")
+    ctx.details.append(f"P6 {ctx.index_entries} narinfo rows written with python sqlite3 in {fill_seconds:.0f} s "
+                       f"(NARs not stored, as after narinfo-only traffic); wrk over 10000 random ones: "
+                       f"{hits['rps']['median']:.0f} req/s, {hits['errors']} non-2xx. Cold start = exec to the "
+                       "first 200 on a narinfo, page cache warm (caches are not dropped on a shared machine).")
+    return [absolute("P6", f"narinfo p99 latency, {ctx.index_entries} entries, 1 connection", "ms", sequential, 2),
+            absolute("P6", f"narinfo p99 latency, {ctx.index_entries} entries, wrk 50 connections", "ms",
+                     hits["p99_ms"], 2),
+            absolute("P6", f"cold start to first 200, {ctx.index_entries} entries", "s", summary(starts), 1)]
+
+
+def sequential_p99(port, paths_file, repeats, count=2000):
+    """p99 latency (ms) of `count` narinfo GETs one after another on one kept-alive connection,
+    so queueing behind other clients is left out; one figure per repeat."""
+    with open(paths_file) as f:
+        paths = [line.strip() for line in f][:count]
+    return summary([percentile(ttfb_batch(port, paths), 99) for _ in range(repeats)])
+
+
+def nip_build(ctx, home, recipes):
+    """Runs `nip build bigart --json` as a user with this HOME; returns (seconds, parsed JSON)."""
+    env = {**os.environ, "HOME": home, "XDG_CONFIG_HOME": f"{home}/.config", "XDG_CACHE_HOME": f"{home}/.cache",
+           "XDG_DATA_HOME": f"{home}/.local/share", "NIP_RECIPES_PATH": recipes,
+           "NIP_REMOTE_CACHE_URL": f"http://127.0.0.1:{ctx.nip.port}", "NIP_REMOTE_CACHE_API_KEY": TOKEN,
+           "NIP_REMOTE_CACHE_ENABLED": "true"}
+    os.makedirs(home, exist_ok=True)
+    t = time.perf_counter()
+    out = subprocess.run([ctx.nip_binary, "build", "bigart", "--json"], env=env, cwd=home, capture_output=True,
+                         text=True, timeout=600)
+    seconds = time.perf_counter() - t
+    if out.returncode != 0:
+        raise SystemExit(f"nip build: exit {out.returncode}: {out.stderr.strip()[-500:]}")
+    return seconds, json.loads(out.stdout)
+
+
+def p7_client(ctx):
+    """P7: `nip build` of a 100 MiB artifact: a local hit, and a remote hit against curl of the same bytes."""
+    root = f"{ctx.work}/p7"
+    recipes = f"{root}/recipes"
+    os.makedirs(recipes, exist_ok=True)
+    with open(f"{recipes}/bigart.toml", "w") as f:
+        f.write(f'name = "bigart"\nversion = "1.0"\ndescription = "{ctx.p7_mib} MiB of random bytes"\n'
+                f"build = 'head -c {ctx.p7_mib * MIB} /dev/urandom > \"$OUT/blob\"'\n")
+    _, built = nip_build(ctx, f"{root}/a", recipes)
+    if built["source"] != "built":
+        raise SystemExit(f"P7: first build came from {built['source']}")
+    local, remote, plain = [], [], []
+    for r in range(ctx.repeats):
+        seconds, out = nip_build(ctx, f"{root}/a", recipes)
+        assert out["source"] == "local", out
+        local.append(seconds * 1000)
+        seconds, out = nip_build(ctx, f"{root}/b{r}", recipes)
+        assert out["source"] == "remote", out
+        remote.append(seconds)
+        plain.append(curl(["-H", f"Authorization: Bearer {TOKEN}", "-o", f"{root}/b{r}/curl.bin",
+                           f"http://127.0.0.1:{ctx.nip.port}/v1/download/{built['key']}"]))
+        subprocess.run(["rm", "-rf", f"{root}/b{r}"], check=True)
+    ctx.raw["p7"] = {"local_ms": local, "remote_s": remote, "curl_s": plain}
+    ctx.details.append(f"P7 `nip build` is timed as a process (start to exit), each remote hit on a fresh HOME; "
+                       f"curl writes the same {ctx.p7_mib} MiB to a file; nip also checks the SHA-256 and unpacks.")
+    return [absolute("P7", f"`nip build`, local hit, {ctx.p7_mib} MiB artifact", "ms", summary(local), 50),
+            versus("P7", f"`nip build`, remote hit, {ctx.p7_mib} MiB artifact", "s", summary(remote), "curl",
+                   summary(plain), 1.5, lower_is_better=True)]
+
+
+CRITERION_LINE = re.compile(r"^(?P<name>\S.*?)?\s+time:\s+\[(\S+ \S+) (\S+ \S+) (\S+ \S+)\]")
+# "thrpt:  [1.40 GiB/s 1.41 GiB/s 1.41 GiB/s]"; a "change:" block has a thrpt line in percent, skipped.
+CRITERION_THRPT = re.compile(r"thrpt:\s+\[\S+ \S+/s (\S+ \S+/s) \S+ \S+/s\]")
+
+
+def criterion(ctx):
+    """Runs the criterion benches in their bounded mode (--quick, 1 s warm-up, at most 2 s of
+    measurement each) and reads the estimates from their output."""
+    found, name = [], None
+    for package, bench in (("nip-core", "core"), ("nip-client", "cache_key")):
+        out = subprocess.run(["nice", "cargo", "bench", "--locked", "-q", "-p", package, "--bench", bench, "--",
+                              "--quick", "--noplot", "--warm-up-time", "1", "--measurement-time", "2"],
+                             cwd=ctx.root, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise SystemExit(f"cargo bench -p {package}: {out.stderr[-1000:]}")
+        for line in out.stdout.splitlines():
+            match = CRITERION_LINE.match(line)
+            if match:
+                name = match.group("name") or name
+                found.append({"name": name.strip(), "low": match.group(2), "estimate": match.group(3),
+                              "high": match.group(4)})
+            elif CRITERION_THRPT.search(line) and found:
+                found[-1].setdefault("throughput", CRITERION_THRPT.search(line).group(1))
+            elif line and not line[0].isspace() and "time:" not in line:
+                name = line.strip()
+    return found
