@@ -20,7 +20,14 @@ fn keys(c: &mut Criterion) {
     let recipe = parse(path, RECIPE).unwrap();
     let variants = vec!["python".to_string(), "ruby".to_string()];
     c.bench_function("cache_key/digest", |b| {
-        b.iter(|| cache_key(black_box(&recipe), Some("0f3a"), black_box(&variants), "linux-x86_64"))
+        b.iter(|| {
+            cache_key(
+                black_box(&recipe),
+                Some("0f3a"),
+                black_box(&variants),
+                "linux-x86_64",
+            )
+        })
     });
     let args = vec!["+ruby".to_string(), "+python".to_string()];
     c.bench_function("cache_key/parse_recipe_and_digest", |b| {

@@ -129,7 +129,7 @@ pub fn build(client: &Client, opts: &BuildOptions) -> Result<BuildResult> {
 
     // 1. Local cache.
     if let Some(meta) = client.local.get(&key) {
-        match use_artifact(client, &meta, &pkgs) {
+        match use_artifact(client, &meta, &pkgs, Verified::No) {
             Ok(path) => {
                 client.log(hit_op("local", &meta));
                 return Ok(finish(&meta, Source::Local, path, false));
@@ -159,18 +159,21 @@ pub fn build(client: &Client, opts: &BuildOptions) -> Result<BuildResult> {
             created: info.created_at.clone(),
         };
         match client.fetch(&key, &fallback) {
-            Fetch::Hit(meta) => match use_artifact(client, &meta, &pkgs) {
-                Ok(path) => {
-                    client.log(hit_op("remote", &meta));
-                    return Ok(finish(&meta, Source::Remote, path, false));
+            // The download was hashed as it streamed in: no second pass over the archive.
+            Fetch::Hit(meta) => {
+                match use_artifact(client, &meta, &pkgs, Verified::JustDownloaded) {
+                    Ok(path) => {
+                        client.log(hit_op("remote", &meta));
+                        return Ok(finish(&meta, Source::Remote, path, false));
+                    }
+                    Err(e) => {
+                        warn(&format!(
+                            "Remote artifact {key} cannot be used, discarded: {e}"
+                        ));
+                        client.local.remove(&key);
+                    }
                 }
-                Err(e) => {
-                    warn(&format!(
-                        "Remote artifact {key} cannot be used, discarded: {e}"
-                    ));
-                    client.local.remove(&key);
-                }
-            },
+            }
             Fetch::Miss => {}
             Fetch::Failed if !client.config.policies.fallback_to_local => {
                 return Err(ClientError::BuildFailed {
@@ -230,13 +233,29 @@ pub fn build(client: &Client, opts: &BuildOptions) -> Result<BuildResult> {
     Ok(finish(&meta, Source::Built, path, uploaded))
 }
 
-/// Returns the unpacked package, verifying the archive first when it has to be unpacked.
-fn use_artifact(client: &Client, meta: &Metadata, pkgs: &Path) -> Result<PathBuf> {
+/// Whether the archive's SHA-256 was checked while it was written just now.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verified {
+    No,
+    JustDownloaded,
+}
+
+/// Returns the unpacked package, verifying the archive first when it has to be unpacked (unless
+/// it was verified while being downloaded).
+fn use_artifact(
+    client: &Client,
+    meta: &Metadata,
+    pkgs: &Path,
+    verified: Verified,
+) -> Result<PathBuf> {
     let done = pkgs.join(&meta.key);
     if done.is_dir() {
         return Ok(done);
     }
     let archive = client.local.artifact_path(&meta.key);
+    if verified == Verified::JustDownloaded {
+        return artifact::unpack(&archive, pkgs, &meta.key);
+    }
     let actual = artifact::file_sha256(&archive)?;
     if !actual.eq_ignore_ascii_case(&meta.sha256) {
         return Err(ClientError::Corrupt(

@@ -24,15 +24,22 @@ const NIXOS_KEY: &str = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGsp
 
 fn narinfo(c: &mut Criterion) {
     let info = NarInfo::parse(CURL).unwrap();
-    c.bench_function("narinfo/parse", |b| b.iter(|| NarInfo::parse(black_box(CURL)).unwrap()));
+    c.bench_function("narinfo/parse", |b| {
+        b.iter(|| NarInfo::parse(black_box(CURL)).unwrap())
+    });
     c.bench_function("narinfo/to_text", |b| b.iter(|| black_box(&info).to_text()));
-    c.bench_function("narinfo/fingerprint", |b| b.iter(|| black_box(&info).fingerprint()));
+    c.bench_function("narinfo/fingerprint", |b| {
+        b.iter(|| black_box(&info).fingerprint())
+    });
 }
 
 fn signatures(c: &mut Criterion) {
     let info = NarInfo::parse(CURL).unwrap();
     let keys = [PublicKey::parse(NIXOS_KEY).unwrap()];
-    assert!(verify_narinfo(&info, &keys).is_some(), "the fixture's signature must verify");
+    assert!(
+        verify_narinfo(&info, &keys).is_some(),
+        "the fixture's signature must verify"
+    );
     c.bench_function("signature/verify_narinfo", |b| {
         b.iter(|| verify_narinfo(black_box(&info), black_box(&keys)).is_some())
     });
@@ -47,7 +54,9 @@ fn sha256(c: &mut Criterion) {
     let data = vec![0x5au8; 1 << 20];
     let mut group = c.benchmark_group("hash");
     group.throughput(Throughput::Bytes(data.len() as u64));
-    group.bench_function("sha256_1MiB", |b| b.iter(|| Sha256::digest(black_box(&data))));
+    group.bench_function("sha256_1MiB", |b| {
+        b.iter(|| Sha256::digest(black_box(&data)))
+    });
     group.finish();
 }
 

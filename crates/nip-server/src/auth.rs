@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use base64::Engine;
-use nip_store::AuditEntry;
+use nip_store::{ApiKeyRecord, AuditEntry};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
@@ -267,7 +267,15 @@ impl AppState {
                 }));
             }
         }
-        let Some(rec) = self.meta.key_by_token_hash(&hash).await? else {
+        let rec = match self.key_cache.get(&hash) {
+            Some(rec) => rec,
+            None => {
+                let rec = self.meta.key_by_token_hash(&hash).await?;
+                self.key_cache.insert(&hash, rec.clone());
+                rec
+            }
+        };
+        let Some(rec) = rec else {
             return Ok(Err("unknown"));
         };
         if rec.revoked_at.is_some() {
@@ -491,5 +499,37 @@ mod tests {
         }
         assert_eq!(l.check("a"), Err(1));
         assert!(l.check("b").is_ok(), "buckets are per caller");
+    }
+}
+
+/// Keys looked up in the last [`KEY_CACHE_TTL`], by token hash, so a burst of requests with one
+/// key costs one database query. The short life keeps revocations (from any instance or from
+/// `nip keys revoke`) effective within a second; expiry is still checked on every request.
+pub const KEY_CACHE_TTL: Duration = Duration::from_millis(500);
+/// Entries at most; past it the cache starts over (random tokens cannot grow it without bound).
+const KEY_CACHE_MAX: usize = 10_000;
+
+#[derive(Default)]
+pub struct KeyCache {
+    map: Mutex<HashMap<String, (Option<ApiKeyRecord>, Instant)>>,
+}
+
+impl KeyCache {
+    fn get(&self, token_hash: &str) -> Option<Option<ApiKeyRecord>> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(token_hash)
+            .filter(|(_, at)| at.elapsed() < KEY_CACHE_TTL)
+            .map(|(rec, _)| rec.clone())
+    }
+
+    fn insert(&self, token_hash: &str, rec: Option<ApiKeyRecord>) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= KEY_CACHE_MAX {
+            map.retain(|_, (_, at)| at.elapsed() < KEY_CACHE_TTL);
+            if map.len() >= KEY_CACHE_MAX {
+                map.clear();
+            }
+        }
+        map.insert(token_hash.to_string(), (rec, Instant::now()));
     }
 }

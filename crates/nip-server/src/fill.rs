@@ -13,7 +13,6 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use nip_store::staging::read_at;
 use nip_store::{BlobKey, BlobStore, MetaStore, NarRecord, NarSource, StagedFile, Staging};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -268,28 +267,36 @@ impl Fills {
             return Err(fail(format!("HTTP {}", resp.status()), false));
         }
         let mut body = Box::pin(ctx.upstreams.body_stream(resp));
-        let mut hasher = Sha256::new();
-        let mut written: u64 = 0;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| fail(e.to_string(), written > 0))?;
-            if spec
-                .file_size
-                .is_some_and(|n| written + chunk.len() as u64 > n)
-            {
-                return Err(fail(
-                    "upstream sent more bytes than FileSize".into(),
-                    written > 0,
-                ));
+        let mut writer = nip_store::BatchedWriter::new(staged);
+        // Whether readers of the staged file (clients) may have been given bytes of this attempt.
+        let mut sent = false;
+        let received = async {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| e.to_string())?;
+                if spec
+                    .file_size
+                    .is_some_and(|n| writer.received() + chunk.len() as u64 > n)
+                {
+                    return Err("upstream sent more bytes than FileSize".to_string());
+                }
+                if let Some(on_disk) = writer.push(chunk).await.map_err(|e| e.to_string())? {
+                    sent = true;
+                    let _ = tx.send(FillState::Running { written: on_disk });
+                }
             }
-            hasher.update(&chunk);
-            let len = chunk.len() as u64;
-            staged
-                .append(chunk)
-                .await
-                .map_err(|e| fail(e.to_string(), written > 0))?;
-            written += len;
-            let _ = tx.send(FillState::Running { written });
+            writer.finish().await.map_err(|e| e.to_string())
         }
+        .await;
+        let (written, digest) = match received {
+            Ok(r) => r,
+            Err(message) => {
+                // Nobody saw these bytes: empty the file so the next source starts clean. If
+                // that fails, the fill cannot go on with another source.
+                let clean = !sent && writer.discard().await.is_ok();
+                return Err(fail(message, !clean));
+            }
+        };
+        let _ = tx.send(FillState::Running { written });
         if let Some(n) = spec.file_size {
             if written != n {
                 return Err(fail(
@@ -298,7 +305,6 @@ impl Fills {
                 ));
             }
         }
-        let digest: [u8; 32] = hasher.finalize().into();
         if digest != spec.sha256 {
             return Err(fail(
                 "bytes do not match the narinfo's FileHash".into(),
@@ -311,7 +317,8 @@ impl Fills {
 
 struct DownloadError {
     message: String,
-    /// Whether bytes already reached the staged file (and so possibly clients).
+    /// Whether clients may have been given bytes of this attempt (or the staged file could not
+    /// be emptied): then no other source may take over.
     bytes_sent: bool,
 }
 

@@ -56,6 +56,8 @@ pub struct Inner {
     pub negative: Mutex<HashMap<String, Instant>>,
     pub started_at: Instant,
     pub rate_limiter: Option<auth::RateLimiter>,
+    /// API keys recently looked up (half a second).
+    pub key_cache: auth::KeyCache,
     /// Reads since the last flush of access times (batched: no database write per hit).
     pub accessed: jobs::Accessed,
     pub stats: stats::Stats,
@@ -154,6 +156,7 @@ impl AppState {
             negative: Mutex::new(HashMap::new()),
             started_at: Instant::now(),
             hot_narinfos: hot::HotNarinfos::default(),
+            key_cache: auth::KeyCache::default(),
             instance_id: format!(
                 "{}-{}-{:08x}",
                 crate::config::default_hostname(),

@@ -26,7 +26,7 @@ pub use local::LocalBlobStore;
 pub use meta::{MetaError, MetaStore, NarInfoRecord, NarRecord, NarSource};
 pub use s3::{S3BlobStore, S3Config};
 pub use sql::{redacted_url, Backend, SqlMeta, SqliteMeta};
-pub use staging::{StagedFile, Staging};
+pub use staging::{BatchedWriter, StagedFile, Staging};
 
 /// Seconds since the Unix epoch; the index stores times as integers.
 pub fn unix_now() -> i64 {

@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use sha2::{Digest, Sha256};
+
 use crate::blob::StoreError;
 
 /// Directory where incoming bytes are staged (`--cache-temp-path`).
@@ -114,4 +116,170 @@ pub async fn read_at(
     })
     .await
     .map_err(std::io::Error::other)?
+}
+
+/// Most bytes collected while a write is in flight before the sender waits for it: network reads
+/// arrive in 8–64 KiB pieces, and a blocking-pool round trip each would cost more than the write.
+const WRITE_BATCH: usize = 512 * 1024;
+
+type BatchResult = Result<Sha256, std::io::Error>;
+
+/// Appends a stream of chunks to a staged file, hashing (SHA-256) as it writes. When no write is
+/// in flight, what has arrived is written at once (low latency for readers of the file); while one
+/// is, chunks are collected into the next batch (few blocking-pool round trips when bytes come
+/// fast), so receiving, hashing and writing overlap. At most two batches are in memory.
+pub struct BatchedWriter<'a> {
+    staged: &'a StagedFile,
+    pending: Vec<bytes::Bytes>,
+    pending_len: usize,
+    in_flight: Option<(tokio::task::JoinHandle<BatchResult>, u64)>,
+    hasher: Option<Sha256>,
+    received: u64,
+    on_disk: u64,
+}
+
+impl<'a> BatchedWriter<'a> {
+    pub fn new(staged: &'a StagedFile) -> Self {
+        BatchedWriter {
+            staged,
+            pending: Vec::new(),
+            pending_len: 0,
+            in_flight: None,
+            hasher: Some(Sha256::new()),
+            received: 0,
+            on_disk: 0,
+        }
+    }
+
+    /// Bytes received so far (written or about to be).
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Queues `chunk` and writes what it can. Returns the number of bytes now in the file when
+    /// that number moved (readers of the staged file may read that far).
+    pub async fn push(&mut self, chunk: bytes::Bytes) -> Result<Option<u64>, StoreError> {
+        let before = self.on_disk;
+        self.received += chunk.len() as u64;
+        self.pending_len += chunk.len();
+        self.pending.push(chunk);
+        let done = self
+            .in_flight
+            .as_ref()
+            .is_some_and(|(task, _)| task.is_finished());
+        if done || self.pending_len >= WRITE_BATCH {
+            self.wait_in_flight().await?;
+        }
+        if self.in_flight.is_none() {
+            self.start_batch();
+        }
+        Ok((self.on_disk != before).then_some(self.on_disk))
+    }
+
+    /// Writes what is left; returns the total size and the SHA-256 of everything pushed.
+    pub async fn finish(&mut self) -> Result<(u64, [u8; 32]), StoreError> {
+        self.wait_in_flight().await?;
+        if !self.pending.is_empty() {
+            self.start_batch();
+            self.wait_in_flight().await?;
+        }
+        let hasher = self.hasher.take().unwrap_or_default();
+        Ok((self.on_disk, hasher.finalize().into()))
+    }
+
+    /// Throws away everything pushed: waits for a write in flight (so none lands later), then
+    /// empties the file, ready to be written from the start again.
+    pub async fn discard(&mut self) -> Result<(), StoreError> {
+        if let Some((task, _)) = self.in_flight.take() {
+            // Its outcome no longer matters, only that it is over.
+            let _ = task.await;
+        }
+        let file = self.staged.file.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Seek, SeekFrom};
+            file.set_len(0)?;
+            (&*file).seek(SeekFrom::Start(0)).map(|_| ())
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+        .map_err(StoreError::from_io)?;
+        *self = BatchedWriter::new(self.staged);
+        Ok(())
+    }
+
+    fn start_batch(&mut self) {
+        let batch = std::mem::take(&mut self.pending);
+        let len = std::mem::take(&mut self.pending_len) as u64;
+        let file = self.staged.file.clone();
+        let mut hasher = self.hasher.take().unwrap_or_default();
+        let task = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            for b in &batch {
+                hasher.update(b);
+                (&*file).write_all(b)?;
+            }
+            Ok(hasher)
+        });
+        self.in_flight = Some((task, len));
+    }
+
+    async fn wait_in_flight(&mut self) -> Result<(), StoreError> {
+        if let Some((task, len)) = self.in_flight.take() {
+            let hasher = task
+                .await
+                .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+                .map_err(StoreError::from_io)?;
+            self.hasher = Some(hasher);
+            self.on_disk += len;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::Digest;
+
+    #[tokio::test]
+    async fn batched_writes_keep_every_byte_in_order_and_hash_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Staging::new(dir.path()).unwrap();
+        let staged = staging.create().await.unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut w = BatchedWriter::new(&staged);
+        let mut reported = 0;
+        for piece in data.chunks(10_007) {
+            if let Some(n) = w.push(bytes::Bytes::copy_from_slice(piece)).await.unwrap() {
+                assert!(n > reported && n <= w.received());
+                reported = n;
+            }
+        }
+        assert!(reported > 0, "nothing was written before the end");
+        let (size, digest) = w.finish().await.unwrap();
+        assert_eq!(size, data.len() as u64);
+        assert_eq!(digest, <[u8; 32]>::from(Sha256::digest(&data)));
+        assert_eq!(std::fs::read(staged.path()).unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn discard_empties_the_file_for_a_fresh_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let staged = Staging::new(dir.path()).unwrap().create().await.unwrap();
+        let mut w = BatchedWriter::new(&staged);
+        for _ in 0..40 {
+            w.push(bytes::Bytes::from(vec![7u8; 100_000]))
+                .await
+                .unwrap();
+        }
+        w.discard().await.unwrap();
+        assert_eq!(std::fs::metadata(staged.path()).unwrap().len(), 0);
+        w.push(bytes::Bytes::from_static(b"fresh")).await.unwrap();
+        let (size, digest) = w.finish().await.unwrap();
+        assert_eq!(
+            (size, digest),
+            (5, <[u8; 32]>::from(Sha256::digest(b"fresh")))
+        );
+        assert_eq!(std::fs::read(staged.path()).unwrap(), b"fresh");
+    }
 }

@@ -11,7 +11,6 @@ use nip_core::nar_file::NarFileName;
 use nip_core::narinfo::{NarInfo, MAX_NARINFO_SIZE};
 use nip_core::store_path::StorePathHash;
 use nip_store::{NarInfoRecord, NarRecord};
-use sha2::{Digest, Sha256};
 
 use crate::auth::{Caller, Scope};
 use crate::error::{ApiError, ApiResult};
@@ -101,22 +100,19 @@ async fn store_nar(
         .map_err(|e| ApiError::BadRequest(format!("invalid NAR file name: {e}")))?;
     let max = state.config.max_upload_size;
     let staged = state.staging.create().await?;
-    let mut hasher = Sha256::new();
-    let mut size: u64 = 0;
+    let mut writer = nip_store::BatchedWriter::new(&staged);
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk =
             chunk.map_err(|e| ApiError::BadRequest(format!("upload body ended early: {e}")))?;
-        size += chunk.len() as u64;
-        if size > max {
+        if writer.received() + chunk.len() as u64 > max {
             return Err(ApiError::PayloadTooLarge(format!(
                 "NAR larger than this server's limit of {max} bytes"
             )));
         }
-        hasher.update(&chunk);
-        staged.append(chunk).await?;
+        writer.push(chunk).await?;
     }
-    let digest: [u8; 32] = hasher.finalize().into();
+    let (size, digest) = writer.finish().await?;
     if nip_core::base32::encode(&digest) != name.hash() {
         return Err(ApiError::BadRequest(
             "the NAR's bytes do not match the file hash in its name; nothing was stored".into(),

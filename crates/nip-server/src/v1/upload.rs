@@ -9,7 +9,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nip_core::api::{UploadResult, HEADER_SHA256};
 use nip_store::{ArtifactRecord, PutArtifact, StagedFile};
-use sha2::{Digest, Sha256};
 
 use super::{artifact_blob_key, checked_key};
 use crate::auth::{Caller, Scope};
@@ -215,20 +214,18 @@ fn bad_multipart(e: axum::extract::multipart::MultipartError) -> ApiError {
 
 async fn receive_file(state: &AppState, mut field: Field<'_>, max: u64) -> ApiResult<Received> {
     let staged = state.staging.create().await?;
-    let mut hasher = Sha256::new();
-    let mut size: u64 = 0;
+    let mut writer = nip_store::BatchedWriter::new(&staged);
     while let Some(chunk) = field.chunk().await.map_err(bad_multipart)? {
-        size += chunk.len() as u64;
-        if size > max {
+        if writer.received() + chunk.len() as u64 > max {
             return Err(too_large(max));
         }
-        hasher.update(&chunk);
-        staged.append(chunk).await?;
+        writer.push(chunk).await?;
     }
+    let (size, digest) = writer.finish().await?;
     Ok(Received {
         staged,
         size,
-        sha256: hex::encode(hasher.finalize()),
+        sha256: hex::encode(digest),
     })
 }
 

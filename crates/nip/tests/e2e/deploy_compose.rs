@@ -62,7 +62,10 @@ fn deploy_compose_two_instances_share_database_bucket_and_key_and_nip_accepts_th
             .collect();
         let (raw, cfg) = check_serve(&what, &image_args(&svc["command"]), &env);
         for secret in ["NIP_S3_SECRET_ACCESS_KEY", "POSTGRES_PASSWORD"] {
-            assert!(!raw.contains(&vars[secret]), "{what}: {secret} printed\n{raw}");
+            assert!(
+                !raw.contains(&vars[secret]),
+                "{what}: {secret} printed\n{raw}"
+            );
         }
         // Only nginx is reached from outside; the instances' port is not published.
         assert!(svc.get("ports").is_none(), "{what}: publishes a port");
@@ -103,7 +106,10 @@ fn deploy_compose_two_instances_share_database_bucket_and_key_and_nip_accepts_th
         s(&pg["POSTGRES_DB"])
     );
     // Shown with the password masked (which assert_given_values_took_effect checks is the given one).
-    assert_eq!(cfg["cache.database-url"], nip_store::redacted_url(&url).as_str());
+    assert_eq!(
+        cfg["cache.database-url"],
+        nip_store::redacted_url(&url).as_str()
+    );
     assert_eq!(s(&pg["POSTGRES_PASSWORD"]), vars["POSTGRES_PASSWORD"]);
     // The bucket and access key are the ones create-bucket makes, on the minio service.
     let s3 = &cfg["cache.storage.s3"];
