@@ -4,5 +4,6 @@ pub mod base32;
 pub mod hash;
 pub mod nar_file;
 pub mod narinfo;
+pub mod redact;
 pub mod signing;
 pub mod store_path;

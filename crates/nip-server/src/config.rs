@@ -190,22 +190,7 @@ pub fn parse_upstream(raw: &str) -> Result<UpstreamConfig, String> {
     Ok(UpstreamConfig { url, priority })
 }
 
-/// A URL with any `user:password@` replaced by `***@`, for printing and logs.
-pub fn redact_userinfo(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((s, r)) => (Some(s), r),
-        None => (None, url),
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let rest = match rest[..authority_end].rfind('@') {
-        Some(at) => format!("***{}", &rest[at..]),
-        None => rest.to_string(),
-    };
-    match scheme {
-        Some(s) => format!("{s}://{rest}"),
-        None => rest,
-    }
-}
+pub use nip_core::redact::redact_userinfo;
 
 /// Parses `10.0.0.0/8`, `::1/128` or a single address (a /32 or /128 range).
 pub fn parse_cidr(v: &str) -> Option<ipnet::IpNet> {
@@ -255,7 +240,7 @@ impl ServeConfig {
         if nip_store::Backend::of_url(&database_url).is_err() {
             return Err(err("cache.database-url", format!(
                 "{:?}: use sqlite:PATH (e.g. sqlite:/var/lib/nip/db.sqlite) or postgres://USER@HOST/DB",
-                nip_store::redacted_url(&database_url)
+                redact_userinfo(&database_url)
             )));
         }
         let s3 = match one("cache.storage.s3.bucket").filter(|b| !b.is_empty()) {

@@ -228,7 +228,7 @@ impl Fills {
                     message,
                     bytes_sent,
                 }) => {
-                    tracing::warn!(url = %src.url, error = %message, "NAR download failed");
+                    tracing::warn!(url = %nip_core::redact::url_for_log(&src.url), error = %message, "NAR download failed");
                     if let Some(u) = &upstream {
                         u.record_failure(&message);
                     }

@@ -25,7 +25,7 @@ pub use lease::Leases;
 pub use local::LocalBlobStore;
 pub use meta::{MetaError, MetaStore, NarInfoRecord, NarRecord, NarSource};
 pub use s3::{S3BlobStore, S3Config};
-pub use sql::{redacted_url, Backend, SqlMeta, SqliteMeta};
+pub use sql::{Backend, SqlMeta, SqliteMeta};
 pub use staging::{BatchedWriter, StagedFile, Staging};
 
 /// Seconds since the Unix epoch; the index stores times as integers.

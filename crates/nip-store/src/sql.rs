@@ -21,22 +21,6 @@ pub enum Backend {
     Postgres,
 }
 
-/// The URL with any password replaced by `***`, for logs, errors and `--print-config`.
-pub fn redacted_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_string(),
-        },
-        None => url.to_string(),
-    }
-}
-
 impl Backend {
     pub fn of_url(url: &str) -> Result<Self, MetaError> {
         if url.starts_with("sqlite:") {
@@ -45,7 +29,7 @@ impl Backend {
             Ok(Backend::Postgres)
         } else {
             Err(MetaError::BadUrl {
-                url: redacted_url(url),
+                url: nip_core::redact::redact_userinfo(url),
                 reason: "use sqlite:PATH or postgres://USER@HOST/DB".into(),
             })
         }
@@ -406,26 +390,6 @@ impl MetaStore for SqlMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_are_redacted_from_database_urls() {
-        assert_eq!(
-            redacted_url("postgres://nip:s3cr%40t@db:5432/nip?sslmode=require"),
-            "postgres://nip:***@db:5432/nip?sslmode=require"
-        );
-        assert_eq!(
-            redacted_url("postgres://nip@db/nip"),
-            "postgres://nip@db/nip"
-        );
-        assert_eq!(
-            redacted_url("sqlite:/var/lib/nip/db.sqlite"),
-            "sqlite:/var/lib/nip/db.sqlite"
-        );
-        assert_eq!(
-            redacted_url("postgres://u:p@h/d?x=a@b"),
-            "postgres://u:***@h/d?x=a@b"
-        );
-    }
 
     fn rec(hash: &str, nar_file: &str) -> NarInfoRecord {
         NarInfoRecord {

@@ -87,7 +87,7 @@ async fn open_db(m: &ArgMatches) -> anyhow::Result<SqliteMeta> {
         .with_context(|| {
             format!(
                 "cannot open the database {}",
-                nip_store::redacted_url(&config.database_url)
+                nip_core::redact::redact_userinfo(&config.database_url)
             )
         })
 }
@@ -264,7 +264,7 @@ pub fn run_admin(m: &ArgMatches) -> anyhow::Result<()> {
         let config = load_config(m)?;
         let db = SqliteMeta::connect(&config.database_url)
             .await
-            .with_context(|| format!("cannot open the database {}", nip_store::redacted_url(&config.database_url)))?;
+            .with_context(|| format!("cannot open the database {}", nip_core::redact::redact_userinfo(&config.database_url)))?;
         match name {
             "gc" => {
                 let blobs = nip_server::open_blobs(&config)?;

@@ -39,7 +39,7 @@ fn up(m: &ArgMatches) -> anyhow::Result<()> {
     let config = load_config(m)?;
     let url = config.database_url.clone();
     // What is printed: never the password.
-    let shown = nip_store::redacted_url(&url);
+    let shown = nip_core::redact::redact_userinfo(&url);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -154,7 +154,7 @@ fn print_config(c: &ServeConfig) {
     let json = serde_json::json!({
         "cache.hostname": c.hostname,
         "cache.storage.local": c.data_path,
-        "cache.database-url": nip_store::redacted_url(&c.database_url),
+        "cache.database-url": nip_core::redact::redact_userinfo(&c.database_url),
         "cache.temp-path": c.temp_path,
         "cache.upstream.urls": c.upstreams.iter().map(|u| match u.priority {
             Some(p) => format!("{}?priority={p}", u.url),

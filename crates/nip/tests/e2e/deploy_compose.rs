@@ -108,7 +108,7 @@ fn deploy_compose_two_instances_share_database_bucket_and_key_and_nip_accepts_th
     // Shown with the password masked (which assert_given_values_took_effect checks is the given one).
     assert_eq!(
         cfg["cache.database-url"],
-        nip_store::redacted_url(&url).as_str()
+        nip_core::redact::redact_userinfo(&url).as_str()
     );
     assert_eq!(s(&pg["POSTGRES_PASSWORD"]), vars["POSTGRES_PASSWORD"]);
     // The bucket and access key are the ones create-bucket makes, on the minio service.

@@ -116,7 +116,7 @@ fn deploy_k8s_deployment_runs_two_replicas_with_probes_and_nip_accepts_its_setti
     let (_, cfg) = check_serve(test, &image_args(&c["args"]), &env);
     assert_eq!(
         cfg["cache.database-url"],
-        nip_store::redacted_url(secret["CACHE_DATABASE_URL"].as_str().unwrap()).as_str()
+        nip_core::redact::redact_userinfo(secret["CACHE_DATABASE_URL"].as_str().unwrap()).as_str()
     );
     assert_eq!(
         cfg["cache.storage.s3"]["bucket"],
