@@ -1,71 +1,106 @@
-//! Recently served narinfos kept in memory, so a hit costs no database round trip (narinfo hits
-//! are the bulk of a Nix cache's traffic). Bounded in bytes; entries live at most [`HOT_TTL`],
-//! which bounds how long another instance's delete or eviction can go unnoticed here. This
-//! instance's own writes and evictions drop entries at once.
+//! Recently served index entries kept in memory, so a hit costs no database round trip: narinfos
+//! (the bulk of a Nix cache's traffic) and `/v1` artifact lookups. Bounded in bytes; an entry
+//! lives at most its cache's time to live, which bounds how long another instance's delete or
+//! eviction can go unnoticed here. This instance's own writes and evictions drop entries at once.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nip_store::ArtifactRecord;
+
 /// How long a narinfo is served from memory before the database is asked again.
-pub const HOT_TTL: Duration = Duration::from_secs(30);
-/// Memory for narinfo texts (a narinfo is about 0.5–2 KiB: tens of thousands fit).
+pub const NARINFO_TTL: Duration = Duration::from_secs(30);
+/// Artifact lookups: shorter, since a lookup that outlives a delete elsewhere sends the client to
+/// a download that then answers 404 (downloads always ask the database).
+pub const ARTIFACT_TTL: Duration = Duration::from_secs(5);
+/// Memory for each cache's entries (a narinfo is about 0.5–2 KiB: tens of thousands fit).
 const HOT_MAX_BYTES: usize = 32 * 1024 * 1024;
 
-#[derive(Default)]
-pub struct HotNarinfos {
-    inner: Mutex<Hot>,
+/// What an entry costs in memory, roughly.
+pub trait Weigh {
+    fn weight(&self) -> usize;
 }
 
-#[derive(Default)]
-struct Hot {
-    map: HashMap<String, (Arc<str>, Instant)>,
+impl Weigh for Arc<str> {
+    fn weight(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Weigh for ArtifactRecord {
+    fn weight(&self) -> usize {
+        64 + self.key.len() + self.sha256.len() + self.metadata.len()
+    }
+}
+
+pub struct Hot<V> {
+    ttl: Duration,
+    inner: Mutex<Entries<V>>,
+}
+
+pub type HotNarinfos = Hot<Arc<str>>;
+pub type HotArtifacts = Hot<ArtifactRecord>;
+
+struct Entries<V> {
+    map: HashMap<String, (V, Instant)>,
     bytes: usize,
 }
 
-impl HotNarinfos {
-    pub fn get(&self, hash: &str) -> Option<Arc<str>> {
-        let mut hot = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        match hot.map.get(hash) {
-            Some((text, at)) if at.elapsed() < HOT_TTL => Some(text.clone()),
+impl<V: Clone + Weigh> Hot<V> {
+    pub fn new(ttl: Duration) -> Self {
+        Hot {
+            ttl,
+            inner: Mutex::new(Entries {
+                map: HashMap::new(),
+                bytes: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries<V>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, key: &str) -> Option<V> {
+        let mut hot = self.lock();
+        match hot.map.get(key) {
+            Some((v, at)) if at.elapsed() < self.ttl => Some(v.clone()),
             Some(_) => {
-                hot.remove(hash);
+                hot.remove(key);
                 None
             }
             None => None,
         }
     }
 
-    pub fn insert(&self, hash: &str, text: Arc<str>) {
-        let cost = hash.len() + text.len();
-        let mut hot = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        hot.remove(hash);
+    pub fn insert(&self, key: &str, v: V) {
+        let cost = key.len() + v.weight();
+        let mut hot = self.lock();
+        hot.remove(key);
         if hot.bytes + cost > HOT_MAX_BYTES {
             // Full: start over rather than track recency on every hit; refilling is cheap.
             hot.map.clear();
             hot.bytes = 0;
         }
         hot.bytes += cost;
-        hot.map.insert(hash.to_string(), (text, Instant::now()));
+        hot.map.insert(key.to_string(), (v, Instant::now()));
     }
 
-    pub fn forget(&self, hash: &str) {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(hash);
+    pub fn forget(&self, key: &str) {
+        self.lock().remove(key);
     }
 
     pub fn clear(&self) {
-        let mut hot = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut hot = self.lock();
         hot.map.clear();
         hot.bytes = 0;
     }
 }
 
-impl Hot {
-    fn remove(&mut self, hash: &str) {
-        if let Some((text, _)) = self.map.remove(hash) {
-            self.bytes -= hash.len() + text.len();
+impl<V: Weigh> Entries<V> {
+    fn remove(&mut self, key: &str) {
+        if let Some((v, _)) = self.map.remove(key) {
+            self.bytes -= key.len() + v.weight();
         }
     }
 }
@@ -75,8 +110,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn serves_until_forgotten_and_stays_bounded() {
-        let hot = HotNarinfos::default();
+    fn serves_until_forgotten_or_expired_and_stays_bounded() {
+        let hot = HotNarinfos::new(NARINFO_TTL);
         assert!(hot.get("a").is_none());
         hot.insert("a", Arc::from("text a"));
         assert_eq!(hot.get("a").as_deref(), Some("text a"));
@@ -88,10 +123,16 @@ mod tests {
         for i in 0..100 {
             hot.insert(&format!("h{i}"), big.clone());
         }
-        let hot_bytes = hot.inner.lock().unwrap().bytes;
+        let hot_bytes = hot.lock().bytes;
         assert!(hot_bytes <= HOT_MAX_BYTES, "{hot_bytes}");
         assert!(hot.get("h99").is_some(), "the newest entry is kept");
         hot.clear();
         assert!(hot.get("h99").is_none());
+
+        let short = HotNarinfos::new(Duration::from_millis(20));
+        short.insert("b", Arc::from("text b"));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(short.get("b").is_none(), "served after its time to live");
+        assert_eq!(short.lock().bytes, 0);
     }
 }

@@ -222,9 +222,12 @@ pub async fn eviction_pass(state: &AppState, max: u64) {
     match nip_store::gc::evict(state.meta.as_ref(), state.blobs.as_ref(), target, false).await {
         Ok(s) => {
             state.budget.set(s.usage_after);
+            // Which entries went is not reported: drop them all from memory.
             if s.narinfos > 0 {
-                // Which narinfos went is not reported: drop them all from memory.
                 state.hot_narinfos.clear();
+            }
+            if s.artifacts > 0 {
+                state.hot_artifacts.clear();
             }
             if s.nars + s.artifacts > 0 {
                 metrics::counter!("nip_evictions_total", "kind" => "nar").increment(s.nars);

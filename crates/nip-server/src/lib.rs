@@ -66,6 +66,8 @@ pub struct Inner {
     pub budget: Arc<budget::Budget>,
     /// Narinfos recently served, so hits skip the database.
     pub hot_narinfos: hot::HotNarinfos,
+    /// Artifact records recently looked up, so `/v1` lookups skip the database.
+    pub hot_artifacts: hot::HotArtifacts,
     /// Names this process in cluster-wide leases (host, pid, random: unique across restarts).
     pub instance_id: String,
 }
@@ -155,7 +157,8 @@ impl AppState {
             narinfo_lookups: Coalescer::default(),
             negative: Mutex::new(HashMap::new()),
             started_at: Instant::now(),
-            hot_narinfos: hot::HotNarinfos::default(),
+            hot_narinfos: hot::HotNarinfos::new(hot::NARINFO_TTL),
+            hot_artifacts: hot::HotArtifacts::new(hot::ARTIFACT_TTL),
             key_cache: auth::KeyCache::default(),
             instance_id: format!(
                 "{}-{}-{:08x}",

@@ -186,8 +186,7 @@ async fn serve_stored(
                 .header(header::CONTENT_ENCODING, "zstd")
                 .header(header::VARY, "Accept-Encoding")
                 .body(Body::from_stream(ReaderStream::with_capacity(
-                    encoder,
-                    ZSTD_CHUNK,
+                    encoder, ZSTD_CHUNK,
                 )))
                 .map_err(ApiError::internal)?,
         ));

@@ -50,9 +50,17 @@ pub async fn lookup(
 ) -> ApiResult<Json<ArtifactInfo>> {
     let key = checked_key(&key)?;
     caller.require(Scope::Read, Some(key))?;
-    let Some(rec) = state.meta.get_artifact(key).await? else {
-        state.stats.miss(crate::stats::Kind::Artifact);
-        return Err(not_found());
+    // Misses are not kept: an upload elsewhere must show at once.
+    let rec = match state.hot_artifacts.get(key) {
+        Some(rec) => rec,
+        None => {
+            let Some(rec) = state.meta.get_artifact(key).await? else {
+                state.stats.miss(crate::stats::Kind::Artifact);
+                return Err(not_found());
+            };
+            state.hot_artifacts.insert(key, rec.clone());
+            rec
+        }
     };
     let url = presigned(&state, &rec).await?;
     Ok(Json(ArtifactInfo {
@@ -155,7 +163,9 @@ pub async fn delete(
 
 /// Removes an artifact's row, then its bytes unless another key shares them.
 pub async fn delete_artifact(state: &AppState, key: &str) -> ApiResult<Option<ArtifactRecord>> {
-    let Some((rec, shared)) = state.meta.delete_artifact(key).await? else {
+    let deleted = state.meta.delete_artifact(key).await?;
+    state.hot_artifacts.forget(key);
+    let Some((rec, shared)) = deleted else {
         return Ok(None);
     };
     if !shared {

@@ -162,6 +162,7 @@ async fn receive_and_store(
         .await?
     {
         PutArtifact::Created => {
+            state.hot_artifacts.forget(key);
             state.budget.stored(file.size);
             state.stats.activity("artifact-upload", key);
             Ok((
