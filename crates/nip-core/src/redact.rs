@@ -1,8 +1,26 @@
 //! URLs made safe to print and log: credentials in the user-info part (`user:password@`, or a
 //! token as the user name) and query strings (signed or tokenised URLs) never leave the process.
 
-/// The URL with any `user:password@` (or `token@`) replaced by `***@`.
+/// The URL with any `user:password@` (or `token@`) replaced by `***@`, and the value of a
+/// `password=` query parameter (as PostgreSQL URLs may carry) by `***`.
 pub fn redact_userinfo(url: &str) -> String {
+    let masked = mask_userinfo(url);
+    match masked.split_once('?') {
+        Some((base, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{base}?{}", query.join("&"))
+        }
+        None => masked,
+    }
+}
+
+fn mask_userinfo(url: &str) -> String {
     let (scheme, rest) = match url.split_once("://") {
         Some((s, r)) => (Some(s), r),
         None => (None, url),
@@ -43,6 +61,10 @@ mod tests {
         );
         assert_eq!(redact_userinfo("https://token@h/"), "https://***@h/");
         assert_eq!(redact_userinfo("http://h:4317"), "http://h:4317");
+        assert_eq!(
+            redact_userinfo("postgres://db/nip?user=nip&password=hunter2&sslmode=require"),
+            "postgres://db/nip?user=nip&password=***&sslmode=require"
+        );
         assert_eq!(
             redact_userinfo("sqlite:/var/lib/nip/db.sqlite"),
             "sqlite:/var/lib/nip/db.sqlite"

@@ -287,31 +287,27 @@ impl Fills {
             writer.finish().await.map_err(|e| e.to_string())
         }
         .await;
-        let (written, digest) = match received {
-            Ok(r) => r,
+        // Checked before readers learn the final length, so a bad source whose bytes nobody saw
+        // yet can still be replaced by the next one.
+        let checked = received.and_then(|(written, digest)| match spec.file_size {
+            Some(n) if written != n => Err(format!("got {written} bytes, FileSize says {n}")),
+            _ if digest != spec.sha256 => {
+                Err("bytes do not match the narinfo's FileHash".to_string())
+            }
+            _ => Ok(written),
+        });
+        match checked {
+            Ok(written) => {
+                let _ = tx.send(FillState::Running { written });
+                Ok(written)
+            }
             Err(message) => {
                 // Nobody saw these bytes: empty the file so the next source starts clean. If
                 // that fails, the fill cannot go on with another source.
                 let clean = !sent && writer.discard().await.is_ok();
-                return Err(fail(message, !clean));
-            }
-        };
-        let _ = tx.send(FillState::Running { written });
-        if let Some(n) = spec.file_size {
-            if written != n {
-                return Err(fail(
-                    format!("got {written} bytes, FileSize says {n}"),
-                    written > 0,
-                ));
+                Err(fail(message, !clean))
             }
         }
-        if digest != spec.sha256 {
-            return Err(fail(
-                "bytes do not match the narinfo's FileHash".into(),
-                written > 0,
-            ));
-        }
-        Ok(written)
     }
 }
 

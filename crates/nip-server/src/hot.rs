@@ -3,6 +3,7 @@
 //! lives at most its cache's time to live, which bounds how long another instance's delete or
 //! eviction can go unnoticed here. This instance's own writes and evictions drop entries at once.
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,9 @@ impl Weigh for ArtifactRecord {
 pub struct Hot<V> {
     ttl: Duration,
     inner: Mutex<Entries<V>>,
+    /// Moves on every forget or clear: a value read from the database before a write must not
+    /// be stored after the write dropped the old one.
+    generation: AtomicU64,
 }
 
 pub type HotNarinfos = Hot<Arc<str>>;
@@ -54,7 +58,13 @@ impl<V: Clone + Weigh> Hot<V> {
                 map: HashMap::new(),
                 bytes: 0,
             }),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// Take this before reading the database; give it back to [`Hot::insert`].
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Entries<V>> {
@@ -73,9 +83,14 @@ impl<V: Clone + Weigh> Hot<V> {
         }
     }
 
-    pub fn insert(&self, key: &str, v: V) {
+    /// Keeps `v`, read from the database when the generation was `seen`, unless something was
+    /// forgotten since (then `v` may be what a concurrent write replaced or deleted).
+    pub fn insert(&self, key: &str, v: V, seen: u64) {
         let cost = key.len() + v.weight();
         let mut hot = self.lock();
+        if self.generation.load(Ordering::SeqCst) != seen {
+            return;
+        }
         hot.remove(key);
         if hot.bytes + cost > HOT_MAX_BYTES {
             // Full: start over rather than track recency on every hit; refilling is cheap.
@@ -87,11 +102,14 @@ impl<V: Clone + Weigh> Hot<V> {
     }
 
     pub fn forget(&self, key: &str) {
-        self.lock().remove(key);
+        let mut hot = self.lock();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        hot.remove(key);
     }
 
     pub fn clear(&self) {
         let mut hot = self.lock();
+        self.generation.fetch_add(1, Ordering::SeqCst);
         hot.map.clear();
         hot.bytes = 0;
     }
@@ -113,15 +131,15 @@ mod tests {
     fn serves_until_forgotten_or_expired_and_stays_bounded() {
         let hot = HotNarinfos::new(NARINFO_TTL);
         assert!(hot.get("a").is_none());
-        hot.insert("a", Arc::from("text a"));
+        hot.insert("a", Arc::from("text a"), hot.generation());
         assert_eq!(hot.get("a").as_deref(), Some("text a"));
-        hot.insert("a", Arc::from("text a2"));
+        hot.insert("a", Arc::from("text a2"), hot.generation());
         assert_eq!(hot.get("a").as_deref(), Some("text a2"));
         hot.forget("a");
         assert!(hot.get("a").is_none());
         let big: Arc<str> = Arc::from("x".repeat(1 << 20));
         for i in 0..100 {
-            hot.insert(&format!("h{i}"), big.clone());
+            hot.insert(&format!("h{i}"), big.clone(), hot.generation());
         }
         let hot_bytes = hot.lock().bytes;
         assert!(hot_bytes <= HOT_MAX_BYTES, "{hot_bytes}");
@@ -130,9 +148,18 @@ mod tests {
         assert!(hot.get("h99").is_none());
 
         let short = HotNarinfos::new(Duration::from_millis(20));
-        short.insert("b", Arc::from("text b"));
+        short.insert("b", Arc::from("text b"), short.generation());
         std::thread::sleep(Duration::from_millis(30));
         assert!(short.get("b").is_none(), "served after its time to live");
         assert_eq!(short.lock().bytes, 0);
+
+        // A value read before a concurrent write's forget is not kept.
+        let seen = short.generation();
+        short.forget("c");
+        short.insert("c", Arc::from("stale"), seen);
+        assert!(
+            short.get("c").is_none(),
+            "stale value stored after a forget"
+        );
     }
 }

@@ -26,6 +26,8 @@ struct Health {
 #[derive(Debug)]
 pub struct Upstream {
     pub url: Url,
+    /// The URL with any credentials masked: what logs, metrics and the index show.
+    name: String,
     configured_priority: Option<u32>,
     announced_priority: Mutex<Option<u32>>,
     health: Mutex<Health>,
@@ -33,7 +35,7 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn name(&self) -> &str {
-        self.url.as_str()
+        &self.name
     }
 
     /// Priority as Nix uses it: lower is preferred.
@@ -61,7 +63,7 @@ impl Upstream {
         h.consecutive_failures += 1;
         if h.consecutive_failures >= FAILURE_THRESHOLD {
             h.skip_until = Some(Instant::now() + SKIP_FOR);
-            tracing::warn!(upstream = %self.url, failures = h.consecutive_failures, %why,
+            tracing::warn!(upstream = %self.name, failures = h.consecutive_failures, %why,
                 "upstream keeps failing; skipping it for {}s", SKIP_FOR.as_secs());
         }
     }
@@ -138,8 +140,10 @@ impl Upstreams {
             .upstreams
             .iter()
             .map(|u| {
+                let url = Url::parse(&u.url)?;
                 Ok(Arc::new(Upstream {
-                    url: Url::parse(&u.url)?,
+                    name: crate::config::redact_userinfo(url.as_str()),
+                    url,
                     configured_priority: u.priority,
                     announced_priority: Mutex::new(None),
                     health: Mutex::default(),
@@ -211,11 +215,11 @@ impl Upstreams {
                         if let Some(p) = prio {
                             *u.announced_priority.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
                         }
-                        tracing::info!(upstream = %u.url, priority = u.priority(), "upstream ready");
+                        tracing::info!(upstream = %u.name(), priority = u.priority(), "upstream ready");
                     }
                 }
-                Ok(resp) => tracing::warn!(upstream = %u.url, status = %resp.status(), "upstream /nix-cache-info failed"),
-                Err(e) => tracing::warn!(upstream = %u.url, error = %e, "upstream /nix-cache-info unreachable"),
+                Ok(resp) => tracing::warn!(upstream = %u.name(), status = %resp.status(), "upstream /nix-cache-info failed"),
+                Err(e) => tracing::warn!(upstream = %u.name(), error = %e, "upstream /nix-cache-info unreachable"),
             }
         });
         futures::future::join_all(jobs).await;
@@ -297,7 +301,7 @@ impl Upstreams {
         let answers = futures::future::join_all(candidates.iter().map(|u| {
             // One span per upstream asked (an OTel client span with --otel-enabled).
             let span = tracing::info_span!("upstream narinfo",
-                upstream = %crate::config::redact_userinfo(u.name()),
+                upstream = %u.name(),
                 %hash,
                 result = tracing::field::Empty,
                 otel.kind = tracing::field::Empty,
@@ -336,10 +340,10 @@ impl Upstreams {
                 NarInfoAnswer::Rejected(why) => {
                     answered = true;
                     u.record_success();
-                    tracing::warn!(upstream = %u.url, %hash, %why, "ignoring upstream narinfo");
+                    tracing::warn!(upstream = %u.name(), %hash, %why, "ignoring upstream narinfo");
                 }
                 NarInfoAnswer::Failed(why) => {
-                    tracing::warn!(upstream = %u.url, %hash, %why, "upstream narinfo request failed");
+                    tracing::warn!(upstream = %u.name(), %hash, %why, "upstream narinfo request failed");
                     u.record_failure(&why);
                 }
             }

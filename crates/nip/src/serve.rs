@@ -156,9 +156,12 @@ fn print_config(c: &ServeConfig) {
         "cache.storage.local": c.data_path,
         "cache.database-url": nip_core::redact::redact_userinfo(&c.database_url),
         "cache.temp-path": c.temp_path,
-        "cache.upstream.urls": c.upstreams.iter().map(|u| match u.priority {
-            Some(p) => format!("{}?priority={p}", u.url),
-            None => u.url.clone(),
+        "cache.upstream.urls": c.upstreams.iter().map(|u| {
+            let url = nip_server::config::redact_userinfo(&u.url);
+            match u.priority {
+                Some(p) => format!("{url}?priority={p}"),
+                None => url,
+            }
         }).collect::<Vec<_>>(),
         "cache.upstream.public-keys": c.upstream_public_keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
         "cache.sign-narinfo": c.sign_narinfo,

@@ -57,10 +57,11 @@ async fn narinfo(
     let text = match state.hot_narinfos.get(hash.as_str()) {
         Some(text) => Some(text),
         None => {
+            let seen = state.hot_narinfos.generation();
             let rec = state.meta.get_narinfo(hash.as_str()).await?;
             rec.map(|rec| {
                 let text = Arc::<str>::from(rec.narinfo);
-                state.hot_narinfos.insert(hash.as_str(), text.clone());
+                state.hot_narinfos.insert(hash.as_str(), text.clone(), seen);
                 text
             })
         }
@@ -144,7 +145,6 @@ async fn fetch_and_store(state: AppState, hash: StorePathHash) -> crate::NarInfo
         .put_narinfo(&record, &sources)
         .await
         .map_err(|e| Arc::<str>::from(e.to_string()))?;
-    state.hot_narinfos.forget(hash.as_str());
     state
         .stats
         .activity("narinfo-fetch", record.store_path.clone());

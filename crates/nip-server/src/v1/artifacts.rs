@@ -26,15 +26,23 @@ pub fn download_url(key: &str) -> String {
 pub const PRESIGN_TTL: std::time::Duration = std::time::Duration::from_secs(900);
 
 /// With `--s3-presign-downloads`, a presigned URL of the artifact's bytes. The download then
-/// bypasses this server, so it counts as an access now (for retention and LRU).
+/// bypasses this server, so it counts as an access now (for retention and LRU). When signing
+/// fails (e.g. credentials not fetched yet), `None`: the bytes go through this server instead.
 pub async fn presigned(state: &AppState, rec: &ArtifactRecord) -> ApiResult<Option<String>> {
     if !state.config.s3_presign_downloads {
         return Ok(None);
     }
-    let url = state
+    let url = match state
         .blobs
         .presigned_get(&artifact_blob_key(&rec.sha256)?, PRESIGN_TTL)
-        .await?;
+        .await
+    {
+        Ok(url) => url,
+        Err(e) => {
+            tracing::warn!(key = %rec.key, error = %e, "cannot presign a download URL; serving the bytes directly");
+            None
+        }
+    };
     if url.is_some() {
         crate::jobs::Accessed::note(&state.accessed.artifacts, &rec.key);
         state.stats.hit(crate::stats::Kind::Artifact);
@@ -54,11 +62,12 @@ pub async fn lookup(
     let rec = match state.hot_artifacts.get(key) {
         Some(rec) => rec,
         None => {
+            let seen = state.hot_artifacts.generation();
             let Some(rec) = state.meta.get_artifact(key).await? else {
                 state.stats.miss(crate::stats::Kind::Artifact);
                 return Err(not_found());
             };
-            state.hot_artifacts.insert(key, rec.clone());
+            state.hot_artifacts.insert(key, rec.clone(), seen);
             rec
         }
     };
