@@ -74,8 +74,7 @@ fn deploy_k8s_deployment_runs_two_replicas_with_probes_and_nip_accepts_its_setti
     // The image's user (USER in the Dockerfile) is the pod's.
     let user = dockerfile()
         .into_iter()
-        .filter(|(op, _)| op == "USER")
-        .last()
+        .rfind(|(op, _)| op == "USER")
         .unwrap()
         .1;
     assert_eq!(
@@ -301,8 +300,7 @@ fn deploy_dockerfile_builds_nip_in_two_stages_runs_as_non_root_and_its_healthche
     );
     let last = |op: &str| {
         ins.iter()
-            .filter(|(o, _)| o == op)
-            .last()
+            .rfind(|(o, _)| o == op)
             .map(|(_, r)| r.clone())
             .unwrap_or_default()
     };

@@ -269,8 +269,7 @@ pub fn dockerfile() -> Vec<(String, String)> {
 pub fn entrypoint() -> Vec<String> {
     let ep = dockerfile()
         .into_iter()
-        .filter(|(op, _)| op == "ENTRYPOINT")
-        .last()
+        .rfind(|(op, _)| op == "ENTRYPOINT")
         .expect("ENTRYPOINT")
         .1;
     serde_json::from_str(&ep).expect("ENTRYPOINT in exec form")
