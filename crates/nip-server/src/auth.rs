@@ -270,8 +270,9 @@ impl AppState {
         let rec = match self.key_cache.get(&hash) {
             Some(rec) => rec,
             None => {
+                let seen = self.key_cache.generation();
                 let rec = self.meta.key_by_token_hash(&hash).await?;
-                self.key_cache.insert(&hash, rec.clone());
+                self.key_cache.insert(&hash, rec.clone(), seen);
                 rec
             }
         };
@@ -357,6 +358,16 @@ impl RateLimiter {
         }
     }
 }
+
+/// Keys looked up in the last [`KEY_CACHE_TTL`], by token hash, so a burst of requests with one
+/// key costs one database query. The short life keeps revocations (from any instance or from
+/// `nip keys revoke`) effective within a second; expiry is still checked on every request.
+pub const KEY_CACHE_TTL: Duration = Duration::from_millis(500);
+/// Memory for looked-up keys (about 10 000 of them); past it the cache starts over, so random
+/// tokens cannot grow it without bound.
+pub const KEY_CACHE_MAX_BYTES: usize = 2 * 1024 * 1024;
+
+pub type KeyCache = crate::hot::Hot<Option<ApiKeyRecord>>;
 
 #[cfg(test)]
 mod tests {
@@ -499,37 +510,5 @@ mod tests {
         }
         assert_eq!(l.check("a"), Err(1));
         assert!(l.check("b").is_ok(), "buckets are per caller");
-    }
-}
-
-/// Keys looked up in the last [`KEY_CACHE_TTL`], by token hash, so a burst of requests with one
-/// key costs one database query. The short life keeps revocations (from any instance or from
-/// `nip keys revoke`) effective within a second; expiry is still checked on every request.
-pub const KEY_CACHE_TTL: Duration = Duration::from_millis(500);
-/// Entries at most; past it the cache starts over (random tokens cannot grow it without bound).
-const KEY_CACHE_MAX: usize = 10_000;
-
-#[derive(Default)]
-pub struct KeyCache {
-    map: Mutex<HashMap<String, (Option<ApiKeyRecord>, Instant)>>,
-}
-
-impl KeyCache {
-    fn get(&self, token_hash: &str) -> Option<Option<ApiKeyRecord>> {
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(token_hash)
-            .filter(|(_, at)| at.elapsed() < KEY_CACHE_TTL)
-            .map(|(rec, _)| rec.clone())
-    }
-
-    fn insert(&self, token_hash: &str, rec: Option<ApiKeyRecord>) {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= KEY_CACHE_MAX {
-            map.retain(|_, (_, at)| at.elapsed() < KEY_CACHE_TTL);
-            if map.len() >= KEY_CACHE_MAX {
-                map.clear();
-            }
-        }
-        map.insert(token_hash.to_string(), (rec, Instant::now()));
     }
 }

@@ -1,5 +1,5 @@
 //! Recently served index entries kept in memory, so a hit costs no database round trip: narinfos
-//! (the bulk of a Nix cache's traffic) and `/v1` artifact lookups. Bounded in bytes; an entry
+//! (the bulk of a Nix cache's traffic), `/v1` artifact lookups and API keys. Bounded in bytes; an entry
 //! lives at most its cache's time to live, which bounds how long another instance's delete or
 //! eviction can go unnoticed here. This instance's own writes and evictions drop entries at once.
 use std::collections::HashMap;
@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nip_store::ArtifactRecord;
+use nip_store::{ApiKeyRecord, ArtifactRecord};
 
 /// How long a narinfo is served from memory before the database is asked again.
 pub const NARINFO_TTL: Duration = Duration::from_secs(30);
@@ -34,8 +34,18 @@ impl Weigh for ArtifactRecord {
     }
 }
 
+/// A looked-up API key, or the answer that there is none.
+impl Weigh for Option<ApiKeyRecord> {
+    fn weight(&self) -> usize {
+        64 + self.as_ref().map_or(0, |k| {
+            k.name.len() + k.scope.len() + k.prefix.as_ref().map_or(0, String::len)
+        })
+    }
+}
+
 pub struct Hot<V> {
     ttl: Duration,
+    max_bytes: usize,
     inner: Mutex<Entries<V>>,
     /// Moves on every forget or clear: a value read from the database before a write must not
     /// be stored after the write dropped the old one.
@@ -52,8 +62,13 @@ struct Entries<V> {
 
 impl<V: Clone + Weigh> Hot<V> {
     pub fn new(ttl: Duration) -> Self {
+        Self::with_max_bytes(ttl, HOT_MAX_BYTES)
+    }
+
+    pub fn with_max_bytes(ttl: Duration, max_bytes: usize) -> Self {
         Hot {
             ttl,
+            max_bytes,
             inner: Mutex::new(Entries {
                 map: HashMap::new(),
                 bytes: 0,
@@ -92,7 +107,7 @@ impl<V: Clone + Weigh> Hot<V> {
             return;
         }
         hot.remove(key);
-        if hot.bytes + cost > HOT_MAX_BYTES {
+        if hot.bytes + cost > self.max_bytes {
             // Full: start over rather than track recency on every hit; refilling is cheap.
             hot.map.clear();
             hot.bytes = 0;

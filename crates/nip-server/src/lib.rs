@@ -159,7 +159,10 @@ impl AppState {
             started_at: Instant::now(),
             hot_narinfos: hot::HotNarinfos::new(hot::NARINFO_TTL),
             hot_artifacts: hot::HotArtifacts::new(hot::ARTIFACT_TTL),
-            key_cache: auth::KeyCache::default(),
+            key_cache: auth::KeyCache::with_max_bytes(
+                auth::KEY_CACHE_TTL,
+                auth::KEY_CACHE_MAX_BYTES,
+            ),
             instance_id: format!(
                 "{}-{}-{:08x}",
                 crate::config::default_hostname(),

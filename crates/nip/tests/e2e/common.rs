@@ -214,10 +214,8 @@ pub fn tool_available(tool: &str, test: &str) -> bool {
 /// Reports a missing tool: a failure when the test command requires the tools (NIP_REQUIRE_TOOLS=1
 /// or CI=true), else a skip message. `install` says how ./scripts/test.sh installs it.
 pub fn tool_missing(tool: &str, test: &str, install: &str) {
-    let required =
-        std::env::var("CI").as_deref() == Ok("true") || std::env::var("NIP_REQUIRE_TOOLS").is_ok();
     assert!(
-        !required,
+        !components_required(),
         "{test}: {tool} is missing; ./scripts/test.sh installs it ({install})"
     );
     eprintln!("{test}: SKIPPED: {tool} is missing (run ./scripts/test.sh to install it)");

@@ -17,24 +17,24 @@ struct Postgres {
 }
 
 impl Postgres {
+    /// `scripts/run-postgres.sh PORT DIR cmd` for this cluster.
+    fn script(&self, cmd: &str) -> Command {
+        let mut c = Command::new(repo_root().join("scripts/run-postgres.sh"));
+        c.arg(self.port.to_string())
+            .arg(&self.dir)
+            .arg(cmd)
+            .env("PG_FAST", "1");
+        c
+    }
+
     fn ctl(&self, cmd: &str) -> String {
-        run_ok(
-            Command::new(repo_root().join("scripts/run-postgres.sh"))
-                .arg(self.port.to_string())
-                .arg(&self.dir)
-                .arg(cmd)
-                .env("PG_FAST", "1"),
-        )
+        run_ok(&mut self.script(cmd))
     }
 }
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        let _ = Command::new(repo_root().join("scripts/run-postgres.sh"))
-            .arg(self.port.to_string())
-            .arg(&self.dir)
-            .arg("stop")
-            .output();
+        let _ = self.script("stop").output();
     }
 }
 
