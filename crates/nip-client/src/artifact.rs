@@ -112,27 +112,51 @@ pub fn unpack(archive: &Path, pkgs: &Path, key: &str) -> Result<PathBuf> {
     if dest.is_dir() {
         return Ok(dest);
     }
+    let f = std::fs::File::open(archive).map_err(io_ctx(format!("open {}", archive.display())))?;
+    unpack_stream(f, pkgs, key)?.publish()
+}
+
+/// A package unpacked into a temp directory beside its final place, not yet visible there.
+/// Dropped without `publish`, it is removed.
+pub struct Unpacked {
+    tmp: tempfile::TempDir,
+    dest: PathBuf,
+}
+
+impl Unpacked {
+    /// Renames the package into `<pkgs>/<key>` and returns that path.
+    pub fn publish(self) -> Result<PathBuf> {
+        let kept = self.tmp.keep();
+        if let Err(e) = std::fs::rename(&kept, &self.dest) {
+            let _ = std::fs::remove_dir_all(&kept);
+            // Someone else unpacked it concurrently: theirs is as good as ours.
+            if !self.dest.is_dir() {
+                return Err(io_ctx(format!("rename into {}", self.dest.display()))(e));
+            }
+        }
+        Ok(self.dest)
+    }
+}
+
+/// Unpacks a `tar.zst` stream into a temp directory in `pkgs`, to be published as `<pkgs>/<key>`
+/// by the caller once it trusts the bytes (e.g. while a download is still being hashed).
+pub fn unpack_stream(archive: impl std::io::Read, pkgs: &Path, key: &str) -> Result<Unpacked> {
     std::fs::create_dir_all(pkgs).map_err(io_ctx(format!("create {}", pkgs.display())))?;
     let tmp = tempfile::Builder::new()
         .prefix(".unpack-")
         .tempdir_in(pkgs)
         .map_err(io_ctx(format!("create a directory in {}", pkgs.display())))?;
-    let f = std::fs::File::open(archive).map_err(io_ctx(format!("open {}", archive.display())))?;
-    let dec = zstd::Decoder::new(f).map_err(io_ctx(format!("read {}", archive.display())))?;
+    let corrupt =
+        |e: std::io::Error| ClientError::Corrupt(key.to_string(), format!("cannot unpack: {e}"));
+    let dec = zstd::Decoder::new(archive).map_err(corrupt)?;
     let mut ar = tar::Archive::new(dec);
     ar.set_preserve_permissions(true);
     // `unpack` refuses entries that would land outside the target directory.
-    ar.unpack(tmp.path())
-        .map_err(|e| ClientError::Corrupt(key.to_string(), format!("cannot unpack: {e}")))?;
-    let kept = tmp.keep();
-    if let Err(e) = std::fs::rename(&kept, &dest) {
-        let _ = std::fs::remove_dir_all(&kept);
-        // Someone else unpacked it concurrently: theirs is as good as ours.
-        if !dest.is_dir() {
-            return Err(io_ctx(format!("rename into {}", dest.display()))(e));
-        }
-    }
-    Ok(dest)
+    ar.unpack(tmp.path()).map_err(corrupt)?;
+    Ok(Unpacked {
+        tmp,
+        dest: pkgs.join(key),
+    })
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! `nip build`: local cache → remote → build → store locally → upload. Only the build command
 //! itself can fail a build; every cache problem is a warning and the flow goes on.
-use crate::artifact::{self, Packed};
-use crate::client::{warn, Client, Fetch};
+use crate::artifact::{self, Packed, Unpacked};
+use crate::client::{warn, Client, Fetch, Fetched};
 use crate::error::{io_ctx, ClientError, Result};
 use crate::key;
 use crate::local::Metadata;
@@ -158,10 +158,15 @@ pub fn build(client: &Client, opts: &BuildOptions) -> Result<BuildResult> {
             builder_host: "unknown".into(),
             created: info.created_at.clone(),
         };
-        match client.fetch(&key, &fallback) {
-            // The download was hashed as it streamed in: no second pass over the archive.
-            Fetch::Hit(meta) => {
-                match use_artifact(client, &meta, &pkgs, Verified::JustDownloaded) {
+        match client.fetch(&key, &fallback, Some(&pkgs)) {
+            // The download was hashed (and unpacked) as it streamed in: no second pass over it.
+            Fetch::Hit(hit) => {
+                let Fetched { meta, unpacked } = *hit;
+                let used = match unpacked {
+                    Some(unpacked) => unpacked.and_then(Unpacked::publish),
+                    None => use_artifact(client, &meta, &pkgs, Verified::JustDownloaded),
+                };
+                match used {
                     Ok(path) => {
                         client.log(hit_op("remote", &meta));
                         return Ok(finish(&meta, Source::Remote, path, false));

@@ -1,14 +1,18 @@
 //! The client context shared by every command: directories, effective remote config, local cache,
 //! operation record, and the two remote moves every flow uses (fetch into the local cache, push
 //! from it), both of which turn remote failures into warnings.
+use crate::artifact::{self, Unpacked};
 use crate::config::RemoteConfig;
 use crate::dirs::Dirs;
+use crate::error::Result;
 use crate::local::{LocalCache, Metadata};
 use crate::record::{Op, OpKind, Record};
 use crate::remote::{RemoteClient, RemoteError, UploadOutcome};
+use crate::worker::{Chunk, StreamWorker};
 use nip_core::api::ArtifactInfo;
 use std::cell::RefCell;
 use std::collections::HashSet;
+use std::path::Path;
 use std::time::Instant;
 
 pub struct Client {
@@ -23,11 +27,18 @@ pub struct Client {
 /// What a remote fetch found.
 pub enum Fetch {
     /// Downloaded, verified and stored in the local cache.
-    Hit(Box<Metadata>),
+    Hit(Box<Fetched>),
     /// No server has it.
     Miss,
     /// No server had it usable, and at least one failed (warned already).
     Failed,
+}
+
+pub struct Fetched {
+    pub meta: Metadata,
+    /// The package unpacked while it downloaded, when asked for (`unpack_into`): publish it, the
+    /// bytes are verified.
+    pub unpacked: Option<Result<Unpacked>>,
 }
 
 /// Prints a one-line warning on stderr; remote problems never fail a build.
@@ -84,7 +95,13 @@ impl Client {
 
     /// Looks `key` up on each server in order and downloads the first hit into the local cache,
     /// verified against its SHA-256. `fallback` supplies metadata if the server's is unusable.
-    pub fn fetch(&self, key: &str, fallback: &dyn Fn(&ArtifactInfo) -> Metadata) -> Fetch {
+    /// With `unpack_into`, the package is unpacked there (unpublished) while it downloads.
+    pub fn fetch(
+        &self,
+        key: &str,
+        fallback: &dyn Fn(&ArtifactInfo) -> Metadata,
+        unpack_into: Option<&Path>,
+    ) -> Fetch {
         let mut failed = false;
         for rc in self.remotes() {
             let url = rc.server.url.clone();
@@ -112,7 +129,18 @@ impl Client {
             };
             self.log(op(OpKind::Lookup, "hit", None));
             let started = Instant::now();
-            let verified = match rc.download(&info, self.local.dir()) {
+            // Unpacking overlaps the download; without a thread it happens afterwards instead.
+            let mut unpacker = unpack_into.and_then(|pkgs| {
+                let (pkgs, k) = (pkgs.to_path_buf(), key.to_string());
+                StreamWorker::spawn("nip-unpack", move |r| artifact::unpack_stream(r, &pkgs, &k))
+                    .ok()
+            });
+            let mut feed = unpacker.as_mut().map(|u| move |c: &Chunk| u.feed(c));
+            let tap = feed.as_mut().map(|f| f as &mut dyn FnMut(&Chunk));
+            let downloaded = rc.download(&info, self.local.dir(), tap);
+            // Joined either way, so a rejected download leaves no temp directory behind.
+            let unpacked = unpacker.map(StreamWorker::finish);
+            let verified = match downloaded {
                 Ok(v) => v,
                 Err(e) => {
                     self.note_failure(&rc, &e);
@@ -143,7 +171,7 @@ impl Client {
             o.bytes = Some(meta.size);
             o.duration_ms = Some(elapsed.as_millis() as u64);
             self.log(o);
-            return Fetch::Hit(Box::new(meta));
+            return Fetch::Hit(Box::new(Fetched { meta, unpacked }));
         }
         if failed {
             Fetch::Failed

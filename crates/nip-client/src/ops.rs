@@ -149,8 +149,8 @@ pub fn pull(client: &Client, key: &str) -> Result<Metadata> {
         builder_host: "unknown".into(),
         created: info.created_at.clone(),
     };
-    match client.fetch(key, &fallback) {
-        Fetch::Hit(m) => Ok(*m),
+    match client.fetch(key, &fallback, None) {
+        Fetch::Hit(hit) => Ok(hit.meta),
         Fetch::Miss => Err(ClientError::NotFound(format!(
             "{key} is not in the remote cache"
         ))),

@@ -2,12 +2,14 @@
 //! streamed multipart upload and listing, with the retry policy applied to every request.
 use crate::config::{Policies, Server};
 use crate::progress;
+use crate::worker::{Chunk, StreamWorker};
 use nip_core::api::{ArtifactInfo, ArtifactList, ErrorBody, HEADER_SHA256};
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Why a remote operation failed; `Display` is one line fit for a warning.
@@ -56,6 +58,9 @@ pub struct RemoteClient {
 }
 
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// Bytes read from the response at a time and handed to the hashing and unpacking workers.
+const CHUNK: usize = 256 * 1024;
 
 impl RemoteClient {
     /// A client for `server`. Certificates are checked against the system's roots (and the
@@ -202,9 +207,15 @@ impl RemoteClient {
         json(expect_success(resp)?, &url)
     }
 
-    /// Streams the artifact into a temp file in `dir` while hashing it; the file is returned only
-    /// when its size and SHA-256 match `info`, so nothing unverified is ever used.
-    pub fn download(&self, info: &ArtifactInfo, dir: &Path) -> Result<Verified, RemoteError> {
+    /// Streams the artifact into a temp file in `dir` while a worker thread hashes it, and hands
+    /// every chunk to `tap` too (e.g. an unpacker) as it arrives; the file is returned only when
+    /// its size and SHA-256 match `info`, so nothing unverified is ever used.
+    pub fn download(
+        &self,
+        info: &ArtifactInfo,
+        dir: &Path,
+        mut tap: Option<&mut dyn FnMut(&Chunk)>,
+    ) -> Result<Verified, RemoteError> {
         let url = if info.download_url.starts_with('/') {
             self.url(&info.download_url)
         } else {
@@ -223,32 +234,40 @@ impl RemoteClient {
         std::fs::create_dir_all(dir).map_err(local)?;
         let mut file = tempfile::NamedTempFile::new_in(dir).map_err(local)?;
         let bar = progress::bar(info.size, &format!("⬇️  {}", info.key));
-        let mut hasher = Sha256::new();
+        let mut hasher = StreamWorker::spawn("nip-sha256", |r| {
+            let mut h = Sha256::new();
+            std::io::copy(r, &mut h).map(|_| hex::encode(h.finalize()))
+        })
+        .map_err(local)?;
         let mut size = 0u64;
-        let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let n = match resp.read(&mut buf) {
+            let mut buf = Vec::with_capacity(CHUNK);
+            match (&mut resp).take(CHUNK as u64).read_to_end(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => n,
+                Ok(_) => {}
                 Err(e) => {
                     return Err(RemoteError::Unreachable {
                         url: self.server.url.clone(),
                         reason: format!("download interrupted: {e}"),
                     })
                 }
-            };
-            hasher.update(&buf[..n]);
-            file.write_all(&buf[..n]).map_err(local)?;
-            size += n as u64;
+            }
+            let chunk: Chunk = Arc::new(buf);
+            hasher.feed(&chunk);
+            if let Some(tap) = tap.as_mut() {
+                tap(&chunk);
+            }
+            file.write_all(&chunk).map_err(local)?;
+            size += chunk.len() as u64;
             if let Some(b) = &bar {
-                b.inc(n as u64);
+                b.inc(chunk.len() as u64);
             }
         }
         if let Some(b) = bar {
             b.finish_and_clear();
         }
         file.flush().map_err(local)?;
-        let sha256 = hex::encode(hasher.finalize());
+        let sha256 = hasher.finish().map_err(local)?;
         let corrupt = |reason: String| RemoteError::Corrupt {
             key: info.key.clone(),
             reason,

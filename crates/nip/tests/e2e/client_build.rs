@@ -211,6 +211,14 @@ fn corrupted_download_is_rejected_and_rebuilt() {
     // The artifact is deterministic: the rebuild has the bytes machine A uploaded.
     assert_eq!(rb["sha256"], ra["sha256"]);
     assert_eq!(read(&rb["path"], "share/greeting.txt"), "hello, world\n");
+    // The rejected bytes were unpacked while they downloaded: none of that may remain.
+    let pkg = std::path::Path::new(rb["path"].as_str().unwrap());
+    let mut left: Vec<String> = std::fs::read_dir(pkg.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, [rb["key"].as_str().unwrap()]);
     let s = b.stats();
     assert_eq!(
         (s["downloads"].as_u64(), s["downloadsOk"].as_u64()),
