@@ -27,9 +27,24 @@ pub fn is_nix32_char(c: u8) -> bool {
     digit_value(c).is_some()
 }
 
+/// Each byte's digit value, or `NOT_A_DIGIT`: built from `ALPHABET`, so the two cannot disagree.
+/// Every narinfo request parses a hash: a table beats scanning the alphabet per character.
+const DIGITS: [u8; 256] = {
+    let mut t = [NOT_A_DIGIT; 256];
+    let mut i = 0;
+    while i < ALPHABET.len() {
+        t[ALPHABET[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+const NOT_A_DIGIT: u8 = 0xff;
+
 fn digit_value(c: u8) -> Option<u8> {
-    // Linear scan over 32 bytes is cheap and keeps the table obviously correct.
-    ALPHABET.iter().position(|&a| a == c).map(|p| p as u8)
+    match DIGITS[c as usize] {
+        NOT_A_DIGIT => None,
+        d => Some(d),
+    }
 }
 
 /// Encode bytes as nix32.
@@ -102,6 +117,14 @@ mod tests {
         let s = encode(&digest);
         assert_eq!(s, "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73");
         assert_eq!(decode(&s).unwrap(), digest.to_vec());
+    }
+
+    #[test]
+    fn digit_table_matches_the_alphabet() {
+        for c in 0..=255u8 {
+            let expected = ALPHABET.iter().position(|&a| a == c).map(|p| p as u8);
+            assert_eq!(digit_value(c), expected, "byte {c}");
+        }
     }
 
     #[test]

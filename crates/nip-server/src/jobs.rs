@@ -67,7 +67,8 @@ impl Accessed {
     pub fn note(set: &Mutex<HashSet<String>>, key: &str) {
         let mut set = set.lock().unwrap_or_else(|e| e.into_inner());
         // Bounded: past this, extra keys wait for the next flush to be counted at all.
-        if set.len() < 100_000 {
+        // A key already noted costs no allocation (hot entries are read over and over).
+        if set.len() < 100_000 && !set.contains(key) {
             set.insert(key.to_string());
         }
     }

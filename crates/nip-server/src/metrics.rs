@@ -15,6 +15,8 @@ use crate::error::ApiError;
 use crate::AppState;
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+/// Whether a recorder is installed: without one, the request middleware skips building labels.
+static RECORDING: AtomicBool = AtomicBool::new(false);
 
 /// Installs the global recorder (once; later calls return the same handle).
 pub fn install() -> Option<PrometheusHandle> {
@@ -30,6 +32,7 @@ pub fn install() -> Option<PrometheusHandle> {
                 .build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
+            RECORDING.store(true, Ordering::Relaxed);
             describe();
             Some(handle)
         })
@@ -100,6 +103,11 @@ fn describe() {
     describe_gauge!("nip_store_entries", "Entries stored (NARs and artifacts)");
 }
 
+/// Target of the per-request spans (this middleware's and the handlers'): debug level, so at the
+/// usual log levels they cost nothing per request; OpenTelemetry export always takes them (see
+/// nip's telemetry filters). Handlers spell it out in their `#[instrument]` attributes.
+pub const REQUEST_SPANS: &str = "nip::request";
+
 static OTEL_SPANS: AtomicBool = AtomicBool::new(false);
 
 /// Called when OpenTelemetry export is on: spans then also get the `otel.*` fields that name them
@@ -116,16 +124,17 @@ pub fn otel_spans() -> bool {
 /// it in a `request` span (an OTel server span with `--otel-enabled`). The span names the route
 /// pattern, never the query string or headers, so no token reaches it.
 pub async fn track(req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().as_str().to_owned();
-    if let Some(n) = content_length(req.headers()) {
-        metrics::counter!("nip_http_request_bytes_total").increment(n);
+    // Borrowed, not copied: without a recorder or an enabled span nothing here allocates.
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let method = req.method().clone();
+    let recording = RECORDING.load(Ordering::Relaxed);
+    if recording {
+        if let Some(n) = content_length(req.headers()) {
+            metrics::counter!("nip_http_request_bytes_total").increment(n);
+        }
     }
-    let span = tracing::info_span!("request",
+    let span = tracing::debug_span!(target: REQUEST_SPANS, "request",
         http.request.method = %method,
         http.route = %route,
         http.response.status_code = tracing::field::Empty,
@@ -133,26 +142,31 @@ pub async fn track(req: Request, next: Next) -> Response {
         otel.kind = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     );
-    if otel_spans() {
+    if otel_spans() && !span.is_disabled() {
         span.record("otel.name", format_args!("{method} {route}").to_string());
         span.record("otel.kind", "server");
     }
     let started = Instant::now();
     let resp = next.run(req).instrument(span.clone()).await;
-    // i64: tracing-opentelemetry keeps i64 as a number but turns u64 into a string.
-    span.record(
-        "http.response.status_code",
-        i64::from(resp.status().as_u16()),
-    );
-    if resp.status().is_server_error() {
-        span.record("otel.status_code", "ERROR");
+    if !span.is_disabled() {
+        // i64: tracing-opentelemetry keeps i64 as a number but turns u64 into a string.
+        span.record(
+            "http.response.status_code",
+            i64::from(resp.status().as_u16()),
+        );
+        if resp.status().is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
     }
-    let status = resp.status().as_u16().to_string();
-    metrics::histogram!("nip_http_request_duration_seconds", "route" => route.clone())
-        .record(started.elapsed().as_secs_f64());
-    metrics::counter!("nip_http_requests_total", "route" => route, "method" => method, "status" => status).increment(1);
-    if let Some(n) = content_length(resp.headers()) {
-        metrics::counter!("nip_http_response_bytes_total").increment(n);
+    if recording {
+        metrics::histogram!("nip_http_request_duration_seconds", "route" => route.to_owned())
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("nip_http_requests_total", "route" => route.to_owned(),
+            "method" => method.as_str().to_owned(), "status" => resp.status().as_str().to_owned())
+        .increment(1);
+        if let Some(n) = content_length(resp.headers()) {
+            metrics::counter!("nip_http_response_bytes_total").increment(n);
+        }
     }
     resp
 }

@@ -385,6 +385,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn access_times_are_recorded_in_batches() {
+        for f in fx_all().await {
+            nix_entry(&f, "aaa", 10, 1).await;
+            nix_entry(&f, "bbb", 10, 2).await;
+            nix_entry(&f, "ccc", 10, 3).await;
+            artifact(&f, "art-old", 10, 4).await;
+            artifact(&f, "art-new", 10, 5).await;
+            let order = || async {
+                let c = f.db.eviction_candidates(10).await.unwrap();
+                c.into_iter().map(|c| c.id).collect::<Vec<_>>()
+            };
+            assert_eq!(
+                order().await,
+                ["aaa.nar", "bbb.nar", "ccc.nar", "art-old", "art-new"]
+            );
+            // More keys than one statement takes, most of them unknown.
+            let mut keys: Vec<String> = (0..2500).map(|i| format!("nope-{i}")).collect();
+            keys.push("art-old".into());
+            f.db.touch_artifacts(&keys, 100).await.unwrap();
+            // A NAR read directly, and one read only through its narinfo.
+            f.db.touch_nix(&["aaa.nar".into()], &["bbb".into(), "zzz".into()], 101)
+                .await
+                .unwrap();
+            assert_eq!(
+                order().await,
+                ["ccc.nar", "art-new", "art-old", "aaa.nar", "bbb.nar"]
+            );
+            // An older time never moves an entry back.
+            f.db.touch_nix(&["aaa.nar".into()], &[], 50).await.unwrap();
+            f.db.touch_artifacts(&[], 50).await.unwrap();
+            assert_eq!(
+                order().await,
+                ["ccc.nar", "art-new", "art-old", "aaa.nar", "bbb.nar"]
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn reconcile_removes_what_a_crash_left() {
         for f in fx_all().await {
             nix_entry(&f, "good", 10, 1).await;

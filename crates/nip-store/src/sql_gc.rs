@@ -80,39 +80,27 @@ impl GcIndex for SqlMeta {
         narinfo_hashes: &[String],
         at: i64,
     ) -> Result<(), MetaError> {
-        let mut tx = self.pool().begin().await?;
-        for f in nar_files {
-            sqlx::query(
-                "UPDATE nars SET last_accessed_at = $1 WHERE nar_file = $2 AND last_accessed_at < $3",
-            )
-            .bind(at)
-            .bind(f)
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for h in narinfo_hashes {
-            // A narinfo read counts for its NAR too: Nix reads the narinfo before the NAR, and a
-            // client whose store already has the NAR's contents may read only the narinfo.
-            sqlx::query(
-                "UPDATE nars SET last_accessed_at = $1 WHERE last_accessed_at < $1 \
-                 AND nar_file = (SELECT nar_file FROM narinfos WHERE hash = $2)",
-            )
-            .bind(at)
-            .bind(h)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "UPDATE narinfos SET last_accessed_at = $1 WHERE hash = $2 AND last_accessed_at < $3",
-            )
-            .bind(at)
-            .bind(h)
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.touch_batched(
+            "UPDATE nars SET last_accessed_at = $1 WHERE last_accessed_at < $1 AND nar_file IN ({keys})",
+            nar_files,
+            at,
+        )
+        .await?;
+        // A narinfo read counts for its NAR too: Nix reads the narinfo before the NAR, and a
+        // client whose store already has the NAR's contents may read only the narinfo.
+        self.touch_batched(
+            "UPDATE nars SET last_accessed_at = $1 WHERE last_accessed_at < $1 \
+             AND nar_file IN (SELECT nar_file FROM narinfos WHERE hash IN ({keys}))",
+            narinfo_hashes,
+            at,
+        )
+        .await?;
+        self.touch_batched(
+            "UPDATE narinfos SET last_accessed_at = $1 WHERE last_accessed_at < $1 AND hash IN ({keys})",
+            narinfo_hashes,
+            at,
+        )
+        .await
     }
 
     async fn pin(&self, key: &str, at: i64) -> Result<(), MetaError> {

@@ -143,19 +143,12 @@ impl ArtifactIndex for SqlMeta {
     }
 
     async fn touch_artifacts(&self, keys: &[String], at: i64) -> Result<(), MetaError> {
-        let mut tx = self.pool().begin().await?;
-        for key in keys {
-            sqlx::query(
-                "UPDATE artifacts SET last_accessed_at = $1 WHERE key = $2 AND last_accessed_at < $3",
-            )
-            .bind(at)
-            .bind(key)
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.touch_batched(
+            "UPDATE artifacts SET last_accessed_at = $1 WHERE last_accessed_at < $1 AND key IN ({keys})",
+            keys,
+            at,
+        )
+        .await
     }
 
     async fn artifacts_idle_since(

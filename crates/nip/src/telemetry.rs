@@ -48,10 +48,15 @@ fn stderr_filter(level: &str) -> EnvFilter {
     .unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
-/// As on stderr (no per-query sqlx events), and nothing of the exporter's own stack.
+/// As on stderr (no per-query sqlx events), plus the per-request spans whatever the level, and
+/// nothing of the exporter's own stack.
 fn otel_directives(level: &str) -> String {
     let offs: Vec<String> = NOT_EXPORTED.iter().map(|t| format!("{t}=off")).collect();
-    format!("{level},sqlx=warn,{}", offs.join(","))
+    format!(
+        "{level},sqlx=warn,{}=debug,{}",
+        nip_server::metrics::REQUEST_SPANS,
+        offs.join(",")
+    )
 }
 
 fn otel_filter(level: &str) -> EnvFilter {

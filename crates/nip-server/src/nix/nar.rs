@@ -22,7 +22,7 @@ const NAR_CONTENT_TYPE: &str = "application/x-nix-nar";
 /// Compressed bytes per body frame (the default 4 KiB would mean a write per 4 KiB).
 const ZSTD_CHUNK: usize = 128 * 1024;
 
-#[tracing::instrument(skip_all, fields(file = %file))]
+#[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(file = %file))]
 pub async fn get_nar(
     State(state): State<AppState>,
     caller: Caller,
@@ -33,7 +33,7 @@ pub async fn get_nar(
     nar(state, caller, method, headers, file, OnMiss::AskUpstreams).await
 }
 
-#[tracing::instrument(skip_all, fields(file = %file))]
+#[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(file = %file))]
 pub async fn get_upload_nar(
     State(state): State<AppState>,
     caller: Caller,

@@ -21,7 +21,7 @@ use crate::stats::Kind;
 use crate::upstream::{Found, Lookup};
 use crate::AppState;
 
-#[tracing::instrument(skip_all, fields(name = %name))]
+#[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(name = %name))]
 pub async fn get_narinfo(
     State(state): State<AppState>,
     caller: Caller,
@@ -30,7 +30,7 @@ pub async fn get_narinfo(
     narinfo(state, caller, name, OnMiss::AskUpstreams).await
 }
 
-#[tracing::instrument(skip_all, fields(name = %name))]
+#[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(name = %name))]
 pub async fn get_upload_narinfo(
     State(state): State<AppState>,
     caller: Caller,

@@ -78,7 +78,7 @@ async fn audited(
     r.map(|(s, _)| s)
 }
 
-#[tracing::instrument(skip_all, fields(file = %file))]
+#[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(file = %file))]
 pub async fn put_nar(
     State(state): State<AppState>,
     caller: Caller,
@@ -137,7 +137,7 @@ async fn store_nar(
     Ok((StatusCode::OK, Some((size as i64, sha))))
 }
 
-#[tracing::instrument(skip_all, fields(name = %name))]
+#[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(name = %name))]
 pub async fn put_narinfo(
     State(state): State<AppState>,
     caller: Caller,
@@ -218,7 +218,7 @@ async fn store_narinfo(
     Ok((StatusCode::OK, None))
 }
 
-#[tracing::instrument(skip_all, fields(name = %name))]
+#[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(name = %name))]
 pub async fn delete_narinfo(
     State(state): State<AppState>,
     caller: Caller,
@@ -239,7 +239,7 @@ pub async fn delete_narinfo(
     audited(&state, &caller, "narinfo-delete", &name, r).await
 }
 
-#[tracing::instrument(skip_all, fields(file = %file))]
+#[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(file = %file))]
 pub async fn delete_nar(
     State(state): State<AppState>,
     caller: Caller,

@@ -50,7 +50,7 @@ pub async fn presigned(state: &AppState, rec: &ArtifactRecord) -> ApiResult<Opti
     Ok(url)
 }
 
-#[tracing::instrument(skip_all, fields(key = %key))]
+#[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(key = %key))]
 pub async fn lookup(
     State(state): State<AppState>,
     caller: Caller,
@@ -81,7 +81,7 @@ pub async fn lookup(
     }))
 }
 
-#[tracing::instrument(skip_all, fields(key = %key))]
+#[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(key = %key))]
 pub async fn metadata(
     State(state): State<AppState>,
     caller: Caller,
@@ -139,7 +139,7 @@ pub async fn list(
     Ok(Json(ArtifactList { artifacts }))
 }
 
-#[tracing::instrument(skip_all, fields(key = %key))]
+#[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(key = %key))]
 pub async fn delete(
     State(state): State<AppState>,
     caller: Caller,

@@ -11,7 +11,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::range::{parse_range, RangeRequest};
 use crate::AppState;
 
-#[tracing::instrument(skip_all, fields(key = %key))]
+#[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(key = %key))]
 pub async fn download(
     State(state): State<AppState>,
     caller: Caller,

@@ -24,7 +24,7 @@ struct Received {
     sha256: String,
 }
 
-#[tracing::instrument(skip_all, fields(key = %key))]
+#[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(key = %key))]
 pub async fn upload(
     State(state): State<AppState>,
     caller: Caller,
