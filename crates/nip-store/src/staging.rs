@@ -122,6 +122,34 @@ pub async fn read_at(
 /// arrive in 8–64 KiB pieces, and a blocking-pool round trip each would cost more than the write.
 const WRITE_BATCH: usize = 512 * 1024;
 
+/// Written bytes handed to the kernel's writeback every this many, so the fsync before a file
+/// is published finds little left to write (it was a fifth of a 256 MiB upload's time).
+const WRITEBACK_EVERY: u64 = 8 * 1024 * 1024;
+
+/// Starts writing `len` bytes at `offset` of `file` to disk without waiting for them.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a syscall on a file descriptor that `file` keeps open for the call; it shares no
+    // memory with us.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+    // Only a hint: the fsync before publishing is what makes the bytes safe.
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "sync_file_range failed");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) {}
+
 type BatchResult = Result<Sha256, std::io::Error>;
 
 /// Appends a stream of chunks to a staged file, hashing (SHA-256) as it writes. When no write is
@@ -136,6 +164,8 @@ pub struct BatchedWriter<'a> {
     hasher: Option<Sha256>,
     received: u64,
     on_disk: u64,
+    /// Bytes before this offset were handed to writeback already.
+    writeback_from: u64,
 }
 
 impl<'a> BatchedWriter<'a> {
@@ -148,6 +178,7 @@ impl<'a> BatchedWriter<'a> {
             hasher: Some(Sha256::new()),
             received: 0,
             on_disk: 0,
+            writeback_from: 0,
         }
     }
 
@@ -212,11 +243,21 @@ impl<'a> BatchedWriter<'a> {
         let len = std::mem::take(&mut self.pending_len) as u64;
         let file = self.staged.file.clone();
         let mut hasher = self.hasher.take().unwrap_or_default();
+        // No batch is in flight here, so `on_disk` is where this one starts.
+        let end = self.on_disk + len;
+        let writeback = (end - self.writeback_from >= WRITEBACK_EVERY).then(|| {
+            let range = (self.writeback_from, end - self.writeback_from);
+            self.writeback_from = end;
+            range
+        });
         let task = tokio::task::spawn_blocking(move || {
             use std::io::Write;
             for b in &batch {
                 hasher.update(b);
                 (&*file).write_all(b)?;
+            }
+            if let Some((offset, len)) = writeback {
+                start_writeback(&file, offset, len);
             }
             Ok(hasher)
         });
