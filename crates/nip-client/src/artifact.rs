@@ -113,7 +113,8 @@ pub fn unpack(archive: &Path, pkgs: &Path, key: &str) -> Result<PathBuf> {
         return Ok(dest);
     }
     let f = std::fs::File::open(archive).map_err(io_ctx(format!("open {}", archive.display())))?;
-    unpack_stream(f, pkgs, key)?.publish()
+    // Large reads: the archive can be hundreds of MiB.
+    unpack_stream(std::io::BufReader::with_capacity(1 << 20, f), pkgs, key)?.publish()
 }
 
 /// A package unpacked into a temp directory beside its final place, not yet visible there.
@@ -140,7 +141,7 @@ impl Unpacked {
 
 /// Unpacks a `tar.zst` stream into a temp directory in `pkgs`, to be published as `<pkgs>/<key>`
 /// by the caller once it trusts the bytes (e.g. while a download is still being hashed).
-pub fn unpack_stream(archive: impl std::io::Read, pkgs: &Path, key: &str) -> Result<Unpacked> {
+pub fn unpack_stream(archive: impl std::io::BufRead, pkgs: &Path, key: &str) -> Result<Unpacked> {
     std::fs::create_dir_all(pkgs).map_err(io_ctx(format!("create {}", pkgs.display())))?;
     let tmp = tempfile::Builder::new()
         .prefix(".unpack-")
@@ -148,7 +149,7 @@ pub fn unpack_stream(archive: impl std::io::Read, pkgs: &Path, key: &str) -> Res
         .map_err(io_ctx(format!("create a directory in {}", pkgs.display())))?;
     let corrupt =
         |e: std::io::Error| ClientError::Corrupt(key.to_string(), format!("cannot unpack: {e}"));
-    let dec = zstd::Decoder::new(archive).map_err(corrupt)?;
+    let dec = zstd::Decoder::with_buffer(archive).map_err(corrupt)?;
     let mut ar = tar::Archive::new(dec);
     ar.set_preserve_permissions(true);
     // `unpack` refuses entries that would land outside the target directory.

@@ -2,7 +2,7 @@
 //! streamed multipart upload and listing, with the retry policy applied to every request.
 use crate::config::{Policies, Server};
 use crate::progress;
-use crate::worker::{Chunk, StreamWorker};
+use crate::worker::{drain, Chunk, StreamWorker};
 use nip_core::api::{ArtifactInfo, ArtifactList, ErrorBody, HEADER_SHA256};
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use reqwest::StatusCode;
@@ -236,7 +236,7 @@ impl RemoteClient {
         let bar = progress::bar(info.size, &format!("⬇️  {}", info.key));
         let mut hasher = StreamWorker::spawn("nip-sha256", |r| {
             let mut h = Sha256::new();
-            std::io::copy(r, &mut h).map(|_| hex::encode(h.finalize()))
+            drain(r, |buf| h.update(buf)).map(|_| hex::encode(h.finalize()))
         })
         .map_err(local)?;
         let mut size = 0u64;

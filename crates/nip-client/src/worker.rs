@@ -1,6 +1,6 @@
 //! A consumer of a byte stream on its own thread, fed chunk by chunk while the stream arrives, so
 //! hashing and unpacking a download overlap the transfer instead of following it.
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -69,24 +69,49 @@ pub struct ChunkReader {
 
 impl Read for ChunkReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        loop {
-            if let Some(c) = &self.current {
-                if self.pos < c.len() {
-                    let n = buf.len().min(c.len() - self.pos);
-                    buf[..n].copy_from_slice(&c[self.pos..self.pos + n]);
-                    self.pos += n;
-                    return Ok(n);
-                }
-            }
+        let available = self.fill_buf()?;
+        let n = buf.len().min(available.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+/// The chunks themselves as the buffer: consumers that take a `BufRead` (a hasher, a zstd
+/// decoder) read them without another copy.
+impl BufRead for ChunkReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        while self.current.as_ref().is_none_or(|c| self.pos >= c.len()) {
             match self.rx.recv() {
                 Ok(c) => {
                     self.current = Some(c);
                     self.pos = 0;
                 }
                 // The feeder is done (or gone): end of stream.
-                Err(_) => return Ok(0),
+                Err(_) => return Ok(&[]),
             }
         }
+        let c = self.current.as_ref().expect("set above");
+        Ok(&c[self.pos..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos += n;
+    }
+}
+
+/// Feeds everything `r` yields to `sink` straight from its buffer.
+pub fn drain(r: &mut impl BufRead, mut sink: impl FnMut(&[u8])) -> std::io::Result<u64> {
+    let mut total = 0;
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(total);
+        }
+        let n = buf.len();
+        sink(buf);
+        r.consume(n);
+        total += n as u64;
     }
 }
 
@@ -104,7 +129,7 @@ mod tests {
         .unwrap();
         let mut b = StreamWorker::spawn("b", |r| {
             let mut h = sha2::Sha256::default();
-            std::io::copy(r, &mut h).unwrap();
+            drain(r, |buf| sha2::Digest::update(&mut h, buf)).unwrap();
             sha2::Digest::finalize(h)
         })
         .unwrap();

@@ -124,6 +124,16 @@ impl AsRef<[u8]> for ArcStr {
 }
 
 async fn fetch_and_store(state: AppState, hash: StorePathHash) -> crate::NarInfoOutcome {
+    // A request that missed just before an earlier fetch of this hash stored it and ended would
+    // fetch it a second time: the database, asked again by the one fetch now running, knows.
+    let stored = state
+        .meta
+        .get_narinfo(hash.as_str())
+        .await
+        .map_err(|e| Arc::<str>::from(e.to_string()))?;
+    if let Some(rec) = stored {
+        return Ok(Some(Arc::from(rec.narinfo)));
+    }
     let found = match state.upstreams.lookup(&hash).await {
         Lookup::Found(found) => *found,
         Lookup::Missing => {
