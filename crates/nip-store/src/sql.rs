@@ -117,6 +117,10 @@ impl SqlMeta {
                             conn.execute("PRAGMA journal_mode = WAL").await?;
                             conn.execute("PRAGMA synchronous = FULL").await?;
                             conn.execute("PRAGMA foreign_keys = ON").await?;
+                            // 512 KiB per connection, not SQLite's 2 MiB: pages are in the OS
+                            // cache anyway, hot entries in nip's own, and a full pool of 2 MiB
+                            // caches was a third of the server's resident memory.
+                            conn.execute("PRAGMA cache_size = -512").await?;
                             Ok(())
                         })
                     })
