@@ -65,7 +65,9 @@ pub fn generate_token() -> String {
 }
 
 pub fn hash_token(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
+    let mut hex = [0u8; 64];
+    hex::encode_to_slice(Sha256::digest(token.as_bytes()), &mut hex).expect("64 = 2 × 32");
+    String::from_utf8_lossy(&hex).into_owned()
 }
 
 /// Compares without an early exit, so timing does not reveal how much of a secret matched.
@@ -211,13 +213,16 @@ impl FromRequestParts<AppState> for Caller {
             get_token: false,
         };
         if let Some(token) = token_from_headers(&parts.headers) {
-            let is_get_token = state.config.get_token.as_deref().is_some_and(|g| {
-                constant_time_eq(hash_token(g).as_bytes(), hash_token(&token).as_bytes())
-            });
+            // Hashed once: compared with the configured tokens' hashes, looked up by it.
+            let hash = hash_token(&token);
+            let is_get_token = state
+                .get_token_hash
+                .as_deref()
+                .is_some_and(|g| constant_time_eq(g.as_bytes(), hash.as_bytes()));
             if is_get_token {
                 caller.get_token = true;
             } else {
-                match state.authenticate(&token).await? {
+                match state.authenticate(&hash).await? {
                     Ok(p) => caller.principal = Some(p),
                     Err(why) => {
                         metrics::counter!("nip_auth_failures_total", "reason" => why).increment(1);
@@ -253,13 +258,14 @@ impl FromRequestParts<AppState> for Caller {
 impl AppState {
     /// Looks a token up. The outer error is a database failure; the inner one says why the
     /// token is refused.
+    /// The key whose token hashes to `hash` ([`hash_token`]), or why there is none.
     pub async fn authenticate(
         &self,
-        token: &str,
+        hash: &str,
     ) -> Result<Result<Principal, &'static str>, ApiError> {
-        let hash = hash_token(token);
-        if let Some(env_key) = &self.config.api_key {
-            if constant_time_eq(hash.as_bytes(), hash_token(env_key).as_bytes()) {
+        let hash = hash.to_string();
+        if let Some(env_key) = &self.env_key_hash {
+            if constant_time_eq(hash.as_bytes(), env_key.as_bytes()) {
                 return Ok(Ok(Principal {
                     name: ENV_KEY_NAME.into(),
                     scope: Scope::Write,
@@ -426,6 +432,14 @@ mod tests {
             anon.require(Scope::Read, None),
             Err(ApiError::Unauthorized(_))
         ));
+    }
+
+    #[test]
+    fn token_hashes_are_lowercase_hex_sha256_as_stored_by_earlier_versions() {
+        assert_eq!(
+            hash_token("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub struct Inner {
     pub rate_limiter: Option<auth::RateLimiter>,
     /// API keys recently looked up (half a second).
     pub key_cache: auth::KeyCache,
+    /// Hashes of `--cache-api-key` / NIP_CACHE_API_KEY and of ncps' `--cache-get-token`, made
+    /// once rather than per request.
+    pub env_key_hash: Option<String>,
+    pub get_token_hash: Option<String>,
     /// Reads since the last flush of access times (batched: no database write per hit).
     pub accessed: jobs::Accessed,
     pub stats: stats::Stats,
@@ -140,6 +144,8 @@ impl AppState {
         let rate_limiter = config
             .rate_limit
             .map(|(rate, burst)| auth::RateLimiter::new(rate, burst));
+        let env_key_hash = config.api_key.as_deref().map(auth::hash_token);
+        let get_token_hash = config.get_token.as_deref().map(auth::hash_token);
         Ok(AppState(Arc::new(Inner {
             config,
             rate_limiter,
@@ -163,6 +169,8 @@ impl AppState {
                 auth::KEY_CACHE_TTL,
                 auth::KEY_CACHE_MAX_BYTES,
             ),
+            env_key_hash,
+            get_token_hash,
             instance_id: format!(
                 "{}-{}-{:08x}",
                 crate::config::default_hostname(),
