@@ -3,7 +3,6 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::blob::{BlobEntry, BlobKey, BlobRange, BlobRead, BlobStore, StoreError};
 
@@ -31,6 +30,55 @@ impl LocalBlobStore {
     }
 }
 
+/// The bytes `[start, start + len)` of `file` as a stream of `READ_CHUNK` pieces, the next piece
+/// read (on the blocking pool) while the current one is sent: reading and sending overlap, which
+/// a reader that only reads when polled does not do. At most two pieces per stream in memory.
+fn read_ahead(
+    file: std::fs::File,
+    start: u64,
+    len: u64,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+    type Next = tokio::task::JoinHandle<std::io::Result<(std::fs::File, bytes::Bytes)>>;
+    // The file travels with each read; `read_to_end` fills the fresh buffer without zeroing it.
+    fn read(mut file: std::fs::File, left: u64) -> Next {
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let n = left.min(READ_CHUNK as u64);
+            let mut buf = Vec::with_capacity(n as usize);
+            (&mut file).take(n).read_to_end(&mut buf)?;
+            Ok((file, bytes::Bytes::from(buf)))
+        })
+    }
+    let first: Option<Next> = (len > 0).then(|| {
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Seek};
+            let mut file = file;
+            file.seek(std::io::SeekFrom::Start(start))?;
+            let n = len.min(READ_CHUNK as u64);
+            let mut buf = Vec::with_capacity(n as usize);
+            (&mut file).take(n).read_to_end(&mut buf)?;
+            Ok((file, bytes::Bytes::from(buf)))
+        })
+    });
+    futures::stream::unfold((first, len), |(next, left)| async move {
+        let (file, chunk) = match next?.await {
+            Ok(Ok(read)) => read,
+            Ok(Err(e)) => return Some((Err(e), (None, 0))),
+            Err(e) => return Some((Err(std::io::Error::other(e)), (None, 0))),
+        };
+        if chunk.is_empty() {
+            let e = std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the file is shorter than it was",
+            );
+            return Some((Err(e), (None, 0)));
+        }
+        let left = left - chunk.len() as u64;
+        let next = (left > 0).then(|| read(file, left));
+        Some((Ok(chunk), (next, left)))
+    })
+}
+
 fn not_found_is_none<T>(r: std::io::Result<T>) -> Result<Option<T>, StoreError> {
     match r {
         Ok(v) => Ok(Some(v)),
@@ -50,21 +98,25 @@ impl BlobStore for LocalBlobStore {
         key: &BlobKey,
         range: Option<BlobRange>,
     ) -> Result<Option<BlobRead>, StoreError> {
-        let Some(mut file) = not_found_is_none(tokio::fs::File::open(self.path(key)).await)? else {
+        let path = self.path(key);
+        let opened = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(path)?;
+            let size = file.metadata()?.len();
+            Ok::<_, std::io::Error>((file, size))
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+        let Some((file, size)) = not_found_is_none(opened)? else {
             return Ok(None);
         };
-        let size = file.metadata().await.map_err(StoreError::from_io)?.len();
         let (start, len) = match range {
-            Some(r) => (r.start, r.end.saturating_sub(r.start) + 1),
+            Some(r) => (
+                r.start,
+                (r.end.saturating_sub(r.start) + 1).min(size.saturating_sub(r.start)),
+            ),
             None => (0, size),
         };
-        if start > 0 {
-            file.seek(std::io::SeekFrom::Start(start))
-                .await
-                .map_err(StoreError::from_io)?;
-        }
-        let reader = file.take(len);
-        let body = tokio_util::io::ReaderStream::with_capacity(reader, READ_CHUNK).boxed();
+        let body = read_ahead(file, start, len).boxed();
         Ok(Some(BlobRead { size, body }))
     }
 
