@@ -239,10 +239,17 @@ impl RemoteClient {
             drain(r, |buf| h.update(buf)).map(|_| hex::encode(h.finalize()))
         })
         .map_err(local)?;
+        let corrupt = |reason: String| RemoteError::Corrupt {
+            key: info.key.clone(),
+            reason,
+        };
         let mut size = 0u64;
         loop {
-            let mut buf = Vec::with_capacity(CHUNK);
-            match (&mut resp).take(CHUNK as u64).read_to_end(&mut buf) {
+            // Never past one byte beyond the announced size: a server sending more is refused at
+            // once, before the extra bytes reach the disk or the unpacker.
+            let allowed = (info.size - size + 1).min(CHUNK as u64);
+            let mut buf = Vec::with_capacity(allowed as usize);
+            match (&mut resp).take(allowed).read_to_end(&mut buf) {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) => {
@@ -251,6 +258,12 @@ impl RemoteClient {
                         reason: format!("download interrupted: {e}"),
                     })
                 }
+            }
+            if size + buf.len() as u64 > info.size {
+                return Err(corrupt(format!(
+                    "more than the announced {} bytes",
+                    info.size
+                )));
             }
             let chunk: Chunk = Arc::new(buf);
             hasher.feed(&chunk);
@@ -268,10 +281,6 @@ impl RemoteClient {
         }
         file.flush().map_err(local)?;
         let sha256 = hasher.finish().map_err(local)?;
-        let corrupt = |reason: String| RemoteError::Corrupt {
-            key: info.key.clone(),
-            reason,
-        };
         if size != info.size {
             return Err(corrupt(format!("{size} bytes, expected {}", info.size)));
         }
@@ -481,6 +490,48 @@ mod tests {
     const UNAVAILABLE: &str = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
     const NOT_FOUND: &str = "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 23\r\nConnection: close\r\n\r\n{\"error\":\"not found\"}\r\n";
     const FORBIDDEN: &str = "HTTP/1.1 403 Forbidden\r\nContent-Length: 20\r\nConnection: close\r\n\r\n{\"error\":\"no scope\"}";
+
+    #[test]
+    fn a_download_longer_than_announced_is_refused_before_the_extra_bytes_are_used() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let Ok((mut c, _)) = l.accept() else { return };
+            let _ = c.read(&mut [0u8; 4096]);
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+            // Far more than announced, and bounded so the test ends either way.
+            for _ in 0..256 {
+                if c.write_all(&[7u8; 64 * 1024]).is_err() {
+                    return;
+                }
+            }
+        });
+        let info = ArtifactInfo {
+            key: "k".into(),
+            download_url: "/v1/download/k".into(),
+            size: 1000,
+            sha256: "00".into(),
+            created_at: String::new(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut tapped = 0usize;
+        let mut tap = |c: &Chunk| tapped += c.len();
+        let err = match client(&url, 1).download(&info, dir.path(), Some(&mut tap)) {
+            Err(e) => e,
+            Ok(_) => panic!("accepted a download longer than announced"),
+        };
+        assert!(
+            err.to_string()
+                .contains("more than the announced 1000 bytes"),
+            "{err}"
+        );
+        assert_eq!(
+            tapped, 0,
+            "bytes past the announced size reached the unpacker"
+        );
+        // The temp file went with the error.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 
     #[test]
     fn server_errors_are_retried_then_the_answer_is_used() {
