@@ -7,19 +7,9 @@ use nip_core::narinfo::NarInfo;
 use nip_core::signing::{verify_narinfo, PublicKey, SigningKey};
 use sha2::{Digest, Sha256};
 
-/// A real narinfo from cache.nixos.org (curl 7.82.0, bin output), with its real signature.
-const CURL: &str = "\
-StorePath: /nix/store/syd87l2rxw8cbsxmxl853h0r6pdwhwjr-curl-7.82.0-bin
-URL: nar/05ra3y72i3qjri7xskf9qj8kb29r6naqy1sqpbs3azi3xcigmj56.nar.xz
-Compression: xz
-FileHash: sha256:05ra3y72i3qjri7xskf9qj8kb29r6naqy1sqpbs3azi3xcigmj56
-FileSize: 68852
-NarHash: sha256:1b4sb93wp679q4zx9k1ignby1yna3z7c4c2ri3wphylbc2dwsys0
-NarSize: 196040
-References: 0jqd0rlxzra1rs38rdxl43yh6rxchgc6-curl-7.82.0 6w8g7njm4mck5dmjxws0z1xnrxvl81xa-glibc-2.34-115 j5jxw3iy7bbz4a57fh9g2xm2gxmyal8h-zlib-1.2.12 yxvjs9drzsphm9pcf42a4byzj1kb9m7k-openssl-1.1.1n
-Deriver: 5rwxzi7pal3qhpsyfc16gzkh939q1np6-curl-7.82.0.drv
-Sig: cache.nixos.org-1:TsTTb3WGTZKphvYdBHXwo6weVILmTytUjLB+vcX89fOjjRicCHmKA4RCPMVLkj6TMJ4GMX3HPVWRdD1hkeKZBQ==
-";
+/// A real narinfo from cache.nixos.org (curl 7.82.0, bin output), with its real signature: the
+/// unit tests' fixture.
+const CURL: &str = include_str!("../src/narinfo/fixtures/curl-7.82.0-bin.narinfo");
 const NIXOS_KEY: &str = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
 
 fn narinfo(c: &mut Criterion) {

@@ -256,14 +256,12 @@ impl FromRequestParts<AppState> for Caller {
 }
 
 impl AppState {
-    /// Looks a token up. The outer error is a database failure; the inner one says why the
-    /// token is refused.
-    /// The key whose token hashes to `hash` ([`hash_token`]), or why there is none.
+    /// Looks up the key whose token hashes to `hash` ([`hash_token`]). The outer error is a
+    /// database failure; the inner one says why the token is refused.
     pub async fn authenticate(
         &self,
         hash: &str,
     ) -> Result<Result<Principal, &'static str>, ApiError> {
-        let hash = hash.to_string();
         if let Some(env_key) = &self.env_key_hash {
             if constant_time_eq(hash.as_bytes(), env_key.as_bytes()) {
                 return Ok(Ok(Principal {
@@ -273,12 +271,12 @@ impl AppState {
                 }));
             }
         }
-        let rec = match self.key_cache.get(&hash) {
+        let rec = match self.key_cache.get(hash) {
             Some(rec) => rec,
             None => {
                 let seen = self.key_cache.generation();
-                let rec = self.meta.key_by_token_hash(&hash).await?;
-                self.key_cache.insert(&hash, rec.clone(), seen);
+                let rec = self.meta.key_by_token_hash(hash).await?;
+                self.key_cache.insert(hash, rec.clone(), seen);
                 rec
             }
         };

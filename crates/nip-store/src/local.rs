@@ -39,27 +39,21 @@ fn read_ahead(
     len: u64,
 ) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
     type Next = tokio::task::JoinHandle<std::io::Result<(std::fs::File, bytes::Bytes)>>;
-    // The file travels with each read; `read_to_end` fills the fresh buffer without zeroing it.
-    fn read(mut file: std::fs::File, left: u64) -> Next {
+    // The file travels with each read (seeking only before the first); `read_to_end` fills the
+    // fresh buffer without zeroing it.
+    fn read(mut file: std::fs::File, seek_to: Option<u64>, left: u64) -> Next {
         tokio::task::spawn_blocking(move || {
-            use std::io::Read;
+            use std::io::{Read, Seek};
+            if let Some(offset) = seek_to {
+                file.seek(std::io::SeekFrom::Start(offset))?;
+            }
             let n = left.min(READ_CHUNK as u64);
             let mut buf = Vec::with_capacity(n as usize);
             (&mut file).take(n).read_to_end(&mut buf)?;
             Ok((file, bytes::Bytes::from(buf)))
         })
     }
-    let first: Option<Next> = (len > 0).then(|| {
-        tokio::task::spawn_blocking(move || {
-            use std::io::{Read, Seek};
-            let mut file = file;
-            file.seek(std::io::SeekFrom::Start(start))?;
-            let n = len.min(READ_CHUNK as u64);
-            let mut buf = Vec::with_capacity(n as usize);
-            (&mut file).take(n).read_to_end(&mut buf)?;
-            Ok((file, bytes::Bytes::from(buf)))
-        })
-    });
+    let first: Option<Next> = (len > 0).then(|| read(file, Some(start), len));
     futures::stream::unfold((first, len), |(next, left)| async move {
         let (file, chunk) = match next?.await {
             Ok(Ok(read)) => read,
@@ -74,7 +68,7 @@ fn read_ahead(
             return Some((Err(e), (None, 0)));
         }
         let left = left - chunk.len() as u64;
-        let next = (left > 0).then(|| read(file, left));
+        let next = (left > 0).then(|| read(file, None, left));
         Some((Ok(chunk), (next, left)))
     })
 }

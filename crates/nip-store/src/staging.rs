@@ -100,29 +100,22 @@ pub async fn read_at(
     offset: u64,
     len: usize,
 ) -> std::io::Result<bytes::Bytes> {
-    tokio::task::spawn_blocking(move || read_at_blocking(&file, offset, len))
-        .await
-        .map_err(std::io::Error::other)?
-}
-
-/// Up to `len` bytes at `offset` (fewer only at the end of the file), with positional reads.
-pub(crate) fn read_at_blocking(
-    file: &std::fs::File,
-    offset: u64,
-    len: usize,
-) -> std::io::Result<bytes::Bytes> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; len];
-    let mut filled = 0;
-    while filled < len {
-        let n = file.read_at(&mut buf[filled..], offset + filled as u64)?;
-        if n == 0 {
-            break;
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len];
+        let mut filled = 0;
+        while filled < len {
+            let n = file.read_at(&mut buf[filled..], offset + filled as u64)?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
         }
-        filled += n;
-    }
-    buf.truncate(filled);
-    Ok(bytes::Bytes::from(buf))
+        buf.truncate(filled);
+        Ok(bytes::Bytes::from(buf))
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Most bytes collected while a write is in flight before the sender waits for it: network reads
