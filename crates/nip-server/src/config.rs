@@ -64,6 +64,13 @@ pub struct ServeConfig {
     pub max_size: Option<u64>,
     /// Cron expression of the eviction job (validated).
     pub lru_schedule: Option<String>,
+    /// Cron expression of the scrub job (`--cache-verify-schedule`, validated). `None`: off.
+    pub verify_schedule: Option<String>,
+    /// `--cache-require-trusted-signature`: an uploaded narinfo needs a signature by one of
+    /// `trusted_upload_keys` (at least one is then required).
+    pub require_trusted_signature: bool,
+    /// `--cache-trusted-upload-key`: keys whose signature vouches for an upload.
+    pub trusted_upload_keys: Vec<PublicKey>,
     pub prometheus_enabled: bool,
     /// OpenTelemetry export; `None` when `--otel-enabled` is off.
     pub otel: Option<OtelConfig>,
@@ -390,14 +397,44 @@ impl ServeConfig {
             })?),
             None => None,
         };
-        let lru_schedule = one("cache.lru.schedule").filter(|v| !v.trim().is_empty());
-        if let Some(cron) = &lru_schedule {
-            croner::Cron::new(cron).parse().map_err(|e| {
-                err(
-                    "cache.lru.schedule",
-                    format!("{cron:?} is not a cron schedule (e.g. \"0 2 * * *\"): {e}"),
-                )
+        let schedule = |key: &str| -> Result<Option<String>, ConfigError> {
+            let cron = one(key).filter(|v| !v.trim().is_empty());
+            if let Some(cron) = &cron {
+                croner::Cron::new(cron).parse().map_err(|e| {
+                    err(
+                        key,
+                        format!("{cron:?} is not a cron schedule (e.g. \"0 2 * * *\"): {e}"),
+                    )
+                })?;
+            }
+            Ok(cron)
+        };
+        let lru_schedule = schedule("cache.lru.schedule")?;
+        let verify_schedule = schedule("cache.verify-schedule")?;
+        let trusted_upload_keys = many("cache.trusted-upload-keys")
+            .iter()
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(|k| {
+                PublicKey::parse(k).map_err(|e| {
+                    err(
+                        "cache.trusted-upload-keys",
+                        format!("{k:?} is not a name:base64 public key: {e}"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let require_trusted_signature = one("cache.require-trusted-signature")
+            .map_or(Ok(false), |v| {
+                parse_bool("cache.require-trusted-signature", &v)
             })?;
+        if require_trusted_signature && trusted_upload_keys.is_empty() {
+            // Fail closed, and loudly: a gate with no key would refuse every upload.
+            return Err(err(
+                "cache.require-trusted-signature",
+                "no --cache-trusted-upload-key given: pass the public key (name:base64) of each uploader allowed to vouch for uploads, e.g. from `nix-store --generate-binary-cache-key`",
+            ));
         }
         let log_format = one("log.format").unwrap_or_else(|| "text".into());
         if log_format != "text" && log_format != "json" {
@@ -535,6 +572,9 @@ impl ServeConfig {
             rate_limit,
             max_size,
             lru_schedule,
+            verify_schedule,
+            require_trusted_signature,
+            trusted_upload_keys,
             prometheus_enabled: flag("prometheus.enabled")?,
             otel,
             log_format,

@@ -2,6 +2,7 @@
 //! [`router`] builds the whole application from an [`AppState`]; `main` only parses config and serves.
 pub mod auth;
 pub mod budget;
+pub mod cache;
 pub mod coalesce;
 pub mod config;
 pub mod conn;
@@ -35,9 +36,6 @@ use crate::config::ServeConfig;
 use crate::fill::{FillContext, Fills};
 use crate::upstream::Upstreams;
 
-/// Result of a coalesced narinfo lookup: the narinfo text as served, or `None` when absent.
-pub type NarInfoOutcome = Result<Option<Arc<str>>, Arc<str>>;
-
 /// Everything a request handler needs; built once at start.
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
@@ -51,9 +49,10 @@ pub struct Inner {
     pub signer: SigningKey,
     pub public_key: PublicKey,
     pub fills: Arc<Fills>,
-    pub narinfo_lookups: Coalescer<String, NarInfoOutcome>,
-    /// Narinfos no upstream had, with when they were found missing.
-    pub negative: Mutex<HashMap<String, Instant>>,
+    pub narinfo_lookups: Coalescer<String, cache::narinfo::Fetched>,
+    /// Narinfos no upstream had: when they were found missing, and whether every upstream
+    /// answered (only a certain absence lets an upload skip asking again).
+    pub negative: Mutex<HashMap<String, (Instant, bool)>>,
     pub started_at: Instant,
     pub rate_limiter: Option<auth::RateLimiter>,
     /// API keys recently looked up (half a second).
@@ -190,32 +189,34 @@ impl AppState {
         }
     }
 
-    pub fn is_known_missing(&self, hash: &str) -> bool {
+    /// Whether `hash` was found missing upstream within `--cache-negative-ttl`; with `certain`,
+    /// only when every upstream answered so.
+    pub fn is_known_missing(&self, hash: &str, certain: bool) -> bool {
         let ttl = self.config.negative_ttl;
         let mut neg = self.negative.lock().unwrap_or_else(|e| e.into_inner());
         match neg.get(hash) {
-            Some(t) if t.elapsed() < ttl => true,
-            Some(_) => {
+            Some((t, _)) if t.elapsed() >= ttl => {
                 neg.remove(hash);
                 false
             }
+            Some((_, complete)) => *complete || !certain,
             None => false,
         }
     }
 
-    pub fn remember_missing(&self, hash: &str) {
+    pub fn remember_missing(&self, hash: &str, certain: bool) {
         let ttl = self.config.negative_ttl;
         if ttl.is_zero() {
             return;
         }
         let mut neg = self.negative.lock().unwrap_or_else(|e| e.into_inner());
         if neg.len() >= NEGATIVE_CACHE_MAX {
-            neg.retain(|_, t| t.elapsed() < ttl);
+            neg.retain(|_, (t, _)| t.elapsed() < ttl);
             if neg.len() >= NEGATIVE_CACHE_MAX {
                 neg.clear();
             }
         }
-        neg.insert(hash.to_string(), Instant::now());
+        neg.insert(hash.to_string(), (Instant::now(), certain));
     }
 }
 

@@ -87,9 +87,15 @@ pub enum NarInfoAnswer {
 pub enum Lookup {
     Found(Box<Found>),
     /// Every upstream that answered says it does not have it (or had nothing trustworthy).
-    Missing,
+    /// `unknown` names the upstreams that were skipped or gave no usable answer: empty when the
+    /// absence is certain, which is what an upload of a new path needs (docs/security.md).
+    Missing {
+        unknown: Vec<String>,
+    },
     /// No upstream gave a usable answer: an outage, not an absence, so it is not remembered.
-    Failed,
+    Failed {
+        unknown: Vec<String>,
+    },
 }
 
 /// A narinfo chosen among the upstreams' answers.
@@ -292,12 +298,9 @@ impl Upstreams {
 
     /// Asks every healthy upstream at once and picks the verified narinfo of the best priority.
     pub async fn lookup(&self, hash: &StorePathHash) -> Lookup {
-        let candidates: Vec<_> = self
-            .list
-            .iter()
-            .filter(|u| u.is_healthy())
-            .cloned()
-            .collect();
+        let (candidates, skipped): (Vec<_>, Vec<_>) =
+            self.list.iter().cloned().partition(|u| u.is_healthy());
+        let mut unknown: Vec<String> = skipped.iter().map(|u| u.name().to_string()).collect();
         let answers = futures::future::join_all(candidates.iter().map(|u| {
             // One span per upstream asked (an OTel client span with --otel-enabled).
             let span = tracing::info_span!("upstream narinfo",
@@ -345,6 +348,7 @@ impl Upstreams {
                 NarInfoAnswer::Failed(why) => {
                     tracing::warn!(upstream = %u.name(), %hash, %why, "upstream narinfo request failed");
                     u.record_failure(&why);
+                    unknown.push(u.name().to_string());
                 }
             }
         }
@@ -352,10 +356,10 @@ impl Upstreams {
         verified.sort_by_key(|(u, _, _)| u.priority());
         let mut iter = verified.into_iter();
         let Some((upstream, info, key)) = iter.next() else {
-            return if answered {
-                Lookup::Missing
+            return if answered || unknown.is_empty() {
+                Lookup::Missing { unknown }
             } else {
-                Lookup::Failed
+                Lookup::Failed { unknown }
             };
         };
         let alternates = iter

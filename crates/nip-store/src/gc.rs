@@ -307,6 +307,8 @@ mod tests {
             nar_hash: "sha256:x".into(),
             narinfo: "x".into(),
             origin: "upload".into(),
+            signed_by: None,
+            uploaded_by: None,
         };
         f.db.put_narinfo(&rec, &[]).await.unwrap();
         f.db.put_nar(&NarRecord {

@@ -24,6 +24,20 @@ pub struct NarInfoRecord {
     pub narinfo: String,
     /// Upstream base URL it came from, or `upload`.
     pub origin: String,
+    /// Name of the key whose signature vouched for it: the upstream key that verified it, or the
+    /// trusted upload key that signed an upload. `None`: an upload no trusted key signed.
+    pub signed_by: Option<String>,
+    /// API key that uploaded it; `None` for fetched entries and uploads without keys.
+    pub uploaded_by: Option<String>,
+}
+
+/// What [`MetaStore::put_narinfo`] did. Store paths are immutable: a stored narinfo is never
+/// replaced, so the caller learns what is there instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PutNarInfo {
+    Inserted,
+    /// Another narinfo for this hash was stored first; nothing was written.
+    Exists(NarInfoRecord),
 }
 
 /// A place a NAR can be fetched from.
@@ -46,13 +60,13 @@ pub trait MetaStore: Send + Sync + 'static {
     /// The narinfo for a store path hash, if the cache holds it.
     async fn get_narinfo(&self, hash: &str) -> Result<Option<NarInfoRecord>, MetaError>;
 
-    /// Inserts or replaces a narinfo together with the places its NAR can be fetched from
-    /// (best first), in one transaction.
+    /// Inserts a narinfo together with the places its NAR can be fetched from (best first), in
+    /// one transaction, unless one is stored for the hash already: that one is kept and returned.
     async fn put_narinfo(
         &self,
         rec: &NarInfoRecord,
         sources: &[NarSource],
-    ) -> Result<(), MetaError>;
+    ) -> Result<PutNarInfo, MetaError>;
 
     /// Any narinfo that refers to `nar_file` (to learn its expected size and hash).
     async fn narinfo_for_nar(&self, nar_file: &str) -> Result<Option<NarInfoRecord>, MetaError>;

@@ -9,7 +9,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{AnyPool, ConnectOptions, Connection, Executor, Row};
 
-use crate::meta::{MetaError, MetaStore, NarInfoRecord, NarRecord, NarSource};
+use crate::meta::{MetaError, MetaStore, NarInfoRecord, NarRecord, NarSource, PutNarInfo};
 use crate::unix_now;
 
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -278,11 +278,13 @@ fn narinfo_from_row(row: &AnyRow) -> Result<NarInfoRecord, sqlx::Error> {
         nar_hash: row.try_get("nar_hash")?,
         narinfo: row.try_get("narinfo")?,
         origin: row.try_get("origin")?,
+        signed_by: row.try_get("signed_by")?,
+        uploaded_by: row.try_get("uploaded_by")?,
     })
 }
 
-const NARINFO_COLUMNS: &str =
-    "hash, store_path, nar_file, file_size, file_hash, nar_hash, narinfo, origin";
+const NARINFO_COLUMNS: &str = "hash, store_path, nar_file, file_size, file_hash, nar_hash, \
+     narinfo, origin, signed_by, uploaded_by";
 
 #[async_trait]
 impl MetaStore for SqlMeta {
@@ -300,17 +302,15 @@ impl MetaStore for SqlMeta {
         &self,
         rec: &NarInfoRecord,
         sources: &[NarSource],
-    ) -> Result<(), MetaError> {
+    ) -> Result<PutNarInfo, MetaError> {
         let now = unix_now();
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        // DO NOTHING, never UPDATE: a stored store path is immutable (docs/security.md).
+        let inserted = sqlx::query(
             "INSERT INTO narinfos (hash, store_path, nar_file, file_size, file_hash, nar_hash, \
-             narinfo, origin, created_at, last_accessed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-             ON CONFLICT (hash) DO UPDATE SET store_path = excluded.store_path, \
-             nar_file = excluded.nar_file, file_size = excluded.file_size, \
-             file_hash = excluded.file_hash, nar_hash = excluded.nar_hash, \
-             narinfo = excluded.narinfo, origin = excluded.origin, \
-             last_accessed_at = excluded.last_accessed_at",
+             narinfo, origin, signed_by, uploaded_by, created_at, last_accessed_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT (hash) DO NOTHING",
         )
         .bind(&rec.hash)
         .bind(&rec.store_path)
@@ -320,10 +320,25 @@ impl MetaStore for SqlMeta {
         .bind(&rec.nar_hash)
         .bind(&rec.narinfo)
         .bind(&rec.origin)
+        .bind(&rec.signed_by)
+        .bind(&rec.uploaded_by)
         .bind(now)
         .bind(now)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            > 0;
+        if !inserted {
+            let row = sqlx::query(&format!(
+                "SELECT {NARINFO_COLUMNS} FROM narinfos WHERE hash = $1"
+            ))
+            .bind(&rec.hash)
+            .fetch_one(&mut *tx)
+            .await?;
+            let existing = narinfo_from_row(&row)?;
+            tx.commit().await?;
+            return Ok(PutNarInfo::Exists(existing));
+        }
         for (rank, src) in sources.iter().enumerate() {
             sqlx::query(
                 "INSERT INTO nar_sources (nar_file, url, upstream, rank) VALUES ($1, $2, $3, $4) \
@@ -338,7 +353,7 @@ impl MetaStore for SqlMeta {
             .await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(PutNarInfo::Inserted)
     }
 
     async fn narinfo_for_nar(&self, nar_file: &str) -> Result<Option<NarInfoRecord>, MetaError> {
@@ -439,6 +454,8 @@ mod tests {
             nar_hash: "sha256:def".into(),
             narinfo: "StorePath: ...\n".into(),
             origin: "http://up".into(),
+            signed_by: Some("up-1".into()),
+            uploaded_by: None,
         }
     }
 
@@ -458,13 +475,29 @@ mod tests {
                     upstream: "http://b".into(),
                 },
             ];
-            meta.put_narinfo(&rec("h1", "f.nar"), &sources)
-                .await
-                .unwrap();
+            assert_eq!(
+                meta.put_narinfo(&rec("h1", "f.nar"), &sources)
+                    .await
+                    .unwrap(),
+                PutNarInfo::Inserted
+            );
             assert_eq!(
                 meta.get_narinfo("h1").await.unwrap(),
                 Some(rec("h1", "f.nar"))
             );
+            // Immutable: a second narinfo for the hash changes nothing and is told what is there.
+            let mut other = rec("h1", "g.nar");
+            other.nar_hash = "sha256:other".into();
+            other.uploaded_by = Some("ci".into());
+            assert_eq!(
+                meta.put_narinfo(&other, &[]).await.unwrap(),
+                PutNarInfo::Exists(rec("h1", "f.nar"))
+            );
+            assert_eq!(
+                meta.get_narinfo("h1").await.unwrap(),
+                Some(rec("h1", "f.nar"))
+            );
+            assert!(meta.nar_sources("g.nar").await.unwrap().is_empty());
             assert_eq!(
                 meta.narinfo_for_nar("f.nar").await.unwrap().unwrap().hash,
                 "h1"

@@ -1,5 +1,5 @@
 //! `GET|HEAD /<hash>.narinfo`: served from the index, or fetched once from the best upstream that
-//! has it signed by a trusted key, rewritten to point at this cache's `/nar/` and re-signed.
+//! has it signed by a trusted key ([`crate::cache::narinfo`]).
 //! `GET|HEAD /upload/<hash>.narinfo` (ncps' upload path) serves the index only: a miss is a 404
 //! and never goes upstream, so `nix copy --to …/upload` uploads what the cache lacks.
 use std::sync::Arc;
@@ -7,18 +7,14 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use futures::FutureExt;
-use nip_core::nar_file::{Compression, NarFileName};
-use nip_core::narinfo::NarInfo;
 use nip_core::store_path::StorePathHash;
-use nip_store::{NarInfoRecord, NarSource};
 
 use crate::auth::Caller;
+use crate::cache::{self, narinfo::Fetched};
 use crate::coalesce::Role;
 use crate::error::{ApiError, ApiResult};
 use crate::nix::OnMiss;
 use crate::stats::Kind;
-use crate::upstream::{Found, Lookup};
 use crate::AppState;
 
 #[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(name = %name))]
@@ -75,30 +71,21 @@ async fn narinfo(
     if on_miss == OnMiss::NotFound {
         return Err(ApiError::NotFound("this cache has no such narinfo".into()));
     }
-    if state.is_known_missing(hash.as_str()) {
+    if state.is_known_missing(hash.as_str(), false) {
         tracing::debug!("narinfo negative-cache hit");
         state.stats.miss(Kind::Narinfo);
         return Err(not_found());
     }
-    let st = state.clone();
-    let h = hash.clone();
-    let (outcome, role) = state
-        .narinfo_lookups
-        .run(
-            hash.as_str().to_string(),
-            move || fetch_and_store(st, h).boxed(),
-            Err(Arc::from("lookup panicked")),
-        )
-        .await;
+    let (outcome, role) = cache::narinfo::fetch(&state, &hash).await;
     tracing::debug!(coalesced = (role == Role::Joined), "narinfo miss");
     state.stats.miss(Kind::Narinfo);
     if role == Role::Joined {
         state.stats.coalesced(Kind::Narinfo);
     }
     match outcome {
-        Ok(Some(text)) => Ok(narinfo_response(text)),
-        Ok(None) => Err(not_found()),
-        Err(e) => Err(ApiError::Unavailable(e.to_string())),
+        Fetched::Stored(text) => Ok(narinfo_response(text)),
+        Fetched::Missing { .. } | Fetched::Unservable { .. } => Err(not_found()),
+        Fetched::Failed(e) => Err(ApiError::Unavailable(e.to_string())),
     }
 }
 
@@ -121,106 +108,4 @@ impl AsRef<[u8]> for ArcStr {
     fn as_ref(&self) -> &[u8] {
         self.0.as_bytes()
     }
-}
-
-async fn fetch_and_store(state: AppState, hash: StorePathHash) -> crate::NarInfoOutcome {
-    // A request that missed just before an earlier fetch of this hash stored it and ended would
-    // fetch it a second time: the database, asked again by the one fetch now running, knows.
-    let stored = state
-        .meta
-        .get_narinfo(hash.as_str())
-        .await
-        .map_err(|e| Arc::<str>::from(e.to_string()))?;
-    if let Some(rec) = stored {
-        return Ok(Some(Arc::from(rec.narinfo)));
-    }
-    let found = match state.upstreams.lookup(&hash).await {
-        Lookup::Found(found) => *found,
-        Lookup::Missing => {
-            state.remember_missing(hash.as_str());
-            return Ok(None);
-        }
-        Lookup::Failed => return Ok(None),
-    };
-    let (record, sources) = match rewrite(&state, found) {
-        Ok(r) => r,
-        Err(why) => {
-            tracing::warn!(%hash, %why, "upstream narinfo cannot be served");
-            state.remember_missing(hash.as_str());
-            return Ok(None);
-        }
-    };
-    state
-        .meta
-        .put_narinfo(&record, &sources)
-        .await
-        .map_err(|e| Arc::<str>::from(e.to_string()))?;
-    state
-        .stats
-        .activity("narinfo-fetch", record.store_path.clone());
-    Ok(Some(Arc::from(record.narinfo)))
-}
-
-/// The NAR file name this cache serves a narinfo's NAR under: `<filehash>.nar<ext>`.
-fn nar_file_name(info: &NarInfo) -> Result<(NarFileName, u64), String> {
-    let compression = info
-        .compression_kind()
-        .ok_or_else(|| format!("unknown compression {:?}", info.compression))?;
-    match (&info.file_hash, info.file_size) {
-        (Some(h), Some(size)) => Ok((NarFileName::new(h, compression), size)),
-        // An uncompressed NAR's file is the NAR itself.
-        (None, _) if compression == Compression::None => {
-            Ok((NarFileName::new(&info.nar_hash, compression), info.nar_size))
-        }
-        _ => Err("narinfo has no FileHash/FileSize for a compressed NAR".into()),
-    }
-}
-
-fn rewrite(state: &AppState, found: Found) -> Result<(NarInfoRecord, Vec<NarSource>), String> {
-    let Found {
-        mut info,
-        upstream,
-        alternates,
-        ..
-    } = found;
-    let (file, file_size) = nar_file_name(&info)?;
-    let file_hash = info
-        .file_hash
-        .clone()
-        .unwrap_or_else(|| info.nar_hash.clone());
-    if file_hash.algo != nip_core::hash::HashAlgo::Sha256 {
-        return Err("FileHash is not sha256".into());
-    }
-    let source = |base: &reqwest::Url, nar_url: &str| -> Result<NarSource, String> {
-        let url = base
-            .join(nar_url)
-            .map_err(|e| format!("bad NAR URL {nar_url:?}: {e}"))?;
-        Ok(NarSource {
-            url: url.to_string(),
-            upstream: base.to_string(),
-        })
-    };
-    let mut sources = vec![source(&upstream.url, &info.url)?];
-    for (alt, alt_info) in &alternates {
-        if let Ok(s) = source(&alt.url, &alt_info.url) {
-            sources.push(s);
-        }
-    }
-    info.url = format!("nar/{file}");
-    info.file_hash = Some(file_hash.clone());
-    info.file_size = Some(file_size);
-    if state.config.sign_narinfo {
-        info.sign(&state.signer);
-    }
-    let record = NarInfoRecord {
-        hash: info.store_path.hash().as_str().to_string(),
-        store_path: info.store_path.full(),
-        nar_file: file.file_name(),
-        file_size: Some(file_size as i64),
-        file_hash: Some(file_hash.to_string()),
-        nar_hash: info.nar_hash.to_string(),
-        narinfo: info.to_text(),
-        origin: upstream.name().to_string(),
-    };
-    Ok((record, sources))
 }

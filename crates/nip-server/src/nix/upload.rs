@@ -1,18 +1,19 @@
 //! Nix uploads and deletes: `PUT /nar/<file>`, `PUT /<hash>.narinfo` (write key once any key
 //! exists; `--cache-allow-put-verb`), and `DELETE` of both (admin; `--cache-allow-delete-verb`).
-//! A NAR is checked against the file hash in its name before it is stored; a narinfo is accepted
-//! only when its NAR is already stored with the FileHash and FileSize it states. Every refusal is
-//! a 4xx: Nix 2.8 hangs on a 5xx answer to a PUT.
+//! A NAR is checked against the file hash in its name before it is stored; a narinfo goes through
+//! the trust rules of [`crate::cache::upload`]. Every refusal is a 4xx: Nix 2.8 hangs on a 5xx
+//! answer to a PUT.
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use futures::StreamExt;
 use nip_core::nar_file::NarFileName;
-use nip_core::narinfo::{NarInfo, MAX_NARINFO_SIZE};
+use nip_core::narinfo::MAX_NARINFO_SIZE;
 use nip_core::store_path::StorePathHash;
-use nip_store::{NarInfoRecord, NarRecord};
+use nip_store::NarRecord;
 
 use crate::auth::{Caller, Scope};
+use crate::cache;
 use crate::error::{ApiError, ApiResult};
 use crate::fill::nar_blob_key;
 use crate::AppState;
@@ -144,78 +145,35 @@ pub async fn put_narinfo(
     Path(name): Path<String>,
     body: Body,
 ) -> ApiResult<StatusCode> {
-    let r = store_narinfo(&state, &caller, &name, body).await;
-    audited(&state, &caller, "narinfo-upload", &name, r).await
-}
-
-async fn store_narinfo(
-    state: &AppState,
-    caller: &Caller,
-    name: &str,
-    body: Body,
-) -> ApiResult<(StatusCode, Option<(i64, String)>)> {
-    permit(state, caller, true).await?;
-    let hash = parse_hash(name)?;
-    let bytes = axum::body::to_bytes(body, MAX_NARINFO_SIZE)
-        .await
-        .map_err(|_| {
-            ApiError::PayloadTooLarge(format!(
-                "narinfo larger than {MAX_NARINFO_SIZE} bytes, or body cut short"
-            ))
-        })?;
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|_| ApiError::BadRequest("narinfo is not UTF-8".into()))?;
-    let mut info =
-        NarInfo::parse(text).map_err(|e| ApiError::BadRequest(format!("invalid narinfo: {e}")))?;
-    if info.store_path.hash() != &hash {
-        return Err(ApiError::BadRequest(
-            "the narinfo's StorePath does not match the URL".into(),
-        ));
+    // The audit names the store path once it is known; trust refusals are an action of their own.
+    let mut target = name.clone();
+    let mut action = "narinfo-upload";
+    let r = async {
+        permit(&state, &caller, true).await?;
+        let hash = parse_hash(&name)?;
+        let bytes = axum::body::to_bytes(body, MAX_NARINFO_SIZE)
+            .await
+            .map_err(|_| {
+                ApiError::PayloadTooLarge(format!(
+                    "narinfo larger than {MAX_NARINFO_SIZE} bytes, or body cut short"
+                ))
+            })?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| ApiError::BadRequest("narinfo is not UTF-8".into()))?;
+        let info = cache::upload::parse(&hash, text)?;
+        target = info.store_path.full();
+        cache::upload::store(&state, info, caller.key_name())
+            .await
+            .map_err(|e| {
+                if e.is_trust_refusal() {
+                    action = "narinfo-upload-refused";
+                }
+                ApiError::from(e)
+            })?;
+        Ok((StatusCode::OK, None))
     }
-    let file = info
-        .url
-        .strip_prefix("nar/")
-        .and_then(|f| NarFileName::parse(f).ok())
-        .ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "URL {:?} must be nar/<filehash>.nar[.ext]",
-                info.url
-            ))
-        })?;
-    let stored = state
-        .meta
-        .get_nar(&file.file_name())
-        .await?
-        .ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "upload the NAR first: PUT /nar/{file} (this cache does not have it)"
-            ))
-        })?;
-    let file_hash_ok = info
-        .file_hash
-        .as_ref()
-        .is_some_and(|h| hex::encode(&h.digest) == stored.sha256);
-    if !file_hash_ok || info.file_size != Some(stored.size as u64) {
-        return Err(ApiError::BadRequest(
-            "FileHash/FileSize do not match the stored NAR".into(),
-        ));
-    }
-    if state.config.sign_narinfo {
-        info.sign(&state.signer);
-    }
-    let rec = NarInfoRecord {
-        hash: hash.as_str().to_string(),
-        store_path: info.store_path.full(),
-        nar_file: file.file_name(),
-        file_size: info.file_size.map(|n| n as i64),
-        file_hash: info.file_hash.as_ref().map(|h| h.to_string()),
-        nar_hash: info.nar_hash.to_string(),
-        narinfo: info.to_text(),
-        origin: "upload".into(),
-    };
-    state.meta.put_narinfo(&rec, &[]).await?;
-    state.hot_narinfos.forget(hash.as_str());
-    Ok((StatusCode::OK, None))
+    .await;
+    audited(&state, &caller, action, &target, r).await
 }
 
 #[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(name = %name))]

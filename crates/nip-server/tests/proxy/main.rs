@@ -8,4 +8,5 @@ mod hostile_input;
 mod jobs_lease;
 mod ncps_compat;
 mod serving;
+mod trust;
 mod upstream_faults;

@@ -1,0 +1,157 @@
+//! Narinfo lookups beyond the index: one coalesced upstream fetch per hash however many requests
+//! ask at once, absences remembered for `--cache-negative-ttl`; a fetched narinfo is rewritten to
+//! point at this cache's `/nar/`, signed and stored (never replacing a stored one).
+use std::sync::Arc;
+
+use futures::FutureExt;
+use nip_core::hash::NixHash;
+use nip_core::nar_file::{Compression, NarFileName};
+use nip_core::narinfo::NarInfo;
+use nip_core::store_path::StorePathHash;
+use nip_store::{NarInfoRecord, NarSource, PutNarInfo};
+
+use crate::coalesce::Role;
+use crate::upstream::{Found, Lookup};
+use crate::AppState;
+
+/// What asking the upstreams for a narinfo the index lacked came to.
+#[derive(Clone, Debug)]
+pub enum Fetched {
+    /// In the index now (fetched, or stored meanwhile): the narinfo as served.
+    Stored(Arc<str>),
+    /// No upstream that answered has a trusted narinfo. `unknown` names the upstreams that
+    /// were skipped or did not answer: empty when the absence is certain.
+    Missing { unknown: Arc<[String]> },
+    /// An upstream has a trusted narinfo this cache cannot serve (e.g. a compressed NAR without
+    /// FileHash): absent for readers, but an upload must still match it.
+    Unservable { upstream: String, nar_hash: NixHash },
+    /// The index failed.
+    Failed(Arc<str>),
+}
+
+/// Asks the upstreams for `hash` (coalesced with every other request for it) and stores what a
+/// trusted upstream has. Callers check the index and the negative cache first.
+pub async fn fetch(state: &AppState, hash: &StorePathHash) -> (Fetched, Role) {
+    let st = state.clone();
+    let h = hash.clone();
+    state
+        .narinfo_lookups
+        .run(
+            hash.as_str().to_string(),
+            move || fetch_and_store(st, h).boxed(),
+            Fetched::Failed(Arc::from("lookup panicked")),
+        )
+        .await
+}
+
+async fn fetch_and_store(state: AppState, hash: StorePathHash) -> Fetched {
+    // A request that missed just before an earlier fetch of this hash stored it and ended would
+    // fetch it a second time: the database, asked again by the one fetch now running, knows.
+    match state.meta.get_narinfo(hash.as_str()).await {
+        Ok(Some(rec)) => return Fetched::Stored(Arc::from(rec.narinfo)),
+        Ok(None) => {}
+        Err(e) => return Fetched::Failed(Arc::from(e.to_string())),
+    }
+    let found = match state.upstreams.lookup(&hash).await {
+        Lookup::Found(found) => *found,
+        Lookup::Missing { unknown } => {
+            state.remember_missing(hash.as_str(), unknown.is_empty());
+            return Fetched::Missing {
+                unknown: unknown.into(),
+            };
+        }
+        Lookup::Failed { unknown } => {
+            return Fetched::Missing {
+                unknown: unknown.into(),
+            }
+        }
+    };
+    let upstream = found.upstream.name().to_string();
+    let nar_hash = found.info.nar_hash.clone();
+    let (record, sources) = match rewrite(&state, found) {
+        Ok(r) => r,
+        Err(why) => {
+            tracing::warn!(%hash, %why, "upstream narinfo cannot be served");
+            // Absent for readers; not certain for uploads, which must still compare with it.
+            state.remember_missing(hash.as_str(), false);
+            return Fetched::Unservable { upstream, nar_hash };
+        }
+    };
+    match state.meta.put_narinfo(&record, &sources).await {
+        Ok(PutNarInfo::Inserted) => {
+            state
+                .stats
+                .activity("narinfo-fetch", record.store_path.clone());
+            Fetched::Stored(Arc::from(record.narinfo))
+        }
+        // Stored meanwhile (an upload, or another instance's fetch): that one stands.
+        Ok(PutNarInfo::Exists(existing)) => Fetched::Stored(Arc::from(existing.narinfo)),
+        Err(e) => Fetched::Failed(Arc::from(e.to_string())),
+    }
+}
+
+/// The NAR file name this cache serves a narinfo's NAR under: `<filehash>.nar<ext>`.
+fn nar_file_name(info: &NarInfo) -> Result<(NarFileName, u64), String> {
+    let compression = info
+        .compression_kind()
+        .ok_or_else(|| format!("unknown compression {:?}", info.compression))?;
+    match (&info.file_hash, info.file_size) {
+        (Some(h), Some(size)) => Ok((NarFileName::new(h, compression), size)),
+        // An uncompressed NAR's file is the NAR itself.
+        (None, _) if compression == Compression::None => {
+            Ok((NarFileName::new(&info.nar_hash, compression), info.nar_size))
+        }
+        _ => Err("narinfo has no FileHash/FileSize for a compressed NAR".into()),
+    }
+}
+
+fn rewrite(state: &AppState, found: Found) -> Result<(NarInfoRecord, Vec<NarSource>), String> {
+    let Found {
+        mut info,
+        upstream,
+        alternates,
+        key,
+    } = found;
+    let (file, file_size) = nar_file_name(&info)?;
+    let file_hash = info
+        .file_hash
+        .clone()
+        .unwrap_or_else(|| info.nar_hash.clone());
+    if file_hash.algo != nip_core::hash::HashAlgo::Sha256 {
+        return Err("FileHash is not sha256".into());
+    }
+    let source = |base: &reqwest::Url, nar_url: &str| -> Result<NarSource, String> {
+        let url = base
+            .join(nar_url)
+            .map_err(|e| format!("bad NAR URL {nar_url:?}: {e}"))?;
+        Ok(NarSource {
+            url: url.to_string(),
+            upstream: base.to_string(),
+        })
+    };
+    let mut sources = vec![source(&upstream.url, &info.url)?];
+    for (alt, alt_info) in &alternates {
+        if let Ok(s) = source(&alt.url, &alt_info.url) {
+            sources.push(s);
+        }
+    }
+    info.url = format!("nar/{file}");
+    info.file_hash = Some(file_hash.clone());
+    info.file_size = Some(file_size);
+    if state.config.sign_narinfo {
+        info.sign(&state.signer);
+    }
+    let record = NarInfoRecord {
+        hash: info.store_path.hash().as_str().to_string(),
+        store_path: info.store_path.full(),
+        nar_file: file.file_name(),
+        file_size: Some(file_size as i64),
+        file_hash: Some(file_hash.to_string()),
+        nar_hash: info.nar_hash.to_string(),
+        narinfo: info.to_text(),
+        origin: upstream.name().to_string(),
+        signed_by: Some(key),
+        uploaded_by: None,
+    };
+    Ok((record, sources))
+}
