@@ -67,12 +67,13 @@ class Servers:
 
     def nip(self, name, public_key, upstream=None, extra=(), data_dir=None, ready=True):
         """`nip serve` with its own data directory, uploads allowed, TOKEN as a read-write API key,
-        trusting public_key upstream. Without an upstream it points at a closed port, so every miss
-        is a quick 404."""
+        trusting public_key upstream and for uploads. Without an upstream it points at a closed
+        port, so every miss is a quick 404; uploads of the data set still go through, being signed
+        by that key (a trusted upload key vouches while an upstream cannot answer)."""
         cmd = [self.nip_binary, "serve", "--cache-data-path", data_dir or f"{self.work}/{name}-data",
                "--server-addr", "127.0.0.1:{port}", "--cache-allow-put-verb", "--cache-hostname", "bench",
                "--upstream-cache", upstream or "http://127.0.0.1:9", "--upstream-public-key", public_key,
-               "--log-level", "warn"]
+               "--cache-trusted-upload-key", public_key, "--log-level", "warn"]
         return self._start(name, cmd + list(extra), env={"NIP_CACHE_API_KEY": TOKEN},
                            ready_path="/nix-cache-info" if ready else None)
 

@@ -407,3 +407,55 @@ def zstd_on_the_fly(ctx):
         f"{z['mib_s']:.0f} MiB/s of NAR using {z['cpu_s_per_gib']:.2f} CPU-s per GiB, sending "
         f"{z['sent_mib']:.0f} MiB ({z['sent_mib'] / mib:.0%} of the NAR).")
     return []
+
+
+def put_timed(conn, path, file):
+    """One PUT of file's bytes on a kept-alive connection; its milliseconds."""
+    with open(file, "rb") as f:
+        t = time.perf_counter()
+        conn.request("PUT", path, body=f, headers={**auth(TOKEN), "Content-Length": str(os.path.getsize(file))})
+        r = conn.getresponse()
+        r.read()
+        ms = (time.perf_counter() - t) * 1000
+    if r.status != 200:
+        raise SystemExit(f"upload {path}: HTTP {r.status}")
+    return ms
+
+
+def nix_upload_check(ctx):
+    """The upstream check of a Nix upload (issue 16): before a new path is accepted, nip asks its
+    upstream (here nginx with an empty cache: a 404). Narinfo PUT time of new paths that ask, against
+    paths whose absence the negative cache already knows (a GET miss just before), on one nip."""
+    m = ctx.manifest
+    empty = f"{ctx.work}/empty-cache"
+    os.makedirs(empty, exist_ok=True)
+    log = f"{ctx.work}/empty-upstream-access.log"
+    upstream = ctx.servers.nginx("empty-upstream", empty, access_log=log)
+    nip = ctx.servers.nip("nip-uploads", m["public_key"], upstream=f"http://127.0.0.1:{upstream.port}",
+                          extra=["--cache-negative-ttl", "10m"])
+    entries = m["small"][: min(len(m["small"]), 400)]
+    half = len(entries) // 2
+    conn = http.client.HTTPConnection("127.0.0.1", nip.port, timeout=60)
+    times = {"asks upstream": [], "absence known": []}
+    for i, e in enumerate(entries):
+        known = i >= half
+        if known:
+            download(nip.port, f"/{e['hash']}.narinfo")
+        put_timed(conn, f"/nar/{e['nar']}", f"{m['cache']}/nar/{e['nar']}")
+        label = "absence known" if known else "asks upstream"
+        times[label].append(put_timed(conn, f"/{e['hash']}.narinfo", f"{m['cache']}/{e['hash']}.narinfo"))
+    with open(log) as f:
+        asked = sum(1 for line in f if ".narinfo HTTP/" in line)
+    ctx.servers.stop(nip)
+    ctx.servers.stop(upstream)
+    added = statistics.median(times["asks upstream"]) - statistics.median(times["absence known"])
+    ctx.raw["nix_upload_check"] = {**times, "upstream_narinfo_requests": asked}
+    ctx.details.append(
+        f"Nix upload check: {half} narinfo PUTs of new paths took median "
+        f"{statistics.median(times['asks upstream']):.2f} ms (each asks the upstream first) vs "
+        f"{statistics.median(times['absence known']):.2f} ms for {len(entries) - half} whose absence the negative "
+        f"cache knew; the upstream saw {asked} narinfo requests for {len(entries)} uploads.")
+    return [absolute("P5n", "narinfo upload of a new path, added upstream check", "ms", [added], 5),
+            versus("P5n", "narinfo uploads per second, asking the upstream vs absence known", "1/s",
+                   [1000 / statistics.median(times["asks upstream"])], "absence known",
+                   [1000 / statistics.median(times["absence known"])], 0.5)]

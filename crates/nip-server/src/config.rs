@@ -67,7 +67,7 @@ pub struct ServeConfig {
     /// Cron expression of the scrub job (`--cache-verify-schedule`, validated). `None`: off.
     pub verify_schedule: Option<String>,
     /// `--cache-require-trusted-signature`: an uploaded narinfo needs a signature by one of
-    /// `trusted_upload_keys` (at least one is then required).
+    /// `trusted_upload_keys`; without any key every upload is refused (fail closed, as ncps).
     pub require_trusted_signature: bool,
     /// `--cache-trusted-upload-key`: keys whose signature vouches for an upload.
     pub trusted_upload_keys: Vec<PublicKey>,
@@ -429,13 +429,6 @@ impl ServeConfig {
             .map_or(Ok(false), |v| {
                 parse_bool("cache.require-trusted-signature", &v)
             })?;
-        if require_trusted_signature && trusted_upload_keys.is_empty() {
-            // Fail closed, and loudly: a gate with no key would refuse every upload.
-            return Err(err(
-                "cache.require-trusted-signature",
-                "no --cache-trusted-upload-key given: pass the public key (name:base64) of each uploader allowed to vouch for uploads, e.g. from `nix-store --generate-binary-cache-key`",
-            ));
-        }
         let log_format = one("log.format").unwrap_or_else(|| "text".into());
         if log_format != "text" && log_format != "json" {
             return Err(err(

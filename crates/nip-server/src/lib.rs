@@ -137,6 +137,9 @@ impl AppState {
         } else {
             None
         };
+        if config.require_trusted_signature && config.trusted_upload_keys.is_empty() {
+            tracing::warn!("--cache-require-trusted-signature is set without any --cache-trusted-upload-key: every narinfo upload will be refused");
+        }
         let signer = keys::load_or_generate(&config.secret_key_path, &config.hostname)?;
         let public_key = signer.public_key();
         let upstreams = Arc::new(Upstreams::new(&config)?);

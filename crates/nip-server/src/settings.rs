@@ -181,6 +181,66 @@ pub const SETTINGS: &[Setting] = &[
       "Serve /v1 artifact downloads from S3 directly: the lookup's downloadUrl is a presigned URL (valid 15 minutes) and /v1/download redirects to one. Default: false")),
 ];
 
+/// ncps' environment variables that have no nip setting, with why nip can do without them. They
+/// are the only way a setting could vanish silently (unknown flags and config keys are errors), so
+/// `nip serve` warns about each one set. ncps' security settings (the upload signature gate, the
+/// GET token, authenticated reads) are all implemented, so none here weakens security by being
+/// ignored; a future one that would must be implemented or refused, never listed here.
+pub const NCPS_ONLY_ENVS: &[(&str, &str)] = &[
+    ("CACHE_CDC_ENABLED", CDC),
+    ("CACHE_CDC_MIN", CDC),
+    ("CACHE_CDC_AVG", CDC),
+    ("CACHE_CDC_MAX", CDC),
+    ("CACHE_CDC_BACKGROUND_WORKERS", CDC),
+    ("CACHE_CDC_CHUNK_WAIT_TIMEOUT", CDC),
+    ("CACHE_CDC_DELETE_DELAY", CDC),
+    ("CACHE_CDC_LAZY_CHUNKING_ENABLED", CDC),
+    ("CACHE_CDC_LAZY_CLEANUP_SCHEDULE", CDC),
+    ("CACHE_CDC_LAZY_RECOVERY_BATCH_SIZE", CDC),
+    ("CACHE_CDC_LAZY_RECOVERY_SCHEDULE", CDC),
+    ("CACHE_FSCK_DECHUNK_RESIDUE_GRACE", CDC),
+    ("CACHE_DOWNLOAD_POLL_TIMEOUT", STAGING),
+    ("CACHE_INFLIGHT_STAGING_ENABLED", STAGING),
+    ("CACHE_INFLIGHT_STAGING_PART_SIZE", STAGING),
+    ("CACHE_INFLIGHT_STAGING_RETENTION", STAGING),
+    ("CACHE_LOCK_BACKEND", LOCKS),
+    ("CACHE_LOCK_ALLOW_DEGRADED_MODE", LOCKS),
+    ("CACHE_LOCK_DOWNLOAD_TTL", LOCKS),
+    ("CACHE_LOCK_LRU_TTL", LOCKS),
+    ("CACHE_LOCK_REDIS_KEY_PREFIX", LOCKS),
+    ("CACHE_LOCK_RETRY_INITIAL_DELAY", LOCKS),
+    ("CACHE_LOCK_RETRY_JITTER", LOCKS),
+    ("CACHE_LOCK_RETRY_MAX_ATTEMPTS", LOCKS),
+    ("CACHE_LOCK_RETRY_MAX_DELAY", LOCKS),
+    ("CACHE_REDIS_ADDRS", LOCKS),
+    ("CACHE_REDIS_DB", LOCKS),
+    ("CACHE_REDIS_USERNAME", LOCKS),
+    ("CACHE_REDIS_PASSWORD", LOCKS),
+    ("CACHE_REDIS_USE_TLS", LOCKS),
+    ("CACHE_REDIS_POOL_SIZE", LOCKS),
+    ("USE_XZ_BINARY", XZ),
+    ("XZ_BINARY_PATH", XZ),
+];
+const CDC: &str = "nip stores whole NARs: ncps' content-defined chunking does not apply";
+const STAGING: &str =
+    "nip always streams a NAR still downloading to every waiting client from its temp file";
+const LOCKS: &str = "nip needs no Redis: instances coordinate through the shared database";
+const XZ: &str = "nip runs no external compression tool";
+
+/// The ncps-only environment variables set in `env` (a boolean set to false says nothing).
+pub fn ignored_ncps_envs(env: &HashMap<String, String>) -> Vec<(String, &'static str)> {
+    NCPS_ONLY_ENVS
+        .iter()
+        .filter(|(name, _)| {
+            env.get(*name).is_some_and(|v| {
+                !v.trim().is_empty()
+                    && !matches!(v.trim().to_ascii_lowercase().as_str(), "false" | "0" | "f")
+            })
+        })
+        .map(|(name, why)| (name.to_string(), *why))
+        .collect()
+}
+
 /// Values of settings from one source, by canonical key.
 pub type Layer = BTreeMap<&'static str, Vec<String>>;
 
@@ -317,6 +377,102 @@ mod tests {
                 assert!(seen.insert(e), "duplicate env {e}");
             }
         }
+    }
+
+    /// Every environment variable ncps' `serve` and root command read (pkg/ncps/serve.go and
+    /// root.go at ncps main, 2026-12): each is a nip setting, the config-file variable, or listed
+    /// with its reason, so none is dropped without a word.
+    #[test]
+    fn every_ncps_env_var_is_a_setting_or_warned_about() {
+        const NCPS: &[&str] = &[
+            "ANALYTICS_REPORTING_ENABLED",
+            "CACHE_ALLOW_DELETE_VERB",
+            "CACHE_ALLOW_PUT_VERB",
+            "CACHE_CDC_AVG",
+            "CACHE_CDC_BACKGROUND_WORKERS",
+            "CACHE_CDC_CHUNK_WAIT_TIMEOUT",
+            "CACHE_CDC_DELETE_DELAY",
+            "CACHE_CDC_ENABLED",
+            "CACHE_CDC_LAZY_CHUNKING_ENABLED",
+            "CACHE_CDC_LAZY_CLEANUP_SCHEDULE",
+            "CACHE_CDC_LAZY_RECOVERY_BATCH_SIZE",
+            "CACHE_CDC_LAZY_RECOVERY_SCHEDULE",
+            "CACHE_CDC_MAX",
+            "CACHE_CDC_MIN",
+            "CACHE_DATABASE_POOL_MAX_IDLE_CONNS",
+            "CACHE_DATABASE_POOL_MAX_OPEN_CONNS",
+            "CACHE_DATABASE_URL",
+            "CACHE_DATA_PATH",
+            "CACHE_DOWNLOAD_POLL_TIMEOUT",
+            "CACHE_FSCK_DECHUNK_RESIDUE_GRACE",
+            "CACHE_GET_TOKEN",
+            "CACHE_HOSTNAME",
+            "CACHE_INFLIGHT_STAGING_ENABLED",
+            "CACHE_INFLIGHT_STAGING_PART_SIZE",
+            "CACHE_INFLIGHT_STAGING_RETENTION",
+            "CACHE_LOCK_ALLOW_DEGRADED_MODE",
+            "CACHE_LOCK_BACKEND",
+            "CACHE_LOCK_DOWNLOAD_TTL",
+            "CACHE_LOCK_LRU_TTL",
+            "CACHE_LOCK_REDIS_KEY_PREFIX",
+            "CACHE_LOCK_RETRY_INITIAL_DELAY",
+            "CACHE_LOCK_RETRY_JITTER",
+            "CACHE_LOCK_RETRY_MAX_ATTEMPTS",
+            "CACHE_LOCK_RETRY_MAX_DELAY",
+            "CACHE_LRU_SCHEDULE",
+            "CACHE_LRU_SCHEDULE_TZ",
+            "CACHE_MAX_SIZE",
+            "CACHE_REDIS_ADDRS",
+            "CACHE_REDIS_DB",
+            "CACHE_REDIS_PASSWORD",
+            "CACHE_REDIS_POOL_SIZE",
+            "CACHE_REDIS_USERNAME",
+            "CACHE_REDIS_USE_TLS",
+            "CACHE_REQUIRE_TRUSTED_SIGNATURE",
+            "CACHE_SECRET_KEY_PATH",
+            "CACHE_SIGN_NARINFO",
+            "CACHE_STORAGE_LOCAL",
+            "CACHE_STORAGE_S3_ACCESS_KEY_ID",
+            "CACHE_STORAGE_S3_BUCKET",
+            "CACHE_STORAGE_S3_ENDPOINT",
+            "CACHE_STORAGE_S3_FORCE_PATH_STYLE",
+            "CACHE_STORAGE_S3_REGION",
+            "CACHE_STORAGE_S3_SECRET_ACCESS_KEY",
+            "CACHE_TEMP_PATH",
+            "CACHE_TRUSTED_UPLOAD_KEYS",
+            "CACHE_UPSTREAM_DIALER_TIMEOUT",
+            "CACHE_UPSTREAM_PUBLIC_KEYS",
+            "CACHE_UPSTREAM_RESPONSE_HEADER_TIMEOUT",
+            "CACHE_UPSTREAM_URLS",
+            "LOG_LEVEL",
+            "NETRC_FILE",
+            "OTEL_ENABLED",
+            "OTEL_GRPC_URL",
+            "PPROF_ADDR",
+            "PROMETHEUS_ENABLED",
+            "SERVER_ADDR",
+            "UPSTREAM_CACHES",
+            "UPSTREAM_DIALER_TIMEOUT",
+            "UPSTREAM_PUBLIC_KEYS",
+            "UPSTREAM_RESPONSE_HEADER_TIMEOUT",
+            "USE_XZ_BINARY",
+            "XZ_BINARY_PATH",
+        ];
+        for var in NCPS {
+            let known = SETTINGS.iter().any(|s| s.envs.contains(var))
+                || NCPS_ONLY_ENVS.iter().any(|(n, _)| n == var);
+            assert!(known, "{var} would be dropped silently");
+        }
+        let env: HashMap<String, String> = [
+            ("CACHE_REDIS_ADDRS", "r:6379"),
+            ("CACHE_CDC_ENABLED", "false"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let ignored = ignored_ncps_envs(&env);
+        assert_eq!(ignored.len(), 1, "{ignored:?}");
+        assert_eq!(ignored[0].0, "CACHE_REDIS_ADDRS");
     }
 
     #[test]

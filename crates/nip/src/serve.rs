@@ -147,7 +147,9 @@ pub fn load_config(m: &ArgMatches) -> anyhow::Result<ServeConfig> {
         None => flag_layer(m),
     };
     let merged = settings::merge(&[&flags, &file, &settings::layer_from_env(&env)]);
-    Ok(ServeConfig::from_layer(&merged)?)
+    let mut config = ServeConfig::from_layer(&merged)?;
+    config.ignored.extend(settings::ignored_ncps_envs(&env));
+    Ok(config)
 }
 
 fn print_config(c: &ServeConfig) {

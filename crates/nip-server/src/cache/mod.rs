@@ -29,7 +29,7 @@ pub enum CacheError {
         upstreams: Vec<String>,
     },
     /// `--cache-require-trusted-signature` and no trusted upload key signed it.
-    #[error("{store_path} is not signed by a trusted upload key ({}); this cache requires one (--cache-require-trusted-signature): sign it with `nix store sign --key-file <secret key> <path>` before uploading", keys.join(", "))]
+    #[error("{store_path} is not signed by a trusted upload key ({}); this cache requires one (--cache-require-trusted-signature): sign it with `nix store sign --key-file <secret key> <path>` before uploading", if keys.is_empty() { "none is configured: add --cache-trusted-upload-key".to_string() } else { keys.join(", ") })]
     Untrusted {
         store_path: String,
         keys: Vec<String>,

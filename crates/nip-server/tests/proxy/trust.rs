@@ -252,12 +252,22 @@ async fn the_signature_gate_refuses_unsigned_uploads_and_keeps_the_uploaders_sig
     assert_eq!(refused.len(), 2, "{refused:?}");
 }
 
-#[test]
-fn the_gate_without_keys_is_a_start_up_error() {
-    let layer = layer_with(vec![(
-        "cache.require-trusted-signature",
-        vec!["true".into()],
-    )]);
-    let e = nip_server::config::ServeConfig::from_layer(&layer).unwrap_err();
-    assert_eq!(e.setting, "--cache-require-trusted-signature");
+/// Fail closed, as ncps: the gate without a key starts (with a warning) and refuses every upload.
+#[tokio::test]
+async fn the_gate_without_keys_refuses_every_upload() {
+    let key = upstream_key();
+    let up = FakeUpstream::start(40).await;
+    let mut extra = put_on();
+    extra.push(("cache.require-trusted-signature", vec!["true".into()]));
+    let nip = start_nip(&[&up], &[key.public_key()], extra).await;
+    let signed = make_entry("app-2.0", 1024, Compression::None, &key);
+    let (status, body) = upload(&nip, &signed).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(nip
+        .state
+        .meta
+        .get_narinfo(&signed.hash)
+        .await
+        .unwrap()
+        .is_none());
 }
