@@ -164,7 +164,7 @@ pub async fn retention_pass(state: &AppState, retention: Duration) -> usize {
         }
         let batch = keys.len();
         for key in keys {
-            match crate::v1::artifacts::delete_artifact(state, &key).await {
+            match crate::cache::artifact::delete(state, &key).await {
                 Ok(Some(rec)) => {
                     deleted += 1;
                     state.stats.activity("retention-delete", key.clone());

@@ -7,7 +7,6 @@ pub mod coalesce;
 pub mod config;
 pub mod conn;
 pub mod error;
-pub mod fill;
 pub mod health;
 pub mod hot;
 pub mod jobs;
@@ -31,9 +30,9 @@ use axum::Router;
 use nip_core::signing::{PublicKey, SigningKey};
 use nip_store::{BlobStore, Index, LocalBlobStore, SqliteMeta, Staging};
 
+use crate::cache::fill::Fills;
 use crate::coalesce::Coalescer;
 use crate::config::ServeConfig;
-use crate::fill::{FillContext, Fills};
 use crate::upstream::Upstreams;
 
 /// Everything a request handler needs; built once at start.
@@ -180,16 +179,6 @@ impl AppState {
                 rand::random::<u32>()
             ),
         })))
-    }
-
-    pub fn fill_context(&self) -> FillContext {
-        FillContext {
-            upstreams: self.upstreams.clone(),
-            staging: self.staging.clone(),
-            blobs: self.blobs.clone(),
-            meta: self.meta.clone(),
-            budget: self.budget.clone(),
-        }
     }
 
     /// Whether `hash` was found missing upstream within `--cache-negative-ttl`; with `certain`,

@@ -53,7 +53,22 @@ impl BlobKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// A NAR file (`<filehash>.nar[.ext]`) of the Nix cache: `nar/<file>`.
+    pub fn nar(nar_file: &str) -> Result<Self, StoreError> {
+        Self::new(format!("{NAR_PREFIX}/{nar_file}"))
+    }
+
+    /// Artifact bytes, stored once per content under their SHA-256 (hex): `artifacts/<sha256>`.
+    pub fn artifact(sha256_hex: &str) -> Result<Self, StoreError> {
+        Self::new(format!("{ARTIFACT_PREFIX}/{sha256_hex}"))
+    }
 }
+
+/// The blob layout: every NAR under this prefix, named as the Nix cache serves it.
+pub const NAR_PREFIX: &str = "nar";
+/// Every artifact's bytes under this prefix, named by their SHA-256.
+pub const ARTIFACT_PREFIX: &str = "artifacts";
 
 /// An inclusive byte range `start..=end`, already checked against the blob size by the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

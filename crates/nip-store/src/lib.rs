@@ -16,7 +16,9 @@ pub mod staging;
 #[cfg(test)]
 mod testdb;
 
-pub use blob::{BlobEntry, BlobKey, BlobRange, BlobRead, BlobStore, StoreError};
+pub use blob::{
+    BlobEntry, BlobKey, BlobRange, BlobRead, BlobStore, StoreError, ARTIFACT_PREFIX, NAR_PREFIX,
+};
 pub use gc::{GcIndex, Usage};
 pub use index::{
     ApiKeyRecord, ArtifactIndex, ArtifactRecord, AuditEntry, AuditLog, Index, KeyStore, PutArtifact,

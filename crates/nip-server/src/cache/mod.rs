@@ -1,7 +1,10 @@
-//! The cache service layer for the Nix side: what the cache does with narinfos, apart from HTTP.
-//! Handlers in `nix/` translate requests into these calls and [`CacheError`] into a status in one
-//! place ([`From<CacheError> for ApiError`]). The trust rules of uploads live here
+//! The cache service layer: what the cache does with narinfos, NARs and artifacts, apart from
+//! HTTP. Handlers in `nix/` and `v1/` and the background jobs call these; [`CacheError`] becomes a
+//! status in one place ([`From<CacheError> for ApiError`]). The trust rules of uploads live here
 //! (docs/security.md, "A write key is not a root key").
+pub mod artifact;
+pub mod fill;
+pub mod nar;
 pub mod narinfo;
 pub mod upload;
 
@@ -36,6 +39,8 @@ pub enum CacheError {
     },
     #[error(transparent)]
     Meta(#[from] nip_store::MetaError),
+    #[error(transparent)]
+    Store(#[from] nip_store::StoreError),
     /// The index failed inside a shared lookup (its error as text).
     #[error("database: {0}")]
     Unavailable(String),
@@ -66,6 +71,7 @@ impl From<CacheError> for ApiError {
             e @ CacheError::UpstreamsUnknown { .. } => ApiError::FailedDependency(e.to_string()),
             e @ CacheError::Untrusted { .. } => ApiError::Forbidden(e.to_string()),
             CacheError::Meta(e) => e.into(),
+            CacheError::Store(e) => e.into(),
             e @ CacheError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
         }
     }

@@ -1,5 +1,5 @@
 //! `GET|HEAD /nar/<filehash>.nar[.xz|.zst|.bz2|…]`: served from storage with Content-Length and
-//! Range support; on a miss, streamed from upstream while it is cached (see [`crate::fill`]).
+//! Range support; on a miss, streamed from upstream while it is cached (see [`crate::cache::fill`]).
 //! `GET|HEAD /upload/nar/<file>` (ncps' upload path) serves stored NARs only: a miss is a 404.
 use async_compression::tokio::bufread::ZstdEncoder;
 use axum::body::Body;
@@ -11,8 +11,8 @@ use nip_core::nar_file::{Compression, NarFileName};
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use crate::auth::Caller;
+use crate::cache::fill::{FillRole, FillSpec};
 use crate::error::{ApiError, ApiResult};
-use crate::fill::{nar_blob_key, FillRole, FillSpec};
 use crate::nix::OnMiss;
 use crate::range::{parse_range, RangeRequest};
 use crate::stats::Kind;
@@ -56,7 +56,7 @@ async fn nar(
     let name = NarFileName::parse(&file)
         .map_err(|e| ApiError::BadRequest(format!("invalid NAR file name: {e}")))?;
     let file = name.file_name();
-    let key = nar_blob_key(&file)?;
+    let key = nip_store::BlobKey::nar(&file)?;
 
     if state.meta.get_nar(&file).await?.is_some() {
         if let Some(resp) =
@@ -98,11 +98,7 @@ async fn nar(
         file_size: size,
         sha256,
     };
-    match state
-        .fills
-        .join_or_start(&state.fill_context(), spec)
-        .await?
-    {
+    match state.fills.join_or_start(&state, spec).await? {
         Some((fill, role)) => {
             tracing::debug!(?role, "NAR miss: streaming from upstream");
             state.stats.miss(Kind::Nar);

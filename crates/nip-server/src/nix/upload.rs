@@ -15,7 +15,6 @@ use nip_store::NarRecord;
 use crate::auth::{Caller, Scope};
 use crate::cache;
 use crate::error::{ApiError, ApiResult};
-use crate::fill::nar_blob_key;
 use crate::AppState;
 
 /// Checks the verb is enabled and the caller may use it (a key is needed once any key exists).
@@ -119,23 +118,14 @@ async fn store_nar(
             "the NAR's bytes do not match the file hash in its name; nothing was stored".into(),
         ));
     }
-    staged.sync().await?;
-    state
-        .blobs
-        .put_file(&nar_blob_key(&name.file_name())?, staged.path())
-        .await?;
-    let sha = hex::encode(digest);
-    state.budget.stored(size);
+    let rec = NarRecord {
+        nar_file: name.file_name(),
+        size: size as i64,
+        sha256: hex::encode(digest),
+    };
+    cache::nar::publish(state, &staged, &rec).await?;
     state.stats.activity("nar-upload", name.file_name());
-    state
-        .meta
-        .put_nar(&NarRecord {
-            nar_file: name.file_name(),
-            size: size as i64,
-            sha256: sha.clone(),
-        })
-        .await?;
-    Ok((StatusCode::OK, Some((size as i64, sha))))
+    Ok((StatusCode::OK, Some((rec.size, rec.sha256))))
 }
 
 #[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(name = %name))]
@@ -207,12 +197,7 @@ pub async fn delete_nar(
         permit(&state, &caller, false).await?;
         let name = NarFileName::parse(&file)
             .map_err(|e| ApiError::BadRequest(format!("invalid NAR file name: {e}")))?;
-        let existed = state.meta.delete_nar(&name.file_name()).await?;
-        state
-            .blobs
-            .delete(&nar_blob_key(&name.file_name())?)
-            .await?;
-        if existed {
+        if cache::nar::delete(&state, &name.file_name()).await? {
             Ok((StatusCode::NO_CONTENT, None))
         } else {
             Err(ApiError::NotFound("no such NAR".into()))

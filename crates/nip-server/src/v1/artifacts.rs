@@ -5,11 +5,11 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nip_core::api::{rfc3339, ArtifactInfo, ArtifactList, ArtifactListItem};
-use nip_store::ArtifactRecord;
 use serde::Deserialize;
 
-use super::{artifact_blob_key, checked_key};
+use super::checked_key;
 use crate::auth::{Caller, Scope};
+use crate::cache;
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
@@ -19,35 +19,6 @@ fn not_found() -> ApiError {
 
 pub fn download_url(key: &str) -> String {
     format!("/v1/download/{key}")
-}
-
-/// How long a presigned download URL stays valid (`--s3-presign-downloads`): long enough to start
-/// a large download, short enough that a leaked URL soon stops working.
-pub const PRESIGN_TTL: std::time::Duration = std::time::Duration::from_secs(900);
-
-/// With `--s3-presign-downloads`, a presigned URL of the artifact's bytes. The download then
-/// bypasses this server, so it counts as an access now (for retention and LRU). When signing
-/// fails (e.g. credentials not fetched yet), `None`: the bytes go through this server instead.
-pub async fn presigned(state: &AppState, rec: &ArtifactRecord) -> ApiResult<Option<String>> {
-    if !state.config.s3_presign_downloads {
-        return Ok(None);
-    }
-    let url = match state
-        .blobs
-        .presigned_get(&artifact_blob_key(&rec.sha256)?, PRESIGN_TTL)
-        .await
-    {
-        Ok(url) => url,
-        Err(e) => {
-            tracing::warn!(key = %rec.key, error = %e, "cannot presign a download URL; serving the bytes directly");
-            None
-        }
-    };
-    if url.is_some() {
-        crate::jobs::Accessed::note(&state.accessed.artifacts, &rec.key);
-        state.stats.hit(crate::stats::Kind::Artifact);
-    }
-    Ok(url)
 }
 
 #[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(key = %key))]
@@ -71,7 +42,7 @@ pub async fn lookup(
             rec
         }
     };
-    let url = presigned(&state, &rec).await?;
+    let url = cache::artifact::presigned(&state, &rec).await?;
     Ok(Json(ArtifactInfo {
         key: rec.key.clone(),
         download_url: url.unwrap_or_else(|| download_url(&rec.key)),
@@ -156,7 +127,7 @@ pub async fn delete(
             .await;
         return Err(e);
     }
-    let rec = delete_artifact(&state, key).await?;
+    let rec = cache::artifact::delete(&state, key).await?;
     let mut entry = caller.audit_entry(
         "artifact-delete",
         Some(key),
@@ -168,17 +139,4 @@ pub async fn delete(
     }
     state.audit(entry).await;
     rec.map(|_| StatusCode::NO_CONTENT).ok_or_else(not_found)
-}
-
-/// Removes an artifact's row, then its bytes unless another key shares them.
-pub async fn delete_artifact(state: &AppState, key: &str) -> ApiResult<Option<ArtifactRecord>> {
-    let deleted = state.meta.delete_artifact(key).await?;
-    state.hot_artifacts.forget(key);
-    let Some((rec, shared)) = deleted else {
-        return Ok(None);
-    };
-    if !shared {
-        state.blobs.delete(&artifact_blob_key(&rec.sha256)?).await?;
-    }
-    Ok(Some(rec))
 }

@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::{artifact_blob_key, checked_key};
+use super::checked_key;
 use crate::auth::{Caller, Scope};
 use crate::error::{ApiError, ApiResult};
 use crate::range::{parse_range, RangeRequest};
@@ -35,7 +35,7 @@ pub async fn download(
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
     if method == Method::GET {
-        if let Some(url) = super::artifacts::presigned(&state, &rec).await? {
+        if let Some(url) = crate::cache::artifact::presigned(&state, &rec).await? {
             // 307 keeps the method, and clients resend their Range header to the new location.
             let location = HeaderValue::from_str(&url).map_err(ApiError::internal)?;
             return Ok((
@@ -45,7 +45,7 @@ pub async fn download(
                 .into_response());
         }
     }
-    let blob = artifact_blob_key(&rec.sha256)?;
+    let blob = nip_store::BlobKey::artifact(&rec.sha256)?;
     let size = rec.size as u64;
     let (status, range) = match parse_range(
         headers.get(header::RANGE).and_then(|v| v.to_str().ok()),

@@ -7,7 +7,6 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
 use nip_core::api::validate_key;
-use nip_store::BlobKey;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -31,9 +30,4 @@ pub fn router() -> Router<AppState> {
 pub fn checked_key(key: &str) -> Result<&str, ApiError> {
     validate_key(key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     Ok(key)
-}
-
-/// Artifact bytes are stored once per content, under their SHA-256.
-pub fn artifact_blob_key(sha256_hex: &str) -> Result<BlobKey, ApiError> {
-    Ok(BlobKey::new(format!("artifacts/{sha256_hex}"))?)
 }

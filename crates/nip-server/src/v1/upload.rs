@@ -10,8 +10,9 @@ use axum::Json;
 use nip_core::api::{UploadResult, HEADER_SHA256};
 use nip_store::{ArtifactRecord, PutArtifact, StagedFile};
 
-use super::{artifact_blob_key, checked_key};
+use super::checked_key;
 use crate::auth::{Caller, Scope};
+use crate::cache;
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
@@ -138,11 +139,6 @@ async fn receive_and_store(
         };
     }
 
-    file.staged.sync().await?;
-    let blob = artifact_blob_key(&file.sha256)?;
-    if state.blobs.stat(&blob).await? != Some(file.size) {
-        state.blobs.put_file(&blob, file.staged.path()).await?;
-    }
     let field = |name: &str| {
         metadata
             .get(name)
@@ -156,23 +152,22 @@ async fn receive_and_store(
         metadata: serde_json::Value::Object(metadata.clone()).to_string(),
         created_at: nip_store::unix_now(),
     };
-    match state
-        .meta
-        .put_artifact(&rec, field("name").as_deref(), field("version").as_deref())
-        .await?
+    match cache::artifact::publish(
+        state,
+        &file.staged,
+        &rec,
+        field("name").as_deref(),
+        field("version").as_deref(),
+    )
+    .await?
     {
-        PutArtifact::Created => {
-            state.hot_artifacts.forget(key);
-            state.budget.stored(file.size);
-            state.stats.activity("artifact-upload", key);
-            Ok((
-                StatusCode::CREATED,
-                UploadResult {
-                    created: true,
-                    ..result
-                },
-            ))
-        }
+        PutArtifact::Created => Ok((
+            StatusCode::CREATED,
+            UploadResult {
+                created: true,
+                ..result
+            },
+        )),
         PutArtifact::AlreadyPresent(_) => Ok((StatusCode::OK, result)),
         PutArtifact::Conflict(_) => Err(conflict(key)),
     }

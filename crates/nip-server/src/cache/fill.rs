@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use nip_store::staging::read_at;
-use nip_store::{BlobKey, BlobStore, MetaStore, NarRecord, NarSource, StagedFile, Staging};
+use nip_store::{BlobKey, NarRecord, NarSource, StagedFile};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::upstream::Upstreams;
+use crate::AppState;
 
 /// Chunk size for client reads of a file being filled.
 const READ_CHUNK: usize = 256 * 1024;
@@ -61,19 +61,6 @@ pub struct Fills {
     started: std::sync::atomic::AtomicU64,
 }
 
-#[derive(Clone)]
-pub struct FillContext {
-    pub upstreams: Arc<Upstreams>,
-    pub staging: Staging,
-    pub blobs: Arc<dyn BlobStore>,
-    pub meta: Arc<dyn MetaStore>,
-    pub budget: Arc<crate::budget::Budget>,
-}
-
-pub fn nar_blob_key(nar_file: &str) -> Result<BlobKey, nip_store::StoreError> {
-    BlobKey::new(format!("nar/{nar_file}"))
-}
-
 impl Default for Fills {
     fn default() -> Self {
         Fills {
@@ -94,7 +81,7 @@ impl Fills {
     /// meantime: the caller serves it from storage.
     pub async fn join_or_start(
         self: &Arc<Self>,
-        ctx: &FillContext,
+        ctx: &AppState,
         spec: FillSpec,
     ) -> Result<Option<(Arc<Fill>, FillRole)>, nip_store::StoreError> {
         let mut map = self.inflight.lock().await;
@@ -104,7 +91,7 @@ impl Fills {
         // Re-checked under the lock: a fill may have finished since the caller looked.
         if ctx
             .blobs
-            .stat(&nar_blob_key(&spec.nar_file)?)
+            .stat(&BlobKey::nar(&spec.nar_file)?)
             .await?
             .is_some()
         {
@@ -166,7 +153,7 @@ impl Fills {
 
     async fn run(
         &self,
-        ctx: &FillContext,
+        ctx: &AppState,
         spec: FillSpec,
         staged: StagedFile,
         tx: &watch::Sender<FillState>,
@@ -209,19 +196,14 @@ impl Fills {
                     if let Some(u) = &upstream {
                         u.record_success();
                     }
-                    staged.sync().await.map_err(|e| e.to_string())?;
-                    let key = nar_blob_key(&spec.nar_file).map_err(|e| e.to_string())?;
-                    ctx.blobs
-                        .put_file(&key, staged.path())
-                        .await
-                        .map_err(|e| e.to_string())?;
                     let rec = NarRecord {
                         nar_file: spec.nar_file.clone(),
                         size: written as i64,
                         sha256: hex::encode(spec.sha256),
                     };
-                    ctx.meta.put_nar(&rec).await.map_err(|e| e.to_string())?;
-                    ctx.budget.stored(written);
+                    crate::cache::nar::publish(ctx, &staged, &rec)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     return Ok(written);
                 }
                 Err(DownloadError {
@@ -246,7 +228,7 @@ impl Fills {
 
     async fn download(
         &self,
-        ctx: &FillContext,
+        ctx: &AppState,
         spec: &FillSpec,
         src: &NarSource,
         staged: &StagedFile,

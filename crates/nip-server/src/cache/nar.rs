@@ -1,0 +1,30 @@
+//! NAR files in the store: the one way a NAR's bytes enter it (from an upload or an upstream fill)
+//! and leave it, with the bookkeeping every write needs.
+use nip_store::{BlobKey, NarRecord, StagedFile};
+
+use crate::cache::CacheError;
+use crate::AppState;
+
+/// Publishes a staged NAR whose size and SHA-256 were checked, then records it: bytes first,
+/// fsynced and renamed into place, the row only once they are safe.
+pub async fn publish(
+    state: &AppState,
+    staged: &StagedFile,
+    rec: &NarRecord,
+) -> Result<(), CacheError> {
+    staged.sync().await?;
+    state
+        .blobs
+        .put_file(&BlobKey::nar(&rec.nar_file)?, staged.path())
+        .await?;
+    state.budget.stored(rec.size as u64);
+    state.meta.put_nar(rec).await?;
+    Ok(())
+}
+
+/// Removes a NAR's row and bytes; true when the row existed.
+pub async fn delete(state: &AppState, nar_file: &str) -> Result<bool, CacheError> {
+    let existed = state.meta.delete_nar(nar_file).await?;
+    state.blobs.delete(&BlobKey::nar(nar_file)?).await?;
+    Ok(existed)
+}
