@@ -46,7 +46,7 @@ impl Scope {
 }
 
 /// An authenticated key.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Principal {
     pub name: String,
     pub scope: Scope,
@@ -223,8 +223,9 @@ impl FromRequestParts<AppState> for Caller {
                 caller.get_token = true;
             } else {
                 match state.authenticate(&hash).await? {
-                    Ok(p) => caller.principal = Some(p),
-                    Err(why) => {
+                    Auth::Key(p) => caller.principal = Some(p),
+                    Auth::Refused(refusal) => {
+                        let why = refusal.as_str();
                         metrics::counter!("nip_auth_failures_total", "reason" => why).increment(1);
                         state
                             .audit(caller.audit_entry(
@@ -255,16 +256,38 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// What a presented token turned out to be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Auth {
+    Key(Principal),
+    Refused(Refusal),
+}
+
+/// Why a token is refused; also the `reason` label of `nip_auth_failures_total` (a closed set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Unknown,
+    Revoked,
+    Expired,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Unknown => "unknown",
+            Refusal::Revoked => "revoked",
+            Refusal::Expired => "expired",
+        }
+    }
+}
+
 impl AppState {
-    /// Looks up the key whose token hashes to `hash` ([`hash_token`]). The outer error is a
-    /// database failure; the inner one says why the token is refused.
-    pub async fn authenticate(
-        &self,
-        hash: &str,
-    ) -> Result<Result<Principal, &'static str>, ApiError> {
+    /// Looks up the key whose token hashes to `hash` ([`hash_token`]). The error is a database
+    /// failure; a refused token is an [`Auth::Refused`].
+    pub async fn authenticate(&self, hash: &str) -> Result<Auth, ApiError> {
         if let Some(env_key) = &self.env_key_hash {
             if constant_time_eq(hash.as_bytes(), env_key.as_bytes()) {
-                return Ok(Ok(Principal {
+                return Ok(Auth::Key(Principal {
                     name: ENV_KEY_NAME.into(),
                     scope: Scope::Write,
                     prefix: None,
@@ -281,17 +304,17 @@ impl AppState {
             }
         };
         let Some(rec) = rec else {
-            return Ok(Err("unknown"));
+            return Ok(Auth::Refused(Refusal::Unknown));
         };
         if rec.revoked_at.is_some() {
-            return Ok(Err("revoked"));
+            return Ok(Auth::Refused(Refusal::Revoked));
         }
         if rec.expires_at.is_some_and(|t| t <= nip_store::unix_now()) {
-            return Ok(Err("expired"));
+            return Ok(Auth::Refused(Refusal::Expired));
         }
         let scope = Scope::parse(&rec.scope)
             .ok_or_else(|| ApiError::internal(format!("bad scope {:?}", rec.scope)))?;
-        Ok(Ok(Principal {
+        Ok(Auth::Key(Principal {
             name: rec.name,
             scope,
             prefix: rec.prefix,

@@ -99,7 +99,7 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let mut resp = (status, Json(serde_json::json!({ "error": message }))).into_response();
+        let mut resp = (status, Json(nip_core::api::ErrorBody { error: message })).into_response();
         if let ApiError::TooManyRequests(secs) = &self {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(*secs));

@@ -40,6 +40,18 @@ pub struct FillSpec {
     pub sha256: [u8; 32],
 }
 
+/// Why a fill stored nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    #[error("no upstream is known to have this NAR")]
+    NoSource,
+    /// The last source tried failed (or clients already had bytes from it).
+    #[error("{upstream}: {message}")]
+    Download { upstream: String, message: String },
+    #[error("cannot store the NAR: {0}")]
+    Store(#[from] crate::cache::CacheError),
+}
+
 pub struct Fill {
     file: Arc<std::fs::File>,
     state: watch::Receiver<FillState>,
@@ -121,7 +133,7 @@ impl Fills {
                 }
                 Err(why) => {
                     tracing::warn!(%nar_file, %why, "NAR fill failed; nothing cached");
-                    FillState::Failed(why.into())
+                    FillState::Failed(why.to_string().into())
                 }
             };
             let _ = tx.send(state);
@@ -157,9 +169,9 @@ impl Fills {
         spec: FillSpec,
         staged: StagedFile,
         tx: &watch::Sender<FillState>,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, FillError> {
         let sources = self.order_sources(&spec.nar_file, spec.sources.clone());
-        let mut last_error = "no upstream is known to have this NAR".to_string();
+        let mut last_error = FillError::NoSource;
         for src in &sources {
             let upstream = ctx
                 .upstreams
@@ -201,9 +213,7 @@ impl Fills {
                         size: written as i64,
                         sha256: hex::encode(spec.sha256),
                     };
-                    crate::cache::nar::publish(ctx, &staged, &rec)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    crate::cache::nar::publish(ctx, &staged, &rec).await?;
                     return Ok(written);
                 }
                 Err(DownloadError {
@@ -215,7 +225,10 @@ impl Fills {
                         u.record_failure(&message);
                     }
                     self.mark_failed(&spec.nar_file, &src.url);
-                    last_error = format!("{}: {message}", src.upstream);
+                    last_error = FillError::Download {
+                        upstream: src.upstream.clone(),
+                        message,
+                    };
                     // Clients already got bytes from this source: they cannot be switched over.
                     if bytes_sent {
                         return Err(last_error);
