@@ -162,13 +162,29 @@ pub async fn track(req: Request, next: Next) -> Response {
         metrics::histogram!("nip_http_request_duration_seconds", "route" => route.to_owned())
             .record(started.elapsed().as_secs_f64());
         metrics::counter!("nip_http_requests_total", "route" => route.to_owned(),
-            "method" => method.as_str().to_owned(), "status" => resp.status().as_str().to_owned())
+            "method" => method_label(&method), "status" => resp.status().as_str().to_owned())
         .increment(1);
         if let Some(n) = content_length(resp.headers()) {
             metrics::counter!("nip_http_response_bytes_total").increment(n);
         }
     }
     resp
+}
+
+/// The `method` label: a closed set. Any token is a valid HTTP method, so a made-up one would
+/// otherwise become a new time series that is never freed (memory and `/metrics` grow unbounded).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
 }
 
 fn content_length(h: &axum::http::HeaderMap) -> Option<u64> {
@@ -186,4 +202,17 @@ pub async fn metrics_handler(State(state): State<AppState>) -> Result<Response, 
         handle.render(),
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_labels_are_a_closed_set() {
+        let made_up = axum::http::Method::from_bytes(b"ABCDEFGHIJ").unwrap();
+        assert_eq!(method_label(&made_up), "other");
+        assert_eq!(method_label(&axum::http::Method::GET), "GET");
+        assert_eq!(method_label(&axum::http::Method::CONNECT), "other");
+    }
 }
