@@ -37,7 +37,7 @@ pub struct NarInfoRecord {
 pub enum PutNarInfo {
     Inserted,
     /// Another narinfo for this hash was stored first; nothing was written.
-    Exists(NarInfoRecord),
+    Exists(Box<NarInfoRecord>),
 }
 
 /// A place a NAR can be fetched from.

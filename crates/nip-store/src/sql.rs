@@ -337,7 +337,7 @@ impl MetaStore for SqlMeta {
             .await?;
             let existing = narinfo_from_row(&row)?;
             tx.commit().await?;
-            return Ok(PutNarInfo::Exists(existing));
+            return Ok(PutNarInfo::Exists(Box::new(existing)));
         }
         for (rank, src) in sources.iter().enumerate() {
             sqlx::query(
@@ -491,7 +491,7 @@ mod tests {
             other.uploaded_by = Some("ci".into());
             assert_eq!(
                 meta.put_narinfo(&other, &[]).await.unwrap(),
-                PutNarInfo::Exists(rec("h1", "f.nar"))
+                PutNarInfo::Exists(Box::new(rec("h1", "f.nar")))
             );
             assert_eq!(
                 meta.get_narinfo("h1").await.unwrap(),

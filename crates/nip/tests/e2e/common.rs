@@ -305,3 +305,16 @@ pub fn fresh_s3_args(test: &str, key_dir: &Path) -> Option<Vec<String>> {
         .to_vec(),
     )
 }
+
+/// An upstream that answers "not found" for every narinfo: a static server of `dir` holding only
+/// `nix-cache-info`. Tests that upload narinfos need one: nip first asks its upstreams whether
+/// they have a new path, and refuses it (424) while one cannot answer, as a dead upstream can't.
+pub fn start_empty_upstream(dir: &Path) -> (KillOnDrop, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("nix-cache-info"),
+        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
+    )
+    .unwrap();
+    start_static(dir)
+}

@@ -316,11 +316,13 @@ fn nix_copy_to_upload_then_substitute_from_root() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let (upstream_key, paths) = fixture(&tmp.path().join("paths"), "upstream-test-1");
+    // An upstream that answers "not found": with a dead one, nip refuses new paths (424).
+    let (_upstream, upstream_url) = start_empty_upstream(&tmp.path().join("upstream"));
     let server = start_nip(
         &tmp.path().join("data"),
         &[
             "--cache-upstream-url",
-            "http://127.0.0.1:9",
+            &upstream_url,
             "--cache-upstream-public-key",
             &upstream_key,
             "--cache-allow-put-verb",

@@ -17,11 +17,13 @@ fn nix_copy_with_a_write_key_uploads_and_a_fresh_store_substitutes() {
     let data = tmp.path().join("data");
     let write = create_key(&data, "uploader", "write", &[]);
     let read = create_key(&data, "reader", "read", &[]);
+    // An upstream that answers "not found": with a dead one, nip refuses new paths (424).
+    let (_upstream, upstream_url) = start_empty_upstream(&tmp.path().join("upstream"));
     let server = start_nip(
         &data,
         &[
             "--upstream-cache",
-            "http://127.0.0.1:9",
+            &upstream_url,
             "--upstream-public-key",
             &upstream_key,
             "--cache-allow-put-verb",

@@ -14,6 +14,7 @@ const CREDS: [&str; 8] = [
 
 struct Setup {
     server: NipServer,
+    _upstream: KillOnDrop,
     tokens: std::collections::HashMap<&'static str, String>,
     data: std::path::PathBuf,
     _tmp: tempfile::TempDir,
@@ -45,9 +46,11 @@ fn setup(extra_args: &[&str]) -> Setup {
         "bad",
         "nip_0000000000000000000000000000000000000000000000000".into(),
     );
+    // Nix uploads need an upstream that answers "not found" (a dead one makes them 424).
+    let (upstream, upstream_url) = start_empty_upstream(&tmp.path().join("upstream"));
     let mut args = vec![
         "--upstream-cache",
-        "http://127.0.0.1:9",
+        &upstream_url,
         "--upstream-public-key",
         "upstream-test-1:1OKmiPyTgRWbLRn0o6A1BS5hkdKbzvU7/rZ1nzddr/s=",
         "--cache-allow-put-verb",
@@ -59,6 +62,7 @@ fn setup(extra_args: &[&str]) -> Setup {
     std::thread::sleep(Duration::from_millis(1100));
     Setup {
         server,
+        _upstream: upstream,
         tokens,
         data,
         _tmp: tmp,
