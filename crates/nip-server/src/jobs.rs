@@ -1,7 +1,8 @@
-//! Background jobs of a running server: flushing batched access times, artifact retention, and
-//! size-bounded eviction (on its cron schedule, or at once when a write overshoots the budget).
-//! Retention and eviction are cluster-wide: when several instances share a database, a lease makes
-//! one instance at a time run them, and the others skip passes that were just done.
+//! Background jobs of a running server: flushing batched access times, artifact retention,
+//! size-bounded eviction (on its cron schedule, or at once when a write overshoots the budget) and
+//! the scrub of the store (on `--cache-verify-schedule`).
+//! Retention, eviction and the scrub are cluster-wide: when several instances share a database, a
+//! lease makes one instance at a time run them, and the others skip passes that were just done.
 use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -18,6 +19,9 @@ const DEFAULT_EVICT_EVERY: Duration = Duration::from_secs(300);
 const LEASE_TERM: Duration = Duration::from_secs(900);
 /// After an eviction pass, other instances skip eviction this long: the store was just trimmed.
 const EVICT_COOLDOWN: Duration = Duration::from_secs(30);
+/// After a scrub, other instances skip theirs at most this long (less on frequent schedules): the
+/// store was just read through, and their clocks may be a little behind ours.
+const VERIFY_COOLDOWN: Duration = Duration::from_secs(600);
 
 /// Runs `pass` while this instance holds the cluster-wide lease `name`, then keeps the lease for
 /// `cooldown` so other instances skip the work just done. `None` when another instance has it.
@@ -93,6 +97,13 @@ pub fn spawn(state: AppState) -> Jobs {
         handles.push(tokio::spawn(retention_loop(
             state.clone(),
             retention,
+            rx.clone(),
+        )));
+    }
+    if let Some(schedule) = state.config.verify_schedule.clone() {
+        handles.push(tokio::spawn(verify_loop(
+            state.clone(),
+            schedule,
             rx.clone(),
         )));
     }
@@ -258,16 +269,17 @@ pub async fn eviction_pass(state: &AppState, max: u64) {
 
 /// Time until the schedule's next run.
 fn until_next(schedule: Option<&str>) -> Duration {
-    let Some(expr) = schedule else {
-        return DEFAULT_EVICT_EVERY;
-    };
+    schedule.and_then(next_run).unwrap_or(DEFAULT_EVICT_EVERY)
+}
+
+/// Time until the next run of a cron expression (UTC); `None` when it has none.
+fn next_run(expr: &str) -> Option<Duration> {
     let now = chrono::Utc::now();
     croner::Cron::new(expr)
         .parse()
         .ok()
         .and_then(|c| c.find_next_occurrence(&now, false).ok())
         .and_then(|next| (next - now).to_std().ok())
-        .unwrap_or(DEFAULT_EVICT_EVERY)
 }
 
 /// One eviction pass if no other instance is running one; false when skipped.
@@ -302,6 +314,133 @@ async fn eviction_loop(state: AppState, max: u64, mut rx: watch::Receiver<bool>)
     }
 }
 
+/// One scrub with repair: every stored blob is hashed against its row, and what is bad goes (a
+/// proxied path is fetched again on its next request). Returns the report, `None` when it failed.
+pub async fn verify_pass(state: &AppState) -> Option<nip_store::VerifyReport> {
+    let started = std::time::Instant::now();
+    let report = match nip_store::verify::verify(
+        state.meta.as_ref(),
+        state.blobs.as_ref(),
+        true,
+        &|_, _| {},
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "scrub of the store failed; it runs again on --cache-verify-schedule");
+            return None;
+        }
+    };
+    // This instance must not keep serving what was just removed (others' hot caches expire
+    // within seconds by themselves).
+    for hash in &report.removed_narinfos {
+        state.hot_narinfos.forget(hash);
+    }
+    for key in &report.removed_artifacts {
+        state.hot_artifacts.forget(key);
+    }
+    if report.removed() > 0 {
+        if let Ok(u) = state.meta.usage().await {
+            state.budget.set(u.bytes);
+        }
+    }
+    let summary = report.summary();
+    for f in &report.findings {
+        metrics::counter!("nip_verify_findings_total", "problem" => f.problem.as_str())
+            .increment(1);
+    }
+    if report.is_clean() {
+        tracing::info!(
+            nars = report.nars,
+            artifacts = report.artifacts,
+            bytes = report.bytes,
+            seconds = started.elapsed().as_secs(),
+            "scrub of the store found no problems"
+        );
+    } else {
+        // Each finding, but not an unbounded flood: `nip admin verify` lists them all.
+        for f in report.findings.iter().take(100) {
+            tracing::warn!(
+                kind = f.kind.as_str(),
+                id = %f.id,
+                problem = f.problem.as_str(),
+                expected_sha256 = f.expected_sha256.as_deref().unwrap_or("-"),
+                actual_sha256 = f.actual_sha256.as_deref().unwrap_or("-"),
+                error = f.error.as_deref().unwrap_or("-"),
+                removed = f.removed,
+                "scrub: bad store entry"
+            );
+        }
+        tracing::warn!(
+            findings = report.findings.len(),
+            removed = report.removed(),
+            seconds = started.elapsed().as_secs(),
+            "scrub of the store: {summary}"
+        );
+    }
+    state.stats.activity("verify", summary.clone());
+    let entry = nip_store::AuditEntry {
+        at: nip_store::unix_now(),
+        remote_addr: Some("scheduled".into()),
+        action: "store-verify".into(),
+        size: i64::try_from(report.bytes).ok(),
+        result: summary,
+        ..Default::default()
+    };
+    state.audit(entry).await;
+    Some(report)
+}
+
+/// A scrub that keeps renewing its lease while it runs: reading a large store takes longer than
+/// one lease term, and another instance must not start a second scrub meanwhile.
+async fn verify_holding_lease(state: &AppState) -> Option<nip_store::VerifyReport> {
+    let renew = async {
+        loop {
+            tokio::time::sleep(LEASE_TERM / 3).await;
+            let now = nip_store::unix_now();
+            let until = now + LEASE_TERM.as_secs() as i64;
+            match state
+                .meta
+                .take_lease("verify", &state.instance_id, now, until)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(
+                    "scrub: another instance took the lease; finishing this pass anyway"
+                ),
+                Err(e) => tracing::warn!(error = %e, "scrub: cannot renew the lease"),
+            }
+        }
+    };
+    tokio::select! {
+        r = verify_pass(state) => r,
+        _ = renew => None,
+    }
+}
+
+async fn verify_loop(state: AppState, schedule: String, mut rx: watch::Receiver<bool>) {
+    loop {
+        let Some(wait) = next_run(&schedule) else {
+            tracing::warn!(%schedule, "--cache-verify-schedule has no next run; the scrub is off");
+            return;
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = rx.changed() => return,
+        }
+        let cooldown = next_run(&schedule)
+            .map(|d| (d / 2).min(VERIFY_COOLDOWN))
+            .unwrap_or(VERIFY_COOLDOWN);
+        // A scrub of a large store takes long: a shutdown does not wait for it (what it had not
+        // repaired yet is found again by the next one; its lease expires by itself).
+        tokio::select! {
+            _ = exclusive(&state, "verify", cooldown, verify_holding_lease(&state)) => {}
+            _ = rx.changed() => return,
+        }
+    }
+}
+
 /// Refreshes the store size gauges from the index.
 pub async fn update_store_gauges(state: &AppState) {
     if let Ok(u) = state.meta.usage().await {
@@ -319,6 +458,8 @@ mod tests {
     #[test]
     fn schedule_gives_the_wait_until_the_next_run() {
         assert_eq!(until_next(None), DEFAULT_EVICT_EVERY);
+        assert!(next_run("*/5 * * * *").is_some_and(|d| d <= Duration::from_secs(300)));
+        assert_eq!(next_run("not a schedule"), None);
         let every_minute = until_next(Some("* * * * *"));
         assert!(every_minute <= Duration::from_secs(60), "{every_minute:?}");
     }

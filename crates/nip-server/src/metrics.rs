@@ -95,6 +95,10 @@ fn describe() {
         "nip_evictions_total",
         "Entries evicted to stay under --cache-max-size, by kind"
     );
+    describe_counter!(
+        "nip_verify_findings_total",
+        "Bad store entries found by the scheduled scrub, by problem"
+    );
     describe_gauge!(
         "nip_store_size_bytes",
         Unit::Bytes,

@@ -6,7 +6,7 @@ use futures::StreamExt;
 use crate::blob::{BlobKey, BlobRange, BlobRead, BlobStore};
 use crate::{LocalBlobStore, S3BlobStore, S3Config, Staging};
 
-async fn backends(dir: &std::path::Path) -> Vec<(&'static str, Box<dyn BlobStore>)> {
+pub(crate) async fn backends(dir: &std::path::Path) -> Vec<(&'static str, Box<dyn BlobStore>)> {
     let mut out: Vec<(&'static str, Box<dyn BlobStore>)> = vec![(
         "local",
         Box::new(LocalBlobStore::new(dir.join("store")).unwrap()),

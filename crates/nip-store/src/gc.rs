@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use crate::blob::{BlobKey, BlobStore, StoreError};
 use crate::index::Index;
-use crate::meta::MetaError;
+use crate::meta::{MetaError, NarRecord};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -35,14 +35,23 @@ pub struct Candidate {
     pub size: i64,
 }
 
+/// An artifact row as the scrub needs it: which bytes it names, and their recorded size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArtifactRow {
+    pub key: String,
+    pub size: i64,
+    pub sha256: String,
+}
+
 #[async_trait]
 pub trait GcIndex: Send + Sync + 'static {
     async fn usage(&self) -> Result<Usage, MetaError>;
     /// Least recently accessed first; pinned entries are never returned.
     async fn eviction_candidates(&self, limit: i64) -> Result<Vec<Candidate>, MetaError>;
     /// Removes a NAR's row with every narinfo and source that points at it, in one transaction,
-    /// so no narinfo is left without its NAR. Returns the number of narinfos removed.
-    async fn evict_nar(&self, nar_file: &str) -> Result<u64, MetaError>;
+    /// so no narinfo is left without its NAR. Returns the hashes of the narinfos removed (callers
+    /// drop them from in-memory caches).
+    async fn evict_nar(&self, nar_file: &str) -> Result<Vec<String>, MetaError>;
     /// Records reads of NARs and narinfos (batched by the caller).
     async fn touch_nix(
         &self,
@@ -57,6 +66,12 @@ pub trait GcIndex: Send + Sync + 'static {
     async fn all_nar_files(&self) -> Result<Vec<String>, MetaError>;
     /// (key, sha256) of every artifact.
     async fn all_artifacts(&self) -> Result<Vec<(String, String)>, MetaError>;
+    /// Every stored NAR's row (file, size, SHA-256), ordered by file, for the scrub.
+    async fn all_nars(&self) -> Result<Vec<NarRecord>, MetaError>;
+    /// Every artifact's key, size and SHA-256, ordered by SHA-256 then key, for the scrub.
+    async fn all_artifact_rows(&self) -> Result<Vec<ArtifactRow>, MetaError>;
+    /// Keys of the artifacts whose bytes are `sha256` (hex).
+    async fn artifact_keys_with_sha256(&self, sha256: &str) -> Result<Vec<String>, MetaError>;
     /// Narinfos uploaded by clients whose NAR is not stored (they cannot be refetched).
     async fn orphan_uploaded_narinfos(&self) -> Result<Vec<String>, MetaError>;
 }
@@ -105,7 +120,7 @@ pub async fn evict<I: Index + ?Sized>(
             match c.kind {
                 CandidateKind::Nar => {
                     if !dry_run {
-                        summary.narinfos += index.evict_nar(&c.id).await?;
+                        summary.narinfos += index.evict_nar(&c.id).await?.len() as u64;
                         blobs
                             .delete(&BlobKey::new(format!("nar/{}", c.id))?)
                             .await?;
@@ -253,7 +268,7 @@ pub async fn reconcile<I: Index + ?Sized>(
 mod tests {
     use super::*;
     use crate::index::{ArtifactIndex, ArtifactRecord};
-    use crate::meta::{MetaStore, NarInfoRecord, NarRecord};
+    use crate::meta::{MetaStore, NarInfoRecord};
     use crate::{LocalBlobStore, SqliteMeta, Staging};
 
     struct Fx {

@@ -15,6 +15,7 @@ mod sql_index;
 pub mod staging;
 #[cfg(test)]
 mod testdb;
+pub mod verify;
 
 pub use blob::{
     BlobEntry, BlobKey, BlobRange, BlobRead, BlobStore, StoreError, ARTIFACT_PREFIX, NAR_PREFIX,
@@ -29,6 +30,7 @@ pub use meta::{MetaError, MetaStore, NarInfoRecord, NarRecord, NarSource, PutNar
 pub use s3::{S3BlobStore, S3Config};
 pub use sql::{Backend, SqlMeta, SqliteMeta};
 pub use staging::{BatchedWriter, StagedFile, Staging};
+pub use verify::{EntryKind, Finding, Problem, VerifyReport};
 
 /// Seconds since the Unix epoch; the index stores times as integers.
 pub fn unix_now() -> i64 {

@@ -2,8 +2,8 @@
 use async_trait::async_trait;
 use sqlx::Row;
 
-use crate::gc::{Candidate, CandidateKind, GcIndex, Usage};
-use crate::meta::MetaError;
+use crate::gc::{ArtifactRow, Candidate, CandidateKind, GcIndex, Usage};
+use crate::meta::{MetaError, NarRecord};
 use crate::sql::SqlMeta;
 
 #[async_trait]
@@ -55,13 +55,13 @@ impl GcIndex for SqlMeta {
             .map_err(Into::into)
     }
 
-    async fn evict_nar(&self, nar_file: &str) -> Result<u64, MetaError> {
+    async fn evict_nar(&self, nar_file: &str) -> Result<Vec<String>, MetaError> {
         let mut tx = self.pool().begin().await?;
-        let narinfos = sqlx::query("DELETE FROM narinfos WHERE nar_file = $1")
-            .bind(nar_file)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let narinfos: Vec<String> =
+            sqlx::query_scalar("DELETE FROM narinfos WHERE nar_file = $1 RETURNING hash")
+                .bind(nar_file)
+                .fetch_all(&mut *tx)
+                .await?;
         sqlx::query("DELETE FROM nar_sources WHERE nar_file = $1")
             .bind(nar_file)
             .execute(&mut *tx)
@@ -143,6 +143,47 @@ impl GcIndex for SqlMeta {
             .map(|r| Ok((r.try_get("key")?, r.try_get("sha256")?)))
             .collect::<Result<_, sqlx::Error>>()
             .map_err(Into::into)
+    }
+
+    async fn all_nars(&self) -> Result<Vec<NarRecord>, MetaError> {
+        let rows = sqlx::query("SELECT nar_file, size, sha256 FROM nars ORDER BY nar_file")
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(NarRecord {
+                    nar_file: r.try_get("nar_file")?,
+                    size: r.try_get("size")?,
+                    sha256: r.try_get("sha256")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    async fn all_artifact_rows(&self) -> Result<Vec<ArtifactRow>, MetaError> {
+        let rows = sqlx::query("SELECT key, size, sha256 FROM artifacts ORDER BY sha256, key")
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ArtifactRow {
+                    key: r.try_get("key")?,
+                    size: r.try_get("size")?,
+                    sha256: r.try_get("sha256")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    async fn artifact_keys_with_sha256(&self, sha256: &str) -> Result<Vec<String>, MetaError> {
+        Ok(
+            sqlx::query_scalar("SELECT key FROM artifacts WHERE sha256 = $1 ORDER BY key")
+                .bind(sha256)
+                .fetch_all(self.pool())
+                .await?,
+        )
     }
 
     async fn orphan_uploaded_narinfos(&self) -> Result<Vec<String>, MetaError> {

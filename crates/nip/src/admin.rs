@@ -256,6 +256,129 @@ pub fn admin_command() -> Command {
         .subcommand(with_settings(Command::new("stats").about("Store size and entry counts").arg(json_arg())))
         .subcommand(with_settings(Command::new("pin").about("Keep an entry whatever eviction decides").arg(key())))
         .subcommand(with_settings(Command::new("unpin").about("Let eviction consider an entry again").arg(key())))
+        .subcommand(with_settings(
+            Command::new("verify")
+                .about("Scrub the store: re-hash every stored NAR and artifact against its recorded SHA-256; exits 1 when anything is bad")
+                .arg(Arg::new("repair").long("repair").action(ArgAction::SetTrue).help(
+                    "Remove bad entries with their narinfos (proxied paths are fetched again on their next request)",
+                ))
+                .arg(json_arg()),
+        ))
+}
+
+/// A bar of bytes hashed, on stderr when it is a terminal (hidden otherwise, so logs stay clean).
+fn verify_bar() -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "verifying [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// One line of the human report for a finding.
+fn finding_line(f: &nip_store::Finding) -> String {
+    use nip_store::Problem;
+    let detail = match f.problem {
+        Problem::Corrupt => format!(
+            "sha256 {} recorded, the bytes hash to {}",
+            f.expected_sha256.as_deref().unwrap_or("?"),
+            f.actual_sha256.as_deref().unwrap_or("?")
+        ),
+        Problem::SizeMismatch => format!(
+            "{} bytes recorded, {} stored",
+            f.expected_size.map_or("?".into(), |s| s.to_string()),
+            f.actual_size.map_or("?".into(), |s| s.to_string())
+        ),
+        Problem::Missing => "the row is there, the stored bytes are not".into(),
+        Problem::OrphanRow => "uploaded narinfo whose NAR is not stored".into(),
+        Problem::Unreadable => format!("cannot read it: {}", f.error.as_deref().unwrap_or("?")),
+    };
+    let removed = if f.removed { " [removed]" } else { "" };
+    format!(
+        "{:<13} {:<8} {}: {detail}{removed}",
+        f.problem.as_str(),
+        f.kind.as_str(),
+        f.id
+    )
+}
+
+/// `nip admin verify`: prints the findings and totals (or JSON), records the run in the audit log,
+/// and fails when anything was bad, so scripts and cron jobs notice.
+async fn run_verify(
+    db: &SqliteMeta,
+    config: &nip_server::config::ServeConfig,
+    repair: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let blobs = nip_server::open_blobs(config)?;
+    let bar = verify_bar();
+    let progress = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let report = nip_store::verify::verify(db, blobs.as_ref(), repair, &progress).await;
+    bar.finish_and_clear();
+    // Stopped midway: what was repaired so far stays repaired; a new run starts over.
+    let report = report.context(
+        "the scrub stopped before it finished (check the database and storage settings, then run it again)",
+    )?;
+    let summary = report.summary();
+    db.audit(&AuditEntry {
+        at: nip_store::unix_now(),
+        remote_addr: Some("local-cli".into()),
+        action: "store-verify".into(),
+        target: Some(if repair { "repair" } else { "check" }.into()),
+        size: i64::try_from(report.bytes).ok(),
+        result: summary.clone(),
+        ..Default::default()
+    })
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for f in &report.findings {
+            println!("{}", finding_line(f));
+        }
+        println!(
+            "checked {} NARs, {} artifacts ({} hashed): {}",
+            report.nars,
+            report.artifacts,
+            nip_server::status::human_bytes(i64::try_from(report.bytes).unwrap_or(i64::MAX)),
+            report.problems()
+        );
+    }
+    if report.is_clean() {
+        return Ok(());
+    }
+    let unreadable = report.count(nip_store::Problem::Unreadable);
+    let hint = if unreadable > 0 {
+        format!(
+            "; {unreadable} could not be read and were kept: check the storage and run it again"
+        )
+    } else {
+        String::new()
+    };
+    if repair {
+        bail!(
+            "found {} bad entries and removed {} ({} narinfos, {} artifacts){hint}; proxied paths are fetched again from the upstream on their next request, uploaded ones must be uploaded again",
+            report.findings.len(),
+            report.removed(),
+            report.removed_narinfos.len(),
+            report.removed_artifacts.len()
+        );
+    }
+    bail!(
+        "found {} bad entries{hint}; run `nip admin verify --repair` to remove them",
+        report.findings.len()
+    );
 }
 
 pub fn run_admin(m: &ArgMatches) -> anyhow::Result<()> {
@@ -323,6 +446,7 @@ pub fn run_admin(m: &ArgMatches) -> anyhow::Result<()> {
                 }
                 println!("unpinned {key}");
             }
+            "verify" => return run_verify(&db, &config, m.get_flag("repair"), m.get_flag("json")).await,
             _ => unreachable!("clap enforces a subcommand"),
         }
         Ok(())
