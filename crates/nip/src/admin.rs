@@ -246,7 +246,7 @@ pub fn admin_command() -> Command {
             .help("An artifact key or a store path hash")
     };
     Command::new("admin")
-        .about("Maintain the server's store: garbage collection, statistics, pins")
+        .about("Maintain the server's store: garbage collection, statistics, pins, scrubbing, provenance")
         .subcommand_required(true)
         .subcommand(with_settings(
             Command::new("gc")
@@ -256,6 +256,7 @@ pub fn admin_command() -> Command {
         .subcommand(with_settings(Command::new("stats").about("Store size and entry counts").arg(json_arg())))
         .subcommand(with_settings(Command::new("pin").about("Keep an entry whatever eviction decides").arg(key())))
         .subcommand(with_settings(Command::new("unpin").about("Let eviction consider an entry again").arg(key())))
+        .subcommand(with_settings(crate::path_info::command()))
         .subcommand(with_settings(
             Command::new("verify")
                 .about("Scrub the store: re-hash every stored NAR and artifact against its recorded SHA-256; exits 1 when anything is bad")
@@ -446,6 +447,7 @@ pub fn run_admin(m: &ArgMatches) -> anyhow::Result<()> {
                 }
                 println!("unpinned {key}");
             }
+            "path-info" => crate::path_info::run(&db, m).await?,
             "verify" => return run_verify(&db, &config, m.get_flag("repair"), m.get_flag("json")).await,
             _ => unreachable!("clap enforces a subcommand"),
         }

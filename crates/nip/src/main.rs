@@ -3,6 +3,7 @@ mod admin;
 mod client_cmd;
 mod client_report;
 mod migrate;
+mod path_info;
 mod serve;
 mod telemetry;
 mod tls_cmd;

@@ -118,6 +118,19 @@ impl Cache {
             .count()
     }
 
+    /// `nip admin path-info --json` of a store path: its provenance.
+    fn path_info(&self, store_path: &str) -> serde_json::Value {
+        let out = run_ok(Command::new(env!("CARGO_BIN_EXE_nip")).args([
+            "admin",
+            "path-info",
+            store_path,
+            "--json",
+            "--cache-data-path",
+            self.data.to_str().unwrap(),
+        ]));
+        serde_json::from_str(&out).unwrap()
+    }
+
     /// `nip audit --json`: (action, target, result) of every entry.
     fn audit(&self) -> Vec<(String, String, String)> {
         let out = run_ok(Command::new(env!("CARGO_BIN_EXE_nip")).args([
@@ -259,6 +272,21 @@ fn an_upload_cannot_replace_a_path_nip_serves() {
     assert_eq!(cache.narinfo(p), before, "the served narinfo changed");
     check_substitute(cache.url(), &cache.public_key(), &[p]);
     assert_eq!(cache.audited("narinfo-upload-refused", p, "409"), 1);
+    // Provenance: the upstream and the key that verified it; the refusal in its history.
+    let info = cache.path_info(p);
+    assert_eq!(info["storePath"], p.as_str());
+    assert_eq!(info["origin"], "upstream");
+    let upstream_key_name = up.key.split(':').next().unwrap();
+    assert_eq!(info["signedBy"], upstream_key_name, "{info}");
+    assert_eq!(info["uploadedBy"], serde_json::Value::Null, "{info}");
+    assert!(
+        info["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "narinfo-upload-refused" && e["key"] == "uploader"),
+        "{info}"
+    );
 }
 
 /// Pre-poisoning: a forged upload of a path only the upstream has (nip never fetched it) is
@@ -432,6 +460,11 @@ fn signature_gate(how: GateSetting, test: &str) {
             );
         }
         assert_eq!(cache.audited("narinfo-upload", p, "200"), 1, "{p}");
+        // Provenance: the API key that uploaded it and the upload key that vouched for it.
+        let info = cache.path_info(p);
+        assert_eq!(info["origin"], "upload", "{info}");
+        assert_eq!(info["uploadedBy"], "uploader", "{info}");
+        assert_eq!(info["signedBy"], "uploader-1", "{info}");
     }
     let refusals: Vec<_> = cache
         .audit()
