@@ -1,5 +1,8 @@
 //! The typed configuration of `nip serve`, built from the merged settings layer (see
-//! [`crate::settings`]). Loading never panics: every bad value is an error that names the setting.
+//! [`crate::settings`]) in three steps: every setting is parsed as its kind says, with its
+//! declared default ([`Values::resolve`]); the checks that involve several settings run
+//! (`validate`); the typed fields are filled (`ServeConfig::build`). Loading never panics:
+//! every bad value is an error that names the setting.
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -7,10 +10,13 @@ use nip_core::signing::PublicKey;
 
 use crate::settings::{Layer, SETTINGS};
 
+mod values;
+pub use values::{FromValue, Value, Values};
+
 pub const DEFAULT_UPSTREAM: &str = "https://cache.nixos.org";
 pub const DEFAULT_UPSTREAM_KEY: &str =
     "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
-/// SQLite connections when `--cache-database-pool-max-open-conns` is not given.
+/// SQLite connections when `--cache-database-pool-max-open-conns` is not given (or 0).
 pub const DEFAULT_DB_CONNECTIONS: u32 = 8;
 /// Nix's own default priority for a binary cache that does not announce one.
 pub const DEFAULT_PRIORITY: u32 = 50;
@@ -88,6 +94,9 @@ pub struct ServeConfig {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// `--server-read-timeout`, `--server-max-connections`.
     pub conn_limits: crate::conn::ConnLimits,
+    /// Every setting's effective value, which the fields above are built from and
+    /// `--print-config` shows ([`ServeConfig::print_json`]).
+    pub values: Values,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +106,7 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// An error about the setting `key`, named as the user gives it: its flag, else its variable.
 fn err(key: &str, message: impl Into<String>) -> ConfigError {
     let setting = match SETTINGS.iter().find(|s| s.key == key) {
         Some(s) if !s.flags.is_empty() => format!("--{}", s.flags[0]),
@@ -147,14 +157,15 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "d" => n * 86400.0,
         _ => return None,
     };
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    // try_: a number of days too large for a Duration is no duration.
+    Duration::try_from_secs_f64(secs).ok()
 }
 
-fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
+fn parse_bool(v: &str) -> Result<bool, String> {
     match v.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" => Ok(false),
-        _ => Err(err(key, format!("expected true or false, got {v:?}"))),
+        _ => Err(format!("expected true or false, got {v:?}")),
     }
 }
 
@@ -215,372 +226,142 @@ pub fn default_hostname() -> String {
         .unwrap_or_else(|| "nip".to_string())
 }
 
+const S3_BUCKET: &str = "cache.storage.s3.bucket";
+const S3_KEY_ID: &str = "cache.storage.s3.access-key-id";
+const S3_SECRET: &str = "cache.storage.s3.secret-access-key";
+const PRESIGN: &str = "cache.storage.s3.presign-downloads";
+const UPSTREAM_KEYS: &str = "cache.upstream.public-keys";
+const OTEL_URL: &str = "opentelemetry.grpc-url";
+
+/// The checks that involve several settings, once each is parsed. Returns the given settings
+/// that have no effect, with the reason (and drops their value, so it is not shown as in effect).
+fn validate(layer: &Layer, v: &mut Values) -> Result<Vec<(String, &'static str)>, ConfigError> {
+    if v.is_set(S3_BUCKET) && v.given("cache.storage.local") {
+        return Err(err(S3_BUCKET, "give either local storage (--cache-storage-local / --cache-data-path) or S3 storage (--cache-storage-s3-bucket), not both"));
+    }
+    if v.is_set(S3_KEY_ID) != v.is_set(S3_SECRET) {
+        return Err(err(S3_KEY_ID, "give both the S3 access key id and the secret access key, or neither (then AWS_* environment variables are used)"));
+    }
+    if v.flag(PRESIGN) && !v.is_set(S3_BUCKET) {
+        return Err(err(
+            PRESIGN,
+            "--s3-presign-downloads needs S3 storage (--cache-storage-s3-bucket)",
+        ));
+    }
+    // Its default, the default upstream's key, applies only without --upstream-cache.
+    if !v.is_set(UPSTREAM_KEYS) {
+        return Err(err(UPSTREAM_KEYS, format!("no upstream public key given: nip only caches narinfo signed by a trusted key; pass each upstream's key, e.g. --upstream-public-key {DEFAULT_UPSTREAM_KEY}")));
+    }
+    if v.get::<String>("cache.api-key")
+        .is_some_and(|k| k.len() < 16)
+    {
+        return Err(err("cache.api-key", "must be at least 16 characters"));
+    }
+    match (v.is_set("tls.cert"), v.is_set("tls.key")) {
+        (true, false) => return Err(err("tls.key", "--tls-cert needs --tls-key too")),
+        (false, true) => return Err(err("tls.cert", "--tls-key needs --tls-cert too")),
+        _ => {}
+    }
+    let mut ignored = Vec::new();
+    if v.is_set(OTEL_URL) && !v.flag("opentelemetry.enabled") {
+        ignored.push((
+            "--otel-grpc-url".to_string(),
+            "OpenTelemetry is off: add --otel-enabled",
+        ));
+        v.unset(OTEL_URL);
+    }
+    for setting in SETTINGS {
+        if let (Some(reason), Some(given)) = (setting.not_implemented, layer.get(setting.key)) {
+            // A feature that is not implemented, turned off, is no news.
+            let off = |v: &String| matches!(parse_bool(v), Ok(false));
+            if setting.boolean && given.last().is_some_and(off) {
+                continue;
+            }
+            ignored.push((format!("--{}", setting.flags[0]), reason));
+        }
+    }
+    Ok(ignored)
+}
+
 impl ServeConfig {
     /// Builds the typed config from merged settings. Pure apart from reading the host name.
     pub fn from_layer(layer: &Layer) -> Result<Self, ConfigError> {
-        let one = |key: &str| layer.get(key).and_then(|v| v.last()).cloned();
-        let many = |key: &str| layer.get(key).cloned().unwrap_or_default();
-        let duration = |key: &str, default: Duration| -> Result<Duration, ConfigError> {
-            match one(key) {
-                None => Ok(default),
-                Some(v) => parse_duration(&v).ok_or_else(|| {
-                    err(key, format!("expected a duration like 3s or 5m, got {v:?}"))
-                }),
-            }
-        };
+        let mut values = Values::resolve(layer)?;
+        let ignored = validate(layer, &mut values)?;
+        Ok(Self::build(values, ignored))
+    }
 
-        let hostname = one("cache.hostname").unwrap_or_else(default_hostname);
-        if hostname.is_empty() || hostname.contains([':', ' ', '/']) {
-            return Err(err(
-                "cache.hostname",
-                format!("{hostname:?} is not a host name"),
-            ));
-        }
-        let data_path =
-            PathBuf::from(one("cache.storage.local").unwrap_or_else(|| "nip-data".into()));
-        let database_url = one("cache.database-url").unwrap_or_else(|| {
-            format!(
-                "sqlite:{}",
-                data_path.join("db").join("db.sqlite").display()
-            )
+    /// The typed fields from validated values.
+    fn build(v: Values, ignored: Vec<(String, &'static str)>) -> Self {
+        let s3 = v.get(S3_BUCKET).map(|bucket| nip_store::S3Config {
+            bucket,
+            endpoint: v.get("cache.storage.s3.endpoint"),
+            region: v.get("cache.storage.s3.region"),
+            access_key_id: v.get(S3_KEY_ID),
+            secret_access_key: v.get(S3_SECRET),
+            force_path_style: v.flag("cache.storage.s3.force-path-style"),
+            prefix: v.get("cache.storage.s3.prefix"),
         });
-        if nip_store::Backend::of_url(&database_url).is_err() {
-            return Err(err("cache.database-url", format!(
-                "{:?}: use sqlite:PATH (e.g. sqlite:/var/lib/nip/db.sqlite) or postgres://USER@HOST/DB",
-                redact_userinfo(&database_url)
-            )));
-        }
-        let s3 = match one("cache.storage.s3.bucket").filter(|b| !b.is_empty()) {
-            Some(bucket) => {
-                if layer.contains_key("cache.storage.local") {
-                    return Err(err("cache.storage.s3.bucket", "give either local storage (--cache-storage-local / --cache-data-path) or S3 storage (--cache-storage-s3-bucket), not both"));
-                }
-                let endpoint = one("cache.storage.s3.endpoint");
-                if let Some(e) = &endpoint {
-                    if !(e.starts_with("http://") || e.starts_with("https://")) {
-                        return Err(err(
-                            "cache.storage.s3.endpoint",
-                            format!("{e:?} must be a URL with http:// or https://"),
-                        ));
-                    }
-                }
-                let (key_id, secret) = (
-                    one("cache.storage.s3.access-key-id"),
-                    one("cache.storage.s3.secret-access-key"),
-                );
-                if key_id.is_some() != secret.is_some() {
-                    return Err(err("cache.storage.s3.access-key-id", "give both the S3 access key id and the secret access key, or neither (then AWS_* environment variables are used)"));
-                }
-                let force_path_style = match one("cache.storage.s3.force-path-style") {
-                    Some(v) => parse_bool("cache.storage.s3.force-path-style", &v)?,
-                    None => false,
-                };
-                Some(nip_store::S3Config {
-                    bucket,
-                    endpoint,
-                    region: one("cache.storage.s3.region"),
-                    access_key_id: key_id,
-                    secret_access_key: secret,
-                    force_path_style,
-                    prefix: one("cache.storage.s3.prefix"),
-                })
-            }
-            None => None,
-        };
-        let s3_presign_downloads = match one("cache.storage.s3.presign-downloads") {
-            Some(v) => parse_bool("cache.storage.s3.presign-downloads", &v)?,
-            None => false,
-        };
-        if s3_presign_downloads && s3.is_none() {
-            return Err(err(
-                "cache.storage.s3.presign-downloads",
-                "--s3-presign-downloads needs S3 storage (--cache-storage-s3-bucket)",
-            ));
-        }
-        let temp_path = one("cache.temp-path")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| data_path.join("tmp"));
-
-        let raw_upstreams = many("cache.upstream.urls");
-        let user_gave_upstreams = !raw_upstreams.is_empty();
-        let upstreams = if user_gave_upstreams {
-            raw_upstreams
-                .iter()
-                .map(|u| parse_upstream(u).map_err(|m| err("cache.upstream.urls", m)))
-                .collect::<Result<Vec<_>, _>>()?
-        } else {
-            vec![parse_upstream(DEFAULT_UPSTREAM).expect("default upstream parses")]
-        };
-        let mut raw_keys = many("cache.upstream.public-keys");
-        if raw_keys.is_empty() {
-            if user_gave_upstreams {
-                return Err(err("cache.upstream.public-keys", "no upstream public key given: nip only caches narinfo signed by a trusted key; pass each upstream's key, e.g. --upstream-public-key cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="));
-            }
-            raw_keys.push(DEFAULT_UPSTREAM_KEY.to_string());
-        }
-        let upstream_public_keys = raw_keys
-            .iter()
-            .map(|k| {
-                PublicKey::parse(k).map_err(|e| {
-                    err(
-                        "cache.upstream.public-keys",
-                        format!("{k:?} is not a name:base64 public key: {e}"),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-
-        let sign_narinfo = match one("cache.sign-narinfo") {
-            Some(v) => parse_bool("cache.sign-narinfo", &v)?,
-            None => true,
-        };
-        let secret_key_path = one("cache.secret-key-path")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| data_path.join("secret-key"));
-
-        let flag = |key: &str| -> Result<bool, ConfigError> {
-            one(key).map_or(Ok(false), |v| parse_bool(key, &v))
-        };
-        let max_upload_size = match one("artifact.max-size") {
-            Some(v) => parse_size(&v).filter(|n| *n > 0).ok_or_else(|| {
-                err(
-                    "artifact.max-size",
-                    format!("expected a size like 10G, got {v:?}"),
-                )
-            })?,
-            None => 10 << 30,
-        };
-        let artifact_retention = match one("artifact.retention") {
-            Some(v) => Some(parse_duration(&v).filter(|d| !d.is_zero()).ok_or_else(|| {
-                err(
-                    "artifact.retention",
-                    format!("expected a duration like 30d, got {v:?}"),
-                )
-            })?),
-            None => None,
-        };
-        let rate_limit = match one("rate-limit.rps") {
-            Some(v) => {
-                let rps: f64 = v
-                    .parse()
-                    .ok()
-                    .filter(|r: &f64| r.is_finite() && *r > 0.0)
-                    .ok_or_else(|| {
-                        err(
-                            "rate-limit.rps",
-                            format!("expected a positive number, got {v:?}"),
-                        )
-                    })?;
-                let burst = match one("rate-limit.burst") {
-                    Some(b) => b
-                        .parse()
-                        .ok()
-                        .filter(|b: &f64| b.is_finite() && *b >= 1.0)
-                        .ok_or_else(|| {
-                            err(
-                                "rate-limit.burst",
-                                format!("expected a number >= 1, got {b:?}"),
-                            )
-                        })?,
-                    None => (rps * 2.0).max(1.0),
-                };
-                Some((rps, burst))
-            }
-            None => None,
-        };
-        let max_size = match one("cache.max-size") {
-            Some(v) => Some(parse_size(&v).filter(|n| *n > 0).ok_or_else(|| {
-                err(
-                    "cache.max-size",
-                    format!("expected a size like 10G, got {v:?}"),
-                )
-            })?),
-            None => None,
-        };
-        let schedule = |key: &str| -> Result<Option<String>, ConfigError> {
-            let cron = one(key).filter(|v| !v.trim().is_empty());
-            if let Some(cron) = &cron {
-                croner::Cron::new(cron).parse().map_err(|e| {
-                    err(
-                        key,
-                        format!("{cron:?} is not a cron schedule (e.g. \"0 2 * * *\"): {e}"),
-                    )
-                })?;
-            }
-            Ok(cron)
-        };
-        let lru_schedule = schedule("cache.lru.schedule")?;
-        let verify_schedule = schedule("cache.verify-schedule")?;
-        let trusted_upload_keys = many("cache.trusted-upload-keys")
-            .iter()
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .map(|k| {
-                PublicKey::parse(k).map_err(|e| {
-                    err(
-                        "cache.trusted-upload-keys",
-                        format!("{k:?} is not a name:base64 public key: {e}"),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let require_trusted_signature = one("cache.require-trusted-signature")
-            .map_or(Ok(false), |v| {
-                parse_bool("cache.require-trusted-signature", &v)
-            })?;
-        let log_format = one("log.format").unwrap_or_else(|| "text".into());
-        if log_format != "text" && log_format != "json" {
-            return Err(err(
-                "log.format",
-                format!("expected text or json, got {log_format:?}"),
-            ));
-        }
-        let api_key = one("cache.api-key").filter(|k| !k.is_empty());
-        if api_key.as_ref().is_some_and(|k| k.len() < 16) {
-            return Err(err("cache.api-key", "must be at least 16 characters"));
-        }
-
-        let get_token = one("cache.get-token").filter(|t| !t.is_empty());
-        let database_max_connections = match one("cache.database.pool.max-open-conns") {
-            Some(v) => match v.trim().parse::<u32>() {
-                // 0 means "the default" in ncps.
-                Ok(0) => DEFAULT_DB_CONNECTIONS,
-                Ok(n) => n,
-                Err(_) => {
-                    return Err(err(
-                        "cache.database.pool.max-open-conns",
-                        format!("expected a number of connections, got {v:?}"),
-                    ))
-                }
-            },
-            None => DEFAULT_DB_CONNECTIONS,
-        };
-
-        let tls = match (one("tls.cert"), one("tls.key")) {
-            (None, None) => None,
-            (Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
-                cert: PathBuf::from(cert),
-                key: PathBuf::from(key),
-            }),
-            (Some(_), None) => return Err(err("tls.key", "--tls-cert needs --tls-key too")),
-            (None, Some(_)) => return Err(err("tls.cert", "--tls-key needs --tls-cert too")),
-        };
-        let mut conn_limits = crate::conn::ConnLimits::default();
-        if let Some(v) = one("server.read-timeout") {
-            conn_limits.read_timeout =
-                parse_duration(&v).filter(|d| !d.is_zero()).ok_or_else(|| {
-                    err(
-                        "server.read-timeout",
-                        format!("expected a duration like 30s, got {v:?}"),
-                    )
-                })?;
-        }
-        if let Some(v) = one("server.max-connections") {
-            conn_limits.max_connections =
-                v.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                    err(
-                        "server.max-connections",
-                        format!("expected a positive number, got {v:?}"),
-                    )
-                })?;
-        }
-        let trusted_proxies = many("server.trusted-proxies")
-            .iter()
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .map(|v| {
-                parse_cidr(v).ok_or_else(|| {
-                    err(
-                        "server.trusted-proxies",
-                        format!("{v:?} is not an address or CIDR range (e.g. 10.0.0.0/8)"),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-
-        let otel_url = one("opentelemetry.grpc-url").filter(|u| !u.trim().is_empty());
-        if let Some(u) = &otel_url {
-            if !(u.starts_with("http://") || u.starts_with("https://")) {
-                return Err(err(
-                    "opentelemetry.grpc-url",
-                    format!(
-                        "{:?} must be a URL with http:// or https://, e.g. http://127.0.0.1:4317",
-                        redact_userinfo(u)
-                    ),
-                ));
-            }
-        }
-        let otel = flag("opentelemetry.enabled")?.then(|| OtelConfig {
-            grpc_url: otel_url.clone(),
+        let tls = v.get("tls.cert").map(|cert| crate::tls::TlsFiles {
+            cert,
+            key: v.req("tls.key"),
         });
-
-        let mut ignored = Vec::new();
-        if otel.is_none() && otel_url.is_some() {
-            ignored.push((
-                "--otel-grpc-url".to_string(),
-                "OpenTelemetry is off: add --otel-enabled",
-            ));
-        }
-        for setting in SETTINGS {
-            if let (Some(reason), Some(v)) = (setting.not_implemented, layer.get(setting.key)) {
-                if setting.boolean
-                    && v.last()
-                        .is_some_and(|v| matches!(parse_bool(setting.key, v), Ok(false)))
-                {
-                    continue;
-                }
-                ignored.push((format!("--{}", setting.flags[0]), reason));
-            }
-        }
-
-        Ok(ServeConfig {
-            hostname,
-            database_url,
-            temp_path,
-            upstreams,
-            upstream_public_keys,
-            sign_narinfo,
-            secret_key_path,
-            netrc_file: one("cache.netrc-file").map(PathBuf::from),
-            dialer_timeout: duration("cache.upstream.dialer-timeout", Duration::from_secs(3))?,
-            response_header_timeout: duration(
-                "cache.upstream.response-header-timeout",
-                Duration::from_secs(3),
-            )?,
-            body_idle_timeout: duration(
-                "cache.upstream.body-idle-timeout",
-                Duration::from_secs(30),
-            )?,
-            negative_ttl: duration("cache.negative-ttl", Duration::from_secs(30))?,
-            server_addr: one("server.addr").unwrap_or_else(|| ":8501".into()),
-            log_level: one("log.level").unwrap_or_else(|| "info".into()),
-            allow_put: flag("cache.allow-put-verb")?,
-            allow_delete: flag("cache.allow-delete-verb")?,
-            require_auth_read: flag("cache.require-auth-read")?,
-            api_key,
-            max_upload_size,
-            artifact_retention,
-            rate_limit,
-            max_size,
-            lru_schedule,
-            verify_schedule,
-            require_trusted_signature,
-            trusted_upload_keys,
-            prometheus_enabled: flag("prometheus.enabled")?,
-            otel,
-            log_format,
-            data_path,
+        ServeConfig {
             s3,
-            s3_presign_downloads,
-            get_token,
-            database_max_connections,
+            s3_presign_downloads: v.flag(PRESIGN),
+            hostname: v.req("cache.hostname"),
+            data_path: v.req("cache.storage.local"),
+            database_url: v.req("cache.database-url"),
+            temp_path: v.req("cache.temp-path"),
+            upstreams: v.list("cache.upstream.urls"),
+            upstream_public_keys: v.list(UPSTREAM_KEYS),
+            sign_narinfo: v.flag("cache.sign-narinfo"),
+            secret_key_path: v.req("cache.secret-key-path"),
+            netrc_file: v.get("cache.netrc-file"),
+            dialer_timeout: v.req("cache.upstream.dialer-timeout"),
+            response_header_timeout: v.req("cache.upstream.response-header-timeout"),
+            body_idle_timeout: v.req("cache.upstream.body-idle-timeout"),
+            negative_ttl: v.req("cache.negative-ttl"),
+            server_addr: v.req("server.addr"),
+            log_level: v.req("log.level"),
+            allow_put: v.flag("cache.allow-put-verb"),
+            allow_delete: v.flag("cache.allow-delete-verb"),
+            require_auth_read: v.flag("cache.require-auth-read"),
+            api_key: v.get("cache.api-key"),
+            max_upload_size: v.req("artifact.max-size"),
+            artifact_retention: v.get("artifact.retention"),
+            rate_limit: (v.get("rate-limit.rps")).map(|rps| (rps, v.req("rate-limit.burst"))),
+            max_size: v.get("cache.max-size"),
+            lru_schedule: v.get("cache.lru.schedule"),
+            verify_schedule: v.get("cache.verify-schedule"),
+            require_trusted_signature: v.flag("cache.require-trusted-signature"),
+            trusted_upload_keys: v.list("cache.trusted-upload-keys"),
+            prometheus_enabled: v.flag("prometheus.enabled"),
+            otel: v.flag("opentelemetry.enabled").then(|| OtelConfig {
+                grpc_url: v.get(OTEL_URL),
+            }),
+            log_format: v.req("log.format"),
+            get_token: v.get("cache.get-token"),
+            database_max_connections: v.req("cache.database.pool.max-open-conns"),
             ignored,
             tls,
-            trusted_proxies,
-            conn_limits,
-        })
+            trusted_proxies: v.list("server.trusted-proxies"),
+            conn_limits: crate::conn::ConnLimits {
+                read_timeout: v.req("server.read-timeout"),
+                max_connections: v.req("server.max-connections"),
+                ..Default::default()
+            },
+            values: v,
+        }
+    }
+
+    /// What `--print-config` prints: every setting's effective value (secrets masked, URLs without
+    /// credentials) and the settings ignored, with why.
+    pub fn print_json(&self) -> serde_json::Value {
+        let mut json = self.values.to_json();
+        let ignored = self.ignored.iter().map(|(f, why)| format!("{f}: {why}"));
+        json.insert("ignored".into(), ignored.collect::<Vec<_>>().into());
+        serde_json::Value::Object(json)
     }
 
     /// The listen address in a form `tokio::net::TcpListener` takes (`:8501` means all interfaces).
@@ -751,6 +532,105 @@ mod tests {
             ("cache.storage.s3.endpoint", &["minio:9000"]),
         ]));
         assert_eq!(bad.unwrap_err().setting, "--cache-storage-s3-endpoint");
+    }
+
+    #[test]
+    fn declared_defaults_are_the_code_defaults() {
+        let c = ServeConfig::from_layer(&Layer::new()).unwrap();
+        let limits = crate::conn::ConnLimits::default();
+        assert_eq!(c.conn_limits.read_timeout, limits.read_timeout);
+        assert_eq!(c.conn_limits.max_connections, limits.max_connections);
+        assert_eq!(c.database_max_connections, DEFAULT_DB_CONNECTIONS);
+        assert_eq!(c.max_upload_size, 10 << 30);
+        assert_eq!(c.temp_path, PathBuf::from("nip-data/tmp"));
+        assert_eq!(c.dialer_timeout, Duration::from_secs(3));
+        let c = ServeConfig::from_layer(&layer(&[
+            ("cache.database.pool.max-open-conns", &["0"]),
+            ("rate-limit.rps", &["0.25"]),
+        ]))
+        .unwrap();
+        assert_eq!(c.database_max_connections, DEFAULT_DB_CONNECTIONS);
+        assert_eq!(c.rate_limit, Some((0.25, 1.0)));
+    }
+
+    /// Options of a feature that is off are not read (so a bad one is no error), and an empty
+    /// bucket, token or schedule means none.
+    #[test]
+    fn options_of_a_feature_that_is_off_are_not_read() {
+        let c = ServeConfig::from_layer(&layer(&[
+            ("cache.storage.s3.bucket", &[""]),
+            ("cache.storage.s3.force-path-style", &["maybe"]),
+            ("cache.storage.s3.endpoint", &["minio:9000"]),
+            ("rate-limit.burst", &["x"]),
+            ("cache.get-token", &[""]),
+            ("cache.verify-schedule", &[" "]),
+        ]))
+        .unwrap();
+        assert!(c.s3.is_none() && c.rate_limit.is_none() && c.get_token.is_none());
+        assert!(c.verify_schedule.is_none());
+        let e = ServeConfig::from_layer(&layer(&[
+            ("rate-limit.rps", &["1"]),
+            ("rate-limit.burst", &["x"]),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.setting, "--rate-limit-burst");
+    }
+
+    #[test]
+    fn print_json_masks_secrets_and_credentials() {
+        let c = ServeConfig::from_layer(&layer(&[
+            ("cache.api-key", &["0123456789abcdef-api-secret"]),
+            ("cache.get-token", &["get-token-secret"]),
+            ("cache.database-url", &["postgres://nip:db-secret@db/nip"]),
+            (
+                "cache.upstream.urls",
+                &["https://u:up-secret@up.example?priority=3"],
+            ),
+            ("cache.upstream.public-keys", &[DEFAULT_UPSTREAM_KEY]),
+            ("cache.storage.s3.bucket", &["b"]),
+            ("cache.storage.s3.access-key-id", &["AKID"]),
+            ("cache.storage.s3.secret-access-key", &["s3-secret"]),
+            (
+                "opentelemetry.grpc-url",
+                &["https://o:otel-secret@otel:4317"],
+            ),
+            ("rate-limit.rps", &["2.5"]),
+            ("artifact.retention", &["1d"]),
+            ("pprof.addr", &[":6060"]),
+        ]))
+        .unwrap();
+        let json = c.print_json();
+        let text = json.to_string();
+        for secret in [
+            "api-secret",
+            "get-token-secret",
+            "db-secret",
+            "up-secret",
+            "s3-secret",
+            "otel-secret",
+        ] {
+            assert!(!text.contains(secret), "{secret} printed: {text}");
+        }
+        assert_eq!(json["cache.api-key"], "***");
+        assert_eq!(json["cache.database-url"], "postgres://***@db/nip");
+        assert_eq!(
+            json["cache.upstream.urls"][0],
+            "https://***@up.example/?priority=3"
+        );
+        assert_eq!(json["cache.storage.s3"]["access-key-id"], "AKID");
+        assert_eq!(json["cache.storage.s3"]["secret-access-key"], "***");
+        assert_eq!(json["cache.storage.s3"]["presign-downloads"], false);
+        // Without --otel-enabled the URL has no effect: not shown, listed as ignored.
+        assert_eq!(json["opentelemetry.grpc-url"], serde_json::Value::Null);
+        assert_eq!(json["rate-limit"], "2.5/s burst 5");
+        assert_eq!(json["artifact.retention"], "86400s");
+        assert_eq!(json["cache.negative-ttl"], "30000ms");
+        assert_eq!(json["server.trusted-proxies"], serde_json::json!([]));
+        assert_eq!(json["ignored"].as_array().unwrap().len(), 2, "{json}");
+        assert!(json.get("pprof.addr").is_none() && json.get("rate-limit.rps").is_none());
+        let json = ServeConfig::from_layer(&Layer::new()).unwrap().print_json();
+        assert_eq!(json["cache.storage.s3"], serde_json::Value::Null);
+        assert_eq!(json["cache.api-key"], serde_json::Value::Null);
     }
 
     #[test]

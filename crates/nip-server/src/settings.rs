@@ -1,7 +1,13 @@
-//! Every `nip serve` setting in one table: its flag names, environment variables and config-file
-//! keys side by side (ncps' names first, so ncps deployments work unchanged), and the pure merge of
-//! the layers. Precedence, as in ncps: flag > config file > environment > default.
+//! Every `nip serve` setting, declared once in [`SETTINGS`]: its flag names, environment variables
+//! and config-file keys side by side (ncps' names first, so ncps deployments work unchanged), the
+//! kind of value it takes (which gives its parser and how `--print-config` shows it), its default,
+//! its help and whether it is secret. The flags and their help (`nip` crate), the typed
+//! configuration and `--print-config` ([`crate::config`]) are all generated from it. Also the pure
+//! merge of the layers. Precedence, as in ncps: flag > config file > environment > default.
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use crate::config::{Values, DEFAULT_UPSTREAM, DEFAULT_UPSTREAM_KEY};
 
 /// One setting. `key` is the canonical dotted config key.
 #[derive(Debug)]
@@ -12,11 +18,152 @@ pub struct Setting {
     pub envs: &'static [&'static str],
     /// Config-file keys (dotted paths into the nested document); the first is canonical.
     pub file_keys: &'static [&'static str],
+    /// What the value is: how it is parsed and checked, and how `--print-config` shows it.
+    pub kind: Kind,
+    /// The value when no layer gives one.
+    pub default: Fallback,
+    /// Repeatable: a list (from `kind`).
     pub multi: bool,
+    /// A boolean: `--flag` alone means true (from `kind`).
     pub boolean: bool,
+    /// Never printed: `--print-config` shows `***`.
+    pub secret: bool,
+    /// A list whose flag and file values may be comma-separated too (environment values always
+    /// may).
+    pub split_commas: bool,
+    /// Read only when this setting (earlier in the table) has a value: an option of a feature
+    /// that is otherwise off.
+    pub requires: Option<&'static str>,
+    /// An empty value (as an environment template leaves it) means "not set"; for a schedule or
+    /// URL, a blank one too.
+    pub empty_unset: bool,
+    /// One of ncps' global flags: also accepted before the subcommand (`nip --log-level=info serve`).
+    pub global: bool,
+    /// The help, without the default (added from `default` by [`Setting::help_text`]).
     pub help: &'static str,
     /// `Some(reason)` when the setting is accepted but has no effect yet.
     pub not_implemented: Option<&'static str>,
+}
+
+/// The kind of a setting's value: its parser and checks (in [`crate::config`]), the type it gives
+/// and how `--print-config` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `true` or `false` (also `1`/`0`, `yes`/`no`, `on`/`off`); a bare flag means true.
+    Bool,
+    /// Any text.
+    Text,
+    /// One of these words.
+    Choice(&'static [&'static str]),
+    /// A host name: not empty, no `:`, `/` or space.
+    HostName,
+    /// A file or directory.
+    Path,
+    /// An `http://` or `https://` URL (an example for errors); shown with credentials masked.
+    Url(Option<&'static str>),
+    /// `sqlite:PATH` or `postgres://…`; shown with credentials masked.
+    DatabaseUrl,
+    /// A duration as ncps takes them (`500ms`, `3s`, `5m`, `2h`, `1d`); shown in milliseconds.
+    Duration,
+    /// A duration above zero; shown in milliseconds.
+    PositiveDuration,
+    /// A duration above zero, typically days (`30d`); shown in seconds.
+    Age,
+    /// A size above zero (`512`, `10K`, `100M`, `10G`, `1T`: powers of 1024); shown in bytes.
+    Size,
+    /// A number above zero (requests per second).
+    Rate,
+    /// A number of at least 1 (requests in a burst).
+    Burst,
+    /// A whole number above zero.
+    Count,
+    /// A number of connections, 0 meaning the default.
+    PoolSize,
+    /// A cron schedule (5 fields, UTC).
+    Cron,
+    /// Upstream cache URLs, each with an optional `?priority=N`; shown with credentials masked.
+    Upstreams,
+    /// Public keys (`name:base64`).
+    PublicKeys,
+    /// Addresses or CIDR ranges.
+    Cidrs,
+}
+
+impl Kind {
+    pub const fn is_list(self) -> bool {
+        matches!(self, Kind::Upstreams | Kind::PublicKeys | Kind::Cidrs)
+    }
+}
+
+/// What a setting is when no layer gives it.
+#[derive(Clone, Copy, Debug)]
+pub enum Fallback {
+    /// Nothing (an empty list, a boolean false), and the help says nothing about it.
+    Unset,
+    /// Nothing; the help says what that means (e.g. "keep forever").
+    Off(&'static str),
+    /// This value, written as a user writes it (and parsed the same way).
+    Value(&'static str),
+    /// Computed from the settings before it in [`SETTINGS`] (`None`: nothing); the text
+    /// describes it in the help.
+    Derived(&'static str, fn(&Values) -> Option<String>),
+}
+
+impl Setting {
+    /// The help as `--help` shows it: with the default.
+    pub fn help_text(&self) -> String {
+        match self.default {
+            Fallback::Unset => self.help.to_string(),
+            Fallback::Off(text) | Fallback::Value(text) | Fallback::Derived(text, _) => {
+                format!("{}. Default: {text}", self.help)
+            }
+        }
+    }
+
+    const fn default(mut self, value: &'static str) -> Self {
+        self.default = Fallback::Value(value);
+        self
+    }
+
+    const fn off(mut self, meaning: &'static str) -> Self {
+        self.default = Fallback::Off(meaning);
+        self
+    }
+
+    const fn derived(mut self, text: &'static str, f: fn(&Values) -> Option<String>) -> Self {
+        self.default = Fallback::Derived(text, f);
+        self
+    }
+
+    const fn secret(mut self) -> Self {
+        self.secret = true;
+        self
+    }
+
+    const fn split_commas(mut self) -> Self {
+        self.split_commas = true;
+        self
+    }
+
+    const fn empty_unset(mut self) -> Self {
+        self.empty_unset = true;
+        self
+    }
+
+    const fn requires(mut self, key: &'static str) -> Self {
+        self.requires = Some(key);
+        self
+    }
+
+    const fn global(mut self) -> Self {
+        self.global = true;
+        self
+    }
+
+    const fn later(mut self, reason: &'static str) -> Self {
+        self.not_implemented = Some(reason);
+        self
+    }
 }
 
 const fn s(
@@ -24,6 +171,7 @@ const fn s(
     flags: &'static [&'static str],
     envs: &'static [&'static str],
     file_keys: &'static [&'static str],
+    kind: Kind,
     help: &'static str,
 ) -> Setting {
     Setting {
@@ -31,154 +179,170 @@ const fn s(
         flags,
         envs,
         file_keys,
-        multi: false,
-        boolean: false,
+        kind,
+        default: Fallback::Unset,
+        multi: kind.is_list(),
+        boolean: matches!(kind, Kind::Bool),
+        secret: false,
+        split_commas: false,
+        requires: None,
+        empty_unset: false,
+        global: false,
         help,
         not_implemented: None,
     }
 }
 
-const fn multi(mut x: Setting) -> Setting {
-    x.multi = true;
-    x
+/// `<data path>/<name>`, the default of the files kept with the data.
+fn under_data_path(v: &Values, name: &str) -> Option<String> {
+    let data: PathBuf = v.get("cache.storage.local")?;
+    Some(data.join(name).display().to_string())
 }
 
-const fn boolean(mut x: Setting) -> Setting {
-    x.boolean = true;
-    x
-}
+const S3: &str = "cache.storage.s3.bucket";
 
-const fn later(mut x: Setting, reason: &'static str) -> Setting {
-    x.not_implemented = Some(reason);
-    x
-}
-
+#[rustfmt::skip]
 pub const SETTINGS: &[Setting] = &[
-    s("cache.hostname", &["cache-hostname"], &["CACHE_HOSTNAME"], &["cache.hostname"],
-      "Host name of this cache; names the generated signing key (<hostname>-1). Default: the machine's host name"),
+    s("cache.hostname", &["cache-hostname"], &["CACHE_HOSTNAME"], &["cache.hostname"], Kind::HostName,
+      "Host name of this cache; names the generated signing key (<hostname>-1)")
+      .derived("the machine's host name", |_| Some(crate::config::default_hostname())),
     s("cache.storage.local", &["cache-data-path", "cache-storage-local"],
-      &["CACHE_DATA_PATH", "CACHE_STORAGE_LOCAL"], &["cache.storage.local", "cache.data-path"],
-      "Directory for the cache's files (NARs, database, signing key). Default: ./nip-data"),
-    s("cache.database-url", &["cache-database-url"], &["CACHE_DATABASE_URL"], &["cache.database-url"],
-      "Metadata database URL (sqlite:PATH). Default: sqlite:<data path>/db/db.sqlite"),
-    s("cache.temp-path", &["cache-temp-path"], &["CACHE_TEMP_PATH"], &["cache.temp-path"],
-      "Directory for downloads and uploads in progress. Default: <data path>/tmp"),
-    multi(s("cache.upstream.urls", &["upstream-cache", "cache-upstream-url"],
-      &["UPSTREAM_CACHES", "CACHE_UPSTREAM_URLS"], &["cache.upstream.urls", "cache.upstream.caches", "upstream.caches"],
-      "Upstream binary cache URL; repeat for several. `?priority=N` sets its priority until its /nix-cache-info answers. Default: https://cache.nixos.org")),
-    multi(s("cache.upstream.public-keys", &["upstream-public-key", "cache-upstream-public-key"],
+      &["CACHE_DATA_PATH", "CACHE_STORAGE_LOCAL"], &["cache.storage.local", "cache.data-path"], Kind::Path,
+      "Directory for the cache's files (NARs, database, signing key)").default("nip-data"),
+    s("cache.database-url", &["cache-database-url"], &["CACHE_DATABASE_URL"], &["cache.database-url"], Kind::DatabaseUrl,
+      "Metadata database URL (sqlite:PATH)")
+      .derived("sqlite:<data path>/db/db.sqlite", |v| Some(format!("sqlite:{}", under_data_path(v, "db/db.sqlite")?))),
+    s("cache.temp-path", &["cache-temp-path"], &["CACHE_TEMP_PATH"], &["cache.temp-path"], Kind::Path,
+      "Directory for downloads and uploads in progress").derived("<data path>/tmp", |v| under_data_path(v, "tmp")),
+    s("cache.upstream.urls", &["upstream-cache", "cache-upstream-url"],
+      &["UPSTREAM_CACHES", "CACHE_UPSTREAM_URLS"], &["cache.upstream.urls", "cache.upstream.caches", "upstream.caches"], Kind::Upstreams,
+      "Upstream binary cache URL; repeat for several. `?priority=N` sets its priority until its /nix-cache-info answers")
+      .default(DEFAULT_UPSTREAM),
+    s("cache.upstream.public-keys", &["upstream-public-key", "cache-upstream-public-key"],
       &["UPSTREAM_PUBLIC_KEYS", "CACHE_UPSTREAM_PUBLIC_KEYS"],
-      &["cache.upstream.public-keys", "upstream.public-keys"],
-      "Public key (name:base64) trusted to sign upstream narinfo; repeat for several")),
-    boolean(s("cache.sign-narinfo", &["cache-sign-narinfo"], &["CACHE_SIGN_NARINFO"], &["cache.sign-narinfo"],
-      "Add this cache's signature to every narinfo it serves. Default: true")),
-    s("cache.secret-key-path", &["cache-secret-key-path"], &["CACHE_SECRET_KEY_PATH"], &["cache.secret-key-path"],
-      "Signing key file (Nix format). Default: generated once as <data path>/secret-key"),
+      &["cache.upstream.public-keys", "upstream.public-keys"], Kind::PublicKeys,
+      "Public key (name:base64) trusted to sign upstream narinfo; repeat for several")
+      .derived("cache.nixos.org-1's key when no --upstream-cache is given",
+               |v| (!v.given("cache.upstream.urls")).then(|| DEFAULT_UPSTREAM_KEY.to_string())),
+    s("cache.sign-narinfo", &["cache-sign-narinfo"], &["CACHE_SIGN_NARINFO"], &["cache.sign-narinfo"], Kind::Bool,
+      "Add this cache's signature to every narinfo it serves").default("true"),
+    s("cache.secret-key-path", &["cache-secret-key-path"], &["CACHE_SECRET_KEY_PATH"], &["cache.secret-key-path"], Kind::Path,
+      "Signing key file (Nix format)").derived("generated once as <data path>/secret-key", |v| under_data_path(v, "secret-key")),
     s("cache.netrc-file", &["netrc-file", "cache-netrc-file"], &["NETRC_FILE", "CACHE_NETRC_FILE"],
-      &["cache.netrc-file", "netrc-file"], "netrc file with credentials for upstream caches"),
+      &["cache.netrc-file", "netrc-file"], Kind::Path, "netrc file with credentials for upstream caches"),
     s("cache.upstream.dialer-timeout", &["upstream-dialer-timeout", "cache-upstream-dialer-timeout"],
       &["UPSTREAM_DIALER_TIMEOUT", "CACHE_UPSTREAM_DIALER_TIMEOUT"],
-      &["cache.upstream.dialer-timeout", "upstream.dialer-timeout"],
-      "Timeout to connect to an upstream (e.g. 3s). Default: 3s"),
+      &["cache.upstream.dialer-timeout", "upstream.dialer-timeout"], Kind::Duration,
+      "Timeout to connect to an upstream (e.g. 3s)").default("3s"),
     s("cache.upstream.response-header-timeout",
       &["upstream-response-header-timeout", "cache-upstream-response-header-timeout"],
       &["UPSTREAM_RESPONSE_HEADER_TIMEOUT", "CACHE_UPSTREAM_RESPONSE_HEADER_TIMEOUT"],
-      &["cache.upstream.response-header-timeout", "upstream.response-header-timeout"],
-      "Timeout for an upstream's response headers (e.g. 3s). Default: 3s"),
+      &["cache.upstream.response-header-timeout", "upstream.response-header-timeout"], Kind::Duration,
+      "Timeout for an upstream's response headers (e.g. 3s)").default("3s"),
     s("cache.upstream.body-idle-timeout", &["cache-upstream-body-idle-timeout"],
-      &["CACHE_UPSTREAM_BODY_IDLE_TIMEOUT"], &["cache.upstream.body-idle-timeout"],
-      "An upstream body that sends nothing for this long is abandoned. Default: 30s"),
-    s("cache.negative-ttl", &["cache-negative-ttl"], &["CACHE_NEGATIVE_TTL"], &["cache.negative-ttl"],
-      "How long a narinfo that no upstream has is remembered as absent. Default: 30s"),
-    s("server.addr", &["server-addr"], &["SERVER_ADDR"], &["server.addr"],
-      "Address to listen on ([host]:port). Default: :8501"),
-    s("log.level", &["log-level"], &["LOG_LEVEL"], &["log.level"],
-      "Log level: error, warn, info, debug, trace. Default: info"),
-    boolean(s("cache.allow-put-verb", &["cache-allow-put-verb"], &["CACHE_ALLOW_PUT_VERB"],
-      &["cache.allow-put-verb"], "Accept Nix uploads: PUT /<hash>.narinfo and PUT /nar/<file> (nix copy --to); they need a write key once any key exists")),
+      &["CACHE_UPSTREAM_BODY_IDLE_TIMEOUT"], &["cache.upstream.body-idle-timeout"], Kind::Duration,
+      "An upstream body that sends nothing for this long is abandoned").default("30s"),
+    s("cache.negative-ttl", &["cache-negative-ttl"], &["CACHE_NEGATIVE_TTL"], &["cache.negative-ttl"], Kind::Duration,
+      "How long a narinfo that no upstream has is remembered as absent").default("30s"),
+    s("server.addr", &["server-addr"], &["SERVER_ADDR"], &["server.addr"], Kind::Text,
+      "Address to listen on ([host]:port)").default(":8501"),
+    s("log.level", &["log-level"], &["LOG_LEVEL"], &["log.level"], Kind::Text,
+      "Log level: error, warn, info, debug, trace").default("info").global(),
+    s("cache.allow-put-verb", &["cache-allow-put-verb"], &["CACHE_ALLOW_PUT_VERB"], &["cache.allow-put-verb"], Kind::Bool,
+      "Accept Nix uploads: PUT /<hash>.narinfo and PUT /nar/<file> (nix copy --to); they need a write key once any key exists")
+      .default("false"),
     // Trust rules of Nix uploads (docs/security.md): ncps' signature gate, fail-closed.
-    boolean(s("cache.require-trusted-signature", &["cache-require-trusted-signature"],
-      &["CACHE_REQUIRE_TRUSTED_SIGNATURE"], &["cache.require-trusted-signature"],
-      "Refuse a narinfo upload unless it carries a valid signature from a --cache-trusted-upload-key (needs at least one). Default: false")),
-    multi(s("cache.trusted-upload-keys", &["cache-trusted-upload-key"], &["CACHE_TRUSTED_UPLOAD_KEYS"],
-      &["cache.trusted-upload-keys"],
-      "Public key (name:base64) whose signature vouches for an uploaded narinfo; repeat for several. The signature is kept in the served narinfo")),
-    boolean(s("cache.allow-delete-verb", &["cache-allow-delete-verb"], &["CACHE_ALLOW_DELETE_VERB"],
-      &["cache.allow-delete-verb"], "Accept DELETE of narinfo and NAR files (admin key once any key exists)")),
-    boolean(s("cache.require-auth-read", &["cache-require-auth-read"], &["CACHE_REQUIRE_AUTH_READ"],
-      &["cache.require-auth-read"], "Nix reads need a read key too (Bearer, or HTTP Basic password as Nix sends from netrc). Default: false")),
-    s("cache.api-key", &[], &["NIP_CACHE_API_KEY"], &[],
-      "A token accepted as a read-write key, besides the keys made with `nip keys create`"),
-    s("artifact.max-size", &["artifact-max-size"], &["NIP_ARTIFACT_MAX_SIZE"], &["artifact.max-size"],
-      "Largest accepted upload (artifact or NAR), e.g. 10G. Default: 10G"),
-    s("artifact.retention", &["artifact-retention"], &["NIP_ARTIFACT_RETENTION"], &["artifact.retention"],
-      "Delete /v1 artifacts not downloaded for this long (e.g. 30d). Default: keep forever"),
-    s("rate-limit.rps", &["rate-limit-rps"], &["NIP_RATE_LIMIT_RPS"], &["rate-limit.rps"],
-      "Requests per second allowed per API key (per client address without a key). Default: off"),
-    s("rate-limit.burst", &["rate-limit-burst"], &["NIP_RATE_LIMIT_BURST"], &["rate-limit.burst"],
-      "Requests allowed in a burst above the rate. Default: twice the rate"),
-    s("cache.max-size", &["cache-max-size"], &["CACHE_MAX_SIZE"], &["cache.max-size"],
-      "Maximum store size (e.g. 10G): least recently used entries are evicted to stay under it. Default: unlimited"),
-    s("cache.lru.schedule", &["cache-lru-schedule"], &["CACHE_LRU_SCHEDULE"], &["cache.lru.schedule"],
-      "Cron schedule (5 fields, UTC) of the eviction job, e.g. \"0 2 * * *\". Default: every 5 minutes when --cache-max-size is set"),
-    s("cache.verify-schedule", &["cache-verify-schedule"], &["CACHE_VERIFY_SCHEDULE"], &["cache.verify-schedule"],
-      "Cron schedule (5 fields, UTC) of a scrub that re-hashes every stored NAR and artifact and removes bad ones (as `nip admin verify --repair`). Default: off"),
-    boolean(s("prometheus.enabled", &["prometheus-enabled"], &["PROMETHEUS_ENABLED"], &["prometheus.enabled"],
-      "Serve Prometheus metrics on /metrics. Default: false")),
-    s("log.format", &["log-format"], &["LOG_FORMAT"], &["log.format"],
-      "Log format: text or json. Default: text"),
-    boolean(s("opentelemetry.enabled", &["otel-enabled"], &["OTEL_ENABLED"], &["opentelemetry.enabled"],
-      "Export traces (a span per request and upstream fetch) and logs via OpenTelemetry: OTLP over gRPC to --otel-grpc-url, else to stdout. OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES apply. Default: false")),
-    s("opentelemetry.grpc-url", &["otel-grpc-url"], &["OTEL_GRPC_URL"], &["opentelemetry.grpc-url"],
-      "OTLP gRPC endpoint of the collector, e.g. http://127.0.0.1:4317 (https:// for TLS). Default: stdout"),
+    s("cache.require-trusted-signature", &["cache-require-trusted-signature"],
+      &["CACHE_REQUIRE_TRUSTED_SIGNATURE"], &["cache.require-trusted-signature"], Kind::Bool,
+      "Refuse a narinfo upload unless it carries a valid signature from a --cache-trusted-upload-key (needs at least one)")
+      .default("false"),
+    s("cache.trusted-upload-keys", &["cache-trusted-upload-key"], &["CACHE_TRUSTED_UPLOAD_KEYS"],
+      &["cache.trusted-upload-keys"], Kind::PublicKeys,
+      "Public key (name:base64) whose signature vouches for an uploaded narinfo; repeat for several. The signature is kept in the served narinfo")
+      .split_commas(),
+    s("cache.allow-delete-verb", &["cache-allow-delete-verb"], &["CACHE_ALLOW_DELETE_VERB"], &["cache.allow-delete-verb"], Kind::Bool,
+      "Accept DELETE of narinfo and NAR files (admin key once any key exists)").default("false"),
+    s("cache.require-auth-read", &["cache-require-auth-read"], &["CACHE_REQUIRE_AUTH_READ"], &["cache.require-auth-read"], Kind::Bool,
+      "Nix reads need a read key too (Bearer, or HTTP Basic password as Nix sends from netrc)").default("false"),
+    s("cache.api-key", &[], &["NIP_CACHE_API_KEY"], &[], Kind::Text,
+      "A token accepted as a read-write key, besides the keys made with `nip keys create`").secret().empty_unset(),
+    s("artifact.max-size", &["artifact-max-size"], &["NIP_ARTIFACT_MAX_SIZE"], &["artifact.max-size"], Kind::Size,
+      "Largest accepted upload (artifact or NAR), e.g. 10G").default("10G"),
+    s("artifact.retention", &["artifact-retention"], &["NIP_ARTIFACT_RETENTION"], &["artifact.retention"], Kind::Age,
+      "Delete /v1 artifacts not downloaded for this long (e.g. 30d)").off("keep forever"),
+    s("rate-limit.rps", &["rate-limit-rps"], &["NIP_RATE_LIMIT_RPS"], &["rate-limit.rps"], Kind::Rate,
+      "Requests per second allowed per API key (per client address without a key)").off("off"),
+    s("rate-limit.burst", &["rate-limit-burst"], &["NIP_RATE_LIMIT_BURST"], &["rate-limit.burst"], Kind::Burst,
+      "Requests allowed in a burst above the rate").requires("rate-limit.rps")
+      .derived("twice the rate", |v| v.get::<f64>("rate-limit.rps").map(|rps| (rps * 2.0).max(1.0).to_string())),
+    s("cache.max-size", &["cache-max-size"], &["CACHE_MAX_SIZE"], &["cache.max-size"], Kind::Size,
+      "Maximum store size (e.g. 10G): least recently used entries are evicted to stay under it").off("unlimited"),
+    s("cache.lru.schedule", &["cache-lru-schedule"], &["CACHE_LRU_SCHEDULE"], &["cache.lru.schedule"], Kind::Cron,
+      "Cron schedule (5 fields, UTC) of the eviction job, e.g. \"0 2 * * *\"").off("every 5 minutes when --cache-max-size is set").empty_unset(),
+    s("cache.verify-schedule", &["cache-verify-schedule"], &["CACHE_VERIFY_SCHEDULE"], &["cache.verify-schedule"], Kind::Cron,
+      "Cron schedule (5 fields, UTC) of a scrub that re-hashes every stored NAR and artifact and removes bad ones (as `nip admin verify --repair`)")
+      .off("off").empty_unset(),
+    s("prometheus.enabled", &["prometheus-enabled"], &["PROMETHEUS_ENABLED"], &["prometheus.enabled"], Kind::Bool,
+      "Serve Prometheus metrics on /metrics").default("false").global(),
+    s("log.format", &["log-format"], &["LOG_FORMAT"], &["log.format"], Kind::Choice(&["text", "json"]),
+      "Log format: text or json").default("text"),
+    s("opentelemetry.enabled", &["otel-enabled"], &["OTEL_ENABLED"], &["opentelemetry.enabled"], Kind::Bool,
+      "Export traces (a span per request and upstream fetch) and logs via OpenTelemetry: OTLP over gRPC to --otel-grpc-url, else to stdout. OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES apply")
+      .default("false").global(),
+    s("opentelemetry.grpc-url", &["otel-grpc-url"], &["OTEL_GRPC_URL"], &["opentelemetry.grpc-url"], Kind::Url(Some("http://127.0.0.1:4317")),
+      "OTLP gRPC endpoint of the collector, e.g. http://127.0.0.1:4317 (https:// for TLS)").off("stdout").global().empty_unset(),
     // HTTPS and reverse proxies (issue 10).
-    s("tls.cert", &["tls-cert"], &["NIP_TLS_CERT"], &["tls.cert"],
-      "PEM certificate chain: serve HTTPS (with --tls-key). Reloaded on SIGHUP and when the file changes. Default: plain HTTP"),
-    s("tls.key", &["tls-key"], &["NIP_TLS_KEY"], &["tls.key"],
-      "PEM private key of --tls-cert"),
-    multi(s("server.trusted-proxies", &["trusted-proxies"], &["NIP_TRUSTED_PROXIES"], &["server.trusted-proxies"],
-      "Reverse proxies (addresses or CIDR ranges, comma-separated) whose X-Forwarded-For names the client in audit logs and rate limits. Default: none")),
-    s("server.read-timeout", &["server-read-timeout"], &["NIP_SERVER_READ_TIMEOUT"], &["server.read-timeout"],
-      "Longest a client may stay silent while sending a request head or body (slowloris defence), e.g. 30s. Default: 30s"),
-    s("server.max-connections", &["server-max-connections"], &["NIP_SERVER_MAX_CONNECTIONS"], &["server.max-connections"],
-      "Open client connections at most; new ones past it are closed at once. Default: 10000"),
+    s("tls.cert", &["tls-cert"], &["NIP_TLS_CERT"], &["tls.cert"], Kind::Path,
+      "PEM certificate chain: serve HTTPS (with --tls-key). Reloaded on SIGHUP and when the file changes").off("plain HTTP"),
+    s("tls.key", &["tls-key"], &["NIP_TLS_KEY"], &["tls.key"], Kind::Path, "PEM private key of --tls-cert"),
+    s("server.trusted-proxies", &["trusted-proxies"], &["NIP_TRUSTED_PROXIES"], &["server.trusted-proxies"], Kind::Cidrs,
+      "Reverse proxies (addresses or CIDR ranges, comma-separated) whose X-Forwarded-For names the client in audit logs and rate limits")
+      .off("none").split_commas(),
+    s("server.read-timeout", &["server-read-timeout"], &["NIP_SERVER_READ_TIMEOUT"], &["server.read-timeout"], Kind::PositiveDuration,
+      "Longest a client may stay silent while sending a request head or body (slowloris defence), e.g. 30s").default("30s"),
+    s("server.max-connections", &["server-max-connections"], &["NIP_SERVER_MAX_CONNECTIONS"], &["server.max-connections"], Kind::Count,
+      "Open client connections at most; new ones past it are closed at once").default("10000"),
     // ncps compatibility (issue 11): the rest of what ncps deployments pass. Implemented where
     // it means something for nip; otherwise accepted with the reason it is ignored.
-    s("cache.get-token", &["cache-get-token"], &["CACHE_GET_TOKEN"], &["cache.get-token"],
-      "Bearer token required for Nix GET/HEAD requests, as in ncps (a read API key works too); /healthz and /pubkey stay public"),
+    s("cache.get-token", &["cache-get-token"], &["CACHE_GET_TOKEN"], &["cache.get-token"], Kind::Text,
+      "Bearer token required for Nix GET/HEAD requests, as in ncps (a read API key works too); /healthz and /pubkey stay public")
+      .secret().empty_unset(),
     s("cache.database.pool.max-open-conns", &["cache-database-pool-max-open-conns"],
-      &["CACHE_DATABASE_POOL_MAX_OPEN_CONNS"], &["cache.database.pool.max-open-conns"],
-      "Size of the SQLite connection pool (0: the default, 8)"),
-    later(s("cache.database.pool.max-idle-conns", &["cache-database-pool-max-idle-conns"],
-      &["CACHE_DATABASE_POOL_MAX_IDLE_CONNS"], &["cache.database.pool.max-idle-conns"],
-      "Idle connections kept in the database pool (ncps)"),
-      "the SQLite pool keeps up to --cache-database-pool-max-open-conns connections open and has no separate idle limit"),
-    later(s("cache.lru.timezone", &["cache-lru-schedule-timezone"], &["CACHE_LRU_SCHEDULE_TZ"], &["cache.lru.timezone"],
-      "Time zone of --cache-lru-schedule (ncps)"),
-      "nip evaluates --cache-lru-schedule in UTC: write the schedule in UTC"),
-    later(s("pprof.addr", &["pprof-addr"], &["PPROF_ADDR"], &["pprof.addr"],
-      "Listen address of Go's pprof endpoints (ncps)"),
-      "pprof is the Go runtime's profiler and nip is not a Go program (profile it with perf)"),
-    later(boolean(s("analytics.reporting.enabled", &["analytics-reporting-enabled"], &["ANALYTICS_REPORTING_ENABLED"],
-      &["analytics.reporting.enabled"], "ncps' anonymous usage reporting")),
-      "nip never reports usage or contacts anything but the configured upstreams"),
-    s("cache.storage.s3.bucket", &["cache-storage-s3-bucket"], &["CACHE_STORAGE_S3_BUCKET"],
-      &["cache.storage.s3.bucket"], "S3 bucket for NARs (instead of --cache-storage-local)"),
+      &["CACHE_DATABASE_POOL_MAX_OPEN_CONNS"], &["cache.database.pool.max-open-conns"], Kind::PoolSize,
+      "Size of the SQLite connection pool (0: the default)").default("8"),
+    s("cache.database.pool.max-idle-conns", &["cache-database-pool-max-idle-conns"],
+      &["CACHE_DATABASE_POOL_MAX_IDLE_CONNS"], &["cache.database.pool.max-idle-conns"], Kind::Text,
+      "Idle connections kept in the database pool (ncps)")
+      .later("the SQLite pool keeps up to --cache-database-pool-max-open-conns connections open and has no separate idle limit"),
+    s("cache.lru.timezone", &["cache-lru-schedule-timezone"], &["CACHE_LRU_SCHEDULE_TZ"], &["cache.lru.timezone"], Kind::Text,
+      "Time zone of --cache-lru-schedule (ncps)")
+      .later("nip evaluates --cache-lru-schedule in UTC: write the schedule in UTC"),
+    s("pprof.addr", &["pprof-addr"], &["PPROF_ADDR"], &["pprof.addr"], Kind::Text,
+      "Listen address of Go's pprof endpoints (ncps)")
+      .later("pprof is the Go runtime's profiler and nip is not a Go program (profile it with perf)"),
+    s("analytics.reporting.enabled", &["analytics-reporting-enabled"], &["ANALYTICS_REPORTING_ENABLED"],
+      &["analytics.reporting.enabled"], Kind::Bool, "ncps' anonymous usage reporting").default("false").global()
+      .later("nip never reports usage or contacts anything but the configured upstreams"),
+    s(S3, &["cache-storage-s3-bucket"], &["CACHE_STORAGE_S3_BUCKET"],
+      &["cache.storage.s3.bucket"], Kind::Text, "S3 bucket for NARs (instead of --cache-storage-local)").empty_unset(),
     s("cache.storage.s3.endpoint", &["cache-storage-s3-endpoint"], &["CACHE_STORAGE_S3_ENDPOINT"],
-      &["cache.storage.s3.endpoint"], "S3-compatible endpoint URL"),
+      &["cache.storage.s3.endpoint"], Kind::Url(None), "S3-compatible endpoint URL").requires(S3),
     s("cache.storage.s3.region", &["cache-storage-s3-region"], &["CACHE_STORAGE_S3_REGION"],
-      &["cache.storage.s3.region"], "S3 region"),
+      &["cache.storage.s3.region"], Kind::Text, "S3 region").requires(S3),
     s("cache.storage.s3.access-key-id", &["cache-storage-s3-access-key-id"], &["CACHE_STORAGE_S3_ACCESS_KEY_ID"],
-      &["cache.storage.s3.access-key-id"], "S3 access key id"),
+      &["cache.storage.s3.access-key-id"], Kind::Text, "S3 access key id").requires(S3),
     s("cache.storage.s3.secret-access-key", &["cache-storage-s3-secret-access-key"],
-      &["CACHE_STORAGE_S3_SECRET_ACCESS_KEY"], &["cache.storage.s3.secret-access-key"], "S3 secret access key"),
-    boolean(s("cache.storage.s3.force-path-style", &["cache-storage-s3-force-path-style"],
-      &["CACHE_STORAGE_S3_FORCE_PATH_STYLE"], &["cache.storage.s3.force-path-style"], "Path-style S3 addressing (MinIO and most self-hosted servers)")),
+      &["CACHE_STORAGE_S3_SECRET_ACCESS_KEY"], &["cache.storage.s3.secret-access-key"], Kind::Text, "S3 secret access key")
+      .requires(S3).secret(),
+    s("cache.storage.s3.force-path-style", &["cache-storage-s3-force-path-style"],
+      &["CACHE_STORAGE_S3_FORCE_PATH_STYLE"], &["cache.storage.s3.force-path-style"], Kind::Bool,
+      "Path-style S3 addressing (MinIO and most self-hosted servers)").default("false").requires(S3),
     s("cache.storage.s3.prefix", &["cache-storage-s3-prefix"], &["CACHE_STORAGE_S3_PREFIX"],
-      &["cache.storage.s3.prefix"], "Key prefix inside the bucket"),
-    boolean(s("cache.storage.s3.presign-downloads", &["s3-presign-downloads", "cache-storage-s3-presign-downloads"],
-      &["NIP_S3_PRESIGN_DOWNLOADS", "CACHE_STORAGE_S3_PRESIGN_DOWNLOADS"], &["cache.storage.s3.presign-downloads"],
-      "Serve /v1 artifact downloads from S3 directly: the lookup's downloadUrl is a presigned URL (valid 15 minutes) and /v1/download redirects to one. Default: false")),
+      &["cache.storage.s3.prefix"], Kind::Text, "Key prefix inside the bucket").requires(S3),
+    s("cache.storage.s3.presign-downloads", &["s3-presign-downloads", "cache-storage-s3-presign-downloads"],
+      &["NIP_S3_PRESIGN_DOWNLOADS", "CACHE_STORAGE_S3_PRESIGN_DOWNLOADS"], &["cache.storage.s3.presign-downloads"], Kind::Bool,
+      "Serve /v1 artifact downloads from S3 directly: the lookup's downloadUrl is a presigned URL (valid 15 minutes) and /v1/download redirects to one")
+      .default("false"),
 ];
 
 /// ncps' environment variables that have no nip setting, with why nip can do without them. They
@@ -377,6 +541,44 @@ mod tests {
                 assert!(seen.insert(e), "duplicate env {e}");
             }
         }
+    }
+
+    #[test]
+    fn settings_read_only_settings_before_them() {
+        for (i, s) in SETTINGS.iter().enumerate() {
+            if let Some(required) = s.requires {
+                let before = SETTINGS[..i].iter().any(|r| r.key == required);
+                assert!(
+                    before,
+                    "{} requires {required}, not declared before it",
+                    s.key
+                );
+            }
+            assert!(
+                !s.global || !s.flags.is_empty(),
+                "{}: a global flag needs a flag",
+                s.key
+            );
+            assert_eq!(s.multi, s.kind.is_list(), "{}", s.key);
+        }
+    }
+
+    #[test]
+    fn help_shows_the_declared_default() {
+        let help = |key| find(key).unwrap().help_text();
+        assert_eq!(
+            help("cache.negative-ttl"),
+            "How long a narinfo that no upstream has is remembered as absent. Default: 30s"
+        );
+        assert_eq!(
+            help("artifact.retention"),
+            "Delete /v1 artifacts not downloaded for this long (e.g. 30d). Default: keep forever"
+        );
+        assert_eq!(
+            help("cache.temp-path"),
+            "Directory for downloads and uploads in progress. Default: <data path>/tmp"
+        );
+        assert!(!help("cache.netrc-file").contains("Default"));
     }
 
     /// Every environment variable ncps' `serve` and root command read (pkg/ncps/serve.go and

@@ -7,7 +7,7 @@ use nip_store::{
     ApiKeyRecord, ArtifactIndex, AuditEntry, AuditLog, GcIndex, KeyStore, MetaStore, SqliteMeta,
 };
 
-use crate::serve::{load_config, with_settings};
+use crate::config_load::{load_config, with_settings};
 
 pub fn keys_command() -> Command {
     let name = || {

@@ -2,6 +2,7 @@
 mod admin;
 mod client_cmd;
 mod client_report;
+mod config_load;
 mod migrate;
 mod path_info;
 mod serve;
@@ -11,7 +12,7 @@ mod tls_cmd;
 use clap::{Arg, ArgAction, Command};
 
 fn cli() -> Command {
-    serve::with_root_settings(Command::new("nip"))
+    config_load::with_root_settings(Command::new("nip"))
         .version(env!("CARGO_PKG_VERSION"))
         .about("nip: a remote binary cache for Nix and build artifacts")
         .subcommand_required(true)
@@ -28,8 +29,7 @@ fn cli() -> Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let matches = cli().get_matches();
-    serve::remember_root_flags(&matches);
+    let matches = config_load::root_flags_to_subcommands(cli(), cli().get_matches());
     let result = match matches.subcommand() {
         Some(("serve", m)) => serve::run(m),
         Some(("keys", m)) => admin::run_keys(m),

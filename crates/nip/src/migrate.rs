@@ -6,7 +6,7 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 use nip_store::sql::MigrationInfo;
 use nip_store::SqliteMeta;
 
-use crate::serve::{load_config, with_settings};
+use crate::config_load::{load_config, with_settings};
 
 pub fn command() -> Command {
     Command::new("migrate")
