@@ -50,7 +50,7 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (--server-addr)"))?;
-        tracing::info!(addr = %listener.local_addr()?, scheme, public_key = %state.public_key, "nip serve listening");
+        tracing::info!(addr = %listener.local_addr()?, scheme, public_key = %state.public_key(), "nip serve listening");
         nip_server::serve(listener, state, shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok::<_, anyhow::Error>(())

@@ -54,7 +54,7 @@ async fn fifty_concurrent_nar_requests_make_one_upstream_fetch() {
         );
     }
     assert_eq!(up.hits(&e.nar_path), 1);
-    assert_eq!(nip.state.fills.started_count(), 1);
+    assert_eq!(nip.state.fills_started(), 1);
 }
 
 async fn get_owned(url: String) -> (u16, Result<bytes::Bytes, String>) {

@@ -23,7 +23,7 @@ async fn assert_nar_not_cached(nip: &Nip, nar_file: &str) {
     assert_eq!(nip.staging_files(), 0, "staged file left behind");
     assert!(!nip.stored_nar(nar_file), "bad NAR was stored");
     assert!(
-        nip.state.meta.get_nar(nar_file).await.unwrap().is_none(),
+        nip.state.index().get_nar(nar_file).await.unwrap().is_none(),
         "bad NAR was recorded"
     );
 }
@@ -36,7 +36,13 @@ async fn narinfo_500_alone_is_a_miss_and_not_remembered() {
     up.set(&e.narinfo_path(), Behavior::Status(500));
     let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
     assert_eq!(narinfo_status(&nip, &e).await, 404);
-    assert!(nip.state.meta.get_narinfo(&e.hash).await.unwrap().is_none());
+    assert!(nip
+        .state
+        .index()
+        .get_narinfo(&e.hash)
+        .await
+        .unwrap()
+        .is_none());
     // A failure is not an absence: once the upstream recovers, the path is found at once.
     up.publish(&e);
     assert_eq!(narinfo_status(&nip, &e).await, 200);
@@ -102,7 +108,13 @@ async fn narinfo_signed_by_unknown_key_only_is_a_miss() {
     up.publish(&e);
     let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
     assert_eq!(narinfo_status(&nip, &e).await, 404);
-    assert!(nip.state.meta.get_narinfo(&e.hash).await.unwrap().is_none());
+    assert!(nip
+        .state
+        .index()
+        .get_narinfo(&e.hash)
+        .await
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test]

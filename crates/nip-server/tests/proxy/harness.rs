@@ -405,7 +405,7 @@ pub async fn start_nip(
     let config = nip_server::config::ServeConfig::from_layer(&layer).unwrap();
     let state = AppState::open(config).await.unwrap();
     // Priorities are learned before tests look at them.
-    state.upstreams.refresh_priorities().await;
+    state.upstreams().refresh_priorities().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let s = state.clone();

@@ -12,7 +12,7 @@ async fn two_instances_on_one_database_never_run_a_job_pass_together() {
     let a = start_nip(&[], &[], vec![]).await;
     let shared = a.dir.path().join("data").display().to_string();
     let b = start_nip(&[], &[], vec![("cache.storage.local", vec![shared])]).await;
-    assert_ne!(a.state.instance_id, b.state.instance_id);
+    assert_ne!(a.state.instance_id(), b.state.instance_id());
 
     let running = AtomicUsize::new(0);
     let most = AtomicUsize::new(0);

@@ -64,7 +64,7 @@ async fn get_token_gates_nix_reads_and_a_read_key_works_too() {
     // A read API key is accepted as well.
     let read_token = "nip_readkeyreadkeyreadkeyreadkey";
     nip.state
-        .meta
+        .index()
         .create_key(
             &nip_store::ApiKeyRecord {
                 name: "reader".into(),

@@ -31,7 +31,7 @@ async fn miss_then_hit_is_rewritten_resigned_and_served_from_cache() {
         "upstream-test-1"
     );
     assert_eq!(
-        verify_narinfo(&served, std::slice::from_ref(&nip.state.public_key))
+        verify_narinfo(&served, std::slice::from_ref(nip.state.public_key()))
             .unwrap()
             .name(),
         "nip-test-1"
@@ -77,7 +77,7 @@ async fn cache_info_pubkey_and_health() {
     assert_eq!(status, 200);
     assert_eq!(
         String::from_utf8(body.unwrap().to_vec()).unwrap(),
-        nip.state.public_key.to_string()
+        nip.state.public_key().to_string()
     );
     let (status, body) = get(&format!("{}/v1/health", nip.url)).await;
     assert_eq!(status, 200);

@@ -47,7 +47,7 @@ async fn served(nip: &Nip, e: &Entry) -> NarInfo {
 
 async fn audit_actions(nip: &Nip) -> Vec<(String, String, String)> {
     nip.state
-        .meta
+        .index()
         .audit_since(0, None, 100)
         .await
         .unwrap()
@@ -78,7 +78,7 @@ async fn an_upload_cannot_replace_a_path_fetched_from_an_upstream() {
     assert_eq!(after, before, "the stored narinfo changed");
     let rec = nip
         .state
-        .meta
+        .index()
         .get_narinfo(&genuine.hash)
         .await
         .unwrap()
@@ -131,7 +131,7 @@ async fn the_same_contents_as_the_upstream_are_accepted_keeping_its_signature() 
         .any(|s| s.starts_with("upstream-test-1:")));
     let rec = nip
         .state
-        .meta
+        .index()
         .get_narinfo(&genuine.hash)
         .await
         .unwrap()
@@ -163,7 +163,7 @@ async fn a_new_path_is_stored_once_and_then_immutable() {
     assert_eq!(served(&nip, &mine).await, first);
     let rec = nip
         .state
-        .meta
+        .index()
         .get_narinfo(&mine.hash)
         .await
         .unwrap()
@@ -190,7 +190,7 @@ async fn new_paths_are_refused_with_a_4xx_while_an_upstream_cannot_answer() {
     );
     assert!(nip
         .state
-        .meta
+        .index()
         .get_narinfo(&mine.hash)
         .await
         .unwrap()
@@ -238,7 +238,7 @@ async fn the_signature_gate_refuses_unsigned_uploads_and_keeps_the_uploaders_sig
     );
     let rec = nip
         .state
-        .meta
+        .index()
         .get_narinfo(&signed.hash)
         .await
         .unwrap()
@@ -265,7 +265,7 @@ async fn the_gate_without_keys_refuses_every_upload() {
     assert_eq!(status, 403, "{body}");
     assert!(nip
         .state
-        .meta
+        .index()
         .get_narinfo(&signed.hash)
         .await
         .unwrap()

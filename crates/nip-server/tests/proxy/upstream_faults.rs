@@ -21,7 +21,7 @@ async fn assert_not_cached(nip: &Nip, nar_file: &str, what: &str) {
     assert_eq!(nip.staging_files(), 0, "{what}: staged file left behind");
     assert!(!nip.stored_nar(nar_file), "{what}: bad NAR was stored");
     assert!(
-        nip.state.meta.get_nar(nar_file).await.unwrap().is_none(),
+        nip.state.index().get_nar(nar_file).await.unwrap().is_none(),
         "{what}: bad NAR was recorded"
     );
 }
@@ -203,7 +203,12 @@ async fn bad_narinfo_is_absent_and_the_good_upstream_answers() {
         let (status, _) = get(&format!("{}/{}.narinfo", nip.url, e.hash)).await;
         assert_eq!(status, 404, "{what}: alone");
         assert!(
-            nip.state.meta.get_narinfo(&e.hash).await.unwrap().is_none(),
+            nip.state
+                .index()
+                .get_narinfo(&e.hash)
+                .await
+                .unwrap()
+                .is_none(),
             "{what}: bad narinfo stored"
         );
     }

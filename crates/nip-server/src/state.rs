@@ -1,0 +1,225 @@
+//! The server's state: storage, index, upstreams, keys, caches and counters, built once at start
+//! and shared by every request and background job. Its parts are private to the crate; other
+//! crates (the binary, tests) use the accessors.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use nip_core::signing::{PublicKey, SigningKey};
+use nip_store::{BlobStore, Index, LocalBlobStore, SqliteMeta, Staging};
+
+use crate::cache::fill::Fills;
+use crate::coalesce::Coalescer;
+use crate::config::ServeConfig;
+use crate::upstream::Upstreams;
+use crate::{auth, budget, cache, hot, jobs, keys, metrics, stats};
+
+/// Everything a request handler needs; built once at start.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+/// Private to the crate: handlers and the service layer reach the parts; other crates use the
+/// accessors below.
+pub struct Inner {
+    pub(crate) config: ServeConfig,
+    pub(crate) meta: Arc<dyn Index>,
+    pub(crate) blobs: Arc<dyn BlobStore>,
+    pub(crate) staging: Staging,
+    pub(crate) upstreams: Arc<Upstreams>,
+    pub(crate) signer: SigningKey,
+    pub(crate) public_key: PublicKey,
+    pub(crate) fills: Arc<Fills>,
+    pub(crate) narinfo_lookups: Coalescer<String, cache::narinfo::Fetched>,
+    /// Narinfos no upstream had: when they were found missing, and whether every upstream
+    /// answered (only a certain absence lets an upload skip asking again).
+    pub(crate) negative: Mutex<HashMap<String, (Instant, bool)>>,
+    pub(crate) started_at: Instant,
+    pub(crate) rate_limiter: Option<auth::RateLimiter>,
+    /// API keys recently looked up (half a second).
+    pub(crate) key_cache: auth::KeyCache,
+    /// Hashes of `--cache-api-key` / NIP_CACHE_API_KEY and of ncps' `--cache-get-token`, made
+    /// once rather than per request.
+    pub(crate) env_key_hash: Option<String>,
+    pub(crate) get_token_hash: Option<String>,
+    /// Reads since the last flush of access times (batched: no database write per hit).
+    pub(crate) accessed: jobs::Accessed,
+    pub(crate) stats: stats::Stats,
+    /// Set when `--prometheus-enabled`.
+    pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub(crate) budget: Arc<budget::Budget>,
+    /// Narinfos recently served, so hits skip the database.
+    pub(crate) hot_narinfos: hot::HotNarinfos,
+    /// Artifact records recently looked up, so `/v1` lookups skip the database.
+    pub(crate) hot_artifacts: hot::HotArtifacts,
+    /// Names this process in cluster-wide leases (host, pid, random: unique across restarts).
+    pub(crate) instance_id: String,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// The configured blob storage: an S3 bucket, or the local store directory.
+pub fn open_blobs(config: &ServeConfig) -> anyhow::Result<Arc<dyn BlobStore>> {
+    Ok(match &config.s3 {
+        Some(s3) => Arc::new(
+            nip_store::S3BlobStore::new(s3)
+                .map_err(|e| anyhow::anyhow!("cannot use S3 bucket {}: {e}", s3.bucket))?,
+        ),
+        None => Arc::new(
+            LocalBlobStore::new(config.data_path.join("store")).map_err(|e| {
+                anyhow::anyhow!("cannot use data path {}: {e}", config.data_path.display())
+            })?,
+        ),
+    })
+}
+
+/// Bound on the negative cache so that scans for random hashes cannot grow it without limit.
+const NEGATIVE_CACHE_MAX: usize = 100_000;
+
+impl AppState {
+    /// Opens storage and the database (running migrations), loads or generates the signing key.
+    pub async fn open(config: ServeConfig) -> anyhow::Result<Self> {
+        let staging = Staging::new(&config.temp_path).map_err(|e| {
+            anyhow::anyhow!("cannot use temp path {}: {e}", config.temp_path.display())
+        })?;
+        match staging.clean_leftovers() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(count = n, "removed temp files left by an earlier crash"),
+            Err(e) => tracing::warn!(error = %e, "could not clean the temp path"),
+        }
+        let blobs = open_blobs(&config)?;
+        let meta: Arc<dyn Index> = Arc::new(
+            SqliteMeta::connect_with(&config.database_url, config.database_max_connections).await?,
+        );
+        match nip_store::gc::reconcile(meta.as_ref(), blobs.as_ref(), false).await {
+            Ok(s) if s.total() == 0 => {}
+            Ok(s) => tracing::info!(
+                rows_without_bytes = s.rows_without_bytes,
+                bytes_without_rows = s.bytes_without_rows,
+                partial_files = s.partial_files,
+                "cleaned what an earlier crash left in the store"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not check the store for crash leftovers"),
+        }
+        let budget = Arc::new(budget::Budget::new(
+            config.max_size,
+            meta.usage().await?.bytes,
+        ));
+        let metrics = if config.prometheus_enabled {
+            Some(
+                metrics::install()
+                    .ok_or_else(|| anyhow::anyhow!("cannot install the metrics recorder"))?,
+            )
+        } else {
+            None
+        };
+        if config.require_trusted_signature && config.trusted_upload_keys.is_empty() {
+            tracing::warn!("--cache-require-trusted-signature is set without any --cache-trusted-upload-key: every narinfo upload will be refused");
+        }
+        let signer = keys::load_or_generate(&config.secret_key_path, &config.hostname)?;
+        let public_key = signer.public_key();
+        let upstreams = Arc::new(Upstreams::new(&config)?);
+        let rate_limiter = config
+            .rate_limit
+            .map(|(rate, burst)| auth::RateLimiter::new(rate, burst));
+        let env_key_hash = config.api_key.as_deref().map(auth::hash_token);
+        let get_token_hash = config.get_token.as_deref().map(auth::hash_token);
+        Ok(AppState(Arc::new(Inner {
+            config,
+            rate_limiter,
+            accessed: jobs::Accessed::default(),
+            stats: stats::Stats::default(),
+            metrics,
+            budget,
+            meta,
+            blobs,
+            staging,
+            upstreams,
+            signer,
+            public_key,
+            fills: Arc::default(),
+            narinfo_lookups: Coalescer::default(),
+            negative: Mutex::new(HashMap::new()),
+            started_at: Instant::now(),
+            hot_narinfos: hot::HotNarinfos::new(hot::NARINFO_TTL),
+            hot_artifacts: hot::HotArtifacts::new(hot::ARTIFACT_TTL),
+            key_cache: auth::KeyCache::with_max_bytes(
+                auth::KEY_CACHE_TTL,
+                auth::KEY_CACHE_MAX_BYTES,
+            ),
+            env_key_hash,
+            get_token_hash,
+            instance_id: format!(
+                "{}-{}-{:08x}",
+                crate::config::default_hostname(),
+                std::process::id(),
+                rand::random::<u32>()
+            ),
+        })))
+    }
+
+    /// Whether `hash` was found missing upstream within `--cache-negative-ttl`; with `certain`,
+    /// only when every upstream answered so.
+    pub fn is_known_missing(&self, hash: &str, certain: bool) -> bool {
+        let ttl = self.config.negative_ttl;
+        let mut neg = self.negative.lock().unwrap_or_else(|e| e.into_inner());
+        match neg.get(hash) {
+            Some((t, _)) if t.elapsed() >= ttl => {
+                neg.remove(hash);
+                false
+            }
+            Some((_, complete)) => *complete || !certain,
+            None => false,
+        }
+    }
+
+    pub fn remember_missing(&self, hash: &str, certain: bool) {
+        let ttl = self.config.negative_ttl;
+        if ttl.is_zero() {
+            return;
+        }
+        let mut neg = self.negative.lock().unwrap_or_else(|e| e.into_inner());
+        if neg.len() >= NEGATIVE_CACHE_MAX {
+            neg.retain(|_, (t, _)| t.elapsed() < ttl);
+            if neg.len() >= NEGATIVE_CACHE_MAX {
+                neg.clear();
+            }
+        }
+        neg.insert(hash.to_string(), (Instant::now(), certain));
+    }
+}
+
+/// What other crates may read.
+impl AppState {
+    pub fn config(&self) -> &ServeConfig {
+        &self.config
+    }
+
+    /// The metadata index (narinfos, NARs, artifacts, keys, audit log).
+    pub fn index(&self) -> &Arc<dyn Index> {
+        &self.meta
+    }
+
+    pub fn upstreams(&self) -> &Arc<Upstreams> {
+        &self.upstreams
+    }
+
+    /// The key clients trust for what this cache signs.
+    pub fn public_key(&self) -> &PublicKey {
+        &self.public_key
+    }
+
+    /// Upstream NAR downloads started since start.
+    pub fn fills_started(&self) -> u64 {
+        self.fills.started_count()
+    }
+
+    /// Names this process in cluster-wide leases.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+}
