@@ -42,7 +42,8 @@ fn rand_u32() -> u32 {
         .unwrap_or(0)
 }
 
-async fn collect(read: BlobRead) -> Vec<u8> {
+/// A blob's whole body (for tests).
+pub(crate) async fn collect(read: BlobRead) -> Vec<u8> {
     let mut out = Vec::new();
     let mut body = read.body;
     while let Some(chunk) = body.next().await {

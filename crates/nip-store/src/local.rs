@@ -178,16 +178,8 @@ fn publish(staged: &Path, dest: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blob_suite::collect;
     use crate::staging::Staging;
-
-    async fn collect(read: BlobRead) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut body = read.body;
-        while let Some(chunk) = body.next().await {
-            out.extend_from_slice(&chunk.unwrap());
-        }
-        out
-    }
 
     #[tokio::test]
     async fn publish_read_range_delete() {

@@ -268,6 +268,40 @@ pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Send + Sync);
 /// artifact's bytes with every key that names them, orphan narinfos. Unreadable blobs are only
 /// reported. Safe while servers run on the same store: an entry removed by them meanwhile is not
 /// reported missing.
+/// Hashes blobs one after another and keeps the progress callback told: each blob moves it by
+/// the size its row expects, whatever the blob turned out to be.
+struct Meter<'a> {
+    progress: Progress<'a>,
+    total: u64,
+    /// Expected bytes of the blobs already checked.
+    base: u64,
+    /// Bytes actually read and hashed.
+    hashed: u64,
+}
+
+impl Meter<'_> {
+    async fn check(
+        &mut self,
+        blobs: &dyn BlobStore,
+        key: &BlobKey,
+        size: i64,
+        sha256: &str,
+    ) -> Checked {
+        let expected = size.max(0) as u64;
+        let (base, total, progress) = (self.base, self.total, self.progress);
+        let mut hashed = 0;
+        let checked = check_blob(blobs, key, size, sha256, &mut |n| {
+            hashed = n;
+            progress(base + n.min(expected), total)
+        })
+        .await;
+        self.hashed += hashed;
+        self.base += expected;
+        progress(self.base, total);
+        checked
+    }
+}
+
 pub async fn verify<I: Index + ?Sized>(
     index: &I,
     blobs: &dyn BlobStore,
@@ -294,22 +328,18 @@ pub async fn verify<I: Index + ?Sized>(
             .values()
             .map(|(s, _)| (*s).max(0) as u64)
             .sum::<u64>();
-    let mut base = 0u64;
+    let mut meter = Meter {
+        progress,
+        total,
+        base: 0,
+        hashed: 0,
+    };
     progress(0, total);
 
     report.nars = nars.len() as u64;
     for nar in &nars {
         let key = BlobKey::nar(&nar.nar_file)?;
-        let expected = nar.size.max(0) as u64;
-        let mut hashed = 0;
-        let checked = check_blob(blobs, &key, nar.size, &nar.sha256, &mut |n| {
-            hashed = n;
-            progress(base + n.min(expected), total)
-        })
-        .await;
-        report.bytes += hashed;
-        base += expected;
-        progress(base, total);
+        let checked = meter.check(blobs, &key, nar.size, &nar.sha256).await;
         // Removed by eviction or a delete since the listing: not a finding.
         if let Checked::Missing = checked {
             if index.get_nar(&nar.nar_file).await?.is_none() {
@@ -339,16 +369,7 @@ pub async fn verify<I: Index + ?Sized>(
     for (sha256, (size, keys)) in &by_sha {
         report.artifacts += keys.len() as u64;
         let key = BlobKey::artifact(sha256)?;
-        let expected = (*size).max(0) as u64;
-        let mut hashed = 0;
-        let checked = check_blob(blobs, &key, *size, sha256, &mut |n| {
-            hashed = n;
-            progress(base + n.min(expected), total)
-        })
-        .await;
-        report.bytes += hashed;
-        base += expected;
-        progress(base, total);
+        let checked = meter.check(blobs, &key, *size, sha256).await;
         if let Checked::Good = checked {
             continue;
         }
@@ -397,6 +418,7 @@ pub async fn verify<I: Index + ?Sized>(
         }
         report.findings.push(f);
     }
+    report.bytes = meter.hashed;
     progress(total, total);
     Ok(report)
 }
@@ -406,7 +428,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::blob::BlobRead;
+    use crate::blob_suite::collect;
     use crate::index::{ArtifactIndex, ArtifactRecord};
     use crate::meta::{MetaStore, NarInfoRecord, NarRecord};
     use crate::{SqlMeta, Staging};
@@ -455,15 +477,6 @@ mod tests {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31) ^ seed)
             .collect()
-    }
-
-    async fn collect(read: BlobRead) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut body = read.body;
-        while let Some(chunk) = body.next().await {
-            out.extend_from_slice(&chunk.unwrap());
-        }
-        out
     }
 
     async fn put_blob(f: &Fx, key: &str, data: &[u8]) {

@@ -45,6 +45,21 @@ async fn served(nip: &Nip, e: &Entry) -> NarInfo {
     NarInfo::parse(std::str::from_utf8(&body.unwrap()).unwrap()).unwrap()
 }
 
+/// An upstream holding `genuine` (signed by the upstream key) and nip in front of it, uploads on.
+async fn genuine_upstream() -> (FakeUpstream, Entry, Nip) {
+    let key = upstream_key();
+    let up = FakeUpstream::start(40).await;
+    let genuine = make_entry("hello-1.0", 2048, Compression::None, &key);
+    up.publish(&genuine);
+    let nip = start_nip(&[&up], &[key.public_key()], put_on()).await;
+    (up, genuine, nip)
+}
+
+/// The index's record of `e`'s store path.
+async fn stored(nip: &Nip, e: &Entry) -> Option<nip_store::NarInfoRecord> {
+    nip.state.index().get_narinfo(&e.hash).await.unwrap()
+}
+
 async fn audit_actions(nip: &Nip) -> Vec<(String, String, String)> {
     nip.state
         .index()
@@ -58,12 +73,8 @@ async fn audit_actions(nip: &Nip) -> Vec<(String, String, String)> {
 
 #[tokio::test]
 async fn an_upload_cannot_replace_a_path_fetched_from_an_upstream() {
-    let key = upstream_key();
+    let (up, genuine, nip) = genuine_upstream().await;
     let attacker = SigningKey::generate("attacker-1").unwrap();
-    let up = FakeUpstream::start(40).await;
-    let genuine = make_entry("hello-1.0", 2048, Compression::None, &key);
-    up.publish(&genuine);
-    let nip = start_nip(&[&up], &[key.public_key()], put_on()).await;
     let before = served(&nip, &genuine).await;
     assert_eq!(before.nar_hash, genuine.narinfo.nar_hash);
 
@@ -76,13 +87,7 @@ async fn an_upload_cannot_replace_a_path_fetched_from_an_upstream() {
     );
     let after = served(&nip, &genuine).await;
     assert_eq!(after, before, "the stored narinfo changed");
-    let rec = nip
-        .state
-        .index()
-        .get_narinfo(&genuine.hash)
-        .await
-        .unwrap()
-        .unwrap();
+    let rec = stored(&nip, &genuine).await.unwrap();
     assert_eq!(rec.signed_by.as_deref(), Some("upstream-test-1"));
     assert_eq!(rec.origin, format!("{}/", up.url));
     assert!(audit_actions(&nip)
@@ -95,12 +100,8 @@ async fn an_upload_cannot_replace_a_path_fetched_from_an_upstream() {
 
 #[tokio::test]
 async fn an_upload_cannot_pre_poison_a_path_only_the_upstream_has() {
-    let key = upstream_key();
+    let (up, genuine, nip) = genuine_upstream().await;
     let attacker = SigningKey::generate("attacker-1").unwrap();
-    let up = FakeUpstream::start(40).await;
-    let genuine = make_entry("hello-1.0", 2048, Compression::None, &key);
-    up.publish(&genuine);
-    let nip = start_nip(&[&up], &[key.public_key()], put_on()).await;
 
     let (status, body) = upload(&nip, &impostor(&genuine, &attacker)).await;
     assert_eq!(status, 409, "{body}");
@@ -114,11 +115,7 @@ async fn an_upload_cannot_pre_poison_a_path_only_the_upstream_has() {
 
 #[tokio::test]
 async fn the_same_contents_as_the_upstream_are_accepted_keeping_its_signature() {
-    let key = upstream_key();
-    let up = FakeUpstream::start(40).await;
-    let genuine = make_entry("hello-1.0", 2048, Compression::None, &key);
-    up.publish(&genuine);
-    let nip = start_nip(&[&up], &[key.public_key()], put_on()).await;
+    let (_up, genuine, nip) = genuine_upstream().await;
     // The uploader's copy: same contents, its own (unsigned) narinfo.
     let mut copy = genuine.clone();
     copy.narinfo.sigs.clear();
@@ -129,13 +126,7 @@ async fn the_same_contents_as_the_upstream_are_accepted_keeping_its_signature() 
         .sigs
         .iter()
         .any(|s| s.starts_with("upstream-test-1:")));
-    let rec = nip
-        .state
-        .index()
-        .get_narinfo(&genuine.hash)
-        .await
-        .unwrap()
-        .unwrap();
+    let rec = stored(&nip, &genuine).await.unwrap();
     assert_ne!(rec.origin, "upload");
 }
 
@@ -161,13 +152,7 @@ async fn a_new_path_is_stored_once_and_then_immutable() {
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("immutable"), "{body}");
     assert_eq!(served(&nip, &mine).await, first);
-    let rec = nip
-        .state
-        .index()
-        .get_narinfo(&mine.hash)
-        .await
-        .unwrap()
-        .unwrap();
+    let rec = stored(&nip, &mine).await.unwrap();
     assert_eq!(rec.origin, "upload");
     assert_eq!(rec.signed_by, None, "no trusted upload key is configured");
 }
@@ -188,13 +173,7 @@ async fn new_paths_are_refused_with_a_4xx_while_an_upstream_cannot_answer() {
         body.contains(&down.url),
         "names the silent upstream: {body}"
     );
-    assert!(nip
-        .state
-        .index()
-        .get_narinfo(&mine.hash)
-        .await
-        .unwrap()
-        .is_none());
+    assert!(stored(&nip, &mine).await.is_none());
     // Once it answers, the same upload goes through.
     down.set(&mine.narinfo_path(), Behavior::Status(404));
     assert_eq!(upload(&nip, &mine).await.0, 200);
@@ -236,13 +215,7 @@ async fn the_signature_gate_refuses_unsigned_uploads_and_keeps_the_uploaders_sig
         served.sigs.iter().any(|s| s.starts_with("nip-test-1:")),
         "{served:?}"
     );
-    let rec = nip
-        .state
-        .index()
-        .get_narinfo(&signed.hash)
-        .await
-        .unwrap()
-        .unwrap();
+    let rec = stored(&nip, &signed).await.unwrap();
     assert_eq!(rec.signed_by.as_deref(), Some("ci-1"));
     let refused: Vec<_> = audit_actions(&nip)
         .await
@@ -263,11 +236,5 @@ async fn the_gate_without_keys_refuses_every_upload() {
     let signed = make_entry("app-2.0", 1024, Compression::None, &key);
     let (status, body) = upload(&nip, &signed).await;
     assert_eq!(status, 403, "{body}");
-    assert!(nip
-        .state
-        .index()
-        .get_narinfo(&signed.hash)
-        .await
-        .unwrap()
-        .is_none());
+    assert!(stored(&nip, &signed).await.is_none());
 }
