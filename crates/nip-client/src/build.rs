@@ -102,10 +102,9 @@ pub fn build(client: &Client, opts: &BuildOptions) -> Result<BuildResult> {
         &opts.cwd,
         opts.recipes_path.as_deref(),
     )?;
-    let key = r.key.clone();
     let pkgs = client.dirs.pkgs();
     let finish = |meta: &Metadata, source: Source, path: PathBuf, uploaded: bool| BuildResult {
-        key: key.clone(),
+        key: r.key.clone(),
         source,
         path,
         name: meta.name.clone(),
@@ -121,121 +120,163 @@ pub fn build(client: &Client, opts: &BuildOptions) -> Result<BuildResult> {
             Source::Built => 0.0,
         },
     };
-    let hit_op = |source: &str, meta: &Metadata| {
-        let mut op = Op::new(OpKind::Build, &key, source);
-        op.saved_secs = Some(meta.build_duration_secs);
-        op
-    };
-
     // 1. Local cache.
-    if let Some(meta) = client.local.get(&key) {
-        match use_artifact(client, &meta, &pkgs, Verified::No) {
-            Ok(path) => {
-                client.log(hit_op("local", &meta));
-                return Ok(finish(&meta, Source::Local, path, false));
-            }
-            Err(e) => {
-                warn(&format!(
-                    "Local cache entry {key} is unusable, discarded: {e}"
-                ));
-                client.local.remove(&key);
-            }
-        }
+    if let Some((meta, path)) = from_local(client, &r.key, &pkgs) {
+        return Ok(finish(&meta, Source::Local, path, false));
     }
-
     // 2. Remote.
     let remote_on = !opts.no_remote && client.config.enabled && !client.config.servers.is_empty();
     if remote_on && client.config.policies.download_before_build {
-        let fallback = |info: &nip_core::api::ArtifactInfo| Metadata {
-            name: r.recipe.recipe.name.clone(),
-            version: r.recipe.recipe.version.clone(),
-            variants: r.variants.clone(),
-            key: key.clone(),
-            platform: r.platform.clone(),
-            sha256: info.sha256.clone(),
-            size: info.size,
-            build_duration_secs: 0.0,
-            builder_host: "unknown".into(),
-            created: info.created_at.clone(),
-        };
-        match client.fetch(&key, &fallback, Some(&pkgs)) {
-            // The download was hashed (and unpacked) as it streamed in: no second pass over it.
-            Fetch::Hit(hit) => {
-                let Fetched { meta, unpacked } = *hit;
-                let used = match unpacked {
-                    Some(unpacked) => unpacked.and_then(Unpacked::publish),
-                    None => use_artifact(client, &meta, &pkgs, Verified::JustDownloaded),
-                };
-                match used {
-                    Ok(path) => {
-                        client.log(hit_op("remote", &meta));
-                        return Ok(finish(&meta, Source::Remote, path, false));
-                    }
-                    Err(e) => {
-                        warn(&format!(
-                            "Remote artifact {key} cannot be used, discarded: {e}"
-                        ));
-                        client.local.remove(&key);
-                    }
-                }
-            }
-            Fetch::Miss => {}
-            Fetch::Failed if !client.config.policies.fallback_to_local => {
-                return Err(ClientError::BuildFailed {
-                    key,
-                    message: "the remote cache failed and policies.fallbackToLocal is false".into(),
-                });
-            }
-            Fetch::Failed => {}
+        if let Some((meta, path)) = from_remote(client, &r, &pkgs)? {
+            return Ok(finish(&meta, Source::Remote, path, false));
         }
     }
+    // 3. Build, 4. store locally, 5. upload.
+    let (meta, path) = build_and_store(client, &r, &pkgs)?;
+    let uploaded = remote_on && client.config.policies.upload_on_build && upload(client, &meta);
+    Ok(finish(&meta, Source::Built, path, uploaded))
+}
 
-    // 3. Build, 4. store locally.
-    let (packed, secs) = match run_build(client, &r) {
+/// A cache hit as recorded in the operation log: the build time it saved.
+fn hit_op(key: &str, source: &str, meta: &Metadata) -> Op {
+    let mut op = Op::new(OpKind::Build, key, source);
+    op.saved_secs = Some(meta.build_duration_secs);
+    op
+}
+
+/// The metadata of `r`'s package for an archive of `sha256` and `size`.
+fn metadata(
+    r: &Resolved,
+    sha256: String,
+    size: u64,
+    secs: f64,
+    host: String,
+    created: String,
+) -> Metadata {
+    Metadata {
+        name: r.recipe.recipe.name.clone(),
+        version: r.recipe.recipe.version.clone(),
+        variants: r.variants.clone(),
+        key: r.key.clone(),
+        platform: r.platform.clone(),
+        sha256,
+        size,
+        build_duration_secs: secs,
+        builder_host: host,
+        created,
+    }
+}
+
+/// The package from the local cache, unpacked; an unusable entry is discarded.
+fn from_local(client: &Client, key: &str, pkgs: &Path) -> Option<(Metadata, PathBuf)> {
+    let meta = client.local.get(key)?;
+    match use_artifact(client, &meta, pkgs, Verified::No) {
+        Ok(path) => {
+            client.log(hit_op(key, "local", &meta));
+            Some((meta, path))
+        }
+        Err(e) => {
+            warn(&format!(
+                "Local cache entry {key} is unusable, discarded: {e}"
+            ));
+            client.local.remove(key);
+            None
+        }
+    }
+}
+
+/// The package from the remote cache, unpacked while it downloads. `None` on a miss or an
+/// unusable download (the build goes on); an error only when the remote failed and
+/// `policies.fallbackToLocal` is off.
+fn from_remote(client: &Client, r: &Resolved, pkgs: &Path) -> Result<Option<(Metadata, PathBuf)>> {
+    let key = &r.key;
+    let fallback = |info: &nip_core::api::ArtifactInfo| {
+        metadata(
+            r,
+            info.sha256.clone(),
+            info.size,
+            0.0,
+            "unknown".into(),
+            info.created_at.clone(),
+        )
+    };
+    match client.fetch(key, &fallback, Some(pkgs)) {
+        // The download was hashed (and unpacked) as it streamed in: no second pass over it.
+        Fetch::Hit(hit) => {
+            let Fetched { meta, unpacked } = *hit;
+            let used = match unpacked {
+                Some(unpacked) => unpacked.and_then(Unpacked::publish),
+                None => use_artifact(client, &meta, pkgs, Verified::JustDownloaded),
+            };
+            match used {
+                Ok(path) => {
+                    client.log(hit_op(key, "remote", &meta));
+                    Ok(Some((meta, path)))
+                }
+                Err(e) => {
+                    warn(&format!(
+                        "Remote artifact {key} cannot be used, discarded: {e}"
+                    ));
+                    client.local.remove(key);
+                    Ok(None)
+                }
+            }
+        }
+        Fetch::Failed if !client.config.policies.fallback_to_local => {
+            Err(ClientError::BuildFailed {
+                key: key.clone(),
+                message: "the remote cache failed and policies.fallbackToLocal is false".into(),
+            })
+        }
+        Fetch::Miss | Fetch::Failed => Ok(None),
+    }
+}
+
+/// Runs the recipe, stores the archive in the local cache and unpacks it.
+fn build_and_store(client: &Client, r: &Resolved, pkgs: &Path) -> Result<(Metadata, PathBuf)> {
+    let key = &r.key;
+    let (packed, secs) = match run_build(client, r) {
         Ok(x) => x,
         Err(e) => {
-            let mut op = Op::new(OpKind::Build, &key, "failed");
+            let mut op = Op::new(OpKind::Build, key, "failed");
             op.detail = Some(e.to_string());
             client.log(op);
             return Err(e);
         }
     };
-    let meta = Metadata {
-        name: r.recipe.recipe.name.clone(),
-        version: r.recipe.recipe.version.clone(),
-        variants: r.variants.clone(),
-        key: key.clone(),
-        platform: r.platform.clone(),
-        sha256: packed.sha256.clone(),
-        size: packed.size,
-        build_duration_secs: secs,
-        builder_host: builder_host(),
-        created: now_rfc3339(),
-    };
+    let meta = metadata(
+        r,
+        packed.sha256.clone(),
+        packed.size,
+        secs,
+        builder_host(),
+        now_rfc3339(),
+    );
     client.local.insert(packed.file, &meta)?;
-    let path = artifact::unpack(&client.local.artifact_path(&key), &pkgs, &key)?;
-    let mut op = Op::new(OpKind::Build, &key, "built");
+    let path = artifact::unpack(&client.local.artifact_path(key), pkgs, key)?;
+    let mut op = Op::new(OpKind::Build, key, "built");
     op.duration_ms = Some((secs * 1000.0) as u64);
     client.log(op);
+    Ok((meta, path))
+}
 
-    // 5. Upload.
-    let mut uploaded = false;
-    if remote_on && client.config.policies.upload_on_build {
-        match client.push(&meta) {
-            Ok(_) => uploaded = true,
-            Err(errors) if errors.is_empty() => warn(
-                "Remote upload skipped: no reachable remote cache (local cache still available)",
-            ),
-            Err(errors) => {
-                for e in errors {
-                    warn(&format!(
-                        "Remote upload failed (local cache still available): {e}"
-                    ));
-                }
+/// Uploads a fresh build; a failure is a warning, never a failed build.
+fn upload(client: &Client, meta: &Metadata) -> bool {
+    match client.push(meta) {
+        Ok(_) => true,
+        Err(errors) if errors.is_empty() => {
+            warn("Remote upload skipped: no reachable remote cache (local cache still available)");
+            false
+        }
+        Err(errors) => {
+            for e in errors {
+                warn(&format!(
+                    "Remote upload failed (local cache still available): {e}"
+                ));
             }
+            false
         }
     }
-    Ok(finish(&meta, Source::Built, path, uploaded))
 }
 
 /// Whether the archive's SHA-256 was checked while it was written just now.
