@@ -313,10 +313,9 @@ pub async fn verify<I: Index + ?Sized>(
         ..Default::default()
     };
     let nars = index.all_nars().await?;
-    let artifact_rows = index.all_artifact_rows().await?;
     // Keys sharing bytes share one blob: read each blob once.
-    let mut by_sha: BTreeMap<String, (i64, Vec<String>)> = BTreeMap::new();
-    for row in artifact_rows {
+    let mut by_sha: ArtifactBlobs = BTreeMap::new();
+    for row in index.all_artifact_rows().await? {
         by_sha
             .entry(row.sha256)
             .or_insert((row.size, Vec::new()))
@@ -335,92 +334,132 @@ pub async fn verify<I: Index + ?Sized>(
         hashed: 0,
     };
     progress(0, total);
-
-    report.nars = nars.len() as u64;
-    for nar in &nars {
-        let key = BlobKey::nar(&nar.nar_file)?;
-        let checked = meter.check(blobs, &key, nar.size, &nar.sha256).await;
-        // Removed by eviction or a delete since the listing: not a finding.
-        if let Checked::Missing = checked {
-            if index.get_nar(&nar.nar_file).await?.is_none() {
-                continue;
-            }
-        }
-        let Some(mut f) = finding(
-            EntryKind::Nar,
-            &nar.nar_file,
-            nar.size,
-            &nar.sha256,
-            &checked,
-        ) else {
-            continue;
-        };
-        if repair && removable(&checked) {
-            // Rows first, as eviction does: nothing is served from the bytes once they go.
-            report
-                .removed_narinfos
-                .extend(index.evict_nar(&nar.nar_file).await?);
-            blobs.delete(&key).await?;
-            f.removed = true;
-        }
-        report.findings.push(f);
-    }
-
-    for (sha256, (size, keys)) in &by_sha {
-        report.artifacts += keys.len() as u64;
-        let key = BlobKey::artifact(sha256)?;
-        let checked = meter.check(blobs, &key, *size, sha256).await;
-        if let Checked::Good = checked {
-            continue;
-        }
-        // Keys deleted since the listing are not findings; keys added since share the bad bytes.
-        let current = index.artifact_keys_with_sha256(sha256).await?;
-        let affected: Vec<&String> = if matches!(checked, Checked::Missing) {
-            keys.iter().filter(|k| current.contains(k)).collect()
-        } else {
-            keys.iter().collect()
-        };
-        if affected.is_empty() {
-            continue;
-        }
-        let remove = repair && removable(&checked);
-        if remove {
-            for k in &current {
-                if index.delete_artifact(k).await?.is_some() {
-                    report.removed_artifacts.push(k.clone());
-                }
-            }
-            blobs.delete(&key).await?;
-        }
-        for k in affected {
-            if let Some(mut f) = finding(EntryKind::Artifact, k, *size, sha256, &checked) {
-                f.removed = remove;
-                report.findings.push(f);
-            }
-        }
-    }
-
-    for hash in index.orphan_uploaded_narinfos().await? {
-        let mut f = Finding {
-            kind: EntryKind::Narinfo,
-            id: hash.clone(),
-            problem: Problem::OrphanRow,
-            expected_sha256: None,
-            actual_sha256: None,
-            expected_size: None,
-            actual_size: None,
-            error: None,
-            removed: false,
-        };
-        if repair && index.delete_narinfo(&hash).await? {
-            report.removed_narinfos.push(hash);
-            f.removed = true;
-        }
-        report.findings.push(f);
-    }
+    let mut scrub = Scrub {
+        index,
+        blobs,
+        repair,
+        report: &mut report,
+    };
+    scrub.nars(&nars, &mut meter).await?;
+    scrub.artifacts(&by_sha, &mut meter).await?;
+    scrub.orphan_narinfos().await?;
     report.bytes = meter.hashed;
     progress(total, total);
     Ok(report)
+}
+
+/// Artifact blobs by SHA-256: their size and the keys that name them.
+type ArtifactBlobs = BTreeMap<String, (i64, Vec<String>)>;
+
+/// One pass of [`verify`]: what it reads, whether it repairs, and what it found so far.
+struct Scrub<'a, I: ?Sized> {
+    index: &'a I,
+    blobs: &'a dyn BlobStore,
+    repair: bool,
+    report: &'a mut VerifyReport,
+}
+
+impl<I: Index + ?Sized> Scrub<'_, I> {
+    async fn nars(
+        &mut self,
+        nars: &[crate::meta::NarRecord],
+        meter: &mut Meter<'_>,
+    ) -> Result<(), GcError> {
+        self.report.nars = nars.len() as u64;
+        for nar in nars {
+            let key = BlobKey::nar(&nar.nar_file)?;
+            let checked = meter.check(self.blobs, &key, nar.size, &nar.sha256).await;
+            // Removed by eviction or a delete since the listing: not a finding.
+            if let Checked::Missing = checked {
+                if self.index.get_nar(&nar.nar_file).await?.is_none() {
+                    continue;
+                }
+            }
+            let Some(mut f) = finding(
+                EntryKind::Nar,
+                &nar.nar_file,
+                nar.size,
+                &nar.sha256,
+                &checked,
+            ) else {
+                continue;
+            };
+            if self.repair && removable(&checked) {
+                // Rows first, as eviction does: nothing is served from the bytes once they go.
+                self.report
+                    .removed_narinfos
+                    .extend(self.index.evict_nar(&nar.nar_file).await?);
+                self.blobs.delete(&key).await?;
+                f.removed = true;
+            }
+            self.report.findings.push(f);
+        }
+        Ok(())
+    }
+
+    async fn artifacts(
+        &mut self,
+        by_sha: &ArtifactBlobs,
+        meter: &mut Meter<'_>,
+    ) -> Result<(), GcError> {
+        for (sha256, (size, keys)) in by_sha {
+            self.report.artifacts += keys.len() as u64;
+            let key = BlobKey::artifact(sha256)?;
+            let checked = meter.check(self.blobs, &key, *size, sha256).await;
+            if let Checked::Good = checked {
+                continue;
+            }
+            // Keys deleted since the listing are not findings; keys added since share the bad bytes.
+            let current = self.index.artifact_keys_with_sha256(sha256).await?;
+            let affected: Vec<&String> = if matches!(checked, Checked::Missing) {
+                keys.iter().filter(|k| current.contains(k)).collect()
+            } else {
+                keys.iter().collect()
+            };
+            if affected.is_empty() {
+                continue;
+            }
+            let remove = self.repair && removable(&checked);
+            if remove {
+                for k in &current {
+                    if self.index.delete_artifact(k).await?.is_some() {
+                        self.report.removed_artifacts.push(k.clone());
+                    }
+                }
+                self.blobs.delete(&key).await?;
+            }
+            for k in affected {
+                if let Some(mut f) = finding(EntryKind::Artifact, k, *size, sha256, &checked) {
+                    f.removed = remove;
+                    self.report.findings.push(f);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Uploaded narinfos whose NAR is not stored: nothing can fetch it again.
+    async fn orphan_narinfos(&mut self) -> Result<(), GcError> {
+        for hash in self.index.orphan_uploaded_narinfos().await? {
+            let mut f = Finding {
+                kind: EntryKind::Narinfo,
+                id: hash.clone(),
+                problem: Problem::OrphanRow,
+                expected_sha256: None,
+                actual_sha256: None,
+                expected_size: None,
+                actual_size: None,
+                error: None,
+                removed: false,
+            };
+            if self.repair && self.index.delete_narinfo(&hash).await? {
+                self.report.removed_narinfos.push(hash);
+                f.removed = true;
+            }
+            self.report.findings.push(f);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
