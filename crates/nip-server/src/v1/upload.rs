@@ -84,47 +84,9 @@ async fn receive_and_store(
             "expected a multipart/form-data body with parts `file` and `metadata`".into(),
         )
     })?;
-    let mut file: Option<Received> = None;
-    let mut metadata: Option<serde_json::Map<String, serde_json::Value>> = None;
-    while let Some(field) = multipart.next_field().await.map_err(bad_multipart)? {
-        match field.name() {
-            Some("file") if file.is_none() => file = Some(receive_file(state, field, max).await?),
-            Some("metadata") if metadata.is_none() => {
-                metadata = Some(receive_metadata(field).await?)
-            }
-            Some(other @ ("file" | "metadata")) => {
-                return Err(ApiError::BadRequest(format!(
-                    "part `{other}` appears twice"
-                )));
-            }
-            other => {
-                return Err(ApiError::BadRequest(format!(
-                    "unexpected part {:?}: send only `file` and `metadata`",
-                    other.unwrap_or("")
-                )));
-            }
-        }
-    }
-    let file = file.ok_or_else(|| ApiError::BadRequest("the `file` part is missing".into()))?;
-    let metadata = metadata.unwrap_or_default();
+    let (file, metadata) = receive_parts(state, multipart, max).await?;
 
-    let expected = headers
-        .get(HEADER_SHA256)
-        .map(|v| v.to_str().unwrap_or("").to_string())
-        .or_else(|| {
-            metadata
-                .get("sha256")
-                .and_then(|v| v.as_str())
-                .map(String::from)
-        });
-    if let Some(expected) = expected {
-        if !expected.eq_ignore_ascii_case(&file.sha256) {
-            return Err(ApiError::Unprocessable(format!(
-                "the uploaded bytes have sha256 {}, but {expected:?} was expected: the upload was corrupted or the digest is wrong; nothing was stored",
-                file.sha256
-            )));
-        }
-    }
+    check_digest(headers, &metadata, &file.sha256)?;
     let result = UploadResult {
         key: key.to_string(),
         size: file.size,
@@ -170,6 +132,58 @@ async fn receive_and_store(
         )),
         PutArtifact::AlreadyPresent(_) => Ok((StatusCode::OK, result)),
         PutArtifact::Conflict(_) => Err(conflict(key)),
+    }
+}
+
+/// Reads the multipart body: the `file` part streamed to staging, the optional `metadata` part.
+async fn receive_parts(
+    state: &AppState,
+    multipart: &mut Multipart,
+    max: u64,
+) -> ApiResult<(Received, Metadata)> {
+    let mut file: Option<Received> = None;
+    let mut metadata: Option<Metadata> = None;
+    while let Some(field) = multipart.next_field().await.map_err(bad_multipart)? {
+        match field.name() {
+            Some("file") if file.is_none() => file = Some(receive_file(state, field, max).await?),
+            Some("metadata") if metadata.is_none() => {
+                metadata = Some(receive_metadata(field).await?)
+            }
+            Some(other @ ("file" | "metadata")) => {
+                return Err(ApiError::BadRequest(format!(
+                    "part `{other}` appears twice"
+                )));
+            }
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unexpected part {:?}: send only `file` and `metadata`",
+                    other.unwrap_or("")
+                )));
+            }
+        }
+    }
+    let file = file.ok_or_else(|| ApiError::BadRequest("the `file` part is missing".into()))?;
+    Ok((file, metadata.unwrap_or_default()))
+}
+
+type Metadata = serde_json::Map<String, serde_json::Value>;
+
+/// The SHA-256 the client expects (`X-Nip-Sha256`, else `metadata.sha256`) must be what arrived.
+fn check_digest(headers: &HeaderMap, metadata: &Metadata, actual: &str) -> ApiResult<()> {
+    let expected = headers
+        .get(HEADER_SHA256)
+        .map(|v| v.to_str().unwrap_or("").to_string())
+        .or_else(|| {
+            metadata
+                .get("sha256")
+                .and_then(|v| v.as_str())
+                .map(String::from)
+        });
+    match expected {
+        Some(expected) if !expected.eq_ignore_ascii_case(actual) => Err(ApiError::Unprocessable(format!(
+            "the uploaded bytes have sha256 {actual}, but {expected:?} was expected: the upload was corrupted or the digest is wrong; nothing was stored"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -227,7 +241,7 @@ async fn receive_file(state: &AppState, mut field: Field<'_>, max: u64) -> ApiRe
 
 async fn receive_metadata(
     mut field: Field<'_>,
-) -> ApiResult<serde_json::Map<String, serde_json::Value>> {
+) -> ApiResult<Metadata> {
     let mut buf = Vec::new();
     while let Some(chunk) = field.chunk().await.map_err(bad_multipart)? {
         if buf.len() + chunk.len() > MAX_METADATA {
