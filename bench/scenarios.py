@@ -429,6 +429,8 @@ def nix_upload_check(ctx):
     m = ctx.manifest
     empty = f"{ctx.work}/empty-cache"
     os.makedirs(empty, exist_ok=True)
+    with open(f"{empty}/nix-cache-info", "w") as f:  # a cache with no paths
+        f.write("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n")
     log = f"{ctx.work}/empty-upstream-access.log"
     upstream = ctx.servers.nginx("empty-upstream", empty, access_log=log)
     nip = ctx.servers.nip("nip-uploads", m["public_key"], upstream=f"http://127.0.0.1:{upstream.port}",
@@ -439,8 +441,12 @@ def nix_upload_check(ctx):
     times = {"asks upstream": [], "absence known": []}
     for i, e in enumerate(entries):
         known = i >= half
-        if known:
-            download(nip.port, f"/{e['hash']}.narinfo")
+        if known:  # a GET miss first: the upstream's 404 is remembered
+            conn.request("GET", f"/{e['hash']}.narinfo")
+            r = conn.getresponse()
+            r.read()
+            if r.status != 404:
+                raise SystemExit(f"GET /{e['hash']}.narinfo: HTTP {r.status}, expected 404")
         put_timed(conn, f"/nar/{e['nar']}", f"{m['cache']}/nar/{e['nar']}")
         label = "absence known" if known else "asks upstream"
         times[label].append(put_timed(conn, f"/{e['hash']}.narinfo", f"{m['cache']}/{e['hash']}.narinfo"))
@@ -455,7 +461,6 @@ def nix_upload_check(ctx):
         f"{statistics.median(times['asks upstream']):.2f} ms (each asks the upstream first) vs "
         f"{statistics.median(times['absence known']):.2f} ms for {len(entries) - half} whose absence the negative "
         f"cache knew; the upstream saw {asked} narinfo requests for {len(entries)} uploads.")
-    return [absolute("P5n", "narinfo upload of a new path, added upstream check", "ms", [added], 5),
-            versus("P5n", "narinfo uploads per second, asking the upstream vs absence known", "1/s",
-                   [1000 / statistics.median(times["asks upstream"])], "absence known",
-                   [1000 / statistics.median(times["absence known"])], 0.5)]
+    return [absolute("P5n", "narinfo upload of a new path: time added by the upstream check (median)", "ms", added, 5),
+            absolute("P5n", "narinfo upload of a new path asking a loopback upstream", "ms",
+                     summary(times["asks upstream"]), 10)]
