@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
-use crate::blob::{BlobKey, BlobStore, StoreError};
+use crate::blob::{BlobEntry, BlobKey, BlobStore, StoreError, ARTIFACT_PREFIX, NAR_PREFIX};
 use crate::index::Index;
 use crate::meta::{MetaError, NarRecord};
 
@@ -121,9 +121,7 @@ pub async fn evict<I: Index + ?Sized>(
                 CandidateKind::Nar => {
                     if !dry_run {
                         summary.narinfos += index.evict_nar(&c.id).await?.len() as u64;
-                        blobs
-                            .delete(&BlobKey::new(format!("nar/{}", c.id))?)
-                            .await?;
+                        blobs.delete(&BlobKey::nar(&c.id)?).await?;
                     }
                     summary.nars += 1;
                 }
@@ -131,9 +129,7 @@ pub async fn evict<I: Index + ?Sized>(
                     if !dry_run {
                         if let Some((rec, shared)) = index.delete_artifact(&c.id).await? {
                             if !shared {
-                                blobs
-                                    .delete(&BlobKey::new(format!("artifacts/{}", rec.sha256))?)
-                                    .await?;
+                                blobs.delete(&BlobKey::artifact(&rec.sha256)?).await?;
                             }
                         }
                     }
@@ -173,7 +169,7 @@ const GRACE: Duration = Duration::from_secs(600);
 /// files (names starting with `.`).
 async fn sweep(
     blobs: &dyn BlobStore,
-    listed: &[crate::blob::BlobEntry],
+    listed: &[BlobEntry],
     prefix: &str,
     referenced: impl Fn(&str) -> bool,
     dry_run: bool,
@@ -185,7 +181,11 @@ async fn sweep(
             .is_none_or(|age| age >= GRACE)
     };
     for b in listed {
-        let name = b.key.strip_prefix(prefix).unwrap_or(&b.key);
+        let name = b
+            .key
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('/'))
+            .unwrap_or(&b.key);
         if name.starts_with('.') {
             s.partial_files += 1;
         } else if !referenced(name) && old_enough(b.modified) {
@@ -200,6 +200,19 @@ async fn sweep(
     Ok(())
 }
 
+/// The names of the blobs listed under `prefix` (the key without `prefix/`).
+fn names_under(listed: &[BlobEntry], prefix: &str) -> HashSet<String> {
+    listed
+        .iter()
+        .filter_map(|b| {
+            b.key
+                .strip_prefix(prefix)?
+                .strip_prefix('/')
+                .map(String::from)
+        })
+        .collect()
+}
+
 /// Finds and removes what a crash can leave: index rows whose bytes are gone, stored bytes that no
 /// row references, and half-published files.
 pub async fn reconcile<I: Index + ?Sized>(
@@ -210,11 +223,8 @@ pub async fn reconcile<I: Index + ?Sized>(
     let mut s = ReconcileSummary::default();
 
     let nar_rows: HashSet<String> = index.all_nar_files().await?.into_iter().collect();
-    let nar_blobs = blobs.list("nar").await?;
-    let stored_nars: HashSet<String> = nar_blobs
-        .iter()
-        .filter_map(|b| b.key.strip_prefix("nar/").map(String::from))
-        .collect();
+    let nar_blobs = blobs.list(NAR_PREFIX).await?;
+    let stored_nars = names_under(&nar_blobs, NAR_PREFIX);
     for file in nar_rows.difference(&stored_nars) {
         s.rows_without_bytes += 1;
         if !dry_run {
@@ -230,7 +240,7 @@ pub async fn reconcile<I: Index + ?Sized>(
     sweep(
         blobs,
         &nar_blobs,
-        "nar/",
+        NAR_PREFIX,
         |name| nar_rows.contains(name),
         dry_run,
         &mut s,
@@ -238,11 +248,8 @@ pub async fn reconcile<I: Index + ?Sized>(
     .await?;
 
     let artifacts = index.all_artifacts().await?;
-    let art_blobs = blobs.list("artifacts").await?;
-    let stored: HashSet<String> = art_blobs
-        .iter()
-        .filter_map(|b| b.key.strip_prefix("artifacts/").map(String::from))
-        .collect();
+    let art_blobs = blobs.list(ARTIFACT_PREFIX).await?;
+    let stored = names_under(&art_blobs, ARTIFACT_PREFIX);
     let referenced: HashSet<&str> = artifacts.iter().map(|(_, sha)| sha.as_str()).collect();
     for (key, sha) in &artifacts {
         if !stored.contains(sha) {
@@ -255,7 +262,7 @@ pub async fn reconcile<I: Index + ?Sized>(
     sweep(
         blobs,
         &art_blobs,
-        "artifacts/",
+        ARTIFACT_PREFIX,
         |name| referenced.contains(name),
         dry_run,
         &mut s,
