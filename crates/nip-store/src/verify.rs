@@ -218,19 +218,26 @@ fn hex(bytes: &[u8]) -> String {
     })
 }
 
+impl Finding {
+    /// A finding with nothing measured yet.
+    fn new(kind: EntryKind, id: &str, problem: Problem) -> Self {
+        Finding {
+            kind,
+            id: id.to_string(),
+            problem,
+            expected_sha256: None,
+            actual_sha256: None,
+            expected_size: None,
+            actual_size: None,
+            error: None,
+            removed: false,
+        }
+    }
+}
+
 /// A finding for a blob whose check failed; `None` when it is good.
 fn finding(kind: EntryKind, id: &str, size: i64, sha256: &str, c: &Checked) -> Option<Finding> {
-    let mut f = Finding {
-        kind,
-        id: id.to_string(),
-        problem: Problem::Missing,
-        expected_sha256: None,
-        actual_sha256: None,
-        expected_size: None,
-        actual_size: None,
-        error: None,
-        removed: false,
-    };
+    let mut f = Finding::new(kind, id, Problem::Missing);
     match c {
         Checked::Good => return None,
         Checked::Missing => {}
@@ -441,17 +448,7 @@ impl<I: Index + ?Sized> Scrub<'_, I> {
     /// Uploaded narinfos whose NAR is not stored: nothing can fetch it again.
     async fn orphan_narinfos(&mut self) -> Result<(), GcError> {
         for hash in self.index.orphan_uploaded_narinfos().await? {
-            let mut f = Finding {
-                kind: EntryKind::Narinfo,
-                id: hash.clone(),
-                problem: Problem::OrphanRow,
-                expected_sha256: None,
-                actual_sha256: None,
-                expected_size: None,
-                actual_size: None,
-                error: None,
-                removed: false,
-            };
+            let mut f = Finding::new(EntryKind::Narinfo, &hash, Problem::OrphanRow);
             if self.repair && self.index.delete_narinfo(&hash).await? {
                 self.report.removed_narinfos.push(hash);
                 f.removed = true;
