@@ -5,11 +5,13 @@
 //!    (the same coalesced, negative-cached fetch a GET miss makes); an upstream's trusted narinfo
 //!    wins, and while an upstream cannot answer, new paths are refused with a 4xx (fail closed);
 //! 3. with `--cache-require-trusted-signature`, a narinfo needs a valid signature by one of the
-//!    `--cache-trusted-upload-key`s (kept in the served narinfo beside this cache's own).
+//!    `--cache-trusted-upload-key`s (kept in the served narinfo beside this cache's own);
+//! 4. only what the cache can stand behind is signed and served: unverifiable signatures, junk
+//!    Deriver/CA values and unknown fields are dropped ([`sanitize`]).
 use nip_core::nar_file::NarFileName;
 use nip_core::narinfo::NarInfo;
-use nip_core::signing::verify_narinfo;
-use nip_core::store_path::StorePathHash;
+use nip_core::signing::{verify_narinfo, PublicKey};
+use nip_core::store_path::{StorePath, StorePathHash};
 use nip_store::{NarInfoRecord, PutNarInfo};
 
 use crate::cache::narinfo::{fetch, Fetched};
@@ -46,6 +48,7 @@ pub async fn store(
 ) -> Result<Uploaded, CacheError> {
     let store_path = info.store_path.full();
     let signed_by = vouching_key(state, &info)?;
+    sanitize(&mut info, &trusted_keys(state));
     let hash = info.store_path.hash().clone();
     if let Some(existing) = state.meta.get_narinfo(hash.as_str()).await? {
         return same_contents(&existing, &info);
@@ -92,6 +95,44 @@ fn vouching_key(state: &AppState, info: &NarInfo) -> Result<Option<String>, Cach
         });
     }
     Ok(key)
+}
+
+/// Every key whose signature this cache can vouch for: trusted upload keys and upstream keys.
+fn trusted_keys(state: &AppState) -> Vec<PublicKey> {
+    let config = state.config();
+    let mut keys = config.trusted_upload_keys.clone();
+    keys.extend(config.upstream_public_keys.iter().cloned());
+    keys
+}
+
+/// What this cache signs and serves of an upload is only what it can stand behind: signatures
+/// that verify against a trusted key (a fake `Sig: cache.nixos.org-1:…` would otherwise be served
+/// beside this cache's own), a Deriver that is a store path name, a CA that names a known method;
+/// unknown fields are dropped. None of these enter the signed fingerprint.
+fn sanitize(info: &mut NarInfo, keys: &[PublicKey]) {
+    let fingerprint = info.fingerprint();
+    info.sigs.retain(|sig| {
+        keys.iter().any(|k| {
+            sig.split_once(':')
+                .is_some_and(|(name, _)| name == k.name())
+                && k.verify(fingerprint.as_bytes(), sig)
+        })
+    });
+    if info
+        .deriver
+        .as_deref()
+        .is_some_and(|d| !d.ends_with(".drv") || StorePath::parse_base_name(d).is_err())
+    {
+        info.deriver = None;
+    }
+    if info
+        .ca
+        .as_deref()
+        .is_some_and(|ca| !(ca.starts_with("fixed:") || ca.starts_with("text:")))
+    {
+        info.ca = None;
+    }
+    info.extra.clear();
 }
 
 /// Accepts an upload of a stored path only when it describes the same contents.
@@ -188,5 +229,48 @@ async fn check_upstreams(
             None => Ok(None),
         },
         Fetched::Failed(e) => Err(CacheError::Unavailable(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nip_core::signing::SigningKey;
+
+    use super::*;
+
+    const JUNK: &str = "StorePath: /nix/store/0c6kzph7l0dcbfmjap64f0czdafn3b7x-hello-2.12
+URL: nar/1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3.nar.xz
+Compression: xz
+FileHash: sha256:1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3
+FileSize: 50
+NarHash: sha256:1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3
+NarSize: 100
+References: 
+Deriver: ../../../etc/passwd
+CA: junk
+X-Evil: yes
+Sig: cache.nixos.org-1:AAAA
+";
+
+    #[test]
+    fn only_what_the_cache_can_stand_behind_is_kept() {
+        let uploader = SigningKey::generate("ci-1").unwrap();
+        let mut info = NarInfo::parse(JUNK).unwrap();
+        info.sign(&uploader);
+        let nixos = PublicKey::parse(crate::config::DEFAULT_UPSTREAM_KEY).unwrap();
+        sanitize(&mut info, &[nixos, uploader.public_key()]);
+        assert_eq!(info.sigs.len(), 1, "{:?}", info.sigs);
+        assert!(info.sigs[0].starts_with("ci-1:"));
+        assert_eq!(info.deriver, None);
+        assert_eq!(info.ca, None);
+        assert!(info.extra.is_empty());
+
+        let mut good = NarInfo::parse(JUNK).unwrap();
+        good.deriver = Some("0c6kzph7l0dcbfmjap64f0czdafn3b7x-hello-2.12.drv".into());
+        good.ca =
+            Some("fixed:r:sha256:1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3".into());
+        sanitize(&mut good, &[]);
+        assert!(good.deriver.is_some() && good.ca.is_some());
+        assert!(good.sigs.is_empty());
     }
 }
