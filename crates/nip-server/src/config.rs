@@ -172,9 +172,11 @@ fn parse_bool(v: &str) -> Result<bool, String> {
 /// Splits `?priority=N` off an upstream URL and normalizes it to end in `/`.
 pub fn parse_upstream(raw: &str) -> Result<UpstreamConfig, String> {
     let raw = raw.trim();
+    // Messages show the URL with its credentials masked: they end up in logs and terminals.
+    let shown = redact_userinfo(raw.split('?').next().unwrap_or(raw));
     if !(raw.starts_with("http://") || raw.starts_with("https://")) {
         return Err(format!(
-            "upstream URL {raw:?} must start with http:// or https://"
+            "upstream URL {shown:?} must start with http:// or https://"
         ));
     }
     let (base, query) = match raw.split_once('?') {
@@ -192,17 +194,19 @@ pub fn parse_upstream(raw: &str) -> Result<UpstreamConfig, String> {
             Some(("priority", n)) => {
                 priority = Some(
                     n.parse()
-                        .map_err(|_| format!("bad priority {n:?} in {raw:?}"))?,
+                        .map_err(|_| format!("bad priority {n:?} in upstream URL {shown:?}"))?,
                 )
             }
-            _ => rest.push(pair),
+            // Only the parameter's name: its value may be a token.
+            _ => rest.push(pair.split('=').next().unwrap_or(pair)),
         }
     }
     let mut url = base.trim_end_matches('/').to_string();
     url.push('/');
     if !rest.is_empty() {
         return Err(format!(
-            "upstream URL {raw:?}: only the `priority` query parameter is understood"
+            "upstream URL {shown:?}: only the `priority` query parameter is understood (got {})",
+            rest.join(", ")
         ));
     }
     Ok(UpstreamConfig { url, priority })
@@ -399,6 +403,19 @@ mod tests {
         assert!(c.sign_narinfo);
         assert_eq!(c.database_url, "sqlite:nip-data/db/db.sqlite");
         assert!(c.ignored.is_empty());
+    }
+
+    #[test]
+    fn upstream_url_errors_never_show_credentials() {
+        for raw in [
+            "http://alice:s3cretpw@host/?priority=abc",
+            "ftp://alice:s3cretpw@host/",
+            "http://alice:s3cretpw@host/?token=s3cretpw",
+        ] {
+            let e = parse_upstream(raw).unwrap_err();
+            assert!(!e.contains("s3cretpw"), "{e}");
+            assert!(e.contains("host"), "{e}");
+        }
     }
 
     #[test]
