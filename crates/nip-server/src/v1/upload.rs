@@ -239,9 +239,7 @@ async fn receive_file(state: &AppState, mut field: Field<'_>, max: u64) -> ApiRe
     })
 }
 
-async fn receive_metadata(
-    mut field: Field<'_>,
-) -> ApiResult<Metadata> {
+async fn receive_metadata(mut field: Field<'_>) -> ApiResult<Metadata> {
     let mut buf = Vec::new();
     while let Some(chunk) = field.chunk().await.map_err(bad_multipart)? {
         if buf.len() + chunk.len() > MAX_METADATA {
