@@ -24,6 +24,15 @@ pub enum PutArtifact {
     Conflict(ArtifactRecord),
 }
 
+/// Outcome of creating an API key: names are unique for good (revoked keys keep theirs, so the
+/// audit log never names two keys alike).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreateKey {
+    Created,
+    /// A key of that name exists, revoked or not; nothing was written.
+    NameTaken,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApiKeyRecord {
     pub name: String,
@@ -76,8 +85,12 @@ pub trait ArtifactIndex: Send + Sync + 'static {
 
 #[async_trait]
 pub trait KeyStore: Send + Sync + 'static {
-    /// Fails with a database constraint error when the name is taken.
-    async fn create_key(&self, rec: &ApiKeyRecord, token_hash: &str) -> Result<(), MetaError>;
+    /// Creates the key unless its name is taken, in one statement (no check-then-insert race).
+    async fn create_key(
+        &self,
+        rec: &ApiKeyRecord,
+        token_hash: &str,
+    ) -> Result<CreateKey, MetaError>;
     async fn key_by_token_hash(&self, token_hash: &str) -> Result<Option<ApiKeyRecord>, MetaError>;
     async fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, MetaError>;
     /// True when a key of that name existed and was not yet revoked.

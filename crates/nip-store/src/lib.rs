@@ -22,7 +22,8 @@ pub use blob::{
 };
 pub use gc::{GcIndex, Usage};
 pub use index::{
-    ApiKeyRecord, ArtifactIndex, ArtifactRecord, AuditEntry, AuditLog, Index, KeyStore, PutArtifact,
+    ApiKeyRecord, ArtifactIndex, ArtifactRecord, AuditEntry, AuditLog, CreateKey, Index, KeyStore,
+    PutArtifact,
 };
 pub use lease::Leases;
 pub use local::LocalBlobStore;

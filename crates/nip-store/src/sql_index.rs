@@ -4,7 +4,8 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use crate::index::{
-    ApiKeyRecord, ArtifactIndex, ArtifactRecord, AuditEntry, AuditLog, KeyStore, PutArtifact,
+    ApiKeyRecord, ArtifactIndex, ArtifactRecord, AuditEntry, AuditLog, CreateKey, KeyStore,
+    PutArtifact,
 };
 use crate::meta::MetaError;
 use crate::sql::SqlMeta;
@@ -167,10 +168,16 @@ impl ArtifactIndex for SqlMeta {
 
 #[async_trait]
 impl KeyStore for SqlMeta {
-    async fn create_key(&self, rec: &ApiKeyRecord, token_hash: &str) -> Result<(), MetaError> {
-        sqlx::query(
+    async fn create_key(
+        &self,
+        rec: &ApiKeyRecord,
+        token_hash: &str,
+    ) -> Result<CreateKey, MetaError> {
+        // Only a taken name is an outcome: a clash of token hashes (or any other constraint)
+        // stays an error.
+        let inserted = sqlx::query(
             "INSERT INTO api_keys (name, token_hash, scope, prefix, created_at, expires_at, revoked_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, NULL)",
+             VALUES ($1, $2, $3, $4, $5, $6, NULL) ON CONFLICT (name) DO NOTHING",
         )
         .bind(&rec.name)
         .bind(token_hash)
@@ -179,8 +186,13 @@ impl KeyStore for SqlMeta {
         .bind(rec.created_at)
         .bind(rec.expires_at)
         .execute(self.pool())
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected();
+        Ok(if inserted == 1 {
+            CreateKey::Created
+        } else {
+            CreateKey::NameTaken
+        })
     }
 
     async fn key_by_token_hash(&self, token_hash: &str) -> Result<Option<ApiKeyRecord>, MetaError> {
@@ -342,11 +354,24 @@ mod tests {
                 expires_at: None,
                 revoked_at: None,
             };
-            db.create_key(&k, "h1").await.unwrap();
-            assert!(
-                db.create_key(&k, "h2").await.is_err(),
-                "duplicate name accepted"
+            assert_eq!(db.create_key(&k, "h1").await.unwrap(), CreateKey::Created);
+            // A taken name is an outcome, and the first key is left as it was.
+            let other = ApiKeyRecord {
+                scope: "admin".into(),
+                ..k.clone()
+            };
+            assert_eq!(
+                db.create_key(&other, "h2").await.unwrap(),
+                CreateKey::NameTaken
             );
+            assert!(db.key_by_token_hash("h2").await.unwrap().is_none());
+            assert_eq!(db.list_keys().await.unwrap(), std::slice::from_ref(&k));
+            // Another name with a token hash already in use: an error, not a taken name.
+            let twin = ApiKeyRecord {
+                name: "twin".into(),
+                ..k.clone()
+            };
+            assert!(db.create_key(&twin, "h1").await.is_err());
             assert_eq!(
                 db.key_by_token_hash("h1").await.unwrap().unwrap().name,
                 "ci"
@@ -363,6 +388,8 @@ mod tests {
                 Some(5)
             );
             assert!(!db.any_active_key(0).await.unwrap());
+            // Revoked keys keep their names.
+            assert_eq!(db.create_key(&k, "h3").await.unwrap(), CreateKey::NameTaken);
             db.audit(&AuditEntry {
                 at: 7,
                 action: "upload".into(),

@@ -1,77 +1,167 @@
 //! Commands run on the server machine against the server's database: `nip keys` (create, list,
-//! revoke API keys) and `nip audit` (read the audit log). They take the same settings as `serve`.
+//! revoke API keys), `nip audit` (read the audit log) and `nip admin` (gc, stats, pins,
+//! path-info, verify). They take the same settings as `serve` ([`ServerSettings`]).
 use anyhow::{bail, Context};
-use clap::{Arg, ArgAction, ArgMatches, Command};
+use clap::{Args, Subcommand, ValueEnum};
 use nip_server::auth::{generate_token, hash_token, Scope};
+use nip_store::CreateKey;
 use nip_store::{
     ApiKeyRecord, ArtifactIndex, AuditEntry, AuditLog, GcIndex, KeyStore, MetaStore, SqliteMeta,
 };
 
-use crate::config_load::{load_config, with_settings};
+use crate::config_load::{load_config, ServerSettings};
+use crate::path_info::PathInfoArgs;
 
-pub fn keys_command() -> Command {
-    let name = || {
-        Arg::new("name")
-            .long("name")
-            .value_name("NAME")
-            .required(true)
-            .help("Key name (unique; shown in the audit log)")
-    };
-    Command::new("keys")
-        .about("Manage API keys of the server's database")
-        .subcommand_required(true)
-        .subcommand(with_settings(
-            Command::new("create")
-                .about("Create a key; prints its token once, alone on the last line of stdout")
-                .arg(name())
-                .arg(
-                    Arg::new("scope")
-                        .long("scope")
-                        .required(true)
-                        .value_parser(["read", "write", "admin"])
-                        .help("read, write (includes read) or admin (includes both)"),
-                )
-                .arg(
-                    Arg::new("prefix")
-                        .long("prefix")
-                        .value_name("P")
-                        .help("Limit the key to artifact keys starting with P"),
-                )
-                .arg(
-                    Arg::new("expires")
-                        .long("expires")
-                        .value_name("DURATION")
-                        .help("Expire after this long, e.g. 30d or 12h"),
-                ),
-        ))
-        .subcommand(with_settings(
-            Command::new("list")
-                .about("List keys (never their tokens)")
-                .arg(json_arg()),
-        ))
-        .subcommand(with_settings(
-            Command::new("revoke")
-                .about("Revoke a key; a running server refuses it from its next request")
-                .arg(Arg::new("name").required(true).value_name("NAME")),
-        ))
+// `///` comments on the variants and fields are their `--help` text.
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; prints its token once, alone on the last line of stdout
+    Create(CreateKeyArgs),
+    /// List keys (never their tokens)
+    List(ListKeysArgs),
+    /// Revoke a key; a running server refuses it from its next request
+    Revoke(RevokeKeyArgs),
 }
 
-pub fn audit_command() -> Command {
-    with_settings(
-        Command::new("audit")
-            .about("Read the audit log: writes, deletes, key changes and authentication failures, newest first")
-            .arg(Arg::new("since").long("since").value_name("DURATION").default_value("1d").help("How far back, e.g. 1h, 7d"))
-            .arg(Arg::new("key").long("key").value_name("NAME").help("Only entries of this key"))
-            .arg(Arg::new("limit").long("limit").value_name("N").default_value("1000").value_parser(clap::value_parser!(i64)))
-            .arg(json_arg()),
-    )
+#[derive(Args)]
+pub struct CreateKeyArgs {
+    /// Key name (unique; shown in the audit log)
+    #[arg(long, value_name = "NAME")]
+    name: String,
+    /// read, write (includes read) or admin (includes both)
+    #[arg(long, value_enum, value_names = crate::NO_VALUE_NAME)]
+    scope: ScopeArg,
+    /// Limit the key to artifact keys starting with P
+    #[arg(long, value_name = "P")]
+    prefix: Option<String>,
+    /// Expire after this long, e.g. 30d or 12h
+    // A duration is checked when the command runs: its error is nip's, not a usage error.
+    #[arg(long, value_name = "DURATION")]
+    expires: Option<String>,
+    #[command(flatten)]
+    settings: ServerSettings,
 }
 
-fn json_arg() -> Arg {
-    Arg::new("json")
-        .long("json")
-        .action(ArgAction::SetTrue)
-        .help("Print JSON")
+/// `--scope`: [`Scope`] as a command-line value.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ScopeArg {
+    Read,
+    Write,
+    Admin,
+}
+
+impl From<ScopeArg> for Scope {
+    fn from(s: ScopeArg) -> Scope {
+        match s {
+            ScopeArg::Read => Scope::Read,
+            ScopeArg::Write => Scope::Write,
+            ScopeArg::Admin => Scope::Admin,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct ListKeysArgs {
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    settings: ServerSettings,
+}
+
+#[derive(Args)]
+pub struct RevokeKeyArgs {
+    #[arg(value_name = "NAME")]
+    name: String,
+    #[command(flatten)]
+    settings: ServerSettings,
+}
+
+#[derive(Args)]
+pub struct AuditArgs {
+    /// How far back, e.g. 1h, 7d
+    #[arg(long, value_name = "DURATION", default_value = "1d")]
+    since: String,
+    /// Only entries of this key
+    #[arg(long, value_name = "NAME")]
+    key: Option<String>,
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    limit: i64,
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    settings: ServerSettings,
+}
+
+#[derive(Subcommand)]
+pub enum AdminCommand {
+    /// Clean crash leftovers and evict least recently used entries down to --cache-max-size
+    Gc(GcArgs),
+    /// Store size and entry counts
+    Stats(StatsArgs),
+    /// Keep an entry whatever eviction decides
+    Pin(EntryArgs),
+    /// Let eviction consider an entry again
+    Unpin(EntryArgs),
+    /// Show where a cached store path came from: upstream and verifying key, or uploader and
+    /// vouching key
+    PathInfo(PathInfoArgs),
+    /// Scrub the store: re-hash every stored NAR and artifact against its recorded SHA-256; exits
+    /// 1 when anything is bad
+    Verify(VerifyArgs),
+}
+
+impl AdminCommand {
+    fn settings(&self) -> &ServerSettings {
+        match self {
+            AdminCommand::Gc(a) => &a.settings,
+            AdminCommand::Stats(a) => &a.settings,
+            AdminCommand::Pin(a) | AdminCommand::Unpin(a) => &a.settings,
+            AdminCommand::PathInfo(a) => &a.settings,
+            AdminCommand::Verify(a) => &a.settings,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct GcArgs {
+    /// Only say what would be removed
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    settings: ServerSettings,
+}
+
+#[derive(Args)]
+pub struct StatsArgs {
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    settings: ServerSettings,
+}
+
+#[derive(Args)]
+pub struct EntryArgs {
+    /// An artifact key or a store path hash
+    #[arg(value_name = "KEY")]
+    key: String,
+    #[command(flatten)]
+    settings: ServerSettings,
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Remove bad entries with their narinfos (proxied paths are fetched again on their next
+    /// request)
+    #[arg(long)]
+    repair: bool,
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    settings: ServerSettings,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -80,8 +170,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-async fn open_db(m: &ArgMatches) -> anyhow::Result<SqliteMeta> {
-    let config = load_config(m)?;
+async fn open_db(settings: &ServerSettings) -> anyhow::Result<SqliteMeta> {
+    let config = load_config(settings)?;
     SqliteMeta::connect(&config.database_url)
         .await
         .with_context(|| {
@@ -108,18 +198,18 @@ fn audit_key_change(action: &str, name: &str, result: &str) -> AuditEntry {
     }
 }
 
-pub fn run_keys(m: &ArgMatches) -> anyhow::Result<()> {
+pub fn run_keys(cmd: &KeysCommand) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        match m.subcommand() {
-            Some(("create", m)) => {
-                let db = open_db(m).await?;
-                let name = m.get_one::<String>("name").expect("required");
+        match cmd {
+            KeysCommand::Create(args) => {
+                let db = open_db(&args.settings).await?;
+                let name = &args.name;
                 if name.is_empty() || name.len() > 100 || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
                     bail!("--name must be 1-100 characters without spaces");
                 }
-                let scope = Scope::parse(m.get_one::<String>("scope").expect("required")).expect("clap checked");
+                let scope = Scope::from(args.scope);
                 let now = nip_store::unix_now();
-                let expires_at = match m.get_one::<String>("expires") {
+                let expires_at = match &args.expires {
                     Some(d) => {
                         let d = nip_server::config::parse_duration(d)
                             .filter(|d| !d.is_zero())
@@ -131,17 +221,17 @@ pub fn run_keys(m: &ArgMatches) -> anyhow::Result<()> {
                 let rec = ApiKeyRecord {
                     name: name.clone(),
                     scope: scope.as_str().into(),
-                    prefix: m.get_one::<String>("prefix").cloned(),
+                    prefix: args.prefix.clone(),
                     created_at: now,
                     expires_at,
                     revoked_at: None,
                 };
                 let token = generate_token();
-                if let Err(e) = db.create_key(&rec, &hash_token(&token)).await {
-                    if db.list_keys().await?.iter().any(|k| &k.name == name) {
-                        bail!("a key named {name:?} already exists (revoked keys keep their names): choose another name");
+                match db.create_key(&rec, &hash_token(&token)).await? {
+                    CreateKey::Created => {}
+                    CreateKey::NameTaken => {
+                        bail!("a key named {name:?} already exists (revoked keys keep their names): choose another name")
                     }
-                    return Err(e.into());
                 }
                 db.audit(&audit_key_change("key-create", name, &format!("created scope={}", scope.as_str()))).await?;
                 println!(
@@ -153,15 +243,15 @@ pub fn run_keys(m: &ArgMatches) -> anyhow::Result<()> {
                 println!("{token}");
                 Ok(())
             }
-            Some(("list", m)) => {
-                let keys = open_db(m).await?.list_keys().await?;
+            KeysCommand::List(args) => {
+                let keys = open_db(&args.settings).await?.list_keys().await?;
                 let now = nip_store::unix_now();
                 let status = |k: &ApiKeyRecord| match (k.revoked_at, k.expires_at) {
                     (Some(_), _) => "revoked",
                     (None, Some(e)) if e <= now => "expired",
                     _ => "active",
                 };
-                if m.get_flag("json") {
+                if args.json {
                     let v: Vec<_> = keys
                         .iter()
                         .map(|k| {
@@ -187,9 +277,9 @@ pub fn run_keys(m: &ArgMatches) -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Some(("revoke", m)) => {
-                let db = open_db(m).await?;
-                let name = m.get_one::<String>("name").expect("required");
+            KeysCommand::Revoke(args) => {
+                let db = open_db(&args.settings).await?;
+                let name = &args.name;
                 if !db.revoke_key(name, nip_store::unix_now()).await? {
                     bail!("no active key named {name:?} (see `nip keys list`)");
                 }
@@ -197,21 +287,20 @@ pub fn run_keys(m: &ArgMatches) -> anyhow::Result<()> {
                 println!("Revoked key {name:?}");
                 Ok(())
             }
-            _ => unreachable!("clap enforces a subcommand"),
         }
     })
 }
 
-pub fn run_audit(m: &ArgMatches) -> anyhow::Result<()> {
+pub fn run_audit(args: &AuditArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let since = m.get_one::<String>("since").expect("has default");
+        let since = &args.since;
         let since = nip_server::config::parse_duration(since).with_context(|| format!("--since {since:?}: expected a duration like 1d"))?;
         let from = nip_store::unix_now() - since.as_secs() as i64;
-        let entries = open_db(m)
+        let entries = open_db(&args.settings)
             .await?
-            .audit_since(from, m.get_one::<String>("key").map(String::as_str), *m.get_one::<i64>("limit").expect("has default"))
+            .audit_since(from, args.key.as_deref(), args.limit)
             .await?;
-        if m.get_flag("json") {
+        if args.json {
             let v: Vec<_> = entries
                 .iter()
                 .map(|e| {
@@ -236,35 +325,6 @@ pub fn run_audit(m: &ArgMatches) -> anyhow::Result<()> {
         }
         Ok(())
     })
-}
-
-pub fn admin_command() -> Command {
-    let key = || {
-        Arg::new("key")
-            .required(true)
-            .value_name("KEY")
-            .help("An artifact key or a store path hash")
-    };
-    Command::new("admin")
-        .about("Maintain the server's store: garbage collection, statistics, pins, scrubbing, provenance")
-        .subcommand_required(true)
-        .subcommand(with_settings(
-            Command::new("gc")
-                .about("Clean crash leftovers and evict least recently used entries down to --cache-max-size")
-                .arg(Arg::new("dry-run").long("dry-run").action(ArgAction::SetTrue).help("Only say what would be removed")),
-        ))
-        .subcommand(with_settings(Command::new("stats").about("Store size and entry counts").arg(json_arg())))
-        .subcommand(with_settings(Command::new("pin").about("Keep an entry whatever eviction decides").arg(key())))
-        .subcommand(with_settings(Command::new("unpin").about("Let eviction consider an entry again").arg(key())))
-        .subcommand(with_settings(crate::path_info::command()))
-        .subcommand(with_settings(
-            Command::new("verify")
-                .about("Scrub the store: re-hash every stored NAR and artifact against its recorded SHA-256; exits 1 when anything is bad")
-                .arg(Arg::new("repair").long("repair").action(ArgAction::SetTrue).help(
-                    "Remove bad entries with their narinfos (proxied paths are fetched again on their next request)",
-                ))
-                .arg(json_arg()),
-        ))
 }
 
 /// A bar of bytes hashed, on stderr when it is a terminal (hidden otherwise, so logs stay clean).
@@ -382,17 +442,16 @@ async fn run_verify(
     );
 }
 
-pub fn run_admin(m: &ArgMatches) -> anyhow::Result<()> {
+pub fn run_admin(cmd: &AdminCommand) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let (name, m) = m.subcommand().expect("clap enforces a subcommand");
-        let config = load_config(m)?;
+        let config = load_config(cmd.settings())?;
         let db = SqliteMeta::connect(&config.database_url)
             .await
             .with_context(|| format!("cannot open the database {}", nip_core::redact::redact_userinfo(&config.database_url)))?;
-        match name {
-            "gc" => {
+        match cmd {
+            AdminCommand::Gc(args) => {
                 let blobs = nip_server::open_blobs(&config)?;
-                let dry = m.get_flag("dry-run");
+                let dry = args.dry_run;
                 let verb = if dry { "would remove" } else { "removed" };
                 let r = nip_store::gc::reconcile(&db, blobs.as_ref(), dry).await?;
                 println!(
@@ -415,10 +474,10 @@ pub fn run_admin(m: &ArgMatches) -> anyhow::Result<()> {
                     None => println!("eviction: no --cache-max-size set, nothing to evict"),
                 }
             }
-            "stats" => {
+            AdminCommand::Stats(args) => {
                 let u = db.usage().await?;
                 let pins = db.pins().await?.len();
-                if m.get_flag("json") {
+                if args.json {
                     let v = serde_json::json!({"bytes": u.bytes, "maxBytes": config.max_size, "nars": u.nars,
                         "narinfos": u.narinfos, "artifacts": u.artifacts, "pins": pins});
                     println!("{}", serde_json::to_string_pretty(&v)?);
@@ -431,8 +490,7 @@ pub fn run_admin(m: &ArgMatches) -> anyhow::Result<()> {
                     println!("pinned:    {pins}");
                 }
             }
-            "pin" => {
-                let key = m.get_one::<String>("key").expect("required");
+            AdminCommand::Pin(EntryArgs { key, .. }) => {
                 let known = db.get_artifact(key).await?.is_some() || db.get_narinfo(key).await?.is_some();
                 if !known {
                     bail!("{key:?} is neither an artifact key nor a cached store path hash");
@@ -440,16 +498,14 @@ pub fn run_admin(m: &ArgMatches) -> anyhow::Result<()> {
                 db.pin(key, nip_store::unix_now()).await?;
                 println!("pinned {key}");
             }
-            "unpin" => {
-                let key = m.get_one::<String>("key").expect("required");
+            AdminCommand::Unpin(EntryArgs { key, .. }) => {
                 if !db.unpin(key).await? {
                     bail!("{key:?} is not pinned");
                 }
                 println!("unpinned {key}");
             }
-            "path-info" => crate::path_info::run(&db, m).await?,
-            "verify" => return run_verify(&db, &config, m.get_flag("repair"), m.get_flag("json")).await,
-            _ => unreachable!("clap enforces a subcommand"),
+            AdminCommand::PathInfo(args) => crate::path_info::run(&db, args).await?,
+            AdminCommand::Verify(args) => return run_verify(&db, &config, args.repair, args.json).await,
         }
         Ok(())
     })

@@ -1,121 +1,138 @@
 //! The client commands: `nip cache …` (remote config/status/pull/push, list, stats), `nip build`
 //! and `nip completions`. Argument parsing and printing only; the work is in `nip-client`.
 use anyhow::{bail, Context, Result};
-use clap::{Arg, ArgAction, ArgMatches, Command};
+use clap::{Args, Subcommand, ValueEnum};
 use nip_client::build::{BuildOptions, Source};
 use nip_client::config::{self, mask_key};
 use nip_client::dirs::Dirs;
 use nip_client::remote::UploadOutcome;
 use nip_client::{ops, Client};
 
-fn json_flag() -> Arg {
-    Arg::new("json")
-        .long("json")
-        .action(ArgAction::SetTrue)
-        .help("Print JSON")
+use crate::client_report::ListFormat;
+
+// `///` comments on the variants and fields are their `--help` text.
+#[derive(Subcommand)]
+pub enum CacheCommand {
+    /// Configure and use the remote cache
+    #[command(subcommand, arg_required_else_help = false)]
+    Remote(RemoteCommand),
+    /// List local artifacts, or recent cache operations
+    List(ListArgs),
+    /// Hit rate, transfer success rates, cache size, time saved
+    Stats(JsonArgs),
 }
 
-fn keys_arg(what: &'static str) -> Arg {
-    Arg::new("args")
-        .value_name("KEY | PKG VERSION [+VARIANT…]")
-        .num_args(1..)
-        .required(true)
-        .allow_hyphen_values(false)
-        .help(what)
+#[derive(Subcommand)]
+pub enum RemoteCommand {
+    /// Set remote cache options (stored in $XDG_CONFIG_HOME/nip/remote-cache.json, mode 0600)
+    Config(RemoteConfigArgs),
+    /// Test the connection and the API key; exit 1 when unavailable
+    Status(JsonArgs),
+    /// Download an artifact into the local cache
+    Pull(PullArgs),
+    /// Upload local artifacts
+    Push(PushArgs),
 }
 
-pub fn cache_command() -> Command {
-    let remote = Command::new("remote")
-        .about("Configure and use the remote cache")
-        .subcommand_required(true)
-        .subcommand(
-            Command::new("config")
-                .about("Set remote cache options (stored in $XDG_CONFIG_HOME/nip/remote-cache.json, mode 0600)")
-                .arg(Arg::new("url").long("url").value_name("URL").help("Server URL"))
-                .arg(Arg::new("api-key").long("api-key").value_name("KEY").help("API key (Bearer token)"))
-                .arg(Arg::new("enable").long("enable").action(ArgAction::SetTrue).conflicts_with("disable").help("Use the remote in builds"))
-                .arg(Arg::new("disable").long("disable").action(ArgAction::SetTrue).help("Do not use the remote in builds"))
-                .arg(Arg::new("timeout").long("timeout").value_name("SECS").value_parser(clap::value_parser!(u64).range(1..)).help("Per-request timeout in seconds"))
-                .arg(Arg::new("ca-cert").long("ca-cert").value_name("FILE").help("PEM file of CA certificates to trust for https:// (a private CA), besides the system's; \"\" removes it"))
-                .arg(Arg::new("from-env").long("from-env").action(ArgAction::SetTrue).help("For pipelines: save NIP_REMOTE_CACHE_URL, NIP_REMOTE_CACHE_API_KEY (and NIP_REMOTE_CACHE_CA_CERT when set) and enable the remote"))
-                .arg(Arg::new("show").long("show").action(ArgAction::SetTrue).help("Print the effective configuration (key masked)")),
-        )
-        .subcommand(Command::new("status").about("Test the connection and the API key; exit 1 when unavailable").arg(json_flag()))
-        .subcommand(Command::new("pull").about("Download an artifact into the local cache").arg(keys_arg("A cache key, or a package, version and variants")))
-        .subcommand(Command::new("push").about("Upload local artifacts").arg(keys_arg("A cache key, or a package and version (all its local variants)")));
-    Command::new("cache")
-        .about("Local and remote binary cache of `nip build` results")
-        .subcommand_required(true)
-        .subcommand(remote)
-        .subcommand(
-            Command::new("list")
-                .about("List local artifacts, or recent cache operations")
-                .arg(
-                    Arg::new("format")
-                        .long("format")
-                        .value_parser(["table", "simple", "json"])
-                        .default_value("table")
-                        .help("simple: one cache key per line"),
-                )
-                .arg(
-                    Arg::new("recent")
-                        .long("recent")
-                        .action(ArgAction::SetTrue)
-                        .help("Recent cache operations, newest first"),
-                )
-                .arg(
-                    Arg::new("limit")
-                        .long("limit")
-                        .value_parser(clap::value_parser!(usize))
-                        .default_value("20")
-                        .help("How many operations --recent shows"),
-                ),
-        )
-        .subcommand(
-            Command::new("stats")
-                .about("Hit rate, transfer success rates, cache size, time saved")
-                .arg(json_flag()),
-        )
+#[derive(Args)]
+pub struct JsonArgs {
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
 }
 
-pub fn build_command() -> Command {
-    Command::new("build")
-        .about("Build a recipe: local cache, then remote cache, then build and upload")
-        .arg(
-            Arg::new("pkg")
-                .required(true)
-                .help("Recipe name (<pkg>.toml)"),
-        )
-        .arg(
-            Arg::new("variants")
-                .num_args(0..)
-                .value_name("+VARIANT")
-                .help("Variants, e.g. +python+ruby or +ruby +python"),
-        )
-        .arg(json_flag())
-        .arg(
-            Arg::new("ci")
-                .long("ci")
-                .action(ArgAction::SetTrue)
-                .conflicts_with("json")
-                .help("CI output: no progress bars, one `nip-build:` summary line (hits, misses, time saved) on stderr"),
-        )
-        .arg(
-            Arg::new("no-remote-cache")
-                .long("no-remote-cache")
-                .action(ArgAction::SetTrue)
-                .help("Neither download from nor upload to the remote"),
-        )
+#[derive(Args)]
+pub struct RemoteConfigArgs {
+    /// Server URL
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+    /// API key (Bearer token)
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    /// Use the remote in builds
+    #[arg(long, conflicts_with = "disable")]
+    enable: bool,
+    /// Do not use the remote in builds
+    #[arg(long)]
+    disable: bool,
+    /// Per-request timeout in seconds
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: Option<u64>,
+    /// PEM file of CA certificates to trust for https:// (a private CA), besides the system's; ""
+    /// removes it
+    #[arg(long, value_name = "FILE")]
+    ca_cert: Option<String>,
+    /// For pipelines: save NIP_REMOTE_CACHE_URL, NIP_REMOTE_CACHE_API_KEY (and
+    /// NIP_REMOTE_CACHE_CA_CERT when set) and enable the remote
+    #[arg(long)]
+    from_env: bool,
+    /// Print the effective configuration (key masked)
+    #[arg(long)]
+    show: bool,
 }
 
-pub fn completions_command() -> Command {
-    Command::new("completions")
-        .about("Print a shell completion script")
-        .arg(
-            Arg::new("shell")
-                .required(true)
-                .value_parser(["bash", "zsh", "fish"]),
-        )
+#[derive(Args)]
+pub struct PullArgs {
+    /// A cache key, or a package, version and variants
+    #[arg(value_name = KEYS, num_args = 1.., required = true, allow_hyphen_values = false)]
+    args: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct PushArgs {
+    /// A cache key, or a package and version (all its local variants)
+    #[arg(value_name = KEYS, num_args = 1.., required = true, allow_hyphen_values = false)]
+    args: Vec<String>,
+}
+
+/// What `pull` and `push` take.
+const KEYS: &str = "KEY | PKG VERSION [+VARIANT…]";
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// simple: one cache key per line
+    #[arg(long, value_enum, value_names = crate::NO_VALUE_NAME, default_value_t = ListFormat::Table)]
+    format: ListFormat,
+    /// Recent cache operations, newest first
+    #[arg(long)]
+    recent: bool,
+    /// How many operations --recent shows
+    #[arg(long, value_names = crate::NO_VALUE_NAME, default_value_t = 20)]
+    limit: usize,
+}
+
+#[derive(Args)]
+pub struct BuildArgs {
+    /// Recipe name (<pkg>.toml)
+    #[arg(value_name = "pkg")]
+    pkg: String,
+    /// Variants, e.g. +python+ruby or +ruby +python
+    #[arg(num_args = 0.., value_name = "+VARIANT")]
+    variants: Vec<String>,
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+    /// CI output: no progress bars, one `nip-build:` summary line (hits, misses, time saved) on
+    /// stderr
+    #[arg(long, conflicts_with = "json")]
+    ci: bool,
+    /// Neither download from nor upload to the remote
+    #[arg(long)]
+    no_remote_cache: bool,
+}
+
+#[derive(Args)]
+pub struct CompletionsArgs {
+    #[arg(value_enum, value_name = "shell")]
+    shell: CompletionShell,
+}
+
+/// The shells `nip completions` writes a script for.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 fn client() -> Result<Client> {
@@ -128,49 +145,43 @@ fn recipes_path() -> Option<String> {
     std::env::var("NIP_RECIPES_PATH").ok()
 }
 
-fn strings(m: &ArgMatches, id: &str) -> Vec<String> {
-    m.get_many::<String>(id)
-        .map(|v| v.cloned().collect())
-        .unwrap_or_default()
-}
-
-pub fn run_cache(m: &ArgMatches) -> Result<()> {
-    match m.subcommand() {
-        Some(("remote", r)) => match r.subcommand() {
-            Some(("config", c)) => remote_config(c),
-            Some(("status", s)) => remote_status(s.get_flag("json")),
-            Some(("pull", p)) => pull(&strings(p, "args")),
-            Some(("push", p)) => push(&strings(p, "args")),
-            _ => unreachable!("clap enforces a subcommand"),
+pub fn run_cache(cmd: &CacheCommand) -> Result<()> {
+    match cmd {
+        CacheCommand::Remote(r) => match r {
+            RemoteCommand::Config(c) => remote_config(c),
+            RemoteCommand::Status(s) => remote_status(s.json),
+            RemoteCommand::Pull(p) => pull(&p.args),
+            RemoteCommand::Push(p) => push(&p.args),
         },
-        Some(("list", l)) => crate::client_report::list(&client()?, l),
-        Some(("stats", s)) => crate::client_report::stats(&client()?, s.get_flag("json")),
-        _ => unreachable!("clap enforces a subcommand"),
+        CacheCommand::List(l) => {
+            crate::client_report::list(&client()?, l.format, l.recent, l.limit)
+        }
+        CacheCommand::Stats(s) => crate::client_report::stats(&client()?, s.json),
     }
 }
 
-fn remote_config(c: &ArgMatches) -> Result<()> {
+fn remote_config(c: &RemoteConfigArgs) -> Result<()> {
     let dirs = Dirs::from_env();
     let path = dirs.remote_config_file();
     let mut file = config::read_file(&path)?;
     let mut changed = false;
-    if let Some(u) = c.get_one::<String>("url") {
+    if let Some(u) = &c.url {
         file.url = Some(config::normalize_url(u)?);
         changed = true;
     }
-    if let Some(k) = c.get_one::<String>("api-key") {
+    if let Some(k) = &c.api_key {
         file.api_key = Some(k.clone()).filter(|k| !k.is_empty());
         changed = true;
     }
-    if c.get_flag("enable") || c.get_flag("disable") {
-        file.enabled = Some(c.get_flag("enable"));
+    if c.enable || c.disable {
+        file.enabled = Some(c.enable);
         changed = true;
     }
-    if let Some(t) = c.get_one::<u64>("timeout") {
-        file.timeout = Some(*t);
+    if let Some(t) = c.timeout {
+        file.timeout = Some(t);
         changed = true;
     }
-    if let Some(ca) = c.get_one::<String>("ca-cert") {
+    if let Some(ca) = &c.ca_cert {
         file.ca_cert = if ca.is_empty() {
             None
         } else {
@@ -178,14 +189,14 @@ fn remote_config(c: &ArgMatches) -> Result<()> {
         };
         changed = true;
     }
-    if c.get_flag("from-env") && from_env(&mut file, &config::env_snapshot())? {
+    if c.from_env && from_env(&mut file, &config::env_snapshot())? {
         changed = true;
     }
     if changed {
         config::write_file(&path, &file)?;
         eprintln!("✅ Saved {}", path.display());
     }
-    if changed && !c.get_flag("show") {
+    if changed && !c.show {
         return Ok(());
     }
     let eff = config::effective(&file, &config::env_snapshot())?;
@@ -341,16 +352,16 @@ fn push(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-pub fn run_build(m: &ArgMatches) -> Result<()> {
-    let ci = m.get_flag("ci");
+pub fn run_build(args: &BuildArgs) -> Result<()> {
+    let ci = args.ci;
     if ci {
         nip_client::progress::set_quiet();
     }
     let c = client()?;
     let opts = BuildOptions {
-        pkg: m.get_one::<String>("pkg").cloned().unwrap_or_default(),
-        variant_args: strings(m, "variants"),
-        no_remote: m.get_flag("no-remote-cache"),
+        pkg: args.pkg.clone(),
+        variant_args: args.variants.clone(),
+        no_remote: args.no_remote_cache,
         cwd: std::env::current_dir().context("current directory")?,
         recipes_path: recipes_path(),
     };
@@ -371,7 +382,7 @@ pub fn run_build(m: &ArgMatches) -> Result<()> {
             r.key, r.saved_secs, r.elapsed_secs, r.uploaded
         );
         println!("{}", r.path.display());
-    } else if m.get_flag("json") {
+    } else if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         let how = match r.source {
@@ -386,13 +397,13 @@ pub fn run_build(m: &ArgMatches) -> Result<()> {
     Ok(())
 }
 
-pub fn run_completions(m: &ArgMatches, mut cli: Command) -> Result<()> {
+/// Writes the completion script of `cli` (the whole `nip` command) to stdout.
+pub fn run_completions(args: &CompletionsArgs, mut cli: clap::Command) -> Result<()> {
     use clap_complete::Shell;
-    let shell = match m.get_one::<String>("shell").map(String::as_str) {
-        Some("bash") => Shell::Bash,
-        Some("zsh") => Shell::Zsh,
-        Some("fish") => Shell::Fish,
-        other => bail!("unsupported shell {other:?}"),
+    let shell = match args.shell {
+        CompletionShell::Bash => Shell::Bash,
+        CompletionShell::Zsh => Shell::Zsh,
+        CompletionShell::Fish => Shell::Fish,
     };
     clap_complete::generate(shell, &mut cli, "nip", &mut std::io::stdout());
     Ok(())

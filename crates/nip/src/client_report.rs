@@ -1,24 +1,29 @@
 //! `nip cache list` and `nip cache stats`: local artifacts, recent operations and the figures
 //! computed from the operation record.
 use anyhow::Result;
-use clap::ArgMatches;
+use clap::ValueEnum;
 use nip_client::record::{self, now_unix};
 use nip_client::Client;
 
-pub fn list(c: &Client, m: &ArgMatches) -> Result<()> {
-    let format = m
-        .get_one::<String>("format")
-        .map(String::as_str)
-        .unwrap_or("table");
-    if m.get_flag("recent") {
-        let limit = m.get_one::<usize>("limit").copied().unwrap_or(20);
+/// `nip cache list --format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ListFormat {
+    Table,
+    // One cache key per line.
+    Simple,
+    Json,
+}
+
+/// The local artifacts, or with `recent` the last `limit` cache operations, newest first.
+pub fn list(c: &Client, format: ListFormat, recent: bool, limit: usize) -> Result<()> {
+    if recent {
         let mut ops = c.record.read();
         ops.reverse();
         ops.truncate(limit);
         match format {
-            "json" => println!("{}", serde_json::to_string_pretty(&ops)?),
-            "simple" => ops.iter().for_each(|o| println!("{}", o.key)),
-            _ => {
+            ListFormat::Json => println!("{}", serde_json::to_string_pretty(&ops)?),
+            ListFormat::Simple => ops.iter().for_each(|o| println!("{}", o.key)),
+            ListFormat::Table => {
                 println!(
                     "{:<20} {:<8} {:<8} {:<50} SERVER",
                     "AT", "OP", "OUTCOME", "KEY"
@@ -40,9 +45,9 @@ pub fn list(c: &Client, m: &ArgMatches) -> Result<()> {
     }
     let all = c.local.list();
     match format {
-        "json" => println!("{}", serde_json::to_string_pretty(&all)?),
-        "simple" => all.iter().for_each(|a| println!("{}", a.key)),
-        _ => {
+        ListFormat::Json => println!("{}", serde_json::to_string_pretty(&all)?),
+        ListFormat::Simple => all.iter().for_each(|a| println!("{}", a.key)),
+        ListFormat::Table => {
             println!(
                 "{:<50} {:<16} {:<10} {:<16} {:>10} CREATED",
                 "KEY", "NAME", "VERSION", "VARIANTS", "SIZE"

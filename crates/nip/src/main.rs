@@ -9,38 +9,78 @@ mod serve;
 mod telemetry;
 mod tls_cmd;
 
-use clap::{Arg, ArgAction, Command};
+use clap::{CommandFactory, Parser, Subcommand};
 
-fn cli() -> Command {
-    config_load::with_root_settings(Command::new("nip"))
-        .version(env!("CARGO_PKG_VERSION"))
-        .about("nip: a remote binary cache for Nix and build artifacts")
-        .subcommand_required(true)
-        .arg_required_else_help(true)
-        .subcommand(serve::command())
-        .subcommand(admin::keys_command())
-        .subcommand(admin::audit_command())
-        .subcommand(migrate::command())
-        .subcommand(admin::admin_command())
-        .subcommand(client_cmd::cache_command())
-        .subcommand(client_cmd::build_command())
-        .subcommand(client_cmd::completions_command())
-        .subcommand(tls_cmd::command())
+use crate::config_load::RootSettings;
+
+#[derive(Parser)]
+#[command(
+    name = "nip",
+    version,
+    about = "nip: a remote binary cache for Nix and build artifacts"
+)]
+struct Cli {
+    // ncps' global flags and `--config`, accepted before the subcommand.
+    #[command(flatten)]
+    root: RootSettings,
+    #[command(subcommand)]
+    command: Command,
+}
+
+// `///` comments on the variants are their `--help` text. A command of commands given alone
+// (`nip keys`) is a usage error that names them, not the help: `arg_required_else_help = false`.
+#[derive(Subcommand)]
+enum Command {
+    /// Run the cache server (Nix binary cache proxy and artifact cache)
+    Serve(serve::ServeArgs),
+    /// Manage API keys of the server's database
+    #[command(subcommand, arg_required_else_help = false)]
+    Keys(admin::KeysCommand),
+    /// Read the audit log: writes, deletes, key changes and authentication failures, newest first
+    Audit(admin::AuditArgs),
+    /// Apply database schema migrations (nip serve also applies them at start)
+    #[command(subcommand, arg_required_else_help = false)]
+    Migrate(migrate::MigrateCommand),
+    /// Maintain the server's store: garbage collection, statistics, pins, scrubbing, provenance
+    #[command(subcommand, arg_required_else_help = false)]
+    Admin(admin::AdminCommand),
+    /// Local and remote binary cache of `nip build` results
+    #[command(subcommand, arg_required_else_help = false)]
+    Cache(client_cmd::CacheCommand),
+    /// Build a recipe: local cache, then remote cache, then build and upload
+    Build(client_cmd::BuildArgs),
+    /// Print a shell completion script
+    Completions(client_cmd::CompletionsArgs),
+    /// TLS helpers for `nip serve --tls-cert/--tls-key`
+    #[command(subcommand, arg_required_else_help = false)]
+    Tls(tls_cmd::TlsCommand),
+}
+
+/// For `value_names`: none, so the help shows the argument's id as its value (`--scope <scope>`)
+/// and zsh completions describe no value.
+const NO_VALUE_NAME: [&str; 0] = [];
+
+impl Cli {
+    /// Parses `args` (the process's command line); ncps' global flags given before the
+    /// subcommand reach it (see [`config_load::parse_with_root_flags`]).
+    fn try_parse_args(args: &[std::ffi::OsString]) -> Result<Cli, clap::Error> {
+        config_load::parse_with_root_flags(args, |cli: &Cli| &cli.root)
+    }
 }
 
 fn main() -> std::process::ExitCode {
-    let matches = config_load::root_flags_to_subcommands(cli(), cli().get_matches());
-    let result = match matches.subcommand() {
-        Some(("serve", m)) => serve::run(m),
-        Some(("keys", m)) => admin::run_keys(m),
-        Some(("audit", m)) => admin::run_audit(m),
-        Some(("migrate", m)) => migrate::run(m),
-        Some(("admin", m)) => admin::run_admin(m),
-        Some(("cache", m)) => client_cmd::run_cache(m),
-        Some(("build", m)) => client_cmd::run_build(m),
-        Some(("completions", m)) => client_cmd::run_completions(m, cli()),
-        Some(("tls", m)) => tls_cmd::run(m),
-        _ => unreachable!("clap enforces a subcommand"),
+    let args: Vec<_> = std::env::args_os().collect();
+    let cli = Cli::try_parse_args(&args).unwrap_or_else(|e| e.exit());
+    let result = match &cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Keys(cmd) => admin::run_keys(cmd),
+        Command::Audit(args) => admin::run_audit(args),
+        Command::Migrate(cmd) => migrate::run(cmd),
+        Command::Admin(cmd) => admin::run_admin(cmd),
+        Command::Cache(cmd) => client_cmd::run_cache(cmd),
+        Command::Build(args) => client_cmd::run_build(args),
+        Command::Completions(args) => client_cmd::run_completions(args, Cli::command()),
+        Command::Tls(cmd) => tls_cmd::run(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -51,19 +91,56 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Adds the `--config` argument shared by commands that read the server configuration.
-pub fn config_arg() -> Arg {
-    Arg::new("config")
-        .long("config")
-        .value_name("FILE")
-        .action(ArgAction::Set)
-        .help("Config file (YAML, TOML or JSON) [env: NIP_CONFIG_FILE, NCPS_CONFIG_FILE]")
-}
-
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn cli_is_well_formed() {
-        super::cli().debug_assert();
+        Cli::command().debug_assert();
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        let args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+        Cli::try_parse_args(&args)
+    }
+
+    #[test]
+    fn command_lines_become_commands() {
+        use clap::error::ErrorKind;
+        let cli = parse(&["nip", "--log-level=info", "--otel-enabled", "serve"]).unwrap();
+        assert!(matches!(cli.command, Command::Serve(_)));
+        let cli = parse(&["nip", "keys", "create", "--name", "k", "--scope", "write"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Keys(admin::KeysCommand::Create(_))
+        ));
+        let cli = parse(&["nip", "--config=/c.yaml", "admin", "path-info", "x"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Admin(admin::AdminCommand::PathInfo(_))
+        ));
+        let cli = parse(&["nip", "cache", "remote", "pull", "pkg", "1.0"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Cache(client_cmd::CacheCommand::Remote(
+                client_cmd::RemoteCommand::Pull(_)
+            ))
+        ));
+        // `nip` alone prints the help; a command of commands alone is a usage error.
+        let kind = |args: &[&str]| parse(args).err().map(|e| e.kind());
+        assert_eq!(
+            kind(&["nip"]),
+            Some(ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand)
+        );
+        assert_eq!(kind(&["nip", "keys"]), Some(ErrorKind::MissingSubcommand));
+        assert_eq!(
+            kind(&["nip", "keys", "create", "--name", "k", "--scope", "root"]),
+            Some(ErrorKind::InvalidValue)
+        );
+        assert_eq!(
+            kind(&["nip", "completions", "powershell"]),
+            Some(ErrorKind::InvalidValue)
+        );
     }
 }

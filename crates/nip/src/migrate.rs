@@ -2,32 +2,31 @@
 //! `ncps migrate up` before starting the server. Optional: `nip serve` applies them at every start
 //! (safely when several instances start together). Takes the same settings as `serve`.
 use anyhow::Context;
-use clap::{Arg, ArgAction, ArgMatches, Command};
+use clap::{Args, Subcommand};
 use nip_store::sql::MigrationInfo;
 use nip_store::SqliteMeta;
 
-use crate::config_load::{load_config, with_settings};
+use crate::config_load::{load_config, ServerSettings};
 
-pub fn command() -> Command {
-    Command::new("migrate")
-        .about("Apply database schema migrations (nip serve also applies them at start)")
-        .subcommand_required(true)
-        .subcommand(with_settings(
-            Command::new("up")
-                .about("Apply all pending migrations to the configured database")
-                .arg(
-                    Arg::new("dry-run")
-                        .long("dry-run")
-                        .action(ArgAction::SetTrue)
-                        .help("List the pending migrations without applying them"),
-                ),
-        ))
+// `///` comments on the variants and fields are their `--help` text.
+#[derive(Subcommand)]
+pub enum MigrateCommand {
+    /// Apply all pending migrations to the configured database
+    Up(UpArgs),
 }
 
-pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
-    match m.subcommand() {
-        Some(("up", m)) => up(m),
-        _ => unreachable!("clap enforces a subcommand"),
+#[derive(Args)]
+pub struct UpArgs {
+    /// List the pending migrations without applying them
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    settings: ServerSettings,
+}
+
+pub fn run(cmd: &MigrateCommand) -> anyhow::Result<()> {
+    match cmd {
+        MigrateCommand::Up(args) => up(args),
     }
 }
 
@@ -35,8 +34,8 @@ fn line(m: &MigrationInfo) -> String {
     format!("  {:04} {}", m.version, m.description)
 }
 
-fn up(m: &ArgMatches) -> anyhow::Result<()> {
-    let config = load_config(m)?;
+fn up(args: &UpArgs) -> anyhow::Result<()> {
+    let config = load_config(&args.settings)?;
     let url = config.database_url.clone();
     // What is printed: never the password.
     let shown = nip_core::redact::redact_userinfo(&url);
@@ -47,7 +46,7 @@ fn up(m: &ArgMatches) -> anyhow::Result<()> {
         let pending = SqliteMeta::pending_migrations(&url)
             .await
             .with_context(|| format!("cannot read the migration state of {shown}"))?;
-        if m.get_flag("dry-run") {
+        if args.dry_run {
             if pending.is_empty() {
                 println!("{shown}: up to date, nothing to apply");
             } else {

@@ -1,29 +1,27 @@
 //! `nip admin path-info <hash|store path>`: where a cached narinfo came from (provenance), which
 //! keys signed what is served, whether its NAR is stored, and the audit entries naming it.
 use anyhow::bail;
-use clap::{Arg, ArgMatches, Command};
+use clap::Args;
 use nip_core::narinfo::NarInfo;
 use nip_core::store_path::{StorePath, StorePathHash};
 use nip_store::{AuditLog, MetaStore, SqliteMeta};
 
+use crate::config_load::ServerSettings;
+
 /// Audit entries looked through for the path: enough for any one path's history.
 const AUDIT_SCAN: i64 = 100_000;
 
-pub fn command() -> Command {
-    Command::new("path-info")
-        .about("Show where a cached store path came from: upstream and verifying key, or uploader and vouching key")
-        .arg(
-            Arg::new("path")
-                .required(true)
-                .value_name("HASH|STORE_PATH")
-                .help("A store path hash, <hash>-<name>, or /nix/store/<hash>-<name>"),
-        )
-        .arg(
-            Arg::new("json")
-                .long("json")
-                .action(clap::ArgAction::SetTrue)
-                .help("Print JSON"),
-        )
+// `///` comments on the fields are their `--help` text.
+#[derive(Args)]
+pub struct PathInfoArgs {
+    /// A store path hash, <hash>-<name>, or /nix/store/<hash>-<name>
+    #[arg(value_name = "HASH|STORE_PATH")]
+    path: String,
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    pub settings: ServerSettings,
 }
 
 /// The hash part of any of the accepted forms.
@@ -42,8 +40,8 @@ pub fn parse_hash(arg: &str) -> anyhow::Result<StorePathHash> {
     })
 }
 
-pub async fn run(db: &SqliteMeta, m: &ArgMatches) -> anyhow::Result<()> {
-    let arg = m.get_one::<String>("path").map(String::as_str).unwrap_or_default();
+pub async fn run(db: &SqliteMeta, args: &PathInfoArgs) -> anyhow::Result<()> {
+    let arg = args.path.as_str();
     let hash = parse_hash(arg)?;
     let Some(rec) = db.get_narinfo(hash.as_str()).await? else {
         bail!("this cache holds no narinfo for {arg}");
@@ -59,7 +57,7 @@ pub async fn run(db: &SqliteMeta, m: &ArgMatches) -> anyhow::Result<()> {
         .filter(|e| e.target.as_deref() == Some(rec.store_path.as_str()))
         .collect();
     let uploaded = rec.origin == "upload";
-    if m.get_flag("json") {
+    if args.json {
         let v = serde_json::json!({
             "storePath": rec.store_path,
             "hash": rec.hash,
@@ -95,10 +93,21 @@ pub async fn run(db: &SqliteMeta, m: &ArgMatches) -> anyhow::Result<()> {
         println!("origin:       upstream {}", rec.origin);
         println!("verified by:  {}", dash(&rec.signed_by));
     }
-    println!("NAR:          nar/{} ({})", rec.nar_file, if nar_stored { "stored" } else { "not stored yet" });
+    println!(
+        "NAR:          nar/{} ({})",
+        rec.nar_file,
+        if nar_stored {
+            "stored"
+        } else {
+            "not stored yet"
+        }
+    );
     println!("NarHash:      {}", rec.nar_hash);
     for s in &sigs {
-        println!("signature:    {}", s.split_once(':').map_or(s.as_str(), |(name, _)| name));
+        println!(
+            "signature:    {}",
+            s.split_once(':').map_or(s.as_str(), |(name, _)| name)
+        );
     }
     for e in &history {
         println!(

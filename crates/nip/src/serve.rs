@@ -1,25 +1,23 @@
 //! `nip serve`: its flags are generated from the settings table (see [`crate::config_load`]), so
 //! every flag, environment variable and config key of ncps is accepted under the same name.
 use anyhow::Context;
-use clap::{Arg, ArgAction, ArgMatches, Command};
+use clap::Args;
 
-use crate::config_load::{load_config, with_settings};
+use crate::config_load::{load_config, ServerSettings};
 
-pub fn command() -> Command {
-    let cmd = Command::new("serve")
-        .about("Run the cache server (Nix binary cache proxy and artifact cache)")
-        .arg(
-            Arg::new("print-config")
-                .long("print-config")
-                .action(ArgAction::SetTrue)
-                .help("Print the effective configuration as JSON (secrets masked) and exit"),
-        );
-    with_settings(cmd)
+// `///` comments on the fields are their `--help` text.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Print the effective configuration as JSON (secrets masked) and exit
+    #[arg(long)]
+    print_config: bool,
+    #[command(flatten)]
+    settings: ServerSettings,
 }
 
-pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
-    let config = load_config(m)?;
-    if m.get_flag("print-config") {
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let config = load_config(&args.settings)?;
+    if args.print_config {
         let json = serde_json::to_string_pretty(&config.print_json()).unwrap_or_default();
         println!("{json}");
         return Ok(());

@@ -4,53 +4,39 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::{Arg, ArgAction, ArgMatches, Command};
+use clap::{Args, Subcommand};
 
-pub fn command() -> Command {
-    Command::new("tls")
-        .about("TLS helpers for `nip serve --tls-cert/--tls-key`")
-        .subcommand_required(true)
-        .subcommand(
-            Command::new("self-signed")
-                .about("Write a self-signed certificate and key (cert.pem, key.pem) for trying HTTPS out")
-                .arg(
-                    Arg::new("hostname")
-                        .long("hostname")
-                        .value_name("HOST")
-                        .required(true)
-                        .action(ArgAction::Append)
-                        .value_delimiter(',')
-                        .help("Host name or IP address clients use (repeatable, or comma-separated), e.g. cache.internal,127.0.0.1"),
-                )
-                .arg(
-                    Arg::new("out")
-                        .long("out")
-                        .value_name("DIR")
-                        .default_value(".")
-                        .help("Directory for cert.pem and key.pem"),
-                )
-                .arg(
-                    Arg::new("force")
-                        .long("force")
-                        .action(ArgAction::SetTrue)
-                        .help("Overwrite existing cert.pem / key.pem"),
-                ),
-        )
+// `///` comments on the variants and fields are their `--help` text.
+#[derive(Subcommand)]
+pub enum TlsCommand {
+    /// Write a self-signed certificate and key (cert.pem, key.pem) for trying HTTPS out
+    SelfSigned(SelfSignedArgs),
 }
 
-pub fn run(m: &ArgMatches) -> Result<()> {
-    match m.subcommand() {
-        Some(("self-signed", s)) => {
-            let hosts: Vec<String> = s
-                .get_many::<String>("hostname")
-                .map(|v| {
-                    v.map(|h| h.trim().to_string())
-                        .filter(|h| !h.is_empty())
-                        .collect()
-                })
-                .unwrap_or_default();
-            let out = PathBuf::from(s.get_one::<String>("out").map_or(".", String::as_str));
-            let (cert, key) = self_signed(&hosts, &out, s.get_flag("force"))?;
+#[derive(Args)]
+pub struct SelfSignedArgs {
+    /// Host name or IP address clients use (repeatable, or comma-separated), e.g.
+    /// cache.internal,127.0.0.1
+    #[arg(long, value_name = "HOST", required = true, value_delimiter = ',')]
+    hostname: Vec<String>,
+    /// Directory for cert.pem and key.pem
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    out: String,
+    /// Overwrite existing cert.pem / key.pem
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(cmd: &TlsCommand) -> Result<()> {
+    match cmd {
+        TlsCommand::SelfSigned(args) => {
+            let hosts: Vec<String> = args
+                .hostname
+                .iter()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .collect();
+            let (cert, key) = self_signed(&hosts, Path::new(&args.out), args.force)?;
             eprintln!("✅ Wrote {} and {}", cert.display(), key.display());
             eprintln!(
                 "   serve:  nip serve --tls-cert {} --tls-key {}",
@@ -69,7 +55,6 @@ pub fn run(m: &ArgMatches) -> Result<()> {
             println!("{}", cert.display());
             Ok(())
         }
-        _ => unreachable!("clap enforces a subcommand"),
     }
 }
 
