@@ -10,7 +10,9 @@ use nip_core::narinfo::NarInfo;
 use nip_core::store_path::StorePathHash;
 use nip_store::{NarInfoRecord, NarSource, PutNarInfo};
 
+use crate::cache::CacheError;
 use crate::coalesce::Role;
+use crate::stats::Kind;
 use crate::upstream::{Found, Lookup};
 use crate::AppState;
 
@@ -27,6 +29,51 @@ pub enum Fetched {
     Unservable { upstream: String, nar_hash: NixHash },
     /// The index failed.
     Failed(Arc<str>),
+}
+
+/// The narinfo for `hash` as served: from memory, the index, or (with `ask_upstreams`) fetched
+/// from the upstreams. `None` when absent. Counts hits, misses and coalesced misses.
+pub async fn get(
+    state: &AppState,
+    hash: &StorePathHash,
+    ask_upstreams: bool,
+) -> Result<Option<Arc<str>>, CacheError> {
+    let text = match state.hot_narinfos.get(hash.as_str()) {
+        Some(text) => Some(text),
+        None => {
+            let seen = state.hot_narinfos.generation();
+            let rec = state.meta.get_narinfo(hash.as_str()).await?;
+            rec.map(|rec| {
+                let text = Arc::<str>::from(rec.narinfo);
+                state.hot_narinfos.insert(hash.as_str(), text.clone(), seen);
+                text
+            })
+        }
+    };
+    if let Some(text) = text {
+        tracing::debug!("narinfo hit");
+        state.stats.hit(Kind::Narinfo);
+        crate::jobs::Accessed::note(&state.accessed.narinfos, hash.as_str());
+        return Ok(Some(text));
+    }
+    if !ask_upstreams {
+        return Ok(None);
+    }
+    state.stats.miss(Kind::Narinfo);
+    if state.is_known_missing(hash.as_str(), false) {
+        tracing::debug!("narinfo negative-cache hit");
+        return Ok(None);
+    }
+    let (outcome, role) = fetch(state, hash).await;
+    tracing::debug!(coalesced = (role == Role::Joined), "narinfo miss");
+    if role == Role::Joined {
+        state.stats.coalesced(Kind::Narinfo);
+    }
+    match outcome {
+        Fetched::Stored(text) => Ok(Some(text)),
+        Fetched::Missing { .. } | Fetched::Unservable { .. } => Ok(None),
+        Fetched::Failed(e) => Err(CacheError::Unavailable(e.to_string())),
+    }
 }
 
 /// Asks the upstreams for `hash` (coalesced with every other request for it) and stores what a

@@ -10,11 +10,9 @@ use axum::response::{IntoResponse, Response};
 use nip_core::store_path::StorePathHash;
 
 use crate::auth::Caller;
-use crate::cache::{self, narinfo::Fetched};
-use crate::coalesce::Role;
+use crate::cache;
 use crate::error::{ApiError, ApiResult};
 use crate::nix::OnMiss;
-use crate::stats::Kind;
 use crate::AppState;
 
 #[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(name = %name))]
@@ -50,42 +48,11 @@ async fn narinfo(
             "invalid store path hash: {e}; expected 32 nix-base32 characters"
         ))
     })?;
-    let text = match state.hot_narinfos.get(hash.as_str()) {
-        Some(text) => Some(text),
-        None => {
-            let seen = state.hot_narinfos.generation();
-            let rec = state.meta.get_narinfo(hash.as_str()).await?;
-            rec.map(|rec| {
-                let text = Arc::<str>::from(rec.narinfo);
-                state.hot_narinfos.insert(hash.as_str(), text.clone(), seen);
-                text
-            })
-        }
-    };
-    if let Some(text) = text {
-        tracing::debug!("narinfo hit");
-        state.stats.hit(Kind::Narinfo);
-        crate::jobs::Accessed::note(&state.accessed.narinfos, hash.as_str());
-        return Ok(narinfo_response(text));
-    }
-    if on_miss == OnMiss::NotFound {
-        return Err(ApiError::NotFound("this cache has no such narinfo".into()));
-    }
-    if state.is_known_missing(hash.as_str(), false) {
-        tracing::debug!("narinfo negative-cache hit");
-        state.stats.miss(Kind::Narinfo);
-        return Err(not_found());
-    }
-    let (outcome, role) = cache::narinfo::fetch(&state, &hash).await;
-    tracing::debug!(coalesced = (role == Role::Joined), "narinfo miss");
-    state.stats.miss(Kind::Narinfo);
-    if role == Role::Joined {
-        state.stats.coalesced(Kind::Narinfo);
-    }
-    match outcome {
-        Fetched::Stored(text) => Ok(narinfo_response(text)),
-        Fetched::Missing { .. } | Fetched::Unservable { .. } => Err(not_found()),
-        Fetched::Failed(e) => Err(ApiError::Unavailable(e.to_string())),
+    let ask_upstreams = on_miss == OnMiss::AskUpstreams;
+    match cache::narinfo::get(&state, &hash, ask_upstreams).await? {
+        Some(text) => Ok(narinfo_response(text)),
+        None if ask_upstreams => Err(not_found()),
+        None => Err(ApiError::NotFound("this cache has no such narinfo".into())),
     }
 }
 
