@@ -3,8 +3,10 @@
 //! unpacking into `pkgs/` by atomic rename.
 use crate::error::{io_ctx, ClientError, Result};
 use sha2::{Digest, Sha256};
+use std::cell::Cell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 /// A packed artifact in a temp file, with its digest.
 pub struct Packed {
@@ -105,16 +107,65 @@ pub fn file_sha256(path: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Bounds on what unpacking one archive may write, so a small hostile archive (a "zstd bomb":
+/// 131 KB that decompresses to 4 GiB) cannot fill the disk. An archive may unpack to
+/// `max(min_bytes, ratio × its compressed size)` bytes of tar stream (file contents plus the
+/// 512-byte headers) in at most `max_entries` entries; past either the unpack stops and
+/// everything it wrote is removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// Always allowed, whatever the archive's size (`policies.maxUnpackBytes`).
+    pub min_bytes: u64,
+    /// Allowed per compressed byte (`policies.maxUnpackRatio`).
+    pub ratio: u64,
+    /// Entries (files, directories, links) per archive (`policies.maxUnpackEntries`).
+    pub max_entries: u64,
+}
+
+impl UnpackLimits {
+    /// 256 MiB.
+    pub const DEFAULT_MIN_BYTES: u64 = 256 << 20;
+    pub const DEFAULT_RATIO: u64 = 100;
+    pub const DEFAULT_MAX_ENTRIES: u64 = 250_000;
+
+    /// No bound: only for an archive this machine just packed from its own build output.
+    pub const UNLIMITED: UnpackLimits = UnpackLimits {
+        min_bytes: u64::MAX,
+        ratio: 0,
+        max_entries: u64::MAX,
+    };
+
+    /// The unpacked bytes allowed for an archive of `archive_size` compressed bytes.
+    pub fn max_bytes(&self, archive_size: u64) -> u64 {
+        self.min_bytes.max(self.ratio.saturating_mul(archive_size))
+    }
+}
+
+impl Default for UnpackLimits {
+    fn default() -> Self {
+        UnpackLimits {
+            min_bytes: Self::DEFAULT_MIN_BYTES,
+            ratio: Self::DEFAULT_RATIO,
+            max_entries: Self::DEFAULT_MAX_ENTRIES,
+        }
+    }
+}
+
 /// Unpacks `archive` into `<pkgs>/<key>` unless it is already there, via a temp directory renamed
 /// into place, so a crash never leaves a half-unpacked package that looks complete.
-pub fn unpack(archive: &Path, pkgs: &Path, key: &str) -> Result<PathBuf> {
+pub fn unpack(archive: &Path, pkgs: &Path, key: &str, limits: &UnpackLimits) -> Result<PathBuf> {
     let dest = pkgs.join(key);
     if dest.is_dir() {
         return Ok(dest);
     }
     let f = std::fs::File::open(archive).map_err(io_ctx(format!("open {}", archive.display())))?;
+    let size = f
+        .metadata()
+        .map_err(io_ctx(format!("stat {}", archive.display())))?
+        .len();
     // Large reads: the archive can be hundreds of MiB.
-    unpack_stream(std::io::BufReader::with_capacity(1 << 20, f), pkgs, key)?.publish()
+    let r = std::io::BufReader::with_capacity(1 << 20, f);
+    unpack_stream(r, size, pkgs, key, limits)?.publish()
 }
 
 /// A package unpacked into a temp directory beside its final place, not yet visible there.
@@ -139,9 +190,46 @@ impl Unpacked {
     }
 }
 
-/// Unpacks a `tar.zst` stream into a temp directory in `pkgs`, to be published as `<pkgs>/<key>`
-/// by the caller once it trusts the bytes (e.g. while a download is still being hashed).
-pub fn unpack_stream(archive: impl std::io::BufRead, pkgs: &Path, key: &str) -> Result<Unpacked> {
+/// The decompressed stream, refused past `max` bytes: the hard bound behind the per-entry
+/// checks, covering what tar reads besides file contents (headers, long names, pax records).
+struct Capped<R> {
+    inner: R,
+    read: u64,
+    max: u64,
+    /// Set when the cap refused a read, so the error tar wraps it in can be told apart.
+    hit: Rc<Cell<bool>>,
+}
+
+impl<R: std::io::Read> std::io::Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.read >= self.max {
+            self.hit.set(true);
+            return Err(std::io::Error::other(format!(
+                "unpacks to more than {} bytes",
+                self.max
+            )));
+        }
+        let room = usize::try_from(self.max - self.read).unwrap_or(usize::MAX);
+        let n = buf.len().min(room);
+        let n = self.inner.read(&mut buf[..n])?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// Unpacks a `tar.zst` stream of `archive_size` compressed bytes into a temp directory in `pkgs`,
+/// to be published as `<pkgs>/<key>` by the caller once it trusts the bytes (e.g. while a
+/// download is still being hashed). Past `limits` it stops and removes what it wrote. Modes are
+/// normalized as `pack` records them: directories 0755, files 0755 when any execute bit is set,
+/// else 0644; never setuid/setgid/sticky, never group or world writable, never the archive's
+/// owners.
+pub fn unpack_stream(
+    archive: impl std::io::BufRead,
+    archive_size: u64,
+    pkgs: &Path,
+    key: &str,
+    limits: &UnpackLimits,
+) -> Result<Unpacked> {
     std::fs::create_dir_all(pkgs).map_err(io_ctx(format!("create {}", pkgs.display())))?;
     let tmp = tempfile::Builder::new()
         .prefix(".unpack-")
@@ -149,15 +237,147 @@ pub fn unpack_stream(archive: impl std::io::BufRead, pkgs: &Path, key: &str) -> 
         .map_err(io_ctx(format!("create a directory in {}", pkgs.display())))?;
     let corrupt =
         |e: std::io::Error| ClientError::Corrupt(key.to_string(), format!("cannot unpack: {e}"));
+    let max_bytes = limits.max_bytes(archive_size);
+    let too_big = || {
+        ClientError::Refused(
+            key.to_string(),
+            format!(
+                "it unpacks to more than {} from a {} archive (limit: max(policies.maxUnpackBytes, \
+                 policies.maxUnpackRatio × archive size))",
+                human_bytes(max_bytes),
+                human_bytes(archive_size)
+            ),
+        )
+    };
     let dec = zstd::Decoder::with_buffer(archive).map_err(corrupt)?;
-    let mut ar = tar::Archive::new(dec);
-    ar.set_preserve_permissions(true);
-    // `unpack` refuses entries that would land outside the target directory.
-    ar.unpack(tmp.path()).map_err(corrupt)?;
+    let hit = Rc::new(Cell::new(false));
+    let capped = Capped {
+        inner: dec,
+        read: 0,
+        max: max_bytes,
+        hit: Rc::clone(&hit),
+    };
+    let mut ar = tar::Archive::new(capped);
+    // Only the permission bits (masked below), never the archive's owners or xattrs.
+    ar.set_preserve_permissions(false);
+    ar.set_preserve_ownerships(false);
+    ar.set_unpack_xattrs(false);
+    ar.set_mask(0o022);
+    let root = tmp
+        .path()
+        .canonicalize()
+        .map_err(io_ctx(format!("resolve {}", tmp.path().display())))?;
+    let result = (|| -> Result<()> {
+        let mut count = 0u64;
+        let entries = ar.entries().map_err(corrupt)?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| if hit.get() { too_big() } else { corrupt(e) })?;
+            count += 1;
+            if count > limits.max_entries {
+                return Err(ClientError::Refused(
+                    key.to_string(),
+                    format!(
+                        "it has more than {} entries (limit: policies.maxUnpackEntries)",
+                        limits.max_entries
+                    ),
+                ));
+            }
+            // The size the header announces, refused before a byte of it is written.
+            if entry.raw_file_position().saturating_add(entry.size()) > max_bytes {
+                return Err(too_big());
+            }
+            let kind = entry.header().entry_type();
+            use tar::EntryType as T;
+            if !matches!(kind, T::Regular | T::Continuous | T::Directory | T::Symlink) {
+                return Err(ClientError::Refused(
+                    key.to_string(),
+                    format!(
+                        "entry {} has type {kind:?}; only files, directories and symlinks are unpacked",
+                        entry.path_bytes().escape_ascii()
+                    ),
+                ));
+            }
+            // `unpack_in` refuses entries that would land outside the target directory.
+            entry
+                .unpack_in(&root)
+                .map_err(|e| if hit.get() { too_big() } else { corrupt(e) })?;
+            if kind == T::Directory {
+                // At once, so a directory recorded read-only still takes its contents (and can be
+                // removed if the unpack stops).
+                let path = entry.path().map_err(corrupt)?;
+                let dir = root.join(normal_components(&path));
+                set_mode(&dir, 0o755)?;
+            }
+        }
+        normalize_modes(&root)
+    })();
+    // On error `tmp` is dropped here: everything written so far is removed.
+    result?;
     Ok(Unpacked {
         tmp,
         dest: pkgs.join(key),
     })
+}
+
+/// The path `unpack_in` writes an entry to, relative to the target (`..` entries are skipped by
+/// it, so they never reach here as directories).
+fn normal_components(path: &Path) -> PathBuf {
+    path.components()
+        .filter_map(|c| match c {
+            std::path::Component::Normal(p) => Some(p),
+            _ => None,
+        })
+        .collect()
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io_ctx(format!("chmod {}", path.display())))
+}
+
+/// Directories (also those created implicitly for a file's parents, whatever the umask) 0755;
+/// files 0755 if any execute bit is set, else 0644. Symlinks are left alone (never followed).
+/// Iterative: a hostile archive may nest directories thousands deep.
+fn normalize_modes(root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        set_mode(&dir, 0o755)?;
+        let rd = std::fs::read_dir(&dir).map_err(io_ctx(format!("read {}", dir.display())))?;
+        for e in rd {
+            let e = e.map_err(io_ctx(format!("read {}", dir.display())))?;
+            let path = e.path();
+            let meta = std::fs::symlink_metadata(&path)
+                .map_err(io_ctx(format!("stat {}", path.display())))?;
+            let mode = meta.permissions().mode();
+            if meta.is_dir() {
+                dirs.push(path);
+            } else if meta.is_file() {
+                let want = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
+                if mode & 0o7777 != want {
+                    set_mode(&path, want)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `1.5 GiB`, `131 KiB`: sizes in messages.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} bytes")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 #[cfg(test)]
@@ -185,7 +405,8 @@ mod tests {
         assert_eq!(pa.sha256, pb.sha256);
         assert_eq!(pa.sha256, file_sha256(pa.file.path()).unwrap());
         assert_eq!(pa.size, std::fs::metadata(pa.file.path()).unwrap().len());
-        let out = unpack(pa.file.path(), &t.path().join("pkgs"), "k").unwrap();
+        let limits = UnpackLimits::default();
+        let out = unpack(pa.file.path(), &t.path().join("pkgs"), "k", &limits).unwrap();
         assert_eq!(
             std::fs::read_to_string(out.join("README")).unwrap(),
             "hello"
@@ -207,7 +428,248 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("x.tar.zst");
         std::fs::write(&p, b"not zstd at all").unwrap();
-        assert!(unpack(&p, &t.path().join("pkgs"), "k").is_err());
+        assert!(unpack(&p, &t.path().join("pkgs"), "k", &UnpackLimits::default()).is_err());
         assert!(!t.path().join("pkgs/k").exists());
+    }
+
+    /// A zstd frame by hand: the tar `header` as a raw block, then `zeros` zero bytes as RLE
+    /// blocks of 128 KiB (4 bytes each): 4 GiB in about 131 KB, the bomb of issue 19.
+    fn zstd_bomb(header: &tar::Header, zeros: u64) -> Vec<u8> {
+        // Magic, frame header descriptor (no content size, no checksum), window 128 KiB.
+        let mut out = vec![0x28, 0xB5, 0x2F, 0xFD, 0x00, 0x38];
+        let block = |out: &mut Vec<u8>, last: bool, kind: u32, size: u64| {
+            let h = u32::from(last) | (kind << 1) | ((size as u32) << 3);
+            out.extend_from_slice(&h.to_le_bytes()[..3]);
+        };
+        block(&mut out, false, 0, 512);
+        out.extend_from_slice(header.as_bytes());
+        let mut left = zeros;
+        while left > 0 {
+            let n = left.min(128 << 10);
+            left -= n;
+            block(&mut out, left == 0, 1, n);
+            out.push(0);
+        }
+        out
+    }
+
+    fn file_header(path: &str, mode: u32, size: u64) -> tar::Header {
+        let mut h = header(tar::EntryType::Regular, mode, size);
+        h.set_path(path).unwrap();
+        h.set_cksum();
+        h
+    }
+
+    /// A `tar.zst` of `entries` (header, data) appended as they are, without normalization.
+    fn archive(entries: &[(tar::Header, Vec<u8>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(zstd::Encoder::new(Vec::new(), 3).unwrap());
+        for (h, data) in entries {
+            b.append(h, data.as_slice()).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap()
+    }
+
+    /// What is left in `pkgs`: nothing, after a refused unpack.
+    fn left_in(pkgs: &Path) -> Vec<String> {
+        std::fs::read_dir(pkgs)
+            .map(|rd| {
+                rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn small_limits() -> UnpackLimits {
+        UnpackLimits {
+            min_bytes: 1 << 20,
+            ratio: 0,
+            max_entries: 10,
+        }
+    }
+
+    #[test]
+    fn a_header_announcing_4_gib_is_refused_by_default_before_a_byte_is_written() {
+        let t = tempfile::tempdir().unwrap();
+        let bomb = zstd_bomb(&file_header("big", 0o644, 4 << 30), (4 << 30) + 1024);
+        assert!(bomb.len() < 140_000, "{} bytes", bomb.len());
+        let p = t.path().join("bomb.tar.zst");
+        std::fs::write(&p, &bomb).unwrap();
+        let pkgs = t.path().join("pkgs");
+        let err = unpack(&p, &pkgs, "k", &UnpackLimits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("artifact k refused: it unpacks to more than 256.0 MiB"),
+            "{err}"
+        );
+        assert!(err.contains("policies.maxUnpackRatio"), "{err}");
+        assert_eq!(left_in(&pkgs), Vec::<String>::new());
+    }
+
+    #[test]
+    fn data_expanding_past_the_limit_is_refused_and_removed() {
+        let t = tempfile::tempdir().unwrap();
+        // Each file is under the 1 MiB limit; together they are not.
+        let entries: Vec<_> = (0..3)
+            .map(|i| {
+                (
+                    file_header(&format!("f{i}"), 0o644, 400 << 10),
+                    vec![0u8; 400 << 10],
+                )
+            })
+            .collect();
+        let p = t.path().join("a.tar.zst");
+        std::fs::write(&p, archive(&entries)).unwrap();
+        let pkgs = t.path().join("pkgs");
+        let err = unpack(&p, &pkgs, "k", &small_limits()).unwrap_err();
+        assert!(matches!(err, ClientError::Refused(..)), "{err}");
+        assert!(err.to_string().contains("more than 1.0 MiB"), "{err}");
+        assert_eq!(left_in(&pkgs), Vec::<String>::new());
+        // The same archive within a larger bound unpacks.
+        let ok = UnpackLimits {
+            min_bytes: 2 << 20,
+            ..small_limits()
+        };
+        let out = unpack(&p, &pkgs, "k", &ok).unwrap();
+        assert_eq!(std::fs::metadata(out.join("f2")).unwrap().len(), 400 << 10);
+    }
+
+    #[test]
+    fn metadata_past_the_limit_is_refused_too() {
+        // A GNU long name of 2 MiB: tar reads it into memory, not into a file.
+        let t = tempfile::tempdir().unwrap();
+        let mut long = header(tar::EntryType::GNULongName, 0o644, 2 << 20);
+        long.set_path("././@LongLink").unwrap();
+        long.set_cksum();
+        let p = t.path().join("a.tar.zst");
+        std::fs::write(
+            &p,
+            archive(&[
+                (long, vec![b'a'; 2 << 20]),
+                (file_header("f", 0o644, 1), b"x".to_vec()),
+            ]),
+        )
+        .unwrap();
+        let pkgs = t.path().join("pkgs");
+        let err = unpack(&p, &pkgs, "k", &small_limits()).unwrap_err();
+        assert!(matches!(err, ClientError::Refused(..)), "{err}");
+        assert_eq!(left_in(&pkgs), Vec::<String>::new());
+    }
+
+    #[test]
+    fn more_entries_than_allowed_are_refused_and_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let entries: Vec<_> = (0..11)
+            .map(|i| (file_header(&format!("f{i}"), 0o644, 1), b"x".to_vec()))
+            .collect();
+        let p = t.path().join("a.tar.zst");
+        std::fs::write(&p, archive(&entries)).unwrap();
+        let pkgs = t.path().join("pkgs");
+        let err = unpack(&p, &pkgs, "k", &small_limits())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more than 10 entries"), "{err}");
+        assert!(err.contains("policies.maxUnpackEntries"), "{err}");
+        assert_eq!(left_in(&pkgs), Vec::<String>::new());
+        // Ten are fine.
+        std::fs::write(&p, archive(&entries[..10])).unwrap();
+        assert!(unpack(&p, &pkgs, "k", &small_limits()).is_ok());
+    }
+
+    #[test]
+    fn the_bound_holds_while_a_download_streams_in() {
+        use crate::worker::{Chunk, StreamWorker};
+        let t = tempfile::tempdir().unwrap();
+        let bomb = zstd_bomb(&file_header("big", 0o644, 4 << 30), (4 << 30) + 1024);
+        let pkgs = t.path().join("pkgs");
+        let (p, size) = (pkgs.clone(), bomb.len() as u64);
+        let mut w = StreamWorker::spawn("unpack", move |r| {
+            unpack_stream(r, size, &p, "k", &UnpackLimits::default())
+        })
+        .unwrap();
+        for c in bomb.chunks(16 << 10) {
+            w.feed(&Chunk::new(c.to_vec()));
+        }
+        let err = w.finish().err().expect("refused").to_string();
+        assert!(err.contains("refused"), "{err}");
+        assert_eq!(left_in(&pkgs), Vec::<String>::new());
+    }
+
+    #[test]
+    fn devices_and_other_entry_types_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let mut dev = header(tar::EntryType::Char, 0o666, 0);
+        dev.set_path("null").unwrap();
+        dev.set_cksum();
+        let p = t.path().join("a.tar.zst");
+        std::fs::write(&p, archive(&[(dev, Vec::new())])).unwrap();
+        let pkgs = t.path().join("pkgs");
+        let err = unpack(&p, &pkgs, "k", &small_limits())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("only files, directories and symlinks"),
+            "{err}"
+        );
+        assert_eq!(left_in(&pkgs), Vec::<String>::new());
+    }
+
+    #[test]
+    fn modes_are_normalized_never_setuid_or_world_writable_nor_the_archives_owners() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let t = tempfile::tempdir().unwrap();
+        let dir = |path: &str, mode: u32| {
+            let mut h = header(tar::EntryType::Directory, mode, 0);
+            h.set_path(path).unwrap();
+            h.set_cksum();
+            (h, Vec::new())
+        };
+        let file = |path: &str, mode: u32| {
+            let mut h = file_header(path, mode, 2);
+            h.set_uid(4242);
+            h.set_gid(4242);
+            h.set_cksum();
+            (h, b"hi".to_vec())
+        };
+        let p = t.path().join("a.tar.zst");
+        std::fs::write(
+            &p,
+            archive(&[
+                file("suid", 0o6755),
+                file("sticky", 0o1777),
+                file("world", 0o777),
+                file("rw", 0o666),
+                file("owner-x", 0o700),
+                file("none", 0o000),
+                dir("d", 0o7777),
+                dir("ro", 0o555),
+                file("ro/f", 0o600),
+                file("implicit/sub/f", 0o4711),
+            ]),
+        )
+        .unwrap();
+        let out = unpack(&p, &t.path().join("pkgs"), "k", &small_limits()).unwrap();
+        let me = std::fs::metadata(t.path()).unwrap();
+        let expected = [
+            ("", 0o755),
+            ("suid", 0o755),
+            ("sticky", 0o755),
+            ("world", 0o755),
+            ("rw", 0o644),
+            ("owner-x", 0o755),
+            ("none", 0o644),
+            ("d", 0o755),
+            ("ro", 0o755),
+            ("ro/f", 0o644),
+            ("implicit", 0o755),
+            ("implicit/sub", 0o755),
+            ("implicit/sub/f", 0o755),
+        ];
+        for (rel, mode) in expected {
+            let m = std::fs::metadata(out.join(rel)).unwrap();
+            assert_eq!(m.permissions().mode() & 0o7777, mode, "{rel:?}");
+            assert_eq!((m.uid(), m.gid()), (me.uid(), me.gid()), "{rel:?}");
+        }
+        assert_eq!(std::fs::read(out.join("implicit/sub/f")).unwrap(), b"hi");
     }
 }

@@ -1,6 +1,6 @@
 //! `nip build`: local cache → remote → build → store locally → upload. Only the build command
 //! itself can fail a build; every cache problem is a warning and the flow goes on.
-use crate::artifact::{self, Packed, Unpacked};
+use crate::artifact::{self, Packed, UnpackLimits, Unpacked};
 use crate::client::{warn, Client, Fetch, Fetched};
 use crate::error::{io_ctx, ClientError, Result};
 use crate::key;
@@ -253,7 +253,9 @@ fn build_and_store(client: &Client, r: &Resolved, pkgs: &Path) -> Result<(Metada
         now_rfc3339(),
     );
     client.local.insert(packed.file, &meta)?;
-    let path = artifact::unpack(&client.local.artifact_path(key), pkgs, key)?;
+    // Packed just now from this build's own output: no bound (a cache limit never fails a build).
+    let archive = client.local.artifact_path(key);
+    let path = artifact::unpack(&archive, pkgs, key, &UnpackLimits::UNLIMITED)?;
     let mut op = Op::new(OpKind::Build, key, "built");
     op.duration_ms = Some((secs * 1000.0) as u64);
     client.log(op);
@@ -299,8 +301,9 @@ fn use_artifact(
         return Ok(done);
     }
     let archive = client.local.artifact_path(&meta.key);
+    let limits = client.config.policies.unpack_limits();
     if verified == Verified::JustDownloaded {
-        return artifact::unpack(&archive, pkgs, &meta.key);
+        return artifact::unpack(&archive, pkgs, &meta.key, &limits);
     }
     let actual = artifact::file_sha256(&archive)?;
     if !actual.eq_ignore_ascii_case(&meta.sha256) {
@@ -309,7 +312,7 @@ fn use_artifact(
             format!("sha256 {actual}, expected {}", meta.sha256),
         ));
     }
-    artifact::unpack(&archive, pkgs, &meta.key)
+    artifact::unpack(&archive, pkgs, &meta.key, &limits)
 }
 
 /// Runs the recipe's build command in a fresh copy of the source and packs `$OUT`.

@@ -130,10 +130,14 @@ impl Client {
             self.log(op(OpKind::Lookup, "hit", None));
             let started = Instant::now();
             // Unpacking overlaps the download; without a thread it happens afterwards instead.
+            // Bounded by the announced size, which the download never exceeds.
+            let (limits, size) = (self.config.policies.unpack_limits(), info.size);
             let mut unpacker = unpack_into.and_then(|pkgs| {
                 let (pkgs, k) = (pkgs.to_path_buf(), key.to_string());
-                StreamWorker::spawn("nip-unpack", move |r| artifact::unpack_stream(r, &pkgs, &k))
-                    .ok()
+                StreamWorker::spawn("nip-unpack", move |r| {
+                    artifact::unpack_stream(r, size, &pkgs, &k, &limits)
+                })
+                .ok()
             });
             let mut feed = unpacker.as_mut().map(|u| move |c: &Chunk| u.feed(c));
             let tap = feed.as_mut().map(|f| f as &mut dyn FnMut(&Chunk));

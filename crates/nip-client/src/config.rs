@@ -1,5 +1,6 @@
 //! Remote cache configuration: `$XDG_CONFIG_HOME/nip/remote-cache.json` (mode 0600) overridden by
 //! `NIP_REMOTE_CACHE_*` environment variables, merged by one pure function.
+use crate::artifact::UnpackLimits;
 use crate::error::{io_ctx, ClientError, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -52,6 +53,12 @@ pub struct PoliciesFile {
     pub retry_attempts: Option<u32>,
     /// Seconds before the first retry (doubles each time); fractions allowed.
     pub retry_delay: Option<f64>,
+    /// Unpacked bytes always allowed per cached artifact (default 256 MiB).
+    pub max_unpack_bytes: Option<u64>,
+    /// Unpacked bytes allowed per compressed byte, when that is more (default 100).
+    pub max_unpack_ratio: Option<u64>,
+    /// Entries allowed per cached artifact (default 250000).
+    pub max_unpack_entries: Option<u64>,
 }
 
 /// One server to talk to, with its effective key.
@@ -74,6 +81,23 @@ pub struct Policies {
     /// Attempts per request, the first included.
     pub retry_attempts: u32,
     pub retry_delay: Duration,
+    /// A cached artifact (local or remote) may unpack to `max(maxUnpackBytes, maxUnpackRatio ×
+    /// its compressed size)` bytes in `maxUnpackEntries` entries; past that it is discarded and
+    /// the package built instead.
+    pub max_unpack_bytes: u64,
+    pub max_unpack_ratio: u64,
+    pub max_unpack_entries: u64,
+}
+
+impl Policies {
+    /// The bounds on unpacking a cached artifact.
+    pub fn unpack_limits(&self) -> UnpackLimits {
+        UnpackLimits {
+            min_bytes: self.max_unpack_bytes,
+            ratio: self.max_unpack_ratio,
+            max_entries: self.max_unpack_entries,
+        }
+    }
 }
 
 /// The effective configuration.
@@ -185,6 +209,13 @@ pub fn effective(file: &ConfigFile, env: &BTreeMap<String, String>) -> Result<Re
             fallback_to_local: p.fallback_to_local.unwrap_or(true),
             retry_attempts: p.retry_attempts.unwrap_or(3).max(1),
             retry_delay: Duration::from_secs_f64(delay),
+            max_unpack_bytes: p
+                .max_unpack_bytes
+                .unwrap_or(UnpackLimits::DEFAULT_MIN_BYTES),
+            max_unpack_ratio: p.max_unpack_ratio.unwrap_or(UnpackLimits::DEFAULT_RATIO),
+            max_unpack_entries: p
+                .max_unpack_entries
+                .unwrap_or(UnpackLimits::DEFAULT_MAX_ENTRIES),
         },
     })
 }
@@ -255,6 +286,34 @@ mod tests {
             (p.retry_attempts, p.retry_delay),
             (3, Duration::from_secs(5))
         );
+        assert_eq!(p.unpack_limits(), UnpackLimits::default());
+        // The 131 KB zstd bomb of issue 19 (4 GiB unpacked) is stopped well before 1 GiB.
+        assert_eq!(p.unpack_limits().max_bytes(131_000), 256 << 20);
+        assert_eq!(p.unpack_limits().max_bytes(10 << 20), 1000 << 20);
+    }
+
+    #[test]
+    fn unpack_limits_are_configurable() {
+        let file: ConfigFile = serde_json::from_str(
+            r#"{"policies":{"maxUnpackBytes":1048576,"maxUnpackRatio":0,"maxUnpackEntries":10}}"#,
+        )
+        .unwrap();
+        let l = effective(&file, &env(&[]))
+            .unwrap()
+            .policies
+            .unpack_limits();
+        assert_eq!(
+            l,
+            UnpackLimits {
+                min_bytes: 1 << 20,
+                ratio: 0,
+                max_entries: 10
+            }
+        );
+        assert_eq!(l.max_bytes(u64::MAX), 1 << 20);
+        let bad: Result<ConfigFile, _> =
+            serde_json::from_str(r#"{"policies":{"maxUnpackBytes":-1}}"#);
+        assert!(bad.is_err());
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub enum ClientError {
     NotFound(String),
     #[error("artifact {0} is corrupt: {1}")]
     Corrupt(String, String),
+    /// An artifact that would unpack past the configured bounds, or into something other than
+    /// files, directories and symlinks: nothing of it is kept.
+    #[error("artifact {0} refused: {1}")]
+    Refused(String, String),
 }
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;

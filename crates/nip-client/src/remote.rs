@@ -483,6 +483,9 @@ mod tests {
             fallback_to_local: true,
             retry_attempts: attempts,
             retry_delay: Duration::from_millis(10),
+            ..crate::config::effective(&Default::default(), &Default::default())
+                .unwrap()
+                .policies
         };
         RemoteClient::new(server, Duration::from_secs(5), policies, None).unwrap()
     }

@@ -3,6 +3,7 @@ mod ci_docs;
 mod client_build;
 mod client_env;
 mod client_status;
+mod client_unpack_bomb;
 mod common;
 mod deploy_compose;
 mod deploy_docs;
