@@ -10,7 +10,9 @@ use nip_core::signing::PublicKey;
 
 use crate::settings::{Layer, SETTINGS};
 
+mod schedule;
 mod values;
+pub use schedule::{Schedule, Zone};
 pub use values::{FromValue, Value, Values};
 
 pub const DEFAULT_UPSTREAM: &str = "https://cache.nixos.org";
@@ -68,8 +70,10 @@ pub struct ServeConfig {
     pub rate_limit: Option<(f64, f64)>,
     /// Store size limit in bytes (`--cache-max-size`).
     pub max_size: Option<u64>,
-    /// Cron expression of the eviction job (validated).
+    /// Cron expression of the eviction job (validated, see [`Schedule`]).
     pub lru_schedule: Option<String>,
+    /// `--cache-lru-schedule-timezone`: the zone `lru_schedule` is evaluated in.
+    pub lru_timezone: Zone,
     /// Cron expression of the scrub job (`--cache-verify-schedule`, validated). `None`: off.
     pub verify_schedule: Option<String>,
     /// `--cache-require-trusted-signature`: an uploaded narinfo needs a signature by one of
@@ -141,30 +145,57 @@ pub fn parse_size(s: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
-/// Parses Go-style durations as ncps takes them: `500ms`, `3s`, `5m`, `2h`, `1d`, or plain seconds.
+/// Parses durations as ncps (Go's `time.ParseDuration`) takes them: one or more numbers, each
+/// with a unit (`ns`, `us`/`µs`, `ms`, `s`, `m`, `h`), such as `300ms`, `5m0s`, `1m30s`,
+/// `1h2m3.5s`, `1.5h`; also nip's `d` (days) and a plain number of seconds. Negative durations are
+/// none.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().ok()?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        _ => return None,
-    };
+    let s = s.strip_prefix('+').unwrap_or(s);
+    if s.is_empty() {
+        return None;
+    }
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).ok();
+    }
+    let mut rest = s;
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let split = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(split);
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        if num.is_empty() || num == "." {
+            return None;
+        }
+        let n: f64 = num.parse().ok()?;
+        let scale = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "d" => 86400.0,
+            _ => return None,
+        };
+        total += n * scale;
+        rest = tail;
+    }
     // try_: a number of days too large for a Duration is no duration.
-    Duration::try_from_secs_f64(secs).ok()
+    Duration::try_from_secs_f64(total).ok()
 }
 
-fn parse_bool(v: &str) -> Result<bool, String> {
-    match v.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
+/// Parses booleans as ncps (Go's `strconv.ParseBool`: `1`, `t`, `T`, `TRUE`, `true`, `True` and
+/// their false forms), and also `yes`/`no`, `on`/`off`.
+pub fn parse_bool(v: &str) -> Result<bool, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "t" | "1" | "yes" | "on" => Ok(true),
+        "false" | "f" | "0" | "no" | "off" => Ok(false),
         _ => Err(format!("expected true or false, got {v:?}")),
     }
 }
@@ -236,6 +267,8 @@ const S3_SECRET: &str = "cache.storage.s3.secret-access-key";
 const PRESIGN: &str = "cache.storage.s3.presign-downloads";
 const UPSTREAM_KEYS: &str = "cache.upstream.public-keys";
 const OTEL_URL: &str = "opentelemetry.grpc-url";
+/// Why `--cache-cdc-enabled=true` stops the start, and what to do.
+pub const CDC_REFUSED: &str = "nip stores whole NARs and cannot honour ncps' content-defined chunking: set cache.cdc.enabled to false (or remove it; CACHE_CDC_ENABLED=false, --cache-cdc-enabled=false). An ncps store that already holds chunked NARs cannot be served by nip: run `ncps migrate-chunks-to-nar` first, or start nip on an empty store";
 
 /// The checks that involve several settings, once each is parsed. Returns the given settings
 /// that have no effect, with the reason (and drops their value, so it is not shown as in effect).
@@ -266,6 +299,9 @@ fn validate(layer: &Layer, v: &mut Values) -> Result<Vec<(String, &'static str)>
         (false, true) => return Err(err("tls.cert", "--tls-key needs --tls-cert too")),
         _ => {}
     }
+    if v.flag("cache.cdc.enabled") {
+        return Err(err("cache.cdc.enabled", CDC_REFUSED));
+    }
     let mut ignored = Vec::new();
     if v.is_set(OTEL_URL) && !v.flag("opentelemetry.enabled") {
         ignored.push((
@@ -276,9 +312,12 @@ fn validate(layer: &Layer, v: &mut Values) -> Result<Vec<(String, &'static str)>
     }
     for setting in SETTINGS {
         if let (Some(reason), Some(given)) = (setting.not_implemented, layer.get(setting.key)) {
-            // A feature that is not implemented, turned off, is no news.
+            // A feature that is not implemented, turned off, or an empty value (as ncps' example
+            // config gives `username: ""`), is no news.
             let off = |v: &String| matches!(parse_bool(v), Ok(false));
-            if setting.boolean && given.last().is_some_and(off) {
+            if (setting.boolean && given.last().is_some_and(off))
+                || given.iter().all(|v| v.trim().is_empty())
+            {
                 continue;
             }
             ignored.push((format!("--{}", setting.flags[0]), reason));
@@ -337,6 +376,8 @@ impl ServeConfig {
             rate_limit: (v.get("rate-limit.rps")).map(|rps| (rps, v.req("rate-limit.burst"))),
             max_size: v.get("cache.max-size"),
             lru_schedule: v.get("cache.lru.schedule"),
+            lru_timezone: Zone::parse(&v.req::<String>("cache.lru.timezone"))
+                .unwrap_or(Zone::Local),
             verify_schedule: v.get("cache.verify-schedule"),
             require_trusted_signature: v.flag("cache.require-trusted-signature"),
             trusted_upload_keys: v.list("cache.trusted-upload-keys"),
@@ -457,6 +498,29 @@ mod tests {
         .unwrap();
         assert_eq!(c.ignored.len(), 1);
         assert_eq!(c.ignored[0].0, "--pprof-addr");
+        // Redis and locks, as ncps' config.example.yaml gives them: each named with the reason.
+        let c = ServeConfig::from_layer(&layer(&[
+            ("cache.redis.addrs", &["localhost:6379"]),
+            ("cache.redis.password", &["redis-secret"]),
+            ("cache.lock.retry.jitter", &["true"]),
+            ("cache.lock.allow-degraded-mode", &["false"]),
+            ("analytics.reporting.enabled", &["true"]),
+        ]))
+        .unwrap();
+        let redis = "instances coordinate through the shared database; Redis is not needed";
+        assert_eq!(
+            c.ignored,
+            [
+                (
+                    "--analytics-reporting-enabled".to_string(),
+                    "nip never reports usage"
+                ),
+                ("--cache-redis-addrs".to_string(), redis),
+                ("--cache-redis-password".to_string(), redis),
+                ("--cache-lock-retry-jitter".to_string(), redis),
+            ]
+        );
+        assert!(!c.print_json().to_string().contains("redis-secret"));
     }
 
     #[test]
@@ -658,5 +722,127 @@ mod tests {
         assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
         assert_eq!(parse_duration("x"), None);
         assert_eq!(parse_duration("-1s"), None);
+        // Go's time.ParseDuration forms, as ncps (and its NixOS module: "5m0s") writes them.
+        assert_eq!(parse_duration("5m0s"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("30m0s"), Some(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(
+            parse_duration("1h2m3.5s"),
+            Some(Duration::from_millis(3_723_500))
+        );
+        assert_eq!(parse_duration("300ms"), Some(Duration::from_millis(300)));
+        assert_eq!(parse_duration("1.5h"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1d"), Some(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("2d12h"), Some(Duration::from_secs(216_000)));
+        assert_eq!(parse_duration("1500us"), Some(Duration::from_micros(1500)));
+        assert_eq!(parse_duration("1500µs"), Some(Duration::from_micros(1500)));
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        for bad in ["", "5m0", "1x", "h", "1h-2m", "m5"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn booleans_as_go_parse_bool() {
+        for t in ["1", "t", "T", "TRUE", "true", "True", "yes", "on"] {
+            assert_eq!(parse_bool(t), Ok(true), "{t}");
+        }
+        for f in ["0", "f", "F", "FALSE", "false", "False", "no", "off"] {
+            assert_eq!(parse_bool(f), Ok(false), "{f}");
+        }
+        assert!(parse_bool("maybe").is_err());
+        let c = ServeConfig::from_layer(&layer(&[("cache.allow-put-verb", &["T"])])).unwrap();
+        assert!(c.allow_put);
+    }
+
+    /// urfave/cli splits a slice flag's value on commas: one `--cache-upstream-url a,b` is two.
+    #[test]
+    fn one_list_value_may_hold_several_comma_separated() {
+        let other = "other.example-1:mB9FSh9qf2dCimDSUo8Zy7bkq5CX+/rkCWyvRCYg3Fs=";
+        let keys = format!("{DEFAULT_UPSTREAM_KEY},{other}");
+        let c = ServeConfig::from_layer(&layer(&[
+            (
+                "cache.upstream.urls",
+                &[
+                    "https://a.example,https://b.example?priority=45",
+                    "https://c.example",
+                ],
+            ),
+            ("cache.upstream.public-keys", &[keys.as_str()]),
+        ]))
+        .unwrap();
+        let urls: Vec<&str> = c.upstreams.iter().map(|u| u.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            [
+                "https://a.example/",
+                "https://b.example/",
+                "https://c.example/"
+            ]
+        );
+        assert_eq!(c.upstreams[1].priority, Some(45));
+        let names: Vec<&str> = c.upstream_public_keys.iter().map(|k| k.name()).collect();
+        assert_eq!(names, ["cache.nixos.org-1", "other.example-1"]);
+    }
+
+    #[test]
+    fn cdc_enabled_is_refused_and_off_is_accepted() {
+        let e = ServeConfig::from_layer(&layer(&[("cache.cdc.enabled", &["true"])])).unwrap_err();
+        assert_eq!(e.setting, "--cache-cdc-enabled");
+        assert_eq!(e.message, CDC_REFUSED);
+        assert!(e.message.contains("set cache.cdc.enabled to false"), "{e}");
+        // Off, with the chunk sizes the NixOS module always writes: starts, sizes listed.
+        let c = ServeConfig::from_layer(&layer(&[
+            ("cache.cdc.enabled", &["false"]),
+            ("cache.cdc.min", &["16384"]),
+            ("cache.cdc.avg", &["65536"]),
+            ("cache.cdc.max", &["262144"]),
+        ]))
+        .unwrap();
+        let flags: Vec<&str> = c.ignored.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            flags,
+            ["--cache-cdc-min", "--cache-cdc-avg", "--cache-cdc-max"]
+        );
+        assert_eq!(c.values.to_json()["cache.cdc.enabled"], false);
+    }
+
+    #[test]
+    fn lru_time_zone_and_schedule_forms() {
+        let c = ServeConfig::from_layer(&Layer::new()).unwrap();
+        assert_eq!(c.lru_timezone, Zone::Local);
+        assert_eq!(c.values.to_json()["cache.lru.timezone"], "Local");
+        let c = ServeConfig::from_layer(&layer(&[
+            ("cache.max-size", &["10G"]),
+            ("cache.lru.schedule", &["@every 1h"]),
+            ("cache.lru.timezone", &["America/Los_Angeles"]),
+            ("cache.verify-schedule", &["CRON_TZ=Europe/Paris 0 2 * * *"]),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.lru_timezone,
+            Zone::Named(chrono_tz::Tz::America__Los_Angeles)
+        );
+        assert_eq!(c.lru_schedule.as_deref(), Some("@every 1h"));
+        assert!(c.ignored.is_empty(), "{:?}", c.ignored);
+        for schedule in [
+            "@hourly",
+            "@daily",
+            "@weekly",
+            "@monthly",
+            "@yearly",
+            "@midnight",
+            "TZ=UTC */5 * * * *",
+        ] {
+            let c =
+                ServeConfig::from_layer(&layer(&[("cache.lru.schedule", &[schedule])])).unwrap();
+            assert_eq!(c.lru_schedule.as_deref(), Some(schedule));
+        }
+        let e = ServeConfig::from_layer(&layer(&[("cache.lru.timezone", &["Mars/Olympus"])]))
+            .unwrap_err();
+        assert_eq!(e.setting, "--cache-lru-schedule-timezone");
+        let e = ServeConfig::from_layer(&layer(&[("cache.lru.schedule", &["@every never"])]))
+            .unwrap_err();
+        assert_eq!(e.setting, "--cache-lru-schedule");
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::config::{Schedule, Zone};
 use crate::AppState;
 
 const ACCESS_FLUSH_EVERY: Duration = Duration::from_secs(5);
@@ -267,19 +268,17 @@ pub async fn eviction_pass(state: &AppState, max: u64) {
     }
 }
 
-/// Time until the schedule's next run.
-fn until_next(schedule: Option<&str>) -> Duration {
-    schedule.and_then(next_run).unwrap_or(DEFAULT_EVICT_EVERY)
+/// Time until the eviction schedule's next run (in `zone`, `--cache-lru-schedule-timezone`).
+fn until_next(schedule: Option<&str>, zone: Zone) -> Duration {
+    schedule
+        .and_then(|s| next_run(s, zone))
+        .unwrap_or(DEFAULT_EVICT_EVERY)
 }
 
-/// Time until the next run of a cron expression (UTC); `None` when it has none.
-fn next_run(expr: &str) -> Option<Duration> {
-    let now = chrono::Utc::now();
-    croner::Cron::new(expr)
-        .parse()
-        .ok()
-        .and_then(|c| c.find_next_occurrence(&now, false).ok())
-        .and_then(|next| (next - now).to_std().ok())
+/// Time until the next run of a schedule (ncps' forms, see [`Schedule`]) evaluated in `zone`
+/// unless it names its own (`CRON_TZ=`); `None` when it has none.
+fn next_run(expr: &str, zone: Zone) -> Option<Duration> {
+    Schedule::parse(expr).ok()?.until_next(zone)
 }
 
 /// One eviction pass if no other instance is running one; false when skipped.
@@ -303,7 +302,10 @@ async fn eviction_loop(state: AppState, max: u64, mut rx: watch::Receiver<bool>)
         let wait = if over {
             EVICT_COOLDOWN
         } else {
-            until_next(state.config.lru_schedule.as_deref())
+            until_next(
+                state.config.lru_schedule.as_deref(),
+                state.config.lru_timezone,
+            )
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -421,7 +423,8 @@ async fn verify_holding_lease(state: &AppState) -> Option<nip_store::VerifyRepor
 
 async fn verify_loop(state: AppState, schedule: String, mut rx: watch::Receiver<bool>) {
     loop {
-        let Some(wait) = next_run(&schedule) else {
+        // The scrub is nip's own: its schedule is in UTC unless it says `CRON_TZ=`.
+        let Some(wait) = next_run(&schedule, Zone::Utc) else {
             tracing::warn!(%schedule, "--cache-verify-schedule has no next run; the scrub is off");
             return;
         };
@@ -429,7 +432,7 @@ async fn verify_loop(state: AppState, schedule: String, mut rx: watch::Receiver<
             _ = tokio::time::sleep(wait) => {}
             _ = rx.changed() => return,
         }
-        let cooldown = next_run(&schedule)
+        let cooldown = next_run(&schedule, Zone::Utc)
             .map(|d| (d / 2).min(VERIFY_COOLDOWN))
             .unwrap_or(VERIFY_COOLDOWN);
         // A scrub of a large store takes long: a shutdown does not wait for it (what it had not
@@ -457,10 +460,19 @@ mod tests {
 
     #[test]
     fn schedule_gives_the_wait_until_the_next_run() {
-        assert_eq!(until_next(None), DEFAULT_EVICT_EVERY);
-        assert!(next_run("*/5 * * * *").is_some_and(|d| d <= Duration::from_secs(300)));
-        assert_eq!(next_run("not a schedule"), None);
-        let every_minute = until_next(Some("* * * * *"));
+        assert_eq!(until_next(None, Zone::Utc), DEFAULT_EVICT_EVERY);
+        assert!(next_run("*/5 * * * *", Zone::Utc).is_some_and(|d| d <= Duration::from_secs(300)));
+        assert_eq!(next_run("not a schedule", Zone::Utc), None);
+        let every_minute = until_next(Some("* * * * *"), Zone::Local);
         assert!(every_minute <= Duration::from_secs(60), "{every_minute:?}");
+        // ncps' forms: an interval, and a zone of its own.
+        let hourly = next_run("@every 1h", Zone::Utc).unwrap();
+        assert!(
+            hourly > Duration::from_secs(3590) && hourly <= Duration::from_secs(3600),
+            "{hourly:?}"
+        );
+        let paris = Zone::parse("Europe/Paris").unwrap();
+        let daily = next_run("CRON_TZ=Asia/Tokyo 0 2 * * *", paris).unwrap();
+        assert!(daily <= Duration::from_secs(86400), "{daily:?}");
     }
 }

@@ -79,19 +79,27 @@ pub enum Kind {
     Count,
     /// A number of connections, 0 meaning the default.
     PoolSize,
-    /// A cron schedule (5 fields, UTC).
+    /// A cron schedule as ncps takes them (robfig/cron): 5 fields, `@daily`-style descriptors,
+    /// `@every <duration>`, an optional `CRON_TZ=<zone>` prefix.
     Cron,
+    /// A time zone: an IANA name (`Europe/Paris`), `UTC` or `Local` (the machine's).
+    TimeZone,
     /// Upstream cache URLs, each with an optional `?priority=N`; shown with credentials masked.
     Upstreams,
     /// Public keys (`name:base64`).
     PublicKeys,
     /// Addresses or CIDR ranges.
     Cidrs,
+    /// Words (a list ncps takes, such as Redis addresses).
+    Words,
 }
 
 impl Kind {
     pub const fn is_list(self) -> bool {
-        matches!(self, Kind::Upstreams | Kind::PublicKeys | Kind::Cidrs)
+        matches!(
+            self,
+            Kind::Upstreams | Kind::PublicKeys | Kind::Cidrs | Kind::Words
+        )
     }
 }
 
@@ -201,6 +209,20 @@ fn under_data_path(v: &Values, name: &str) -> Option<String> {
 
 const S3: &str = "cache.storage.s3.bucket";
 
+/// `$HOME/.netrc` when it exists: ncps' default `--netrc-file` (a missing one is no error).
+fn home_netrc() -> Option<String> {
+    let path = PathBuf::from(std::env::var_os("HOME")?).join(".netrc");
+    path.is_file().then(|| path.display().to_string())
+}
+
+/// An ncps setting that nip accepts under ncps' flag, variable and config key, and ignores for
+/// `$why` (a warning at start).
+macro_rules! ncps {
+    ($key:literal, $flag:literal, $env:literal, $kind:expr, $help:literal, $why:expr) => {
+        s($key, &[$flag], &[$env], &[$key], $kind, $help).later($why)
+    };
+}
+
 #[rustfmt::skip]
 pub const SETTINGS: &[Setting] = &[
     s("cache.hostname", &["cache-hostname"], &["CACHE_HOSTNAME"], &["cache.hostname"], Kind::HostName,
@@ -213,23 +235,27 @@ pub const SETTINGS: &[Setting] = &[
       "Metadata database URL (sqlite:PATH)")
       .derived("sqlite:<data path>/db/db.sqlite", |v| Some(format!("sqlite:{}", under_data_path(v, "db/db.sqlite")?))),
     s("cache.temp-path", &["cache-temp-path"], &["CACHE_TEMP_PATH"], &["cache.temp-path"], Kind::Path,
-      "Directory for downloads and uploads in progress").derived("<data path>/tmp", |v| under_data_path(v, "tmp")),
+      "Directory for downloads and uploads in progress").derived("<data path>/tmp", |v| under_data_path(v, "tmp"))
+      .empty_unset(),
     s("cache.upstream.urls", &["upstream-cache", "cache-upstream-url"],
       &["UPSTREAM_CACHES", "CACHE_UPSTREAM_URLS"], &["cache.upstream.urls", "cache.upstream.caches", "upstream.caches"], Kind::Upstreams,
-      "Upstream binary cache URL; repeat for several. `?priority=N` sets its priority until its /nix-cache-info answers")
-      .default(DEFAULT_UPSTREAM),
+      "Upstream binary cache URL; repeat for several (or separate them with commas). `?priority=N` sets its priority until its /nix-cache-info answers")
+      .default(DEFAULT_UPSTREAM).split_commas(),
     s("cache.upstream.public-keys", &["upstream-public-key", "cache-upstream-public-key"],
       &["UPSTREAM_PUBLIC_KEYS", "CACHE_UPSTREAM_PUBLIC_KEYS"],
       &["cache.upstream.public-keys", "upstream.public-keys"], Kind::PublicKeys,
-      "Public key (name:base64) trusted to sign upstream narinfo; repeat for several")
+      "Public key (name:base64) trusted to sign upstream narinfo; repeat for several (or separate them with commas)")
+      .split_commas()
       .derived("cache.nixos.org-1's key when no --upstream-cache is given",
                |v| (!v.given("cache.upstream.urls")).then(|| DEFAULT_UPSTREAM_KEY.to_string())),
     s("cache.sign-narinfo", &["cache-sign-narinfo"], &["CACHE_SIGN_NARINFO"], &["cache.sign-narinfo"], Kind::Bool,
       "Add this cache's signature to every narinfo it serves").default("true"),
     s("cache.secret-key-path", &["cache-secret-key-path"], &["CACHE_SECRET_KEY_PATH"], &["cache.secret-key-path"], Kind::Path,
-      "Signing key file (Nix format)").derived("generated once as <data path>/secret-key", |v| under_data_path(v, "secret-key")),
+      "Signing key file (Nix format)").derived("generated once as <data path>/secret-key", |v| under_data_path(v, "secret-key"))
+      .empty_unset(),
     s("cache.netrc-file", &["netrc-file", "cache-netrc-file"], &["NETRC_FILE", "CACHE_NETRC_FILE"],
-      &["cache.netrc-file", "netrc-file"], Kind::Path, "netrc file with credentials for upstream caches"),
+      &["cache.netrc-file", "netrc-file"], Kind::Path, "netrc file with credentials for upstream caches")
+      .derived("~/.netrc when it exists", |_| home_netrc()).empty_unset(),
     s("cache.upstream.dialer-timeout", &["upstream-dialer-timeout", "cache-upstream-dialer-timeout"],
       &["UPSTREAM_DIALER_TIMEOUT", "CACHE_UPSTREAM_DIALER_TIMEOUT"],
       &["cache.upstream.dialer-timeout", "upstream.dialer-timeout"], Kind::Duration,
@@ -278,9 +304,13 @@ pub const SETTINGS: &[Setting] = &[
     s("cache.max-size", &["cache-max-size"], &["CACHE_MAX_SIZE"], &["cache.max-size"], Kind::Size,
       "Maximum store size (e.g. 10G): least recently used entries are evicted to stay under it").off("unlimited"),
     s("cache.lru.schedule", &["cache-lru-schedule"], &["CACHE_LRU_SCHEDULE"], &["cache.lru.schedule"], Kind::Cron,
-      "Cron schedule (5 fields, UTC) of the eviction job, e.g. \"0 2 * * *\"").off("every 5 minutes when --cache-max-size is set").empty_unset(),
+      "Cron schedule of the eviction job, in --cache-lru-schedule-timezone: 5 fields (e.g. \"0 2 * * *\"), @daily, @every 1h, or with a CRON_TZ=<zone> prefix")
+      .off("every 5 minutes when --cache-max-size is set").empty_unset(),
+    s("cache.lru.timezone", &["cache-lru-schedule-timezone"], &["CACHE_LRU_SCHEDULE_TZ"], &["cache.lru.timezone"], Kind::TimeZone,
+      "Time zone of --cache-lru-schedule: an IANA name (e.g. Europe/Paris), UTC, or Local (the machine's zone, as ncps)")
+      .default("Local"),
     s("cache.verify-schedule", &["cache-verify-schedule"], &["CACHE_VERIFY_SCHEDULE"], &["cache.verify-schedule"], Kind::Cron,
-      "Cron schedule (5 fields, UTC) of a scrub that re-hashes every stored NAR and artifact and removes bad ones (as `nip admin verify --repair`)")
+      "Cron schedule (as --cache-lru-schedule, in UTC unless it starts with CRON_TZ=<zone>) of a scrub that re-hashes every stored NAR and artifact and removes bad ones (as `nip admin verify --repair`)")
       .off("off").empty_unset(),
     s("prometheus.enabled", &["prometheus-enabled"], &["PROMETHEUS_ENABLED"], &["prometheus.enabled"], Kind::Bool,
       "Serve Prometheus metrics on /metrics").default("false").global(),
@@ -312,17 +342,12 @@ pub const SETTINGS: &[Setting] = &[
       "Size of the SQLite connection pool (0: the default)").default("8"),
     s("cache.database.pool.max-idle-conns", &["cache-database-pool-max-idle-conns"],
       &["CACHE_DATABASE_POOL_MAX_IDLE_CONNS"], &["cache.database.pool.max-idle-conns"], Kind::Text,
-      "Idle connections kept in the database pool (ncps)")
-      .later("the SQLite pool keeps up to --cache-database-pool-max-open-conns connections open and has no separate idle limit"),
-    s("cache.lru.timezone", &["cache-lru-schedule-timezone"], &["CACHE_LRU_SCHEDULE_TZ"], &["cache.lru.timezone"], Kind::Text,
-      "Time zone of --cache-lru-schedule (ncps)")
-      .later("nip evaluates --cache-lru-schedule in UTC: write the schedule in UTC"),
+      "Idle connections kept in the database pool (ncps)").later(IDLE),
     s("pprof.addr", &["pprof-addr"], &["PPROF_ADDR"], &["pprof.addr"], Kind::Text,
-      "Listen address of Go's pprof endpoints (ncps)")
-      .later("pprof is the Go runtime's profiler and nip is not a Go program (profile it with perf)"),
+      "Listen address of Go's pprof endpoints (ncps)").later(PPROF),
     s("analytics.reporting.enabled", &["analytics-reporting-enabled"], &["ANALYTICS_REPORTING_ENABLED"],
       &["analytics.reporting.enabled"], Kind::Bool, "ncps' anonymous usage reporting").default("false").global()
-      .later("nip never reports usage or contacts anything but the configured upstreams"),
+      .later(ANALYTICS),
     s(S3, &["cache-storage-s3-bucket"], &["CACHE_STORAGE_S3_BUCKET"],
       &["cache.storage.s3.bucket"], Kind::Text, "S3 bucket for NARs (instead of --cache-storage-local)").empty_unset(),
     s("cache.storage.s3.endpoint", &["cache-storage-s3-endpoint"], &["CACHE_STORAGE_S3_ENDPOINT"],
@@ -343,67 +368,86 @@ pub const SETTINGS: &[Setting] = &[
       &["NIP_S3_PRESIGN_DOWNLOADS", "CACHE_STORAGE_S3_PRESIGN_DOWNLOADS"], &["cache.storage.s3.presign-downloads"], Kind::Bool,
       "Serve /v1 artifact downloads from S3 directly: the lookup's downloadUrl is a presigned URL (valid 15 minutes) and /v1/download redirects to one")
       .default("false"),
+    // ncps' content-defined chunking: nip stores whole NARs. Off (as NixOS writes it) is fine; on
+    // is refused at start (`validate`), since nip cannot serve a chunked store.
+    s("cache.cdc.enabled", &["cache-cdc-enabled"], &["CACHE_CDC_ENABLED"], &["cache.cdc.enabled"], Kind::Bool,
+      "ncps' content-defined chunking: nip stores whole NARs, so only false is accepted").default("false"),
+    ncps!("cache.cdc.min", "cache-cdc-min", "CACHE_CDC_MIN", Kind::Text, "CDC minimum chunk size (ncps)", CDC),
+    ncps!("cache.cdc.avg", "cache-cdc-avg", "CACHE_CDC_AVG", Kind::Text, "CDC average chunk size (ncps)", CDC),
+    ncps!("cache.cdc.max", "cache-cdc-max", "CACHE_CDC_MAX", Kind::Text, "CDC maximum chunk size (ncps)", CDC),
+    ncps!("cache.cdc.lazy-chunking-enabled", "cache-cdc-lazy-chunking-enabled", "CACHE_CDC_LAZY_CHUNKING_ENABLED", Kind::Bool,
+         "CDC lazy chunking (ncps)", CDC),
+    ncps!("cache.cdc.background-workers", "cache-cdc-background-workers", "CACHE_CDC_BACKGROUND_WORKERS", Kind::Text,
+         "CDC background workers (ncps)", CDC),
+    ncps!("cache.cdc.delete-delay", "cache-cdc-delete-delay", "CACHE_CDC_DELETE_DELAY", Kind::Text, "CDC delete delay (ncps)", CDC),
+    ncps!("cache.cdc.lazy-recovery-schedule", "cache-cdc-lazy-recovery-schedule", "CACHE_CDC_LAZY_RECOVERY_SCHEDULE", Kind::Text,
+         "CDC lazy recovery schedule (ncps)", CDC),
+    ncps!("cache.cdc.lazy-recovery-batch-size", "cache-cdc-lazy-recovery-batch-size", "CACHE_CDC_LAZY_RECOVERY_BATCH_SIZE", Kind::Text,
+         "CDC lazy recovery batch size (ncps)", CDC),
+    ncps!("cache.cdc.lazy-cleanup-schedule", "cache-cdc-lazy-cleanup-schedule", "CACHE_CDC_LAZY_CLEANUP_SCHEDULE", Kind::Text,
+         "CDC lazy cleanup schedule (ncps)", CDC),
+    ncps!("cache.cdc.chunk-wait-timeout", "cache-cdc-chunk-wait-timeout", "CACHE_CDC_CHUNK_WAIT_TIMEOUT", Kind::Text,
+         "CDC chunk wait timeout (ncps)", CDC),
+    ncps!("cache.fsck.dechunk-residue-grace", "cache-fsck-dechunk-residue-grace", "CACHE_FSCK_DECHUNK_RESIDUE_GRACE", Kind::Text,
+         "Grace period of ncps fsck for chunked residue (ncps)", CDC),
+    // ncps' download coordination between replicas.
+    ncps!("cache.download.poll-timeout", "cache-download-poll-timeout", "CACHE_DOWNLOAD_POLL_TIMEOUT", Kind::Text,
+         "How long a replica polls for a download another one runs (ncps)", STAGING),
+    ncps!("cache.inflight-staging.enabled", "cache-inflight-staging-enabled", "CACHE_INFLIGHT_STAGING_ENABLED", Kind::Bool,
+         "In-flight NAR staging between replicas (ncps)", STAGING),
+    ncps!("cache.inflight-staging.retention", "cache-inflight-staging-retention", "CACHE_INFLIGHT_STAGING_RETENTION", Kind::Text,
+         "In-flight staging retention (ncps)", STAGING),
+    ncps!("cache.inflight-staging.part-size", "cache-inflight-staging-part-size", "CACHE_INFLIGHT_STAGING_PART_SIZE", Kind::Text,
+         "In-flight staging part size (ncps)", STAGING),
+    // ncps' Redis and distributed locks.
+    ncps!("cache.redis.addrs", "cache-redis-addrs", "CACHE_REDIS_ADDRS", Kind::Words, "Redis addresses (ncps)", LOCKS).split_commas(),
+    ncps!("cache.redis.username", "cache-redis-username", "CACHE_REDIS_USERNAME", Kind::Text, "Redis user name (ncps)", LOCKS),
+    ncps!("cache.redis.password", "cache-redis-password", "CACHE_REDIS_PASSWORD", Kind::Text, "Redis password (ncps)", LOCKS).secret(),
+    ncps!("cache.redis.db", "cache-redis-db", "CACHE_REDIS_DB", Kind::Text, "Redis database number (ncps)", LOCKS),
+    ncps!("cache.redis.use-tls", "cache-redis-use-tls", "CACHE_REDIS_USE_TLS", Kind::Bool, "TLS to Redis (ncps)", LOCKS),
+    ncps!("cache.redis.pool-size", "cache-redis-pool-size", "CACHE_REDIS_POOL_SIZE", Kind::Text, "Redis pool size (ncps)", LOCKS),
+    ncps!("cache.lock.backend", "cache-lock-backend", "CACHE_LOCK_BACKEND", Kind::Text, "Lock backend, local or redis (ncps)", LOCKS),
+    ncps!("cache.lock.redis.key-prefix", "cache-lock-redis-key-prefix", "CACHE_LOCK_REDIS_KEY_PREFIX", Kind::Text,
+         "Redis lock key prefix (ncps)", LOCKS),
+    ncps!("cache.lock.download-lock-ttl", "cache-lock-download-ttl", "CACHE_LOCK_DOWNLOAD_TTL", Kind::Text,
+         "Download lock TTL (ncps)", LOCKS),
+    ncps!("cache.lock.lru-lock-ttl", "cache-lock-lru-ttl", "CACHE_LOCK_LRU_TTL", Kind::Text, "LRU lock TTL (ncps)", LOCKS),
+    ncps!("cache.lock.retry.max-attempts", "cache-lock-retry-max-attempts", "CACHE_LOCK_RETRY_MAX_ATTEMPTS", Kind::Text,
+         "Lock retry attempts (ncps)", LOCKS),
+    ncps!("cache.lock.retry.initial-delay", "cache-lock-retry-initial-delay", "CACHE_LOCK_RETRY_INITIAL_DELAY", Kind::Text,
+         "Lock retry initial delay (ncps)", LOCKS),
+    ncps!("cache.lock.retry.max-delay", "cache-lock-retry-max-delay", "CACHE_LOCK_RETRY_MAX_DELAY", Kind::Text,
+         "Lock retry maximum delay (ncps)", LOCKS),
+    ncps!("cache.lock.retry.jitter", "cache-lock-retry-jitter", "CACHE_LOCK_RETRY_JITTER", Kind::Bool, "Lock retry jitter (ncps)", LOCKS),
+    ncps!("cache.lock.allow-degraded-mode", "cache-lock-allow-degraded-mode", "CACHE_LOCK_ALLOW_DEGRADED_MODE", Kind::Bool,
+         "Fall back to local locks without Redis (ncps)", LOCKS),
+    // ncps' root command.
+    s("analytics.reporting.samples", &["analytics-reporting-samples"], &[], &["analytics.reporting.samples"], Kind::Bool,
+      "Print ncps' analytics samples (ncps)").global().later(ANALYTICS),
+    s("log.console-writer-enabled", &["log-console-writer-enabled"], &[], &[], Kind::Bool,
+      "ncps' human-readable console log writer").global().later(CONSOLE),
+    s("log.console-writer-prefix", &["log-console-writer-prefix"], &[], &[], Kind::Text,
+      "Prefix of ncps' console log lines").global().later(CONSOLE),
+    ncps!("xz-binary-path", "xz-binary-path", "XZ_BINARY_PATH", Kind::Text, "Path of the xz binary (ncps)", XZ).global(),
+    ncps!("use-xz-binary", "use-xz-binary", "USE_XZ_BINARY", Kind::Bool, "Use the xz binary (ncps)", XZ).global(),
 ];
 
-/// ncps' environment variables that have no nip setting, with why nip can do without them. They
-/// are the only way a setting could vanish silently (unknown flags and config keys are errors), so
-/// `nip serve` warns about each one set. ncps' security settings (the upload signature gate, the
-/// GET token, authenticated reads) are all implemented, so none here weakens security by being
-/// ignored; a future one that would must be implemented or refused, never listed here.
-pub const NCPS_ONLY_ENVS: &[(&str, &str)] = &[
-    ("CACHE_CDC_ENABLED", CDC),
-    ("CACHE_CDC_MIN", CDC),
-    ("CACHE_CDC_AVG", CDC),
-    ("CACHE_CDC_MAX", CDC),
-    ("CACHE_CDC_BACKGROUND_WORKERS", CDC),
-    ("CACHE_CDC_CHUNK_WAIT_TIMEOUT", CDC),
-    ("CACHE_CDC_DELETE_DELAY", CDC),
-    ("CACHE_CDC_LAZY_CHUNKING_ENABLED", CDC),
-    ("CACHE_CDC_LAZY_CLEANUP_SCHEDULE", CDC),
-    ("CACHE_CDC_LAZY_RECOVERY_BATCH_SIZE", CDC),
-    ("CACHE_CDC_LAZY_RECOVERY_SCHEDULE", CDC),
-    ("CACHE_FSCK_DECHUNK_RESIDUE_GRACE", CDC),
-    ("CACHE_DOWNLOAD_POLL_TIMEOUT", STAGING),
-    ("CACHE_INFLIGHT_STAGING_ENABLED", STAGING),
-    ("CACHE_INFLIGHT_STAGING_PART_SIZE", STAGING),
-    ("CACHE_INFLIGHT_STAGING_RETENTION", STAGING),
-    ("CACHE_LOCK_BACKEND", LOCKS),
-    ("CACHE_LOCK_ALLOW_DEGRADED_MODE", LOCKS),
-    ("CACHE_LOCK_DOWNLOAD_TTL", LOCKS),
-    ("CACHE_LOCK_LRU_TTL", LOCKS),
-    ("CACHE_LOCK_REDIS_KEY_PREFIX", LOCKS),
-    ("CACHE_LOCK_RETRY_INITIAL_DELAY", LOCKS),
-    ("CACHE_LOCK_RETRY_JITTER", LOCKS),
-    ("CACHE_LOCK_RETRY_MAX_ATTEMPTS", LOCKS),
-    ("CACHE_LOCK_RETRY_MAX_DELAY", LOCKS),
-    ("CACHE_REDIS_ADDRS", LOCKS),
-    ("CACHE_REDIS_DB", LOCKS),
-    ("CACHE_REDIS_USERNAME", LOCKS),
-    ("CACHE_REDIS_PASSWORD", LOCKS),
-    ("CACHE_REDIS_USE_TLS", LOCKS),
-    ("CACHE_REDIS_POOL_SIZE", LOCKS),
-    ("USE_XZ_BINARY", XZ),
-    ("XZ_BINARY_PATH", XZ),
-];
-const CDC: &str = "nip stores whole NARs: ncps' content-defined chunking does not apply";
+// Why nip does without an ncps setting it accepts (`Setting::not_implemented`): each given one is
+// named in a warning at start and under "ignored" in `--print-config`, so none vanishes silently.
+// ncps' security settings (the upload signature gate, the GET token, authenticated reads) are all
+// implemented, so none here weakens security by being ignored; one that would must be
+// implemented or refused (as `--cache-cdc-enabled=true` is), never listed here.
+const CDC: &str =
+    "nip stores whole NARs and does not chunk them (only --cache-cdc-enabled=false is accepted)";
 const STAGING: &str =
-    "nip always streams a NAR still downloading to every waiting client from its temp file";
-const LOCKS: &str = "nip needs no Redis: instances coordinate through the shared database";
-const XZ: &str = "nip runs no external compression tool";
-
-/// The ncps-only environment variables set in `env` (a boolean set to false says nothing).
-pub fn ignored_ncps_envs(env: &HashMap<String, String>) -> Vec<(String, &'static str)> {
-    NCPS_ONLY_ENVS
-        .iter()
-        .filter(|(name, _)| {
-            env.get(*name).is_some_and(|v| {
-                !v.trim().is_empty()
-                    && !matches!(v.trim().to_ascii_lowercase().as_str(), "false" | "0" | "f")
-            })
-        })
-        .map(|(name, why)| (name.to_string(), *why))
-        .collect()
-}
+    "nip streams a NAR still downloading to every waiting client, and instances coordinate through the shared database";
+const LOCKS: &str = "instances coordinate through the shared database; Redis is not needed";
+const XZ: &str = "nip compresses and decompresses in-process and runs no xz binary";
+const ANALYTICS: &str = "nip never reports usage";
+const IDLE: &str = "the database pool keeps up to --cache-database-pool-max-open-conns connections and has no separate idle limit";
+const PPROF: &str =
+    "pprof is the Go runtime's profiler and nip is not a Go program (profile it with perf)";
+const CONSOLE: &str = "nip's log format is --log-format (text or json)";
 
 /// Values of settings from one source, by canonical key.
 pub type Layer = BTreeMap<&'static str, Vec<String>>;
@@ -490,7 +534,10 @@ fn flatten<'a>(
                     format!("{prefix}.{k}")
                 };
                 // A table is descended into unless its own path names a setting.
-                if child.is_object()
+                if child.is_null() {
+                    // An empty table (`pool:` with its entries commented out): nothing.
+                    continue;
+                } else if child.is_object()
                     && !SETTINGS
                         .iter()
                         .any(|s| s.file_keys.contains(&path.as_str()))
@@ -531,14 +578,18 @@ mod tests {
 
     #[test]
     fn table_has_unique_names() {
-        let mut seen = std::collections::HashSet::new();
+        let (mut keys, mut flags, mut envs, mut file_keys) = Default::default();
+        let insert = |set: &mut std::collections::HashSet<&str>, name| set.insert(name);
         for s in SETTINGS {
-            assert!(seen.insert(s.key), "duplicate key {}", s.key);
+            assert!(insert(&mut keys, s.key), "duplicate key {}", s.key);
             for f in s.flags {
-                assert!(seen.insert(f), "duplicate flag {f}");
+                assert!(insert(&mut flags, f), "duplicate flag {f}");
             }
             for e in s.envs {
-                assert!(seen.insert(e), "duplicate env {e}");
+                assert!(insert(&mut envs, e), "duplicate env {e}");
+            }
+            for k in s.file_keys {
+                assert!(insert(&mut file_keys, k), "duplicate config key {k}");
             }
         }
     }
@@ -578,103 +629,138 @@ mod tests {
             help("cache.temp-path"),
             "Directory for downloads and uploads in progress. Default: <data path>/tmp"
         );
-        assert!(!help("cache.netrc-file").contains("Default"));
+        assert_eq!(
+            help("cache.netrc-file"),
+            "netrc file with credentials for upstream caches. Default: ~/.netrc when it exists"
+        );
+        assert!(!help("cache.storage.s3.bucket").contains("Default"));
     }
 
-    /// Every environment variable ncps' `serve` and root command read (pkg/ncps/serve.go and
-    /// root.go at ncps main, 2026-12): each is a nip setting, the config-file variable, or listed
-    /// with its reason, so none is dropped without a word.
+    /// Every flag, environment variable and config key of ncps' `serve` and root commands
+    /// (pkg/ncps/serve.go and root.go at ncps main, 2026-12; `analytics.reporting.samples` as the
+    /// NixOS module writes it) is a nip setting: implemented, or accepted with a reason.
+    #[rustfmt::skip]
+    const NCPS: &[(&str, &str, &str)] = &[
+        ("analytics-reporting-enabled", "ANALYTICS_REPORTING_ENABLED", "analytics.reporting.enabled"),
+        ("analytics-reporting-samples", "", "analytics.reporting.samples"),
+        ("log-level", "LOG_LEVEL", "log.level"),
+        ("log-console-writer-enabled", "", ""),
+        ("log-console-writer-prefix", "", ""),
+        ("otel-enabled", "OTEL_ENABLED", "opentelemetry.enabled"),
+        ("otel-grpc-url", "OTEL_GRPC_URL", "opentelemetry.grpc-url"),
+        ("prometheus-enabled", "PROMETHEUS_ENABLED", "prometheus.enabled"),
+        ("xz-binary-path", "XZ_BINARY_PATH", "xz-binary-path"),
+        ("use-xz-binary", "USE_XZ_BINARY", "use-xz-binary"),
+        ("cache-hostname", "CACHE_HOSTNAME", "cache.hostname"),
+        ("server-addr", "SERVER_ADDR", "server.addr"),
+        ("pprof-addr", "PPROF_ADDR", "pprof.addr"),
+        ("cache-allow-delete-verb", "CACHE_ALLOW_DELETE_VERB", "cache.allow-delete-verb"),
+        ("cache-allow-put-verb", "CACHE_ALLOW_PUT_VERB", "cache.allow-put-verb"),
+        ("cache-get-token", "CACHE_GET_TOKEN", "cache.get-token"),
+        ("netrc-file", "NETRC_FILE", "cache.netrc-file"),
+        ("cache-temp-path", "CACHE_TEMP_PATH", "cache.temp-path"),
+        ("cache-secret-key-path", "CACHE_SECRET_KEY_PATH", "cache.secret-key-path"),
+        ("cache-sign-narinfo", "CACHE_SIGN_NARINFO", "cache.sign-narinfo"),
+        ("cache-require-trusted-signature", "CACHE_REQUIRE_TRUSTED_SIGNATURE", "cache.require-trusted-signature"),
+        ("cache-trusted-upload-key", "CACHE_TRUSTED_UPLOAD_KEYS", "cache.trusted-upload-keys"),
+        ("cache-storage-local", "CACHE_STORAGE_LOCAL", "cache.storage.local"),
+        ("cache-storage-s3-bucket", "CACHE_STORAGE_S3_BUCKET", "cache.storage.s3.bucket"),
+        ("cache-storage-s3-endpoint", "CACHE_STORAGE_S3_ENDPOINT", "cache.storage.s3.endpoint"),
+        ("cache-storage-s3-region", "CACHE_STORAGE_S3_REGION", "cache.storage.s3.region"),
+        ("cache-storage-s3-access-key-id", "CACHE_STORAGE_S3_ACCESS_KEY_ID", "cache.storage.s3.access-key-id"),
+        ("cache-storage-s3-secret-access-key", "CACHE_STORAGE_S3_SECRET_ACCESS_KEY", "cache.storage.s3.secret-access-key"),
+        ("cache-storage-s3-force-path-style", "CACHE_STORAGE_S3_FORCE_PATH_STYLE", "cache.storage.s3.force-path-style"),
+        ("cache-database-url", "CACHE_DATABASE_URL", "cache.database-url"),
+        ("cache-database-pool-max-open-conns", "CACHE_DATABASE_POOL_MAX_OPEN_CONNS", "cache.database.pool.max-open-conns"),
+        ("cache-database-pool-max-idle-conns", "CACHE_DATABASE_POOL_MAX_IDLE_CONNS", "cache.database.pool.max-idle-conns"),
+        ("cache-max-size", "CACHE_MAX_SIZE", "cache.max-size"),
+        ("cache-lru-schedule", "CACHE_LRU_SCHEDULE", "cache.lru.schedule"),
+        ("cache-lru-schedule-timezone", "CACHE_LRU_SCHEDULE_TZ", "cache.lru.timezone"),
+        ("cache-upstream-url", "CACHE_UPSTREAM_URLS", "cache.upstream.urls"),
+        ("cache-upstream-public-key", "CACHE_UPSTREAM_PUBLIC_KEYS", "cache.upstream.public-keys"),
+        ("cache-upstream-dialer-timeout", "CACHE_UPSTREAM_DIALER_TIMEOUT", "cache.upstream.dialer-timeout"),
+        ("cache-upstream-response-header-timeout", "CACHE_UPSTREAM_RESPONSE_HEADER_TIMEOUT", "cache.upstream.response-header-timeout"),
+        ("cache-cdc-enabled", "CACHE_CDC_ENABLED", "cache.cdc.enabled"),
+        ("cache-cdc-min", "CACHE_CDC_MIN", "cache.cdc.min"),
+        ("cache-cdc-avg", "CACHE_CDC_AVG", "cache.cdc.avg"),
+        ("cache-cdc-max", "CACHE_CDC_MAX", "cache.cdc.max"),
+        ("cache-cdc-lazy-chunking-enabled", "CACHE_CDC_LAZY_CHUNKING_ENABLED", "cache.cdc.lazy-chunking-enabled"),
+        ("cache-cdc-background-workers", "CACHE_CDC_BACKGROUND_WORKERS", "cache.cdc.background-workers"),
+        ("cache-cdc-delete-delay", "CACHE_CDC_DELETE_DELAY", "cache.cdc.delete-delay"),
+        ("cache-cdc-lazy-recovery-schedule", "CACHE_CDC_LAZY_RECOVERY_SCHEDULE", "cache.cdc.lazy-recovery-schedule"),
+        ("cache-cdc-lazy-recovery-batch-size", "CACHE_CDC_LAZY_RECOVERY_BATCH_SIZE", "cache.cdc.lazy-recovery-batch-size"),
+        ("cache-cdc-lazy-cleanup-schedule", "CACHE_CDC_LAZY_CLEANUP_SCHEDULE", "cache.cdc.lazy-cleanup-schedule"),
+        ("cache-cdc-chunk-wait-timeout", "CACHE_CDC_CHUNK_WAIT_TIMEOUT", "cache.cdc.chunk-wait-timeout"),
+        ("", "CACHE_FSCK_DECHUNK_RESIDUE_GRACE", "cache.fsck.dechunk-residue-grace"),
+        ("cache-download-poll-timeout", "CACHE_DOWNLOAD_POLL_TIMEOUT", "cache.download.poll-timeout"),
+        ("cache-inflight-staging-enabled", "CACHE_INFLIGHT_STAGING_ENABLED", "cache.inflight-staging.enabled"),
+        ("cache-inflight-staging-retention", "CACHE_INFLIGHT_STAGING_RETENTION", "cache.inflight-staging.retention"),
+        ("cache-inflight-staging-part-size", "CACHE_INFLIGHT_STAGING_PART_SIZE", "cache.inflight-staging.part-size"),
+        ("cache-redis-addrs", "CACHE_REDIS_ADDRS", "cache.redis.addrs"),
+        ("cache-redis-username", "CACHE_REDIS_USERNAME", "cache.redis.username"),
+        ("cache-redis-password", "CACHE_REDIS_PASSWORD", "cache.redis.password"),
+        ("cache-redis-db", "CACHE_REDIS_DB", "cache.redis.db"),
+        ("cache-redis-use-tls", "CACHE_REDIS_USE_TLS", "cache.redis.use-tls"),
+        ("cache-redis-pool-size", "CACHE_REDIS_POOL_SIZE", "cache.redis.pool-size"),
+        ("cache-lock-backend", "CACHE_LOCK_BACKEND", "cache.lock.backend"),
+        ("cache-lock-redis-key-prefix", "CACHE_LOCK_REDIS_KEY_PREFIX", "cache.lock.redis.key-prefix"),
+        ("cache-lock-download-ttl", "CACHE_LOCK_DOWNLOAD_TTL", "cache.lock.download-lock-ttl"),
+        ("cache-lock-lru-ttl", "CACHE_LOCK_LRU_TTL", "cache.lock.lru-lock-ttl"),
+        ("cache-lock-retry-max-attempts", "CACHE_LOCK_RETRY_MAX_ATTEMPTS", "cache.lock.retry.max-attempts"),
+        ("cache-lock-retry-initial-delay", "CACHE_LOCK_RETRY_INITIAL_DELAY", "cache.lock.retry.initial-delay"),
+        ("cache-lock-retry-max-delay", "CACHE_LOCK_RETRY_MAX_DELAY", "cache.lock.retry.max-delay"),
+        ("cache-lock-retry-jitter", "CACHE_LOCK_RETRY_JITTER", "cache.lock.retry.jitter"),
+        ("cache-lock-allow-degraded-mode", "CACHE_LOCK_ALLOW_DEGRADED_MODE", "cache.lock.allow-degraded-mode"),
+        ("cache-data-path", "CACHE_DATA_PATH", "cache.data-path"),
+        ("upstream-cache", "UPSTREAM_CACHES", "cache.upstream.caches"),
+        ("upstream-public-key", "UPSTREAM_PUBLIC_KEYS", ""),
+        ("upstream-dialer-timeout", "UPSTREAM_DIALER_TIMEOUT", ""),
+        ("upstream-response-header-timeout", "UPSTREAM_RESPONSE_HEADER_TIMEOUT", ""),
+    ];
+
     #[test]
-    fn every_ncps_env_var_is_a_setting_or_warned_about() {
-        const NCPS: &[&str] = &[
-            "ANALYTICS_REPORTING_ENABLED",
-            "CACHE_ALLOW_DELETE_VERB",
-            "CACHE_ALLOW_PUT_VERB",
-            "CACHE_CDC_AVG",
-            "CACHE_CDC_BACKGROUND_WORKERS",
-            "CACHE_CDC_CHUNK_WAIT_TIMEOUT",
-            "CACHE_CDC_DELETE_DELAY",
-            "CACHE_CDC_ENABLED",
-            "CACHE_CDC_LAZY_CHUNKING_ENABLED",
-            "CACHE_CDC_LAZY_CLEANUP_SCHEDULE",
-            "CACHE_CDC_LAZY_RECOVERY_BATCH_SIZE",
-            "CACHE_CDC_LAZY_RECOVERY_SCHEDULE",
-            "CACHE_CDC_MAX",
-            "CACHE_CDC_MIN",
-            "CACHE_DATABASE_POOL_MAX_IDLE_CONNS",
-            "CACHE_DATABASE_POOL_MAX_OPEN_CONNS",
-            "CACHE_DATABASE_URL",
-            "CACHE_DATA_PATH",
-            "CACHE_DOWNLOAD_POLL_TIMEOUT",
-            "CACHE_FSCK_DECHUNK_RESIDUE_GRACE",
-            "CACHE_GET_TOKEN",
-            "CACHE_HOSTNAME",
-            "CACHE_INFLIGHT_STAGING_ENABLED",
-            "CACHE_INFLIGHT_STAGING_PART_SIZE",
-            "CACHE_INFLIGHT_STAGING_RETENTION",
-            "CACHE_LOCK_ALLOW_DEGRADED_MODE",
-            "CACHE_LOCK_BACKEND",
-            "CACHE_LOCK_DOWNLOAD_TTL",
-            "CACHE_LOCK_LRU_TTL",
-            "CACHE_LOCK_REDIS_KEY_PREFIX",
-            "CACHE_LOCK_RETRY_INITIAL_DELAY",
-            "CACHE_LOCK_RETRY_JITTER",
-            "CACHE_LOCK_RETRY_MAX_ATTEMPTS",
-            "CACHE_LOCK_RETRY_MAX_DELAY",
-            "CACHE_LRU_SCHEDULE",
-            "CACHE_LRU_SCHEDULE_TZ",
-            "CACHE_MAX_SIZE",
-            "CACHE_REDIS_ADDRS",
-            "CACHE_REDIS_DB",
-            "CACHE_REDIS_PASSWORD",
-            "CACHE_REDIS_POOL_SIZE",
-            "CACHE_REDIS_USERNAME",
-            "CACHE_REDIS_USE_TLS",
-            "CACHE_REQUIRE_TRUSTED_SIGNATURE",
-            "CACHE_SECRET_KEY_PATH",
-            "CACHE_SIGN_NARINFO",
-            "CACHE_STORAGE_LOCAL",
-            "CACHE_STORAGE_S3_ACCESS_KEY_ID",
-            "CACHE_STORAGE_S3_BUCKET",
-            "CACHE_STORAGE_S3_ENDPOINT",
-            "CACHE_STORAGE_S3_FORCE_PATH_STYLE",
-            "CACHE_STORAGE_S3_REGION",
-            "CACHE_STORAGE_S3_SECRET_ACCESS_KEY",
-            "CACHE_TEMP_PATH",
-            "CACHE_TRUSTED_UPLOAD_KEYS",
-            "CACHE_UPSTREAM_DIALER_TIMEOUT",
-            "CACHE_UPSTREAM_PUBLIC_KEYS",
-            "CACHE_UPSTREAM_RESPONSE_HEADER_TIMEOUT",
-            "CACHE_UPSTREAM_URLS",
-            "LOG_LEVEL",
-            "NETRC_FILE",
-            "OTEL_ENABLED",
-            "OTEL_GRPC_URL",
-            "PPROF_ADDR",
-            "PROMETHEUS_ENABLED",
-            "SERVER_ADDR",
-            "UPSTREAM_CACHES",
-            "UPSTREAM_DIALER_TIMEOUT",
-            "UPSTREAM_PUBLIC_KEYS",
-            "UPSTREAM_RESPONSE_HEADER_TIMEOUT",
-            "USE_XZ_BINARY",
-            "XZ_BINARY_PATH",
-        ];
-        for var in NCPS {
-            let known = SETTINGS.iter().any(|s| s.envs.contains(var))
-                || NCPS_ONLY_ENVS.iter().any(|(n, _)| n == var);
-            assert!(known, "{var} would be dropped silently");
+    fn every_ncps_flag_env_var_and_key_is_a_setting() {
+        for (flag, env, key) in NCPS {
+            let by_flag = SETTINGS.iter().find(|s| s.flags.contains(flag));
+            assert!(
+                flag.is_empty() || by_flag.is_some(),
+                "--{flag} is not accepted"
+            );
+            let by_env = SETTINGS.iter().find(|s| s.envs.contains(env));
+            assert!(env.is_empty() || by_env.is_some(), "{env} is not accepted");
+            let by_key = SETTINGS.iter().find(|s| s.file_keys.contains(key));
+            assert!(key.is_empty() || by_key.is_some(), "{key} is not accepted");
+            // The three names of one ncps setting are one nip setting.
+            let keys: std::collections::HashSet<_> = [by_flag, by_env, by_key]
+                .into_iter()
+                .flatten()
+                .map(|s| s.key)
+                .collect();
+            assert_eq!(keys.len(), 1, "{flag} {env} {key}: {keys:?}");
         }
-        let env: HashMap<String, String> = [
-            ("CACHE_REDIS_ADDRS", "r:6379"),
-            ("CACHE_CDC_ENABLED", "false"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let ignored = ignored_ncps_envs(&env);
-        assert_eq!(ignored.len(), 1, "{ignored:?}");
-        assert_eq!(ignored[0].0, "CACHE_REDIS_ADDRS");
+        // Every setting nip ignores says why; the ncps-only ones have ncps' three names.
+        let redis = find("cache.redis.addrs").unwrap();
+        assert_eq!(redis.flags, ["cache-redis-addrs"]);
+        assert_eq!(redis.envs, ["CACHE_REDIS_ADDRS"]);
+        assert_eq!(
+            redis.not_implemented,
+            Some("instances coordinate through the shared database; Redis is not needed")
+        );
+        assert_eq!(
+            find("analytics.reporting.enabled").unwrap().not_implemented,
+            Some("nip never reports usage")
+        );
+        assert!(find("cache.redis.password").unwrap().secret);
+    }
+
+    #[test]
+    fn an_empty_yaml_table_is_no_setting() {
+        // config.example.yaml's `database: pool:` with every entry commented out.
+        let doc: serde_json::Value =
+            serde_yaml::from_str("cache:\n  database:\n    pool:\n  hostname: h\n").unwrap();
+        let layer = layer_from_document(&doc).unwrap();
+        assert_eq!(layer["cache.hostname"], vec!["h"]);
+        assert_eq!(layer.len(), 1);
     }
 
     #[test]

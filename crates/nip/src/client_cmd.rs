@@ -217,6 +217,9 @@ fn remote_config(c: &RemoteConfigArgs) -> Result<()> {
             "fallbackToLocal": p.fallback_to_local,
             "retryAttempts": p.retry_attempts,
             "retryDelay": p.retry_delay.as_secs_f64(),
+            "maxUnpackBytes": p.max_unpack_bytes,
+            "maxUnpackRatio": p.max_unpack_ratio,
+            "maxUnpackEntries": p.max_unpack_entries,
         },
     });
     println!("{}", serde_json::to_string_pretty(&show)?);

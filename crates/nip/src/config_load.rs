@@ -149,7 +149,10 @@ fn with_defaults(cmd: Command, defaults: &[(&str, Vec<String>)]) -> Command {
 }
 
 fn setting_arg(s: &Setting) -> Arg {
-    let mut help = format!("{} [env: {}]", s.help_text(), s.envs.join(", "));
+    let mut help = s.help_text();
+    if !s.envs.is_empty() {
+        help.push_str(&format!(" [env: {}]", s.envs.join(", ")));
+    }
     if let Some(reason) = s.not_implemented {
         help.push_str(&format!(" (accepted, ignored: {reason})"));
     }
@@ -234,9 +237,7 @@ pub fn load_config(given: &ServerSettings) -> anyhow::Result<ServeConfig> {
         None => Layer::new(),
     };
     let merged = settings::merge(&[&given.flags, &file, &settings::layer_from_env(&env)]);
-    let mut config = ServeConfig::from_layer(&merged)?;
-    config.ignored.extend(settings::ignored_ncps_envs(&env));
-    Ok(config)
+    Ok(ServeConfig::from_layer(&merged)?)
 }
 
 #[cfg(test)]
@@ -309,6 +310,30 @@ mod tests {
         let serve = parse(&["nip", "--config=/a.yaml", "serve", "--config", "/b.yaml"]);
         assert_eq!(serve.config, Some("/b.yaml".into()));
         assert!(serve.flags.is_empty());
+    }
+
+    /// As urfave/cli (ncps): one slice flag value holds several, comma-separated.
+    #[test]
+    fn one_upstream_flag_may_list_several() {
+        let serve = parse(&[
+            "nip",
+            "serve",
+            "--cache-upstream-url",
+            "https://a.example,https://b.example",
+            "--cache-upstream-url=https://c.example",
+            "--cache-upstream-public-key",
+            "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=",
+        ]);
+        let config = ServeConfig::from_layer(&serve.flags).unwrap();
+        let urls: Vec<&str> = config.upstreams.iter().map(|u| u.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            [
+                "https://a.example/",
+                "https://b.example/",
+                "https://c.example/"
+            ]
+        );
     }
 
     #[test]

@@ -32,6 +32,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the cache server (Nix binary cache proxy and artifact cache)
+    // `s`: ncps' alias of `serve`.
+    #[command(alias = "s")]
     Serve(serve::ServeArgs),
     /// Manage API keys of the server's database
     #[command(subcommand, arg_required_else_help = false)]
@@ -109,6 +111,9 @@ mod tests {
     fn command_lines_become_commands() {
         use clap::error::ErrorKind;
         let cli = parse(&["nip", "--log-level=info", "--otel-enabled", "serve"]).unwrap();
+        assert!(matches!(cli.command, Command::Serve(_)));
+        // ncps' alias of `serve`.
+        let cli = parse(&["nip", "--log-level=info", "s", "--cache-hostname", "h"]).unwrap();
         assert!(matches!(cli.command, Command::Serve(_)));
         let cli = parse(&["nip", "keys", "create", "--name", "k", "--scope", "write"]).unwrap();
         assert!(matches!(

@@ -210,6 +210,7 @@ fn parse(s: &Setting, raw: &[String]) -> Result<Value, String> {
             })
             .collect::<Result<_, _>>()
             .map(Value::Cidrs),
+        Kind::Words => Ok(Value::Text(raw.join(","))),
         kind => parse_scalar(s, kind, raw.last().map_or("", String::as_str)),
     }
 }
@@ -272,13 +273,14 @@ fn parse_scalar(s: &Setting, kind: Kind, v: &str) -> Result<Value, String> {
             Ok(n) => Ok(Value::Int(n.into())),
             Err(_) => Err(format!("expected a number of connections, got {v:?}")),
         },
-        Kind::Cron => match croner::Cron::new(v).parse() {
+        Kind::Cron => match super::Schedule::parse(v) {
             Ok(_) => Ok(text()),
             Err(e) => Err(format!(
-                "{v:?} is not a cron schedule (e.g. \"0 2 * * *\"): {e}"
+                "{e} (e.g. \"0 2 * * *\", \"@daily\", \"@every 1h\", \"CRON_TZ=Europe/Paris 0 2 * * *\")"
             )),
         },
-        Kind::Upstreams | Kind::PublicKeys | Kind::Cidrs => {
+        Kind::TimeZone => super::Zone::parse(v).map(|_| text()),
+        Kind::Upstreams | Kind::PublicKeys | Kind::Cidrs | Kind::Words => {
             unreachable!("{}: lists are parsed by parse", s.key)
         }
     }

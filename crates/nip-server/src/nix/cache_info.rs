@@ -8,8 +8,8 @@ use crate::auth::Caller;
 use crate::error::ApiResult;
 use crate::AppState;
 
-/// Lower than cache.nixos.org's 40, so Nix prefers this cache when both are configured.
-const PRIORITY: u32 = 30;
+/// As ncps (pkg/server/server.go): below cache.nixos.org's 40, so Nix prefers this cache.
+const PRIORITY: u32 = 10;
 
 pub async fn nix_cache_info(
     State(state): State<AppState>,

@@ -131,7 +131,9 @@ async fn upload_path_reads_never_go_upstream() {
 
     let (status, info) = get(&format!("{}/upload/nix-cache-info", nip.url)).await;
     assert_eq!(status, 200);
-    assert!(std::str::from_utf8(&info.unwrap())
-        .unwrap()
-        .contains("StoreDir: /nix/store"));
+    // ncps' body (pkg/server/server.go `nixCacheInfo`), Priority 10 included.
+    assert_eq!(
+        std::str::from_utf8(&info.unwrap()).unwrap(),
+        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 10\n"
+    );
 }

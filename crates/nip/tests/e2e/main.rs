@@ -10,6 +10,7 @@ mod deploy_docs;
 mod deploy_files;
 mod hostile_recipe;
 mod ncps_compat;
+mod ncps_config_files;
 mod nix_fixture;
 mod nix_substitute;
 mod nix_trust;

@@ -70,7 +70,7 @@ fn rows() -> Vec<Row> {
         Row { names: same("cache-get-token", "CACHE_GET_TOKEN", "cache.get-token"), values: &[GET_TOKEN], check: Eq("cache.get-token", json!("***")) },
         Row { names: same("cache-max-size", "CACHE_MAX_SIZE", "cache.max-size"), values: &["5G"], check: Eq("cache.max-size", json!(5u64 << 30)) },
         Row { names: same("cache-lru-schedule", "CACHE_LRU_SCHEDULE", "cache.lru.schedule"), values: &["0 2 * * *"], check: Eq("cache.lru.schedule", json!("0 2 * * *")) },
-        Row { names: same("cache-lru-schedule-timezone", "CACHE_LRU_SCHEDULE_TZ", "cache.lru.timezone"), values: &["America/Los_Angeles"], check: Ignored("--cache-lru-schedule-timezone") },
+        Row { names: same("cache-lru-schedule-timezone", "CACHE_LRU_SCHEDULE_TZ", "cache.lru.timezone"), values: &["America/Los_Angeles"], check: Eq("cache.lru.timezone", json!("America/Los_Angeles")) },
         Row { names: same("cache-database-pool-max-open-conns", "CACHE_DATABASE_POOL_MAX_OPEN_CONNS", "cache.database.pool.max-open-conns"), values: &["4"], check: Eq("cache.database.pool.max-open-conns", json!(4)) },
         Row { names: same("cache-database-pool-max-idle-conns", "CACHE_DATABASE_POOL_MAX_IDLE_CONNS", "cache.database.pool.max-idle-conns"), values: &["2"], check: Ignored("--cache-database-pool-max-idle-conns") },
         Row { names: same("pprof-addr", "PPROF_ADDR", "pprof.addr"), values: &[":6060"], check: Ignored("--pprof-addr") },
