@@ -77,8 +77,14 @@ pub enum NarInfoAnswer {
         info: Box<NarInfo>,
         key: String,
     },
+    /// 404 or 410: the upstream says it does not have it.
     Missing,
-    Rejected(String),
+    /// A well-formed narinfo for the path that no trusted key signed: as good as absent.
+    Untrusted(String),
+    /// An answer that says neither "here it is" nor "not here" (403, an error page, an
+    /// unparsable or oversized body): absent for readers, but not a certain absence, so an upload
+    /// must not shadow what the upstream may have (docs/security.md).
+    Unclear(String),
     Failed(String),
 }
 
@@ -87,8 +93,9 @@ pub enum NarInfoAnswer {
 pub enum Lookup {
     Found(Box<Found>),
     /// Every upstream that answered says it does not have it (or had nothing trustworthy).
-    /// `unknown` names the upstreams that were skipped or gave no usable answer: empty when the
-    /// absence is certain, which is what an upload of a new path needs (docs/security.md).
+    /// `unknown` names the upstreams that were skipped, failed, or answered unclearly (a 403, a
+    /// body that is no narinfo for the path): empty when the absence is certain, which is what an
+    /// upload of a new path needs (docs/security.md).
     Missing {
         unknown: Vec<String>,
     },
@@ -242,8 +249,11 @@ impl Upstreams {
             Err(e) => return NarInfoAnswer::Failed(e.to_string()),
         };
         let status = resp.status();
-        if matches!(status.as_u16(), 404 | 403 | 410) {
+        if matches!(status.as_u16(), 404 | 410) {
             return NarInfoAnswer::Missing;
+        }
+        if status.as_u16() == 403 {
+            return NarInfoAnswer::Unclear("HTTP 403".into());
         }
         if !status.is_success() {
             return NarInfoAnswer::Failed(format!("HTTP {status}"));
@@ -252,7 +262,7 @@ impl Upstreams {
             .content_length()
             .is_some_and(|n| n > MAX_NARINFO_SIZE as u64)
         {
-            return NarInfoAnswer::Rejected("narinfo too large".into());
+            return NarInfoAnswer::Unclear("narinfo too large".into());
         }
         let mut body = Box::pin(self.body_stream(resp));
         let mut text = Vec::new();
@@ -260,7 +270,7 @@ impl Upstreams {
             match chunk {
                 Ok(b) => {
                     if text.len() + b.len() > MAX_NARINFO_SIZE {
-                        return NarInfoAnswer::Rejected("narinfo too large".into());
+                        return NarInfoAnswer::Unclear("narinfo too large".into());
                     }
                     text.extend_from_slice(&b);
                 }
@@ -270,14 +280,14 @@ impl Upstreams {
         tracing::debug!(upstream = %upstream.url, %hash, bytes = text.len(),
             ms = started.elapsed().as_millis() as u64, "fetched narinfo");
         let Ok(text) = String::from_utf8(text) else {
-            return NarInfoAnswer::Rejected("narinfo is not UTF-8".into());
+            return NarInfoAnswer::Unclear("narinfo is not UTF-8".into());
         };
         let info = match NarInfo::parse(&text) {
             Ok(i) => i,
-            Err(e) => return NarInfoAnswer::Rejected(format!("unparsable narinfo: {e}")),
+            Err(e) => return NarInfoAnswer::Unclear(format!("unparsable narinfo: {e}")),
         };
         if info.store_path.hash() != hash {
-            return NarInfoAnswer::Rejected(format!(
+            return NarInfoAnswer::Unclear(format!(
                 "narinfo is for another path ({})",
                 info.store_path.full()
             ));
@@ -291,7 +301,7 @@ impl Upstreams {
                 }
             }
             None => {
-                NarInfoAnswer::Rejected("not signed by any configured upstream public key".into())
+                NarInfoAnswer::Untrusted("not signed by any configured upstream public key".into())
             }
         }
     }
@@ -318,7 +328,7 @@ impl Upstreams {
                 let result = match &answer {
                     NarInfoAnswer::Verified { .. } => "found",
                     NarInfoAnswer::Missing => "missing",
-                    NarInfoAnswer::Rejected(_) => "rejected",
+                    NarInfoAnswer::Untrusted(_) | NarInfoAnswer::Unclear(_) => "rejected",
                     NarInfoAnswer::Failed(_) => "error",
                 };
                 tracing::Span::current().record("result", result);
@@ -340,9 +350,15 @@ impl Upstreams {
                     answered = true;
                     u.record_success();
                 }
-                NarInfoAnswer::Rejected(why) => {
+                NarInfoAnswer::Untrusted(why) => {
                     answered = true;
                     u.record_success();
+                    tracing::warn!(upstream = %u.name(), %hash, %why, "ignoring upstream narinfo");
+                }
+                NarInfoAnswer::Unclear(why) => {
+                    answered = true;
+                    u.record_success();
+                    unknown.push(u.name().to_string());
                     tracing::warn!(upstream = %u.name(), %hash, %why, "ignoring upstream narinfo");
                 }
                 NarInfoAnswer::Failed(why) => {

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use futures::FutureExt;
-use nip_core::hash::NixHash;
 use nip_core::nar_file::{Compression, NarFileName};
 use nip_core::narinfo::NarInfo;
 use nip_core::store_path::StorePathHash;
@@ -26,7 +25,10 @@ pub enum Fetched {
     Missing { unknown: Arc<[String]> },
     /// An upstream has a trusted narinfo this cache cannot serve (e.g. a compressed NAR without
     /// FileHash): absent for readers, but an upload must still match it.
-    Unservable { upstream: String, nar_hash: NixHash },
+    Unservable {
+        upstream: String,
+        info: Arc<NarInfo>,
+    },
     /// The index failed.
     Failed(Arc<str>),
 }
@@ -114,14 +116,14 @@ async fn fetch_and_store(state: AppState, hash: StorePathHash) -> Fetched {
         }
     };
     let upstream = found.upstream.name().to_string();
-    let nar_hash = found.info.nar_hash.clone();
+    let info = Arc::new(found.info.clone());
     let (record, sources) = match rewrite(&state, found) {
         Ok(r) => r,
         Err(why) => {
             tracing::warn!(%hash, %why, "upstream narinfo cannot be served");
             // Absent for readers; not certain for uploads, which must still compare with it.
             state.remember_missing(hash.as_str(), false);
-            return Fetched::Unservable { upstream, nar_hash };
+            return Fetched::Unservable { upstream, info };
         }
     };
     match state.meta.put_narinfo(&record, &sources).await {

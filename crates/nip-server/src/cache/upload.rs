@@ -135,13 +135,14 @@ fn sanitize(info: &mut NarInfo, keys: &[PublicKey]) {
     info.extra.clear();
 }
 
+/// Whether two narinfos describe the same contents of their store path.
+fn same_narinfo(a: &NarInfo, b: &NarInfo) -> bool {
+    a.nar_hash == b.nar_hash && a.nar_size == b.nar_size && a.references == b.references
+}
+
 /// Accepts an upload of a stored path only when it describes the same contents.
 fn same_contents(existing: &NarInfoRecord, info: &NarInfo) -> Result<Uploaded, CacheError> {
-    let same = NarInfo::parse(&existing.narinfo).is_ok_and(|stored| {
-        stored.nar_hash == info.nar_hash
-            && stored.nar_size == info.nar_size
-            && stored.references == info.references
-    });
+    let same = NarInfo::parse(&existing.narinfo).is_ok_and(|stored| same_narinfo(&stored, info));
     if same {
         Ok(Uploaded::AlreadyStored)
     } else {
@@ -210,7 +211,7 @@ async fn check_upstreams(
             upstreams: unknown.to_vec(),
         }),
         // The upstream's copy cannot be served; the same contents may be, from the upload.
-        Fetched::Unservable { nar_hash, .. } if nar_hash == info.nar_hash => Ok(None),
+        Fetched::Unservable { info: theirs, .. } if same_narinfo(&theirs, info) => Ok(None),
         Fetched::Unservable { upstream, .. } => Err(CacheError::ShadowsUpstream {
             store_path,
             upstream,

@@ -32,6 +32,9 @@ impl Zone {
     }
 }
 
+/// Longest `@every`: past it a schedule means "never", which is a configuration mistake.
+const MAX_EVERY: Duration = Duration::from_secs(10 * 366 * 86_400);
+
 #[derive(Clone, Debug)]
 enum Spec {
     Cron(Box<croner::Cron>),
@@ -65,6 +68,9 @@ impl Schedule {
         let spec = if let Some(every) = rest.strip_prefix("@every") {
             let d = parse_duration(every.trim())
                 .ok_or_else(|| format!("{rest:?}: @every needs a duration such as 1h or 5m30s"))?;
+            if d > MAX_EVERY {
+                return Err(format!("{rest:?}: @every is at most 10 years"));
+            }
             // robfig/cron rounds to whole seconds, with at least one.
             Spec::Every(Duration::from_secs(d.as_secs().max(1)))
         } else {
@@ -88,7 +94,8 @@ impl Schedule {
     /// else `zone`; `None` when there is none.
     pub fn next_after(&self, now: DateTime<Utc>, zone: Zone) -> Option<DateTime<Utc>> {
         let cron = match &self.spec {
-            Spec::Every(d) => return Some(now + chrono::Duration::from_std(*d).ok()?),
+            // Checked: a huge `@every` must not overflow the calendar (a panic would end the job).
+            Spec::Every(d) => return now.checked_add_signed(chrono::Duration::from_std(*d).ok()?),
             Spec::Cron(cron) => cron,
         };
         fn next<Tz: TimeZone>(cron: &croner::Cron, now: DateTime<Tz>) -> Option<DateTime<Utc>> {
@@ -180,6 +187,9 @@ mod tests {
             "2026-03-10T10:22:00+00:00"
         );
         assert!(Schedule::parse("@every soon").is_err());
+        // Past the calendar: refused at start, never a panic in the job.
+        assert!(Schedule::parse("@every 9000000000000").is_err());
+        assert!(Schedule::parse("@every 2000000h").is_err());
         assert!(Schedule::parse("@fortnightly").is_err());
         assert!(Schedule::parse("0 2 * *").is_err());
         assert!(Schedule::parse("0 0 2 * * *").is_err());

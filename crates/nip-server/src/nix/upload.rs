@@ -49,6 +49,12 @@ async fn permit(state: &AppState, caller: &Caller, put: bool) -> ApiResult<()> {
     Ok(())
 }
 
+/// The caller of a PUT: a failure to authenticate it (e.g. the database is down) is a 4xx too,
+/// since Nix 2.8 hangs on a 5xx answer to a PUT.
+fn upload_caller(caller: Result<Caller, ApiError>) -> ApiResult<Caller> {
+    caller.map_err(ApiError::for_nix_upload)
+}
+
 fn parse_hash(name: &str) -> ApiResult<StorePathHash> {
     let hash = name
         .strip_suffix(".narinfo")
@@ -81,10 +87,11 @@ async fn audited(
 #[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(file = %file))]
 pub async fn put_nar(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Result<Caller, ApiError>,
     Path(file): Path<String>,
     body: Body,
 ) -> ApiResult<StatusCode> {
+    let caller = upload_caller(caller)?;
     let r = store_nar(&state, &caller, &file, body).await;
     audited(&state, &caller, "nar-upload", &file, r).await
 }
@@ -131,10 +138,11 @@ async fn store_nar(
 #[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(name = %name))]
 pub async fn put_narinfo(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Result<Caller, ApiError>,
     Path(name): Path<String>,
     body: Body,
 ) -> ApiResult<StatusCode> {
+    let caller = upload_caller(caller)?;
     // The audit names the store path once it is known; trust refusals are an action of their own.
     let mut target = name.clone();
     let mut action = "narinfo-upload";

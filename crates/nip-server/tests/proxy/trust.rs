@@ -179,6 +179,33 @@ async fn new_paths_are_refused_with_a_4xx_while_an_upstream_cannot_answer() {
     assert_eq!(upload(&nip, &mine).await.0, 200);
 }
 
+/// A 403 or an error page is no "not here": the upstream may have the path, so an upload of it
+/// must not go through (it would shadow the upstream for everyone).
+#[tokio::test]
+async fn an_unclear_upstream_answer_is_not_an_absence() {
+    let key = upstream_key();
+    let builder = SigningKey::generate("ci-1").unwrap();
+    let up = FakeUpstream::start(40).await;
+    let nip = start_nip(&[&up], &[key.public_key()], put_on()).await;
+    for answer in [
+        Behavior::Status(403),
+        Behavior::Serve(bytes::Bytes::from_static(
+            b"<html>Service temporarily unavailable</html>",
+        )),
+    ] {
+        let mine = make_entry("app-2.0", 1024, Compression::None, &builder);
+        up.set(&mine.narinfo_path(), answer);
+        let (status, body) = upload(&nip, &mine).await;
+        assert_eq!(status, 424, "{body}");
+        assert!(stored(&nip, &mine).await.is_none());
+        // Readers still see it as absent.
+        assert_eq!(
+            get(&format!("{}/{}", nip.url, mine.narinfo_path())).await.0,
+            404
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_signature_gate_refuses_unsigned_uploads_and_keeps_the_uploaders_signature() {
     let key = upstream_key();
