@@ -23,6 +23,9 @@ const EVICT_COOLDOWN: Duration = Duration::from_secs(30);
 /// After a scrub, other instances skip theirs at most this long (less on frequent schedules): the
 /// store was just read through, and their clocks may be a little behind ours.
 const VERIFY_COOLDOWN: Duration = Duration::from_secs(600);
+/// When a schedule gives no next run (e.g. a local time that a DST change makes ambiguous or
+/// skips), its job asks again after this instead of stopping until a restart.
+const NO_NEXT_RUN_RETRY: Duration = Duration::from_secs(60);
 
 /// Runs `pass` while this instance holds the cluster-wide lease `name`, then keeps the lease for
 /// `cooldown` so other instances skip the work just done. `None` when another instance has it.
@@ -158,10 +161,17 @@ async fn flush_loop(state: AppState, mut rx: watch::Receiver<bool>) {
     flush_access_times(&state).await;
 }
 
+/// The access time before which an artifact has been idle for `retention`, at `now`. Saturating:
+/// a huge retention (`--artifact-retention 1e19`) lands far in the past and deletes nothing,
+/// instead of wrapping into the future and deleting everything.
+fn idle_before(now: i64, retention: Duration) -> i64 {
+    now.saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX))
+}
+
 /// Deletes artifacts not read for `retention`; returns how many.
 pub async fn retention_pass(state: &AppState, retention: Duration) -> usize {
     flush_access_times(state).await;
-    let before = nip_store::unix_now() - retention.as_secs() as i64;
+    let before = idle_before(nip_store::unix_now(), retention);
     let mut deleted = 0;
     loop {
         let keys = match state.meta.artifacts_idle_since(before, 500).await {
@@ -381,6 +391,9 @@ pub async fn verify_pass(state: &AppState) -> Option<nip_store::VerifyReport> {
             "scrub of the store: {summary}"
         );
     }
+    if let Some(why) = &report.repair_skipped {
+        tracing::error!("scrub of the store: {why}");
+    }
     state.stats.activity("verify", summary.clone());
     let entry = nip_store::AuditEntry {
         at: nip_store::unix_now(),
@@ -395,7 +408,10 @@ pub async fn verify_pass(state: &AppState) -> Option<nip_store::VerifyReport> {
 }
 
 /// A scrub that keeps renewing its lease while it runs: reading a large store takes longer than
-/// one lease term, and another instance must not start a second scrub meanwhile.
+/// one lease term, and another instance must not start a second scrub meanwhile. When another
+/// instance has taken the lease (ours ran out, e.g. the database was unreachable for a term), this
+/// pass stops: two instances must not repair at once. What it had not done yet is found again by
+/// the next scrub.
 async fn verify_holding_lease(state: &AppState) -> Option<nip_store::VerifyReport> {
     let renew = async {
         loop {
@@ -408,29 +424,46 @@ async fn verify_holding_lease(state: &AppState) -> Option<nip_store::VerifyRepor
                 .await
             {
                 Ok(true) => {}
-                Ok(false) => tracing::warn!(
-                    "scrub: another instance took the lease; finishing this pass anyway"
-                ),
+                Ok(false) => {
+                    tracing::warn!("scrub: another instance took the lease; stopping this pass");
+                    break;
+                }
+                // Kept on: the lease may still be ours, the next renewal tells.
                 Err(e) => tracing::warn!(error = %e, "scrub: cannot renew the lease"),
             }
         }
     };
     tokio::select! {
         r = verify_pass(state) => r,
-        _ = renew => None,
+        () = renew => None,
     }
+}
+
+/// What the scrub loop does with the schedule's answer: `Ok(wait)` runs a scrub after `wait`;
+/// `Err(wait)` only asks the schedule again after `wait`. No next run now (a local time that a
+/// DST change makes ambiguous or skips, a run already due) is not no run ever: the scrub must not
+/// stay off until a restart.
+fn scrub_wait(next: Option<Duration>) -> Result<Duration, Duration> {
+    next.ok_or(NO_NEXT_RUN_RETRY)
 }
 
 async fn verify_loop(state: AppState, schedule: String, mut rx: watch::Receiver<bool>) {
     loop {
         // The scrub is nip's own: its schedule is in UTC unless it says `CRON_TZ=`.
-        let Some(wait) = next_run(&schedule, Zone::Utc) else {
-            tracing::warn!(%schedule, "--cache-verify-schedule has no next run; the scrub is off");
-            return;
-        };
+        let wait = scrub_wait(next_run(&schedule, Zone::Utc));
+        if let Err(retry) = wait {
+            tracing::warn!(
+                %schedule,
+                "--cache-verify-schedule gives no next run now; asking again in {}s",
+                retry.as_secs()
+            );
+        }
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(wait.unwrap_or_else(|r| r)) => {}
             _ = rx.changed() => return,
+        }
+        if wait.is_err() {
+            continue;
         }
         let cooldown = next_run(&schedule, Zone::Utc)
             .map(|d| (d / 2).min(VERIFY_COOLDOWN))
@@ -474,5 +507,32 @@ mod tests {
         let paris = Zone::parse("Europe/Paris").unwrap();
         let daily = next_run("CRON_TZ=Asia/Tokyo 0 2 * * *", paris).unwrap();
         assert!(daily <= Duration::from_secs(86400), "{daily:?}");
+    }
+
+    #[test]
+    fn a_schedule_without_a_next_run_is_asked_again_instead_of_ending_the_scrub() {
+        assert_eq!(scrub_wait(None), Err(NO_NEXT_RUN_RETRY));
+        assert_eq!(NO_NEXT_RUN_RETRY, Duration::from_secs(60));
+        let hour = Duration::from_secs(3600);
+        assert_eq!(scrub_wait(Some(hour)), Ok(hour));
+    }
+
+    #[test]
+    fn retention_cutoff_saturates_so_a_huge_retention_deletes_nothing() {
+        let now = 1_700_000_000;
+        assert_eq!(idle_before(now, Duration::from_secs(3600)), now - 3600);
+        assert_eq!(idle_before(now, Duration::ZERO), now);
+        // `--artifact-retention 1e19` parses: 1e19 s does not fit an i64 (the old `as i64` wrapped
+        // to a negative retention, a cutoff in the future, and every artifact went).
+        for secs in [10_000_000_000_000_000_000u64, u64::MAX, i64::MAX as u64] {
+            let before = idle_before(now, Duration::from_secs(secs));
+            assert!(before < 0, "{secs}: {before}");
+            assert_eq!(before, now - i64::MAX, "{secs}");
+        }
+        // Even at the far ends of the clock it does not wrap.
+        assert_eq!(
+            idle_before(i64::MIN, Duration::from_secs(u64::MAX)),
+            i64::MIN
+        );
     }
 }

@@ -99,6 +99,11 @@ pub struct VerifyReport {
     pub removed_narinfos: Vec<String>,
     /// Keys of the artifacts the repair removed.
     pub removed_artifacts: Vec<String>,
+    /// Why the repair kept the entries found missing (they are still reported): so many blobs
+    /// were missing that the storage itself is more likely unavailable (an unmounted network
+    /// filesystem, missing S3 settings against a shared database) than the blobs gone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair_skipped: Option<String>,
 }
 
 impl VerifyReport {
@@ -130,7 +135,8 @@ impl VerifyReport {
     }
 
     /// Counts per problem and what the repair removed, e.g. `1 corrupt, 2 missing; removed 3
-    /// entries (2 narinfos, 1 artifacts)`, or `no problems`.
+    /// entries (2 narinfos, 1 artifacts)`, or `no problems`; then why missing entries were kept,
+    /// if they were ([`VerifyReport::repair_skipped`]).
     pub fn problems(&self) -> String {
         if self.is_clean() {
             return "no problems".into();
@@ -154,6 +160,10 @@ impl VerifyReport {
                 self.removed_narinfos.len(),
                 self.removed_artifacts.len()
             ));
+        }
+        if let Some(why) = &self.repair_skipped {
+            s.push_str("; ");
+            s.push_str(why);
         }
         s
     }
@@ -270,11 +280,6 @@ fn removable(c: &Checked) -> bool {
 /// Progress of the scrub: bytes done of the bytes to check (the recorded sizes).
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Send + Sync);
 
-/// Checks every NAR and artifact blob against its row, and the uploaded narinfos whose NAR is not
-/// stored. With `repair`, removes what is bad: a NAR with every narinfo that points at it, an
-/// artifact's bytes with every key that names them, orphan narinfos. Unreadable blobs are only
-/// reported. Safe while servers run on the same store: an entry removed by them meanwhile is not
-/// reported missing.
 /// Hashes blobs one after another and keeps the progress callback told: each blob moves it by
 /// the size its row expects, whatever the blob turned out to be.
 struct Meter<'a> {
@@ -309,6 +314,21 @@ impl Meter<'_> {
     }
 }
 
+/// Missing blobs past which the repair keeps every entry found missing: more than 10 of them and
+/// more than a tenth of the blobs checked.
+fn missing_limit(checked: u64) -> u64 {
+    (checked / 10).max(10)
+}
+
+/// Checks every NAR and artifact blob against its row, and the uploaded narinfos whose NAR is not
+/// stored. With `repair`, removes what is bad: a NAR with every narinfo that points at it, an
+/// artifact's bytes with the keys that named them when the scrub listed them, orphan narinfos.
+/// Unreadable blobs are only reported. Safe while servers run on the same store: an entry removed
+/// by them meanwhile is not reported missing, and each blob is checked again right before it is
+/// removed, so one refilled or uploaded again meanwhile stays (and is no longer reported).
+/// When more blobs are missing than [`missing_limit`] allows, the storage is taken to be
+/// unavailable rather than emptied: the missing entries are reported but kept, and
+/// [`VerifyReport::repair_skipped`] says so.
 pub async fn verify<I: Index + ?Sized>(
     index: &I,
     blobs: &dyn BlobStore,
@@ -346,10 +366,17 @@ pub async fn verify<I: Index + ?Sized>(
         blobs,
         repair,
         report: &mut report,
+        bad: Vec::new(),
+        resolved: Vec::new(),
     };
     scrub.nars(&nars, &mut meter).await?;
     scrub.artifacts(&by_sha, &mut meter).await?;
+    if repair {
+        let checked = (nars.len() + by_sha.len()) as u64;
+        scrub.repair(checked).await?;
+    }
     scrub.orphan_narinfos().await?;
+    scrub.drop_resolved();
     report.bytes = meter.hashed;
     progress(total, total);
     Ok(report)
@@ -358,18 +385,37 @@ pub async fn verify<I: Index + ?Sized>(
 /// Artifact blobs by SHA-256: their size and the keys that name them.
 type ArtifactBlobs = BTreeMap<String, (i64, Vec<String>)>;
 
+/// A blob the check found bad, waiting for the repair.
+struct Bad<'l> {
+    what: BadBlob<'l>,
+    /// Whether the check found it missing (the problem the repair may skip).
+    missing: bool,
+    /// Its findings in the report (one per artifact key).
+    findings: Vec<usize>,
+}
+
+enum BadBlob<'l> {
+    Nar(&'l crate::meta::NarRecord),
+    /// SHA-256, size, and the keys that named the bytes when the scrub listed them.
+    Artifact(&'l str, i64, &'l [String]),
+}
+
 /// One pass of [`verify`]: what it reads, whether it repairs, and what it found so far.
-struct Scrub<'a, I: ?Sized> {
+struct Scrub<'a, 'l, I: ?Sized> {
     index: &'a I,
     blobs: &'a dyn BlobStore,
     repair: bool,
     report: &'a mut VerifyReport,
+    /// Removable findings' blobs, for the repair once every blob was checked.
+    bad: Vec<Bad<'l>>,
+    /// Findings the repair found fixed meanwhile (the blob good again, the entry gone): dropped.
+    resolved: Vec<usize>,
 }
 
-impl<I: Index + ?Sized> Scrub<'_, I> {
+impl<'l, I: Index + ?Sized> Scrub<'_, 'l, I> {
     async fn nars(
         &mut self,
-        nars: &[crate::meta::NarRecord],
+        nars: &'l [crate::meta::NarRecord],
         meter: &mut Meter<'_>,
     ) -> Result<(), GcError> {
         self.report.nars = nars.len() as u64;
@@ -382,7 +428,7 @@ impl<I: Index + ?Sized> Scrub<'_, I> {
                     continue;
                 }
             }
-            let Some(mut f) = finding(
+            let Some(f) = finding(
                 EntryKind::Nar,
                 &nar.nar_file,
                 nar.size,
@@ -392,12 +438,11 @@ impl<I: Index + ?Sized> Scrub<'_, I> {
                 continue;
             };
             if self.repair && removable(&checked) {
-                // Rows first, as eviction does: nothing is served from the bytes once they go.
-                self.report
-                    .removed_narinfos
-                    .extend(self.index.evict_nar(&nar.nar_file).await?);
-                self.blobs.delete(&key).await?;
-                f.removed = true;
+                self.bad.push(Bad {
+                    what: BadBlob::Nar(nar),
+                    missing: matches!(checked, Checked::Missing),
+                    findings: vec![self.report.findings.len()],
+                });
             }
             self.report.findings.push(f);
         }
@@ -406,7 +451,7 @@ impl<I: Index + ?Sized> Scrub<'_, I> {
 
     async fn artifacts(
         &mut self,
-        by_sha: &ArtifactBlobs,
+        by_sha: &'l ArtifactBlobs,
         meter: &mut Meter<'_>,
     ) -> Result<(), GcError> {
         for (sha256, (size, keys)) in by_sha {
@@ -416,9 +461,9 @@ impl<I: Index + ?Sized> Scrub<'_, I> {
             if let Checked::Good = checked {
                 continue;
             }
-            // Keys deleted since the listing are not findings; keys added since share the bad bytes.
-            let current = self.index.artifact_keys_with_sha256(sha256).await?;
+            // Keys deleted since the listing are not findings when the bytes are missing.
             let affected: Vec<&String> = if matches!(checked, Checked::Missing) {
+                let current = self.index.artifact_keys_with_sha256(sha256).await?;
                 keys.iter().filter(|k| current.contains(k)).collect()
             } else {
                 keys.iter().collect()
@@ -426,23 +471,148 @@ impl<I: Index + ?Sized> Scrub<'_, I> {
             if affected.is_empty() {
                 continue;
             }
-            let remove = self.repair && removable(&checked);
-            if remove {
-                for k in &current {
-                    if self.index.delete_artifact(k).await?.is_some() {
-                        self.report.removed_artifacts.push(k.clone());
-                    }
-                }
-                self.blobs.delete(&key).await?;
-            }
+            let mut findings = Vec::new();
             for k in affected {
-                if let Some(mut f) = finding(EntryKind::Artifact, k, *size, sha256, &checked) {
-                    f.removed = remove;
+                if let Some(f) = finding(EntryKind::Artifact, k, *size, sha256, &checked) {
+                    findings.push(self.report.findings.len());
                     self.report.findings.push(f);
+                }
+            }
+            if self.repair && removable(&checked) {
+                self.bad.push(Bad {
+                    what: BadBlob::Artifact(sha256, *size, keys),
+                    missing: matches!(checked, Checked::Missing),
+                    findings,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the bad blobs found, each checked again first: only what is still bad goes.
+    /// Entries found missing are all kept when more than [`missing_limit`] blobs were.
+    async fn repair(&mut self, checked: u64) -> Result<(), GcError> {
+        let missing = self.bad.iter().filter(|b| b.missing).count() as u64;
+        let limit = missing_limit(checked);
+        let keep_missing = missing > limit;
+        if keep_missing {
+            self.report.repair_skipped = Some(format!(
+                "missing entries kept: {missing} of {checked} blobs are missing (more than \
+                 {limit}), the storage looks unavailable rather than emptied; check the storage \
+                 settings and mounts, then run the repair again"
+            ));
+        }
+        for bad in std::mem::take(&mut self.bad) {
+            if bad.missing && keep_missing {
+                continue;
+            }
+            match bad.what {
+                BadBlob::Nar(nar) => self.repair_nar(nar, &bad.findings).await?,
+                BadBlob::Artifact(sha256, size, keys) => {
+                    self.repair_artifact(sha256, size, keys, &bad.findings)
+                        .await?
                 }
             }
         }
         Ok(())
+    }
+
+    async fn repair_nar(
+        &mut self,
+        nar: &crate::meta::NarRecord,
+        findings: &[usize],
+    ) -> Result<(), GcError> {
+        let key = BlobKey::nar(&nar.nar_file)?;
+        // Against the row as it is now: a NAR fetched or uploaded again meanwhile has a new one.
+        let row = self.index.get_nar(&nar.nar_file).await?;
+        let (size, sha256) = row.as_ref().map_or((nar.size, nar.sha256.as_str()), |r| {
+            (r.size, r.sha256.as_str())
+        });
+        match check_blob(self.blobs, &key, size, sha256, &mut |_| {}).await {
+            // Refilled or re-uploaded since the check, or its bytes and row removed meanwhile.
+            Checked::Good => self.resolved.extend(findings),
+            Checked::Missing if row.is_none() => self.resolved.extend(findings),
+            again if removable(&again) => {
+                // Rows first, as eviction does: nothing is served from the bytes once they go.
+                self.report
+                    .removed_narinfos
+                    .extend(self.index.evict_nar(&nar.nar_file).await?);
+                self.blobs.delete(&key).await?;
+                self.mark_removed(findings);
+            }
+            // Unreadable now: kept, as any unreadable blob.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn repair_artifact(
+        &mut self,
+        sha256: &str,
+        size: i64,
+        keys: &[String],
+        findings: &[usize],
+    ) -> Result<(), GcError> {
+        let key = BlobKey::artifact(sha256)?;
+        let again = check_blob(self.blobs, &key, size, sha256, &mut |_| {}).await;
+        if let Checked::Good = again {
+            // Uploaded again since the check: the upload rewrote the bytes.
+            self.resolved.extend(findings);
+            return Ok(());
+        }
+        if !removable(&again) {
+            return Ok(());
+        }
+        // Only keys the scrub listed that still name these bytes: a key uploaded since, or
+        // uploaded again with other bytes, is not ours to delete.
+        let current = self.index.artifact_keys_with_sha256(sha256).await?;
+        let mut deleted = Vec::new();
+        for k in keys.iter().filter(|k| current.contains(k)) {
+            if self.index.delete_artifact(k).await?.is_some() {
+                deleted.push(k.clone());
+            }
+        }
+        // Keys added since name the bytes: the blob stays for them (the next scrub checks it
+        // again); with none left it goes.
+        if self
+            .index
+            .artifact_keys_with_sha256(sha256)
+            .await?
+            .is_empty()
+        {
+            self.blobs.delete(&key).await?;
+        }
+        for &i in findings {
+            let f = &mut self.report.findings[i];
+            if deleted.contains(&f.id) {
+                f.removed = true;
+            } else if !current.contains(&f.id) {
+                // Deleted meanwhile by someone else.
+                self.resolved.push(i);
+            }
+        }
+        self.report.removed_artifacts.extend(deleted);
+        Ok(())
+    }
+
+    fn mark_removed(&mut self, findings: &[usize]) {
+        for &i in findings {
+            self.report.findings[i].removed = true;
+        }
+    }
+
+    /// Drops the findings the repair found fixed meanwhile.
+    fn drop_resolved(&mut self) {
+        if self.resolved.is_empty() {
+            return;
+        }
+        let resolved: std::collections::BTreeSet<usize> = self.resolved.drain(..).collect();
+        let mut i = 0;
+        self.report.findings.retain(|_| {
+            let keep = !resolved.contains(&i);
+            i += 1;
+            keep
+        });
     }
 
     /// Uploaded narinfos whose NAR is not stored: nothing can fetch it again.
@@ -762,6 +932,310 @@ mod tests {
         }
     }
 
+    /// What another server does between the scrub's check of a blob and its repair.
+    struct Meanwhile {
+        /// Bytes written to the blob.
+        refill: Option<Vec<u8>>,
+        /// Then this (a database write).
+        then: Option<futures::future::BoxFuture<'static, ()>>,
+    }
+
+    /// Hands everything to the store it wraps; right before the second read of `key` (the
+    /// repair's check again), does what [`Meanwhile`] says, once.
+    struct Racing {
+        inner: Box<dyn BlobStore>,
+        staging: Staging,
+        key: BlobKey,
+        reads: Mutex<u32>,
+        meanwhile: tokio::sync::Mutex<Option<Meanwhile>>,
+    }
+
+    impl Racing {
+        /// The wrapped store, the database, and the directories to keep until the end.
+        fn new(f: Fx, key: &str, meanwhile: Meanwhile) -> (Racing, SqlMeta, impl Sized) {
+            let Fx {
+                _dir,
+                _t,
+                db,
+                blobs,
+                ..
+            } = f;
+            let racing = Racing {
+                inner: blobs,
+                staging: Staging::new(_dir.path().join("racing")).unwrap(),
+                key: BlobKey::new(key).unwrap(),
+                reads: Mutex::new(0),
+                meanwhile: tokio::sync::Mutex::new(Some(meanwhile)),
+            };
+            (racing, db, (_dir, _t))
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl BlobStore for Racing {
+        async fn stat(&self, key: &BlobKey) -> Result<Option<u64>, crate::StoreError> {
+            self.inner.stat(key).await
+        }
+
+        async fn read(
+            &self,
+            key: &BlobKey,
+            range: Option<crate::blob::BlobRange>,
+        ) -> Result<Option<crate::blob::BlobRead>, crate::StoreError> {
+            let second = key == &self.key && {
+                let mut n = self.reads.lock().unwrap();
+                *n += 1;
+                *n == 2
+            };
+            if second {
+                if let Some(m) = self.meanwhile.lock().await.take() {
+                    if let Some(data) = m.refill {
+                        let staged = self.staging.create().await.unwrap();
+                        staged.append(bytes::Bytes::from(data)).await.unwrap();
+                        staged.sync().await.unwrap();
+                        self.inner.put_file(key, staged.path()).await.unwrap();
+                    }
+                    if let Some(then) = m.then {
+                        then.await;
+                    }
+                }
+            }
+            self.inner.read(key, range).await
+        }
+
+        async fn put_file(
+            &self,
+            key: &BlobKey,
+            staged: &std::path::Path,
+        ) -> Result<(), crate::StoreError> {
+            self.inner.put_file(key, staged).await
+        }
+
+        async fn delete(&self, key: &BlobKey) -> Result<(), crate::StoreError> {
+            self.inner.delete(key).await
+        }
+
+        async fn list(
+            &self,
+            prefix: &str,
+        ) -> Result<Vec<crate::blob::BlobEntry>, crate::StoreError> {
+            self.inner.list(prefix).await
+        }
+    }
+
+    fn art_record(key: &str, data: &[u8]) -> ArtifactRecord {
+        ArtifactRecord {
+            key: key.into(),
+            size: data.len() as i64,
+            sha256: sha(data),
+            metadata: "{}".into(),
+            created_at: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_nar_refilled_between_the_check_and_the_repair_is_kept() {
+        for f in fx_all().await {
+            let data = bytes_of(1, 3000);
+            nar(&f, "refilled.nar", &["r1", "r2"], &data).await;
+            nar(&f, "still-gone.nar", &["g1"], &bytes_of(2, 100)).await;
+            for file in ["refilled.nar", "still-gone.nar"] {
+                f.blobs.delete(&BlobKey::nar(file).unwrap()).await.unwrap();
+            }
+            let name = f.name.clone();
+            let meanwhile = Meanwhile {
+                refill: Some(data.clone()),
+                then: None,
+            };
+            let (blobs, db, _dir) = Racing::new(f, "nar/refilled.nar", meanwhile);
+            let r = verify(&db, &blobs, true, &no_progress()).await.unwrap();
+            // The refilled NAR is good again: neither removed nor reported.
+            assert_eq!(
+                outline(&r),
+                [(
+                    EntryKind::Nar,
+                    "still-gone.nar".to_string(),
+                    Problem::Missing,
+                    true
+                )],
+                "{name}"
+            );
+            assert_eq!(r.removed_narinfos, ["g1"], "{name}");
+            assert_eq!(r.repair_skipped, None, "{name}");
+            for h in ["r1", "r2"] {
+                assert!(db.get_narinfo(h).await.unwrap().is_some(), "{name}: {h}");
+            }
+            assert!(
+                db.get_nar("refilled.nar").await.unwrap().is_some(),
+                "{name}"
+            );
+            let read = blobs
+                .inner
+                .read(&BlobKey::nar("refilled.nar").unwrap(), None)
+                .await;
+            assert_eq!(collect(read.unwrap().unwrap()).await, data, "{name}");
+            assert!(
+                db.get_nar("still-gone.nar").await.unwrap().is_none(),
+                "{name}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_artifact_uploaded_again_between_the_check_and_the_repair_is_kept() {
+        for f in fx_all().await {
+            let data = bytes_of(6, 2000);
+            artifact(&f, "art", &data).await;
+            flip_byte(&f, &format!("artifacts/{}", sha(&data))).await;
+            let name = f.name.clone();
+            // An upload of the same bytes under a new key rewrites the blob and adds a row.
+            let db2 = f.db.clone();
+            let rec = art_record("art-new", &data);
+            let meanwhile = Meanwhile {
+                refill: Some(data.clone()),
+                then: Some(Box::pin(async move {
+                    db2.put_artifact(&rec, None, None).await.unwrap();
+                })),
+            };
+            let key = format!("artifacts/{}", sha(&data));
+            let (blobs, db, _dir) = Racing::new(f, &key, meanwhile);
+            let r = verify(&db, &blobs, true, &no_progress()).await.unwrap();
+            assert!(r.is_clean(), "{name}: {:?}", r.findings);
+            assert!(r.removed_artifacts.is_empty(), "{name}");
+            for k in ["art", "art-new"] {
+                assert!(db.get_artifact(k).await.unwrap().is_some(), "{name}: {k}");
+            }
+            let read = blobs.inner.read(&BlobKey::new(&key).unwrap(), None).await;
+            assert_eq!(collect(read.unwrap().unwrap()).await, data, "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_repair_deletes_only_the_listed_keys_of_still_bad_bytes() {
+        for f in fx_all().await {
+            let data = bytes_of(6, 2000);
+            artifact(&f, "art", &data).await;
+            artifact(&f, "twin", &data).await;
+            flip_byte(&f, &format!("artifacts/{}", sha(&data))).await;
+            let name = f.name.clone();
+            // Meanwhile: `twin` is deleted and uploaded again with other bytes, and `late` names
+            // the bad ones.
+            let db2 = f.db.clone();
+            let other = bytes_of(7, 50);
+            let (twin, late) = (art_record("twin", &other), art_record("late", &data));
+            let meanwhile = Meanwhile {
+                refill: None,
+                then: Some(Box::pin(async move {
+                    db2.delete_artifact("twin").await.unwrap();
+                    db2.put_artifact(&twin, None, None).await.unwrap();
+                    db2.put_artifact(&late, None, None).await.unwrap();
+                })),
+            };
+            let key = format!("artifacts/{}", sha(&data));
+            let (blobs, db, _dir) = Racing::new(f, &key, meanwhile);
+            let r = verify(&db, &blobs, true, &no_progress()).await.unwrap();
+            assert_eq!(r.removed_artifacts, ["art"], "{name}");
+            assert_eq!(
+                outline(&r),
+                [(
+                    EntryKind::Artifact,
+                    "art".to_string(),
+                    Problem::Corrupt,
+                    true
+                )],
+                "{name}"
+            );
+            assert!(db.get_artifact("art").await.unwrap().is_none(), "{name}");
+            let twin = db.get_artifact("twin").await.unwrap().expect("twin kept");
+            assert_eq!(twin.sha256, sha(&other), "{name}");
+            assert!(db.get_artifact("late").await.unwrap().is_some(), "{name}");
+            // `late` still names the bytes: they stay for it (the next scrub finds them again).
+            let blob = BlobKey::new(&key).unwrap();
+            assert!(blobs.inner.stat(&blob).await.unwrap().is_some(), "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn storage_with_every_blob_gone_is_reported_but_not_emptied() {
+        for f in fx_all().await {
+            let names: Vec<String> = (0..11).map(|i| format!("n{i:02}.nar")).collect();
+            for (i, file) in names.iter().enumerate() {
+                let hash = format!("h{i:02}");
+                nar(&f, file, &[hash.as_str()], &bytes_of(i as u8, 100)).await;
+                f.blobs.delete(&BlobKey::nar(file).unwrap()).await.unwrap();
+            }
+            let art = bytes_of(40, 100);
+            artifact(&f, "art", &art).await;
+            f.blobs
+                .delete(&BlobKey::artifact(&sha(&art)).unwrap())
+                .await
+                .unwrap();
+            // A corrupt blob is no sign of unavailable storage: it still goes.
+            nar(&f, "bad.nar", &["bad"], &bytes_of(50, 100)).await;
+            flip_byte(&f, "nar/bad.nar").await;
+
+            let r = verify(&f.db, f.blobs.as_ref(), true, &no_progress())
+                .await
+                .unwrap();
+            assert_eq!(r.count(Problem::Missing), 12, "{}", f.name);
+            assert!(
+                r.findings
+                    .iter()
+                    .all(|x| x.removed == (x.problem == Problem::Corrupt)),
+                "{}: {:?}",
+                f.name,
+                r.findings
+            );
+            assert_eq!(r.removed_narinfos, ["bad"], "{}", f.name);
+            assert!(r.removed_artifacts.is_empty(), "{}", f.name);
+            let why = r.repair_skipped.clone().expect("repair skipped");
+            assert!(why.contains("12 of 13 blobs are missing"), "{why}");
+            assert_eq!(
+                r.problems(),
+                format!(
+                    "1 corrupt, 12 missing; removed 1 entries (1 narinfos, 0 artifacts); {why}"
+                )
+            );
+            let v = serde_json::to_value(&r).unwrap();
+            assert_eq!(v["repairSkipped"], serde_json::json!(why));
+            for (i, file) in names.iter().enumerate() {
+                assert!(f.db.get_nar(file).await.unwrap().is_some(), "{}", f.name);
+                let hash = format!("h{i:02}");
+                assert!(
+                    f.db.get_narinfo(&hash).await.unwrap().is_some(),
+                    "{}",
+                    f.name
+                );
+            }
+            assert!(
+                f.db.get_artifact("art").await.unwrap().is_some(),
+                "{}",
+                f.name
+            );
+            assert!(
+                f.db.get_nar("bad.nar").await.unwrap().is_none(),
+                "{}",
+                f.name
+            );
+
+            // Without --repair nothing is said about a skipped repair.
+            let check = verify(&f.db, f.blobs.as_ref(), false, &no_progress())
+                .await
+                .unwrap();
+            assert_eq!(check.repair_skipped, None, "{}", f.name);
+            assert_eq!(check.count(Problem::Missing), 12, "{}", f.name);
+        }
+    }
+
+    #[test]
+    fn the_missing_limit_is_ten_or_a_tenth_of_the_blobs() {
+        assert_eq!(missing_limit(0), 10);
+        assert_eq!(missing_limit(13), 10);
+        assert_eq!(missing_limit(109), 10);
+        assert_eq!(missing_limit(250), 25);
+        assert_eq!(missing_limit(10_000), 1000);
+    }
+
     #[tokio::test]
     async fn the_report_serializes_to_json_with_kebab_case_values() {
         let r = VerifyReport {
@@ -786,5 +1260,6 @@ mod tests {
                 "expectedSize": 3, "actualSize": 2, "removed": true})
         );
         assert_eq!(v["removedNarinfos"], serde_json::json!([]));
+        assert!(v.get("repairSkipped").is_none(), "{v}");
     }
 }
