@@ -4,6 +4,8 @@
 use crate::error::{io_ctx, ClientError, Result};
 use sha2::{Digest, Sha256};
 use std::cell::Cell;
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -110,15 +112,16 @@ pub fn file_sha256(path: &Path) -> Result<String> {
 /// Bounds on what unpacking one archive may write, so a small hostile archive (a "zstd bomb":
 /// 131 KB that decompresses to 4 GiB) cannot fill the disk. An archive may unpack to
 /// `max(min_bytes, ratio × its compressed size)` bytes of tar stream (file contents plus the
-/// 512-byte headers) in at most `max_entries` entries; past either the unpack stops and
-/// everything it wrote is removed.
+/// 512-byte headers) in at most `max_entries` entries, counting as entries too the directories
+/// their paths imply; past either the unpack stops and everything it wrote is removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UnpackLimits {
     /// Always allowed, whatever the archive's size (`policies.maxUnpackBytes`).
     pub min_bytes: u64,
     /// Allowed per compressed byte (`policies.maxUnpackRatio`).
     pub ratio: u64,
-    /// Entries (files, directories, links) per archive (`policies.maxUnpackEntries`).
+    /// Entries (files, directories, links) per archive, each distinct directory a path implies
+    /// included (a 255-byte name `a/a/…/f` makes ~127) (`policies.maxUnpackEntries`).
     pub max_entries: u64,
 }
 
@@ -267,20 +270,25 @@ pub fn unpack_stream(
         .path()
         .canonicalize()
         .map_err(io_ctx(format!("resolve {}", tmp.path().display())))?;
+    let too_many = || {
+        ClientError::Refused(
+            key.to_string(),
+            format!(
+                "it has more than {} entries, counting the directories their paths imply \
+                 (limit: policies.maxUnpackEntries)",
+                limits.max_entries
+            ),
+        )
+    };
     let result = (|| -> Result<()> {
         let mut count = 0u64;
+        let mut dirs = Dirs::default();
         let entries = ar.entries().map_err(corrupt)?;
         for entry in entries {
             let mut entry = entry.map_err(|e| if hit.get() { too_big() } else { corrupt(e) })?;
             count += 1;
             if count > limits.max_entries {
-                return Err(ClientError::Refused(
-                    key.to_string(),
-                    format!(
-                        "it has more than {} entries (limit: policies.maxUnpackEntries)",
-                        limits.max_entries
-                    ),
-                ));
+                return Err(too_many());
             }
             // The size the header announces, refused before a byte of it is written.
             if entry.raw_file_position().saturating_add(entry.size()) > max_bytes {
@@ -297,16 +305,41 @@ pub fn unpack_stream(
                     ),
                 ));
             }
-            // `unpack_in` refuses entries that would land outside the target directory.
-            entry
-                .unpack_in(&root)
-                .map_err(|e| if hit.get() { too_big() } else { corrupt(e) })?;
+            // Absolute paths and `..` are refused, not skipped as `unpack_in` would: a skipped
+            // entry's path must never reach the mode fix-up below.
+            let escapes = |name: &[u8]| {
+                ClientError::Refused(
+                    key.to_string(),
+                    format!(
+                        "entry {} has an absolute path or a `..` component",
+                        name.escape_ascii()
+                    ),
+                )
+            };
+            let rel = relative_path(&entry.path().map_err(corrupt)?)
+                .ok_or_else(|| escapes(&entry.path_bytes()))?;
+            // `unpack_in` creates every missing parent: count them before it does.
+            if let Some(parent) = rel.parent() {
+                if !dirs.add(parent, &mut count, limits.max_entries) {
+                    return Err(too_many());
+                }
+            }
+            if kind == T::Directory {
+                dirs.add_counted(&rel);
+            }
+            // `unpack_in` also refuses entries that would land outside the target directory (e.g.
+            // through a symlink), and skips (`false`) those it will not unpack: refused here.
+            let unpacked =
+                entry
+                    .unpack_in(&root)
+                    .map_err(|e| if hit.get() { too_big() } else { corrupt(e) })?;
+            if !unpacked {
+                return Err(escapes(&entry.path_bytes()));
+            }
             if kind == T::Directory {
                 // At once, so a directory recorded read-only still takes its contents (and can be
                 // removed if the unpack stops).
-                let path = entry.path().map_err(corrupt)?;
-                let dir = root.join(normal_components(&path));
-                set_mode(&dir, 0o755)?;
+                set_mode(&root.join(&rel), 0o755)?;
             }
         }
         normalize_modes(&root)
@@ -319,25 +352,73 @@ pub fn unpack_stream(
     })
 }
 
-/// The path `unpack_in` writes an entry to, relative to the target (`..` entries are skipped by
-/// it, so they never reach here as directories).
-fn normal_components(path: &Path) -> PathBuf {
-    path.components()
-        .filter_map(|c| match c {
-            std::path::Component::Normal(p) => Some(p),
-            _ => None,
-        })
-        .collect()
+/// An entry's path relative to the target, its `.` components dropped; `None` if it has any
+/// component but those and plain names (`..`, a root, a prefix).
+fn relative_path(path: &Path) -> Option<PathBuf> {
+    use std::path::Component as C;
+    let mut rel = PathBuf::new();
+    for c in path.components() {
+        match c {
+            C::Normal(name) => rel.push(name),
+            C::CurDir => {}
+            C::ParentDir | C::RootDir | C::Prefix(_) => return None,
+        }
+    }
+    Some(rel)
 }
 
+/// The directories an unpack has created or seen, as a tree: (parent id, name) → id, the target
+/// being 0. Each costs its own name only, however deep, and walking a path costs its length, so a
+/// hostile archive's bookkeeping stays within the bounds it is refused at.
+#[derive(Default)]
+struct Dirs(HashMap<(usize, OsString), usize>);
+
+impl Dirs {
+    /// Records `dir` (relative, plain names only) and its ancestors, adding each one not seen
+    /// before to `count`; `false` as soon as `count` passes `max`, before it is recorded.
+    fn add(&mut self, dir: &Path, count: &mut u64, max: u64) -> bool {
+        let mut id = 0;
+        for name in dir.iter() {
+            let key = (id, name.to_os_string());
+            id = match self.0.get(&key) {
+                Some(&known) => known,
+                None => {
+                    *count += 1;
+                    if *count > max {
+                        return false;
+                    }
+                    let new = self.0.len() + 1;
+                    self.0.insert(key, new);
+                    new
+                }
+            };
+        }
+        true
+    }
+
+    /// Records the directory entry `dir`, already counted as an entry, whose parents are recorded.
+    fn add_counted(&mut self, dir: &Path) {
+        let mut no_count = 0;
+        self.add(dir, &mut no_count, u64::MAX);
+    }
+}
+
+/// Sets the mode of `path` only if it is a real directory or file: `chmod` follows symlinks, and
+/// one in an archive may point anywhere.
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::symlink_metadata(path).map_err(io_ctx(format!("stat {}", path.display())))?;
+    if !(meta.is_dir() || meta.is_file()) {
+        return Ok(());
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(io_ctx(format!("chmod {}", path.display())))
 }
 
 /// Directories (also those created implicitly for a file's parents, whatever the umask) 0755;
-/// files 0755 if any execute bit is set, else 0644. Symlinks are left alone (never followed).
+/// files 0755 if any execute bit is set, else 0644. Symlinks are left alone (never followed: only
+/// what `symlink_metadata` says is a real directory or file is walked or chmodded).
 /// Iterative: a hostile archive may nest directories thousands deep.
 fn normalize_modes(root: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -648,7 +729,12 @@ mod tests {
             ]),
         )
         .unwrap();
-        let out = unpack(&p, &t.path().join("pkgs"), "k", &small_limits()).unwrap();
+        // Ten entries and the two directories `implicit/sub/f` implies.
+        let limits = UnpackLimits {
+            max_entries: 12,
+            ..small_limits()
+        };
+        let out = unpack(&p, &t.path().join("pkgs"), "k", &limits).unwrap();
         let me = std::fs::metadata(t.path()).unwrap();
         let expected = [
             ("", 0o755),
@@ -671,5 +757,204 @@ mod tests {
             assert_eq!((m.uid(), m.gid()), (me.uid(), me.gid()), "{rel:?}");
         }
         assert_eq!(std::fs::read(out.join("implicit/sub/f")).unwrap(), b"hi");
+    }
+
+    /// A header whose name is written as raw bytes, as a hostile archive may have it (`set_path`
+    /// refuses `..` and absolute paths).
+    fn raw_header(kind: tar::EntryType, mode: u32, name: &[u8]) -> tar::Header {
+        let mut h = header(kind, mode, 0);
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_cksum();
+        h
+    }
+
+    fn symlink_header(path: &str, target: &Path) -> tar::Header {
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+        h.set_path(path).unwrap();
+        h.set_link_name(target).unwrap();
+        h.set_cksum();
+        h
+    }
+
+    /// A file outside the unpack target, mode 0600, for an archive to aim at.
+    fn victim(t: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let v = t.join("outside/id_ed25519");
+        std::fs::create_dir_all(v.parent().unwrap()).unwrap();
+        std::fs::write(&v, "secret").unwrap();
+        std::fs::set_permissions(&v, std::fs::Permissions::from_mode(0o600)).unwrap();
+        v
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_dotdot_directory_behind_a_symlink_cannot_chmod_a_file_outside() {
+        // The review's attack: `a -> victim`, then a directory `a/..`, which tar skips and the
+        // mode fix-up used to resolve to `a`, chmodding the victim 0755 through the symlink.
+        let t = tempfile::tempdir().unwrap();
+        let v = victim(t.path());
+        let p = t.path().join("a.tar.zst");
+        std::fs::write(
+            &p,
+            archive(&[
+                (symlink_header("a", &v), Vec::new()),
+                (
+                    raw_header(tar::EntryType::Directory, 0o755, b"a/.."),
+                    Vec::new(),
+                ),
+            ]),
+        )
+        .unwrap();
+        let pkgs = t.path().join("pkgs");
+        let result = unpack(&p, &pkgs, "k", &small_limits());
+        assert_eq!(mode_of(&v), 0o600);
+        assert_eq!(std::fs::read_to_string(&v).unwrap(), "secret");
+        let err = result.unwrap_err();
+        assert!(matches!(err, ClientError::Refused(..)), "{err}");
+        assert!(err.to_string().contains("a/.."), "{err}");
+        assert_eq!(left_in(&pkgs), Vec::<String>::new());
+    }
+
+    #[test]
+    fn absolute_and_dotdot_paths_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let pkgs = t.path().join("pkgs");
+        let p = t.path().join("a.tar.zst");
+        for (kind, name) in [
+            (tar::EntryType::Directory, &b"/abs"[..]),
+            (tar::EntryType::Regular, b"/abs/f"),
+            (tar::EntryType::Directory, b".."),
+            (tar::EntryType::Regular, b"d/../f"),
+            (tar::EntryType::Regular, b"../f"),
+        ] {
+            std::fs::write(
+                &p,
+                archive(&[
+                    (file_header("ok", 0o644, 1), b"x".to_vec()),
+                    (raw_header(kind, 0o755, name), Vec::new()),
+                ]),
+            )
+            .unwrap();
+            let err = unpack(&p, &pkgs, "k", &small_limits()).unwrap_err();
+            assert!(matches!(err, ClientError::Refused(..)), "{err}");
+            assert_eq!(left_in(&pkgs), Vec::<String>::new());
+        }
+        assert!(!t.path().join("abs").exists() && !t.path().join("f").exists());
+    }
+
+    #[test]
+    fn modes_are_never_set_through_a_symlink() {
+        // A symlink to a file outside is kept as a link; neither the directory fix-up nor the
+        // final pass touches its target.
+        let t = tempfile::tempdir().unwrap();
+        let v = victim(t.path());
+        let p = t.path().join("a.tar.zst");
+        std::fs::write(
+            &p,
+            archive(&[
+                (symlink_header("l", &v), Vec::new()),
+                (symlink_header("d", v.parent().unwrap()), Vec::new()),
+            ]),
+        )
+        .unwrap();
+        let out = unpack(&p, &t.path().join("pkgs"), "k", &small_limits()).unwrap();
+        assert_eq!(std::fs::read_link(out.join("l")).unwrap(), v);
+        assert_eq!(mode_of(&v), 0o600);
+        assert_eq!(std::fs::read_to_string(&v).unwrap(), "secret");
+        // A directory entry over a symlink to a directory outside is refused, its target untouched.
+        use std::os::unix::fs::PermissionsExt;
+        let outside = v.parent().unwrap();
+        std::fs::set_permissions(outside, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(
+            &p,
+            archive(&[
+                (symlink_header("d", outside), Vec::new()),
+                (
+                    raw_header(tar::EntryType::Directory, 0o755, b"d"),
+                    Vec::new(),
+                ),
+            ]),
+        )
+        .unwrap();
+        let pkgs = t.path().join("pkgs2");
+        assert!(unpack(&p, &pkgs, "k", &small_limits()).is_err());
+        assert_eq!(mode_of(outside), 0o700);
+        assert_eq!(left_in(&pkgs), Vec::<String>::new());
+    }
+
+    #[test]
+    fn directories_implied_by_deep_paths_count_toward_the_entries_limit() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("a.tar.zst");
+        let pkgs = t.path().join("pkgs");
+        // Two entries imply twelve directories: fourteen against a limit of ten.
+        let deep = |top: &str| {
+            (
+                file_header(&format!("{top}/a/a/a/a/a/f"), 0o644, 1),
+                b"x".to_vec(),
+            )
+        };
+        std::fs::write(&p, archive(&[deep("x1"), deep("x2")])).unwrap();
+        let err = unpack(&p, &pkgs, "k", &small_limits())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more than 10 entries"), "{err}");
+        assert!(err.contains("policies.maxUnpackEntries"), "{err}");
+        assert_eq!(left_in(&pkgs), Vec::<String>::new());
+        // The review's shape: one 255-byte ustar name, ~127 directories in one header.
+        let mut name = "x1".to_string();
+        while name.len() + 4 <= 255 {
+            name.push_str("/a");
+        }
+        name.push_str("/f");
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(1);
+        h.set_path(&name).unwrap();
+        h.set_cksum();
+        assert!(h.as_ustar().is_some() && name.len() > 250);
+        std::fs::write(&p, archive(&[(h, b"x".to_vec())])).unwrap();
+        let err = unpack(&p, &pkgs, "k", &UnpackLimits::default()).map(|_| ());
+        assert!(err.is_ok(), "{err:?}");
+        let limits = UnpackLimits {
+            max_entries: 100,
+            ..small_limits()
+        };
+        let err = unpack(&p, &pkgs, "k2", &limits).unwrap_err().to_string();
+        assert!(err.contains("more than 100 entries"), "{err}");
+        assert_eq!(left_in(&pkgs), vec!["k".to_string()]);
+        // Directories shared between entries, or given as entries, count once: eight entries (one
+        // of them the directory `d`) and the directories `d/e` and `d/e/f` make ten.
+        let file = |path: &str| (file_header(path, 0o644, 1), b"x".to_vec());
+        let dir = |path: &str| {
+            let mut h = header(tar::EntryType::Directory, 0o755, 0);
+            h.set_path(path).unwrap();
+            h.set_cksum();
+            (h, Vec::new())
+        };
+        let ok = [
+            dir("d"),
+            file("d/e/f/1"),
+            file("d/e/f/2"),
+            file("d/e/f/3"),
+            file("d/e/4"),
+            file("d/5"),
+            file("6"),
+            file("7"),
+        ];
+        std::fs::write(&p, archive(&ok)).unwrap();
+        let out = unpack(&p, &pkgs, "k3", &small_limits()).unwrap();
+        assert_eq!(std::fs::read(out.join("d/e/f/3")).unwrap(), b"x");
+        // The same entries with one file a directory deeper: eleven.
+        let mut over = ok.to_vec();
+        over[7] = file("d/e/g/7");
+        std::fs::write(&p, archive(&over)).unwrap();
+        assert!(unpack(&p, &pkgs, "k4", &small_limits()).is_err());
+        assert!(!pkgs.join("k4").exists());
     }
 }

@@ -82,8 +82,8 @@ pub struct Policies {
     pub retry_attempts: u32,
     pub retry_delay: Duration,
     /// A cached artifact (local or remote) may unpack to `max(maxUnpackBytes, maxUnpackRatio ×
-    /// its compressed size)` bytes in `maxUnpackEntries` entries; past that it is discarded and
-    /// the package built instead.
+    /// its compressed size)` bytes in `maxUnpackEntries` entries (counting the directories their
+    /// paths imply); past that it is discarded and the package built instead.
     pub max_unpack_bytes: u64,
     pub max_unpack_ratio: u64,
     pub max_unpack_entries: u64,
