@@ -104,6 +104,23 @@ impl Machine {
         run(&mut self.cmd(args))
     }
 
+    /// `nip cache remote config --url URL --api-key KEY --enable` plus `extra`, as a user types
+    /// it; must succeed. Its stdout.
+    pub fn configure_remote(&self, url: &str, key: &str, extra: &[&str]) -> String {
+        let mut args = vec![
+            "cache",
+            "remote",
+            "config",
+            "--url",
+            url,
+            "--api-key",
+            key,
+            "--enable",
+        ];
+        args.extend_from_slice(extra);
+        run_ok(&mut self.cmd(&args))
+    }
+
     /// Writes the remote config with a fast retry policy (tests must stay quick).
     pub fn use_remote(&self, url: &str, key: &str) {
         let dir = self.root.join("config/nip");

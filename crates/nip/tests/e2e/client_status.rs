@@ -17,21 +17,7 @@ fn status_shape_when_available_and_when_not() {
     let mut remote = start_remote(tmp.path());
     let m = Machine::new(tmp.path(), "dev", &recipes);
     let url = remote.server.url.clone();
-    let out = m.nip(&[
-        "cache",
-        "remote",
-        "config",
-        "--url",
-        &url,
-        "--api-key",
-        &remote.read_key,
-        "--enable",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    m.configure_remote(&url, &remote.read_key, &[]);
     let file = m.root.join("config/nip/remote-cache.json");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(

@@ -214,23 +214,7 @@ fn https_round_trip_with_private_ca_and_build_falls_back_without_it() {
 
     // Machine A trusts the CA: status is fine, it builds and uploads over HTTPS.
     let a = Machine::new(tmp.path(), "machine-a", &recipes);
-    let cfg = a.nip(&[
-        "cache",
-        "remote",
-        "config",
-        "--url",
-        &server.url,
-        "--api-key",
-        &write_key,
-        "--enable",
-        "--ca-cert",
-        ca,
-    ]);
-    assert!(
-        cfg.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cfg.stderr)
-    );
+    a.configure_remote(&server.url, &write_key, &["--ca-cert", ca]);
     run_ok(
         a.cmd(&["cache", "remote", "status"])
             .env_remove("SSL_CERT_FILE"),
@@ -243,16 +227,7 @@ fn https_round_trip_with_private_ca_and_build_falls_back_without_it() {
 
     // Machine B does not trust it: a clear reason, no hang, and the build builds.
     let b = Machine::new(tmp.path(), "machine-b", &recipes);
-    run_ok(&mut b.cmd(&[
-        "cache",
-        "remote",
-        "config",
-        "--url",
-        &server.url,
-        "--api-key",
-        &write_key,
-        "--enable",
-    ]));
+    b.configure_remote(&server.url, &write_key, &[]);
     let status = b
         .cmd(&["cache", "remote", "status", "--json"])
         .env_remove("SSL_CERT_FILE")
@@ -289,18 +264,7 @@ fn https_round_trip_with_private_ca_and_build_falls_back_without_it() {
     let port = server.url.rsplit(':').next().unwrap();
     let c = Machine::new(tmp.path(), "machine-c", &recipes);
     let localhost = format!("https://localhost:{port}");
-    run_ok(&mut c.cmd(&[
-        "cache",
-        "remote",
-        "config",
-        "--url",
-        &localhost,
-        "--api-key",
-        &write_key,
-        "--enable",
-        "--ca-cert",
-        ca,
-    ]));
+    c.configure_remote(&localhost, &write_key, &["--ca-cert", ca]);
     let status = c
         .cmd(&["cache", "remote", "status", "--json"])
         .output()
@@ -325,16 +289,7 @@ fn https_round_trip_with_private_ca_and_build_falls_back_without_it() {
     assert!(out.status.success(), "{stderr}");
     // B's local cache already has its own build: drop it so the remote must answer.
     let d = Machine::new(tmp.path(), "machine-d", &recipes);
-    run_ok(&mut d.cmd(&[
-        "cache",
-        "remote",
-        "config",
-        "--url",
-        &server.url,
-        "--api-key",
-        &write_key,
-        "--enable",
-    ]));
+    d.configure_remote(&server.url, &write_key, &[]);
     let out = d
         .cmd(&["build", "hello", "+python", "--ci"])
         .env("SSL_CERT_FILE", ca)
