@@ -188,11 +188,7 @@ async fn nar_faults_abort_the_client_cache_nothing_and_retry_elsewhere() {
         }
         assert_nar_not_cached(&nip, &nar_file).await;
 
-        let (status, body) = get(&nar_url).await;
-        assert_eq!(status, 200, "{what}");
-        assert_eq!(body.unwrap(), e.nar, "{what}");
-        assert_eq!(good.hits(&e.nar_path), 1, "{what}");
-        assert!(nip.stored_nar(&nar_file), "{what}");
+        assert_refetched_from(&nip, &good, &e, &nar_url, &nar_file, what).await;
     }
 }
 

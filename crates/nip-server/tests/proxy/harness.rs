@@ -452,3 +452,20 @@ pub async fn get(url: &str) -> (u16, Result<Bytes, String>) {
 pub fn served_nar_path(narinfo_text: &str) -> String {
     NarInfo::parse(narinfo_text).unwrap().url
 }
+
+/// After a failed fill, the next GET of `nar_url` gets the whole NAR, fetched once from `good`,
+/// and the NAR is stored.
+pub async fn assert_refetched_from(
+    nip: &Nip,
+    good: &FakeUpstream,
+    e: &Entry,
+    nar_url: &str,
+    nar_file: &str,
+    what: &str,
+) {
+    let (status, body) = get(nar_url).await;
+    assert_eq!(status, 200, "{what}");
+    assert_eq!(body.unwrap(), e.nar, "{what}");
+    assert_eq!(good.hits(&e.nar_path), 1, "{what}");
+    assert!(nip.stored_nar(nar_file), "{what}");
+}

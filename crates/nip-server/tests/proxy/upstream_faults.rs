@@ -96,11 +96,7 @@ async fn nar_with_lying_length_or_reset_is_cut_and_never_cached() {
             "{what}: the fault was not exercised"
         );
 
-        let (status, body) = get(&nar_url).await;
-        assert_eq!(status, 200, "{what}");
-        assert_eq!(body.unwrap(), e.nar, "{what}");
-        assert_eq!(good.hits(&e.nar_path), 1, "{what}");
-        assert!(nip.stored_nar(&nar_file), "{what}");
+        assert_refetched_from(&nip, &good, &e, &nar_url, &nar_file, what).await;
     }
 }
 
