@@ -48,6 +48,11 @@ pub struct UploadResult {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ArtifactList {
     pub artifacts: Vec<ArtifactListItem>,
+    /// True when the server stopped adding items before `limit` because the response grew past
+    /// its size cap: ask again with a narrower query (or a smaller `limit`) for the rest. Absent
+    /// (false) otherwise, so older clients and servers read each other unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

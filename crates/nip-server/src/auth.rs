@@ -227,13 +227,37 @@ impl FromRequestParts<AppState> for Caller {
                     Auth::Refused(refusal) => {
                         let why = refusal.as_str();
                         metrics::counter!("nip_auth_failures_total", "reason" => why).increment(1);
-                        state
-                            .audit(caller.audit_entry(
-                                "auth",
-                                Some(parts.uri.path()),
-                                &format!("401 {why}"),
-                            ))
-                            .await;
+                        // A failed token counts against the address's bucket: guessing tokens
+                        // is rate-limited like anonymous requests, and past the limit it is a
+                        // 429 that writes nothing.
+                        if let Some(limiter) = &state.rate_limiter {
+                            let who = match remote {
+                                Some(a) => format!("ip:{}", a.ip()),
+                                None => "anonymous".to_string(),
+                            };
+                            if let Err(retry_after) = limiter.check(&who) {
+                                metrics::counter!("nip_rate_limited_total").increment(1);
+                                return Err(ApiError::TooManyRequests(retry_after));
+                            }
+                        }
+                        let now = nip_store::unix_now();
+                        let ip = remote.map(|a| a.ip());
+                        let (write, summaries) = state.stats.auth_failures.record(ip, now);
+                        if write {
+                            state
+                                .audit(caller.audit_entry(
+                                    "auth",
+                                    Some(parts.uri.path()),
+                                    &format!("401 {why}"),
+                                ))
+                                .await;
+                        }
+                        for summary in summaries {
+                            state.audit(summary.entry(now)).await;
+                        }
+                        if state.stats.auth_failures.needs_flusher() {
+                            spawn_failure_flusher(state.clone());
+                        }
                         return Err(ApiError::Unauthorized(format!(
                         "API key {why}: check the token, or ask an admin for a new one (`nip keys create`)"
                     )));
@@ -341,12 +365,193 @@ impl AppState {
         )
     }
 
-    /// Writes an audit entry; a failure to do so is logged, not returned.
-    pub async fn audit(&self, entry: AuditEntry) {
+    /// Writes an audit entry; a failure to do so is logged, not returned. Its target and result
+    /// are cut to [`AUDIT_TEXT_MAX`] bytes (a client chooses paths and keys).
+    pub async fn audit(&self, mut entry: AuditEntry) {
+        entry.target = entry.target.map(|t| cap_audit_text(t, AUDIT_TEXT_MAX));
+        entry.result = cap_audit_text(std::mem::take(&mut entry.result), AUDIT_TEXT_MAX);
         if let Err(e) = self.meta.audit(&entry).await {
             tracing::error!(error = %e, action = %entry.action, "could not write the audit log");
         }
     }
+}
+
+/// The most bytes of an audit entry's target or result that are stored.
+pub const AUDIT_TEXT_MAX: usize = 512;
+
+/// `text` cut to at most `max` bytes (at a character boundary), ending with a marker that says
+/// how much was cut.
+pub fn cap_audit_text(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let marker = format!("…[truncated {} bytes]", text.len());
+    let mut end = max.saturating_sub(marker.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{marker}", &text[..end])
+}
+
+/// Length of an auth-failure aggregation window, in seconds.
+pub const AUTH_FAILURE_WINDOW: i64 = 60;
+/// Addresses whose failures are counted one by one; past it, new addresses share one count.
+pub const AUTH_FAILURE_ADDRESSES: usize = 4096;
+
+/// Failed authentications per client address and minute, so that a flood of bad tokens writes
+/// a few audit rows instead of one per request: the first failure of an address in a window is
+/// audited, later ones are counted in memory and written as one "N more auth failures" entry
+/// when the window has ended (on the address's next failure, or by a flusher task). Memory is
+/// bounded by [`AUTH_FAILURE_ADDRESSES`].
+#[derive(Default)]
+pub struct AuthFailures {
+    inner: Mutex<FailureWindows>,
+}
+
+#[derive(Default)]
+struct FailureWindows {
+    /// Window start and failures not yet audited, by address.
+    by_addr: HashMap<Option<IpAddr>, (i64, u64)>,
+    /// The same for addresses past the cap, together.
+    overflow: Option<(i64, u64)>,
+    /// A flusher task is running or has been asked for.
+    flusher: bool,
+}
+
+/// Failures not audited one by one, to be written as one entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailureSummary {
+    /// `None` inside: no address known; `None` outside: addresses past the cap.
+    pub addr: Option<Option<IpAddr>>,
+    pub since: i64,
+    pub count: u64,
+}
+
+impl FailureSummary {
+    pub fn entry(&self, now: i64) -> AuditEntry {
+        let from = match self.addr {
+            Some(_) => String::new(),
+            None => " from other addresses".to_string(),
+        };
+        AuditEntry {
+            at: now,
+            remote_addr: self.addr.flatten().map(|ip| ip.to_string()),
+            action: "auth".into(),
+            result: format!(
+                "401 {} more auth failures{from} since {}",
+                self.count,
+                nip_core::api::rfc3339(self.since)
+            ),
+            ..Default::default()
+        }
+    }
+}
+
+impl AuthFailures {
+    /// Notes one failure from `addr` at `now`: whether to audit it, and summaries of ended
+    /// windows to write.
+    pub fn record(&self, addr: Option<IpAddr>, now: i64) -> (bool, Vec<FailureSummary>) {
+        let mut w = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut summaries = w.take_ended(now);
+        let write = if let Some((_, count)) = w.by_addr.get_mut(&addr) {
+            *count += 1;
+            false
+        } else if w.by_addr.len() < AUTH_FAILURE_ADDRESSES {
+            w.by_addr.insert(addr, (now, 0));
+            true
+        } else if let Some((_, count)) = &mut w.overflow {
+            *count += 1;
+            false
+        } else {
+            w.overflow = Some((now, 0));
+            true
+        };
+        summaries.retain(|s| s.count > 0);
+        (write, summaries)
+    }
+
+    /// Removes the windows that ended by `now`; summaries of those with uncounted failures.
+    pub fn flush(&self, now: i64) -> Vec<FailureSummary> {
+        let mut w = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut summaries = w.take_ended(now);
+        summaries.retain(|s| s.count > 0);
+        summaries
+    }
+
+    /// Whether failures wait to be summarised and no flusher runs; if so, the caller starts one
+    /// (this marks it started).
+    pub fn needs_flusher(&self) -> bool {
+        let mut w = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if w.flusher || !w.pending() {
+            return false;
+        }
+        w.flusher = true;
+        true
+    }
+
+    /// For the flusher: `true` (and the flag cleared) when nothing waits any more.
+    fn flusher_done(&self) -> bool {
+        let mut w = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if w.pending() {
+            return false;
+        }
+        w.flusher = false;
+        true
+    }
+
+    /// Addresses with an open window (for tests and bounds).
+    pub fn tracked(&self) -> usize {
+        let w = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        w.by_addr.len() + usize::from(w.overflow.is_some())
+    }
+}
+
+impl FailureWindows {
+    fn pending(&self) -> bool {
+        self.by_addr.values().any(|(_, c)| *c > 0) || self.overflow.is_some_and(|(_, c)| c > 0)
+    }
+
+    fn take_ended(&mut self, now: i64) -> Vec<FailureSummary> {
+        let ended = |start: i64| start + AUTH_FAILURE_WINDOW <= now;
+        let mut out = Vec::new();
+        self.by_addr.retain(|addr, (since, count)| {
+            if ended(*since) {
+                out.push(FailureSummary {
+                    addr: Some(*addr),
+                    since: *since,
+                    count: *count,
+                });
+                false
+            } else {
+                true
+            }
+        });
+        if let Some((since, count)) = self.overflow.filter(|(since, _)| ended(*since)) {
+            out.push(FailureSummary {
+                addr: None,
+                since,
+                count,
+            });
+            self.overflow = None;
+        }
+        out
+    }
+}
+
+/// Writes the summaries of auth-failure windows as they end, then stops once none waits.
+fn spawn_failure_flusher(state: AppState) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let now = nip_store::unix_now();
+            for summary in state.stats.auth_failures.flush(now) {
+                state.audit(summary.entry(now)).await;
+            }
+            if state.stats.auth_failures.flusher_done() {
+                return;
+            }
+        }
+    });
 }
 
 /// Per-caller token buckets.
@@ -535,6 +740,69 @@ mod tests {
             client_ip(ip("10.0.0.2"), &xff(&["192.0.2.1"]), &[]),
             ip("10.0.0.2")
         );
+    }
+
+    #[test]
+    fn audit_text_is_capped_at_a_char_boundary_with_a_marker() {
+        assert_eq!(cap_audit_text("short".into(), 512), "short");
+        let long = "é".repeat(20_000);
+        let cut = cap_audit_text(long, AUDIT_TEXT_MAX);
+        assert!(cut.len() <= AUDIT_TEXT_MAX, "{}", cut.len());
+        assert!(cut.starts_with("éé"));
+        assert!(cut.ends_with("…[truncated 40000 bytes]"), "{cut}");
+    }
+
+    #[test]
+    fn auth_failures_are_audited_once_per_address_and_minute_then_summarised() {
+        let f = AuthFailures::default();
+        let a: Option<IpAddr> = Some("192.0.2.1".parse().unwrap());
+        let b: Option<IpAddr> = Some("192.0.2.2".parse().unwrap());
+        assert_eq!(f.record(a, 1000), (true, vec![]));
+        for t in 1001..1050 {
+            assert_eq!(f.record(a, t), (false, vec![]));
+        }
+        assert_eq!(f.record(b, 1010), (true, vec![]), "addresses are separate");
+        assert!(f.needs_flusher());
+        assert!(!f.needs_flusher(), "one flusher at a time");
+        // The next failure after the minute: written, with a summary of the 49 counted ones.
+        let (write, summaries) = f.record(a, 1060);
+        assert!(write);
+        assert_eq!(
+            summaries,
+            vec![FailureSummary {
+                addr: Some(a),
+                since: 1000,
+                count: 49
+            }]
+        );
+        let entry = summaries[0].entry(1060);
+        assert_eq!(entry.remote_addr.as_deref(), Some("192.0.2.1"));
+        assert!(
+            entry.result.starts_with("401 49 more auth failures"),
+            "{entry:?}"
+        );
+        // b had no further failures: its window ends without a summary.
+        assert_eq!(f.flush(1070), vec![]);
+        assert_eq!(f.tracked(), 1);
+    }
+
+    #[test]
+    fn auth_failure_memory_is_bounded() {
+        let f = AuthFailures::default();
+        let mut written = 0;
+        for i in 0..(AUTH_FAILURE_ADDRESSES as u32 + 1000) {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            if f.record(Some(ip), 5).0 {
+                written += 1;
+            }
+        }
+        assert_eq!(f.tracked(), AUTH_FAILURE_ADDRESSES + 1);
+        assert_eq!(written, AUTH_FAILURE_ADDRESSES + 1, "past the cap: one row");
+        let summaries = f.flush(65);
+        assert_eq!(summaries.len(), 1);
+        assert_eq!(summaries[0].addr, None);
+        assert_eq!(summaries[0].count, 999);
+        assert_eq!(f.tracked(), 0);
     }
 
     #[test]

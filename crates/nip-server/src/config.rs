@@ -82,6 +82,8 @@ pub struct ServeConfig {
     /// `--cache-trusted-upload-key`: keys whose signature vouches for an upload.
     pub trusted_upload_keys: Vec<PublicKey>,
     pub prometheus_enabled: bool,
+    /// `--prometheus-public`: `/metrics` stays public when Nix reads need a token.
+    pub prometheus_public: bool,
     /// OpenTelemetry export; `None` when `--otel-enabled` is off.
     pub otel: Option<OtelConfig>,
     /// `text` or `json`.
@@ -382,6 +384,7 @@ impl ServeConfig {
             require_trusted_signature: v.flag("cache.require-trusted-signature"),
             trusted_upload_keys: v.list("cache.trusted-upload-keys"),
             prometheus_enabled: v.flag("prometheus.enabled"),
+            prometheus_public: v.flag("prometheus.public"),
             otel: v.flag("opentelemetry.enabled").then(|| OtelConfig {
                 grpc_url: v.get(OTEL_URL),
             }),

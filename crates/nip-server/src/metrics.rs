@@ -196,7 +196,15 @@ fn content_length(h: &axum::http::HeaderMap) -> Option<u64> {
 }
 
 /// `GET /metrics` in the Prometheus text format (404 unless enabled).
-pub async fn metrics_handler(State(state): State<AppState>) -> Result<Response, ApiError> {
+/// `/metrics`: needs read access when Nix reads do, unless `--prometheus-public`.
+pub async fn metrics_handler(
+    State(state): State<AppState>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    if !state.config.prometheus_public {
+        let (mut parts, _) = req.into_parts();
+        crate::status::check_read_access(&state, &mut parts).await?;
+    }
     let handle = state.metrics.as_ref().ok_or_else(|| {
         ApiError::NotFound("metrics are off: start nip serve with --prometheus-enabled".into())
     })?;

@@ -314,6 +314,8 @@ pub const SETTINGS: &[Setting] = &[
       .off("off").empty_unset(),
     s("prometheus.enabled", &["prometheus-enabled"], &["PROMETHEUS_ENABLED"], &["prometheus.enabled"], Kind::Bool,
       "Serve Prometheus metrics on /metrics").default("false").global(),
+    s("prometheus.public", &["prometheus-public"], &["NIP_PROMETHEUS_PUBLIC"], &["prometheus.public"], Kind::Bool,
+      "Keep /metrics public for scrapers when reads need a token (--cache-require-auth-read, --cache-get-token); otherwise /metrics then needs a read key or the get token").default("false"),
     s("log.format", &["log-format"], &["LOG_FORMAT"], &["log.format"], Kind::Choice(&["text", "json"]),
       "Log format: text or json").default("text"),
     s("opentelemetry.enabled", &["otel-enabled"], &["OTEL_ENABLED"], &["opentelemetry.enabled"], Kind::Bool,

@@ -6,11 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use nip_core::signing::{PublicKey, SigningKey};
+use nip_store::staging::{OverLimit, StageReservation, StagingLimits};
 use nip_store::{BlobStore, Index, LocalBlobStore, SqliteMeta, Staging};
 
 use crate::cache::fill::Fills;
 use crate::coalesce::Coalescer;
 use crate::config::ServeConfig;
+use crate::error::{ApiError, ApiResult};
 use crate::upstream::Upstreams;
 use crate::{auth, budget, cache, hot, jobs, keys, metrics, stats};
 
@@ -25,6 +27,8 @@ pub struct Inner {
     pub(crate) meta: Arc<dyn Index>,
     pub(crate) blobs: Arc<dyn BlobStore>,
     pub(crate) staging: Staging,
+    /// Bytes of client uploads staged at once, in all and per key or address.
+    pub(crate) staged: StagingLimits,
     pub(crate) upstreams: Arc<Upstreams>,
     pub(crate) signer: SigningKey,
     pub(crate) public_key: PublicKey,
@@ -75,6 +79,28 @@ pub fn open_blobs(config: &ServeConfig) -> anyhow::Result<Arc<dyn BlobStore>> {
             })?,
         ),
     })
+}
+
+/// Least any one client (API key, or address without one) may stage at once. Constants rather than
+/// settings: one client must always be able to send one upload of `--artifact-max-size` (plus
+/// multipart framing and metadata), and `nix copy` uploads several NARs in parallel, so smaller
+/// uploads get at least 1 GiB together.
+const STAGED_PER_CLIENT_MIN: u64 = 1 << 30;
+/// Room past `--artifact-max-size` for a `/v1` upload's metadata (≤ 1 MiB) and multipart framing.
+const STAGED_UPLOAD_SLACK: u64 = 2 << 20;
+/// All clients together may stage this many clients' worth: a few can upload at full size at
+/// once, but stalled uploads from many addresses cannot fill the temp path without bound.
+const STAGED_GLOBAL_CLIENTS: u64 = 4;
+/// Retry-After (seconds) when the staging bound refuses an upload: about the time a stalled
+/// upload takes to be cut by `--server-read-timeout` and give its bytes back.
+const STAGED_RETRY_AFTER_SECS: u64 = 10;
+
+/// The staging caps for a configured `--artifact-max-size`: (global, per client).
+pub(crate) fn staging_caps(max_upload_size: u64) -> (u64, u64) {
+    let per_client = max_upload_size
+        .saturating_add(STAGED_UPLOAD_SLACK)
+        .max(STAGED_PER_CLIENT_MIN);
+    (per_client.saturating_mul(STAGED_GLOBAL_CLIENTS), per_client)
 }
 
 /// Bound on the negative cache so that scans for random hashes cannot grow it without limit.
@@ -128,7 +154,9 @@ impl AppState {
             .map(|(rate, burst)| auth::RateLimiter::new(rate, burst));
         let env_key_hash = config.api_key.as_deref().map(auth::hash_token);
         let get_token_hash = config.get_token.as_deref().map(auth::hash_token);
+        let (global_cap, client_cap) = staging_caps(config.max_upload_size);
         Ok(AppState(Arc::new(Inner {
+            staged: StagingLimits::new(global_cap, client_cap),
             config,
             rate_limiter,
             accessed: jobs::Accessed::default(),
@@ -177,6 +205,25 @@ impl AppState {
         }
     }
 
+    /// Reserves `bytes` of staging for an upload by `caller` (grow it as bytes arrive); refused
+    /// with 429 + Retry-After past the global or per-client bound. The reservation is given back
+    /// when dropped: on success, refusal, error, or a dropped connection alike.
+    pub(crate) fn reserve_staging(
+        &self,
+        caller: &crate::auth::Caller,
+        bytes: u64,
+    ) -> ApiResult<StageReservation> {
+        let client = match (caller.key_name(), caller.remote) {
+            (Some(name), _) => format!("key:{name}"),
+            (None, Some(addr)) => format!("ip:{}", addr.ip()),
+            (None, None) => "anonymous".to_string(),
+        };
+        self.staged.reserve(&client, bytes).map_err(|e| {
+            tracing::warn!(client, bound = ?e, "upload refused: too many bytes staged at once");
+            staging_refused(e)
+        })
+    }
+
     pub fn remember_missing(&self, hash: &str, certain: bool) {
         let ttl = self.config.negative_ttl;
         if ttl.is_zero() {
@@ -191,6 +238,20 @@ impl AppState {
         }
         neg.insert(hash.to_string(), (Instant::now(), certain));
     }
+}
+
+/// The refusal for an upload past the staging bounds: 429, a 4xx (Nix 2.8 hangs on a 5xx to a
+/// PUT, but fails at once on a 4xx).
+pub(crate) fn staging_refused(_: OverLimit) -> ApiError {
+    ApiError::TooManyRequests(STAGED_RETRY_AFTER_SECS)
+}
+
+/// Grows an upload's reservation to `total` bytes received so far.
+pub(crate) fn grow_staging(r: &mut StageReservation, total: u64) -> ApiResult<()> {
+    r.grow_to(total).map_err(|e| {
+        tracing::warn!(bound = ?e, "upload cut: too many bytes staged at once");
+        staging_refused(e)
+    })
 }
 
 /// What other crates may read.
@@ -216,6 +277,12 @@ impl AppState {
     /// Upstream NAR downloads started since start.
     pub fn fills_started(&self) -> u64 {
         self.fills.started_count()
+    }
+
+    /// Bounds on bytes of client uploads staged at once; tests set small caps with
+    /// [`StagingLimits::set_caps`].
+    pub fn staging_limits(&self) -> &StagingLimits {
+        &self.staged
     }
 
     /// Names this process in cluster-wide leases.

@@ -41,6 +41,8 @@ pub struct Stats {
     hits: [AtomicU64; 3],
     misses: [AtomicU64; 3],
     recent: Mutex<VecDeque<Activity>>,
+    /// Failed authentications not yet audited one by one (see [`crate::auth::AuthFailures`]).
+    pub(crate) auth_failures: crate::auth::AuthFailures,
 }
 
 impl Stats {

@@ -1,15 +1,21 @@
 //! `GET /`: ncps' JSON `{"hostname","publicKey"}` for clients that ask for JSON, and for browsers a
 //! small server-rendered status page (no JavaScript): version, uptime, store size against its
 //! limit, entries, hit rate, upstream health, recent activity, the public key with a nix.conf
-//! snippet, and how to point `nip cache remote` here. Public, and never shows a secret.
-//! Also `GET /metrics` (see [`crate::metrics`]).
-use axum::extract::State;
+//! snippet, and how to point `nip cache remote` here. Never shows a secret; once any API key
+//! exists, recent activity shows only counts by action, no names. Public unless Nix reads need
+//! a token (`--cache-require-auth-read`, `--cache-get-token`): then the page needs a read key or
+//! the get token (the JSON answer stays public: it is what `/pubkey` serves).
+//! Also `GET /metrics` (see [`crate::metrics`]), under the same rule unless `--prometheus-public`.
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
-use crate::stats::Kind;
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::stats::{Activity, Kind};
 use crate::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -18,20 +24,77 @@ pub fn router() -> Router<AppState> {
         .route("/metrics", get(crate::metrics::metrics_handler))
 }
 
-async fn index(State(state): State<AppState>, headers: HeaderMap) -> Response {
+/// When Nix reads need a token, the caller must be able to read (a read key or the get token).
+pub async fn check_read_access(state: &AppState, parts: &mut Parts) -> Result<(), ApiError> {
+    if !(state.config.require_auth_read || state.config.get_token.is_some()) {
+        return Ok(());
+    }
+    let caller = Caller::from_request_parts(parts, state).await?;
+    state.check_nix_read(&caller)
+}
+
+async fn index(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let (mut parts, _) = req.into_parts();
+    let headers = &parts.headers;
     let wants_json = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("application/json") && !a.contains("text/html"));
     if wants_json {
-        return Json(serde_json::json!({
+        return Ok(Json(serde_json::json!({
             "hostname": state.config.hostname,
             "publicKey": state.public_key.to_string(),
         }))
-        .into_response();
+        .into_response());
     }
+    check_read_access(&state, &mut parts).await?;
     let usage = state.meta.usage().await.ok();
-    Html(render(&state, usage, host_url(&headers, &state))).into_response()
+    let show_names = !state.keys_exist().await.unwrap_or(true);
+    Ok(Html(render(
+        &state,
+        usage,
+        host_url(&parts.headers, &state),
+        show_names,
+    ))
+    .into_response())
+}
+
+/// Recent activity as table rows: with names while the server is open (no key exists), else
+/// only how many of each action (the names are artifact keys and store paths of every prefix).
+fn activity_rows(recent: &[Activity], show_names: bool) -> String {
+    if recent.is_empty() {
+        return "<tr><td colspan=\"3\">nothing yet</td></tr>".into();
+    }
+    if show_names {
+        return recent
+            .iter()
+            .map(|a| {
+                format!(
+                    "<tr><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
+                    nip_core::api::rfc3339(a.at),
+                    esc(a.action),
+                    esc(&a.target)
+                )
+            })
+            .collect();
+    }
+    let mut counts: Vec<(&str, usize, i64)> = Vec::new();
+    for a in recent {
+        match counts.iter_mut().find(|(action, _, _)| *action == a.action) {
+            Some((_, n, _)) => *n += 1,
+            None => counts.push((a.action, 1, a.at)),
+        }
+    }
+    counts
+        .iter()
+        .map(|(action, n, latest)| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{n} (names hidden: API keys exist)</td></tr>",
+                nip_core::api::rfc3339(*latest),
+                esc(action),
+            )
+        })
+        .collect()
 }
 
 /// The URL clients reach this server at, from the request's Host header.
@@ -99,7 +162,12 @@ fn rate(hits: u64, misses: u64) -> String {
     }
 }
 
-fn render(state: &AppState, usage: Option<nip_store::Usage>, url: String) -> String {
+fn render(
+    state: &AppState,
+    usage: Option<nip_store::Usage>,
+    url: String,
+    show_names: bool,
+) -> String {
     let c = &state.config;
     let usage = usage.unwrap_or_default();
     let limit = c
@@ -136,22 +204,7 @@ fn render(state: &AppState, usage: Option<nip_store::Usage>, url: String) -> Str
             )
         })
         .collect();
-    let recent = state.stats.recent();
-    let activity: String = if recent.is_empty() {
-        "<tr><td colspan=\"3\">nothing yet</td></tr>".into()
-    } else {
-        recent
-            .iter()
-            .map(|a| {
-                format!(
-                    "<tr><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
-                    nip_core::api::rfc3339(a.at),
-                    esc(a.action),
-                    esc(&a.target)
-                )
-            })
-            .collect()
-    };
+    let activity = activity_rows(&state.stats.recent(), show_names);
     let key = esc(&state.public_key.to_string());
     let url = esc(&url);
     format!(
@@ -212,5 +265,30 @@ mod tests {
         assert_eq!(human_bytes(50 << 20), "50.0 MiB");
         assert_eq!(rate(3, 1), "75.0% (3 hits, 1 misses)");
         assert_eq!(rate(0, 0), "–");
+    }
+
+    #[test]
+    fn activity_hides_names_once_keys_exist() {
+        let recent = vec![
+            Activity {
+                at: 0,
+                action: "upload",
+                target: "secret-prefix/key".into(),
+            },
+            Activity {
+                at: 0,
+                action: "upload",
+                target: "other/key".into(),
+            },
+        ];
+        let open = activity_rows(&recent, true);
+        assert!(open.contains("secret-prefix/key"), "{open}");
+        let closed = activity_rows(&recent, false);
+        assert!(!closed.contains("key<"), "{closed}");
+        assert!(!closed.contains("secret-prefix"), "{closed}");
+        assert!(
+            closed.contains("upload") && closed.contains(">2 ("),
+            "{closed}"
+        );
     }
 }

@@ -65,12 +65,15 @@ pub trait ArtifactIndex: Send + Sync + 'static {
         name: Option<&str>,
         version: Option<&str>,
     ) -> Result<PutArtifact, MetaError>;
-    /// Newest first; `prefix` restricts to keys starting with it.
+    /// Newest first (`created_at`, then `key`, both descending); `prefix` restricts to keys
+    /// starting with it. `after` (a previous page's last `(created_at, key)`) continues past it,
+    /// so callers can read a long listing in small pages rather than all rows at once.
     async fn list_artifacts(
         &self,
         name: Option<&str>,
         version: Option<&str>,
         prefix: Option<&str>,
+        after: Option<(i64, &str)>,
         limit: i64,
     ) -> Result<Vec<ArtifactRecord>, MetaError>;
     /// Deletes the row; returns it, and whether another row still uses the same bytes.

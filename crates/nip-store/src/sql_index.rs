@@ -100,17 +100,23 @@ impl ArtifactIndex for SqlMeta {
         name: Option<&str>,
         version: Option<&str>,
         prefix: Option<&str>,
+        after: Option<(i64, &str)>,
         limit: i64,
     ) -> Result<Vec<ArtifactRecord>, MetaError> {
         // Prefix match with substr (not LIKE): keys may contain `_`, a LIKE wildcard.
+        // `after` is a keyset cursor on the sort order, so a page costs the same wherever it is.
+        let (after_at, after_key) = after.unzip();
         let rows = sqlx::query(&format!(
             "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE ($1 IS NULL OR name = $1) \
              AND ($2 IS NULL OR version = $2) AND ($3 IS NULL OR substr(key, 1, length($3)) = $3) \
-             ORDER BY created_at DESC, key DESC LIMIT $4"
+             AND ($4 IS NULL OR created_at < $4 OR (created_at = $4 AND key < $5)) \
+             ORDER BY created_at DESC, key DESC LIMIT $6"
         ))
         .bind(name)
         .bind(version)
         .bind(prefix)
+        .bind(after_at)
+        .bind(after_key)
         .bind(limit)
         .fetch_all(self.pool())
         .await?;
@@ -322,7 +328,7 @@ mod tests {
             let keys = |v: Vec<ArtifactRecord>| v.into_iter().map(|r| r.key).collect::<Vec<_>>();
             assert_eq!(
                 keys(
-                    db.list_artifacts(Some("pkg"), Some("1"), None, 10)
+                    db.list_artifacts(Some("pkg"), Some("1"), None, None, 10)
                         .await
                         .unwrap()
                 ),
@@ -330,8 +336,37 @@ mod tests {
             );
             // `_` is literal in prefixes.
             assert_eq!(
-                keys(db.list_artifacts(None, None, Some("a_"), 10).await.unwrap()),
+                keys(
+                    db.list_artifacts(None, None, Some("a_"), None, 10)
+                        .await
+                        .unwrap()
+                ),
                 ["a_2", "a_1"]
+            );
+            // Pages continue strictly after the cursor, ties on time broken by key.
+            assert_eq!(
+                keys(
+                    db.list_artifacts(None, None, None, Some((30, "axb")), 1)
+                        .await
+                        .unwrap()
+                ),
+                ["a_2"]
+            );
+            assert_eq!(
+                keys(
+                    db.list_artifacts(None, None, None, Some((20, "a_3")), 10)
+                        .await
+                        .unwrap()
+                ),
+                ["a_2", "a_1"]
+            );
+            assert_eq!(
+                keys(
+                    db.list_artifacts(None, None, None, Some((20, "a_2")), 10)
+                        .await
+                        .unwrap()
+                ),
+                ["a_1"]
             );
             let (gone, shared) = db.delete_artifact("a_1").await.unwrap().unwrap();
             assert_eq!((gone.sha256.as_str(), shared), ("s1", true));

@@ -317,8 +317,155 @@ impl<'a> BatchedWriter<'a> {
     }
 }
 
+/// Bounds on bytes staged at once for client uploads: in all, and per client (a key name or an
+/// address). Uploads reserve bytes before writing them and give them back when their
+/// [`StageReservation`] is dropped, whatever the outcome (published, refused, or the connection
+/// dropped mid-body), so stalled uploads cannot fill the temp path.
+#[derive(Clone, Debug)]
+pub struct StagingLimits(Arc<LimitsInner>);
+
+#[derive(Debug)]
+struct LimitsInner {
+    caps: std::sync::Mutex<LimitsState>,
+}
+
+#[derive(Debug, Default)]
+struct LimitsState {
+    global_cap: u64,
+    client_cap: u64,
+    total: u64,
+    by_client: std::collections::HashMap<String, u64>,
+}
+
+/// Which bound a reservation would pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverLimit {
+    Global,
+    Client,
+}
+
+impl StagingLimits {
+    pub fn new(global_cap: u64, client_cap: u64) -> Self {
+        StagingLimits(Arc::new(LimitsInner {
+            caps: std::sync::Mutex::new(LimitsState {
+                global_cap,
+                client_cap,
+                ..Default::default()
+            }),
+        }))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, LimitsState> {
+        self.0.caps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the caps (tests use small ones); reservations already held stay valid.
+    pub fn set_caps(&self, global_cap: u64, client_cap: u64) {
+        let mut st = self.state();
+        st.global_cap = global_cap;
+        st.client_cap = client_cap;
+    }
+
+    pub fn caps(&self) -> (u64, u64) {
+        let st = self.state();
+        (st.global_cap, st.client_cap)
+    }
+
+    /// Bytes reserved now, in all and by `client`.
+    pub fn reserved(&self, client: &str) -> (u64, u64) {
+        let st = self.state();
+        (st.total, st.by_client.get(client).copied().unwrap_or(0))
+    }
+
+    /// Reserves `bytes` for `client` (0 is fine: grow it as bytes arrive).
+    pub fn reserve(&self, client: &str, bytes: u64) -> Result<StageReservation, OverLimit> {
+        let mut r = StageReservation {
+            limits: self.clone(),
+            client: client.to_string(),
+            bytes: 0,
+        };
+        r.grow_to(bytes)?;
+        Ok(r)
+    }
+}
+
+/// Bytes reserved by one upload; given back on drop.
+#[derive(Debug)]
+pub struct StageReservation {
+    limits: StagingLimits,
+    client: String,
+    bytes: u64,
+}
+
+impl StageReservation {
+    /// Makes the reservation at least `total` bytes; on refusal it keeps what it held.
+    pub fn grow_to(&mut self, total: u64) -> Result<(), OverLimit> {
+        if total <= self.bytes {
+            return Ok(());
+        }
+        let more = total - self.bytes;
+        let mut st = self.limits.state();
+        let mine = st.by_client.get(&self.client).copied().unwrap_or(0);
+        if st.total.saturating_add(more) > st.global_cap {
+            return Err(OverLimit::Global);
+        }
+        if mine.saturating_add(more) > st.client_cap {
+            return Err(OverLimit::Client);
+        }
+        st.total += more;
+        *st.by_client.entry(self.client.clone()).or_insert(0) += more;
+        self.bytes = total;
+        Ok(())
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for StageReservation {
+    fn drop(&mut self) {
+        if self.bytes == 0 {
+            return;
+        }
+        let mut st = self.limits.state();
+        st.total = st.total.saturating_sub(self.bytes);
+        if let Some(n) = st.by_client.get_mut(&self.client) {
+            *n = n.saturating_sub(self.bytes);
+            if *n == 0 {
+                st.by_client.remove(&self.client);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn staging_limits_bound_and_release() {
+        use super::{OverLimit, StagingLimits};
+        let limits = StagingLimits::new(100, 60);
+        let a1 = limits.reserve("a", 50).unwrap();
+        // Per client: a has 50 of 60.
+        assert_eq!(limits.reserve("a", 20).unwrap_err(), OverLimit::Client);
+        let mut b = limits.reserve("b", 0).unwrap();
+        b.grow_to(40).unwrap();
+        // Globally: 90 of 100.
+        assert_eq!(b.grow_to(55).unwrap_err(), OverLimit::Global);
+        assert_eq!(b.bytes(), 40, "a refused growth keeps what was held");
+        b.grow_to(10).unwrap();
+        assert_eq!(limits.reserved("b"), (90, 40));
+        drop(a1);
+        assert_eq!(limits.reserved("a"), (40, 0));
+        let a2 = limits.reserve("a", 60).unwrap();
+        drop(b);
+        drop(a2);
+        assert_eq!(limits.reserved("a"), (0, 0));
+        assert!(limits.0.caps.lock().unwrap().by_client.is_empty());
+        limits.set_caps(10, 10);
+        assert_eq!(limits.reserve("a", 11).unwrap_err(), OverLimit::Global);
+    }
+
     use super::*;
     use sha2::Digest;
 

@@ -5,7 +5,7 @@
 //! answer to a PUT.
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use futures::StreamExt;
 use nip_core::nar_file::NarFileName;
 use nip_core::narinfo::MAX_NARINFO_SIZE;
@@ -89,10 +89,14 @@ pub async fn put_nar(
     State(state): State<AppState>,
     caller: Result<Caller, ApiError>,
     Path(file): Path<String>,
+    headers: HeaderMap,
     body: Body,
 ) -> ApiResult<StatusCode> {
     let caller = upload_caller(caller)?;
-    let r = store_nar(&state, &caller, &file, body).await;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let r = store_nar(&state, &caller, &file, declared, body).await;
     audited(&state, &caller, "nar-upload", &file, r).await
 }
 
@@ -100,23 +104,31 @@ async fn store_nar(
     state: &AppState,
     caller: &Caller,
     file: &str,
+    declared: Option<u64>,
     body: Body,
 ) -> ApiResult<(StatusCode, Option<(i64, String)>)> {
     permit(state, caller, true).await?;
     let name = NarFileName::parse(file)
         .map_err(|e| ApiError::BadRequest(format!("invalid NAR file name: {e}")))?;
     let max = state.config.max_upload_size;
+    if declared.is_some_and(|n| n > max) {
+        return Err(nar_too_large(max));
+    }
+    // Staging space for the declared body (Nix always sends Content-Length) is reserved before
+    // any byte is read, and grows with what arrives; it is given back when this returns, on
+    // every path. Past the bound: 429, a 4xx, which Nix reports at once.
+    let mut reservation = state.reserve_staging(caller, declared.unwrap_or(0))?;
     let staged = state.staging.create().await?;
     let mut writer = nip_store::BatchedWriter::new(&staged);
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk =
             chunk.map_err(|e| ApiError::BadRequest(format!("upload body ended early: {e}")))?;
-        if writer.received() + chunk.len() as u64 > max {
-            return Err(ApiError::PayloadTooLarge(format!(
-                "NAR larger than this server's limit of {max} bytes"
-            )));
+        let total = writer.received() + chunk.len() as u64;
+        if total > max {
+            return Err(nar_too_large(max));
         }
+        crate::state::grow_staging(&mut reservation, total)?;
         writer.push(chunk).await?;
     }
     let (size, digest) = writer.finish().await?;
@@ -133,6 +145,12 @@ async fn store_nar(
     cache::nar::publish(state, &staged, &rec).await?;
     state.stats.activity("nar-upload", name.file_name());
     Ok((StatusCode::OK, Some((rec.size, rec.sha256))))
+}
+
+fn nar_too_large(max: u64) -> ApiError {
+    ApiError::PayloadTooLarge(format!(
+        "NAR larger than this server's limit of {max} bytes"
+    ))
 }
 
 #[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(name = %name))]

@@ -8,6 +8,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nip_core::api::{UploadResult, HEADER_SHA256};
+use nip_store::staging::StageReservation;
 use nip_store::{ArtifactRecord, PutArtifact, StagedFile};
 
 use super::checked_key;
@@ -41,7 +42,10 @@ pub async fn upload(
         // connection reset; not when the body is too large, which is why it was refused.
         if !matches!(
             e,
-            ApiError::PayloadTooLarge(_) | ApiError::Unauthorized(_) | ApiError::Forbidden(_)
+            ApiError::PayloadTooLarge(_)
+                | ApiError::TooManyRequests(_)
+                | ApiError::Unauthorized(_)
+                | ApiError::Forbidden(_)
         ) {
             drain(m, state.config.max_upload_size).await;
         }
@@ -76,15 +80,19 @@ async fn receive_and_store(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     // Multipart framing adds a little; anything far past the limit is refused before reading.
-    if declared.is_some_and(|n| n > max.saturating_add(MAX_METADATA as u64 + 64 * 1024)) {
+    let most = max.saturating_add(MAX_METADATA as u64 + 64 * 1024);
+    if declared.is_some_and(|n| n > most) {
         return Err(too_large(max));
     }
+    // Staging space is reserved for the declared body before any byte is read, and grows with
+    // what arrives; it is given back when this returns, whatever the outcome.
+    let mut reservation = state.reserve_staging(caller, declared.unwrap_or(0))?;
     let multipart = multipart.ok_or_else(|| {
         ApiError::BadRequest(
             "expected a multipart/form-data body with parts `file` and `metadata`".into(),
         )
     })?;
-    let (file, metadata) = receive_parts(state, multipart, max).await?;
+    let (file, metadata) = receive_parts(state, multipart, max, &mut reservation).await?;
 
     check_digest(headers, &metadata, &file.sha256)?;
     let result = UploadResult {
@@ -140,12 +148,15 @@ async fn receive_parts(
     state: &AppState,
     multipart: &mut Multipart,
     max: u64,
+    reservation: &mut StageReservation,
 ) -> ApiResult<(Received, Metadata)> {
     let mut file: Option<Received> = None;
     let mut metadata: Option<Metadata> = None;
     while let Some(field) = multipart.next_field().await.map_err(bad_multipart)? {
         match field.name() {
-            Some("file") if file.is_none() => file = Some(receive_file(state, field, max).await?),
+            Some("file") if file.is_none() => {
+                file = Some(receive_file(state, field, max, reservation).await?)
+            }
             Some("metadata") if metadata.is_none() => {
                 metadata = Some(receive_metadata(field).await?)
             }
@@ -222,13 +233,20 @@ fn bad_multipart(e: axum::extract::multipart::MultipartError) -> ApiError {
     ))
 }
 
-async fn receive_file(state: &AppState, mut field: Field<'_>, max: u64) -> ApiResult<Received> {
+async fn receive_file(
+    state: &AppState,
+    mut field: Field<'_>,
+    max: u64,
+    reservation: &mut StageReservation,
+) -> ApiResult<Received> {
     let staged = state.staging.create().await?;
     let mut writer = nip_store::BatchedWriter::new(&staged);
     while let Some(chunk) = field.chunk().await.map_err(bad_multipart)? {
-        if writer.received() + chunk.len() as u64 > max {
+        let total = writer.received() + chunk.len() as u64;
+        if total > max {
             return Err(too_large(max));
         }
+        crate::state::grow_staging(reservation, total)?;
         writer.push(chunk).await?;
     }
     let (size, digest) = writer.finish().await?;
