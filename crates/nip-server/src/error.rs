@@ -122,6 +122,10 @@ impl ApiError {
     pub fn for_nix_upload(self) -> Self {
         match self {
             ApiError::InsufficientStorage(m) => ApiError::PayloadTooLarge(m),
+            // Nix retries a 429 (and 408) like a 5xx, without the body: it would hang too.
+            ApiError::TooManyRequests(secs) => ApiError::Conflict(format!(
+                "too many requests or bytes in flight from this client: retry in {secs} s"
+            )),
             ApiError::Internal(detail)
             | ApiError::Unavailable(detail)
             | ApiError::BadGateway(detail) => {
