@@ -47,12 +47,29 @@ fn real_prometheus_scrapes_a_counter_that_moves_and_promtool_accepts_the_metrics
         .send()
         .unwrap();
     assert_eq!(miss.status(), 404);
+    // Issue 19's probe: made-up HTTP methods must not each become a time series.
+    for i in 0..50 {
+        let method = reqwest::Method::from_bytes(format!("PROBE{i:04}X").as_bytes()).unwrap();
+        let resp = http()
+            .request(method, format!("{}/", server.url))
+            .send()
+            .unwrap();
+        assert!(resp.status().is_client_error(), "{}", resp.status());
+    }
     let metrics = http()
         .get(format!("{}/metrics", server.url))
         .send()
         .unwrap()
         .text()
         .unwrap();
+    assert!(
+        !metrics.contains("PROBE"),
+        "a made-up method became a label"
+    );
+    assert!(
+        metrics.contains("method=\"other\""),
+        "made-up methods are counted as other"
+    );
     for name in [
         "nip_http_requests_total",
         "nip_http_request_duration_seconds_bucket",
