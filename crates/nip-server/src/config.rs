@@ -319,6 +319,9 @@ fn validate(layer: &Layer, v: &mut Values) -> Result<Vec<(String, &'static str)>
             let off = |v: &String| matches!(parse_bool(v), Ok(false));
             if (setting.boolean && given.last().is_some_and(off))
                 || given.iter().all(|v| v.trim().is_empty())
+                || setting
+                    .ncps_default
+                    .is_some_and(|d| given.iter().all(|v| same_value(v, d)))
             {
                 continue;
             }
@@ -326,6 +329,15 @@ fn validate(layer: &Layer, v: &mut Values) -> Result<Vec<(String, &'static str)>
         }
     }
     Ok(ignored)
+}
+
+/// Whether `given` says what `default` says: the same text (any case), the same duration
+/// (`5m` and `5m0s`) or the same boolean (`true` and `T`).
+fn same_value(given: &str, default: &str) -> bool {
+    let given = given.trim();
+    given.eq_ignore_ascii_case(default)
+        || parse_duration(given).is_some_and(|g| parse_duration(default) == Some(g))
+        || parse_bool(given).is_ok_and(|g| parse_bool(default) == Ok(g))
 }
 
 impl ServeConfig {
@@ -505,9 +517,13 @@ mod tests {
         let c = ServeConfig::from_layer(&layer(&[
             ("cache.redis.addrs", &["localhost:6379"]),
             ("cache.redis.password", &["redis-secret"]),
-            ("cache.lock.retry.jitter", &["true"]),
+            ("cache.lock.retry.max-delay", &["5s"]),
             ("cache.lock.allow-degraded-mode", &["false"]),
             ("analytics.reporting.enabled", &["true"]),
+            // ncps' defaults, as its NixOS module writes them: the same behaviour, no warning.
+            ("cache.lock.backend", &["local"]),
+            ("cache.lock.download-lock-ttl", &["5m0s"]),
+            ("cache.lock.retry.max-attempts", &["3"]),
         ]))
         .unwrap();
         let redis = "instances coordinate through the shared database; Redis is not needed";
@@ -520,7 +536,7 @@ mod tests {
                 ),
                 ("--cache-redis-addrs".to_string(), redis),
                 ("--cache-redis-password".to_string(), redis),
-                ("--cache-lock-retry-jitter".to_string(), redis),
+                ("--cache-lock-retry-max-delay".to_string(), redis),
             ]
         );
         assert!(!c.print_json().to_string().contains("redis-secret"));
@@ -794,7 +810,8 @@ mod tests {
         assert_eq!(e.setting, "--cache-cdc-enabled");
         assert_eq!(e.message, CDC_REFUSED);
         assert!(e.message.contains("set cache.cdc.enabled to false"), "{e}");
-        // Off, with the chunk sizes the NixOS module always writes: starts, sizes listed.
+        // Off, with ncps' default chunk sizes as the NixOS module always writes them: starts
+        // without a word; a size of its own is named.
         let c = ServeConfig::from_layer(&layer(&[
             ("cache.cdc.enabled", &["false"]),
             ("cache.cdc.min", &["16384"]),
@@ -802,12 +819,11 @@ mod tests {
             ("cache.cdc.max", &["262144"]),
         ]))
         .unwrap();
-        let flags: Vec<&str> = c.ignored.iter().map(|(f, _)| f.as_str()).collect();
-        assert_eq!(
-            flags,
-            ["--cache-cdc-min", "--cache-cdc-avg", "--cache-cdc-max"]
-        );
+        assert!(c.ignored.is_empty(), "{:?}", c.ignored);
         assert_eq!(c.values.to_json()["cache.cdc.enabled"], false);
+        let c = ServeConfig::from_layer(&layer(&[("cache.cdc.min", &["8192"])])).unwrap();
+        let flags: Vec<&str> = c.ignored.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(flags, ["--cache-cdc-min"]);
     }
 
     #[test]

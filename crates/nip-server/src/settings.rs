@@ -43,6 +43,9 @@ pub struct Setting {
     pub help: &'static str,
     /// `Some(reason)` when the setting is accepted but has no effect yet.
     pub not_implemented: Option<&'static str>,
+    /// ncps' default of a setting nip does without: given with this value (as the NixOS module
+    /// writes every default), it changes nothing in ncps either, so it is not warned about.
+    pub ncps_default: Option<&'static str>,
 }
 
 /// The kind of a setting's value: its parser and checks (in [`crate::config`]), the type it gives
@@ -172,6 +175,11 @@ impl Setting {
         self.not_implemented = Some(reason);
         self
     }
+
+    const fn quiet_at(mut self, ncps_default: &'static str) -> Self {
+        self.ncps_default = Some(ncps_default);
+        self
+    }
 }
 
 const fn s(
@@ -198,6 +206,7 @@ const fn s(
         global: false,
         help,
         not_implemented: None,
+        ncps_default: None,
     }
 }
 
@@ -374,53 +383,53 @@ pub const SETTINGS: &[Setting] = &[
     // is refused at start (`validate`), since nip cannot serve a chunked store.
     s("cache.cdc.enabled", &["cache-cdc-enabled"], &["CACHE_CDC_ENABLED"], &["cache.cdc.enabled"], Kind::Bool,
       "ncps' content-defined chunking: nip stores whole NARs, so only false is accepted").default("false"),
-    ncps!("cache.cdc.min", "cache-cdc-min", "CACHE_CDC_MIN", Kind::Text, "CDC minimum chunk size (ncps)", CDC),
-    ncps!("cache.cdc.avg", "cache-cdc-avg", "CACHE_CDC_AVG", Kind::Text, "CDC average chunk size (ncps)", CDC),
-    ncps!("cache.cdc.max", "cache-cdc-max", "CACHE_CDC_MAX", Kind::Text, "CDC maximum chunk size (ncps)", CDC),
+    ncps!("cache.cdc.min", "cache-cdc-min", "CACHE_CDC_MIN", Kind::Text, "CDC minimum chunk size (ncps)", CDC).quiet_at("16384"),
+    ncps!("cache.cdc.avg", "cache-cdc-avg", "CACHE_CDC_AVG", Kind::Text, "CDC average chunk size (ncps)", CDC).quiet_at("65536"),
+    ncps!("cache.cdc.max", "cache-cdc-max", "CACHE_CDC_MAX", Kind::Text, "CDC maximum chunk size (ncps)", CDC).quiet_at("262144"),
     ncps!("cache.cdc.lazy-chunking-enabled", "cache-cdc-lazy-chunking-enabled", "CACHE_CDC_LAZY_CHUNKING_ENABLED", Kind::Bool,
          "CDC lazy chunking (ncps)", CDC),
     ncps!("cache.cdc.background-workers", "cache-cdc-background-workers", "CACHE_CDC_BACKGROUND_WORKERS", Kind::Text,
          "CDC background workers (ncps)", CDC),
-    ncps!("cache.cdc.delete-delay", "cache-cdc-delete-delay", "CACHE_CDC_DELETE_DELAY", Kind::Text, "CDC delete delay (ncps)", CDC),
+    ncps!("cache.cdc.delete-delay", "cache-cdc-delete-delay", "CACHE_CDC_DELETE_DELAY", Kind::Text, "CDC delete delay (ncps)", CDC).quiet_at("24h"),
     ncps!("cache.cdc.lazy-recovery-schedule", "cache-cdc-lazy-recovery-schedule", "CACHE_CDC_LAZY_RECOVERY_SCHEDULE", Kind::Text,
-         "CDC lazy recovery schedule (ncps)", CDC),
+         "CDC lazy recovery schedule (ncps)", CDC).quiet_at("@every 5m"),
     ncps!("cache.cdc.lazy-recovery-batch-size", "cache-cdc-lazy-recovery-batch-size", "CACHE_CDC_LAZY_RECOVERY_BATCH_SIZE", Kind::Text,
-         "CDC lazy recovery batch size (ncps)", CDC),
+         "CDC lazy recovery batch size (ncps)", CDC).quiet_at("100"),
     ncps!("cache.cdc.lazy-cleanup-schedule", "cache-cdc-lazy-cleanup-schedule", "CACHE_CDC_LAZY_CLEANUP_SCHEDULE", Kind::Text,
-         "CDC lazy cleanup schedule (ncps)", CDC),
+         "CDC lazy cleanup schedule (ncps)", CDC).quiet_at("@every 1h"),
     ncps!("cache.cdc.chunk-wait-timeout", "cache-cdc-chunk-wait-timeout", "CACHE_CDC_CHUNK_WAIT_TIMEOUT", Kind::Text,
-         "CDC chunk wait timeout (ncps)", CDC),
+         "CDC chunk wait timeout (ncps)", CDC).quiet_at("30s"),
     ncps!("cache.fsck.dechunk-residue-grace", "cache-fsck-dechunk-residue-grace", "CACHE_FSCK_DECHUNK_RESIDUE_GRACE", Kind::Text,
-         "Grace period of ncps fsck for chunked residue (ncps)", CDC),
+         "Grace period of ncps fsck for chunked residue (ncps)", CDC).quiet_at("24h"),
     // ncps' download coordination between replicas.
     ncps!("cache.download.poll-timeout", "cache-download-poll-timeout", "CACHE_DOWNLOAD_POLL_TIMEOUT", Kind::Text,
-         "How long a replica polls for a download another one runs (ncps)", STAGING),
+         "How long a replica polls for a download another one runs (ncps)", STAGING).quiet_at("30s"),
     ncps!("cache.inflight-staging.enabled", "cache-inflight-staging-enabled", "CACHE_INFLIGHT_STAGING_ENABLED", Kind::Bool,
          "In-flight NAR staging between replicas (ncps)", STAGING),
     ncps!("cache.inflight-staging.retention", "cache-inflight-staging-retention", "CACHE_INFLIGHT_STAGING_RETENTION", Kind::Text,
-         "In-flight staging retention (ncps)", STAGING),
+         "In-flight staging retention (ncps)", STAGING).quiet_at("5m"),
     ncps!("cache.inflight-staging.part-size", "cache-inflight-staging-part-size", "CACHE_INFLIGHT_STAGING_PART_SIZE", Kind::Text,
-         "In-flight staging part size (ncps)", STAGING),
+         "In-flight staging part size (ncps)", STAGING).quiet_at("8388608"),
     // ncps' Redis and distributed locks.
     ncps!("cache.redis.addrs", "cache-redis-addrs", "CACHE_REDIS_ADDRS", Kind::Words, "Redis addresses (ncps)", LOCKS).split_commas(),
     ncps!("cache.redis.username", "cache-redis-username", "CACHE_REDIS_USERNAME", Kind::Text, "Redis user name (ncps)", LOCKS),
     ncps!("cache.redis.password", "cache-redis-password", "CACHE_REDIS_PASSWORD", Kind::Text, "Redis password (ncps)", LOCKS).secret(),
-    ncps!("cache.redis.db", "cache-redis-db", "CACHE_REDIS_DB", Kind::Text, "Redis database number (ncps)", LOCKS),
+    ncps!("cache.redis.db", "cache-redis-db", "CACHE_REDIS_DB", Kind::Text, "Redis database number (ncps)", LOCKS).quiet_at("0"),
     ncps!("cache.redis.use-tls", "cache-redis-use-tls", "CACHE_REDIS_USE_TLS", Kind::Bool, "TLS to Redis (ncps)", LOCKS),
-    ncps!("cache.redis.pool-size", "cache-redis-pool-size", "CACHE_REDIS_POOL_SIZE", Kind::Text, "Redis pool size (ncps)", LOCKS),
-    ncps!("cache.lock.backend", "cache-lock-backend", "CACHE_LOCK_BACKEND", Kind::Text, "Lock backend, local or redis (ncps)", LOCKS),
+    ncps!("cache.redis.pool-size", "cache-redis-pool-size", "CACHE_REDIS_POOL_SIZE", Kind::Text, "Redis pool size (ncps)", LOCKS).quiet_at("10"),
+    ncps!("cache.lock.backend", "cache-lock-backend", "CACHE_LOCK_BACKEND", Kind::Text, "Lock backend, local or redis (ncps)", LOCKS).quiet_at("local"),
     ncps!("cache.lock.redis.key-prefix", "cache-lock-redis-key-prefix", "CACHE_LOCK_REDIS_KEY_PREFIX", Kind::Text,
-         "Redis lock key prefix (ncps)", LOCKS),
+         "Redis lock key prefix (ncps)", LOCKS).quiet_at("ncps:lock:"),
     ncps!("cache.lock.download-lock-ttl", "cache-lock-download-ttl", "CACHE_LOCK_DOWNLOAD_TTL", Kind::Text,
-         "Download lock TTL (ncps)", LOCKS),
-    ncps!("cache.lock.lru-lock-ttl", "cache-lock-lru-ttl", "CACHE_LOCK_LRU_TTL", Kind::Text, "LRU lock TTL (ncps)", LOCKS),
+         "Download lock TTL (ncps)", LOCKS).quiet_at("5m"),
+    ncps!("cache.lock.lru-lock-ttl", "cache-lock-lru-ttl", "CACHE_LOCK_LRU_TTL", Kind::Text, "LRU lock TTL (ncps)", LOCKS).quiet_at("30m"),
     ncps!("cache.lock.retry.max-attempts", "cache-lock-retry-max-attempts", "CACHE_LOCK_RETRY_MAX_ATTEMPTS", Kind::Text,
-         "Lock retry attempts (ncps)", LOCKS),
+         "Lock retry attempts (ncps)", LOCKS).quiet_at("3"),
     ncps!("cache.lock.retry.initial-delay", "cache-lock-retry-initial-delay", "CACHE_LOCK_RETRY_INITIAL_DELAY", Kind::Text,
-         "Lock retry initial delay (ncps)", LOCKS),
+         "Lock retry initial delay (ncps)", LOCKS).quiet_at("100ms"),
     ncps!("cache.lock.retry.max-delay", "cache-lock-retry-max-delay", "CACHE_LOCK_RETRY_MAX_DELAY", Kind::Text,
-         "Lock retry maximum delay (ncps)", LOCKS),
-    ncps!("cache.lock.retry.jitter", "cache-lock-retry-jitter", "CACHE_LOCK_RETRY_JITTER", Kind::Bool, "Lock retry jitter (ncps)", LOCKS),
+         "Lock retry maximum delay (ncps)", LOCKS).quiet_at("2s"),
+    ncps!("cache.lock.retry.jitter", "cache-lock-retry-jitter", "CACHE_LOCK_RETRY_JITTER", Kind::Bool, "Lock retry jitter (ncps)", LOCKS).quiet_at("true"),
     ncps!("cache.lock.allow-degraded-mode", "cache-lock-allow-degraded-mode", "CACHE_LOCK_ALLOW_DEGRADED_MODE", Kind::Bool,
          "Fall back to local locks without Redis (ncps)", LOCKS),
     // ncps' root command.
@@ -431,7 +440,7 @@ pub const SETTINGS: &[Setting] = &[
     s("log.console-writer-prefix", &["log-console-writer-prefix"], &[], &[], Kind::Text,
       "Prefix of ncps' console log lines").global().later(CONSOLE),
     ncps!("xz-binary-path", "xz-binary-path", "XZ_BINARY_PATH", Kind::Text, "Path of the xz binary (ncps)", XZ).global(),
-    ncps!("use-xz-binary", "use-xz-binary", "USE_XZ_BINARY", Kind::Bool, "Use the xz binary (ncps)", XZ).global(),
+    ncps!("use-xz-binary", "use-xz-binary", "USE_XZ_BINARY", Kind::Bool, "Use the xz binary (ncps)", XZ).global().quiet_at("true"),
 ];
 
 // Why nip does without an ncps setting it accepts (`Setting::not_implemented`): each given one is

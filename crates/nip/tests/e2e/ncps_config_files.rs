@@ -15,8 +15,6 @@ const NIXOS_KEY: &str = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGsp
 const COMMUNITY_KEY: &str =
     "nix-community.cachix.org-1:mB9FSh9qf2dCimDSUo8Zy7bkq5CX+/rkCWyvRCYg3Fs=";
 const LOCKS: &str = "instances coordinate through the shared database; Redis is not needed";
-const CDC: &str =
-    "nip stores whole NARs and does not chunk them (only --cache-cdc-enabled=false is accepted)";
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -108,20 +106,11 @@ fn ncps_nixos_module_json_config_is_accepted_as_is() {
     let ignored = ignored(&cfg);
     assert_eq!(
         flags(&ignored),
+        // The module writes ncps' defaults for the CDC sizes and the locks: the same behaviour
+        // as nip's, so no warning; what it sets otherwise is named.
         [
             "--cache-database-pool-max-idle-conns",
             "--analytics-reporting-enabled",
-            "--cache-cdc-min",
-            "--cache-cdc-avg",
-            "--cache-cdc-max",
-            "--cache-lock-backend",
-            "--cache-lock-redis-key-prefix",
-            "--cache-lock-download-ttl",
-            "--cache-lock-lru-ttl",
-            "--cache-lock-retry-max-attempts",
-            "--cache-lock-retry-initial-delay",
-            "--cache-lock-retry-max-delay",
-            "--cache-lock-retry-jitter",
         ],
         "{raw}"
     );
@@ -130,8 +119,6 @@ fn ncps_nixos_module_json_config_is_accepted_as_is() {
         why("--analytics-reporting-enabled"),
         "nip never reports usage"
     );
-    assert_eq!(why("--cache-lock-backend"), LOCKS);
-    assert_eq!(why("--cache-cdc-min"), CDC);
 }
 
 /// The same JSON, with the paths, the address and the upstream of this test machine, really
@@ -178,17 +165,15 @@ fn ncps_nixos_module_json_config_starts_a_server() {
     );
     assert!(data.join("db/db.sqlite").exists());
     let log = std::fs::read_to_string(&log).unwrap();
-    for line in [
-        format!("--cache-lock-backend is ignored because {LOCKS}"),
-        "--analytics-reporting-enabled is ignored because nip never reports usage".to_string(),
-        format!("--cache-cdc-max is ignored because {CDC}"),
-    ] {
-        assert_eq!(log.matches(&line).count(), 1, "{line:?} in\n{log}");
-    }
-    // cdc.enabled false and analytics samples false are no news.
+    let line = "--analytics-reporting-enabled is ignored because nip never reports usage";
+    assert_eq!(log.matches(line).count(), 1, "{line:?} in\n{log}");
+    // cdc.enabled false, analytics samples false and ncps' default lock and chunk settings are
+    // no news.
     assert!(!log.contains("--cache-cdc-enabled is ignored"), "{log}");
     assert!(!log.contains("--analytics-reporting-samples"), "{log}");
-    assert_eq!(log.matches(" is ignored because ").count(), 13, "{log}");
+    assert!(!log.contains("--cache-lock-backend is ignored"), "{log}");
+    assert!(!log.contains("--cache-cdc-max is ignored"), "{log}");
+    assert_eq!(log.matches(" is ignored because ").count(), 2, "{log}");
 }
 
 #[test]
@@ -239,26 +224,8 @@ fn ncps_config_example_yaml_is_accepted_verbatim() {
     let ignored = ignored(&cfg);
     assert_eq!(
         flags(&ignored),
-        [
-            "--analytics-reporting-enabled",
-            "--cache-cdc-min",
-            "--cache-cdc-avg",
-            "--cache-cdc-max",
-            "--cache-cdc-chunk-wait-timeout",
-            "--cache-download-poll-timeout",
-            "--cache-inflight-staging-retention",
-            "--cache-inflight-staging-part-size",
-            "--cache-redis-addrs",
-            "--cache-redis-db",
-            "--cache-redis-pool-size",
-            "--cache-lock-redis-key-prefix",
-            "--cache-lock-download-ttl",
-            "--cache-lock-lru-ttl",
-            "--cache-lock-retry-max-attempts",
-            "--cache-lock-retry-initial-delay",
-            "--cache-lock-retry-max-delay",
-            "--cache-lock-retry-jitter",
-        ],
+        // Its Redis addresses are named; every other value it gives is ncps' default.
+        ["--analytics-reporting-enabled", "--cache-redis-addrs"],
         "{raw}"
     );
     let why = |flag: &str| ignored.iter().find(|(f, _)| f == flag).unwrap().1.clone();
