@@ -277,7 +277,7 @@ impl Upstreams {
                 Err(e) => return NarInfoAnswer::Failed(e.to_string()),
             }
         }
-        tracing::debug!(upstream = %upstream.url, %hash, bytes = text.len(),
+        tracing::debug!(upstream = %upstream.name(), %hash, bytes = text.len(),
             ms = started.elapsed().as_millis() as u64, "fetched narinfo");
         let Ok(text) = String::from_utf8(text) else {
             return NarInfoAnswer::Unclear("narinfo is not UTF-8".into());
@@ -382,7 +382,7 @@ impl Upstreams {
             .filter(|(_, other, _)| other.file_hash.is_some() && other.file_hash == info.file_hash)
             .map(|(u, i, _)| (u, i))
             .collect();
-        tracing::debug!(upstream = %upstream.url, %hash, %key, "narinfo verified");
+        tracing::debug!(upstream = %upstream.name(), %hash, %key, "narinfo verified");
         Lookup::Found(Box::new(Found {
             info,
             upstream,

@@ -69,7 +69,7 @@ pub struct MigrationInfo {
 
 fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, MetaError> {
     SqliteConnectOptions::from_str(url).map_err(|e| MetaError::BadUrl {
-        url: url.to_string(),
+        url: nip_core::redact::redact_userinfo(url),
         reason: e.to_string(),
     })
 }
@@ -97,7 +97,7 @@ impl SqlMeta {
                 let file = sqlite_options(url)?.get_filename().to_path_buf();
                 if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
                     std::fs::create_dir_all(parent).map_err(|e| MetaError::BadUrl {
-                        url: url.to_string(),
+                        url: nip_core::redact::redact_userinfo(url),
                         reason: e.to_string(),
                     })?;
                 }

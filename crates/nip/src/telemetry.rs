@@ -8,7 +8,6 @@
 //! the failed exports (target `opentelemetry_sdk`) on stderr.
 use std::time::Duration;
 
-use anyhow::Context;
 use nip_server::config::{redact_userinfo, OtelConfig};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
@@ -104,12 +103,15 @@ fn providers(config: &OtelConfig) -> anyhow::Result<(SdkTracerProvider, SdkLogge
                 spans = spans.with_tls_config(tls.clone());
                 logs = logs.with_tls_config(tls);
             }
-            let spans = spans
-                .build()
-                .with_context(|| format!("--otel-grpc-url {shown}"))?;
-            let logs = logs
-                .build()
-                .with_context(|| format!("--otel-grpc-url {shown}"))?;
+            // The exporter's own error may quote the URL: it is masked there too.
+            let masked = |e: &dyn std::fmt::Display| {
+                anyhow::anyhow!(
+                    "--otel-grpc-url {shown}: {}",
+                    e.to_string().replace(url.as_str(), &shown)
+                )
+            };
+            let spans = spans.build().map_err(|e| masked(&e))?;
+            let logs = logs.build().map_err(|e| masked(&e))?;
             tracer = tracer.with_batch_exporter(spans);
             logger = logger.with_batch_exporter(logs);
         }

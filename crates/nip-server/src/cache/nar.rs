@@ -22,9 +22,13 @@ pub async fn publish(
     Ok(())
 }
 
-/// Removes a NAR's row and bytes; true when the row existed.
+/// Removes a NAR's row and bytes together with every narinfo that points at it (none may be
+/// served without its NAR); true when the NAR was stored.
 pub async fn delete(state: &AppState, nar_file: &str) -> Result<bool, CacheError> {
-    let existed = state.meta.delete_nar(nar_file).await?;
+    let existed = state.meta.get_nar(nar_file).await?.is_some();
+    for hash in state.meta.evict_nar(nar_file).await? {
+        state.hot_narinfos.forget(&hash);
+    }
     state.blobs.delete(&BlobKey::nar(nar_file)?).await?;
     Ok(existed)
 }

@@ -169,18 +169,21 @@ fn rewrite(state: &AppState, found: Found) -> Result<(NarInfoRecord, Vec<NarSour
     if file_hash.algo != nip_core::hash::HashAlgo::Sha256 {
         return Err("FileHash is not sha256".into());
     }
-    let source = |base: &reqwest::Url, nar_url: &str| -> Result<NarSource, String> {
-        let url = base
+    // `upstream` is the upstream's name (credentials masked): what logs and errors show, and how
+    // a fill finds the upstream again to track its health.
+    let source = |up: &crate::upstream::Upstream, nar_url: &str| -> Result<NarSource, String> {
+        let url = up
+            .url
             .join(nar_url)
             .map_err(|e| format!("bad NAR URL {nar_url:?}: {e}"))?;
         Ok(NarSource {
             url: url.to_string(),
-            upstream: base.to_string(),
+            upstream: up.name().to_string(),
         })
     };
-    let mut sources = vec![source(&upstream.url, &info.url)?];
+    let mut sources = vec![source(&upstream, &info.url)?];
     for (alt, alt_info) in &alternates {
-        if let Ok(s) = source(&alt.url, &alt_info.url) {
+        if let Ok(s) = source(alt, &alt_info.url) {
             sources.push(s);
         }
     }

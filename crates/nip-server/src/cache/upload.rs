@@ -125,12 +125,18 @@ fn sanitize(info: &mut NarInfo, keys: &[PublicKey]) {
     {
         info.deriver = None;
     }
+    // A control character (a lone `\r`) would let a reader that also splits lines on it see a
+    // line nip never checked, such as a `Sig:`.
+    let plain = |v: &str| !v.chars().any(char::is_control);
     if info
         .ca
         .as_deref()
-        .is_some_and(|ca| !(ca.starts_with("fixed:") || ca.starts_with("text:")))
+        .is_some_and(|ca| !(ca.starts_with("fixed:") || ca.starts_with("text:")) || !plain(ca))
     {
         info.ca = None;
+    }
+    if info.system.as_deref().is_some_and(|s| !plain(s)) {
+        info.system = None;
     }
     info.extra.clear();
 }
@@ -265,6 +271,12 @@ Sig: cache.nixos.org-1:AAAA
         assert_eq!(info.deriver, None);
         assert_eq!(info.ca, None);
         assert!(info.extra.is_empty());
+
+        let mut cr = NarInfo::parse(JUNK).unwrap();
+        cr.ca = Some("fixed:r:sha256:x\rSig: evil-2:AA".into());
+        cr.system = Some("x86_64-linux\rSig: evil-3:AA".into());
+        sanitize(&mut cr, &[]);
+        assert_eq!((cr.ca, cr.system), (None, None));
 
         let mut good = NarInfo::parse(JUNK).unwrap();
         good.deriver = Some("0c6kzph7l0dcbfmjap64f0czdafn3b7x-hello-2.12.drv".into());

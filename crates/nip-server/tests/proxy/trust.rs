@@ -265,3 +265,28 @@ async fn the_gate_without_keys_refuses_every_upload() {
     assert_eq!(status, 403, "{body}");
     assert!(stored(&nip, &signed).await.is_none());
 }
+
+/// A narinfo is never served without its NAR: deleting the NAR takes the narinfos with it.
+#[tokio::test]
+async fn deleting_a_nar_removes_the_narinfos_that_point_at_it() {
+    let key = upstream_key();
+    let builder = SigningKey::generate("ci-1").unwrap();
+    let up = FakeUpstream::start(40).await;
+    let mut extra = put_on();
+    extra.push(("cache.allow-delete-verb", vec!["true".into()]));
+    let nip = start_nip(&[&up], &[key.public_key()], extra).await;
+    let mine = make_entry("app-2.0", 1024, Compression::None, &builder);
+    assert_eq!(upload(&nip, &mine).await.0, 200);
+    assert_eq!(served(&nip, &mine).await.nar_hash, mine.narinfo.nar_hash);
+    let resp = client()
+        .delete(format!("{}/{}", nip.url, mine.nar_path))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 204);
+    assert!(stored(&nip, &mine).await.is_none());
+    assert_eq!(
+        get(&format!("{}/{}", nip.url, mine.narinfo_path())).await.0,
+        404
+    );
+}
