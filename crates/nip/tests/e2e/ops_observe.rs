@@ -224,3 +224,59 @@ fn status_page_renders_in_chromium_without_secrets_and_root_speaks_ncps_json() {
         png.len()
     );
 }
+
+/// Issue 19's probe as a test: a password in an upstream, database or collector URL never reaches
+/// the terminal when the start fails on that URL.
+#[test]
+fn start_errors_never_show_credentials() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let data = data.to_str().unwrap();
+    let key = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+    let sqlite = format!(
+        "sqlite:{}/missing/dir/x.db?password=s3cr3tN&mode=ro",
+        tmp.path().display()
+    );
+    let cases: [&[&str]; 5] = [
+        &[
+            "--upstream-cache",
+            "http://alice:s3cr3tU@127.0.0.1:9/?priority=abc",
+            "--upstream-public-key",
+            key,
+        ],
+        &[
+            "--upstream-cache",
+            "http://alice:s3cr3tU@127.0.0.1:9/?token=s3cr3tQ",
+            "--upstream-public-key",
+            key,
+        ],
+        &[
+            "--upstream-cache",
+            "ftp://alice:s3cr3tU@127.0.0.1:9/",
+            "--upstream-public-key",
+            key,
+        ],
+        &["--otel-enabled", "--otel-grpc-url", "http://o:s3cr3tP@[bad"],
+        &["--cache-database-url", &sqlite],
+    ];
+    for args in cases {
+        let mut all = vec![
+            "serve",
+            "--cache-data-path",
+            data,
+            "--server-addr",
+            "127.0.0.1:0",
+        ];
+        all.extend_from_slice(args);
+        let out = nip(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert!(stderr.contains("error"), "{args:?}: {stderr}");
+        for secret in ["s3cr3tU", "s3cr3tQ", "s3cr3tP", "s3cr3tN"] {
+            assert!(
+                !stderr.contains(secret),
+                "{args:?} printed {secret}: {stderr}"
+            );
+        }
+    }
+}
