@@ -230,16 +230,7 @@ impl FromRequestParts<AppState> for Caller {
                         // A failed token counts against the address's bucket: guessing tokens
                         // is rate-limited like anonymous requests, and past the limit it is a
                         // 429 that writes nothing.
-                        if let Some(limiter) = &state.rate_limiter {
-                            let who = match remote {
-                                Some(a) => format!("ip:{}", a.ip()),
-                                None => "anonymous".to_string(),
-                            };
-                            if let Err(retry_after) = limiter.check(&who) {
-                                metrics::counter!("nip_rate_limited_total").increment(1);
-                                return Err(ApiError::TooManyRequests(retry_after));
-                            }
-                        }
+                        rate_limit(state, None, remote)?;
                         let now = nip_store::unix_now();
                         let ip = remote.map(|a| a.ip());
                         let (write, summaries) = state.stats.auth_failures.record(ip, now);
@@ -265,19 +256,29 @@ impl FromRequestParts<AppState> for Caller {
                 }
             }
         }
-        if let Some(limiter) = &state.rate_limiter {
-            let who = match (&caller.principal, remote) {
-                (Some(p), _) => format!("key:{}", p.name),
-                (None, Some(a)) => format!("ip:{}", a.ip()),
-                (None, None) => "anonymous".to_string(),
-            };
-            if let Err(retry_after) = limiter.check(&who) {
-                metrics::counter!("nip_rate_limited_total").increment(1);
-                return Err(ApiError::TooManyRequests(retry_after));
-            }
-        }
+        rate_limit(state, caller.principal.as_ref(), remote)?;
         Ok(caller)
     }
+}
+
+/// Charges one request to its bucket: the key's, else the client address's. 429 past it.
+fn rate_limit(
+    state: &AppState,
+    principal: Option<&Principal>,
+    remote: Option<SocketAddr>,
+) -> Result<(), ApiError> {
+    let Some(limiter) = &state.rate_limiter else {
+        return Ok(());
+    };
+    let who = match (principal, remote) {
+        (Some(p), _) => format!("key:{}", p.name),
+        (None, Some(a)) => format!("ip:{}", a.ip()),
+        (None, None) => "anonymous".to_string(),
+    };
+    limiter.check(&who).map_err(|retry_after| {
+        metrics::counter!("nip_rate_limited_total").increment(1);
+        ApiError::TooManyRequests(retry_after)
+    })
 }
 
 /// What a presented token turned out to be.
@@ -452,7 +453,7 @@ impl AuthFailures {
     /// windows to write.
     pub fn record(&self, addr: Option<IpAddr>, now: i64) -> (bool, Vec<FailureSummary>) {
         let mut w = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let mut summaries = w.take_ended(now);
+        let summaries = w.take_ended(now);
         let write = if let Some((_, count)) = w.by_addr.get_mut(&addr) {
             *count += 1;
             false
@@ -466,16 +467,13 @@ impl AuthFailures {
             w.overflow = Some((now, 0));
             true
         };
-        summaries.retain(|s| s.count > 0);
         (write, summaries)
     }
 
     /// Removes the windows that ended by `now`; summaries of those with uncounted failures.
     pub fn flush(&self, now: i64) -> Vec<FailureSummary> {
         let mut w = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let mut summaries = w.take_ended(now);
-        summaries.retain(|s| s.count > 0);
-        summaries
+        w.take_ended(now)
     }
 
     /// Whether failures wait to be summarised and no flusher runs; if so, the caller starts one
@@ -511,6 +509,7 @@ impl FailureWindows {
         self.by_addr.values().any(|(_, c)| *c > 0) || self.overflow.is_some_and(|(_, c)| c > 0)
     }
 
+    /// Removes the windows that ended by `now`; summaries of those with failures not audited.
     fn take_ended(&mut self, now: i64) -> Vec<FailureSummary> {
         let ended = |start: i64| start + AUTH_FAILURE_WINDOW <= now;
         let mut out = Vec::new();
@@ -534,6 +533,7 @@ impl FailureWindows {
             });
             self.overflow = None;
         }
+        out.retain(|s| s.count > 0);
         out
     }
 }
