@@ -36,13 +36,7 @@ async fn narinfo_500_alone_is_a_miss_and_not_remembered() {
     up.set(&e.narinfo_path(), Behavior::Status(500));
     let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
     assert_eq!(narinfo_status(&nip, &e).await, 404);
-    assert!(nip
-        .state
-        .index()
-        .get_narinfo(&e.hash)
-        .await
-        .unwrap()
-        .is_none());
+    assert!(nip.narinfo_record(&e.hash).await.is_none());
     // A failure is not an absence: once the upstream recovers, the path is found at once.
     up.publish(&e);
     assert_eq!(narinfo_status(&nip, &e).await, 200);
@@ -108,13 +102,7 @@ async fn narinfo_signed_by_unknown_key_only_is_a_miss() {
     up.publish(&e);
     let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
     assert_eq!(narinfo_status(&nip, &e).await, 404);
-    assert!(nip
-        .state
-        .index()
-        .get_narinfo(&e.hash)
-        .await
-        .unwrap()
-        .is_none());
+    assert!(nip.narinfo_record(&e.hash).await.is_none());
 }
 
 #[tokio::test]

@@ -429,6 +429,11 @@ impl Nip {
             .unwrap_or(0)
     }
 
+    /// The index's narinfo record for a store path hash.
+    pub async fn narinfo_record(&self, hash: &str) -> Option<nip_store::NarInfoRecord> {
+        self.state.index().get_narinfo(hash).await.unwrap()
+    }
+
     pub fn stored_nar(&self, file: &str) -> bool {
         self.dir.path().join("data/store/nar").join(file).exists()
     }

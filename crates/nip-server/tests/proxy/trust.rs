@@ -55,11 +55,6 @@ async fn genuine_upstream() -> (FakeUpstream, Entry, Nip) {
     (up, genuine, nip)
 }
 
-/// The index's record of `e`'s store path.
-async fn stored(nip: &Nip, e: &Entry) -> Option<nip_store::NarInfoRecord> {
-    nip.state.index().get_narinfo(&e.hash).await.unwrap()
-}
-
 async fn audit_actions(nip: &Nip) -> Vec<(String, String, String)> {
     nip.state
         .index()
@@ -87,7 +82,7 @@ async fn an_upload_cannot_replace_a_path_fetched_from_an_upstream() {
     );
     let after = served(&nip, &genuine).await;
     assert_eq!(after, before, "the stored narinfo changed");
-    let rec = stored(&nip, &genuine).await.unwrap();
+    let rec = nip.narinfo_record(&genuine.hash).await.unwrap();
     assert_eq!(rec.signed_by.as_deref(), Some("upstream-test-1"));
     assert_eq!(rec.origin, format!("{}/", up.url));
     assert!(audit_actions(&nip)
@@ -126,7 +121,7 @@ async fn the_same_contents_as_the_upstream_are_accepted_keeping_its_signature() 
         .sigs
         .iter()
         .any(|s| s.starts_with("upstream-test-1:")));
-    let rec = stored(&nip, &genuine).await.unwrap();
+    let rec = nip.narinfo_record(&genuine.hash).await.unwrap();
     assert_ne!(rec.origin, "upload");
 }
 
@@ -152,7 +147,7 @@ async fn a_new_path_is_stored_once_and_then_immutable() {
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("immutable"), "{body}");
     assert_eq!(served(&nip, &mine).await, first);
-    let rec = stored(&nip, &mine).await.unwrap();
+    let rec = nip.narinfo_record(&mine.hash).await.unwrap();
     assert_eq!(rec.origin, "upload");
     assert_eq!(rec.signed_by, None, "no trusted upload key is configured");
 }
@@ -173,7 +168,7 @@ async fn new_paths_are_refused_with_a_4xx_while_an_upstream_cannot_answer() {
         body.contains(&down.url),
         "names the silent upstream: {body}"
     );
-    assert!(stored(&nip, &mine).await.is_none());
+    assert!(nip.narinfo_record(&mine.hash).await.is_none());
     // Once it answers, the same upload goes through.
     down.set(&mine.narinfo_path(), Behavior::Status(404));
     assert_eq!(upload(&nip, &mine).await.0, 200);
@@ -197,7 +192,7 @@ async fn an_unclear_upstream_answer_is_not_an_absence() {
         up.set(&mine.narinfo_path(), answer);
         let (status, body) = upload(&nip, &mine).await;
         assert_eq!(status, 424, "{body}");
-        assert!(stored(&nip, &mine).await.is_none());
+        assert!(nip.narinfo_record(&mine.hash).await.is_none());
         // Readers still see it as absent.
         assert_eq!(
             get(&format!("{}/{}", nip.url, mine.narinfo_path())).await.0,
@@ -242,7 +237,7 @@ async fn the_signature_gate_refuses_unsigned_uploads_and_keeps_the_uploaders_sig
         served.sigs.iter().any(|s| s.starts_with("nip-test-1:")),
         "{served:?}"
     );
-    let rec = stored(&nip, &signed).await.unwrap();
+    let rec = nip.narinfo_record(&signed.hash).await.unwrap();
     assert_eq!(rec.signed_by.as_deref(), Some("ci-1"));
     let refused: Vec<_> = audit_actions(&nip)
         .await
@@ -263,7 +258,7 @@ async fn the_gate_without_keys_refuses_every_upload() {
     let signed = make_entry("app-2.0", 1024, Compression::None, &key);
     let (status, body) = upload(&nip, &signed).await;
     assert_eq!(status, 403, "{body}");
-    assert!(stored(&nip, &signed).await.is_none());
+    assert!(nip.narinfo_record(&signed.hash).await.is_none());
 }
 
 /// A narinfo is never served without its NAR: deleting the NAR takes the narinfos with it.
@@ -284,7 +279,7 @@ async fn deleting_a_nar_removes_the_narinfos_that_point_at_it() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 204);
-    assert!(stored(&nip, &mine).await.is_none());
+    assert!(nip.narinfo_record(&mine.hash).await.is_none());
     assert_eq!(
         get(&format!("{}/{}", nip.url, mine.narinfo_path())).await.0,
         404

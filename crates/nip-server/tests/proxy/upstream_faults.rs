@@ -199,12 +199,7 @@ async fn bad_narinfo_is_absent_and_the_good_upstream_answers() {
         let (status, _) = get(&format!("{}/{}.narinfo", nip.url, e.hash)).await;
         assert_eq!(status, 404, "{what}: alone");
         assert!(
-            nip.state
-                .index()
-                .get_narinfo(&e.hash)
-                .await
-                .unwrap()
-                .is_none(),
+            nip.narinfo_record(&e.hash).await.is_none(),
             "{what}: bad narinfo stored"
         );
     }
