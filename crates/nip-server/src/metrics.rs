@@ -191,7 +191,8 @@ fn method_label(method: &axum::http::Method) -> &'static str {
     }
 }
 
-fn content_length(h: &axum::http::HeaderMap) -> Option<u64> {
+/// The declared `Content-Length` of a request or response, when it is a number.
+pub(crate) fn content_length(h: &axum::http::HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 

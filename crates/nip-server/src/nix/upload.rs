@@ -5,7 +5,7 @@
 //! answer to a PUT.
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use futures::StreamExt;
 use nip_core::nar_file::NarFileName;
 use nip_core::narinfo::MAX_NARINFO_SIZE;
@@ -93,9 +93,7 @@ pub async fn put_nar(
     body: Body,
 ) -> ApiResult<StatusCode> {
     let caller = upload_caller(caller)?;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared = crate::metrics::content_length(&headers);
     let r = store_nar(&state, &caller, &file, declared, body).await;
     audited(&state, &caller, "nar-upload", &file, r).await
 }
@@ -116,7 +114,7 @@ async fn store_nar(
     }
     // Staging space for the declared body (Nix always sends Content-Length) is reserved before
     // any byte is read, and grows with what arrives; it is given back when this returns, on
-    // every path. Past the bound: 429, a 4xx, which Nix reports at once.
+    // every path. Past the bound: a 409 saying when to retry (`ApiError::for_nix_upload`).
     let mut reservation = state.reserve_staging(caller, declared.unwrap_or(0))?;
     let staged = state.staging.create().await?;
     let mut writer = nip_store::BatchedWriter::new(&staged);

@@ -4,7 +4,7 @@
 //! Keys are immutable: the same bytes again is 200, other bytes 409.
 use axum::extract::multipart::{Field, Multipart, MultipartRejection};
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nip_core::api::{UploadResult, HEADER_SHA256};
@@ -76,9 +76,7 @@ async fn receive_and_store(
 ) -> ApiResult<(StatusCode, UploadResult)> {
     caller.require(Scope::Write, Some(key))?;
     let max = state.config.max_upload_size;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared = crate::metrics::content_length(headers);
     // Multipart framing adds a little; anything far past the limit is refused before reading.
     let most = max.saturating_add(MAX_METADATA as u64 + 64 * 1024);
     if declared.is_some_and(|n| n > most) {
