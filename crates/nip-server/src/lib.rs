@@ -19,6 +19,7 @@ pub mod settings;
 pub mod state;
 pub mod stats;
 pub mod status;
+pub mod takeover;
 pub mod tls;
 pub mod upstream;
 pub mod v1;

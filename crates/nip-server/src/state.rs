@@ -81,6 +81,34 @@ pub fn open_blobs(config: &ServeConfig) -> anyhow::Result<Arc<dyn BlobStore>> {
     })
 }
 
+/// Imports an ncps installation the database belongs to, once, before anything is served.
+async fn take_over_ncps(
+    config: &ServeConfig,
+    sql: &SqliteMeta,
+    blobs: &dyn nip_store::BlobStore,
+) -> anyhow::Result<()> {
+    use crate::takeover::Outcome;
+    let log_progress = |done: u64, total: u64| {
+        if done % 50_000 < 1_000 {
+            tracing::info!(done, total, "importing ncps' narinfos");
+        }
+    };
+    match crate::takeover::ncps(config, sql, blobs, false, &log_progress).await? {
+        Outcome::NotNcps | Outcome::AlreadyImported { .. } => {}
+        Outcome::Imported(s) => tracing::info!(
+            narinfos = s.narinfos,
+            nars = s.nars,
+            pins = s.pins,
+            without_nar_file = s.missing_nars,
+            unreadable = s.invalid,
+            signing_key = ?s.key,
+            public_key = s.public_key.as_deref().unwrap_or("(new)"),
+            "took over the ncps installation; its tables and files were left as they are"
+        ),
+    }
+    Ok(())
+}
+
 /// Least any one client (API key, or address without one) may stage at once. Constants rather than
 /// settings: one client must always be able to send one upload of `--artifact-max-size` (plus
 /// multipart framing and metadata), and `nix copy` uploads several NARs in parallel, so smaller
@@ -118,9 +146,10 @@ impl AppState {
             Err(e) => tracing::warn!(error = %e, "could not clean the temp path"),
         }
         let blobs = open_blobs(&config)?;
-        let meta: Arc<dyn Index> = Arc::new(
-            SqliteMeta::connect_with(&config.database_url, config.database_max_connections).await?,
-        );
+        let sql =
+            SqliteMeta::connect_with(&config.database_url, config.database_max_connections).await?;
+        take_over_ncps(&config, &sql, blobs.as_ref()).await?;
+        let meta: Arc<dyn Index> = Arc::new(sql);
         match nip_store::gc::reconcile(meta.as_ref(), blobs.as_ref(), false).await {
             Ok(s) if s.total() == 0 => {}
             Ok(s) => tracing::info!(

@@ -107,6 +107,16 @@ pub trait BlobStore: Send + Sync + 'static {
     /// could see half-written: after this returns the blob is complete and durable.
     async fn put_file(&self, key: &BlobKey, staged: &Path) -> Result<(), StoreError>;
 
+    /// Makes `to` hold the bytes of `from`, a blob outside nip's layout (another cache's files),
+    /// leaving `from` as it is: a hard link on a local disk, a server-side copy on S3. `to` is
+    /// complete and durable when this returns. Ok(false) when `from` does not exist.
+    async fn adopt(&self, from: &BlobKey, _to: &BlobKey) -> Result<bool, StoreError> {
+        Err(StoreError::Io(std::io::Error::other(format!(
+            "this storage cannot adopt {}",
+            from.as_str()
+        ))))
+    }
+
     /// Removes the blob; absent blobs are not an error. Readers that already opened it may finish.
     async fn delete(&self, key: &BlobKey) -> Result<(), StoreError>;
 

@@ -8,6 +8,7 @@ pub mod index;
 pub mod lease;
 pub mod local;
 pub mod meta;
+pub mod ncps;
 pub mod s3;
 pub mod sql;
 mod sql_gc;

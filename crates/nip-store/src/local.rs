@@ -123,6 +123,18 @@ impl BlobStore for LocalBlobStore {
             .map_err(StoreError::from_io)
     }
 
+    async fn adopt(&self, from: &BlobKey, to: &BlobKey) -> Result<bool, StoreError> {
+        let (from, dest) = (self.path(from), self.path(to));
+        if !from.is_file() {
+            return Ok(false);
+        }
+        tokio::task::spawn_blocking(move || publish(&from, &dest))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+            .map_err(StoreError::from_io)?;
+        Ok(true)
+    }
+
     async fn delete(&self, key: &BlobKey) -> Result<(), StoreError> {
         not_found_is_none(tokio::fs::remove_file(self.path(key)).await)?;
         Ok(())

@@ -149,6 +149,18 @@ impl BlobStore for S3BlobStore {
         Ok(())
     }
 
+    async fn adopt(&self, from: &BlobKey, to: &BlobKey) -> Result<bool, StoreError> {
+        match self
+            .store
+            .copy(&self.path(from.as_str()), &self.path(to.as_str()))
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(err(e)),
+        }
+    }
+
     async fn delete(&self, key: &BlobKey) -> Result<(), StoreError> {
         match self.store.delete(&self.path(key.as_str())).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),

@@ -47,6 +47,8 @@ impl Backend {
 pub struct SqlMeta {
     pool: AnyPool,
     backend: Backend,
+    /// The configured URL when it is an ncps database: nip's tables are then elsewhere.
+    ncps: Option<String>,
 }
 
 /// The embedded default's historical name.
@@ -82,9 +84,19 @@ impl SqlMeta {
 
     /// Like [`SqlMeta::connect`] with a pool of `max_connections` (at least 1). Safe when several
     /// processes open a fresh database at the same time: see [`migrate`].
+    /// When `url` is an ncps database, nip's tables go beside it (see [`crate::ncps`]).
     pub async fn connect_with(url: &str, max_connections: u32) -> Result<Self, MetaError> {
         sqlx::any::install_default_drivers();
         let backend = Backend::of_url(url)?;
+        let located = crate::ncps::locate(url, true).await?;
+        if located.ncps.is_some() {
+            tracing::info!(
+                database = %nip_core::redact::redact_userinfo(url),
+                nip_tables = %nip_core::redact::redact_userinfo(&located.url),
+                "the database is ncps': nip keeps its own tables apart and only reads ncps' tables"
+            );
+        }
+        let url = located.url.as_str();
         // A short acquire timeout: while the database is down requests fail fast with 503 instead of
         // queueing for sqlx's default 30 s; connections are re-tested on acquire, so service
         // resumes by itself once the database is back.
@@ -130,7 +142,16 @@ impl SqlMeta {
             Backend::Postgres => options.connect(url).await?,
         };
         migrate(&pool, backend).await?;
-        Ok(SqlMeta { pool, backend })
+        Ok(SqlMeta {
+            pool,
+            backend,
+            ncps: located.ncps,
+        })
+    }
+
+    /// The configured database URL when it is an ncps database nip takes over.
+    pub fn ncps_url(&self) -> Option<&str> {
+        self.ncps.as_deref()
     }
 
     pub fn backend(&self) -> Backend {
@@ -158,6 +179,8 @@ impl SqlMeta {
     /// missing SQLite file has all of them pending.
     pub async fn pending_migrations(url: &str) -> Result<Vec<MigrationInfo>, MetaError> {
         let all = Self::migrations_for(url)?;
+        let located = crate::ncps::locate(url, false).await?;
+        let url = located.url.as_str();
         let applied: Vec<i64> = match Backend::of_url(url)? {
             Backend::Sqlite => {
                 let opts = sqlite_options(url)?;

@@ -11,6 +11,7 @@ mod deploy_files;
 mod hostile_recipe;
 mod ncps_compat;
 mod ncps_config_files;
+mod ncps_takeover;
 mod nix_fixture;
 mod nix_substitute;
 mod nix_trust;
