@@ -1,7 +1,7 @@
 """The scenarios of issue 8. Each takes the run context `ctx` (parameters, work directory, data
 manifest, the `Servers` of the run), returns result rows for the report and adds details
 (`ctx.details`) and raw figures (`ctx.raw`)."""
-import hashlib, http.client, json, os, random, re, statistics, subprocess, threading, time
+import hashlib, http.client, json, os, random, re, shutil, statistics, subprocess, threading, time
 from concurrent.futures import ThreadPoolExecutor
 
 from common import (MIB, auth, copy_with_prefix, curl, curl_multipart, curl_parallel, curl_times, download,
@@ -320,6 +320,69 @@ def p7_client(ctx):
     return [absolute("P7", f"`nip build`, local hit, {ctx.p7_mib} MiB artifact", "ms", summary(local), 50),
             versus("P7", f"`nip build`, remote hit, {ctx.p7_mib} MiB artifact", "s", summary(remote), "curl",
                    summary(plain), 1.5, lower_is_better=True)]
+
+
+def build_tiny(ctx, home, recipes, env_extra):
+    """Runs `nip build tiny --json` as a user with this HOME and remote settings; returns (seconds, JSON)."""
+    env = {**os.environ, "HOME": home, "XDG_CONFIG_HOME": f"{home}/.config", "XDG_CACHE_HOME": f"{home}/.cache",
+           "XDG_DATA_HOME": f"{home}/.local/share", "NIP_RECIPES_PATH": recipes, **env_extra}
+    os.makedirs(home, exist_ok=True)
+    t = time.perf_counter()
+    out = subprocess.run([ctx.nip_binary, "build", "tiny", "--json"], env=env, cwd=home, capture_output=True,
+                         text=True, timeout=600)
+    seconds = time.perf_counter() - t
+    if out.returncode != 0:
+        raise SystemExit(f"nip build: exit {out.returncode}: {out.stderr.strip()[-500:]}")
+    result = json.loads(out.stdout)
+    if result["source"] != "built":
+        raise SystemExit(f"P8: the build came from {result['source']}")
+    return seconds
+
+
+def p8_dead_remote(ctx):
+    """P8: what a dead remote adds to `nip build` (the default policies: 3 attempts, 5 s apart), against the
+    same build without a remote: one that refuses connections, and one that accepts them in the kernel's
+    backlog and never answers (black-holed). Each timed run has a fresh HOME, so it asks the remote; the
+    next builds in the same HOME skip a server found unreachable for a while, measured too."""
+    import socket
+    root = f"{ctx.work}/p8"
+    recipes = f"{root}/recipes"
+    os.makedirs(recipes, exist_ok=True)
+    with open(f"{recipes}/tiny.toml", "w") as f:
+        f.write('name = "tiny"\nversion = "1.0"\nbuild = \'echo hi > "$OUT/f"\'\n')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        refused_port = s.getsockname()[1]
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(1024)
+    lookup_deadline = 5.0  # the client's default lookupTimeout
+    remote = lambda port: {"NIP_REMOTE_CACHE_URL": f"http://127.0.0.1:{port}", "NIP_REMOTE_CACHE_API_KEY": TOKEN,
+                           "NIP_REMOTE_CACHE_ENABLED": "true"}
+    runs = {"none": [], "refused": [], "refused_again": [], "hole": [], "hole_again": []}
+    try:
+        for r in range(ctx.repeats):
+            runs["none"].append(build_tiny(ctx, f"{root}/none{r}", recipes, {"NIP_REMOTE_CACHE_ENABLED": "false"}))
+            for name, port in (("refused", refused_port), ("hole", hole.getsockname()[1])):
+                home = f"{root}/{name}{r}"
+                runs[name].append(build_tiny(ctx, home, recipes, remote(port)))
+                # The same machine's next build: its local cache emptied so it builds again.
+                for d in (f"{home}/.cache/nip/binary-cache", f"{home}/.local/share/nip/pkgs"):
+                    shutil.rmtree(d, ignore_errors=True)
+                runs[f"{name}_again"].append(build_tiny(ctx, home, recipes, remote(port)))
+    finally:
+        hole.close()
+        shutil.rmtree(root, ignore_errors=True)
+    ctx.raw["p8"] = runs
+    over = {k: [max(0.0, t - b) for t, b in zip(v, runs["none"])] for k, v in runs.items() if k != "none"}
+    ctx.details.append(
+        f"P8 `nip build` of a tiny recipe without a remote: {statistics.median(runs['none']):.2f} s; the next "
+        f"build against a server found unreachable skips it: overhead {statistics.median(over['refused_again']):.2f} s "
+        f"(refused), {statistics.median(over['hole_again']):.2f} s (black-holed); the lookup deadline is "
+        f"{lookup_deadline:.0f} s.")
+    return [absolute("P8", "`nip build` overhead, remote refusing connections", "s", summary(over["refused"]), 1),
+            absolute("P8", "`nip build` overhead, black-holed remote", "s", summary(over["hole"]),
+                     lookup_deadline + 0.5)]
 
 
 CRITERION_LINE = re.compile(r"^(?P<name>\S.*?)?\s+time:\s+\[(\S+ \S+) (\S+ \S+) (\S+ \S+)\]")

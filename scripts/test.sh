@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need when it is missing (Nix from Debian's nix-bin; Prometheus and
-# Chromium from Debian; Python packages for the S3 and OTLP test servers from PyPI, in venvs under
-# /tmp), then runs every test:
+# Chromium from Debian; Python packages for the S3 and OTLP test servers and the Flask reference
+# of the /v1 API from PyPI, in venvs under /tmp), then runs every test:
 # unit, property, in-process router/integration tests, and black-box tests that start the real
 # `nip` binary in front of a real Nix client.
 # Under CI=true a test whose component is missing fails; it never skips.
@@ -67,6 +67,16 @@ if ! "$otlp_venv/bin/python" -c "$otlp_check" 2>/dev/null; then
   "$otlp_venv/bin/pip" install -q grpcio opentelemetry-proto >&2
 fi
 export NIP_TEST_OTLP_PYTHON="$otlp_venv/bin/python"
+
+# The guide's reference server of the /v1 API (bench/flask_reference.py) as a remote for the client
+# tests: Flask and gunicorn from PyPI, in the venv bench/run-flask-reference.sh uses.
+flask_venv=${NIP_BENCH_VENV:-/tmp/nip-bench-venv}
+if [ ! -x "$flask_venv/bin/gunicorn" ] || ! "$flask_venv/bin/python" -c 'import flask' 2>/dev/null; then
+  log "installing flask and gunicorn in $flask_venv"
+  [ -x "$flask_venv/bin/python" ] || python3 -m venv "$flask_venv" >&2
+  "$flask_venv/bin/pip" install -q 'flask>=3,<4' gunicorn >&2
+fi
+export NIP_BENCH_VENV="$flask_venv"
 
 # The tests that need real components must run, not skip, whenever this script is used.
 export NIP_REQUIRE_NIX=1 NIP_REQUIRE_TOOLS=1

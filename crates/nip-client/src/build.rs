@@ -126,6 +126,9 @@ pub fn build(client: &Client, opts: &BuildOptions) -> Result<BuildResult> {
     }
     // 2. Remote.
     let remote_on = !opts.no_remote && client.config.enabled && !client.config.servers.is_empty();
+    if remote_on {
+        client.skip_recently_unreachable();
+    }
     if remote_on && client.config.policies.download_before_build {
         if let Some((meta, path)) = from_remote(client, &r, &pkgs)? {
             return Ok(finish(&meta, Source::Remote, path, false));
@@ -190,14 +193,14 @@ fn from_local(client: &Client, key: &str, pkgs: &Path) -> Option<(Metadata, Path
 /// `policies.fallbackToLocal` is off.
 fn from_remote(client: &Client, r: &Resolved, pkgs: &Path) -> Result<Option<(Metadata, PathBuf)>> {
     let key = &r.key;
-    let fallback = |info: &nip_core::api::ArtifactInfo| {
+    let fallback = |info: &crate::remote::Found| {
         metadata(
             r,
-            info.sha256.clone(),
-            info.size,
+            info.sha256.clone().unwrap_or_default(),
+            info.size.unwrap_or(0),
             0.0,
             "unknown".into(),
-            info.created_at.clone(),
+            info.created_at.clone().unwrap_or_else(now_rfc3339),
         )
     };
     match client.fetch(key, &fallback, Some(pkgs)) {
@@ -264,7 +267,7 @@ fn build_and_store(client: &Client, r: &Resolved, pkgs: &Path) -> Result<(Metada
 
 /// Uploads a fresh build; a failure is a warning, never a failed build.
 fn upload(client: &Client, meta: &Metadata) -> bool {
-    match client.push(meta) {
+    match client.push(meta, false) {
         Ok(_) => true,
         Err(errors) if errors.is_empty() => {
             warn("Remote upload skipped: no reachable remote cache (local cache still available)");

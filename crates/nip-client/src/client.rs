@@ -1,15 +1,16 @@
 //! The client context shared by every command: directories, effective remote config, local cache,
 //! operation record, and the two remote moves every flow uses (fetch into the local cache, push
-//! from it), both of which turn remote failures into warnings.
+//! from it), both of which turn remote failures into warnings. Servers found unreachable are
+//! asked no more in the run, and are remembered for a short while (see `unreachable`).
 use crate::artifact::{self, Unpacked};
 use crate::config::RemoteConfig;
 use crate::dirs::Dirs;
 use crate::error::Result;
 use crate::local::{LocalCache, Metadata};
-use crate::record::{Op, OpKind, Record};
-use crate::remote::{RemoteClient, RemoteError, UploadOutcome};
+use crate::record::{now_unix, Op, OpKind, Record};
+use crate::remote::{Found, RemoteClient, RemoteError, UploadOutcome};
+use crate::unreachable::{Unreachable, REMEMBER};
 use crate::worker::{Chunk, StreamWorker};
-use nip_core::api::ArtifactInfo;
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::path::Path;
@@ -22,6 +23,8 @@ pub struct Client {
     pub record: Record,
     /// Servers found unreachable during this run: not tried again (no second round of retries).
     down: RefCell<HashSet<String>>,
+    /// Servers found unreachable by recent runs.
+    pub unreachable: Unreachable,
 }
 
 /// What a remote fetch found.
@@ -46,11 +49,18 @@ pub fn warn(msg: &str) {
     eprintln!("⚠️ {msg}");
 }
 
+/// Prints a one-line failure on stderr in the words of the guide (`❌ Download failed: …`), so
+/// people find it by searching for them; the details follow.
+pub fn fail(msg: &str) {
+    eprintln!("❌ {msg}");
+}
+
 impl Client {
     pub fn new(dirs: Dirs, config: RemoteConfig) -> Self {
         Client {
             local: LocalCache::new(dirs.binary_cache()),
             record: Record::new(dirs.record_file()),
+            unreachable: Unreachable::new(dirs.unreachable_file()),
             dirs,
             config,
             down: RefCell::default(),
@@ -77,13 +87,39 @@ impl Client {
             .collect()
     }
 
-    fn note_failure(&self, rc: &RemoteClient, e: &RemoteError) {
-        if matches!(
-            e,
-            RemoteError::Unreachable { .. } | RemoteError::Timeout { .. } | RemoteError::Tls { .. }
-        ) {
-            self.down.borrow_mut().insert(rc.server.url.clone());
+    /// Skips, for this run, the servers that recent runs found unreachable, with one warning
+    /// each: a loop of builds against a dead remote pays its deadline once, not every time.
+    pub fn skip_recently_unreachable(&self) {
+        let recent = self.unreachable.recent(now_unix().max(0) as u64);
+        for s in &self.config.servers {
+            if let Some(ago) = recent.get(&s.url) {
+                warn(&format!(
+                    "Remote cache {} skipped: unreachable {} s ago (asked again {} s after \
+                     that; `nip cache remote status` checks it now)",
+                    s.url,
+                    ago.as_secs(),
+                    REMEMBER.as_secs()
+                ));
+                self.down.borrow_mut().insert(s.url.clone());
+            }
         }
+    }
+
+    /// A failure talking to `rc`: an unreachable server is asked no more in this run, and, when
+    /// `remember` (it failed to answer a lookup), by the runs of the next little while.
+    fn note_failure(&self, rc: &RemoteClient, e: &RemoteError, remember: bool) {
+        if e.is_unreachable() {
+            self.down.borrow_mut().insert(rc.server.url.clone());
+            if remember {
+                self.unreachable
+                    .note(&rc.server.url, now_unix().max(0) as u64);
+            }
+        }
+    }
+
+    /// `rc` answered: it is reachable again.
+    fn note_answer(&self, rc: &RemoteClient) {
+        self.unreachable.forget(&rc.server.url);
     }
 
     /// Appends to the record; failing to record is worth a warning, never a failure.
@@ -94,12 +130,14 @@ impl Client {
     }
 
     /// Looks `key` up on each server in order and downloads the first hit into the local cache,
-    /// verified against its SHA-256. `fallback` supplies metadata if the server's is unusable.
-    /// With `unpack_into`, the package is unpacked there (unpublished) while it downloads.
+    /// verified against its size and SHA-256 as far as the lookup or, failing that, the server's
+    /// metadata give them. `fallback` supplies metadata if the server's is unusable. With
+    /// `unpack_into` and a known size, the package is unpacked there (unpublished) while it
+    /// downloads.
     pub fn fetch(
         &self,
         key: &str,
-        fallback: &dyn Fn(&ArtifactInfo) -> Metadata,
+        fallback: &dyn Fn(&Found) -> Metadata,
         unpack_into: Option<&Path>,
     ) -> Fetch {
         let mut failed = false;
@@ -111,28 +149,41 @@ impl Client {
                 o.detail = detail;
                 o
             };
-            let info = match rc.lookup(key) {
+            let mut info = match rc.lookup(key) {
                 Ok(Some(info)) => info,
                 Ok(None) => {
+                    self.note_answer(&rc);
                     self.log(op(OpKind::Lookup, "miss", None));
                     continue;
                 }
                 Err(e) => {
-                    self.note_failure(&rc, &e);
-                    warn(&format!(
-                        "Remote cache lookup failed, building locally if needed: {e}"
-                    ));
+                    self.note_failure(&rc, &e, true);
+                    fail(&format!("Remote cache lookup failed: {e}"));
                     self.log(op(OpKind::Lookup, "failed", Some(e.to_string())));
                     failed = true;
                     continue;
                 }
             };
+            self.note_answer(&rc);
             self.log(op(OpKind::Lookup, "hit", None));
+            // The server's metadata of this key, if it has usable metadata: it also gives size
+            // and SHA-256 to verify when the lookup did not (the guide's lookup has only the URL).
+            let remote_meta = rc
+                .metadata(key)
+                .ok()
+                .and_then(|v| serde_json::from_value::<Metadata>(v).ok())
+                .filter(|m| m.key == key);
+            if let Some(m) = &remote_meta {
+                info.size = info.size.or(Some(m.size));
+                info.sha256 = info.sha256.clone().or_else(|| Some(m.sha256.clone()));
+            }
             let started = Instant::now();
             // Unpacking overlaps the download; without a thread it happens afterwards instead.
-            // Bounded by the announced size, which the download never exceeds.
-            let (limits, size) = (self.config.policies.unpack_limits(), info.size);
-            let mut unpacker = unpack_into.and_then(|pkgs| {
+            // Bounded by the announced size, which the download never exceeds; of a download
+            // of unknown size the whole file is unpacked afterwards.
+            let limits = self.config.policies.unpack_limits();
+            let size = info.size;
+            let mut unpacker = unpack_into.zip(size).and_then(|(pkgs, size)| {
                 let (pkgs, k) = (pkgs.to_path_buf(), key.to_string());
                 StreamWorker::spawn("nip-unpack", move |r| {
                     artifact::unpack_stream(r, size, &pkgs, &k, &limits)
@@ -147,20 +198,20 @@ impl Client {
             let verified = match downloaded {
                 Ok(v) => v,
                 Err(e) => {
-                    self.note_failure(&rc, &e);
-                    warn(&format!("Remote download rejected, discarded: {e}"));
+                    self.note_failure(&rc, &e, false);
+                    match e {
+                        RemoteError::Corrupt { .. } => {
+                            warn(&format!("Remote download rejected, discarded: {e}"))
+                        }
+                        _ => fail(&format!("Download failed: {e}")),
+                    }
                     self.log(op(OpKind::Download, "failed", Some(e.to_string())));
                     failed = true;
                     continue;
                 }
             };
             let elapsed = started.elapsed();
-            let mut meta = rc
-                .metadata(key)
-                .ok()
-                .and_then(|v| serde_json::from_value::<Metadata>(v).ok())
-                .filter(|m| m.key == key)
-                .unwrap_or_else(|| fallback(&info));
+            let mut meta = remote_meta.unwrap_or_else(|| fallback(&info));
             // The verified figures win over whatever the metadata claims.
             meta.sha256 = verified.sha256.clone();
             meta.size = verified.size;
@@ -185,8 +236,14 @@ impl Client {
     }
 
     /// Uploads a local artifact to the first server that takes it. Returns the server and outcome,
-    /// or every server's error (each recorded).
-    pub fn push(&self, meta: &Metadata) -> Result<(String, UploadOutcome), Vec<RemoteError>> {
+    /// or every server's error (each recorded). With `probe`, each server is first asked with a
+    /// lookup (a short deadline): an unreachable one fails fast, and one that already has these
+    /// bytes is not sent them again.
+    pub fn push(
+        &self,
+        meta: &Metadata,
+        probe: bool,
+    ) -> Result<(String, UploadOutcome), Vec<RemoteError>> {
         let path = self.local.artifact_path(&meta.key);
         let value = serde_json::to_value(meta).expect("metadata serializes");
         let mut errors = Vec::new();
@@ -195,8 +252,26 @@ impl Client {
             op.server = Some(rc.server.url.clone());
             op.bytes = Some(meta.size);
             let started = Instant::now();
-            match rc.upload(&meta.key, &path, &meta.sha256, &value) {
+            let probed = if probe {
+                rc.lookup(&meta.key)
+            } else {
+                Ok(None)
+            };
+            let result = match probed {
+                Err(e) if e.is_unreachable() => Err(e),
+                Ok(Some(f))
+                    if f.sha256
+                        .as_deref()
+                        .is_some_and(|s| s.eq_ignore_ascii_case(&meta.sha256)) =>
+                {
+                    Ok(UploadOutcome::AlreadyPresent)
+                }
+                // A miss, a key that may not read, or a server that does not say what it has.
+                _ => rc.upload(&meta.key, &path, &meta.sha256, &value),
+            };
+            match result {
                 Ok(outcome) => {
+                    self.note_answer(&rc);
                     op.duration_ms = Some(started.elapsed().as_millis() as u64);
                     if outcome == UploadOutcome::AlreadyPresent {
                         op.outcome = "exists".into();
@@ -205,7 +280,7 @@ impl Client {
                     return Ok((rc.server.url.clone(), outcome));
                 }
                 Err(e) => {
-                    self.note_failure(&rc, &e);
+                    self.note_failure(&rc, &e, matches!(e, RemoteError::Unreachable { .. }));
                     op.outcome = "failed".into();
                     op.detail = Some(e.to_string());
                     self.log(op);

@@ -17,9 +17,13 @@ pub struct ConfigFile {
     /// Bearer token for `url`, and for `servers` entries without their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key: Option<String>,
-    /// Per-request timeout in seconds (default 300).
+    /// Transfer timeout in seconds (default 300): the longest silence a download or upload may
+    /// have, not a bound on the whole transfer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u64>,
+    /// Deadline in seconds of a lookup (connect and answer; default 5); fractions allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookup_timeout: Option<f64>,
     /// Whether builds use the remote at all (default false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
@@ -87,6 +91,9 @@ pub struct Policies {
     pub max_unpack_bytes: u64,
     pub max_unpack_ratio: u64,
     pub max_unpack_entries: u64,
+    /// Deadline of a lookup, health check or listing (connect and answer), and the connect
+    /// timeout of transfers: a dead remote costs at most this per run.
+    pub lookup_timeout: Duration,
 }
 
 impl Policies {
@@ -116,6 +123,7 @@ pub struct RemoteConfig {
 }
 
 pub const DEFAULT_TIMEOUT_SECS: u64 = 300;
+pub const DEFAULT_LOOKUP_TIMEOUT_SECS: f64 = 5.0;
 
 /// Reads the file; a missing file is an empty config. Syntax errors name the file and line.
 pub fn read_file(path: &Path) -> Result<ConfigFile> {
@@ -196,6 +204,12 @@ pub fn effective(file: &ConfigFile, env: &BTreeMap<String, String>) -> Result<Re
             "policies.retryDelay {delay}: use 0 to 3600 seconds"
         )));
     }
+    let lookup = file.lookup_timeout.unwrap_or(DEFAULT_LOOKUP_TIMEOUT_SECS);
+    if !(0.1..=600.0).contains(&lookup) {
+        return Err(ClientError::ConfigInvalid(format!(
+            "lookupTimeout {lookup}: use 0.1 to 600 seconds"
+        )));
+    }
     Ok(RemoteConfig {
         enabled,
         url,
@@ -216,6 +230,7 @@ pub fn effective(file: &ConfigFile, env: &BTreeMap<String, String>) -> Result<Re
             max_unpack_entries: p
                 .max_unpack_entries
                 .unwrap_or(UnpackLimits::DEFAULT_MAX_ENTRIES),
+            lookup_timeout: Duration::from_secs_f64(lookup),
         },
     })
 }
@@ -287,6 +302,7 @@ mod tests {
             (3, Duration::from_secs(5))
         );
         assert_eq!(p.unpack_limits(), UnpackLimits::default());
+        assert_eq!(p.lookup_timeout, Duration::from_secs(5));
         // The 131 KB zstd bomb of issue 19 (4 GiB unpacked) is stopped well before 1 GiB.
         assert_eq!(p.unpack_limits().max_bytes(131_000), 256 << 20);
         assert_eq!(p.unpack_limits().max_bytes(10 << 20), 1000 << 20);

@@ -52,6 +52,10 @@ impl Dirs {
     pub fn record_file(&self) -> PathBuf {
         self.cache.join("operations.jsonl")
     }
+    /// Servers recently found unreachable (see `unreachable`).
+    pub fn unreachable_file(&self) -> PathBuf {
+        self.cache.join("unreachable.json")
+    }
     pub fn pkgs(&self) -> PathBuf {
         self.data.join("pkgs")
     }

@@ -14,6 +14,7 @@ pub mod progress;
 pub mod recipe;
 pub mod record;
 pub mod remote;
+pub mod unreachable;
 pub mod worker;
 
 pub use client::Client;

@@ -91,7 +91,9 @@ pub fn find(pkg: &str, dirs: &[PathBuf]) -> Result<LoadedRecipe> {
     let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
     let have = available(dirs);
     Err(ClientError::NotFound(format!(
-        "no recipe {pkg:?} (searched {}); available: {}",
+        "no recipe {pkg:?} (searched {}); available: {}. A recipe is a file {pkg}.toml in one of \
+         those directories (./recipes first) with name, version and build, the shell command that \
+         fills $OUT (see examples/recipes/hello.toml)",
         searched.join(", "),
         if have.is_empty() {
             "none".to_string()

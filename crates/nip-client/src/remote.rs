@@ -1,11 +1,13 @@
 //! The `/v1` HTTP client for one server: health, lookup, streamed download (hashed and verified),
-//! streamed multipart upload and listing, with the retry policy applied to every request.
+//! streamed multipart upload and listing, with the retry policy applied to every request. It
+//! speaks the guide's API, which any server may implement: a lookup needs only `downloadUrl`.
 use crate::config::{Policies, Server};
 use crate::progress;
 use crate::worker::{drain, Chunk, StreamWorker};
-use nip_core::api::{ArtifactInfo, ArtifactList, ErrorBody, HEADER_SHA256};
+use nip_core::api::{ArtifactList, ErrorBody, HEADER_SHA256};
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use reqwest::StatusCode;
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::Path;
@@ -17,8 +19,9 @@ use std::time::Duration;
 pub enum RemoteError {
     #[error("not reachable at {url} ({reason})")]
     Unreachable { url: String, reason: String },
-    #[error("timed out talking to {url}")]
-    Timeout { url: String },
+    /// No answer within the deadline (a lookup) or the allowed silence (a transfer).
+    #[error("timeout: no answer from {url} within {secs} s")]
+    Timeout { url: String, secs: f64 },
     /// The TLS handshake failed; `reason` says why in one line (unknown CA, expired, wrong host).
     #[error("TLS failure with {url}: {reason}")]
     Tls { url: String, reason: String },
@@ -36,6 +39,36 @@ pub enum RemoteError {
     Local(String),
 }
 
+impl RemoteError {
+    /// The server could not be talked to at all (refused, unresolvable, silent, TLS broken):
+    /// asking again in this run, or within a short while, would only cost time.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            RemoteError::Unreachable { .. } | RemoteError::Timeout { .. } | RemoteError::Tls { .. }
+        )
+    }
+}
+
+/// A lookup's answer (`GET /v1/artifacts/{key}`). Only `downloadUrl` is required, as in the
+/// guide's API; size and SHA-256 are verified when the server (or its metadata) gives them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Found {
+    /// The key looked up (the answer's own `key`, when any, is not needed).
+    #[serde(skip)]
+    pub key: String,
+    /// Relative to the server's base URL (`/v1/download/{key}`), or absolute.
+    pub download_url: String,
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// Hex SHA-256 of the bytes.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub created_at: Option<String>,
+}
+
 /// What an upload did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UploadOutcome {
@@ -44,7 +77,8 @@ pub enum UploadOutcome {
     AlreadyPresent,
 }
 
-/// A downloaded artifact whose size and SHA-256 matched the lookup, still in a temp file.
+/// A downloaded artifact whose size and SHA-256 matched what was known of them, still in a temp
+/// file.
 pub struct Verified {
     pub file: tempfile::NamedTempFile,
     pub size: u64,
@@ -55,9 +89,18 @@ pub struct RemoteClient {
     http: Client,
     pub server: Server,
     policies: Policies,
+    /// The longest silence a transfer may have.
+    transfer_timeout: Duration,
 }
 
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// The slowest upload rate allowed for before an upload is given up, on top of the transfer
+/// timeout: an upload's deadline covers the whole request, so it grows with the file.
+const MIN_UPLOAD_RATE: u64 = 256 * 1024;
+
+/// A key no artifact has: `status` looks it up to check the API key on servers without listing.
+const PROBE_KEY: &str = "nip-status-probe";
 
 /// Bytes read from the response at a time and handed to the hashing and unpacking workers.
 const CHUNK: usize = 256 * 1024;
@@ -65,15 +108,19 @@ const CHUNK: usize = 256 * 1024;
 impl RemoteClient {
     /// A client for `server`. Certificates are checked against the system's roots (and the
     /// bundled Mozilla roots), plus the CA certificates in `ca_cert` when given.
+    /// `timeout` is the transfer timeout (silence); lookups get `policies.lookup_timeout`.
     pub fn new(
         server: Server,
         timeout: Duration,
         policies: Policies,
         ca_cert: Option<&Path>,
     ) -> Result<Self, RemoteError> {
+        // Each request sets its own deadline (see `send`); connecting is part of every one, so
+        // it never takes longer than a lookup may.
         let mut builder = Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .timeout(None)
+            .connect_timeout(policies.lookup_timeout.min(timeout))
+            .tcp_user_timeout(timeout)
             .user_agent(concat!("nip/", env!("CARGO_PKG_VERSION")));
         if let Some(path) = ca_cert {
             for cert in load_ca_certs(path)? {
@@ -87,6 +134,7 @@ impl RemoteClient {
             http,
             server,
             policies,
+            transfer_timeout: timeout,
         })
     }
 
@@ -101,18 +149,22 @@ impl RemoteClient {
         }
     }
 
-    /// Sends with retries: connection errors, timeouts, 408, 429 and 5xx are retried up to
+    /// Sends with retries: 408, 429, 5xx and broken connections are retried up to
     /// `retry_attempts` attempts with exponential backoff (or `Retry-After`); other answers are
-    /// returned as they are for the caller to interpret.
+    /// returned as they are for the caller to interpret. A server that refuses the connection,
+    /// cannot be resolved, fails TLS or stays silent past `timeout` is not asked again: that
+    /// would not change soon, and a dead remote must cost a build no more than one deadline.
+    /// `timeout` bounds the request until its answer's headers, then each read of its body.
     fn send(
         &self,
+        timeout: Duration,
         make: &dyn Fn() -> Result<RequestBuilder, RemoteError>,
     ) -> Result<Response, RemoteError> {
         let attempts = self.policies.retry_attempts.max(1);
         let mut delay = self.policies.retry_delay;
         for attempt in 1..=attempts {
             let last = attempt == attempts;
-            let wait = match make()?.send() {
+            let wait = match make()?.timeout(timeout).send() {
                 Ok(resp) => {
                     let s = resp.status();
                     let retryable = s.is_server_error()
@@ -125,9 +177,9 @@ impl RemoteClient {
                     retry_after(&resp).unwrap_or(delay)
                 }
                 Err(e) => {
-                    let err = self.transport_error(e);
-                    // A certificate problem does not go away by asking again.
-                    if last || matches!(err, RemoteError::Tls { .. }) {
+                    let final_ = last || e.is_connect() || e.is_timeout();
+                    let err = self.transport_error(e, timeout);
+                    if final_ || matches!(err, RemoteError::Tls { .. }) {
                         return Err(err);
                     }
                     delay
@@ -139,10 +191,11 @@ impl RemoteClient {
         unreachable!("the last attempt returns")
     }
 
-    fn transport_error(&self, e: reqwest::Error) -> RemoteError {
+    fn transport_error(&self, e: reqwest::Error, timeout: Duration) -> RemoteError {
         if e.is_timeout() {
             RemoteError::Timeout {
                 url: self.server.url.clone(),
+                secs: timeout.as_secs_f64(),
             }
         } else if let Some(tls) = find_rustls_error(&e) {
             RemoteError::Tls {
@@ -164,31 +217,52 @@ impl RemoteClient {
         }
     }
 
+    /// The deadline of lookups, health checks and listings: never longer than a transfer may be
+    /// silent.
+    fn lookup_timeout(&self) -> Duration {
+        self.policies.lookup_timeout.min(self.transfer_timeout)
+    }
+
     /// `GET /v1/health`: is the server up (no auth)?
     pub fn health(&self) -> Result<(), RemoteError> {
-        let resp = self.send(&|| Ok(self.http.get(self.url("/v1/health"))))?;
+        let resp = self.send(self.lookup_timeout(), &|| {
+            Ok(self.http.get(self.url("/v1/health")))
+        })?;
         expect_success(resp).map(drop)
     }
 
-    /// Checks that the key is accepted, with the cheapest authenticated read.
+    /// Checks that the key is accepted, with the cheapest authenticated read: the listing, or on
+    /// a server without one (the guide's API has none) a lookup whose miss proves the key.
     pub fn check_auth(&self) -> Result<(), RemoteError> {
-        self.list(None, None, 1).map(drop)
+        match self.list(None, None, 1) {
+            Ok(_) => Ok(()),
+            Err(e) if no_such_endpoint(&e) => self.lookup(PROBE_KEY).map(drop),
+            Err(e) => Err(e),
+        }
     }
 
     /// `GET /v1/artifacts/{key}`: `None` on 404.
-    pub fn lookup(&self, key: &str) -> Result<Option<ArtifactInfo>, RemoteError> {
+    pub fn lookup(&self, key: &str) -> Result<Option<Found>, RemoteError> {
         let url = self.url(&format!("/v1/artifacts/{key}"));
-        let resp = self.send(&|| Ok(self.authed(self.http.get(&url))))?;
+        let resp = self.send(self.lookup_timeout(), &|| {
+            Ok(self.authed(self.http.get(&url)))
+        })?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        json(expect_success(resp)?, &url).map(Some)
+        let mut found: Found = json(expect_success(resp)?, &url)?;
+        found.key = key.to_string();
+        // An empty digest says nothing, as an absent one.
+        found.sha256 = found.sha256.filter(|s| !s.is_empty());
+        Ok(Some(found))
     }
 
     /// `GET /v1/artifacts/{key}/metadata`.
     pub fn metadata(&self, key: &str) -> Result<serde_json::Value, RemoteError> {
         let url = self.url(&format!("/v1/artifacts/{key}/metadata"));
-        let resp = self.send(&|| Ok(self.authed(self.http.get(&url))))?;
+        let resp = self.send(self.lookup_timeout(), &|| {
+            Ok(self.authed(self.http.get(&url)))
+        })?;
         json(expect_success(resp)?, &url)
     }
 
@@ -203,37 +277,62 @@ impl RemoteClient {
         let mut q: Vec<(&str, String)> = vec![("limit", limit.to_string())];
         q.extend(name.map(|n| ("name", n.to_string())));
         q.extend(version.map(|v| ("version", v.to_string())));
-        let resp = self.send(&|| Ok(self.authed(self.http.get(&url).query(&q))))?;
+        let resp = self.send(self.lookup_timeout(), &|| {
+            Ok(self.authed(self.http.get(&url).query(&q)))
+        })?;
         json(expect_success(resp)?, &url)
+    }
+
+    /// Where to download `download_url` from, and whether the API key may go with it: only to
+    /// this server's own origin, never to a third party (e.g. a presigned URL). A path is
+    /// relative to the server's base URL.
+    fn resolve_download(&self, download_url: &str) -> Result<(String, bool), RemoteError> {
+        let bad = |reason: String| RemoteError::BadResponse {
+            url: self.server.url.clone(),
+            reason,
+        };
+        let lower = download_url.to_ascii_lowercase();
+        if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+            let sep = if download_url.starts_with('/') {
+                ""
+            } else {
+                "/"
+            };
+            return Ok((format!("{}{sep}{download_url}", self.server.url), true));
+        }
+        let target = reqwest::Url::parse(download_url)
+            .map_err(|e| bad(format!("downloadUrl {download_url:?}: {e}")))?;
+        let base =
+            reqwest::Url::parse(&self.server.url).map_err(|e| bad(format!("server URL: {e}")))?;
+        let same_origin = target.scheme() == base.scheme()
+            && target.host_str() == base.host_str()
+            && target.port_or_known_default() == base.port_or_known_default();
+        Ok((download_url.to_string(), same_origin))
     }
 
     /// Streams the artifact into a temp file in `dir` while a worker thread hashes it, and hands
     /// every chunk to `tap` too (e.g. an unpacker) as it arrives; the file is returned only when
-    /// its size and SHA-256 match `info`, so nothing unverified is ever used.
+    /// its size and SHA-256 match `info` (each when known; the size the answer's Content-Length
+    /// otherwise), so nothing that contradicts what the server said is ever used.
     pub fn download(
         &self,
-        info: &ArtifactInfo,
+        info: &Found,
         dir: &Path,
         mut tap: Option<&mut dyn FnMut(&Chunk)>,
     ) -> Result<Verified, RemoteError> {
-        let url = if info.download_url.starts_with('/') {
-            self.url(&info.download_url)
-        } else {
-            info.download_url.clone()
-        };
-        // The token goes only to our own server, never to a third-party (e.g. presigned) URL.
-        let same_origin = url.starts_with(&format!("{}/", self.server.url));
-        let mut resp = self.send(&|| {
+        let (url, same_origin) = self.resolve_download(&info.download_url)?;
+        let mut resp = self.send(self.transfer_timeout, &|| {
             let rb = self.http.get(&url);
             Ok(if same_origin { self.authed(rb) } else { rb })
         })?;
         if !resp.status().is_success() {
             return Err(status_error(resp));
         }
+        let expected_size = info.size.or(resp.content_length());
         let local = |e: std::io::Error| RemoteError::Local(format!("{}: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(local)?;
         let mut file = tempfile::NamedTempFile::new_in(dir).map_err(local)?;
-        let bar = progress::bar(info.size, &format!("⬇️  {}", info.key));
+        let bar = progress::bar(expected_size.unwrap_or(0), &format!("⬇️  {}", info.key));
         let mut hasher = StreamWorker::spawn("nip-sha256", |r| {
             let mut h = Sha256::new();
             drain(r, |buf| h.update(buf)).map(|_| hex::encode(h.finalize()))
@@ -247,11 +346,18 @@ impl RemoteClient {
         loop {
             // Never past one byte beyond the announced size: a server sending more is refused at
             // once, before the extra bytes reach the disk or the unpacker.
-            let allowed = (info.size - size + 1).min(CHUNK as u64);
+            let allowed =
+                expected_size.map_or(CHUNK as u64, |n| (n - size.min(n) + 1).min(CHUNK as u64));
             let mut buf = Vec::with_capacity(allowed as usize);
             match (&mut resp).take(allowed).read_to_end(&mut buf) {
                 Ok(0) => break,
                 Ok(_) => {}
+                Err(e) if is_timeout(&e) => {
+                    return Err(RemoteError::Timeout {
+                        url: self.server.url.clone(),
+                        secs: self.transfer_timeout.as_secs_f64(),
+                    })
+                }
                 Err(e) => {
                     return Err(RemoteError::Unreachable {
                         url: self.server.url.clone(),
@@ -259,11 +365,8 @@ impl RemoteClient {
                     })
                 }
             }
-            if size + buf.len() as u64 > info.size {
-                return Err(corrupt(format!(
-                    "more than the announced {} bytes",
-                    info.size
-                )));
+            if let Some(n) = expected_size.filter(|&n| size + buf.len() as u64 > n) {
+                return Err(corrupt(format!("more than the announced {n} bytes")));
             }
             let chunk: Chunk = Arc::new(buf);
             hasher.feed(&chunk);
@@ -281,14 +384,15 @@ impl RemoteClient {
         }
         file.flush().map_err(local)?;
         let sha256 = hasher.finish().map_err(local)?;
-        if size != info.size {
-            return Err(corrupt(format!("{size} bytes, expected {}", info.size)));
+        if let Some(n) = expected_size.filter(|&n| n != size) {
+            return Err(corrupt(format!("{size} bytes, expected {n}")));
         }
-        if !sha256.eq_ignore_ascii_case(&info.sha256) {
-            return Err(corrupt(format!(
-                "sha256 {sha256}, expected {}",
-                info.sha256
-            )));
+        if let Some(want) = info
+            .sha256
+            .as_deref()
+            .filter(|w| !sha256.eq_ignore_ascii_case(w))
+        {
+            return Err(corrupt(format!("sha256 {sha256}, expected {want}")));
         }
         Ok(Verified { file, size, sha256 })
     }
@@ -304,7 +408,13 @@ impl RemoteClient {
     ) -> Result<UploadOutcome, RemoteError> {
         let url = self.url(&format!("/v1/artifacts/{key}"));
         let meta = metadata.to_string();
-        let resp = self.send(&|| {
+        let len = std::fs::metadata(path)
+            .map_err(|e| RemoteError::Local(format!("{}: {e}", path.display())))?
+            .len();
+        // The request's deadline covers the whole upload: the transfer timeout plus the time
+        // the file takes at a slow rate.
+        let deadline = self.transfer_timeout + Duration::from_secs(len / MIN_UPLOAD_RATE);
+        let resp = self.send(deadline, &|| {
             let file = std::fs::File::open(path)
                 .map_err(|e| RemoteError::Local(format!("{}: {e}", path.display())))?;
             let len = file
@@ -413,6 +523,26 @@ fn retry_after(resp: &Response) -> Option<Duration> {
     Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
 }
 
+/// Whether an error answer says the server has no such endpoint (a server of the guide's API
+/// without the optional listing).
+pub(crate) fn no_such_endpoint(e: &RemoteError) -> bool {
+    matches!(
+        e,
+        RemoteError::Status { status, .. } if matches!(
+            *status,
+            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED
+        )
+    )
+}
+
+/// Whether a body read failed on the request's deadline (reqwest's timeout inside an io::Error).
+fn is_timeout(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::TimedOut
+        || e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<reqwest::Error>())
+            .is_some_and(reqwest::Error::is_timeout)
+}
+
 fn expect_success(resp: Response) -> Result<Response, RemoteError> {
     if resp.status().is_success() {
         Ok(resp)
@@ -509,12 +639,12 @@ mod tests {
                 }
             }
         });
-        let info = ArtifactInfo {
+        let info = Found {
             key: "k".into(),
             download_url: "/v1/download/k".into(),
-            size: 1000,
-            sha256: "00".into(),
-            created_at: String::new(),
+            size: Some(1000),
+            sha256: Some("00".into()),
+            created_at: None,
         };
         let dir = tempfile::tempdir().unwrap();
         let mut tapped = 0usize;
@@ -575,6 +705,157 @@ mod tests {
         assert!(reason(C::Expired).contains("expired"));
         assert!(reason(C::NotValidForName).contains("not valid for host \"cache.test\""));
         assert!(reason(C::NotValidYet).contains("not valid yet"));
+    }
+
+    fn client_timeouts(url: &str, lookup: Duration, transfer: Duration) -> RemoteClient {
+        let mut c = client(url, 3);
+        c.policies.retry_delay = Duration::from_secs(5);
+        c.policies.lookup_timeout = lookup;
+        RemoteClient::new(c.server, transfer, c.policies, None).unwrap()
+    }
+
+    #[test]
+    fn a_refused_connection_is_not_retried() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let rc = client_timeouts(
+            &format!("http://127.0.0.1:{port}"),
+            Duration::from_secs(5),
+            Duration::from_secs(300),
+        );
+        let started = std::time::Instant::now();
+        let err = rc.lookup("k").unwrap_err();
+        assert!(matches!(err, RemoteError::Unreachable { .. }), "{err}");
+        // Three attempts 5 s apart would take 15 s.
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_silent_server_costs_a_lookup_one_deadline() {
+        // Connections complete in the kernel's backlog; nothing ever answers.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let rc = client_timeouts(&url, Duration::from_millis(500), Duration::from_secs(300));
+        let started = std::time::Instant::now();
+        let err = rc.lookup("k").unwrap_err();
+        let took = started.elapsed();
+        assert!(matches!(err, RemoteError::Timeout { .. }), "{err}");
+        assert!(err.to_string().starts_with("timeout: "), "{err}");
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+        drop(l);
+    }
+
+    /// A server answering one request per connection with `answer(request head)`.
+    fn serve(answer: fn(&str, &str) -> Vec<u8>) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let base = url.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming().take(20) {
+                let Ok(mut c) = conn else { return };
+                let mut buf = [0u8; 8192];
+                let n = c.read(&mut buf).unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let _ = c.write_all(&answer(&head, &base));
+            }
+        });
+        url
+    }
+
+    fn ok(body: &[u8]) -> Vec<u8> {
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    #[test]
+    fn a_lookup_with_only_a_download_url_is_enough_and_the_key_goes_to_the_same_origin() {
+        let url = serve(|head, base| {
+            let authed = head.contains("authorization: Bearer k");
+            if head.starts_with("GET /v1/artifacts/k ") {
+                ok(format!(r#"{{"downloadUrl":"{base}/v1/download/k"}}"#).as_bytes())
+            } else if head.starts_with("GET /v1/download/k ") && authed {
+                ok(b"bytes")
+            } else {
+                b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_vec()
+            }
+        });
+        let rc = client(&url, 1);
+        let found = rc.lookup("k").unwrap().unwrap();
+        assert_eq!(
+            (found.key.as_str(), found.size, found.sha256.as_deref()),
+            ("k", None, None)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let v = rc.download(&found, dir.path(), None).unwrap();
+        assert_eq!(std::fs::read(v.file.path()).unwrap(), b"bytes");
+        assert_eq!(v.size, 5);
+        // What is known is checked: a SHA-256 from elsewhere (the metadata) that does not match.
+        let wrong = Found {
+            sha256: Some("00".into()),
+            ..found.clone()
+        };
+        let err = rc.download(&wrong, dir.path(), None).map(drop).unwrap_err();
+        assert!(matches!(err, RemoteError::Corrupt { .. }), "{err}");
+        // A path without a leading slash is relative to the server too.
+        let rel = Found {
+            download_url: "v1/download/k".into(),
+            ..found
+        };
+        assert_eq!(rc.download(&rel, dir.path(), None).unwrap().size, 5);
+    }
+
+    #[test]
+    fn the_key_never_goes_to_another_origin() {
+        let rc = client("http://127.0.0.1:8501", 1);
+        let resolve = |u: &str| rc.resolve_download(u).unwrap();
+        assert_eq!(
+            resolve("/v1/download/k"),
+            ("http://127.0.0.1:8501/v1/download/k".into(), true)
+        );
+        assert!(resolve("http://127.0.0.1:8501/other/k").1);
+        assert!(!resolve("http://127.0.0.1:9000/v1/download/k").1);
+        assert!(!resolve("https://127.0.0.1:8501/v1/download/k").1);
+        assert!(!resolve("http://s3.example/bucket/k?sig=1").1);
+    }
+
+    #[test]
+    fn a_download_that_goes_silent_fails_after_the_transfer_timeout() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let Ok((mut c, _)) = l.accept() else { return };
+            let _ = c.read(&mut [0u8; 4096]);
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhalf");
+            std::thread::sleep(Duration::from_secs(10));
+        });
+        let rc = client_timeouts(&url, Duration::from_secs(5), Duration::from_secs(1));
+        let info = Found {
+            key: "k".into(),
+            download_url: "/v1/download/k".into(),
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let started = std::time::Instant::now();
+        let err = rc.download(&info, dir.path(), None).map(drop).unwrap_err();
+        assert!(matches!(err, RemoteError::Timeout { .. }), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

@@ -46,8 +46,9 @@ pub struct RemoteConfigArgs {
     /// Server URL
     #[arg(long, value_name = "URL")]
     url: Option<String>,
-    /// API key (Bearer token)
-    #[arg(long, value_name = "KEY")]
+    /// API key (Bearer token). Empty (as `--api-key $SECRET` with the secret unset, e.g. a
+    /// fork's pipeline): no key, anonymous/read-only use, with a warning
+    #[arg(long, value_name = "KEY", num_args = 0..=1, default_missing_value = "")]
     api_key: Option<String>,
     /// Use the remote in builds
     #[arg(long, conflicts_with = "disable")]
@@ -55,9 +56,13 @@ pub struct RemoteConfigArgs {
     /// Do not use the remote in builds
     #[arg(long)]
     disable: bool,
-    /// Per-request timeout in seconds
+    /// Transfer timeout in seconds: the longest a download or upload may stay silent
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     timeout: Option<u64>,
+    /// Deadline of a lookup in seconds (connect and answer; fractions allowed): what a dead
+    /// remote costs a build
+    #[arg(long, value_name = "SECS")]
+    lookup_timeout: Option<f64>,
     /// PEM file of CA certificates to trust for https:// (a private CA), besides the system's; ""
     /// removes it
     #[arg(long, value_name = "FILE")]
@@ -73,7 +78,7 @@ pub struct RemoteConfigArgs {
 
 #[derive(Args)]
 pub struct PullArgs {
-    /// A cache key, or a package, version and variants
+    /// A cache key, or a package and version (all its remote variants) and variants
     #[arg(value_name = KEYS, num_args = 1.., required = true, allow_hyphen_values = false)]
     args: Vec<String>,
 }
@@ -170,7 +175,13 @@ fn remote_config(c: &RemoteConfigArgs) -> Result<()> {
         changed = true;
     }
     if let Some(k) = &c.api_key {
-        file.api_key = Some(k.clone()).filter(|k| !k.is_empty());
+        file.api_key = Some(k.trim().to_string()).filter(|k| !k.is_empty());
+        if file.api_key.is_none() {
+            nip_client::client::warn(
+                "--api-key is empty: no API key is saved; the remote cache is used anonymously \
+                 (reads only, where the server allows them)",
+            );
+        }
         changed = true;
     }
     if c.enable || c.disable {
@@ -179,6 +190,12 @@ fn remote_config(c: &RemoteConfigArgs) -> Result<()> {
     }
     if let Some(t) = c.timeout {
         file.timeout = Some(t);
+        changed = true;
+    }
+    if let Some(t) = c.lookup_timeout {
+        file.lookup_timeout = Some(t);
+        // Checked now, not at the next build.
+        config::effective(&file, &Default::default())?;
         changed = true;
     }
     if let Some(ca) = &c.ca_cert {
@@ -194,6 +211,8 @@ fn remote_config(c: &RemoteConfigArgs) -> Result<()> {
     }
     if changed {
         config::write_file(&path, &file)?;
+        // A fixed URL, key or CA is worth asking again at once.
+        nip_client::unreachable::Unreachable::new(dirs.unreachable_file()).clear();
         eprintln!("✅ Saved {}", path.display());
     }
     if changed && !c.show {
@@ -206,6 +225,7 @@ fn remote_config(c: &RemoteConfigArgs) -> Result<()> {
         "url": eff.url,
         "apiKey": eff.api_key.as_deref().map(mask_key),
         "timeout": eff.timeout.as_secs(),
+        "lookupTimeout": p.lookup_timeout.as_secs_f64(),
         "enabled": eff.enabled,
         "caCert": eff.ca_cert,
         "servers": eff.servers.iter().map(|s| serde_json::json!({
@@ -318,12 +338,38 @@ fn pull(args: &[String]) -> Result<()> {
     let c = client()?;
     let cwd = std::env::current_dir().context("current directory")?;
     let candidates = |name: &str, version: &str| ops::remote_candidates(&c, name, version);
-    let keys = ops::resolve_keys(&c, args, &cwd, recipes_path().as_deref(), &candidates)?;
-    // `pkg version` without variants may match several artifacts: the newest one is enough.
-    let key = keys.first().context("nothing to pull")?;
-    let meta = ops::pull(&c, key)?;
-    eprintln!("✅ Pulled {} ({} bytes)", meta.key, meta.size);
-    println!("{}", c.local.artifact_path(&meta.key).display());
+    // `pkg version` without variants: every variant of that version the remote has.
+    let (keys, exact) =
+        match ops::resolve_keys(&c, args, &cwd, recipes_path().as_deref(), &candidates)? {
+            ops::Keys::Exact(k) => (k, true),
+            ops::Keys::Possible(k) => (k, false),
+        };
+    let (mut pulled, mut failed) = (0, 0);
+    for key in &keys {
+        match ops::pull_found(&c, key) {
+            Ok(Some(meta)) => {
+                eprintln!("✅ Pulled {} ({} bytes)", meta.key, meta.size);
+                println!("{}", c.local.artifact_path(&meta.key).display());
+                pulled += 1;
+            }
+            // A variant combination the remote does not have.
+            Ok(None) if !exact => {}
+            Ok(None) => {
+                eprintln!("❌ {key} is not in the remote cache");
+                failed += 1;
+            }
+            Err(e) => {
+                eprintln!("❌ {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} pulls failed", keys.len());
+    }
+    if pulled == 0 {
+        bail!("no artifact for {} in the remote cache", args.join(" "));
+    }
     Ok(())
 }
 
@@ -331,13 +377,18 @@ fn push(args: &[String]) -> Result<()> {
     let c = client()?;
     let cwd = std::env::current_dir().context("current directory")?;
     let local = |name: &str, version: &str| {
-        Ok(c.local
-            .list()
-            .into_iter()
-            .filter(|m| m.name == name && m.version == version)
-            .collect())
+        Ok(Some(
+            c.local
+                .list()
+                .into_iter()
+                .filter(|m| m.name == name && m.version == version)
+                .collect(),
+        ))
     };
-    let keys = ops::resolve_keys(&c, args, &cwd, recipes_path().as_deref(), &local)?;
+    // `pkg version` without variants: every local variant of that version.
+    let keys = match ops::resolve_keys(&c, args, &cwd, recipes_path().as_deref(), &local)? {
+        ops::Keys::Exact(k) | ops::Keys::Possible(k) => k,
+    };
     let mut failed = 0;
     for key in &keys {
         match ops::push(&c, key) {
@@ -408,6 +459,10 @@ pub fn run_completions(args: &CompletionsArgs, mut cli: clap::Command) -> Result
         CompletionShell::Zsh => Shell::Zsh,
         CompletionShell::Fish => Shell::Fish,
     };
-    clap_complete::generate(shell, &mut cli, "nip", &mut std::io::stdout());
+    // Written by us, not by the generator (which panics on a write error): a reader that
+    // stops early (`| head`) ends the command quietly.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cli, "nip", &mut script);
+    std::io::Write::write_all(&mut std::io::stdout().lock(), &script)?;
     Ok(())
 }

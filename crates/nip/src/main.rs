@@ -70,9 +70,39 @@ impl Cli {
     }
 }
 
+/// A reader that stops early (`nip cache list | head`) ends a command quietly with status 0, as
+/// it would a tool killed by SIGPIPE: printing to a closed stdout or stderr is no error to report.
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to std") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
+/// Whether an error is a write to a closed pipe.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 fn main() -> std::process::ExitCode {
     let args: Vec<_> = std::env::args_os().collect();
     let cli = Cli::try_parse_args(&args).unwrap_or_else(|e| e.exit());
+    // The server writes to sockets and its log, never to a reader of its output.
+    if !matches!(cli.command, Command::Serve(_)) {
+        quiet_on_broken_pipe();
+    }
     let result = match &cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Keys(cmd) => admin::run_keys(cmd),
@@ -86,6 +116,7 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("nip: error: {e:#}");
             std::process::ExitCode::FAILURE

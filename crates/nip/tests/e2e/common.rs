@@ -318,3 +318,67 @@ pub fn start_empty_upstream(dir: &Path) -> (KillOnDrop, String) {
     .unwrap();
     start_static(dir)
 }
+
+/// The guide's reference server of the `/v1` API (bench/flask_reference.py under gunicorn, run by
+/// bench/run-flask-reference.sh), stopped with SIGTERM on drop so its workers go too.
+pub struct FlaskReference {
+    pub child: KillOnDrop,
+    pub url: String,
+    pub data: PathBuf,
+}
+
+impl Drop for FlaskReference {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Starts the Flask reference on a free port with `token`, its files under `dir`; `None` when
+/// its venv (`NIP_BENCH_VENV`, default /tmp/nip-bench-venv, with flask and gunicorn) is missing,
+/// a failure when the test command requires every component. Never installs anything itself.
+pub fn start_flask_reference(dir: &Path, token: &str, test: &str) -> Option<FlaskReference> {
+    let venv = PathBuf::from(
+        std::env::var("NIP_BENCH_VENV").unwrap_or_else(|_| "/tmp/nip-bench-venv".into()),
+    );
+    let ok = venv.join("bin/gunicorn").is_file()
+        && Command::new(venv.join("bin/python"))
+            .args(["-c", "import flask"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ok {
+        tool_missing(
+            &format!("flask and gunicorn in {}", venv.display()),
+            test,
+            "pip install flask gunicorn in a venv, NIP_BENCH_VENV",
+        );
+        return None;
+    }
+    let port = free_port();
+    let data = dir.join("flask-data");
+    let child = Command::new(repo_root().join("bench/run-flask-reference.sh"))
+        .arg(port.to_string())
+        .arg(&data)
+        .arg(token)
+        .env("NIP_BENCH_VENV", &venv)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("flask.log")).unwrap())
+        .spawn()
+        .expect("start bench/run-flask-reference.sh");
+    let server = FlaskReference {
+        child: KillOnDrop(child),
+        url: format!("http://127.0.0.1:{port}"),
+        data,
+    };
+    wait_http_ok(&format!("{}/v1/health", server.url), Duration::from_secs(60));
+    Some(server)
+}

@@ -2,6 +2,8 @@
 mod ci_docs;
 mod client_build;
 mod client_env;
+mod client_flask;
+mod client_guide;
 mod client_status;
 mod client_unpack_bomb;
 mod common;
