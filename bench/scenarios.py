@@ -335,17 +335,17 @@ def build_tiny(ctx, home, recipes, env_extra):
         raise SystemExit(f"nip build: exit {out.returncode}: {out.stderr.strip()[-500:]}")
     result = json.loads(out.stdout)
     if result["source"] != "built":
-        raise SystemExit(f"P8: the build came from {result['source']}")
+        raise SystemExit(f"P7d: the build came from {result['source']}")
     return seconds
 
 
-def p8_dead_remote(ctx):
-    """P8: what a dead remote adds to `nip build` (the default policies: 3 attempts, 5 s apart), against the
+def p7d_dead_remote(ctx):
+    """P7d: what a dead remote adds to `nip build` (the default policies: 3 attempts, 5 s apart), against the
     same build without a remote: one that refuses connections, and one that accepts them in the kernel's
     backlog and never answers (black-holed). Each timed run has a fresh HOME, so it asks the remote; the
     next builds in the same HOME skip a server found unreachable for a while, measured too."""
     import socket
-    root = f"{ctx.work}/p8"
+    root = f"{ctx.work}/p7d"
     recipes = f"{root}/recipes"
     os.makedirs(recipes, exist_ok=True)
     with open(f"{recipes}/tiny.toml", "w") as f:
@@ -373,16 +373,64 @@ def p8_dead_remote(ctx):
     finally:
         hole.close()
         shutil.rmtree(root, ignore_errors=True)
-    ctx.raw["p8"] = runs
+    ctx.raw["p7d"] = runs
     over = {k: [max(0.0, t - b) for t, b in zip(v, runs["none"])] for k, v in runs.items() if k != "none"}
     ctx.details.append(
-        f"P8 `nip build` of a tiny recipe without a remote: {statistics.median(runs['none']):.2f} s; the next "
+        f"P7d `nip build` of a tiny recipe without a remote: {statistics.median(runs['none']):.2f} s; the next "
         f"build against a server found unreachable skips it: overhead {statistics.median(over['refused_again']):.2f} s "
         f"(refused), {statistics.median(over['hole_again']):.2f} s (black-holed); the lookup deadline is "
         f"{lookup_deadline:.0f} s.")
-    return [absolute("P8", "`nip build` overhead, remote refusing connections", "s", summary(over["refused"]), 1),
-            absolute("P8", "`nip build` overhead, black-holed remote", "s", summary(over["hole"]),
+    return [absolute("P7d", "`nip build` overhead, remote refusing connections", "s", summary(over["refused"]), 1),
+            absolute("P7d", "`nip build` overhead, black-holed remote", "s", summary(over["hole"]),
                      lookup_deadline + 0.5)]
+
+
+def p3c_cluster_followers(ctx):
+    """P3c: two instances sharing one database and store (SQLite and a directory on one machine);
+    one client misses the big NAR on A, which takes the fill lease and fetches it; a second client
+    asks B 100 ms later, which waits for A's fill and serves it from the shared store. Time to first
+    byte and throughput of each, against the same NAR straight from the upstream."""
+    m = ctx.manifest
+    log = f"{ctx.work}/p3c-upstream.log"
+    upstream = ctx.servers.nginx("p3c-upstream", m["cache"], access_log=log)
+    shared = f"{ctx.work}/p3c-shared"
+    up = f"http://127.0.0.1:{upstream.port}"
+    big = f"/nar/{m['big']['nar']}"
+    mib = m["big"]["size"] / MIB
+    leader, follower, direct = [], [], []
+    for r in range(ctx.repeats):
+        shutil.rmtree(shared, ignore_errors=True)
+        nodes = [ctx.servers.nip(f"p3c-{n}{r}", m["public_key"], upstream=up, data_dir=shared,
+                                 extra=("--cache-temp-path", f"{ctx.work}/p3c-{n}{r}-tmp")) for n in "ab"]
+        for n in nodes:
+            download(n.port, f"/{m['big']['hash']}.narinfo")
+        with ThreadPoolExecutor(2) as ex:
+            first = ex.submit(curl_times, [f"http://127.0.0.1:{nodes[0].port}{big}"])
+            time.sleep(0.1)
+            second = ex.submit(curl_times, [f"http://127.0.0.1:{nodes[1].port}{big}"])
+            leader.append(first.result())
+            follower.append(second.result())
+        for n in nodes:
+            ctx.servers.stop(n)
+    fetches = upstream_fetches(log, big)
+    for _ in range(ctx.repeats):
+        direct.append(curl_times([f"{up}{big}"]))
+    ctx.servers.stop(upstream)
+    shutil.rmtree(shared, ignore_errors=True)
+    ctx.raw["p3c"] = {"leader_s": leader, "follower_s": follower, "direct_s": direct, "upstream_fetches": fetches}
+    med = lambda runs, i: statistics.median(r[i] for r in runs)
+    # The follower's clock starts 100 ms after the leader's.
+    ctx.details.append(
+        f"P3c a {mib:.0f} MiB NAR missed on two instances sharing database and store, the second asked "
+        f"100 ms after the first: the fetching instance's client had the first byte after "
+        f"{med(leader, 0) * 1000:.0f} ms and the whole body at {mib / med(leader, 1):.0f} MiB/s; the waiting "
+        f"instance's client had its first byte after {med(follower, 0) * 1000:.0f} ms (the rest of the fetch) "
+        f"and the body at {mib / med(follower, 1):.0f} MiB/s overall, {mib / max(1e-9, med(follower, 1) - med(follower, 0)):.0f} MiB/s "
+        f"once it started; straight from the upstream {mib / med(direct, 1):.0f} MiB/s. Upstream fetches: {fetches} in {ctx.repeats} runs.")
+    return [absolute("P3c", "waiting instance: time to first byte of a NAR another instance fetches", "s",
+                     summary([r[0] for r in follower]), med(leader, 1) + 1.0),
+            absolute("P3c", "upstream fetches per NAR missed on both instances", "", fetches / ctx.repeats, 1,
+                     exact=True)]
 
 
 CRITERION_LINE = re.compile(r"^(?P<name>\S.*?)?\s+time:\s+\[(\S+ \S+) (\S+ \S+) (\S+ \S+)\]")

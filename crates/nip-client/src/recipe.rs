@@ -93,7 +93,8 @@ pub fn find(pkg: &str, dirs: &[PathBuf]) -> Result<LoadedRecipe> {
     Err(ClientError::NotFound(format!(
         "no recipe {pkg:?} (searched {}); available: {}. A recipe is a file {pkg}.toml in one of \
          those directories (./recipes first) with name, version and build, the shell command that \
-         fills $OUT (see examples/recipes/hello.toml)",
+         fills $OUT (see examples/recipes/hello.toml); `nip recipe new {pkg}` writes a commented \
+         template to ./recipes/{pkg}.toml",
         searched.join(", "),
         if have.is_empty() {
             "none".to_string()
@@ -139,6 +140,78 @@ pub fn parse(path: &Path, text: &str) -> Result<LoadedRecipe> {
         path: path.to_path_buf(),
         canonical,
     })
+}
+
+/// The commented template `nip recipe new <name>` writes: a recipe that builds as it is.
+pub fn template(name: &str) -> String {
+    TEMPLATE.replace("@NAME@", name)
+}
+
+const TEMPLATE: &str = r#"# The recipe of @NAME@ for `nip build @NAME@ [+variant...]`.
+# `nip build` reads @NAME@.toml from ./recipes, then from each directory of NIP_RECIPES_PATH
+# (colon-separated), then from $XDG_CONFIG_HOME/nip/recipes (see docs/source-build-guide.md).
+# The cache key is made of this file's content (comments and formatting aside), the content of
+# `source`, the selected variants and the platform: change any of them and the next build is a new
+# artifact; keep them and every machine shares one artifact through the caches.
+
+# Letters, digits, '.', '_' and '-' (1-100, starting with a letter or digit).
+name = "@NAME@"
+version = "0.1.0"
+# Optional: free text.
+description = "@NAME@"
+
+# Optional: a directory relative to this file. Each build runs in a fresh copy of it, and its
+# content is part of the cache key. Without it the build starts in an empty directory.
+# source = "@NAME@-src"
+
+# Optional: the names `nip build @NAME@ +variant` may select. Each selected one is exported as
+# NIP_VARIANT_<VARIANT>=1 (upper case, '-' as '_'), and all of them, sorted and comma-separated, as
+# NIP_VARIANTS. Each set of variants is its own artifact.
+variants = []
+
+# Run with `sh -c`. Fill $OUT, an empty directory: it becomes the artifact that the local and
+# remote caches keep. Its output goes to stderr.
+build = """
+set -eu
+mkdir -p "$OUT/share/@NAME@"
+echo "@NAME@, variants: ${NIP_VARIANTS:-none}" > "$OUT/share/@NAME@/README"
+"""
+"#;
+
+/// Writes [`template`] to `<dir>/<name>.toml`, creating `dir`; never replaces a file. Returns
+/// the path written.
+pub fn write_template(dir: &Path, name: &str) -> Result<PathBuf> {
+    if !valid_name(name) || name.len() > 100 {
+        return Err(ClientError::Recipe(format!(
+            "invalid recipe name {name:?}: use 1-100 letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )));
+    }
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::create_dir_all(dir)
+        .map_err(|e| ClientError::Recipe(format!("cannot create {}: {e}", dir.display())))?;
+    use std::io::Write;
+    let mut file = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(ClientError::Recipe(format!(
+                "{} already exists: not overwritten (edit it, or remove it first)",
+                path.display()
+            )))
+        }
+        Err(e) => {
+            return Err(ClientError::Recipe(format!(
+                "cannot create {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    file.write_all(template(name).as_bytes())
+        .map_err(|e| ClientError::Recipe(format!("cannot write {}: {e}", path.display())))?;
+    Ok(path)
 }
 
 fn valid_name(s: &str) -> bool {
@@ -259,6 +332,25 @@ mod tests {
         let r = find("hello", &[dir]).unwrap();
         assert_eq!(r.recipe.variants, ["python", "ruby"]);
         assert!(r.source_dir().unwrap().is_dir());
+    }
+
+    #[test]
+    fn the_template_is_a_valid_recipe_and_is_never_overwritten() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("recipes");
+        let path = write_template(&dir, "my-tool").unwrap();
+        assert_eq!(path, dir.join("my-tool.toml"));
+        let r = find("my-tool", std::slice::from_ref(&dir)).unwrap();
+        assert_eq!(
+            (r.recipe.name.as_str(), r.recipe.version.as_str()),
+            ("my-tool", "0.1.0")
+        );
+        assert!(r.source_dir().is_none() && r.recipe.variants.is_empty());
+        std::fs::write(&path, HELLO).unwrap();
+        let err = write_template(&dir, "my-tool").unwrap_err().to_string();
+        assert!(err.contains("already exists"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), HELLO);
+        assert!(write_template(&dir, "../x").is_err());
     }
 
     #[test]

@@ -25,10 +25,13 @@ pub const DEFAULT_PRIORITY: u32 = 50;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamConfig {
-    /// Base URL, always ending in `/`, without the `priority` query parameter.
+    /// Base URL, always ending in `/`, without the `priority` and `trusted` query parameters.
     pub url: String,
     /// Priority from `?priority=N`, used until the upstream's `/nix-cache-info` answers.
     pub priority: Option<u32>,
+    /// `?trusted=1`: its narinfos are served without an upstream signature (re-signed by this
+    /// cache), as ncps serves every upstream. Off by default: only signed narinfos are cached.
+    pub trusted: bool,
 }
 
 /// `--otel-enabled`: traces and logs via OpenTelemetry.
@@ -57,6 +60,8 @@ pub struct ServeConfig {
     pub response_header_timeout: Duration,
     pub body_idle_timeout: Duration,
     pub negative_ttl: Duration,
+    /// `--cache-lock-download-ttl`: how long a miss waits for another instance's fetch.
+    pub fill_wait: Duration,
     pub server_addr: String,
     pub log_level: String,
     pub allow_put: bool,
@@ -68,6 +73,8 @@ pub struct ServeConfig {
     pub artifact_retention: Option<Duration>,
     /// Requests per second and burst per key; `None` when rate limiting is off.
     pub rate_limit: Option<(f64, f64)>,
+    /// `--audit-reads`: lookups, downloads and Nix reads go to the audit log too (batched).
+    pub audit_reads: bool,
     /// Store size limit in bytes (`--cache-max-size`).
     pub max_size: Option<u64>,
     /// Cron expression of the eviction job (validated, see [`Schedule`]).
@@ -84,6 +91,8 @@ pub struct ServeConfig {
     pub prometheus_enabled: bool,
     /// `--prometheus-public`: `/metrics` stays public when Nix reads need a token.
     pub prometheus_public: bool,
+    /// `--prometheus-ncps-metrics`: `/metrics` also shows ncps' metric names.
+    pub prometheus_ncps_metrics: bool,
     /// OpenTelemetry export; `None` when `--otel-enabled` is off.
     pub otel: Option<OtelConfig>,
     /// `text` or `json`.
@@ -202,7 +211,7 @@ pub fn parse_bool(v: &str) -> Result<bool, String> {
     }
 }
 
-/// Splits `?priority=N` off an upstream URL and normalizes it to end in `/`.
+/// Splits `?priority=N` and `?trusted=1` off an upstream URL and normalizes it to end in `/`.
 pub fn parse_upstream(raw: &str) -> Result<UpstreamConfig, String> {
     let raw = raw.trim();
     // Messages show the URL with its credentials masked: they end up in logs and terminals.
@@ -217,6 +226,7 @@ pub fn parse_upstream(raw: &str) -> Result<UpstreamConfig, String> {
         None => (raw, None),
     };
     let mut priority = None;
+    let mut trusted = false;
     let mut rest = Vec::new();
     for pair in query
         .into_iter()
@@ -230,6 +240,11 @@ pub fn parse_upstream(raw: &str) -> Result<UpstreamConfig, String> {
                         .map_err(|_| format!("bad priority {n:?} in upstream URL {shown:?}"))?,
                 )
             }
+            Some(("trusted", b)) => {
+                trusted = parse_bool(b).map_err(|_| {
+                    format!("bad trusted={b:?} in upstream URL {shown:?}: use trusted=1")
+                })?
+            }
             // Only the parameter's name: its value may be a token.
             _ => rest.push(pair.split('=').next().unwrap_or(pair)),
         }
@@ -238,11 +253,15 @@ pub fn parse_upstream(raw: &str) -> Result<UpstreamConfig, String> {
     url.push('/');
     if !rest.is_empty() {
         return Err(format!(
-            "upstream URL {shown:?}: only the `priority` query parameter is understood (got {})",
+            "upstream URL {shown:?}: only the `priority` and `trusted` query parameters are understood (got {})",
             rest.join(", ")
         ));
     }
-    Ok(UpstreamConfig { url, priority })
+    Ok(UpstreamConfig {
+        url,
+        priority,
+        trusted,
+    })
 }
 
 pub use nip_core::redact::redact_userinfo;
@@ -288,8 +307,13 @@ fn validate(layer: &Layer, v: &mut Values) -> Result<Vec<(String, &'static str)>
         ));
     }
     // Its default, the default upstream's key, applies only without --upstream-cache.
-    if !v.is_set(UPSTREAM_KEYS) {
-        return Err(err(UPSTREAM_KEYS, format!("no upstream public key given: nip only caches narinfo signed by a trusted key; pass each upstream's key, e.g. --upstream-public-key {DEFAULT_UPSTREAM_KEY}")));
+    // Without a key only upstreams explicitly marked `?trusted=1` could serve anything.
+    let all_trusted = v
+        .list::<UpstreamConfig>("cache.upstream.urls")
+        .iter()
+        .all(|u| u.trusted);
+    if !v.is_set(UPSTREAM_KEYS) && !all_trusted {
+        return Err(err(UPSTREAM_KEYS, format!("no upstream public key given: nip only caches narinfo signed by a trusted key; pass each upstream's key, e.g. --upstream-public-key {DEFAULT_UPSTREAM_KEY}, or, to serve an upstream that signs nothing (as ncps does), add ?trusted=1 to its URL")));
     }
     if v.get::<String>("cache.api-key")
         .is_some_and(|k| k.len() < 16)
@@ -379,6 +403,7 @@ impl ServeConfig {
             response_header_timeout: v.req("cache.upstream.response-header-timeout"),
             body_idle_timeout: v.req("cache.upstream.body-idle-timeout"),
             negative_ttl: v.req("cache.negative-ttl"),
+            fill_wait: v.req("cache.lock.download-lock-ttl"),
             server_addr: v.req("server.addr"),
             log_level: v.req("log.level"),
             allow_put: v.flag("cache.allow-put-verb"),
@@ -388,6 +413,7 @@ impl ServeConfig {
             max_upload_size: v.req("artifact.max-size"),
             artifact_retention: v.get("artifact.retention"),
             rate_limit: (v.get("rate-limit.rps")).map(|rps| (rps, v.req("rate-limit.burst"))),
+            audit_reads: v.flag("audit.reads"),
             max_size: v.get("cache.max-size"),
             lru_schedule: v.get("cache.lru.schedule"),
             lru_timezone: Zone::parse(&v.req::<String>("cache.lru.timezone"))
@@ -397,6 +423,7 @@ impl ServeConfig {
             trusted_upload_keys: v.list("cache.trusted-upload-keys"),
             prometheus_enabled: v.flag("prometheus.enabled"),
             prometheus_public: v.flag("prometheus.public"),
+            prometheus_ncps_metrics: v.flag("prometheus.ncps-metrics"),
             otel: v.flag("opentelemetry.enabled").then(|| OtelConfig {
                 grpc_url: v.get(OTEL_URL),
             }),
@@ -451,7 +478,8 @@ mod tests {
             c.upstreams,
             vec![UpstreamConfig {
                 url: "https://cache.nixos.org/".into(),
-                priority: None
+                priority: None,
+                trusted: false,
             }]
         );
         assert_eq!(c.upstream_public_keys[0].name(), "cache.nixos.org-1");
@@ -481,9 +509,17 @@ mod tests {
             u,
             UpstreamConfig {
                 url: "http://127.0.0.1:1/cache/".into(),
-                priority: Some(10)
+                priority: Some(10),
+                trusted: false,
             }
         );
+        let u = parse_upstream("http://lan:5000?priority=3&trusted=1").unwrap();
+        assert_eq!(
+            (u.url.as_str(), u.priority, u.trusted),
+            ("http://lan:5000/", Some(3), true)
+        );
+        assert!(!parse_upstream("http://lan:5000?trusted=0").unwrap().trusted);
+        assert!(parse_upstream("http://lan:5000?trusted=maybe").is_err());
         assert!(parse_upstream("ftp://x").is_err());
         assert!(parse_upstream("http://x?priority=abc").is_err());
     }
@@ -674,6 +710,28 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(e.setting, "--rate-limit-burst");
+    }
+
+    /// Without any upstream key only upstreams marked `?trusted=1` can serve: nip starts when
+    /// every upstream is, and otherwise says how to opt in.
+    #[test]
+    fn unsigned_upstreams_need_the_trusted_mark() {
+        let c = ServeConfig::from_layer(&layer(&[(
+            "cache.upstream.urls",
+            &["http://lan:5000?trusted=1&priority=3"],
+        )]))
+        .unwrap();
+        assert!(c.upstreams[0].trusted && c.upstream_public_keys.is_empty());
+        assert_eq!(
+            c.print_json()["cache.upstream.urls"][0],
+            "http://lan:5000/?priority=3&trusted=1"
+        );
+        let e = ServeConfig::from_layer(&layer(&[(
+            "cache.upstream.urls",
+            &["http://lan:5000?trusted=1", "http://other:5000"],
+        )]))
+        .unwrap_err();
+        assert!(e.to_string().contains("add ?trusted=1 to its URL"), "{e}");
     }
 
     #[test]

@@ -97,6 +97,12 @@ pub struct Jobs {
 pub fn spawn(state: AppState) -> Jobs {
     let (stop, rx) = watch::channel(false);
     let mut handles = vec![tokio::spawn(flush_loop(state.clone(), rx.clone()))];
+    if state.read_audit.enabled() {
+        handles.push(tokio::spawn(crate::read_audit::flush_loop(
+            state.clone(),
+            rx.clone(),
+        )));
+    }
     if let Some(retention) = state.config.artifact_retention {
         handles.push(tokio::spawn(retention_loop(
             state.clone(),
@@ -242,8 +248,16 @@ async fn retention_loop(state: AppState, retention: Duration, mut rx: watch::Rec
 pub async fn eviction_pass(state: &AppState, max: u64) {
     flush_access_times(state).await;
     let target = crate::budget::Budget::eviction_target(max);
-    match nip_store::gc::evict(state.meta.as_ref(), state.blobs.as_ref(), target, false).await {
+    let started = std::time::Instant::now();
+    let result =
+        nip_store::gc::evict(state.meta.as_ref(), state.blobs.as_ref(), target, false).await;
+    metrics::counter!("nip_eviction_runs_total").increment(1);
+    metrics::histogram!("nip_eviction_duration_seconds").record(started.elapsed().as_secs_f64());
+    match result {
         Ok(s) => {
+            metrics::counter!("nip_evictions_total", "kind" => "narinfo").increment(s.narinfos);
+            metrics::counter!("nip_evictions_total", "kind" => "extra").increment(s.extras);
+            metrics::counter!("nip_evicted_bytes_total").increment(s.bytes.max(0) as u64);
             state.budget.set(s.usage_after);
             // Which entries went is not reported: drop them all from memory.
             if s.narinfos > 0 {

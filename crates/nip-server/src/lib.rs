@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod netrc;
 pub mod nix;
 pub mod range;
+pub mod read_audit;
 pub mod settings;
 pub mod state;
 pub mod stats;

@@ -105,6 +105,17 @@ fn describe() {
         "Bytes stored (NARs and artifacts)"
     );
     describe_gauge!("nip_store_entries", "Entries stored (NARs and artifacts)");
+    describe_counter!("nip_eviction_runs_total", "Eviction passes run");
+    describe_counter!(
+        "nip_evicted_bytes_total",
+        Unit::Bytes,
+        "Bytes freed by eviction"
+    );
+    describe_histogram!(
+        "nip_eviction_duration_seconds",
+        Unit::Seconds,
+        "Time an eviction pass took"
+    );
 }
 
 /// Target of the per-request spans (this middleware's and the handlers'): debug level, so at the
@@ -210,16 +221,279 @@ pub async fn metrics_handler(
         ApiError::NotFound("metrics are off: start nip serve with --prometheus-enabled".into())
     })?;
     crate::jobs::update_store_gauges(&state).await;
-    Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        handle.render(),
-    )
-        .into_response())
+    let mut text = handle.render();
+    if state.config.prometheus_ncps_metrics {
+        text.push_str(&ncps_metrics(&text, &state));
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+/// One sample line of the Prometheus text format.
+struct Sample {
+    name: String,
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+impl Sample {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parses the sample lines of `text` (comments skipped); label values unescaped.
+fn parse_samples(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let name = line[..name_end].to_string();
+        let mut rest = &line[name_end..];
+        let mut labels = Vec::new();
+        if let Some(body) = rest.strip_prefix('{') {
+            let (mut key, mut value, mut in_value, mut escaped) =
+                (String::new(), String::new(), false, false);
+            let mut end = body.len();
+            for (i, c) in body.char_indices() {
+                match (in_value, c) {
+                    (true, _) if escaped => {
+                        value.push(if c == 'n' { '\n' } else { c });
+                        escaped = false;
+                    }
+                    (true, '\\') => escaped = true,
+                    (true, '"') => {
+                        labels.push((std::mem::take(&mut key), std::mem::take(&mut value)));
+                        in_value = false;
+                    }
+                    (true, _) => value.push(c),
+                    (false, '}') => {
+                        end = i + 1;
+                        break;
+                    }
+                    (false, '"') => in_value = true,
+                    (false, '=' | ',') => {}
+                    (false, _) => key.push(c),
+                }
+            }
+            rest = &body[end..];
+        }
+        if let Some(value) = rest.split_whitespace().next().and_then(|v| v.parse().ok()) {
+            out.push(Sample {
+                name,
+                labels,
+                value,
+            });
+        }
+    }
+    out
+}
+
+/// The sum of `name`'s samples whose labels include every pair of `with`.
+fn sum(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name && with.iter().all(|(k, v)| s.label(k) == Some(*v)))
+        .map(|s| s.value)
+        .sum()
+}
+
+fn number(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
+}
+
+/// ncps' metrics (its names, labels and types), computed from nip's own and from the state, so
+/// dashboards built for ncps keep working. The mapping is listed in the README ("ncps users").
+fn ncps_metrics(nip: &str, state: &AppState) -> String {
+    use std::fmt::Write;
+    let samples = parse_samples(nip);
+    let mut out = String::new();
+    let head = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    for (name, kind, help) in [
+        (
+            "ncps_nar_served_total",
+            "nar",
+            "Counts the number of NAR files served.",
+        ),
+        (
+            "ncps_narinfo_served_total",
+            "narinfo",
+            "Counts the number of NAR info files served.",
+        ),
+    ] {
+        head(&mut out, name, "counter", help);
+        for (result, nip_name) in [
+            ("hit", "nip_cache_hits_total"),
+            ("miss", "nip_cache_misses_total"),
+        ] {
+            let v = sum(&samples, nip_name, &[("kind", kind)]);
+            let _ = writeln!(
+                out,
+                "{name}{{result=\"{result}\",status=\"success\"}} {}",
+                number(v)
+            );
+        }
+    }
+    let stored = sum(&samples, "nip_store_size_bytes", &[]);
+    let max = state.budget.max_bytes.unwrap_or(0) as f64;
+    let healthy = state
+        .upstreams
+        .list()
+        .iter()
+        .filter(|u| u.is_healthy())
+        .count();
+    let gauges = [
+        (
+            "ncps_store_total_size_bytes",
+            "The total size of all NAR files in the store.",
+            stored,
+        ),
+        (
+            "ncps_narinfo_count",
+            "Number of narinfo objects currently in cache.",
+            sum(&samples, "nip_store_entries", &[("kind", "narinfo")]),
+        ),
+        (
+            "ncps_nar_file_count",
+            "Number of NAR file objects currently in cache.",
+            sum(&samples, "nip_store_entries", &[("kind", "nar")]),
+        ),
+        (
+            "ncps_cache_max_size_bytes",
+            "Configured maximum cache size in bytes.",
+            max,
+        ),
+        (
+            "ncps_cache_utilization_ratio",
+            "Current cache size as a ratio of maximum size (0.0 to 1.0).",
+            if max > 0.0 { stored / max } else { 0.0 },
+        ),
+        (
+            "ncps_upstream_count_total",
+            "Total number of configured upstream caches",
+            state.upstreams.list().len() as f64,
+        ),
+        (
+            "ncps_upstream_count_healthy",
+            "Number of healthy upstream caches",
+            healthy as f64,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        head(&mut out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {}", number(v));
+    }
+    let counters = [
+        (
+            "ncps_lru_cleanup_runs_total",
+            "Total number of LRU cleanup executions.",
+            sum(&samples, "nip_eviction_runs_total", &[]),
+        ),
+        (
+            "ncps_lru_narinfos_evicted_total",
+            "Total number of narinfos evicted by LRU.",
+            sum(&samples, "nip_evictions_total", &[("kind", "narinfo")]),
+        ),
+        (
+            "ncps_lru_nar_files_evicted_total",
+            "Total number of NAR files evicted by LRU.",
+            sum(&samples, "nip_evictions_total", &[("kind", "nar")]),
+        ),
+        // nip stores whole NARs: no chunks.
+        (
+            "ncps_lru_chunks_evicted_total",
+            "Total number of chunks evicted by LRU.",
+            0.0,
+        ),
+        (
+            "ncps_lru_bytes_freed_total",
+            "Total bytes freed by LRU eviction.",
+            sum(&samples, "nip_evicted_bytes_total", &[]),
+        ),
+    ];
+    for (name, help, v) in counters {
+        head(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", number(v));
+    }
+    let histograms = [
+        (
+            "ncps_lru_cleanup_duration_seconds",
+            "Duration of LRU cleanup operations.",
+            "nip_eviction_duration_seconds",
+            None,
+        ),
+        (
+            "ncps_upstream_narinfo_fetch_duration_seconds",
+            "Duration of narinfo fetches from upstream caches.",
+            "nip_upstream_request_duration_seconds",
+            Some(("kind", "narinfo")),
+        ),
+        (
+            "ncps_upstream_nar_fetch_duration_seconds",
+            "Duration of NAR fetches from upstream caches.",
+            "nip_upstream_request_duration_seconds",
+            Some(("kind", "nar")),
+        ),
+    ];
+    for (name, help, nip_name, filter) in histograms {
+        head(&mut out, name, "histogram", help);
+        let with: Vec<(&str, &str)> = filter.into_iter().collect();
+        // Buckets summed over nip's label sets (e.g. every upstream), in `le` order.
+        let mut buckets: Vec<(String, f64)> = Vec::new();
+        let bucket_name = format!("{nip_name}_bucket");
+        for s in samples
+            .iter()
+            .filter(|s| s.name == bucket_name && with.iter().all(|(k, v)| s.label(k) == Some(*v)))
+        {
+            let Some(le) = s.label("le") else { continue };
+            match buckets.iter_mut().find(|(l, _)| l == le) {
+                Some((_, n)) => *n += s.value,
+                None => buckets.push((le.to_string(), s.value)),
+            }
+        }
+        let bound = |le: &str| le.parse::<f64>().unwrap_or(f64::INFINITY);
+        buckets.sort_by(|a, b| bound(&a.0).total_cmp(&bound(&b.0)));
+        let count = sum(&samples, &format!("{nip_name}_count"), &with);
+        if buckets.last().is_none_or(|(le, _)| bound(le).is_finite()) {
+            buckets.push(("+Inf".into(), count));
+        }
+        for (le, n) in buckets {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {}", number(n));
+        }
+        let total = sum(&samples, &format!("{nip_name}_sum"), &with);
+        let _ = writeln!(
+            out,
+            "{name}_sum {}\n{name}_count {}",
+            number(total),
+            number(count)
+        );
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn samples_are_parsed_with_their_labels() {
+        let text = "# TYPE x counter\nnip_cache_hits_total{kind=\"nar\"} 3\nnip_cache_hits_total{kind=\"narinfo\"} 4\n\
+            nip_upstream_request_duration_seconds_bucket{upstream=\"http://a/\\\"x\",kind=\"nar\",le=\"0.5\"} 2\nnip_store_size_bytes 10\n";
+        let s = parse_samples(text);
+        assert_eq!(s.len(), 4);
+        assert_eq!(sum(&s, "nip_cache_hits_total", &[("kind", "nar")]), 3.0);
+        assert_eq!(sum(&s, "nip_cache_hits_total", &[]), 7.0);
+        assert_eq!(s[2].label("upstream"), Some("http://a/\"x"));
+        assert_eq!(s[2].label("le"), Some("0.5"));
+        assert_eq!(sum(&s, "nip_store_size_bytes", &[]), 10.0);
+    }
 
     #[test]
     fn method_labels_are_a_closed_set() {

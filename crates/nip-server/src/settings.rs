@@ -64,7 +64,7 @@ pub enum Kind {
     Path,
     /// An `http://` or `https://` URL (an example for errors); shown with credentials masked.
     Url(Option<&'static str>),
-    /// `sqlite:PATH` or `postgres://…`; shown with credentials masked.
+    /// `sqlite:PATH`, `postgres://…` or `mysql://…`; shown with credentials masked.
     DatabaseUrl,
     /// A duration as ncps takes them (`500ms`, `3s`, `5m`, `2h`, `1d`); shown in milliseconds.
     Duration,
@@ -87,7 +87,8 @@ pub enum Kind {
     Cron,
     /// A time zone: an IANA name (`Europe/Paris`), `UTC` or `Local` (the machine's).
     TimeZone,
-    /// Upstream cache URLs, each with an optional `?priority=N`; shown with credentials masked.
+    /// Upstream cache URLs, each with an optional `?priority=N` and `?trusted=1`; shown with
+    /// credentials masked.
     Upstreams,
     /// Public keys (`name:base64`).
     PublicKeys,
@@ -241,14 +242,14 @@ pub const SETTINGS: &[Setting] = &[
       &["CACHE_DATA_PATH", "CACHE_STORAGE_LOCAL"], &["cache.storage.local", "cache.data-path"], Kind::Path,
       "Directory for the cache's files (NARs, database, signing key)").default("nip-data"),
     s("cache.database-url", &["cache-database-url"], &["CACHE_DATABASE_URL"], &["cache.database-url"], Kind::DatabaseUrl,
-      "Metadata database URL (sqlite:PATH)")
+      "Metadata database URL (sqlite:PATH, postgres://USER@HOST/DB or mysql://USER:PASSWORD@HOST/DB)")
       .derived("sqlite:<data path>/db/db.sqlite", |v| Some(format!("sqlite:{}", under_data_path(v, "db/db.sqlite")?))),
     s("cache.temp-path", &["cache-temp-path"], &["CACHE_TEMP_PATH"], &["cache.temp-path"], Kind::Path,
       "Directory for downloads and uploads in progress").derived("<data path>/tmp", |v| under_data_path(v, "tmp"))
       .empty_unset(),
     s("cache.upstream.urls", &["upstream-cache", "cache-upstream-url"],
       &["UPSTREAM_CACHES", "CACHE_UPSTREAM_URLS"], &["cache.upstream.urls", "cache.upstream.caches", "upstream.caches"], Kind::Upstreams,
-      "Upstream binary cache URL; repeat for several (or separate them with commas). `?priority=N` sets its priority until its /nix-cache-info answers")
+      "Upstream binary cache URL; repeat for several (or separate them with commas). `?priority=N` sets its priority until its /nix-cache-info answers; `?trusted=1` serves its narinfos without an upstream signature (re-signed by this cache; only for an upstream you control, such as a private nix-serve)")
       .default(DEFAULT_UPSTREAM).split_commas(),
     s("cache.upstream.public-keys", &["upstream-public-key", "cache-upstream-public-key"],
       &["UPSTREAM_PUBLIC_KEYS", "CACHE_UPSTREAM_PUBLIC_KEYS"],
@@ -310,6 +311,9 @@ pub const SETTINGS: &[Setting] = &[
     s("rate-limit.burst", &["rate-limit-burst"], &["NIP_RATE_LIMIT_BURST"], &["rate-limit.burst"], Kind::Burst,
       "Requests allowed in a burst above the rate").requires("rate-limit.rps")
       .derived("twice the rate", |v| v.get::<f64>("rate-limit.rps").map(|rps| (rps * 2.0).max(1.0).to_string())),
+    s("audit.reads", &["audit-reads"], &["NIP_AUDIT_READS"], &["audit.reads"], Kind::Bool,
+      "Also record reads in the audit log: /v1 artifact lookups and downloads, Nix narinfo and NAR reads (kept in memory and written in batches every few seconds, so a hit costs no database write)")
+      .default("false"),
     s("cache.max-size", &["cache-max-size"], &["CACHE_MAX_SIZE"], &["cache.max-size"], Kind::Size,
       "Maximum store size (e.g. 10G): least recently used entries are evicted to stay under it").off("unlimited"),
     s("cache.lru.schedule", &["cache-lru-schedule"], &["CACHE_LRU_SCHEDULE"], &["cache.lru.schedule"], Kind::Cron,
@@ -325,6 +329,8 @@ pub const SETTINGS: &[Setting] = &[
       "Serve Prometheus metrics on /metrics").default("false").global(),
     s("prometheus.public", &["prometheus-public"], &["NIP_PROMETHEUS_PUBLIC"], &["prometheus.public"], Kind::Bool,
       "Keep /metrics public for scrapers when reads need a token (--cache-require-auth-read, --cache-get-token); otherwise /metrics then needs a read key or the get token").default("false"),
+    s("prometheus.ncps-metrics", &["prometheus-ncps-metrics"], &["NIP_PROMETHEUS_NCPS_METRICS"], &["prometheus.ncps-metrics"], Kind::Bool,
+      "Also show ncps' metrics (ncps_*) on /metrics, computed from nip's own, so dashboards built for ncps keep working (the mapping is in the README under ncps users)").default("true"),
     s("log.format", &["log-format"], &["LOG_FORMAT"], &["log.format"], Kind::Choice(&["text", "json"]),
       "Log format: text or json").default("text"),
     s("opentelemetry.enabled", &["otel-enabled"], &["OTEL_ENABLED"], &["opentelemetry.enabled"], Kind::Bool,
@@ -420,8 +426,8 @@ pub const SETTINGS: &[Setting] = &[
     ncps!("cache.lock.backend", "cache-lock-backend", "CACHE_LOCK_BACKEND", Kind::Text, "Lock backend, local or redis (ncps)", LOCKS).quiet_at("local"),
     ncps!("cache.lock.redis.key-prefix", "cache-lock-redis-key-prefix", "CACHE_LOCK_REDIS_KEY_PREFIX", Kind::Text,
          "Redis lock key prefix (ncps)", LOCKS).quiet_at("ncps:lock:"),
-    ncps!("cache.lock.download-lock-ttl", "cache-lock-download-ttl", "CACHE_LOCK_DOWNLOAD_TTL", Kind::Text,
-         "Download lock TTL (ncps)", LOCKS).quiet_at("5m"),
+    s("cache.lock.download-lock-ttl", &["cache-lock-download-ttl"], &["CACHE_LOCK_DOWNLOAD_TTL"], &["cache.lock.download-lock-ttl"], Kind::Duration,
+      "Longest an instance waits for another instance's fetch of the same miss before fetching itself (ncps' download lock TTL)").default("5m"),
     ncps!("cache.lock.lru-lock-ttl", "cache-lock-lru-ttl", "CACHE_LOCK_LRU_TTL", Kind::Text, "LRU lock TTL (ncps)", LOCKS).quiet_at("30m"),
     ncps!("cache.lock.retry.max-attempts", "cache-lock-retry-max-attempts", "CACHE_LOCK_RETRY_MAX_ATTEMPTS", Kind::Text,
          "Lock retry attempts (ncps)", LOCKS).quiet_at("3"),

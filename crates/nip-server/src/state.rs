@@ -47,6 +47,8 @@ pub struct Inner {
     pub(crate) get_token_hash: Option<String>,
     /// Reads since the last flush of access times (batched: no database write per hit).
     pub(crate) accessed: jobs::Accessed,
+    /// `--audit-reads`: reads since the last write to the audit log (batched likewise).
+    pub(crate) read_audit: crate::read_audit::ReadAudit,
     pub(crate) stats: stats::Stats,
     /// Set when `--prometheus-enabled`.
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -186,6 +188,7 @@ impl AppState {
         let (global_cap, client_cap) = staging_caps(config.max_upload_size);
         Ok(AppState(Arc::new(Inner {
             staged: StagingLimits::new(global_cap, client_cap),
+            read_audit: crate::read_audit::ReadAudit::new(config.audit_reads),
             config,
             rate_limiter,
             accessed: jobs::Accessed::default(),

@@ -29,6 +29,8 @@ pub struct Upstream {
     /// The URL with any credentials masked: what logs, metrics and the index show.
     name: String,
     configured_priority: Option<u32>,
+    /// `?trusted=1`: narinfos no configured key signed are served anyway.
+    trusted: bool,
     announced_priority: Mutex<Option<u32>>,
     health: Mutex<Health>,
 }
@@ -36,6 +38,11 @@ pub struct Upstream {
 impl Upstream {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Marked `?trusted=1`: its narinfos need no upstream signature.
+    pub fn trusted(&self) -> bool {
+        self.trusted
     }
 
     /// Priority as Nix uses it: lower is preferred.
@@ -72,10 +79,11 @@ impl Upstream {
 /// Outcome of asking one upstream for a narinfo.
 #[derive(Debug)]
 pub enum NarInfoAnswer {
-    /// Signed by a trusted key (named).
+    /// Signed by a trusted key (named), or, `None`, from an upstream marked `?trusted=1` that no
+    /// configured key signed.
     Verified {
         info: Box<NarInfo>,
-        key: String,
+        key: Option<String>,
     },
     /// 404 or 410: the upstream says it does not have it.
     Missing,
@@ -110,7 +118,9 @@ pub enum Lookup {
 pub struct Found {
     pub info: NarInfo,
     pub upstream: Arc<Upstream>,
-    pub key: String,
+    /// The upstream key that verified it; `None` for an unsigned narinfo of a `?trusted=1`
+    /// upstream.
+    pub key: Option<String>,
     /// Other upstreams whose verified narinfo has the same file hash: fallbacks for the NAR.
     pub alternates: Vec<(Arc<Upstream>, NarInfo)>,
 }
@@ -154,15 +164,30 @@ impl Upstreams {
             .iter()
             .map(|u| {
                 let url = Url::parse(&u.url)?;
+                let name = crate::config::redact_userinfo(url.as_str());
+                if u.trusted {
+                    tracing::warn!(upstream = %name,
+                        "upstream marked ?trusted=1: its narinfos are served without an upstream signature, signed by this cache; use this only for an upstream you control");
+                }
                 Ok(Arc::new(Upstream {
-                    name: crate::config::redact_userinfo(url.as_str()),
+                    name,
                     url,
                     configured_priority: u.priority,
+                    trusted: u.trusted,
                     announced_priority: Mutex::new(None),
                     health: Mutex::default(),
                 }))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        if list.iter().any(|u| !u.trusted) {
+            let keys: Vec<&str> = config
+                .upstream_public_keys
+                .iter()
+                .map(|k| k.name())
+                .collect();
+            tracing::info!(keys = %keys.join(","),
+                "upstream narinfos are cached only when signed by one of these keys; to serve an upstream that signs nothing (as ncps does), add ?trusted=1 to its URL");
+        }
         Ok(Upstreams {
             list,
             client,
@@ -297,12 +322,21 @@ impl Upstreams {
                 let key = key.name().to_string();
                 NarInfoAnswer::Verified {
                     info: Box::new(info),
-                    key,
+                    key: Some(key),
                 }
             }
-            None => {
-                NarInfoAnswer::Untrusted("not signed by any configured upstream public key".into())
+            None if upstream.trusted => {
+                // No signature verified: none is passed on as if vouched for.
+                let mut info = info;
+                info.sigs.clear();
+                NarInfoAnswer::Verified {
+                    info: Box::new(info),
+                    key: None,
+                }
             }
+            None => NarInfoAnswer::Untrusted(
+                "not signed by any configured upstream public key (add ?trusted=1 to this upstream's URL to serve it unsigned)".into(),
+            ),
         }
     }
 
@@ -379,10 +413,17 @@ impl Upstreams {
             };
         };
         let alternates = iter
-            .filter(|(_, other, _)| other.file_hash.is_some() && other.file_hash == info.file_hash)
+            .filter(|(_, other, _)| match (&info.file_hash, &other.file_hash) {
+                (Some(a), Some(b)) => a == b,
+                // Checked by NarHash: any upstream's bytes that decompress to the same NAR do.
+                (None, None) => {
+                    other.nar_hash == info.nar_hash && other.compression == info.compression
+                }
+                _ => false,
+            })
             .map(|(u, i, _)| (u, i))
             .collect();
-        tracing::debug!(upstream = %upstream.name(), %hash, %key, "narinfo verified");
+        tracing::debug!(upstream = %upstream.name(), %hash, key = key.as_deref().unwrap_or("none (?trusted=1)"), "narinfo verified");
         Lookup::Found(Box::new(Found {
             info,
             upstream,

@@ -63,12 +63,42 @@ impl BlobKey {
     pub fn artifact(sha256_hex: &str) -> Result<Self, StoreError> {
         Self::new(format!("{ARTIFACT_PREFIX}/{sha256_hex}"))
     }
+
+    /// A file of the Nix cache other than narinfos and NARs (listing, build log, realisation,
+    /// debug info) under its kind's prefix, its name escaped by [`escape_blob_name`].
+    pub fn nix_extra(prefix: &str, name: &str) -> Result<Self, StoreError> {
+        Self::new(format!("{prefix}/{}", escape_blob_name(name)))
+    }
+}
+
+/// A name as one key segment: bytes outside `[A-Za-z0-9.-]` (and a leading `.`, which marks a
+/// half-published file) become `_` and two hex digits, so distinct names stay distinct.
+pub fn escape_blob_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for (i, b) in name.bytes().enumerate() {
+        if b.is_ascii_alphanumeric() || b == b'-' || (b == b'.' && i > 0) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("_{b:02x}"));
+        }
+    }
+    out
 }
 
 /// The blob layout: every NAR under this prefix, named as the Nix cache serves it.
 pub const NAR_PREFIX: &str = "nar";
 /// Every artifact's bytes under this prefix, named by their SHA-256.
 pub const ARTIFACT_PREFIX: &str = "artifacts";
+/// NAR listings (`<hash>.ls`), by store path hash.
+pub const LS_PREFIX: &str = "ls";
+/// Build logs (`log/<drv basename>`).
+pub const LOG_PREFIX: &str = "log";
+/// Realisations of content-addressed derivations (`realisations/<id>.doi`).
+pub const REALISATION_PREFIX: &str = "realisations";
+/// Debug info (`debuginfo/<build-id>`).
+pub const DEBUGINFO_PREFIX: &str = "debuginfo";
+/// ncps' build trace entries (`build-trace-v2/<drv>/<output>`).
+pub const BUILD_TRACE_PREFIX: &str = "build-trace-v2";
 
 /// An inclusive byte range `start..=end`, already checked against the blob size by the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,5 +179,16 @@ mod tests {
         for good in ["nar/0abc.nar.xz", "artifacts/my-pkg_1.0"] {
             assert_eq!(BlobKey::new(good).unwrap().as_str(), good);
         }
+    }
+
+    #[test]
+    fn extra_names_are_escaped_into_one_segment() {
+        let k = |n: &str| BlobKey::nix_extra(LOG_PREFIX, n).unwrap();
+        assert_eq!(k("abc-hello.drv").as_str(), "log/abc-hello.drv");
+        assert_eq!(k("a+b?c=d_e").as_str(), "log/a_2bb_3fc_3dd_5fe");
+        assert_eq!(k("sha256:00!out").as_str(), "log/sha256_3a00_21out");
+        assert_eq!(k("../x").as_str(), "log/_2e._2fx");
+        assert_eq!(k(".hidden").as_str(), "log/_2ehidden");
+        assert_ne!(k("a_2b"), k("a+"));
     }
 }

@@ -25,6 +25,8 @@ pub enum CandidateKind {
     /// A stored NAR (with the narinfos that point at it).
     Nar,
     Artifact,
+    /// A listing, build log, realisation or debug info file (`id`: `<kind>/<name>`).
+    Extra,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,12 +91,45 @@ pub struct EvictionSummary {
     pub nars: u64,
     pub narinfos: u64,
     pub artifacts: u64,
+    /// Listings, build logs, realisations and debug info files.
+    pub extras: u64,
     pub bytes: i64,
     pub usage_after: i64,
 }
 
-/// Evicts least recently used entries until usage is at most `max_bytes`. With `dry_run` nothing
-/// is deleted and the summary says what would be.
+/// The NAR files a pin keeps: a pinned narinfo's and, transitively, those of every path it
+/// references (ncps' closure pins), as far as this cache holds their narinfos.
+pub async fn pinned_closure_nars<I: Index + ?Sized>(
+    index: &I,
+) -> Result<HashSet<String>, MetaError> {
+    let mut queue = index.pins().await?;
+    let mut visited: HashSet<String> = queue.iter().cloned().collect();
+    let mut nars = HashSet::new();
+    while let Some(hash) = queue.pop() {
+        // A pin of an artifact key names no narinfo.
+        let Some(rec) = index.get_narinfo(&hash).await? else {
+            continue;
+        };
+        nars.insert(rec.nar_file);
+        let Ok(info) = nip_core::narinfo::NarInfo::parse(&rec.narinfo) else {
+            continue;
+        };
+        for r in &info.references {
+            let h = r.hash().as_str();
+            if !visited.contains(h) {
+                visited.insert(h.to_string());
+                queue.push(h.to_string());
+            }
+        }
+    }
+    Ok(nars)
+}
+
+/// Candidates asked for at a time.
+const BATCH: i64 = 256;
+
+/// Evicts least recently used entries until usage is at most `max_bytes`; pinned artifacts and
+/// pinned closures stay. With `dry_run` nothing is deleted and the summary says what would be.
 pub async fn evict<I: Index + ?Sized>(
     index: &I,
     blobs: &dyn BlobStore,
@@ -104,13 +139,31 @@ pub async fn evict<I: Index + ?Sized>(
     let mut usage = index.usage().await?.bytes;
     let mut summary = EvictionSummary::default();
     let mut seen = HashSet::new();
+    if usage <= max_bytes as i64 {
+        summary.usage_after = usage;
+        return Ok(summary);
+    }
+    let protected = pinned_closure_nars(index).await?;
+    let mut limit = BATCH;
     while usage > max_bytes as i64 {
-        let batch = index.eviction_candidates(256).await?;
+        let batch = index.eviction_candidates(limit).await?;
+        let full = batch.len() as i64 == limit;
+        let mut kept = 0;
         let fresh: Vec<_> = batch
             .into_iter()
-            .filter(|c| seen.insert((c.kind.clone(), c.id.clone())))
+            .filter(|c| {
+                let pinned = c.kind == CandidateKind::Nar && protected.contains(&c.id);
+                kept += i64::from(pinned);
+                !pinned && seen.insert((c.kind.clone(), c.id.clone()))
+            })
             .collect();
+        // Pinned closures stay at the front of the LRU order: look past them.
+        limit = limit.max(BATCH + kept);
         if fresh.is_empty() {
+            if full && kept > 0 && !dry_run {
+                limit += BATCH;
+                continue;
+            }
             break;
         }
         for c in fresh {
@@ -134,6 +187,19 @@ pub async fn evict<I: Index + ?Sized>(
                         }
                     }
                     summary.artifacts += 1;
+                }
+                CandidateKind::Extra => {
+                    if !dry_run {
+                        let parsed = c.id.split_once('/').and_then(|(k, name)| {
+                            crate::extras::ExtraKind::parse(k).map(|k| (k, name))
+                        });
+                        if let Some((kind, name)) = parsed {
+                            if let Some(rec) = index.delete_extra(kind, name).await? {
+                                blobs.delete(&rec.blob_key()?).await?;
+                            }
+                        }
+                    }
+                    summary.extras += 1;
                 }
             }
             usage -= c.size;
@@ -268,6 +334,33 @@ pub async fn reconcile<I: Index + ?Sized>(
         &mut s,
     )
     .await?;
+
+    let extras = index.all_extras().await?;
+    for kind in crate::extras::ExtraKind::ALL {
+        let prefix = kind.blob_prefix();
+        let listed = blobs.list(prefix).await?;
+        let stored = names_under(&listed, prefix);
+        let mut referenced = HashSet::new();
+        for (_, name, sha) in extras.iter().filter(|(k, _, _)| *k == kind) {
+            let blob = kind.blob_name(name, sha);
+            if !stored.contains(&blob) {
+                s.rows_without_bytes += 1;
+                if !dry_run {
+                    index.delete_extra(kind, name).await?;
+                }
+            }
+            referenced.insert(blob);
+        }
+        sweep(
+            blobs,
+            &listed,
+            prefix,
+            |name| referenced.contains(name),
+            dry_run,
+            &mut s,
+        )
+        .await?;
+    }
     Ok(s)
 }
 
@@ -340,7 +433,7 @@ mod tests {
         })
         .await
         .unwrap();
-        sqlx::query("UPDATE nars SET last_accessed_at = $1 WHERE nar_file = $2")
+        sqlx::query(&f.db.sql("UPDATE nars SET last_accessed_at = $1 WHERE nar_file = $2"))
             .bind(at)
             .bind(&file)
             .execute(f.db.pool())
@@ -405,6 +498,69 @@ mod tests {
             // Everything left is pinned or under the budget: nothing more to do.
             let s = evict(&f.db, &f.blobs, 0, false).await.unwrap();
             assert_eq!(s.usage_after, 100, "only the pinned entry stays");
+        }
+    }
+
+    /// A store path hash made from a number (nix-base32 digits).
+    fn path_hash(n: usize) -> String {
+        const DIGITS: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+        let mut out = vec![b'0'; 32];
+        let (mut n, mut i) = (n, 31);
+        while n > 0 {
+            out[i] = DIGITS[n % 32];
+            (n, i) = (n / 32, i - 1);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    /// Gives a stored narinfo these references.
+    async fn set_references(f: &Fx, hash: &str, refs: &[String]) {
+        let refs: Vec<String> = refs.iter().map(|h| format!("{h}-dep")).collect();
+        let text = format!(
+            "StorePath: /nix/store/{hash}-x\nURL: nar/{hash}.nar\nCompression: none\nNarHash: sha256:{}\nNarSize: 1\nReferences: {}\n",
+            "0".repeat(52),
+            refs.join(" ")
+        );
+        sqlx::query(&f.db.sql("UPDATE narinfos SET narinfo = $1 WHERE hash = $2"))
+            .bind(text)
+            .bind(hash)
+            .execute(f.db.pool())
+            .await
+            .unwrap();
+    }
+
+    /// A pinned narinfo keeps its whole closure, however far back in the LRU order it is (more
+    /// entries than one batch of candidates), and unpinned entries still go.
+    #[tokio::test]
+    async fn a_pin_keeps_the_whole_closure() {
+        for f in fx_all().await {
+            let root = path_hash(1);
+            let deps: Vec<String> = (2..300).map(path_hash).collect();
+            for (i, d) in deps.iter().enumerate() {
+                nix_entry(&f, d, 10, i as i64).await;
+            }
+            let grandchild = path_hash(400);
+            nix_entry(&f, &grandchild, 10, 1).await;
+            set_references(&f, &deps[5], std::slice::from_ref(&grandchild)).await;
+            nix_entry(&f, &root, 10, 1000).await;
+            set_references(&f, &root, &deps).await;
+            let loose = path_hash(500);
+            nix_entry(&f, &loose, 10, 0).await; // the oldest
+            let newest = path_hash(501);
+            nix_entry(&f, &newest, 10, 2000).await;
+            f.db.pin(&root, 0).await.unwrap();
+            let kept = 10 * (deps.len() as i64 + 2);
+            let s = evict(&f.db, &f.blobs, kept as u64, false).await.unwrap();
+            assert_eq!((s.nars, s.usage_after), (2, kept));
+            for h in deps.iter().chain([&root, &grandchild]) {
+                assert!(f.db.get_narinfo(h).await.unwrap().is_some(), "{h} evicted");
+            }
+            assert!(f.db.get_narinfo(&loose).await.unwrap().is_none());
+            assert!(f.db.get_narinfo(&newest).await.unwrap().is_none());
+            // Unpinned, the closure is an ordinary LRU entry again.
+            assert!(f.db.unpin(&root).await.unwrap());
+            let s = evict(&f.db, &f.blobs, 0, false).await.unwrap();
+            assert_eq!(s.usage_after, 0);
         }
     }
 

@@ -1,6 +1,7 @@
 //! Index contracts beyond the Nix cache: `/v1` artifacts, API keys and the audit log.
 use async_trait::async_trait;
 
+use crate::extras::ExtraIndex;
 use crate::gc::GcIndex;
 use crate::lease::Leases;
 use crate::meta::{MetaError, MetaStore};
@@ -105,6 +106,13 @@ pub trait KeyStore: Send + Sync + 'static {
 #[async_trait]
 pub trait AuditLog: Send + Sync + 'static {
     async fn audit(&self, entry: &AuditEntry) -> Result<(), MetaError>;
+    /// Writes several entries, in one transaction where the backend can.
+    async fn audit_many(&self, entries: &[AuditEntry]) -> Result<(), MetaError> {
+        for e in entries {
+            self.audit(e).await?;
+        }
+        Ok(())
+    }
     /// Newest first.
     async fn audit_since(
         &self,
@@ -115,5 +123,11 @@ pub trait AuditLog: Send + Sync + 'static {
 }
 
 /// Everything the server keeps in its database.
-pub trait Index: MetaStore + ArtifactIndex + KeyStore + AuditLog + GcIndex + Leases {}
-impl<T: MetaStore + ArtifactIndex + KeyStore + AuditLog + GcIndex + Leases> Index for T {}
+pub trait Index:
+    MetaStore + ArtifactIndex + KeyStore + AuditLog + GcIndex + Leases + ExtraIndex
+{
+}
+impl<T: MetaStore + ArtifactIndex + KeyStore + AuditLog + GcIndex + Leases + ExtraIndex> Index
+    for T
+{
+}

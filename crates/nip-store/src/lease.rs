@@ -32,6 +32,9 @@ impl Leases for SqlMeta {
         now: i64,
         until: i64,
     ) -> Result<bool, MetaError> {
+        if self.backend() == crate::sql::Backend::Mysql {
+            return take_lease_mysql(self, name, holder, now, until).await;
+        }
         // The conditional upsert is one statement on both backends: no read-then-write race.
         let done = sqlx::query(
             "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) \
@@ -48,14 +51,47 @@ impl Leases for SqlMeta {
     }
 
     async fn end_lease(&self, name: &str, holder: &str, until: i64) -> Result<(), MetaError> {
-        sqlx::query("UPDATE leases SET expires_at = $3 WHERE name = $1 AND holder = $2")
+        sqlx::query(&self.sql("UPDATE leases SET expires_at = $1 WHERE name = $2 AND holder = $3"))
+            .bind(until)
             .bind(name)
             .bind(holder)
-            .bind(until)
             .execute(self.pool())
             .await?;
         Ok(())
     }
+}
+
+/// MySQL has no conditional upsert, and counts matched rather than changed rows: a conditional
+/// UPDATE (atomic on the row) takes a lease that exists; when none matched, an INSERT creates it,
+/// and a duplicate key means another holder has it.
+async fn take_lease_mysql(
+    db: &SqlMeta,
+    name: &str,
+    holder: &str,
+    now: i64,
+    until: i64,
+) -> Result<bool, MetaError> {
+    let taken = sqlx::query(
+        "UPDATE leases SET holder = ?, expires_at = ? WHERE name = ? AND (holder = ? OR expires_at <= ?)",
+    )
+    .bind(holder)
+    .bind(until)
+    .bind(name)
+    .bind(holder)
+    .bind(now)
+    .execute(db.pool())
+    .await?
+    .rows_affected();
+    if taken == 1 {
+        return Ok(true);
+    }
+    let done = sqlx::query("INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?)")
+        .bind(name)
+        .bind(holder)
+        .bind(until)
+        .execute(db.pool())
+        .await;
+    Ok(crate::dialect::inserted(done)? == 1)
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 pub mod blob;
 #[cfg(test)]
 mod blob_suite;
+pub mod dialect;
+pub mod extras;
 pub mod gc;
 pub mod index;
 pub mod lease;
@@ -21,6 +23,7 @@ pub mod verify;
 pub use blob::{
     BlobEntry, BlobKey, BlobRange, BlobRead, BlobStore, StoreError, ARTIFACT_PREFIX, NAR_PREFIX,
 };
+pub use extras::{ExtraIndex, ExtraKind, ExtraRecord, PutExtra};
 pub use gc::{GcIndex, Usage};
 pub use index::{
     ApiKeyRecord, ArtifactIndex, ArtifactRecord, AuditEntry, AuditLog, CreateKey, Index, KeyStore,

@@ -25,7 +25,8 @@ pub struct NarInfoRecord {
     /// Upstream base URL it came from, or `upload`.
     pub origin: String,
     /// Name of the key whose signature vouched for it: the upstream key that verified it, or the
-    /// trusted upload key that signed an upload. `None`: an upload no trusted key signed.
+    /// trusted upload key that signed an upload. `None`: an upload no trusted key signed, or a
+    /// narinfo of an upstream marked `?trusted=1` that no configured key signed.
     pub signed_by: Option<String>,
     /// API key that uploaded it; `None` for fetched entries and uploads without keys.
     pub uploaded_by: Option<String>,

@@ -1,5 +1,6 @@
 //! Taking over an ncps installation: its database is recognised by goose's version table, nip
-//! keeps its own tables apart from ncps' (SQLite: a file beside ncps'; PostgreSQL: schema `nip`),
+//! keeps its own tables apart from ncps' (SQLite: a file beside ncps'; PostgreSQL: schema `nip`;
+//! MySQL: database `<ncps' database>_nip`),
 //! and ncps' signing key, narinfos and pins are read from it. ncps' data is only ever read, so
 //! switching back to ncps keeps working.
 use std::str::FromStr;
@@ -56,6 +57,21 @@ fn sibling_sqlite_url(url: &str) -> Result<String, MetaError> {
         None => format!("{stem}.nip"),
     };
     Ok(format!("sqlite:{}", file.with_file_name(name).display()))
+}
+
+/// nip's own MySQL database beside ncps' `DB`: `DB_nip`, on the same server.
+fn sibling_mysql_url(url: &str) -> Result<(String, String), MetaError> {
+    let url = crate::sql::mysql_url(url)?;
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url.as_str(), String::new()),
+    };
+    let after_scheme = base.len() - base.trim_start_matches("mysql://").len();
+    let Some(slash) = base[after_scheme..].find('/').map(|i| i + after_scheme) else {
+        return Err(bad_url(&url, "the URL names no database"));
+    };
+    let db = format!("{}_nip", &base[slash + 1..]);
+    Ok((format!("{}/{db}{query}", &base[..slash]), db))
 }
 
 fn with_search_path(url: &str) -> String {
@@ -129,6 +145,34 @@ pub async fn locate(url: &str, create: bool) -> Result<Located, MetaError> {
                 ncps: Some(url.to_string()),
             })
         }
+        Backend::Mysql => {
+            let mut conn =
+                sqlx::mysql::MySqlConnection::connect(&crate::sql::mysql_url(url)?).await?;
+            let goose: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM information_schema.tables \
+                 WHERE table_schema = DATABASE() AND table_name = 'goose_db_version'",
+            )
+            .fetch_one(&mut conn)
+            .await?;
+            if goose == 0 {
+                conn.close().await?;
+                return Ok(own(url));
+            }
+            let (nip_url, db) = sibling_mysql_url(url)?;
+            if create {
+                sqlx::query(&format!(
+                    "CREATE DATABASE IF NOT EXISTS `{}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
+                    db.replace('`', "``")
+                ))
+                .execute(&mut conn)
+                .await?;
+            }
+            conn.close().await?;
+            Ok(Located {
+                url: nip_url,
+                ncps: Some(url.to_string()),
+            })
+        }
     }
 }
 
@@ -183,6 +227,7 @@ impl NcpsDb {
                 format!("{url}{sep}mode=ro")
             }
             Backend::Postgres => url.to_string(),
+            Backend::Mysql => crate::sql::mysql_url(url)?,
         };
         let pool = AnyPoolOptions::new()
             .max_connections(2)
@@ -213,7 +258,7 @@ impl NcpsDb {
     /// ncps' own signing key (`config` table, key `secret_key`), if it has one.
     pub async fn secret_key(&self) -> Result<Option<String>, MetaError> {
         Ok(
-            sqlx::query_scalar("SELECT value FROM config WHERE key = 'secret_key'")
+            sqlx::query_scalar(&self.backend.sql("SELECT value FROM config WHERE key = 'secret_key'"))
                 .fetch_optional(&self.pool)
                 .await?,
         )
@@ -246,6 +291,7 @@ impl NcpsDb {
             Backend::Postgres => {
                 format!("COALESCE(CAST(EXTRACT(EPOCH FROM {column}) AS BIGINT), 0)")
             }
+            Backend::Mysql => format!("COALESCE(CAST(UNIX_TIMESTAMP({column}) AS SIGNED), 0)"),
         }
     }
 
@@ -269,7 +315,7 @@ impl NcpsDb {
             self.epoch("created_at"),
             self.epoch("last_accessed_at"),
         );
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(&self.backend.sql(&sql))
             .bind(after)
             .bind(limit)
             .fetch_all(&self.pool)
@@ -306,10 +352,10 @@ impl NcpsDb {
             ("narinfo_references", "reference"),
             ("narinfo_signatures", "signature"),
         ] {
-            let rows = sqlx::query(&format!(
+            let rows = sqlx::query(&self.backend.sql(&format!(
                 "SELECT narinfo_id, {column} FROM {table} \
                  WHERE narinfo_id >= $1 AND narinfo_id <= $2 ORDER BY id"
-            ))
+            )))
             .bind(lo)
             .bind(hi)
             .fetch_all(&self.pool)
@@ -369,13 +415,14 @@ pub struct ImportCounts {
 /// A takeover written in one transaction of nip's database: all of it lands, or none.
 pub struct ImportTx {
     tx: sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
 }
 
 impl SqlMeta {
     /// When `source` was imported already (seconds since the epoch).
     pub async fn imported_at(&self, source: &str) -> Result<Option<i64>, MetaError> {
         Ok(
-            sqlx::query_scalar("SELECT imported_at FROM imports WHERE source = $1")
+            sqlx::query_scalar(&self.sql("SELECT imported_at FROM imports WHERE source = $1"))
                 .bind(source)
                 .fetch_optional(self.pool())
                 .await?,
@@ -385,6 +432,7 @@ impl SqlMeta {
     pub async fn begin_import(&self) -> Result<ImportTx, MetaError> {
         Ok(ImportTx {
             tx: self.pool().begin().await?,
+            backend: self.backend(),
         })
     }
 }
@@ -397,12 +445,12 @@ impl ImportTx {
         created_at: i64,
         accessed_at: i64,
     ) -> Result<bool, MetaError> {
-        let done = sqlx::query(
+        let done = sqlx::query(&self.backend.sql(
             "INSERT INTO narinfos (hash, store_path, nar_file, file_size, file_hash, nar_hash, \
              narinfo, origin, signed_by, uploaded_by, created_at, last_accessed_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
              ON CONFLICT (hash) DO NOTHING",
-        )
+        ))
         .bind(&rec.hash)
         .bind(&rec.store_path)
         .bind(&rec.nar_file)
@@ -416,8 +464,8 @@ impl ImportTx {
         .bind(created_at)
         .bind(accessed_at)
         .execute(&mut *self.tx)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        .await;
+        Ok(crate::dialect::inserted(done)? == 1)
     }
 
     /// Records a NAR whose bytes are already in nip's blob store.
@@ -427,38 +475,38 @@ impl ImportTx {
         created_at: i64,
         accessed_at: i64,
     ) -> Result<bool, MetaError> {
-        let done = sqlx::query(
+        let done = sqlx::query(&self.backend.sql(
             "INSERT INTO nars (nar_file, size, sha256, created_at, last_accessed_at) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (nar_file) DO NOTHING",
-        )
+        ))
         .bind(&rec.nar_file)
         .bind(rec.size)
         .bind(&rec.sha256)
         .bind(created_at)
         .bind(accessed_at)
         .execute(&mut *self.tx)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        .await;
+        Ok(crate::dialect::inserted(done)? == 1)
     }
 
     pub async fn pin(&mut self, key: &str, at: i64) -> Result<bool, MetaError> {
-        let done = sqlx::query(
+        let done = sqlx::query(&self.backend.sql(
             "INSERT INTO pins (key, created_at) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
-        )
+        ))
         .bind(key)
         .bind(at)
         .execute(&mut *self.tx)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        .await;
+        Ok(crate::dialect::inserted(done)? == 1)
     }
 
     /// Records the import of `source` and commits. Fails (and writes nothing) when another
     /// process recorded it first.
     pub async fn finish(mut self, source: &str, counts: ImportCounts) -> Result<(), MetaError> {
-        sqlx::query(
+        sqlx::query(&self.backend.sql(
             "INSERT INTO imports (source, imported_at, narinfos, nars, pins) \
              VALUES ($1, $2, $3, $4, $5)",
-        )
+        ))
         .bind(source)
         .bind(crate::unix_now())
         .bind(counts.narinfos as i64)

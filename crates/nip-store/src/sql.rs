@@ -1,6 +1,7 @@
-//! The SQL metadata backend: SQLite (the embedded default) or PostgreSQL (for several instances),
-//! chosen by the database URL's scheme, with one set of queries for both through sqlx's `Any`
-//! driver. Migrations for each are embedded and run at start, safely when instances start together.
+//! The SQL metadata backend: SQLite (the embedded default), PostgreSQL or MySQL/MariaDB (for
+//! several instances), chosen by the database URL's scheme, with one set of queries through sqlx's
+//! `Any` driver (MySQL's spelling of them: [`crate::dialect`]). Migrations for each are embedded
+//! and run at start, safely when instances start together.
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -14,11 +15,14 @@ use crate::unix_now;
 
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+static MYSQL_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
     Postgres,
+    /// MySQL or MariaDB.
+    Mysql,
 }
 
 impl Backend {
@@ -27,10 +31,13 @@ impl Backend {
             Ok(Backend::Sqlite)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(Backend::Postgres)
+        } else if url.starts_with("mysql://") || url.starts_with("mysql+unix://") {
+            Ok(Backend::Mysql)
         } else {
             Err(MetaError::BadUrl {
                 url: nip_core::redact::redact_userinfo(url),
-                reason: "use sqlite:PATH or postgres://USER@HOST/DB".into(),
+                reason: "use sqlite:PATH, postgres://USER@HOST/DB or mysql://USER:PASSWORD@HOST/DB"
+                    .into(),
             })
         }
     }
@@ -39,8 +46,65 @@ impl Backend {
         match self {
             Backend::Sqlite => &SQLITE_MIGRATOR,
             Backend::Postgres => &POSTGRES_MIGRATOR,
+            Backend::Mysql => &MYSQL_MIGRATOR,
         }
     }
+
+    /// The query text for this backend (see [`crate::dialect`]).
+    pub fn sql(self, sql: &str) -> std::borrow::Cow<'_, str> {
+        crate::dialect::for_backend(self, sql)
+    }
+}
+
+/// A `mysql://` URL in the form sqlx reads. ncps' forms are accepted too: `mysql+unix:///SOCKET/DB`
+/// and a socket given as `?socket=`, `?unix_socket=` or `?host=/PATH`.
+pub fn mysql_url(url: &str) -> Result<String, MetaError> {
+    let bad = |reason: &str| MetaError::BadUrl {
+        url: nip_core::redact::redact_userinfo(url),
+        reason: reason.into(),
+    };
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut params: Vec<String> = Vec::new();
+    let mut socket: Option<String> = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "socket" | "unix_socket" => socket = Some(v.to_string()),
+            "host" if v.starts_with('/') || v.starts_with("%2F") || v.starts_with("%2f") => {
+                socket = Some(v.to_string())
+            }
+            _ => params.push(pair.to_string()),
+        }
+    }
+    let base = if let Some(rest) = base.strip_prefix("mysql+unix://") {
+        let (auth, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let path = path.trim_end_matches('/');
+        let (dir, db) = path.rsplit_once('/').unwrap_or(("", path));
+        if db.is_empty() {
+            return Err(bad("mysql+unix:// needs /SOCKET/DATABASE"));
+        }
+        let dir: Vec<&str> = dir.split('/').filter(|s| !s.is_empty()).collect();
+        socket = Some(format!("/{}", dir.join("/")));
+        let auth = auth.rsplit_once('@').map(|(u, _)| format!("{u}@")).unwrap_or_default();
+        format!("mysql://{auth}localhost/{db}")
+    } else {
+        // A socket URL may leave the host out (`mysql://u:p@/db`): sqlx needs one.
+        let rest = base.trim_start_matches("mysql://");
+        let (auth, path) = rest.split_once('/').unwrap_or((rest, ""));
+        match auth.rsplit_once('@') {
+            Some((user, "")) => format!("mysql://{user}@localhost/{path}"),
+            None if auth.is_empty() => format!("mysql://localhost/{path}"),
+            _ => base.to_string(),
+        }
+    };
+    if let Some(s) = socket {
+        params.push(format!("socket={s}"));
+    }
+    Ok(if params.is_empty() {
+        base
+    } else {
+        format!("{base}?{}", params.join("&"))
+    })
 }
 
 #[derive(Clone, Debug)]
@@ -76,6 +140,34 @@ fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, MetaError> {
     })
 }
 
+/// Creates a missing SQLite database's directory (0700) and file (0600, which its -wal and -shm
+/// files inherit): the database holds API key hashes and the audit log. Existing ones are left
+/// as they are (the directory may be shared, e.g. the working directory).
+fn create_private_sqlite(file: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            if let Some(grand) = parent.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(grand)?;
+            }
+            match std::fs::DirBuilder::new().mode(0o700).create(parent) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            }
+        }
+    }
+    // An empty file is a new database to SQLite; create_new: never truncates a racing creator's.
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
+}
+
 impl SqlMeta {
     /// Opens the database (creating a SQLite file when missing) and applies migrations.
     pub async fn connect(url: &str) -> Result<Self, MetaError> {
@@ -107,8 +199,9 @@ impl SqlMeta {
         let pool = match backend {
             Backend::Sqlite => {
                 let file = sqlite_options(url)?.get_filename().to_path_buf();
-                if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(parent).map_err(|e| MetaError::BadUrl {
+                let creates = !url.contains("mode=") || url.contains("mode=rwc");
+                if creates && file.as_os_str() != ":memory:" {
+                    create_private_sqlite(&file).map_err(|e| MetaError::BadUrl {
                         url: nip_core::redact::redact_userinfo(url),
                         reason: e.to_string(),
                     })?;
@@ -140,6 +233,7 @@ impl SqlMeta {
                     .await?
             }
             Backend::Postgres => options.connect(url).await?,
+            Backend::Mysql => options.connect(&mysql_url(url)?).await?,
         };
         migrate(&pool, backend).await?;
         Ok(SqlMeta {
@@ -223,6 +317,24 @@ impl SqlMeta {
                 conn.close().await?;
                 applied
             }
+            Backend::Mysql => {
+                let mut conn = sqlx::mysql::MySqlConnection::connect(&mysql_url(url)?).await?;
+                let has_table: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM information_schema.tables \
+                     WHERE table_schema = DATABASE() AND table_name = '_sqlx_migrations'",
+                )
+                .fetch_one(&mut conn)
+                .await?;
+                let applied = if has_table > 0 {
+                    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                        .fetch_all(&mut conn)
+                        .await?
+                } else {
+                    Vec::new()
+                };
+                conn.close().await?;
+                applied
+            }
         };
         Ok(all
             .into_iter()
@@ -234,7 +346,12 @@ impl SqlMeta {
         &self.pool
     }
 
-    /// Runs `update` (with `$1` = `at` and `{keys}` standing for a subquery of the keys) over
+    /// The query text for this database's backend (see [`crate::dialect`]).
+    pub fn sql<'q>(&self, sql: &'q str) -> std::borrow::Cow<'q, str> {
+        crate::dialect::for_backend(self.backend, sql)
+    }
+
+    /// Runs `update` (with `$1` and `$2` = `at`, and `{keys}` standing for a subquery of the keys) over
     /// `keys` a batch at a time, in one transaction: a few statements per flush instead of one
     /// per key, which on SQLite was one hand-off to its worker thread per key.
     pub(crate) async fn touch_batched(
@@ -248,14 +365,19 @@ impl SqlMeta {
         }
         // The keys travel as one JSON array parameter: no statement has to be built per count.
         let keys_sql = match self.backend {
-            Backend::Sqlite => "SELECT value FROM json_each($2)",
-            Backend::Postgres => "SELECT jsonb_array_elements_text(CAST($2 AS jsonb))",
+            Backend::Sqlite => "SELECT value FROM json_each($3)",
+            Backend::Postgres => "SELECT jsonb_array_elements_text(CAST($3 AS jsonb))",
+            Backend::Mysql => {
+                "SELECT value FROM JSON_TABLE($3, '$[*]' COLUMNS (value VARCHAR(1024) PATH '$')) AS k"
+            }
         };
         let sql = update.replace("{keys}", keys_sql);
+        let sql = self.sql(&sql);
         let mut tx = self.pool.begin().await?;
         for batch in keys.chunks(TOUCH_BATCH) {
             let json = serde_json::to_string(batch).expect("strings serialize");
             sqlx::query(&sql)
+                .bind(at)
                 .bind(at)
                 .bind(json)
                 .execute(&mut *tx)
@@ -299,7 +421,7 @@ fn narinfo_from_row(row: &AnyRow) -> Result<NarInfoRecord, sqlx::Error> {
         file_size: row.try_get("file_size")?,
         file_hash: row.try_get("file_hash")?,
         nar_hash: row.try_get("nar_hash")?,
-        narinfo: row.try_get("narinfo")?,
+        narinfo: crate::dialect::text(row, "narinfo")?,
         origin: row.try_get("origin")?,
         signed_by: row.try_get("signed_by")?,
         uploaded_by: row.try_get("uploaded_by")?,
@@ -312,9 +434,9 @@ const NARINFO_COLUMNS: &str = "hash, store_path, nar_file, file_size, file_hash,
 #[async_trait]
 impl MetaStore for SqlMeta {
     async fn get_narinfo(&self, hash: &str) -> Result<Option<NarInfoRecord>, MetaError> {
-        let row = sqlx::query(&format!(
+        let row = sqlx::query(&self.sql(&format!(
             "SELECT {NARINFO_COLUMNS} FROM narinfos WHERE hash = $1"
-        ))
+        )))
         .bind(hash)
         .fetch_optional(&self.pool)
         .await?;
@@ -329,12 +451,12 @@ impl MetaStore for SqlMeta {
         let now = unix_now();
         let mut tx = self.pool.begin().await?;
         // DO NOTHING, never UPDATE: a stored store path is immutable (docs/security.md).
-        let inserted = sqlx::query(
+        let inserted = sqlx::query(&self.sql(
             "INSERT INTO narinfos (hash, store_path, nar_file, file_size, file_hash, nar_hash, \
              narinfo, origin, signed_by, uploaded_by, created_at, last_accessed_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
              ON CONFLICT (hash) DO NOTHING",
-        )
+        ))
         .bind(&rec.hash)
         .bind(&rec.store_path)
         .bind(&rec.nar_file)
@@ -348,13 +470,12 @@ impl MetaStore for SqlMeta {
         .bind(now)
         .bind(now)
         .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            > 0;
+        .await;
+        let inserted = crate::dialect::inserted(inserted)? > 0;
         if !inserted {
-            let row = sqlx::query(&format!(
+            let row = sqlx::query(&self.sql(&format!(
                 "SELECT {NARINFO_COLUMNS} FROM narinfos WHERE hash = $1"
-            ))
+            )))
             .bind(&rec.hash)
             .fetch_one(&mut *tx)
             .await?;
@@ -363,11 +484,11 @@ impl MetaStore for SqlMeta {
             return Ok(PutNarInfo::Exists(Box::new(existing)));
         }
         for (rank, src) in sources.iter().enumerate() {
-            sqlx::query(
+            sqlx::query(&self.sql(
                 "INSERT INTO nar_sources (nar_file, url, upstream, rank) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (nar_file, url) DO UPDATE SET upstream = excluded.upstream, \
                  rank = excluded.rank",
-            )
+            ))
             .bind(&rec.nar_file)
             .bind(&src.url)
             .bind(&src.upstream)
@@ -380,9 +501,9 @@ impl MetaStore for SqlMeta {
     }
 
     async fn narinfo_for_nar(&self, nar_file: &str) -> Result<Option<NarInfoRecord>, MetaError> {
-        let row = sqlx::query(&format!(
+        let row = sqlx::query(&self.sql(&format!(
             "SELECT {NARINFO_COLUMNS} FROM narinfos WHERE nar_file = $1 LIMIT 1"
-        ))
+        )))
         .bind(nar_file)
         .fetch_optional(&self.pool)
         .await?;
@@ -391,7 +512,7 @@ impl MetaStore for SqlMeta {
 
     async fn nar_sources(&self, nar_file: &str) -> Result<Vec<NarSource>, MetaError> {
         let rows =
-            sqlx::query("SELECT url, upstream FROM nar_sources WHERE nar_file = $1 ORDER BY rank")
+            sqlx::query(&self.sql("SELECT url, upstream FROM nar_sources WHERE nar_file = $1 ORDER BY rank"))
                 .bind(nar_file)
                 .fetch_all(&self.pool)
                 .await?;
@@ -407,7 +528,7 @@ impl MetaStore for SqlMeta {
     }
 
     async fn get_nar(&self, nar_file: &str) -> Result<Option<NarRecord>, MetaError> {
-        let row = sqlx::query("SELECT nar_file, size, sha256 FROM nars WHERE nar_file = $1")
+        let row = sqlx::query(&self.sql("SELECT nar_file, size, sha256 FROM nars WHERE nar_file = $1"))
             .bind(nar_file)
             .fetch_optional(&self.pool)
             .await?;
@@ -424,11 +545,11 @@ impl MetaStore for SqlMeta {
 
     async fn put_nar(&self, rec: &NarRecord) -> Result<(), MetaError> {
         let now = unix_now();
-        sqlx::query(
+        sqlx::query(&self.sql(
             "INSERT INTO nars (nar_file, size, sha256, created_at, last_accessed_at) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (nar_file) DO UPDATE SET size = excluded.size, \
              sha256 = excluded.sha256",
-        )
+        ))
         .bind(&rec.nar_file)
         .bind(rec.size)
         .bind(&rec.sha256)
@@ -440,7 +561,7 @@ impl MetaStore for SqlMeta {
     }
 
     async fn delete_narinfo(&self, hash: &str) -> Result<bool, MetaError> {
-        let n = sqlx::query("DELETE FROM narinfos WHERE hash = $1")
+        let n = sqlx::query(&self.sql("DELETE FROM narinfos WHERE hash = $1"))
             .bind(hash)
             .execute(&self.pool)
             .await?
@@ -449,7 +570,7 @@ impl MetaStore for SqlMeta {
     }
 
     async fn delete_nar(&self, nar_file: &str) -> Result<bool, MetaError> {
-        let n = sqlx::query("DELETE FROM nars WHERE nar_file = $1")
+        let n = sqlx::query(&self.sql("DELETE FROM nars WHERE nar_file = $1"))
             .bind(nar_file)
             .execute(&self.pool)
             .await?
@@ -466,6 +587,31 @@ impl MetaStore for SqlMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_new_sqlite_database_is_private_and_an_existing_directory_is_left_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let db = tmp.path().join("data/db/db.sqlite");
+        let meta = SqlMeta::connect(&format!("sqlite:{}", db.display()))
+            .await
+            .unwrap();
+        assert_eq!(mode(db.parent().unwrap()), 0o700);
+        assert_eq!(mode(&db), 0o600);
+        // SQLite gives its journal the database file's mode.
+        assert_eq!(mode(&db.with_extension("sqlite-wal")), 0o600);
+        assert_eq!(mode(tmp.path()), 0o755);
+        drop(meta);
+        // A database file in an existing directory: the directory keeps its mode.
+        let beside = tmp.path().join("beside.sqlite");
+        SqlMeta::connect(&format!("sqlite:{}", beside.display()))
+            .await
+            .unwrap();
+        assert_eq!(mode(&beside), 0o600);
+        assert_eq!(mode(tmp.path()), 0o755);
+    }
 
     fn rec(hash: &str, nar_file: &str) -> NarInfoRecord {
         NarInfoRecord {

@@ -1,4 +1,4 @@
-//! SQL (SQLite and PostgreSQL) implementation of the eviction and reconciliation queries.
+//! SQL (SQLite, PostgreSQL and MySQL) implementation of the eviction and reconciliation queries.
 use async_trait::async_trait;
 use sqlx::Row;
 
@@ -9,13 +9,14 @@ use crate::sql::SqlMeta;
 #[async_trait]
 impl GcIndex for SqlMeta {
     async fn usage(&self) -> Result<Usage, MetaError> {
-        let row = sqlx::query(
-            // CAST: PostgreSQL sums BIGINTs into NUMERIC.
+        let row = sqlx::query(&self.sql(
+            // CAST: PostgreSQL and MySQL sum BIGINTs into NUMERIC / DECIMAL.
             "SELECT CAST((SELECT COALESCE(SUM(size), 0) FROM nars) \
-                  + (SELECT COALESCE(SUM(size), 0) FROM (SELECT DISTINCT sha256, size FROM artifacts) AS d) AS BIGINT) AS bytes, \
+                  + (SELECT COALESCE(SUM(size), 0) FROM (SELECT DISTINCT sha256, size FROM artifacts) AS d) \
+                  + (SELECT COALESCE(SUM(size), 0) FROM nix_extras) AS BIGINT) AS bytes, \
                     (SELECT COUNT(*) FROM nars) AS nars, (SELECT COUNT(*) FROM narinfos) AS narinfos, \
                     (SELECT COUNT(*) FROM artifacts) AS artifacts",
-        )
+        ))
         .fetch_one(self.pool())
         .await?;
         Ok(Usage {
@@ -27,14 +28,16 @@ impl GcIndex for SqlMeta {
     }
 
     async fn eviction_candidates(&self, limit: i64) -> Result<Vec<Candidate>, MetaError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(&self.sql(
             "SELECT 'nar' AS kind, n.nar_file AS id, n.size AS size, n.last_accessed_at AS at FROM nars n \
              WHERE NOT EXISTS (SELECT 1 FROM narinfos i JOIN pins p ON p.key = i.hash WHERE i.nar_file = n.nar_file) \
              UNION ALL \
              SELECT 'artifact', a.key, a.size, a.last_accessed_at FROM artifacts a \
              WHERE NOT EXISTS (SELECT 1 FROM pins p WHERE p.key = a.key) \
-             ORDER BY at ASC LIMIT $1",
-        )
+             UNION ALL \
+             SELECT 'extra', x.kind || '/' || x.name, x.size, x.last_accessed_at FROM nix_extras x \
+             ORDER BY at ASC, id ASC LIMIT $1",
+        ))
         .bind(limit)
         .fetch_all(self.pool())
         .await?;
@@ -42,10 +45,10 @@ impl GcIndex for SqlMeta {
             .map(|r| {
                 let kind: String = r.try_get("kind")?;
                 Ok(Candidate {
-                    kind: if kind == "nar" {
-                        CandidateKind::Nar
-                    } else {
-                        CandidateKind::Artifact
+                    kind: match kind.as_str() {
+                        "nar" => CandidateKind::Nar,
+                        "extra" => CandidateKind::Extra,
+                        _ => CandidateKind::Artifact,
                     },
                     id: r.try_get("id")?,
                     size: r.try_get("size")?,
@@ -57,16 +60,29 @@ impl GcIndex for SqlMeta {
 
     async fn evict_nar(&self, nar_file: &str) -> Result<Vec<String>, MetaError> {
         let mut tx = self.pool().begin().await?;
-        let narinfos: Vec<String> =
+        let narinfos: Vec<String> = if self.backend() == crate::sql::Backend::Mysql {
+            // No DELETE … RETURNING on MySQL: the rows are locked, read, then deleted.
+            let hashes =
+                sqlx::query_scalar("SELECT hash FROM narinfos WHERE nar_file = ? FOR UPDATE")
+                    .bind(nar_file)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            sqlx::query("DELETE FROM narinfos WHERE nar_file = ?")
+                .bind(nar_file)
+                .execute(&mut *tx)
+                .await?;
+            hashes
+        } else {
             sqlx::query_scalar("DELETE FROM narinfos WHERE nar_file = $1 RETURNING hash")
                 .bind(nar_file)
                 .fetch_all(&mut *tx)
-                .await?;
-        sqlx::query("DELETE FROM nar_sources WHERE nar_file = $1")
+                .await?
+        };
+        sqlx::query(&self.sql("DELETE FROM nar_sources WHERE nar_file = $1"))
             .bind(nar_file)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM nars WHERE nar_file = $1")
+        sqlx::query(&self.sql("DELETE FROM nars WHERE nar_file = $1"))
             .bind(nar_file)
             .execute(&mut *tx)
             .await?;
@@ -81,7 +97,7 @@ impl GcIndex for SqlMeta {
         at: i64,
     ) -> Result<(), MetaError> {
         self.touch_batched(
-            "UPDATE nars SET last_accessed_at = $1 WHERE last_accessed_at < $1 AND nar_file IN ({keys})",
+            "UPDATE nars SET last_accessed_at = $1 WHERE last_accessed_at < $2 AND nar_file IN ({keys})",
             nar_files,
             at,
         )
@@ -89,14 +105,14 @@ impl GcIndex for SqlMeta {
         // A narinfo read counts for its NAR too: Nix reads the narinfo before the NAR, and a
         // client whose store already has the NAR's contents may read only the narinfo.
         self.touch_batched(
-            "UPDATE nars SET last_accessed_at = $1 WHERE last_accessed_at < $1 \
+            "UPDATE nars SET last_accessed_at = $1 WHERE last_accessed_at < $2 \
              AND nar_file IN (SELECT nar_file FROM narinfos WHERE hash IN ({keys}))",
             narinfo_hashes,
             at,
         )
         .await?;
         self.touch_batched(
-            "UPDATE narinfos SET last_accessed_at = $1 WHERE last_accessed_at < $1 AND hash IN ({keys})",
+            "UPDATE narinfos SET last_accessed_at = $1 WHERE last_accessed_at < $2 AND hash IN ({keys})",
             narinfo_hashes,
             at,
         )
@@ -104,18 +120,19 @@ impl GcIndex for SqlMeta {
     }
 
     async fn pin(&self, key: &str, at: i64) -> Result<(), MetaError> {
-        sqlx::query(
+        let done = sqlx::query(&self.sql(
             "INSERT INTO pins (key, created_at) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
-        )
+        ))
         .bind(key)
         .bind(at)
         .execute(self.pool())
-        .await?;
+        .await;
+        crate::dialect::inserted(done)?;
         Ok(())
     }
 
     async fn unpin(&self, key: &str) -> Result<bool, MetaError> {
-        let n = sqlx::query("DELETE FROM pins WHERE key = $1")
+        let n = sqlx::query(&self.sql("DELETE FROM pins WHERE key = $1"))
             .bind(key)
             .execute(self.pool())
             .await?
@@ -124,7 +141,7 @@ impl GcIndex for SqlMeta {
     }
 
     async fn pins(&self) -> Result<Vec<String>, MetaError> {
-        Ok(sqlx::query_scalar("SELECT key FROM pins ORDER BY key")
+        Ok(sqlx::query_scalar(&self.sql("SELECT key FROM pins ORDER BY key"))
             .fetch_all(self.pool())
             .await?)
     }
@@ -136,7 +153,7 @@ impl GcIndex for SqlMeta {
     }
 
     async fn all_artifacts(&self) -> Result<Vec<(String, String)>, MetaError> {
-        let rows = sqlx::query("SELECT key, sha256 FROM artifacts")
+        let rows = sqlx::query(&self.sql("SELECT key, sha256 FROM artifacts"))
             .fetch_all(self.pool())
             .await?;
         rows.iter()
@@ -162,7 +179,7 @@ impl GcIndex for SqlMeta {
     }
 
     async fn all_artifact_rows(&self) -> Result<Vec<ArtifactRow>, MetaError> {
-        let rows = sqlx::query("SELECT key, size, sha256 FROM artifacts ORDER BY sha256, key")
+        let rows = sqlx::query(&self.sql("SELECT key, size, sha256 FROM artifacts ORDER BY sha256, key"))
             .fetch_all(self.pool())
             .await?;
         rows.iter()
@@ -179,7 +196,7 @@ impl GcIndex for SqlMeta {
 
     async fn artifact_keys_with_sha256(&self, sha256: &str) -> Result<Vec<String>, MetaError> {
         Ok(
-            sqlx::query_scalar("SELECT key FROM artifacts WHERE sha256 = $1 ORDER BY key")
+            sqlx::query_scalar(&self.sql("SELECT key FROM artifacts WHERE sha256 = $1 ORDER BY key"))
                 .bind(sha256)
                 .fetch_all(self.pool())
                 .await?,

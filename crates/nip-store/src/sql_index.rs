@@ -1,4 +1,4 @@
-//! SQL (SQLite and PostgreSQL) implementation of the artifact index, API keys and audit log.
+//! SQL (SQLite, PostgreSQL and MySQL) implementation of the artifact index, API keys and audit log.
 use async_trait::async_trait;
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -17,7 +17,7 @@ fn artifact(row: &AnyRow) -> Result<ArtifactRecord, sqlx::Error> {
         key: row.try_get("key")?,
         size: row.try_get("size")?,
         sha256: row.try_get("sha256")?,
-        metadata: row.try_get("metadata")?,
+        metadata: crate::dialect::text(row, "metadata")?,
         created_at: row.try_get("created_at")?,
     })
 }
@@ -49,9 +49,9 @@ fn audit_entry(row: &AnyRow) -> Result<AuditEntry, sqlx::Error> {
 #[async_trait]
 impl ArtifactIndex for SqlMeta {
     async fn get_artifact(&self, key: &str) -> Result<Option<ArtifactRecord>, MetaError> {
-        let row = sqlx::query(&format!(
+        let row = sqlx::query(&self.sql(&format!(
             "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE key = $1"
-        ))
+        )))
         .bind(key)
         .fetch_optional(self.pool())
         .await?;
@@ -64,10 +64,10 @@ impl ArtifactIndex for SqlMeta {
         name: Option<&str>,
         version: Option<&str>,
     ) -> Result<PutArtifact, MetaError> {
-        let inserted = sqlx::query(
+        let inserted = sqlx::query(&self.sql(
             "INSERT INTO artifacts (key, size, sha256, metadata, name, version, created_at, last_accessed_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (key) DO NOTHING",
-        )
+        ))
         .bind(&rec.key)
         .bind(rec.size)
         .bind(&rec.sha256)
@@ -77,9 +77,8 @@ impl ArtifactIndex for SqlMeta {
         .bind(rec.created_at)
         .bind(rec.created_at)
         .execute(self.pool())
-        .await?
-        .rows_affected();
-        if inserted == 1 {
+        .await;
+        if crate::dialect::inserted(inserted)? == 1 {
             return Ok(PutArtifact::Created);
         }
         let existing = self
@@ -105,16 +104,24 @@ impl ArtifactIndex for SqlMeta {
     ) -> Result<Vec<ArtifactRecord>, MetaError> {
         // Prefix match with substr (not LIKE): keys may contain `_`, a LIKE wildcard.
         // `after` is a keyset cursor on the sort order, so a page costs the same wherever it is.
+        // Each value is bound once per use: MySQL's placeholders are positional.
         let (after_at, after_key) = after.unzip();
-        let rows = sqlx::query(&format!(
-            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE ($1 IS NULL OR name = $1) \
-             AND ($2 IS NULL OR version = $2) AND ($3 IS NULL OR substr(key, 1, length($3)) = $3) \
-             AND ($4 IS NULL OR created_at < $4 OR (created_at = $4 AND key < $5)) \
-             ORDER BY created_at DESC, key DESC LIMIT $6"
-        ))
+        let rows = sqlx::query(&self.sql(&format!(
+            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE ($1 IS NULL OR name = $2) \
+             AND ($3 IS NULL OR version = $4) \
+             AND ($5 IS NULL OR substr(key, 1, length($6)) = $7) \
+             AND ($8 IS NULL OR created_at < $9 OR (created_at = $10 AND key < $11)) \
+             ORDER BY created_at DESC, key DESC LIMIT $12"
+        )))
+        .bind(name)
         .bind(name)
         .bind(version)
+        .bind(version)
         .bind(prefix)
+        .bind(prefix)
+        .bind(prefix)
+        .bind(after_at)
+        .bind(after_at)
         .bind(after_at)
         .bind(after_key)
         .bind(limit)
@@ -128,20 +135,20 @@ impl ArtifactIndex for SqlMeta {
         key: &str,
     ) -> Result<Option<(ArtifactRecord, bool)>, MetaError> {
         let mut tx = self.pool().begin().await?;
-        let row = sqlx::query(&format!(
+        let row = sqlx::query(&self.sql(&format!(
             "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE key = $1"
-        ))
+        )))
         .bind(key)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(rec) = row.as_ref().map(artifact).transpose()? else {
             return Ok(None);
         };
-        sqlx::query("DELETE FROM artifacts WHERE key = $1")
+        sqlx::query(&self.sql("DELETE FROM artifacts WHERE key = $1"))
             .bind(key)
             .execute(&mut *tx)
             .await?;
-        let shared: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM artifacts WHERE sha256 = $1")
+        let shared: i64 = sqlx::query_scalar(&self.sql("SELECT COUNT(*) FROM artifacts WHERE sha256 = $1"))
             .bind(&rec.sha256)
             .fetch_one(&mut *tx)
             .await?;
@@ -151,7 +158,7 @@ impl ArtifactIndex for SqlMeta {
 
     async fn touch_artifacts(&self, keys: &[String], at: i64) -> Result<(), MetaError> {
         self.touch_batched(
-            "UPDATE artifacts SET last_accessed_at = $1 WHERE last_accessed_at < $1 AND key IN ({keys})",
+            "UPDATE artifacts SET last_accessed_at = $1 WHERE last_accessed_at < $2 AND key IN ({keys})",
             keys,
             at,
         )
@@ -163,7 +170,7 @@ impl ArtifactIndex for SqlMeta {
         before: i64,
         limit: i64,
     ) -> Result<Vec<String>, MetaError> {
-        let keys = sqlx::query_scalar("SELECT key FROM artifacts WHERE last_accessed_at < $1 ORDER BY last_accessed_at LIMIT $2")
+        let keys = sqlx::query_scalar(&self.sql("SELECT key FROM artifacts WHERE last_accessed_at < $1 ORDER BY last_accessed_at LIMIT $2"))
             .bind(before)
             .bind(limit)
             .fetch_all(self.pool())
@@ -181,10 +188,10 @@ impl KeyStore for SqlMeta {
     ) -> Result<CreateKey, MetaError> {
         // Only a taken name is an outcome: a clash of token hashes (or any other constraint)
         // stays an error.
-        let inserted = sqlx::query(
+        let inserted = sqlx::query(&self.sql(
             "INSERT INTO api_keys (name, token_hash, scope, prefix, created_at, expires_at, revoked_at) \
              VALUES ($1, $2, $3, $4, $5, $6, NULL) ON CONFLICT (name) DO NOTHING",
-        )
+        ))
         .bind(&rec.name)
         .bind(token_hash)
         .bind(&rec.scope)
@@ -192,9 +199,8 @@ impl KeyStore for SqlMeta {
         .bind(rec.created_at)
         .bind(rec.expires_at)
         .execute(self.pool())
-        .await?
-        .rows_affected();
-        Ok(if inserted == 1 {
+        .await;
+        Ok(if crate::dialect::inserted(inserted)? == 1 {
             CreateKey::Created
         } else {
             CreateKey::NameTaken
@@ -202,9 +208,9 @@ impl KeyStore for SqlMeta {
     }
 
     async fn key_by_token_hash(&self, token_hash: &str) -> Result<Option<ApiKeyRecord>, MetaError> {
-        let row = sqlx::query(
+        let row = sqlx::query(&self.sql(
             "SELECT name, scope, prefix, created_at, expires_at, revoked_at FROM api_keys WHERE token_hash = $1",
-        )
+        ))
         .bind(token_hash)
         .fetch_optional(self.pool())
         .await?;
@@ -221,9 +227,9 @@ impl KeyStore for SqlMeta {
     }
 
     async fn revoke_key(&self, name: &str, at: i64) -> Result<bool, MetaError> {
-        let n = sqlx::query(
+        let n = sqlx::query(&self.sql(
             "UPDATE api_keys SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",
-        )
+        ))
         .bind(at)
         .bind(name)
         .execute(self.pool())
@@ -233,9 +239,9 @@ impl KeyStore for SqlMeta {
     }
 
     async fn any_active_key(&self, now: i64) -> Result<bool, MetaError> {
-        let n: i64 = sqlx::query_scalar(
+        let n: i64 = sqlx::query_scalar(&self.sql(
             "SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $1)",
-        )
+        ))
         .bind(now)
         .fetch_one(self.pool())
         .await?;
@@ -246,10 +252,10 @@ impl KeyStore for SqlMeta {
 #[async_trait]
 impl AuditLog for SqlMeta {
     async fn audit(&self, e: &AuditEntry) -> Result<(), MetaError> {
-        sqlx::query(
+        sqlx::query(&self.sql(
             "INSERT INTO audit_log (at, key_name, remote_addr, action, target, size, sha256, result) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
+        ))
         .bind(e.at)
         .bind(&e.key_name)
         .bind(&e.remote_addr)
@@ -263,17 +269,41 @@ impl AuditLog for SqlMeta {
         Ok(())
     }
 
+    async fn audit_many(&self, entries: &[AuditEntry]) -> Result<(), MetaError> {
+        // One transaction: one sync of the database for the whole batch.
+        let mut tx = self.pool().begin().await?;
+        for e in entries {
+            sqlx::query(&self.sql(
+                "INSERT INTO audit_log (at, key_name, remote_addr, action, target, size, sha256, result) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            ))
+            .bind(e.at)
+            .bind(&e.key_name)
+            .bind(&e.remote_addr)
+            .bind(&e.action)
+            .bind(&e.target)
+            .bind(e.size)
+            .bind(&e.sha256)
+            .bind(&e.result)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn audit_since(
         &self,
         since: i64,
         key_name: Option<&str>,
         limit: i64,
     ) -> Result<Vec<AuditEntry>, MetaError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(&self.sql(
             "SELECT at, key_name, remote_addr, action, target, size, sha256, result FROM audit_log \
-             WHERE at >= $1 AND ($2 IS NULL OR key_name = $2) ORDER BY id DESC LIMIT $3",
-        )
+             WHERE at >= $1 AND ($2 IS NULL OR key_name = $3) ORDER BY id DESC LIMIT $4",
+        ))
         .bind(since)
+        .bind(key_name)
         .bind(key_name)
         .bind(limit)
         .fetch_all(self.pool())
@@ -436,6 +466,26 @@ mod tests {
             .unwrap();
             assert_eq!(db.audit_since(0, Some("ci"), 10).await.unwrap().len(), 1);
             assert_eq!(db.audit_since(8, None, 10).await.unwrap().len(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn audit_many_writes_a_batch() {
+        for t in crate::testdb::all().await {
+            let db = &t.meta;
+            let batch: Vec<AuditEntry> = (0..3)
+                .map(|i| AuditEntry {
+                    at: 10 + i,
+                    action: "artifact-download".into(),
+                    target: Some(format!("k{i}")),
+                    result: "200".into(),
+                    ..Default::default()
+                })
+                .collect();
+            db.audit_many(&batch).await.unwrap();
+            let mut read = db.audit_since(0, None, 10).await.unwrap();
+            read.reverse();
+            assert_eq!(read, batch);
         }
     }
 }

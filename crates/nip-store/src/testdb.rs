@@ -1,6 +1,7 @@
 //! Test databases: every metadata test runs against each backend with the same code — a fresh
-//! SQLite file always, and a fresh PostgreSQL database when `NIP_TEST_POSTGRES_URL` names a
-//! server (`./scripts/test.sh` starts one; with `NIP_REQUIRE_TOOLS` set it must be there).
+//! SQLite file always, a fresh PostgreSQL database when `NIP_TEST_POSTGRES_URL` names a server,
+//! and a fresh MariaDB/MySQL database when `NIP_TEST_MYSQL_URL` does (`./scripts/test.sh` starts
+//! both; with `NIP_REQUIRE_TOOLS` set they must be there).
 use sqlx::Connection;
 
 use crate::sql::SqlMeta;
@@ -53,7 +54,44 @@ pub async fn all() -> Vec<TestDb> {
             eprintln!("PostgreSQL backend not tested: NIP_TEST_POSTGRES_URL is not set");
         }
     }
+    match std::env::var("NIP_TEST_MYSQL_URL") {
+        Ok(admin) => {
+            let url = fresh_mysql(&admin).await;
+            dbs.push(TestDb {
+                meta: SqlMeta::connect(&url).await.unwrap(),
+                url,
+                _dir: None,
+            });
+        }
+        Err(_) => {
+            assert!(
+                std::env::var("NIP_REQUIRE_TOOLS").is_err(),
+                "NIP_TEST_MYSQL_URL is not set: ./scripts/test.sh starts MariaDB"
+            );
+            eprintln!("MySQL backend not tested: NIP_TEST_MYSQL_URL is not set");
+        }
+    }
     dbs
+}
+
+/// A new, empty database on the MySQL server of `admin` (a URL whose user may create them).
+pub async fn fresh_mysql(admin: &str) -> String {
+    let name = format!("nip_t_{}", rand_suffix());
+    let mut conn = sqlx::mysql::MySqlConnection::connect(admin)
+        .await
+        .expect("connect to NIP_TEST_MYSQL_URL");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let (base, query) = admin.split_once('?').unwrap_or((admin, ""));
+    let base = base.rsplit_once('/').map(|(b, _)| b).unwrap_or(base);
+    if query.is_empty() {
+        format!("{base}/{name}")
+    } else {
+        format!("{base}/{name}?{query}")
+    }
 }
 
 fn rand_suffix() -> String {

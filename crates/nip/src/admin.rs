@@ -100,7 +100,7 @@ pub enum AdminCommand {
     Gc(GcArgs),
     /// Store size and entry counts
     Stats(StatsArgs),
-    /// Keep an entry whatever eviction decides
+    /// Keep an entry whatever eviction decides (a store path hash: with its closure)
     Pin(EntryArgs),
     /// Let eviction consider an entry again
     Unpin(EntryArgs),

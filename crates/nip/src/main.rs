@@ -5,6 +5,7 @@ mod client_report;
 mod config_load;
 mod migrate;
 mod path_info;
+mod recipe_cmd;
 mod serve;
 mod telemetry;
 mod tls_cmd;
@@ -51,6 +52,9 @@ enum Command {
     Cache(client_cmd::CacheCommand),
     /// Build a recipe: local cache, then remote cache, then build and upload
     Build(client_cmd::BuildArgs),
+    /// Start a recipe for `nip build`
+    #[command(subcommand, arg_required_else_help = false)]
+    Recipe(recipe_cmd::RecipeCommand),
     /// Print a shell completion script
     Completions(client_cmd::CompletionsArgs),
     /// TLS helpers for `nip serve --tls-cert/--tls-key`
@@ -111,6 +115,7 @@ fn main() -> std::process::ExitCode {
         Command::Admin(cmd) => admin::run_admin(cmd),
         Command::Cache(cmd) => client_cmd::run_cache(cmd),
         Command::Build(args) => client_cmd::run_build(args),
+        Command::Recipe(cmd) => recipe_cmd::run(cmd),
         Command::Completions(args) => client_cmd::run_completions(args, Cli::command()),
         Command::Tls(cmd) => tls_cmd::run(cmd),
     };

@@ -6,13 +6,21 @@
 //! file fsynced, published and recorded. On any failure nothing is cached and every client's
 //! stream ends in an error, so no client sees a complete-looking body with bad bytes.
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use async_compression::tokio::write::ZstdDecoder;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use nip_core::hash::NixHash;
+use nip_core::nar_file::{Compression, NarFileName};
+use nip_core::narinfo::NarInfo;
 use nip_store::staging::read_at;
-use nip_store::{BlobKey, NarRecord, NarSource, StagedFile};
+use nip_store::{BlobKey, NarInfoRecord, NarRecord, NarSource, StagedFile};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -36,8 +44,117 @@ pub struct FillSpec {
     pub nar_file: String,
     pub sources: Vec<NarSource>,
     pub file_size: Option<u64>,
-    /// Expected SHA-256 of the file's bytes.
-    pub sha256: [u8; 32],
+    /// Without a FileSize: the most bytes a compressed NAR of its NarSize can take (any of Nix's
+    /// compressions grows incompressible data by well under 1/64), so an upstream cannot fill
+    /// the disk with an endless body.
+    pub max_size: Option<u64>,
+    pub expect: Expect,
+}
+
+/// How the fetched bytes are checked before anything is stored or the last byte is released.
+#[derive(Clone, Debug)]
+pub enum Expect {
+    /// The SHA-256 of the file's bytes (FileHash).
+    FileHash([u8; 32]),
+    /// No FileHash (Attic, niks3, nix-serve): the decompressed bytes must hash to NarHash and
+    /// count NarSize, the part of the narinfo its signature covers.
+    NarHash {
+        sha256: [u8; 32],
+        size: u64,
+        compression: Compression,
+    },
+}
+
+/// Whether a NAR compressed this way can be checked against its NarHash while it streams.
+pub fn can_check_nar_hash(compression: Compression) -> bool {
+    matches!(compression, Compression::None | Compression::Zstd)
+}
+
+impl FillSpec {
+    /// What to fetch for a stored narinfo's NAR: checked by FileHash when it has one, else by
+    /// NarHash and NarSize.
+    pub fn for_narinfo(info: &NarInfoRecord, sources: Vec<NarSource>) -> Result<Self, String> {
+        let digest = |h: &str| {
+            NixHash::parse(h)
+                .ok()
+                .and_then(|h| <[u8; 32]>::try_from(h.digest.as_slice()).ok())
+        };
+        let nar_size = NarInfo::parse(&info.narinfo)
+            .map_err(|e| e.to_string())?
+            .nar_size;
+        let expect =
+            match &info.file_hash {
+                Some(h) => Expect::FileHash(digest(h).ok_or_else(|| {
+                    format!("narinfo for {} has no usable FileHash", info.nar_file)
+                })?),
+                None => {
+                    let compression = NarFileName::parse(&info.nar_file)
+                        .map_err(|e| e.to_string())?
+                        .compression();
+                    let size = nar_size;
+                    let sha256 = digest(&info.nar_hash).ok_or_else(|| {
+                        format!("narinfo for {} has no usable NarHash", info.nar_file)
+                    })?;
+                    if !can_check_nar_hash(compression) {
+                        return Err(format!(
+                            "{} has no FileHash and cannot be checked by its NarHash",
+                            info.nar_file
+                        ));
+                    }
+                    match compression {
+                        Compression::None => Expect::FileHash(sha256),
+                        _ => Expect::NarHash {
+                            sha256,
+                            size,
+                            compression,
+                        },
+                    }
+                }
+            };
+        Ok(FillSpec {
+            nar_file: info.nar_file.clone(),
+            sources,
+            file_size: info.file_size.map(|n| n as u64),
+            max_size: info
+                .file_size
+                .is_none()
+                .then(|| nar_size + nar_size / 64 + (1 << 20)),
+            expect,
+        })
+    }
+}
+
+/// Hashes and counts a decompressed NAR, refusing bytes past NarSize.
+struct NarHasher {
+    hasher: Sha256,
+    len: u64,
+    max: u64,
+}
+
+impl AsyncWrite for NarHasher {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.len += buf.len() as u64;
+        if this.len > this.max {
+            return Poll::Ready(Err(std::io::Error::other(
+                "the NAR is longer than the narinfo's NarSize",
+            )));
+        }
+        this.hasher.update(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// Why a fill stored nothing.
@@ -58,6 +175,16 @@ pub struct Fill {
     /// The announced size: the last byte is held back until the hash is checked, so a client
     /// can never hold a complete-looking body whose bytes turn out wrong.
     expected_size: Option<u64>,
+}
+
+impl Fill {
+    /// Resolves once the fill has stored the NAR or failed.
+    pub async fn finished(&self) {
+        let mut state = self.state.clone();
+        let _ = state
+            .wait_for(|s| !matches!(s, FillState::Running { .. }))
+            .await;
+    }
 }
 
 /// Whether a request started a fill or joined one under way (for logs and metrics).
@@ -84,6 +211,11 @@ impl Default for Fills {
 }
 
 impl Fills {
+    /// Whether this instance is filling `nar_file` now (a request then joins it).
+    pub async fn is_running(&self, nar_file: &str) -> bool {
+        self.inflight.lock().await.contains_key(nar_file)
+    }
+
     /// Fills started since the server started (each is one upstream download).
     pub fn started_count(&self) -> u64 {
         self.started.load(std::sync::atomic::Ordering::Relaxed)
@@ -195,23 +327,23 @@ impl Fills {
                 .instrument(span.clone())
                 .await;
             match &result {
-                Ok(n) => span.record("bytes", i64::try_from(*n).unwrap_or(i64::MAX)),
+                Ok((n, _)) => span.record("bytes", i64::try_from(*n).unwrap_or(i64::MAX)),
                 Err(_) => span.record("otel.status_code", "ERROR"),
             };
             let outcome = if result.is_ok() { "ok" } else { "error" };
             crate::upstream::record_upstream(&src.upstream, "nar", outcome, started);
-            if let Ok(n) = &result {
+            if let Ok((n, _)) = &result {
                 metrics::counter!("nip_upstream_bytes_total").increment(*n);
             }
             match result {
-                Ok(written) => {
+                Ok((written, sha256)) => {
                     if let Some(u) = &upstream {
                         u.record_success();
                     }
                     let rec = NarRecord {
                         nar_file: spec.nar_file.clone(),
                         size: written as i64,
-                        sha256: hex::encode(spec.sha256),
+                        sha256: hex::encode(sha256),
                     };
                     crate::cache::nar::publish(ctx, &staged, &rec).await?;
                     return Ok(written);
@@ -246,7 +378,7 @@ impl Fills {
         src: &NarSource,
         staged: &StagedFile,
         tx: &watch::Sender<FillState>,
-    ) -> Result<u64, DownloadError> {
+    ) -> Result<(u64, [u8; 32]), DownloadError> {
         let fail = |message: String, bytes_sent: bool| DownloadError {
             message,
             bytes_sent,
@@ -265,6 +397,25 @@ impl Fills {
         let mut writer = nip_store::BatchedWriter::new(staged);
         // Whether readers of the staged file (clients) may have been given bytes of this attempt.
         let mut sent = false;
+        let mut nar_check = match &spec.expect {
+            Expect::NarHash {
+                size,
+                compression: Compression::Zstd,
+                ..
+            } => Some(ZstdDecoder::new(NarHasher {
+                hasher: Sha256::new(),
+                len: 0,
+                max: *size,
+            })),
+            Expect::NarHash { compression, .. } => {
+                let c = compression.narinfo_name();
+                return Err(fail(
+                    format!("cannot check a {c} NAR by its NarHash"),
+                    false,
+                ));
+            }
+            Expect::FileHash(_) => None,
+        };
         let received = async {
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| e.to_string())?;
@@ -274,27 +425,62 @@ impl Fills {
                 {
                     return Err("upstream sent more bytes than FileSize".to_string());
                 }
+                if spec
+                    .max_size
+                    .is_some_and(|n| writer.received() + chunk.len() as u64 > n)
+                {
+                    return Err("upstream sent more bytes than a NAR of its NarSize takes".into());
+                }
+                if let Some(dec) = nar_check.as_mut() {
+                    dec.write_all(&chunk)
+                        .await
+                        .map_err(|e| format!("the NAR does not decompress: {e}"))?;
+                }
                 if let Some(on_disk) = writer.push(chunk).await.map_err(|e| e.to_string())? {
                     sent = true;
                     let _ = tx.send(FillState::Running { written: on_disk });
                 }
             }
-            writer.finish().await.map_err(|e| e.to_string())
+            let nar = match nar_check.take() {
+                Some(mut dec) => {
+                    dec.shutdown()
+                        .await
+                        .map_err(|e| format!("the NAR does not decompress: {e}"))?;
+                    let h = dec.into_inner();
+                    Some((h.len, <[u8; 32]>::from(h.hasher.finalize())))
+                }
+                None => None,
+            };
+            let (written, digest) = writer.finish().await.map_err(|e| e.to_string())?;
+            Ok((written, digest, nar))
         }
         .await;
         // Checked before readers learn the final length, so a bad source whose bytes nobody saw
         // yet can still be replaced by the next one.
-        let checked = received.and_then(|(written, digest)| match spec.file_size {
-            Some(n) if written != n => Err(format!("got {written} bytes, FileSize says {n}")),
-            _ if digest != spec.sha256 => {
-                Err("bytes do not match the narinfo's FileHash".to_string())
+        let checked = received.and_then(|(written, digest, nar)| {
+            if let Some(n) = spec.file_size.filter(|n| written != *n) {
+                return Err(format!("got {written} bytes, FileSize says {n}"));
             }
-            _ => Ok(written),
+            match (&spec.expect, nar) {
+                (Expect::FileHash(sha), _) if digest != *sha => {
+                    Err("bytes do not match the narinfo's FileHash".to_string())
+                }
+                (Expect::NarHash { size, .. }, Some((len, _))) if len != *size => {
+                    Err(format!("the NAR has {len} bytes, NarSize says {size}"))
+                }
+                (Expect::NarHash { sha256, .. }, Some((_, nar_digest)))
+                    if nar_digest != *sha256 =>
+                {
+                    Err("the decompressed NAR does not match the narinfo's NarHash".to_string())
+                }
+                (Expect::NarHash { .. }, None) => Err("the NAR was not checked".to_string()),
+                _ => Ok((written, digest)),
+            }
         });
         match checked {
-            Ok(written) => {
+            Ok((written, digest)) => {
                 let _ = tx.send(FillState::Running { written });
-                Ok(written)
+                Ok((written, digest))
             }
             Err(message) => {
                 // Nobody saw these bytes: empty the file so the next source starts clean. If
@@ -326,9 +512,11 @@ impl Fill {
                 loop {
                     let state = rx.borrow_and_update().clone();
                     let available = match &state {
+                        // Without a known size the last byte written so far is held back: the
+                        // end may come at any moment, and it is released only once checked.
                         FillState::Running { written } => match fill.expected_size {
                             Some(n) => (*written).min(n.saturating_sub(1)),
-                            None => *written,
+                            None => written.saturating_sub(1),
                         },
                         FillState::Done { written } => *written,
                         FillState::Failed(_) => offset,
@@ -369,5 +557,52 @@ impl Fill {
                 }
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(nar_file: &str, file_hash: Option<&str>, file_size: Option<i64>) -> NarInfoRecord {
+        let nar_hash = format!("sha256:{}", "1".repeat(52));
+        NarInfoRecord {
+            hash: "0".repeat(32),
+            store_path: format!("/nix/store/{}-x", "0".repeat(32)),
+            nar_file: nar_file.into(),
+            file_size,
+            file_hash: file_hash.map(String::from),
+            nar_hash: nar_hash.clone(),
+            narinfo: format!(
+                "StorePath: /nix/store/{}-x\nURL: nar/{nar_file}\nCompression: zstd\nNarHash: {nar_hash}\nNarSize: 6400\n",
+                "0".repeat(32)
+            ),
+            origin: "http://up/".into(),
+            signed_by: None,
+            uploaded_by: None,
+        }
+    }
+
+    /// Without a FileHash a zstd NAR is checked by NarHash and NarSize, and its body is bounded;
+    /// an xz one cannot be checked; with a FileHash and FileSize, both are the check.
+    #[test]
+    fn a_spec_checks_what_the_narinfo_gives() {
+        let name = format!("{}.nar.zst", "1".repeat(52));
+        let spec = FillSpec::for_narinfo(&record(&name, None, None), vec![]).unwrap();
+        assert!(matches!(
+            spec.expect,
+            Expect::NarHash {
+                size: 6400,
+                compression: Compression::Zstd,
+                ..
+            }
+        ));
+        assert_eq!(spec.max_size, Some(6400 + 100 + (1 << 20)));
+        let xz = format!("{}.nar.xz", "1".repeat(52));
+        assert!(FillSpec::for_narinfo(&record(&xz, None, None), vec![]).is_err());
+        let file_hash = format!("sha256:1{}", "2".repeat(51));
+        let spec = FillSpec::for_narinfo(&record(&xz, Some(&file_hash), Some(10)), vec![]).unwrap();
+        assert!(matches!(spec.expect, Expect::FileHash(_)));
+        assert_eq!((spec.file_size, spec.max_size), (Some(10), None));
     }
 }

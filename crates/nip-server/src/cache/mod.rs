@@ -3,9 +3,13 @@
 //! status in one place ([`From<CacheError> for ApiError`]). The trust rules of uploads live here
 //! (docs/security.md, "A write key is not a root key").
 pub mod artifact;
+pub mod cluster;
+pub mod extras;
 pub mod fill;
+pub mod listing;
 pub mod nar;
 pub mod narinfo;
+pub mod realisation;
 pub mod upload;
 
 use crate::error::ApiError;
@@ -37,6 +41,12 @@ pub enum CacheError {
         store_path: String,
         keys: Vec<String>,
     },
+    /// Another file is stored under this name; stored files are never replaced.
+    #[error("{0}")]
+    Replaces(String),
+    /// A signature in the name of a trusted key that does not verify.
+    #[error("{what} carries a signature in the name of trusted key {key} that does not verify; it was refused")]
+    Forged { what: String, key: String },
     #[error(transparent)]
     Meta(#[from] nip_store::MetaError),
     #[error(transparent)]
@@ -55,6 +65,8 @@ impl CacheError {
             CacheError::Immutable { .. }
                 | CacheError::ShadowsUpstream { .. }
                 | CacheError::Untrusted { .. }
+                | CacheError::Forged { .. }
+                | CacheError::Replaces(_)
         )
     }
 }
@@ -65,11 +77,15 @@ impl From<CacheError> for ApiError {
         // (Nix 2.8 hangs on one): UpstreamsUnknown is a 424, not a 503.
         match e {
             CacheError::Invalid(m) => ApiError::BadRequest(m),
-            e @ (CacheError::Immutable { .. } | CacheError::ShadowsUpstream { .. }) => {
+            e @ (CacheError::Immutable { .. }
+            | CacheError::ShadowsUpstream { .. }
+            | CacheError::Replaces(_)) => {
                 ApiError::Conflict(e.to_string())
             }
             e @ CacheError::UpstreamsUnknown { .. } => ApiError::FailedDependency(e.to_string()),
-            e @ CacheError::Untrusted { .. } => ApiError::Forbidden(e.to_string()),
+            e @ (CacheError::Untrusted { .. } | CacheError::Forged { .. }) => {
+                ApiError::Forbidden(e.to_string())
+            }
             CacheError::Meta(e) => e.into(),
             CacheError::Store(e) => e.into(),
             e @ CacheError::Unavailable(_) => ApiError::Unavailable(e.to_string()),

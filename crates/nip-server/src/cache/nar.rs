@@ -17,8 +17,9 @@ pub async fn publish(
         .blobs
         .put_file(&BlobKey::nar(&rec.nar_file)?, staged.path())
         .await?;
-    state.budget.stored(rec.size as u64);
     state.meta.put_nar(rec).await?;
+    // After the row: an eviction pass this wakes counts the store from the rows.
+    state.budget.stored(rec.size as u64);
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use futures::FutureExt;
+use nip_core::hash::NixHash;
 use nip_core::nar_file::{Compression, NarFileName};
 use nip_core::narinfo::NarInfo;
 use nip_core::store_path::StorePathHash;
@@ -23,8 +24,8 @@ pub enum Fetched {
     /// No upstream that answered has a trusted narinfo. `unknown` names the upstreams that
     /// were skipped or did not answer: empty when the absence is certain.
     Missing { unknown: Arc<[String]> },
-    /// An upstream has a trusted narinfo this cache cannot serve (e.g. a compressed NAR without
-    /// FileHash): absent for readers, but an upload must still match it.
+    /// An upstream has a trusted narinfo this cache cannot serve (e.g. an xz NAR without
+    /// FileHash, which it cannot check): absent for readers, but an upload must still match it.
     Unservable {
         upstream: String,
         info: Arc<NarInfo>,
@@ -101,6 +102,21 @@ async fn fetch_and_store(state: AppState, hash: StorePathHash) -> Fetched {
         Ok(None) => {}
         Err(e) => return Fetched::Failed(Arc::from(e.to_string())),
     }
+    // One upstream lookup across the instances sharing the database.
+    let stored = || async { matches!(state.meta.get_narinfo(hash.as_str()).await, Ok(Some(_))) };
+    let _lease =
+        match super::cluster::lead_or_wait(&state, &format!("narinfo:{hash}"), stored).await {
+            super::cluster::Turn::Lead(lease) => lease,
+            super::cluster::Turn::Stored => {
+                return match state.meta.get_narinfo(hash.as_str()).await {
+                    Ok(Some(rec)) => Fetched::Stored(Arc::from(rec.narinfo)),
+                    Ok(None) => {
+                        Fetched::Failed(Arc::from("narinfo vanished right after it was stored"))
+                    }
+                    Err(e) => Fetched::Failed(Arc::from(e.to_string())),
+                };
+            }
+        };
     let found = match state.upstreams.lookup(&hash).await {
         Lookup::Found(found) => *found,
         Lookup::Missing { unknown } => {
@@ -139,18 +155,29 @@ async fn fetch_and_store(state: AppState, hash: StorePathHash) -> Fetched {
     }
 }
 
-/// The NAR file name this cache serves a narinfo's NAR under: `<filehash>.nar<ext>`.
-fn nar_file_name(info: &NarInfo) -> Result<(NarFileName, u64), String> {
+/// The NAR file name this cache serves a narinfo's NAR under, with the file's SHA-256 and size
+/// when known: `<filehash>.nar<ext>`. Without a FileHash (Attic, niks3, nix-serve) it is
+/// `<narhash>.nar<ext>`, and the fill checks the bytes by decompressing them against NarHash
+/// and NarSize (the signed part of the narinfo) instead.
+fn nar_file_name(info: &NarInfo) -> Result<(NarFileName, Option<NixHash>, Option<u64>), String> {
     let compression = info
         .compression_kind()
         .ok_or_else(|| format!("unknown compression {:?}", info.compression))?;
-    match (&info.file_hash, info.file_size) {
-        (Some(h), Some(size)) => Ok((NarFileName::new(h, compression), size)),
+    match &info.file_hash {
+        Some(h) => Ok((NarFileName::new(h, compression), Some(h.clone()), info.file_size)),
         // An uncompressed NAR's file is the NAR itself.
-        (None, _) if compression == Compression::None => {
-            Ok((NarFileName::new(&info.nar_hash, compression), info.nar_size))
+        None if compression == Compression::None => Ok((
+            NarFileName::new(&info.nar_hash, compression),
+            Some(info.nar_hash.clone()),
+            Some(info.nar_size),
+        )),
+        None if crate::cache::fill::can_check_nar_hash(compression) => {
+            Ok((NarFileName::new(&info.nar_hash, compression), None, None))
         }
-        _ => Err("narinfo has no FileHash/FileSize for a compressed NAR".into()),
+        None => Err(format!(
+            "narinfo has no FileHash for a {} NAR, and this cache can check only zstd NARs by their NarHash",
+            compression.narinfo_name()
+        )),
     }
 }
 
@@ -161,13 +188,10 @@ fn rewrite(state: &AppState, found: Found) -> Result<(NarInfoRecord, Vec<NarSour
         alternates,
         key,
     } = found;
-    let (file, file_size) = nar_file_name(&info)?;
-    let file_hash = info
-        .file_hash
-        .clone()
-        .unwrap_or_else(|| info.nar_hash.clone());
-    if file_hash.algo != nip_core::hash::HashAlgo::Sha256 {
-        return Err("FileHash is not sha256".into());
+    let (file, file_hash, file_size) = nar_file_name(&info)?;
+    let sha256 = |h: &NixHash| h.algo == nip_core::hash::HashAlgo::Sha256;
+    if !file_hash.as_ref().map_or(sha256(&info.nar_hash), sha256) {
+        return Err("FileHash (or NarHash, without one) is not sha256".into());
     }
     // `upstream` is the upstream's name (credentials masked): what logs and errors show, and how
     // a fill finds the upstream again to track its health.
@@ -188,8 +212,10 @@ fn rewrite(state: &AppState, found: Found) -> Result<(NarInfoRecord, Vec<NarSour
         }
     }
     info.url = format!("nar/{file}");
-    info.file_hash = Some(file_hash.clone());
-    info.file_size = Some(file_size);
+    // Without a FileHash the narinfo is served without both, as Nix accepts (only StorePath,
+    // URL, NarHash and NarSize are required); the fill checks NarHash and NarSize.
+    info.file_hash = file_hash.clone();
+    info.file_size = file_size.filter(|_| file_hash.is_some());
     if state.config.sign_narinfo {
         info.sign(&state.signer);
     }
@@ -197,12 +223,14 @@ fn rewrite(state: &AppState, found: Found) -> Result<(NarInfoRecord, Vec<NarSour
         hash: info.store_path.hash().as_str().to_string(),
         store_path: info.store_path.full(),
         nar_file: file.file_name(),
-        file_size: Some(file_size as i64),
-        file_hash: Some(file_hash.to_string()),
+        file_size: info.file_size.map(|n| n as i64),
+        file_hash: file_hash.map(|h| h.to_string()),
         nar_hash: info.nar_hash.to_string(),
         narinfo: info.to_text(),
         origin: upstream.name().to_string(),
-        signed_by: Some(key),
+        // None: an unsigned narinfo of a `?trusted=1` upstream, vouched for by nobody but the
+        // operator's choice of that upstream (its origin says which).
+        signed_by: key,
         uploaded_by: None,
     };
     Ok((record, sources))

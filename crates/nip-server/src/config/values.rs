@@ -248,7 +248,7 @@ fn parse_scalar(s: &Setting, kind: Kind, v: &str) -> Result<Value, String> {
         )),
         Kind::DatabaseUrl if nip_store::Backend::of_url(v).is_ok() => Ok(text()),
         Kind::DatabaseUrl => Err(format!(
-            "{:?}: use sqlite:PATH (e.g. sqlite:/var/lib/nip/db.sqlite) or postgres://USER@HOST/DB",
+            "{:?}: use sqlite:PATH (e.g. sqlite:/var/lib/nip/db.sqlite), postgres://USER@HOST/DB or mysql://USER:PASSWORD@HOST/DB",
             redact_userinfo(v)
         )),
         Kind::Duration => duration("3s or 5m", false),
@@ -304,9 +304,16 @@ fn show(s: &Setting, value: &Value) -> Json {
             .iter()
             .map(|u| {
                 let url = redact_userinfo(&u.url);
-                match u.priority {
-                    Some(p) => format!("{url}?priority={p}"),
-                    None => url,
+                let mut query = Vec::new();
+                if let Some(p) = u.priority {
+                    query.push(format!("priority={p}"));
+                }
+                if u.trusted {
+                    query.push("trusted=1".to_string());
+                }
+                match query.is_empty() {
+                    true => url,
+                    false => format!("{url}?{}", query.join("&")),
                 }
             })
             .collect::<Vec<_>>()),

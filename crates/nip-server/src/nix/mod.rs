@@ -1,8 +1,11 @@
 //! The Nix binary cache protocol: `/nix-cache-info`, `/pubkey`, `/<hash>.narinfo`, `/nar/<file>`,
-//! and the same under `/upload/` (ncps' upload path: reads there never go upstream).
+//! listings, logs, realisations, debug info and build traces (`extras`), and the same under
+//! `/upload/` (ncps' upload path: reads there never go upstream).
 mod cache_info;
+mod extras;
 mod nar;
 mod narinfo;
+mod pin;
 mod upload;
 
 use axum::extract::DefaultBodyLimit;
@@ -26,9 +29,29 @@ pub fn router() -> Router<AppState> {
         .route("/pubkey", get(cache_info::pubkey))
         .route(
             "/{name}",
-            get(narinfo::get_narinfo)
-                .put(upload::put_narinfo)
+            // `<hash>.narinfo`, and `<hash>.ls` (NAR listings) through `extras`.
+            get(extras::get_root)
+                .put(extras::put_root)
                 .delete(upload::delete_narinfo),
+        )
+        // ncps' closure pins.
+        .route(
+            "/pin/{name}",
+            axum::routing::post(pin::pin).delete(pin::unpin),
+        )
+        .route("/pins", get(pin::pins))
+        .route("/log/{drv}", get(extras::get_log).put(extras::put_log))
+        .route(
+            "/realisations/{id}",
+            get(extras::get_realisation).put(extras::put_realisation),
+        )
+        .route(
+            "/debuginfo/{id}",
+            get(extras::get_debuginfo).put(extras::put_debuginfo),
+        )
+        .route(
+            "/build-trace-v2/{drv}/{output}",
+            get(extras::get_build_trace).put(extras::put_build_trace),
         )
         .route(
             "/nar/{file}",
@@ -42,7 +65,23 @@ pub fn router() -> Router<AppState> {
         .route("/upload/pubkey", get(cache_info::pubkey))
         .route(
             "/upload/{name}",
-            get(narinfo::get_upload_narinfo).put(upload::put_narinfo),
+            get(extras::get_upload_root).put(extras::put_root),
+        )
+        .route(
+            "/upload/log/{drv}",
+            get(extras::get_upload_log).put(extras::put_log),
+        )
+        .route(
+            "/upload/realisations/{id}",
+            get(extras::get_upload_realisation).put(extras::put_realisation),
+        )
+        .route(
+            "/upload/debuginfo/{id}",
+            get(extras::get_upload_debuginfo).put(extras::put_debuginfo),
+        )
+        .route(
+            "/upload/build-trace-v2/{drv}/{output}",
+            get(extras::get_upload_build_trace).put(extras::put_build_trace),
         )
         .route(
             "/upload/nar/{file}",

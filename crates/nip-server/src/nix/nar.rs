@@ -6,11 +6,11 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use nip_core::hash::NixHash;
 use nip_core::nar_file::{Compression, NarFileName};
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use crate::auth::Caller;
+use crate::cache::cluster;
 use crate::cache::fill::{FillRole, FillSpec};
 use crate::error::{ApiError, ApiResult};
 use crate::nix::OnMiss;
@@ -65,6 +65,8 @@ async fn nar(
             tracing::debug!("NAR hit");
             state.stats.hit(Kind::Nar);
             crate::jobs::Accessed::note(&state.accessed.nars, &file);
+            let read = crate::nix::narinfo::nix_read("nar-read", &file, "200");
+            state.read_audit.note(&caller, read);
             return Ok(resp);
         }
         tracing::warn!("NAR recorded but missing from storage; fetching again");
@@ -85,22 +87,37 @@ async fn nar(
             .body(Body::empty())
             .map_err(ApiError::internal);
     }
-    let sha256 = info
-        .file_hash
-        .as_deref()
-        .and_then(|h| NixHash::parse(h).ok())
-        .and_then(|h| <[u8; 32]>::try_from(h.digest.as_slice()).ok())
-        .ok_or_else(|| ApiError::internal(format!("narinfo for {file} has no usable FileHash")))?;
     let sources = state.meta.nar_sources(&file).await?;
-    let spec = FillSpec {
-        nar_file: file.clone(),
-        sources,
-        file_size: size,
-        sha256,
+    let spec = FillSpec::for_narinfo(&info, sources).map_err(ApiError::internal)?;
+    // One upstream fetch across the instances sharing the database: unless this instance is
+    // filling it already, take the fill lease or wait for the instance that holds it.
+    let lease = if state.fills.is_running(&file).await {
+        None
+    } else {
+        let stored = || async { matches!(state.meta.get_nar(&file).await, Ok(Some(_))) };
+        match cluster::lead_or_wait(&state, &format!("nar:{file}"), stored).await {
+            cluster::Turn::Lead(lease) => Some(lease),
+            cluster::Turn::Stored => {
+                state.stats.coalesced(Kind::Nar);
+                return serve_stored(&state, &key, &headers, &method, name.compression())
+                    .await?
+                    .ok_or_else(|| ApiError::internal("NAR vanished right after it was stored"));
+            }
+        }
     };
     match state.fills.join_or_start(&state, spec).await? {
         Some((fill, role)) => {
+            if let Some(lease) = lease {
+                // Held until the fill ends, whoever of its clients stays.
+                let fill = fill.clone();
+                tokio::spawn(async move {
+                    fill.finished().await;
+                    drop(lease);
+                });
+            }
             tracing::debug!(?role, "NAR miss: streaming from upstream");
+            let read = crate::nix::narinfo::nix_read("nar-read", &file, "200 upstream");
+            state.read_audit.note(&caller, read);
             state.stats.miss(Kind::Nar);
             match role {
                 FillRole::Started => state.stats.activity("nar-fetch", file.clone()),

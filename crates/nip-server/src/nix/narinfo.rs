@@ -49,10 +49,30 @@ async fn narinfo(
         ))
     })?;
     let ask_upstreams = on_miss == OnMiss::AskUpstreams;
-    match cache::narinfo::get(&state, &hash, ask_upstreams).await? {
+    let text = cache::narinfo::get(&state, &hash, ask_upstreams).await?;
+    let result = if text.is_some() { "200" } else { "404" };
+    state
+        .read_audit
+        .note(&caller, nix_read("narinfo-read", &name, result));
+    match text {
         Some(text) => Ok(narinfo_response(text)),
         None if ask_upstreams => Err(not_found()),
         None => Err(ApiError::NotFound("this cache has no such narinfo".into())),
+    }
+}
+
+/// A Nix read for `--audit-reads`.
+pub(crate) fn nix_read<'a>(
+    action: &'static str,
+    target: &'a str,
+    result: &'a str,
+) -> crate::read_audit::Read<'a> {
+    crate::read_audit::Read {
+        action,
+        target,
+        result,
+        size: None,
+        sha256: None,
     }
 }
 

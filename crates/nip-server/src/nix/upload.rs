@@ -18,7 +18,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
 /// Checks the verb is enabled and the caller may use it (a key is needed once any key exists).
-async fn permit(state: &AppState, caller: &Caller, put: bool) -> ApiResult<()> {
+pub(super) async fn permit(state: &AppState, caller: &Caller, put: bool) -> ApiResult<()> {
     let (enabled, flag, scope) = if put {
         (
             state.config.allow_put,
@@ -51,7 +51,7 @@ async fn permit(state: &AppState, caller: &Caller, put: bool) -> ApiResult<()> {
 
 /// The caller of a PUT: a failure to authenticate it (e.g. the database is down) is a 4xx too,
 /// since Nix 2.8 hangs on a 5xx answer to a PUT.
-fn upload_caller(caller: Result<Caller, ApiError>) -> ApiResult<Caller> {
+pub(super) fn upload_caller(caller: Result<Caller, ApiError>) -> ApiResult<Caller> {
     caller.map_err(ApiError::for_nix_upload)
 }
 
@@ -63,7 +63,7 @@ fn parse_hash(name: &str) -> ApiResult<StorePathHash> {
         .map_err(|e| ApiError::BadRequest(format!("invalid store path hash: {e}")))
 }
 
-async fn audited(
+pub(super) async fn audited(
     state: &AppState,
     caller: &Caller,
     action: &str,

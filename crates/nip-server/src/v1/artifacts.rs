@@ -21,6 +21,22 @@ pub fn download_url(key: &str) -> String {
     format!("/v1/download/{key}")
 }
 
+/// An artifact read for `--audit-reads`: with its size and SHA-256 when it exists.
+pub(crate) fn read<'a>(
+    action: &'static str,
+    key: &'a str,
+    result: &'a str,
+    rec: Option<&'a nip_store::ArtifactRecord>,
+) -> crate::read_audit::Read<'a> {
+    crate::read_audit::Read {
+        action,
+        target: key,
+        result,
+        size: rec.map(|r| r.size),
+        sha256: rec.map(|r| r.sha256.as_str()),
+    }
+}
+
 #[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(key = %key))]
 pub async fn lookup(
     State(state): State<AppState>,
@@ -36,6 +52,9 @@ pub async fn lookup(
             let seen = state.hot_artifacts.generation();
             let Some(rec) = state.meta.get_artifact(key).await? else {
                 state.stats.miss(crate::stats::Kind::Artifact);
+                state
+                    .read_audit
+                    .note(&caller, read("artifact-lookup", key, "404", None));
                 return Err(not_found());
             };
             state.hot_artifacts.insert(key, rec.clone(), seen);
@@ -43,6 +62,9 @@ pub async fn lookup(
         }
     };
     let url = cache::artifact::presigned(&state, &rec).await?;
+    state
+        .read_audit
+        .note(&caller, read("artifact-lookup", key, "200", Some(&rec)));
     Ok(Json(ArtifactInfo {
         key: rec.key.clone(),
         download_url: url.unwrap_or_else(|| download_url(&rec.key)),

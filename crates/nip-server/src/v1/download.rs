@@ -5,6 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use super::artifacts::read;
 use super::checked_key;
 use crate::auth::{Caller, Scope};
 use crate::error::{ApiError, ApiResult};
@@ -21,23 +22,30 @@ pub async fn download(
 ) -> ApiResult<Response> {
     let key = checked_key(&key)?;
     caller.require(Scope::Read, Some(key))?;
-    let rec = state
-        .meta
-        .get_artifact(key)
-        .await?
-        .ok_or_else(|| ApiError::NotFound("not found".into()))?;
+    let Some(rec) = state.meta.get_artifact(key).await? else {
+        state
+            .read_audit
+            .note(&caller, read("artifact-download", key, "404", None));
+        return Err(ApiError::NotFound("not found".into()));
+    };
     let etag = format!("\"{}\"", rec.sha256);
     if headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         == Some(etag.as_str())
     {
+        state
+            .read_audit
+            .note(&caller, read("artifact-download", key, "304", Some(&rec)));
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
     if method == Method::GET {
         if let Some(url) = crate::cache::artifact::presigned(&state, &rec).await? {
             // 307 keeps the method, and clients resend their Range header to the new location.
             let location = HeaderValue::from_str(&url).map_err(ApiError::internal)?;
+            state
+                .read_audit
+                .note(&caller, read("artifact-download", key, "307", Some(&rec)));
             return Ok((
                 StatusCode::TEMPORARY_REDIRECT,
                 [(header::LOCATION, location)],
@@ -76,6 +84,15 @@ pub async fn download(
     }
     crate::jobs::Accessed::note(&state.accessed.artifacts, &rec.key);
     state.stats.hit(crate::stats::Kind::Artifact);
+    if state.read_audit.enabled() {
+        let result = match method {
+            Method::HEAD => format!("{} HEAD", status.as_u16()),
+            _ => status.as_u16().to_string(),
+        };
+        state
+            .read_audit
+            .note(&caller, read("artifact-download", key, &result, Some(&rec)));
+    }
     if method == Method::HEAD {
         return builder.body(Body::empty()).map_err(ApiError::internal);
     }

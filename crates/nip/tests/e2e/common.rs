@@ -382,3 +382,47 @@ pub fn start_flask_reference(dir: &Path, token: &str, test: &str) -> Option<Flas
     wait_http_ok(&format!("{}/v1/health", server.url), Duration::from_secs(60));
     Some(server)
 }
+
+/// What `promtool check metrics` finds in a `/metrics` text, one problem a line, leaving out its
+/// naming lints about ncps' own metric names (`ncps_narinfo_count`, …), which nip keeps as ncps
+/// spells them so dashboards keep working. `None` when promtool is missing (a skip).
+pub fn promtool_problems(text: &str, test: &str) -> Option<Vec<String>> {
+    use std::io::Write;
+    if !tool_available("promtool", test) {
+        return None;
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ncps_lint = |l: &str| {
+        l.starts_with("ncps_")
+            && (l.contains("should not have \"_count\" suffix")
+                || l.contains("should not have \"_total\" suffix"))
+    };
+    let problems: Vec<String> = report
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !ncps_lint(l))
+        .map(String::from)
+        .collect();
+    assert!(
+        out.status.success() || report.lines().any(ncps_lint),
+        "promtool failed without saying why: {report}"
+    );
+    Some(problems)
+}

@@ -1,0 +1,133 @@
+//! One upstream fetch per miss across every instance that shares the database. Before fetching a
+//! narinfo or a NAR from an upstream, an instance takes a short fill lease in the shared database
+//! (the `leases` table: one atomic statement, PostgreSQL or SQLite alike) and renews it while it
+//! works. The others wait for the result to show up in the shared index and store, and serve it
+//! from there; when the lease ends without a result (the holder failed, or was killed and its
+//! lease ran out) the next waiter takes it and fetches. No Redis: the database is the lock.
+//!
+//! Why followers wait instead of streaming the leader's bytes through an internal endpoint:
+//! it needs no instance-to-instance traffic, addresses or cluster secret, and a follower can never
+//! get bytes that were not verified; the cost is the follower's time to first byte (the leader's
+//! whole fill). Within one instance, requests still join the running fill and stream as it grows.
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crate::AppState;
+
+/// A lease's term: a dead holder's lease frees this long after its last renewal at most.
+const TERM_SECS: i64 = 5;
+/// How often a holder renews its lease.
+const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// How often a waiter looks for the result, and how often it tries the lease.
+const POLL: Duration = Duration::from_millis(100);
+const TRY_LEASE_EVERY: Duration = Duration::from_millis(500);
+
+/// What a caller that wants to fetch `name` does.
+pub enum Turn {
+    /// Fetch it: this instance holds the lease until the guard is dropped.
+    Lead(Lease),
+    /// Another instance stored it meanwhile: read it from the shared index and store.
+    Stored,
+}
+
+/// A held fill lease, renewed in the background; ended (freed for the others) when dropped.
+pub struct Lease {
+    renew: tokio::task::JoinHandle<()>,
+    end: Option<(AppState, String)>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renew.abort();
+        if let Some((state, name)) = self.end.take() {
+            tokio::spawn(async move {
+                let holder = state.instance_id().to_string();
+                if let Err(e) = state.meta.end_lease(&name, &holder, 0).await {
+                    tracing::debug!(lease = %name, error = %e, "cannot end the fill lease; it runs out by itself");
+                }
+            });
+        }
+    }
+}
+
+fn lease(state: &AppState, name: &str) -> Lease {
+    let (st, n) = (state.clone(), name.to_string());
+    let renew = tokio::spawn(async move {
+        let holder = st.instance_id().to_string();
+        loop {
+            tokio::time::sleep(RENEW_EVERY).await;
+            let now = nip_store::unix_now();
+            match st.meta.take_lease(&n, &holder, now, now + TERM_SECS).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(lease = %n, "another instance took this fill's lease (this one was too slow to renew); the fetch goes on");
+                    return;
+                }
+                Err(e) => tracing::warn!(lease = %n, error = %e, "cannot renew the fill lease"),
+            }
+        }
+    });
+    Lease {
+        renew,
+        end: Some((state.clone(), name.to_string())),
+    }
+}
+
+/// Takes the fill lease `name`, or, while another instance holds it, waits until `stored()`
+/// finds the result in the shared index or store (→ `Stored`), the lease frees (→ `Lead`), or
+/// `--cache-lock-download-ttl` passes (→ `Lead`: a second fetch beats failing the client). A
+/// database that cannot be asked does not block a fetch: this instance then leads.
+pub async fn lead_or_wait<F, Fut>(state: &AppState, name: &str, stored: F) -> Turn
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let holder = state.instance_id().to_string();
+    let started = Instant::now();
+    let max_wait = state.config().fill_wait;
+    let mut last_try: Option<Instant> = None;
+    let mut waited = false;
+    loop {
+        if last_try.is_none_or(|t| t.elapsed() >= TRY_LEASE_EVERY) {
+            last_try = Some(Instant::now());
+            let now = nip_store::unix_now();
+            match state
+                .meta
+                .take_lease(name, &holder, now, now + TERM_SECS)
+                .await
+            {
+                Ok(true) => {
+                    // Taken after a wait: the holder may have stored it just before it ended.
+                    if waited && stored().await {
+                        let _ = state.meta.end_lease(name, &holder, 0).await;
+                        return Turn::Stored;
+                    }
+                    return Turn::Lead(lease(state, name));
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(lease = %name, error = %e, "cannot take a fill lease; fetching without one");
+                    return Turn::Lead(Lease {
+                        renew: tokio::spawn(async {}),
+                        end: None,
+                    });
+                }
+            }
+        }
+        if !waited {
+            tracing::debug!(lease = %name, "another instance is fetching this; waiting for it");
+            waited = true;
+        }
+        if started.elapsed() >= max_wait {
+            tracing::warn!(lease = %name, waited_ms = started.elapsed().as_millis() as u64, "another instance's fetch takes longer than --cache-lock-download-ttl; fetching here too");
+            return Turn::Lead(Lease {
+                renew: tokio::spawn(async {}),
+                end: None,
+            });
+        }
+        tokio::time::sleep(POLL).await;
+        if stored().await {
+            return Turn::Stored;
+        }
+    }
+}
