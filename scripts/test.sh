@@ -22,6 +22,10 @@ command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 # nginx: deploy/nginx.conf is run in front of two servers (e2e deploy_compose).
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+# strace and systemd-analyze: the packaging test checks nip's system calls against the NixOS
+# module's SystemCallFilter.
+command -v strace >/dev/null 2>&1 || need+=(strace)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     log "installing ${need[*]} with apt-get"

@@ -27,6 +27,7 @@ mod ops_observe;
 mod ops_store;
 mod ops_verify;
 mod otel;
+mod packaging;
 mod reliability_crash;
 mod reliability_db;
 mod reliability_hostile;
