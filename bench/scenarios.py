@@ -433,6 +433,49 @@ def p3c_cluster_followers(ctx):
                      exact=True)]
 
 
+def p8_cold_miss(ctx):
+    """P8: the big NAR missed by a fresh nip in front of nginx (narinfo fetched first), against the
+    same NAR straight from that nginx: time to first byte and throughput of one client, and of
+    each of 10 clients missing it together."""
+    m = ctx.manifest
+    upstream = ctx.servers.nginx("p8-upstream", m["cache"])
+    up = f"http://127.0.0.1:{upstream.port}"
+    big = f"/nar/{m['big']['nar']}"
+    mib = m["big"]["size"] / MIB
+    one, direct, ten, ten_direct = [], [], [], []
+    for r in range(ctx.repeats):
+        for clients, into in ((1, one), (10, ten)):
+            shutil.rmtree(f"{ctx.work}/p8-{r}-{clients}-data", ignore_errors=True)
+            nip = ctx.servers.nip(f"p8-{r}-{clients}", m["public_key"], upstream=up)
+            download(nip.port, f"/{m['big']['hash']}.narinfo")
+            if clients == 1:
+                into.append(curl_times([f"http://127.0.0.1:{nip.port}{big}"]))
+            else:
+                with ThreadPoolExecutor(clients) as ex:
+                    into.append(list(ex.map(lambda _: curl_times([f"http://127.0.0.1:{nip.port}{big}"]),
+                                            range(clients))))
+            ctx.servers.stop(nip)
+            shutil.rmtree(f"{ctx.work}/p8-{r}-{clients}-data", ignore_errors=True)
+        direct.append(curl_times([f"{up}{big}"]))
+    ctx.servers.stop(upstream)
+    ctx.raw["p8"] = {"one_s": one, "direct_s": direct, "ten_s": ten}
+    tput = lambda t: mib / t[1]
+    added_ttfb = [(a[0] - d[0]) * 1000 for a, d in zip(one, direct)]
+    ratio_one = [tput(a) / tput(d) for a, d in zip(one, direct)]
+    # Each of the ten against one direct download of the same run.
+    ratio_ten = [min(tput(c) for c in run) / tput(d) for run, d in zip(ten, direct)]
+    ctx.details.append(
+        f"P8 a {mib:.0f} MiB uncompressed NAR missed by a fresh nip: {statistics.median(tput(a) for a in one):.0f} MiB/s "
+        f"vs {statistics.median(tput(d) for d in direct):.0f} MiB/s straight from nginx; first byte "
+        f"{statistics.median(added_ttfb):.1f} ms later than direct; 10 clients on the same miss: the slowest got "
+        f"{statistics.median(min(tput(c) for c in run) for run in ten):.0f} MiB/s.")
+    return [absolute("P8", "cold NAR miss: throughput vs nginx direct", "×", summary(ratio_one), 0.8,
+                     lower_is_better=False),
+            absolute("P8", "cold NAR miss: added time to first byte", "ms", summary(added_ttfb), 5),
+            absolute("P8", "10 clients on one cold miss: slowest client vs one direct download", "×",
+                     summary(ratio_ten), 0.8, lower_is_better=False)]
+
+
 CRITERION_LINE = re.compile(r"^(?P<name>\S.*?)?\s+time:\s+\[(\S+ \S+) (\S+ \S+) (\S+ \S+)\]")
 # "thrpt:  [1.40 GiB/s 1.41 GiB/s 1.41 GiB/s]"; a "change:" block has a thrpt line in percent, skipped.
 CRITERION_THRPT = re.compile(r"thrpt:\s+\[\S+ \S+/s (\S+ \S+/s) \S+ \S+/s\]")

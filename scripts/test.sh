@@ -49,11 +49,22 @@ PG_FAST=1 scripts/run-postgres.sh "$pg_port" "$pg_dir/data" start >&2
 trap 'scripts/run-postgres.sh "$pg_port" "$pg_dir/data" stop >/dev/null 2>&1 || true; rm -rf "$pg_dir"' EXIT
 export NIP_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
 
+# A throwaway MariaDB (Debian's mariadb-server, installed when missing) for the MySQL backend.
+my_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+stop_mariadb() { scripts/run-mariadb.sh "$my_port" "$pg_dir/mariadb" stop >/dev/null 2>&1 || true; }
+trap 'stop_mariadb; scripts/run-postgres.sh "$pg_port" "$pg_dir/data" stop >/dev/null 2>&1 || true; rm -rf "$pg_dir"' EXIT
+if NIP_TEST_MYSQL_URL=$(MARIADB_FAST=1 scripts/run-mariadb.sh "$my_port" "$pg_dir/mariadb" start); then
+  export NIP_TEST_MYSQL_URL
+else
+  log "MariaDB did not start: the MySQL backend tests fail under the test command"
+  [ "${CI:-}" = true ] && exit 1
+fi
+
 # A throwaway S3-compatible server (moto, from PyPI) for the S3 storage tests.
 s3_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 S3_BACKEND=moto scripts/run-s3.sh "$s3_port" "$pg_dir/s3" >"$pg_dir/s3.env" 2>"$pg_dir/s3.log" &
 s3_pid=$!
-trap 'kill $s3_pid 2>/dev/null; scripts/run-postgres.sh "$pg_port" "$pg_dir/data" stop >/dev/null 2>&1 || true; rm -rf "$pg_dir"' EXIT
+trap 'kill $s3_pid 2>/dev/null; stop_mariadb; scripts/run-postgres.sh "$pg_port" "$pg_dir/data" stop >/dev/null 2>&1 || true; rm -rf "$pg_dir"' EXIT
 for _ in $(seq 1 600); do
   python3 -c "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:$s3_port/nip-test', method='PUT'), timeout=5)" 2>/dev/null && break
   kill -0 $s3_pid 2>/dev/null || { cat "$pg_dir/s3.log" >&2; log "the S3 server did not start"; exit 1; }

@@ -414,6 +414,56 @@ mod tests {
         }
     }
 
+    /// Instances starting together on a fresh MySQL database all start (one migrates).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_connects_on_a_fresh_mysql_database_all_succeed() {
+        let Ok(admin) = std::env::var("NIP_TEST_MYSQL_URL") else {
+            return;
+        };
+        let url = crate::testdb::fresh_mysql(&admin).await;
+        let tasks: Vec<_> = (0..6)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { crate::sql::SqlMeta::connect_with(&url, 2).await })
+            })
+            .collect();
+        for t in tasks {
+            use crate::meta::MetaStore;
+            let meta = t.await.unwrap().expect("every concurrent connect succeeds");
+            meta.ping().await.unwrap();
+        }
+    }
+
+    /// A migration added for one backend is added for all of them.
+    #[test]
+    fn every_backend_has_every_migration() {
+        let of = |url| crate::sql::SqlMeta::migrations_for(url).unwrap();
+        let sqlite = of("sqlite:x");
+        assert_eq!(of("postgres://h/d"), sqlite);
+        assert_eq!(of("mysql://h/d"), sqlite);
+    }
+
+    /// `nip migrate --dry-run` on MySQL: every migration pending on an empty database, none
+    /// once nip has opened it.
+    #[tokio::test]
+    async fn pending_migrations_on_mysql() {
+        let Ok(admin) = std::env::var("NIP_TEST_MYSQL_URL") else {
+            return;
+        };
+        let url = crate::testdb::fresh_mysql(&admin).await;
+        let all = crate::sql::SqlMeta::migrations_for(&url).unwrap();
+        assert_eq!(all, crate::sql::SqlMeta::migrations());
+        assert_eq!(
+            crate::sql::SqlMeta::pending_migrations(&url).await.unwrap(),
+            all
+        );
+        crate::sql::SqlMeta::connect(&url).await.unwrap();
+        assert!(crate::sql::SqlMeta::pending_migrations(&url)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
     #[test]
     fn other_backends_are_unchanged() {
         let q = "SELECT key FROM pins WHERE key = $1 ON CONFLICT (key) DO NOTHING";

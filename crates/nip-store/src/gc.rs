@@ -433,12 +433,15 @@ mod tests {
         })
         .await
         .unwrap();
-        sqlx::query(&f.db.sql("UPDATE nars SET last_accessed_at = $1 WHERE nar_file = $2"))
-            .bind(at)
-            .bind(&file)
-            .execute(f.db.pool())
-            .await
-            .unwrap();
+        sqlx::query(
+            &f.db
+                .sql("UPDATE nars SET last_accessed_at = $1 WHERE nar_file = $2"),
+        )
+        .bind(at)
+        .bind(&file)
+        .execute(f.db.pool())
+        .await
+        .unwrap();
     }
 
     async fn artifact(f: &Fx, key: &str, size: usize, at: i64) {

@@ -257,11 +257,13 @@ impl NcpsDb {
 
     /// ncps' own signing key (`config` table, key `secret_key`), if it has one.
     pub async fn secret_key(&self) -> Result<Option<String>, MetaError> {
-        Ok(
-            sqlx::query_scalar(&self.backend.sql("SELECT value FROM config WHERE key = 'secret_key'"))
-                .fetch_optional(&self.pool)
-                .await?,
+        Ok(sqlx::query_scalar(
+            &self
+                .backend
+                .sql("SELECT value FROM config WHERE key = 'secret_key'"),
         )
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     pub async fn counts(&self) -> Result<NcpsCounts, MetaError> {

@@ -85,7 +85,10 @@ pub fn mysql_url(url: &str) -> Result<String, MetaError> {
         }
         let dir: Vec<&str> = dir.split('/').filter(|s| !s.is_empty()).collect();
         socket = Some(format!("/{}", dir.join("/")));
-        let auth = auth.rsplit_once('@').map(|(u, _)| format!("{u}@")).unwrap_or_default();
+        let auth = auth
+            .rsplit_once('@')
+            .map(|(u, _)| format!("{u}@"))
+            .unwrap_or_default();
         format!("mysql://{auth}localhost/{db}")
     } else {
         // A socket URL may leave the host out (`mysql://u:p@/db`): sqlx needs one.
@@ -233,7 +236,20 @@ impl SqlMeta {
                     .await?
             }
             Backend::Postgres => options.connect(url).await?,
-            Backend::Mysql => options.connect(&mysql_url(url)?).await?,
+            Backend::Mysql => {
+                options
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            // PostgreSQL's isolation, which the shared queries are written for;
+                            // InnoDB's default (REPEATABLE READ) adds gap locks and deadlocks.
+                            conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                                .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&mysql_url(url)?)
+                    .await?
+            }
         };
         migrate(&pool, backend).await?;
         Ok(SqlMeta {
@@ -511,11 +527,12 @@ impl MetaStore for SqlMeta {
     }
 
     async fn nar_sources(&self, nar_file: &str) -> Result<Vec<NarSource>, MetaError> {
-        let rows =
-            sqlx::query(&self.sql("SELECT url, upstream FROM nar_sources WHERE nar_file = $1 ORDER BY rank"))
-                .bind(nar_file)
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query(
+            &self.sql("SELECT url, upstream FROM nar_sources WHERE nar_file = $1 ORDER BY rank"),
+        )
+        .bind(nar_file)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
                 Ok(NarSource {
@@ -528,10 +545,11 @@ impl MetaStore for SqlMeta {
     }
 
     async fn get_nar(&self, nar_file: &str) -> Result<Option<NarRecord>, MetaError> {
-        let row = sqlx::query(&self.sql("SELECT nar_file, size, sha256 FROM nars WHERE nar_file = $1"))
-            .bind(nar_file)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query(&self.sql("SELECT nar_file, size, sha256 FROM nars WHERE nar_file = $1"))
+                .bind(nar_file)
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(|r| {
             Ok(NarRecord {
                 nar_file: r.try_get("nar_file")?,

@@ -141,9 +141,11 @@ impl GcIndex for SqlMeta {
     }
 
     async fn pins(&self) -> Result<Vec<String>, MetaError> {
-        Ok(sqlx::query_scalar(&self.sql("SELECT key FROM pins ORDER BY key"))
-            .fetch_all(self.pool())
-            .await?)
+        Ok(
+            sqlx::query_scalar(&self.sql("SELECT key FROM pins ORDER BY key"))
+                .fetch_all(self.pool())
+                .await?,
+        )
     }
 
     async fn all_nar_files(&self) -> Result<Vec<String>, MetaError> {
@@ -179,9 +181,10 @@ impl GcIndex for SqlMeta {
     }
 
     async fn all_artifact_rows(&self) -> Result<Vec<ArtifactRow>, MetaError> {
-        let rows = sqlx::query(&self.sql("SELECT key, size, sha256 FROM artifacts ORDER BY sha256, key"))
-            .fetch_all(self.pool())
-            .await?;
+        let rows =
+            sqlx::query(&self.sql("SELECT key, size, sha256 FROM artifacts ORDER BY sha256, key"))
+                .fetch_all(self.pool())
+                .await?;
         rows.iter()
             .map(|r| {
                 Ok(ArtifactRow {
@@ -195,12 +198,12 @@ impl GcIndex for SqlMeta {
     }
 
     async fn artifact_keys_with_sha256(&self, sha256: &str) -> Result<Vec<String>, MetaError> {
-        Ok(
-            sqlx::query_scalar(&self.sql("SELECT key FROM artifacts WHERE sha256 = $1 ORDER BY key"))
-                .bind(sha256)
-                .fetch_all(self.pool())
-                .await?,
+        Ok(sqlx::query_scalar(
+            &self.sql("SELECT key FROM artifacts WHERE sha256 = $1 ORDER BY key"),
         )
+        .bind(sha256)
+        .fetch_all(self.pool())
+        .await?)
     }
 
     async fn orphan_uploaded_narinfos(&self) -> Result<Vec<String>, MetaError> {

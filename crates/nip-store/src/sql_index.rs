@@ -148,10 +148,11 @@ impl ArtifactIndex for SqlMeta {
             .bind(key)
             .execute(&mut *tx)
             .await?;
-        let shared: i64 = sqlx::query_scalar(&self.sql("SELECT COUNT(*) FROM artifacts WHERE sha256 = $1"))
-            .bind(&rec.sha256)
-            .fetch_one(&mut *tx)
-            .await?;
+        let shared: i64 =
+            sqlx::query_scalar(&self.sql("SELECT COUNT(*) FROM artifacts WHERE sha256 = $1"))
+                .bind(&rec.sha256)
+                .fetch_one(&mut *tx)
+                .await?;
         tx.commit().await?;
         Ok(Some((rec, shared > 0)))
     }
@@ -227,9 +228,9 @@ impl KeyStore for SqlMeta {
     }
 
     async fn revoke_key(&self, name: &str, at: i64) -> Result<bool, MetaError> {
-        let n = sqlx::query(&self.sql(
-            "UPDATE api_keys SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",
-        ))
+        let n = sqlx::query(
+            &self.sql("UPDATE api_keys SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL"),
+        )
         .bind(at)
         .bind(name)
         .execute(self.pool())

@@ -26,8 +26,10 @@ use tracing::Instrument;
 
 use crate::AppState;
 
-/// Chunk size for client reads of a file being filled.
-const READ_CHUNK: usize = 256 * 1024;
+/// Most bytes a client reads of a file being filled at once: each read is one trip to the
+/// blocking pool, and at 1 MiB rather than 256 KiB a cold miss costs a tenth less CPU and
+/// streams 15–20% faster (P8).
+const READ_CHUNK: usize = 1024 * 1024;
 /// How long a source that failed to deliver a NAR is tried last for that NAR.
 const FAILED_SOURCE_TTL: Duration = Duration::from_secs(600);
 

@@ -13,6 +13,7 @@ mod deploy_compose;
 mod deploy_docs;
 mod deploy_files;
 mod hostile_recipe;
+mod mysql_backend;
 mod ncps_compat;
 mod ncps_config_files;
 mod ncps_pins;
