@@ -92,9 +92,14 @@ impl Client {
     pub fn skip_recently_unreachable(&self) {
         let recent = self.unreachable.recent(now_unix().max(0) as u64);
         for s in &self.config.servers {
-            if let Some(ago) = recent.get(&s.url) {
+            if let Some((ago, reason)) = recent.get(&s.url) {
+                let why = if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {reason}")
+                };
                 warn(&format!(
-                    "Remote cache {} skipped: unreachable {} s ago (asked again {} s after \
+                    "Remote cache {} skipped: unreachable {} s ago{why} (asked again {} s after \
                      that; `nip cache remote status` checks it now)",
                     s.url,
                     ago.as_secs(),
@@ -112,7 +117,7 @@ impl Client {
             self.down.borrow_mut().insert(rc.server.url.clone());
             if remember {
                 self.unreachable
-                    .note(&rc.server.url, now_unix().max(0) as u64);
+                    .note(&rc.server.url, now_unix().max(0) as u64, &e.to_string());
             }
         }
     }

@@ -56,7 +56,9 @@ pub fn status(client: &Client) -> StatusReport {
                     .and_then(|rc| rc.health().and_then(|()| rc.check_auth()));
             match &check {
                 Err(e) if e.is_unreachable() => {
-                    client.unreachable.note(&s.url, now_unix().max(0) as u64)
+                    client
+                        .unreachable
+                        .note(&s.url, now_unix().max(0) as u64, &e.to_string())
                 }
                 _ => client.unreachable.forget(&s.url),
             }

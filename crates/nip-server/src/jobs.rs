@@ -246,6 +246,7 @@ async fn retention_loop(state: AppState, retention: Duration, mut rx: watch::Rec
 
 /// One eviction pass down to `max` bytes.
 pub async fn eviction_pass(state: &AppState, max: u64) {
+    state.budget.pass_started();
     flush_access_times(state).await;
     let target = crate::budget::Budget::eviction_target(max);
     let started = std::time::Instant::now();
@@ -258,7 +259,7 @@ pub async fn eviction_pass(state: &AppState, max: u64) {
             metrics::counter!("nip_evictions_total", "kind" => "narinfo").increment(s.narinfos);
             metrics::counter!("nip_evictions_total", "kind" => "extra").increment(s.extras);
             metrics::counter!("nip_evicted_bytes_total").increment(s.bytes.max(0) as u64);
-            state.budget.set(s.usage_after);
+            state.budget.pass_finished(s.usage_after);
             // Which entries went is not reported: drop them all from memory.
             if s.narinfos > 0 {
                 state.hot_narinfos.clear();
@@ -288,9 +289,21 @@ pub async fn eviction_pass(state: &AppState, max: u64) {
                 );
             }
         }
-        Err(e) => tracing::warn!(error = %e, "eviction failed"),
+        Err(e) => {
+            tracing::warn!(error = %e, "eviction failed; trying again in a few seconds");
+            // A busy or briefly unreachable database must not leave the store over its limit
+            // until the next scheduled run.
+            let state = state.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(EVICT_RETRY).await;
+                state.budget.evict_now.notify_one();
+            });
+        }
     }
 }
+
+/// How soon a failed eviction pass is tried again.
+const EVICT_RETRY: Duration = Duration::from_secs(3);
 
 /// Time until the eviction schedule's next run (in `zone`, `--cache-lru-schedule-timezone`).
 fn until_next(schedule: Option<&str>, zone: Zone) -> Duration {
