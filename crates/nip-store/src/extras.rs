@@ -27,6 +27,10 @@ pub enum ExtraKind {
     BuildTrace,
 }
 
+/// Longest escaped name kept as it is in a blob name (with the content hash it stays well under
+/// the 255-byte file name limit).
+const MAX_ESCAPED_NAME: usize = 180;
+
 impl ExtraKind {
     pub const ALL: [ExtraKind; 5] = [
         ExtraKind::Listing,
@@ -64,9 +68,19 @@ impl ExtraKind {
 
     /// The blob name of a file: its escaped name and the start of its SHA-256, so a racing
     /// upload of other bytes under the same name never overwrites the stored ones.
+    /// A name too long for a file name once escaped (escaping triples some bytes; file names
+    /// end at 255 bytes) keeps its start and adds the SHA-256 of the whole name.
     pub fn blob_name(self, name: &str, sha256_hex: &str) -> String {
+        use sha2::Digest;
         let sha = sha256_hex.get(..16).unwrap_or(sha256_hex);
-        format!("{}.{sha}", crate::blob::escape_blob_name(name))
+        let mut escaped = crate::blob::escape_blob_name(name);
+        if escaped.len() > MAX_ESCAPED_NAME {
+            let digest = sha2::Sha256::digest(name.as_bytes());
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            escaped.truncate(100);
+            escaped = format!("{escaped}.n{hex}");
+        }
+        format!("{escaped}.{sha}")
     }
 
     pub fn blob_key(self, name: &str, sha256_hex: &str) -> Result<BlobKey, StoreError> {
@@ -262,6 +276,19 @@ impl ExtraIndex for SqlMeta {
 mod tests {
     use super::*;
     use crate::gc::GcIndex;
+
+    #[test]
+    fn long_names_still_fit_a_file_name_and_stay_distinct() {
+        let sha = "ab".repeat(32);
+        let long = |c: &str| format!("{}-{}", "x".repeat(60), c.repeat(150));
+        let a = ExtraKind::BuildTrace.blob_name(&long("+"), &sha);
+        let b = ExtraKind::BuildTrace.blob_name(&long("_"), &sha);
+        assert!(a.len() < 255 && b.len() < 255, "{} {}", a.len(), b.len());
+        assert_ne!(a, b);
+        BlobKey::new(format!("build-trace-v2/{a}")).unwrap();
+        // Short names keep their readable form.
+        assert_eq!(ExtraKind::Log.blob_name("abc-hello.drv", &sha), "abc-hello.drv.abababababababab");
+    }
 
     fn rec(kind: ExtraKind, name: &str, size: i64) -> ExtraRecord {
         ExtraRecord {

@@ -21,6 +21,9 @@ pub trait Leases: Send + Sync + 'static {
 
     /// Shortens our own lease to end at `until` (e.g. now, to free it); no effect on another's.
     async fn end_lease(&self, name: &str, holder: &str, until: i64) -> Result<(), MetaError>;
+
+    /// Deletes our own lease row (short-lived leases, one per miss, must not pile up).
+    async fn drop_lease(&self, name: &str, holder: &str) -> Result<(), MetaError>;
 }
 
 #[async_trait]
@@ -53,6 +56,15 @@ impl Leases for SqlMeta {
     async fn end_lease(&self, name: &str, holder: &str, until: i64) -> Result<(), MetaError> {
         sqlx::query(&self.sql("UPDATE leases SET expires_at = $1 WHERE name = $2 AND holder = $3"))
             .bind(until)
+            .bind(name)
+            .bind(holder)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn drop_lease(&self, name: &str, holder: &str) -> Result<(), MetaError> {
+        sqlx::query(&self.sql("DELETE FROM leases WHERE name = $1 AND holder = $2"))
             .bind(name)
             .bind(holder)
             .execute(self.pool())
@@ -130,6 +142,11 @@ mod tests {
             assert!(!m.take_lease("evict", "a", 212, 270).await.unwrap());
             m.end_lease("evict", "b", 212).await.unwrap();
             assert!(m.take_lease("evict", "a", 212, 270).await.unwrap());
+            // Dropping someone else's lease does nothing; dropping one's own frees it at once.
+            m.drop_lease("evict", "b").await.unwrap();
+            assert!(!m.take_lease("evict", "b", 213, 270).await.unwrap());
+            m.drop_lease("evict", "a").await.unwrap();
+            assert!(m.take_lease("evict", "b", 213, 270).await.unwrap());
         }
     }
 

@@ -397,7 +397,8 @@ impl NcpsDb {
 pub fn ncps_nar_path(url: &str) -> Option<(String, String)> {
     let path = url.split('?').next()?;
     let file = path.rsplit('/').next()?;
-    if file.len() < 3 || !file.contains(".nar") {
+    // ASCII only: the shard directories are its first bytes (and Nix names are ASCII).
+    if file.len() < 3 || !file.is_ascii() || !file.contains(".nar") {
         return None;
     }
     Some((
@@ -536,6 +537,7 @@ mod tests {
             Some(("1abc.nar".into(), "nar/1/1a/1abc.nar".into()))
         );
         assert_eq!(ncps_nar_path("x"), None);
+        assert_eq!(ncps_nar_path("nar/é1abc.nar"), None);
     }
 
     #[test]

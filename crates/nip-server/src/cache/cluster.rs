@@ -30,7 +30,8 @@ pub enum Turn {
     Stored,
 }
 
-/// A held fill lease, renewed in the background; ended (freed for the others) when dropped.
+/// A held fill lease, renewed in the background; its row is deleted (freed for the others, and
+/// one row per miss does not pile up) when dropped.
 pub struct Lease {
     renew: tokio::task::JoinHandle<()>,
     end: Option<(AppState, String)>,
@@ -42,7 +43,7 @@ impl Drop for Lease {
         if let Some((state, name)) = self.end.take() {
             tokio::spawn(async move {
                 let holder = state.instance_id().to_string();
-                if let Err(e) = state.meta.end_lease(&name, &holder, 0).await {
+                if let Err(e) = state.meta.drop_lease(&name, &holder).await {
                     tracing::debug!(lease = %name, error = %e, "cannot end the fill lease; it runs out by itself");
                 }
             });
@@ -99,7 +100,7 @@ where
                 Ok(true) => {
                     // Taken after a wait: the holder may have stored it just before it ended.
                     if waited && stored().await {
-                        let _ = state.meta.end_lease(name, &holder, 0).await;
+                        let _ = state.meta.drop_lease(name, &holder).await;
                         return Turn::Stored;
                     }
                     return Turn::Lead(lease(state, name));

@@ -162,7 +162,48 @@ async fn fetch(
     Ok(None)
 }
 
-/// One upstream's copy, stored; `None` when it has none. Errors are the upstream's (as text).
+/// Asks every upstream, healthy or not, whether it has the file, for an upload that must not
+/// shadow an upstream's copy: the first copy found is stored (and the upload is judged against
+/// it); `Err(names)` lists the upstreams that could not tell (down, an error page, a timeout).
+pub async fn ask_every_upstream(
+    state: &AppState,
+    kind: ExtraKind,
+    name: &str,
+) -> Result<(), Vec<String>> {
+    let mut upstreams: Vec<_> = state.upstreams.list().to_vec();
+    upstreams.sort_by_key(|u| u.priority());
+    let mut unknown = Vec::new();
+    for u in upstreams {
+        let mut certain = true;
+        for path in cache_paths(kind, name) {
+            let Ok(url) = u.url.join(&path) else {
+                continue;
+            };
+            match fetch_one(state, kind, name, &u, url).await {
+                Ok(Some(_)) => {
+                    count(kind, "fetched");
+                    return Ok(());
+                }
+                Ok(None) => {}
+                Err(why) => {
+                    tracing::debug!(upstream = %u.name(), kind = kind.as_str(), %why, "upstream cannot tell whether it has this file");
+                    certain = false;
+                }
+            }
+        }
+        if !certain {
+            unknown.push(u.name().to_string());
+        }
+    }
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(unknown)
+    }
+}
+
+/// One upstream's copy, stored; `None` when it has none (404/410). Errors are the upstream's
+/// (as text): it could not tell.
 async fn fetch_one(
     state: &AppState,
     kind: ExtraKind,
@@ -171,8 +212,11 @@ async fn fetch_one(
     url: reqwest::Url,
 ) -> Result<Option<ExtraRecord>, String> {
     let resp = state.upstreams.get(url).await.map_err(|e| e.to_string())?;
-    if resp.status() != reqwest::StatusCode::OK {
-        return Ok(None);
+    match resp.status() {
+        reqwest::StatusCode::OK => {}
+        // A certain "not here".
+        reqwest::StatusCode::NOT_FOUND | reqwest::StatusCode::GONE => return Ok(None),
+        other => return Err(format!("HTTP {other}")),
     }
     let encoding = resp
         .headers()

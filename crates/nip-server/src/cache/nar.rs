@@ -12,6 +12,15 @@ pub async fn publish(
     staged: &StagedFile,
     rec: &NarRecord,
 ) -> Result<(), CacheError> {
+    // Another fill (another instance, or an upstream with other compressed bytes of a NAR
+    // known only by its NarHash) stored this name first: its row and bytes stand together.
+    if let Some(existing) = state.meta.get_nar(&rec.nar_file).await? {
+        let key = BlobKey::nar(&rec.nar_file)?;
+        if existing.sha256 != rec.sha256 && state.blobs.stat(&key).await?.is_some() {
+            tracing::debug!(nar_file = %rec.nar_file, "stored meanwhile with other bytes; keeping those");
+            return Ok(());
+        }
+    }
     staged.sync().await?;
     state
         .blobs

@@ -313,8 +313,22 @@ pub async fn accept_upload(
         });
     }
     // An upload never shadows an upstream's: one an upstream has (signed by its key) is fetched
-    // and kept first, and the upload is judged against it.
-    crate::cache::extras::lookup(state, rec.kind, &rec.name, true).await?;
+    // and kept first, and the upload is judged against it. As for narinfos (docs/security.md),
+    // while an upstream cannot tell, only an upload signed by a trusted upload key is taken.
+    if stored(state, rec.kind, &rec.name).await?.is_none() {
+        if let Err(upstreams) =
+            crate::cache::extras::ask_every_upstream(state, rec.kind, &rec.name).await
+        {
+            if by_upload_key {
+                tracing::warn!(what = %doc.describe(), ?upstreams, "accepting a realisation signed by a trusted upload key although some upstreams did not answer");
+            } else {
+                return Err(CacheError::UpstreamsUnknown {
+                    store_path: doc.describe(),
+                    upstreams,
+                });
+            }
+        }
+    }
     if let Some(existing) = stored(state, rec.kind, &rec.name).await? {
         if existing.out_path() != doc.out_path() {
             return Err(CacheError::Replaces(format!(

@@ -49,8 +49,7 @@ pub fn nix_available(test: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        let required = std::env::var("CI").as_deref() == Ok("true")
-            || std::env::var("NIP_REQUIRE_NIX").is_ok();
+        let required = components_required() || std::env::var("NIP_REQUIRE_NIX").is_ok();
         assert!(
             !required,
             "{test}: nix-store is missing; run scripts/nix-fixture/install-nix.sh (as root)"

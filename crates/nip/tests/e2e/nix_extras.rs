@@ -1048,3 +1048,43 @@ fn compressed_build_logs_keep_their_encoding_and_nix_reads_them() {
         .unwrap();
     assert_eq!(bad.status(), 400);
 }
+
+/// While an upstream cannot tell whether it has a realisation, an upload could shadow the one it
+/// has: refused with 424 (as for narinfos), unless a trusted upload key signed it.
+#[test]
+fn realisation_uploads_wait_for_every_upstream_unless_a_trusted_key_signed_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let builder = nip_core::signing::SigningKey::generate("builder-1").unwrap();
+    let data = tmp.path().join("data");
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let server = start_nip(
+        &data,
+        &[
+            "--upstream-cache",
+            &dead,
+            "--upstream-public-key",
+            "unused-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=",
+            "--cache-allow-put-verb",
+            "--cache-trusted-upload-key",
+            &builder.public_key().to_string(),
+        ],
+    );
+    let id = |n: u8| format!("sha256:{}!out", format!("{n:02x}").repeat(32));
+    let out = format!("{}-ca-thing", "1".repeat(32));
+    let put = |id: &str, body: String| {
+        client()
+            .put(format!("{}/realisations/{id}.doi", server.url))
+            .body(body)
+            .send()
+            .unwrap()
+    };
+    let stranger = nip_core::signing::SigningKey::generate("stranger-1").unwrap();
+    let refused = put(&id(1), signed_realisation(&id(1), &out, &stranger));
+    assert_eq!(refused.status(), 424);
+    assert!(refused.text().unwrap().contains(&dead));
+    let (status, _) = http_get(&format!("{}/realisations/{}.doi", server.url, id(1))).unwrap();
+    assert_eq!(status, 404, "the refused realisation was stored");
+    assert_eq!(put(&id(2), signed_realisation(&id(2), &out, &builder)).status(), 200);
+    let (status, _) = http_get(&format!("{}/realisations/{}.doi", server.url, id(2))).unwrap();
+    assert_eq!(status, 200);
+}
