@@ -126,8 +126,27 @@ fn providers(config: &OtelConfig) -> anyhow::Result<(SdkTracerProvider, SdkLogge
 /// Installs the global subscriber. With OpenTelemetry, call it inside the tokio runtime.
 pub fn init(level: &str, format: &str, otel: Option<&OtelConfig>) -> anyhow::Result<Telemetry> {
     // Colours only on a terminal: log files and journald get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let Some(otel) = otel else {
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr);
+        // One global filter when stderr is the only output: a per-layer filter lost the events
+        // of the whole start-up after connecting to PostgreSQL at --log-level debug.
+        let registry = tracing_subscriber::registry().with(stderr_filter(level));
+        if format == "json" {
+            registry.with(fmt.json()).init();
+        } else {
+            registry.with(fmt).init();
+        }
+        return Ok(Telemetry {
+            tracer: None,
+            logger: None,
+        });
+    };
+    let otel = Some(otel);
     let fmt = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let fmt = if format == "json" {
         fmt.json().with_filter(stderr_filter(level)).boxed()

@@ -412,6 +412,10 @@ fn take_over(kind: Db, test: &str) {
     let (status, body) = http_get(&format!("{}/pubkey", nip.url)).unwrap();
     assert_eq!(status, 200);
     assert_eq!(String::from_utf8(body).unwrap().trim(), ncps.public_key);
+    // Logged at start, on every backend (at --log-level debug start-up lines were once lost
+    // after connecting to PostgreSQL).
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("took over the ncps installation"), "{logged}");
 
     // Real Nix, trusting only ncps' key, substitutes what was uploaded to ncps (and the fetched
     // path) with no upstream reachable.
