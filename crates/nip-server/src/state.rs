@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use nip_core::signing::{PublicKey, SigningKey};
 use nip_store::staging::{OverLimit, StageReservation, StagingLimits};
-use nip_store::{BlobStore, Index, LocalBlobStore, SqliteMeta, Staging};
+use nip_store::{BlobStore, Index, LocalBlobStore, SqliteMeta, StagedFile, Staging};
 
 use crate::cache::fill::Fills;
 use crate::coalesce::Coalescer;
@@ -284,6 +284,37 @@ pub(crate) fn grow_staging(r: &mut StageReservation, total: u64) -> ApiResult<()
         tracing::warn!(bound = ?e, "upload cut: too many bytes staged at once");
         staging_refused(e)
     })
+}
+
+/// Streams `chunks` into a new staged file: more than `max` bytes is refused with `too_large()`,
+/// a failed chunk with `bad_chunk(e)`, and `reservation` grows with what arrives. Returns the
+/// file, its size and its SHA-256.
+pub(crate) async fn stage_stream<S, E>(
+    state: &AppState,
+    chunks: S,
+    max: u64,
+    reservation: &mut StageReservation,
+    too_large: impl Fn() -> ApiError,
+    bad_chunk: impl Fn(E) -> ApiError,
+) -> ApiResult<(StagedFile, u64, [u8; 32])>
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, E>>,
+{
+    use futures::StreamExt;
+    let staged = state.staging.create().await?;
+    let mut writer = nip_store::BatchedWriter::new(&staged);
+    let mut chunks = std::pin::pin!(chunks);
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(&bad_chunk)?;
+        let total = writer.received() + chunk.len() as u64;
+        if total > max {
+            return Err(too_large());
+        }
+        grow_staging(reservation, total)?;
+        writer.push(chunk).await?;
+    }
+    let (size, digest) = writer.finish().await?;
+    Ok((staged, size, digest))
 }
 
 /// What other crates may read.

@@ -52,7 +52,9 @@ pub struct Summary {
 pub enum Outcome {
     /// The database is not ncps'.
     NotNcps,
-    AlreadyImported { at: i64 },
+    AlreadyImported {
+        at: i64,
+    },
     /// Taken over now (or, with `dry_run`, what would be).
     Imported(Summary),
 }
@@ -256,7 +258,8 @@ fn convert(n: &NcpsNarInfo, trusted: &[PublicKey], upstream: &[PublicKey]) -> Op
     let fingerprint = info.fingerprint();
     info.sigs.retain(|sig| {
         trusted.iter().any(|k| {
-            sig.split_once(':').is_some_and(|(name, _)| name == k.name())
+            sig.split_once(':')
+                .is_some_and(|(name, _)| name == k.name())
                 && k.verify(fingerprint.as_bytes(), sig)
         })
     });
@@ -340,7 +343,10 @@ async fn legacy_key(config: &ServeConfig, blobs: &dyn BlobStore) -> anyhow::Resu
     let mut bytes = Vec::new();
     while let Some(chunk) = body.next().await {
         bytes.extend_from_slice(&chunk?);
-        anyhow::ensure!(bytes.len() < 4096, "ncps' config/cache.key is too big for a key");
+        anyhow::ensure!(
+            bytes.len() < 4096,
+            "ncps' config/cache.key is too big for a key"
+        );
     }
     Ok(Some(String::from_utf8(bytes)?))
 }

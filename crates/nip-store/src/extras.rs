@@ -287,7 +287,10 @@ mod tests {
         assert_ne!(a, b);
         BlobKey::new(format!("build-trace-v2/{a}")).unwrap();
         // Short names keep their readable form.
-        assert_eq!(ExtraKind::Log.blob_name("abc-hello.drv", &sha), "abc-hello.drv.abababababababab");
+        assert_eq!(
+            ExtraKind::Log.blob_name("abc-hello.drv", &sha),
+            "abc-hello.drv.abababababababab"
+        );
     }
 
     fn rec(kind: ExtraKind, name: &str, size: i64) -> ExtraRecord {

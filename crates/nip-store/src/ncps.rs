@@ -448,27 +448,10 @@ impl ImportTx {
         created_at: i64,
         accessed_at: i64,
     ) -> Result<bool, MetaError> {
-        let done = sqlx::query(&self.backend.sql(
-            "INSERT INTO narinfos (hash, store_path, nar_file, file_size, file_hash, nar_hash, \
-             narinfo, origin, signed_by, uploaded_by, created_at, last_accessed_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-             ON CONFLICT (hash) DO NOTHING",
-        ))
-        .bind(&rec.hash)
-        .bind(&rec.store_path)
-        .bind(&rec.nar_file)
-        .bind(rec.file_size)
-        .bind(&rec.file_hash)
-        .bind(&rec.nar_hash)
-        .bind(&rec.narinfo)
-        .bind(&rec.origin)
-        .bind(&rec.signed_by)
-        .bind(&rec.uploaded_by)
-        .bind(created_at)
-        .bind(accessed_at)
-        .execute(&mut *self.tx)
-        .await;
-        Ok(crate::dialect::inserted(done)? == 1)
+        let n =
+            crate::sql::insert_narinfo(&mut *self.tx, self.backend, rec, created_at, accessed_at)
+                .await?;
+        Ok(n == 1)
     }
 
     /// Records a NAR whose bytes are already in nip's blob store.

@@ -444,6 +444,42 @@ fn narinfo_from_row(row: &AnyRow) -> Result<NarInfoRecord, sqlx::Error> {
     })
 }
 
+/// Inserts a narinfo row unless one is stored for its hash: DO NOTHING, never UPDATE, since a
+/// stored store path is immutable (docs/security.md). Returns the rows inserted (0 or 1; MySQL's
+/// duplicate-key error counts as 0, see [`crate::dialect::inserted`]).
+pub(crate) async fn insert_narinfo<'e, E>(
+    exec: E,
+    backend: Backend,
+    rec: &NarInfoRecord,
+    created_at: i64,
+    accessed_at: i64,
+) -> Result<u64, sqlx::Error>
+where
+    E: Executor<'e, Database = sqlx::Any>,
+{
+    let done = sqlx::query(&backend.sql(
+        "INSERT INTO narinfos (hash, store_path, nar_file, file_size, file_hash, nar_hash, \
+         narinfo, origin, signed_by, uploaded_by, created_at, last_accessed_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+         ON CONFLICT (hash) DO NOTHING",
+    ))
+    .bind(&rec.hash)
+    .bind(&rec.store_path)
+    .bind(&rec.nar_file)
+    .bind(rec.file_size)
+    .bind(&rec.file_hash)
+    .bind(&rec.nar_hash)
+    .bind(&rec.narinfo)
+    .bind(&rec.origin)
+    .bind(&rec.signed_by)
+    .bind(&rec.uploaded_by)
+    .bind(created_at)
+    .bind(accessed_at)
+    .execute(exec)
+    .await;
+    crate::dialect::inserted(done)
+}
+
 const NARINFO_COLUMNS: &str = "hash, store_path, nar_file, file_size, file_hash, nar_hash, \
      narinfo, origin, signed_by, uploaded_by";
 
@@ -466,28 +502,7 @@ impl MetaStore for SqlMeta {
     ) -> Result<PutNarInfo, MetaError> {
         let now = unix_now();
         let mut tx = self.pool.begin().await?;
-        // DO NOTHING, never UPDATE: a stored store path is immutable (docs/security.md).
-        let inserted = sqlx::query(&self.sql(
-            "INSERT INTO narinfos (hash, store_path, nar_file, file_size, file_hash, nar_hash, \
-             narinfo, origin, signed_by, uploaded_by, created_at, last_accessed_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-             ON CONFLICT (hash) DO NOTHING",
-        ))
-        .bind(&rec.hash)
-        .bind(&rec.store_path)
-        .bind(&rec.nar_file)
-        .bind(rec.file_size)
-        .bind(&rec.file_hash)
-        .bind(&rec.nar_hash)
-        .bind(&rec.narinfo)
-        .bind(&rec.origin)
-        .bind(&rec.signed_by)
-        .bind(&rec.uploaded_by)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await;
-        let inserted = crate::dialect::inserted(inserted)? > 0;
+        let inserted = insert_narinfo(&mut *tx, self.backend, rec, now, now).await? > 0;
         if !inserted {
             let row = sqlx::query(&self.sql(&format!(
                 "SELECT {NARINFO_COLUMNS} FROM narinfos WHERE hash = $1"

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use async_compression::tokio::write::ZstdDecoder;
+use async_compression::tokio::write::{BzDecoder, XzDecoder, ZstdDecoder};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use nip_core::hash::NixHash;
@@ -69,8 +69,15 @@ pub enum Expect {
 
 /// Whether a NAR compressed this way can be checked against its NarHash while it streams.
 pub fn can_check_nar_hash(compression: Compression) -> bool {
-    matches!(compression, Compression::None | Compression::Zstd)
+    matches!(
+        compression,
+        Compression::None | Compression::Zstd | Compression::Xz | Compression::Bzip2
+    )
 }
+
+/// Most memory an xz stream may ask for to be decompressed: `xz -9` needs 65 MiB, and zstd's
+/// own default limit is the same 128 MiB, so a hostile stream cannot claim gigabytes.
+pub const XZ_MEM_LIMIT: u64 = 128 << 20;
 
 impl FillSpec {
     /// What to fetch for a stored narinfo's NAR: checked by FileHash when it has one, else by
@@ -156,6 +163,59 @@ impl AsyncWrite for NarHasher {
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+/// Decompresses a NAR into a [`NarHasher`] as its compressed bytes arrive.
+enum NarCheck {
+    Zstd(ZstdDecoder<NarHasher>),
+    Xz(XzDecoder<NarHasher>),
+    Bzip2(BzDecoder<NarHasher>),
+}
+
+impl NarCheck {
+    fn new(compression: Compression, size: u64) -> Option<Self> {
+        let hasher = NarHasher {
+            hasher: Sha256::new(),
+            len: 0,
+            max: size,
+        };
+        match compression {
+            Compression::Zstd => Some(NarCheck::Zstd(ZstdDecoder::new(hasher))),
+            Compression::Xz => Some(NarCheck::Xz(XzDecoder::with_mem_limit(
+                hasher,
+                XZ_MEM_LIMIT,
+            ))),
+            Compression::Bzip2 => Some(NarCheck::Bzip2(BzDecoder::new(hasher))),
+            _ => None,
+        }
+    }
+
+    async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        match self {
+            NarCheck::Zstd(d) => d.write_all(chunk).await,
+            NarCheck::Xz(d) => d.write_all(chunk).await,
+            NarCheck::Bzip2(d) => d.write_all(chunk).await,
+        }
+    }
+
+    /// Ends the stream (an unfinished one is an error) and gives the NAR's length and SHA-256.
+    async fn finish(self) -> std::io::Result<(u64, [u8; 32])> {
+        let h = match self {
+            NarCheck::Zstd(mut d) => {
+                d.shutdown().await?;
+                d.into_inner()
+            }
+            NarCheck::Xz(mut d) => {
+                d.shutdown().await?;
+                d.into_inner()
+            }
+            NarCheck::Bzip2(mut d) => {
+                d.shutdown().await?;
+                d.into_inner()
+            }
+        };
+        Ok((h.len, h.hasher.finalize().into()))
     }
 }
 
@@ -401,21 +461,17 @@ impl Fills {
         let mut sent = false;
         let mut nar_check = match &spec.expect {
             Expect::NarHash {
-                size,
-                compression: Compression::Zstd,
-                ..
-            } => Some(ZstdDecoder::new(NarHasher {
-                hasher: Sha256::new(),
-                len: 0,
-                max: *size,
-            })),
-            Expect::NarHash { compression, .. } => {
-                let c = compression.narinfo_name();
-                return Err(fail(
-                    format!("cannot check a {c} NAR by its NarHash"),
-                    false,
-                ));
-            }
+                size, compression, ..
+            } => match NarCheck::new(*compression, *size) {
+                Some(check) => Some(check),
+                None => {
+                    let c = compression.narinfo_name();
+                    return Err(fail(
+                        format!("cannot check a {c} NAR by its NarHash"),
+                        false,
+                    ));
+                }
+            },
             Expect::FileHash(_) => None,
         };
         let received = async {
@@ -434,7 +490,7 @@ impl Fills {
                     return Err("upstream sent more bytes than a NAR of its NarSize takes".into());
                 }
                 if let Some(dec) = nar_check.as_mut() {
-                    dec.write_all(&chunk)
+                    dec.write(&chunk)
                         .await
                         .map_err(|e| format!("the NAR does not decompress: {e}"))?;
                 }
@@ -444,13 +500,11 @@ impl Fills {
                 }
             }
             let nar = match nar_check.take() {
-                Some(mut dec) => {
-                    dec.shutdown()
+                Some(dec) => Some(
+                    dec.finish()
                         .await
-                        .map_err(|e| format!("the NAR does not decompress: {e}"))?;
-                    let h = dec.into_inner();
-                    Some((h.len, <[u8; 32]>::from(h.hasher.finalize())))
-                }
+                        .map_err(|e| format!("the NAR does not decompress: {e}"))?,
+                ),
                 None => None,
             };
             let (written, digest) = writer.finish().await.map_err(|e| e.to_string())?;
@@ -585,8 +639,8 @@ mod tests {
         }
     }
 
-    /// Without a FileHash a zstd NAR is checked by NarHash and NarSize, and its body is bounded;
-    /// an xz one cannot be checked; with a FileHash and FileSize, both are the check.
+    /// Without a FileHash a zstd, xz or bzip2 NAR is checked by NarHash and NarSize, and its body
+    /// is bounded; a brotli one cannot be checked; with a FileHash and FileSize, both are the check.
     #[test]
     fn a_spec_checks_what_the_narinfo_gives() {
         let name = format!("{}.nar.zst", "1".repeat(52));
@@ -601,10 +655,83 @@ mod tests {
         ));
         assert_eq!(spec.max_size, Some(6400 + 100 + (1 << 20)));
         let xz = format!("{}.nar.xz", "1".repeat(52));
-        assert!(FillSpec::for_narinfo(&record(&xz, None, None), vec![]).is_err());
+        let spec = FillSpec::for_narinfo(&record(&xz, None, None), vec![]).unwrap();
+        assert!(matches!(
+            spec.expect,
+            Expect::NarHash {
+                compression: Compression::Xz,
+                ..
+            }
+        ));
+        let bz = format!("{}.nar.bz2", "1".repeat(52));
+        let spec = FillSpec::for_narinfo(&record(&bz, None, None), vec![]).unwrap();
+        assert!(matches!(
+            spec.expect,
+            Expect::NarHash {
+                compression: Compression::Bzip2,
+                ..
+            }
+        ));
+        let br = format!("{}.nar.br", "1".repeat(52));
+        assert!(FillSpec::for_narinfo(&record(&br, None, None), vec![]).is_err());
         let file_hash = format!("sha256:1{}", "2".repeat(51));
         let spec = FillSpec::for_narinfo(&record(&xz, Some(&file_hash), Some(10)), vec![]).unwrap();
         assert!(matches!(spec.expect, Expect::FileHash(_)));
         assert_eq!((spec.file_size, spec.max_size), (Some(10), None));
+    }
+
+    async fn compress(c: Compression, data: &[u8]) -> Vec<u8> {
+        use async_compression::tokio::bufread::{BzEncoder, XzEncoder, ZstdEncoder};
+        use tokio::io::AsyncReadExt;
+        let mut out = Vec::new();
+        match c {
+            Compression::Xz => XzEncoder::new(data).read_to_end(&mut out).await,
+            Compression::Bzip2 => BzEncoder::new(data).read_to_end(&mut out).await,
+            _ => ZstdEncoder::new(data).read_to_end(&mut out).await,
+        }
+        .unwrap();
+        out
+    }
+
+    async fn check(c: Compression, file: &[u8], max: u64) -> std::io::Result<(u64, [u8; 32])> {
+        let mut check = NarCheck::new(c, max).unwrap();
+        // In pieces, as a body arrives.
+        for piece in file.chunks(1000) {
+            check.write(piece).await?;
+        }
+        check.finish().await
+    }
+
+    /// Each compression decodes to the NAR's length and hash; a cut, corrupted, overlong or
+    /// trailing-garbage stream fails.
+    #[tokio::test]
+    async fn nar_checks_decode_and_refuse_bad_streams() {
+        let nar: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let want = (nar.len() as u64, <[u8; 32]>::from(Sha256::digest(&nar)));
+        for c in [Compression::Zstd, Compression::Xz, Compression::Bzip2] {
+            let file = compress(c, &nar).await;
+            assert_eq!(check(c, &file, want.0).await.unwrap(), want, "{c:?}");
+            assert!(
+                check(c, &file, want.0 - 1).await.is_err(),
+                "{c:?} past NarSize"
+            );
+            let cut = &file[..file.len() - 10];
+            assert!(check(c, cut, want.0).await.is_err(), "{c:?} cut");
+            let mut bad = file.clone();
+            let mid = bad.len() / 2;
+            bad[mid] ^= 0xff;
+            // A flipped byte either fails to decode or decodes to other bytes.
+            assert_ne!(
+                check(c, &bad, want.0).await.ok(),
+                Some(want),
+                "{c:?} corrupted"
+            );
+            let mut long = file.clone();
+            long.extend_from_slice(b"garbage");
+            assert!(
+                check(c, &long, want.0).await.is_err(),
+                "{c:?} trailing bytes"
+            );
+        }
     }
 }

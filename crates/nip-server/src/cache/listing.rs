@@ -1,7 +1,7 @@
 //! NAR listings made from a stored NAR, for paths whose upstream has no `<hash>.ls`: the JSON
 //! Nix writes with `write-nar-listing=true` (`{"version":1,"root":…}`, with each regular file's
-//! size, executable bit and `narOffset`). Uncompressed and zstd NARs can be read here.
-use async_compression::tokio::bufread::ZstdDecoder;
+//! size, executable bit and `narOffset`). Uncompressed, zstd, xz and bzip2 NARs can be read here.
+use async_compression::tokio::bufread::{BzDecoder, XzDecoder, ZstdDecoder};
 use nip_core::nar_file::{Compression, NarFileName};
 use nip_core::store_path::StorePathHash;
 use nip_store::{ExtraKind, ExtraRecord, PutExtra};
@@ -35,7 +35,10 @@ pub async fn generate(
         return Ok(None);
     };
     let compression = file.compression();
-    if !matches!(compression, Compression::None | Compression::Zstd) {
+    if !matches!(
+        compression,
+        Compression::None | Compression::Zstd | Compression::Xz | Compression::Bzip2
+    ) {
         tracing::debug!(nar = %info.nar_file, "no listing: this NAR's compression cannot be read here");
         return Ok(None);
     }
@@ -49,6 +52,11 @@ pub async fn generate(
     let raw = BufReader::new(StreamReader::new(read.body));
     let listing = match compression {
         Compression::Zstd => list(&mut Counting::new(ZstdDecoder::new(raw))).await,
+        Compression::Xz => {
+            let xz = XzDecoder::with_mem_limit(raw, crate::cache::fill::XZ_MEM_LIMIT);
+            list(&mut Counting::new(xz)).await
+        }
+        Compression::Bzip2 => list(&mut Counting::new(BzDecoder::new(raw))).await,
         _ => list(&mut Counting::new(raw)).await,
     };
     let listing = match listing {
@@ -301,5 +309,26 @@ mod tests {
         let mut bad = bytes.clone();
         bad[16] = b'X';
         assert!(list(&mut Counting::new(&bad[..])).await.is_err());
+    }
+
+    /// An xz or bzip2 NAR lists as the NAR itself does.
+    #[tokio::test]
+    async fn lists_compressed_nars() {
+        use async_compression::tokio::bufread::{BzEncoder, XzEncoder};
+        let bytes = nar();
+        let want = list(&mut Counting::new(&bytes[..])).await.unwrap();
+        let (mut xz, mut bz) = (Vec::new(), Vec::new());
+        XzEncoder::new(&bytes[..])
+            .read_to_end(&mut xz)
+            .await
+            .unwrap();
+        BzEncoder::new(&bytes[..])
+            .read_to_end(&mut bz)
+            .await
+            .unwrap();
+        let xz = XzDecoder::with_mem_limit(&xz[..], crate::cache::fill::XZ_MEM_LIMIT);
+        assert_eq!(list(&mut Counting::new(xz)).await.unwrap(), want);
+        let bz = BzDecoder::new(&bz[..]);
+        assert_eq!(list(&mut Counting::new(bz)).await.unwrap(), want);
     }
 }

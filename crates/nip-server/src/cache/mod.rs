@@ -79,9 +79,7 @@ impl From<CacheError> for ApiError {
             CacheError::Invalid(m) => ApiError::BadRequest(m),
             e @ (CacheError::Immutable { .. }
             | CacheError::ShadowsUpstream { .. }
-            | CacheError::Replaces(_)) => {
-                ApiError::Conflict(e.to_string())
-            }
+            | CacheError::Replaces(_)) => ApiError::Conflict(e.to_string()),
             e @ CacheError::UpstreamsUnknown { .. } => ApiError::FailedDependency(e.to_string()),
             e @ (CacheError::Untrusted { .. } | CacheError::Forged { .. }) => {
                 ApiError::Forbidden(e.to_string())

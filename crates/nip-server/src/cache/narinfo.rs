@@ -175,7 +175,7 @@ fn nar_file_name(info: &NarInfo) -> Result<(NarFileName, Option<NixHash>, Option
             Ok((NarFileName::new(&info.nar_hash, compression), None, None))
         }
         None => Err(format!(
-            "narinfo has no FileHash for a {} NAR, and this cache can check only zstd NARs by their NarHash",
+            "narinfo has no FileHash for a {} NAR, and this cache can check only zstd, xz and bzip2 NARs by their NarHash",
             compression.narinfo_name()
         )),
     }

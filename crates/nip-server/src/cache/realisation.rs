@@ -29,15 +29,20 @@ pub fn parse_id(id: &str) -> Result<(), String> {
     if !ok_digest {
         return Err("the derivation hash must be 64 hex or 52 nix-base32 characters".into());
     }
-    let ok_output = !output.is_empty()
-        && output.len() <= 211
-        && output
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b));
-    if !ok_output {
+    if !valid_output_name(output) {
         return Err(format!("invalid output name {output:?}"));
     }
     Ok(())
+}
+
+/// Whether `output` can be a derivation output's name: 1 to 211 characters of a store path
+/// name's alphabet.
+pub fn valid_output_name(output: &str) -> bool {
+    !output.is_empty()
+        && output.len() <= 211
+        && output
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b))
 }
 
 /// A realisation as Nix serialises it.

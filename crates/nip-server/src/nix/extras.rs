@@ -6,9 +6,8 @@
 //! [`crate::cache::extras`].
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::Response;
 use nip_core::store_path::{StorePath, StorePathHash};
 use nip_store::{ExtraKind, ExtraRecord, PutExtra};
 
@@ -16,7 +15,7 @@ use crate::auth::Caller;
 use crate::cache::extras as store;
 use crate::error::{ApiError, ApiResult};
 use crate::nix::{narinfo, upload, OnMiss};
-use crate::range::{parse_range, RangeRequest};
+use crate::range::{self, RangeAnswer};
 use crate::AppState;
 
 /// Checks a file's name as it appears in its URL and returns the name it is stored under.
@@ -68,12 +67,7 @@ fn parse_name(kind: ExtraKind, raw: &str) -> ApiResult<String> {
             if !drv.ends_with(".drv") {
                 return Err(bad("expected a derivation (<hash>-<name>.drv)"));
             }
-            let ok_output = !output.is_empty()
-                && output.len() <= 211
-                && output
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b));
-            if !ok_output {
+            if !crate::cache::realisation::valid_output_name(output) {
                 return Err(bad("invalid output name"));
             }
             Ok(format!("{drv}/{output}"))
@@ -90,19 +84,7 @@ pub async fn get_root(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
-    if name.ends_with(".ls") {
-        return get(
-            &state,
-            caller,
-            method,
-            headers,
-            ExtraKind::Listing,
-            &name,
-            OnMiss::AskUpstreams,
-        )
-        .await;
-    }
-    narinfo::get_narinfo(state, caller, Path(name)).await
+    root(state, caller, method, headers, name, OnMiss::AskUpstreams).await
 }
 
 pub async fn get_upload_root(
@@ -112,19 +94,25 @@ pub async fn get_upload_root(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
+    root(state, caller, method, headers, name, OnMiss::NotFound).await
+}
+
+async fn root(
+    state: State<AppState>,
+    caller: Caller,
+    method: Method,
+    headers: HeaderMap,
+    name: String,
+    on_miss: OnMiss,
+) -> ApiResult<Response> {
     if name.ends_with(".ls") {
-        return get(
-            &state,
-            caller,
-            method,
-            headers,
-            ExtraKind::Listing,
-            &name,
-            OnMiss::NotFound,
-        )
-        .await;
+        let kind = ExtraKind::Listing;
+        return get(&state, caller, method, headers, kind, &name, on_miss).await;
     }
-    narinfo::get_upload_narinfo(state, caller, Path(name)).await
+    match on_miss {
+        OnMiss::AskUpstreams => narinfo::get_narinfo(state, caller, Path(name)).await,
+        OnMiss::NotFound => narinfo::get_upload_narinfo(state, caller, Path(name)).await,
+    }
 }
 
 pub async fn put_root(
@@ -300,34 +288,21 @@ async fn serve(
 ) -> ApiResult<Response> {
     let key = rec.blob_key()?;
     let size = rec.size as u64;
-    let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-    let (status, range) = match parse_range(range_header, size) {
-        RangeRequest::Full => (StatusCode::OK, None),
-        RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, Some(r)),
-        RangeRequest::Unsatisfiable => {
-            let mut resp = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
-            resp.headers_mut().insert(
-                header::CONTENT_RANGE,
-                HeaderValue::from_str(&format!("bytes */{size}")).map_err(ApiError::internal)?,
-            );
-            return Ok(resp);
+    let headers_for = |status, len| {
+        let b = Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, &rec.content_type)
+            .header(header::CONTENT_LENGTH, len)
+            .header(header::ACCEPT_RANGES, "bytes");
+        match &rec.content_encoding {
+            Some(enc) => b.header(header::CONTENT_ENCODING, enc),
+            None => b,
         }
     };
-    let len = range.map_or(size, |r| r.end - r.start + 1);
-    let mut b = Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, &rec.content_type)
-        .header(header::CONTENT_LENGTH, len)
-        .header(header::ACCEPT_RANGES, "bytes");
-    if let Some(enc) = &rec.content_encoding {
-        b = b.header(header::CONTENT_ENCODING, enc);
-    }
-    if let Some(r) = range {
-        b = b.header(
-            header::CONTENT_RANGE,
-            format!("bytes {}-{}/{size}", r.start, r.end),
-        );
-    }
+    let (range, b) = match range::answer(headers, size, headers_for)? {
+        RangeAnswer::Unsatisfiable(resp) => return Ok(resp),
+        RangeAnswer::Send { range, builder } => (range, builder),
+    };
     if method == Method::HEAD {
         return b.body(Body::empty()).map_err(ApiError::internal);
     }
@@ -399,30 +374,12 @@ async fn store_upload(
     };
     let max = store::max_size(state, kind);
     let declared = crate::metrics::content_length(headers);
-    let too_large = || {
-        ApiError::PayloadTooLarge(format!(
-            "{} larger than this server's limit of {max} bytes",
-            describe(kind)
-        ))
-    };
-    if declared.is_some_and(|n| n > max) {
-        return Err(too_large());
-    }
-    let mut reservation = state.reserve_staging(caller, declared.unwrap_or(0))?;
-    let staged = state.staging.create().await?;
-    let mut writer = nip_store::BatchedWriter::new(&staged);
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::BadRequest(format!("upload body ended early: {e}")))?;
-        let total = writer.received() + chunk.len() as u64;
-        if total > max {
-            return Err(too_large());
-        }
-        crate::state::grow_staging(&mut reservation, total)?;
-        writer.push(chunk).await?;
-    }
-    let (size, digest) = writer.finish().await?;
+    let upload::StagedBody {
+        reservation: _reservation, // declared first, so given back last
+        staged,
+        size,
+        digest,
+    } = upload::stage_body(state, caller, declared, body, max, describe(kind)).await?;
     let mut rec = ExtraRecord {
         kind,
         name,

@@ -4,8 +4,8 @@
 use async_compression::tokio::bufread::ZstdEncoder;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::Response;
 use nip_core::nar_file::{Compression, NarFileName};
 use tokio_util::io::{ReaderStream, StreamReader};
 
@@ -14,7 +14,7 @@ use crate::cache::cluster;
 use crate::cache::fill::{FillRole, FillSpec};
 use crate::error::{ApiError, ApiResult};
 use crate::nix::OnMiss;
-use crate::range::{parse_range, RangeRequest};
+use crate::range::{self, RangeAnswer};
 use crate::stats::Kind;
 use crate::AppState;
 
@@ -153,30 +153,14 @@ async fn serve_stored(
     method: &Method,
     compression: Compression,
 ) -> ApiResult<Option<Response>> {
-    let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let Some(size) = state.blobs.stat(key).await? else {
         return Ok(None);
     };
-    let (status, range) = match parse_range(range_header, size) {
-        RangeRequest::Full => (StatusCode::OK, None),
-        RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, Some(r)),
-        RangeRequest::Unsatisfiable => {
-            let mut resp = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
-            resp.headers_mut().insert(
-                header::CONTENT_RANGE,
-                HeaderValue::from_str(&format!("bytes */{size}")).map_err(ApiError::internal)?,
-            );
-            return Ok(Some(resp));
-        }
-    };
-    let len = range.map_or(size, |r| r.end - r.start + 1);
-    let mut builder = nar_headers(status, Some(len));
-    if let Some(r) = range {
-        builder = builder.header(
-            header::CONTENT_RANGE,
-            format!("bytes {}-{}/{size}", r.start, r.end),
-        );
-    }
+    let (range, builder) =
+        match range::answer(headers, size, |status, len| nar_headers(status, Some(len)))? {
+            RangeAnswer::Unsatisfiable(resp) => return Ok(Some(resp)),
+            RangeAnswer::Send { range, builder } => (range, builder),
+        };
     if method == Method::HEAD {
         return Ok(Some(
             builder.body(Body::empty()).map_err(ApiError::internal)?,

@@ -27,16 +27,7 @@ fn parse_hash(name: &str) -> ApiResult<StorePathHash> {
 
 /// Needs `scope` once any key exists (or when the caller sent one), and an unprefixed key.
 async fn permit(state: &AppState, caller: &Caller, scope: Scope) -> ApiResult<()> {
-    if caller.principal.is_some() || state.keys_exist().await? {
-        let p = caller.require(scope, None)?;
-        if p.prefix.is_some() {
-            return Err(ApiError::Forbidden(format!(
-                "key {:?} is limited to a cache-key prefix and cannot pin store paths",
-                p.name
-            )));
-        }
-    }
-    Ok(())
+    super::upload::require_unprefixed(state, caller, scope, "cannot pin store paths").await
 }
 
 async fn audited(
@@ -46,13 +37,8 @@ async fn audited(
     target: &str,
     r: ApiResult<StatusCode>,
 ) -> ApiResult<StatusCode> {
-    let status = match &r {
-        Ok(s) => s.as_u16(),
-        Err(e) => e.status().as_u16(),
-    };
-    let entry = caller.audit_entry(action, Some(target), &status.to_string());
-    state.audit(entry).await;
-    r
+    let r = r.map(|status| (status, None));
+    super::upload::audit_outcome(state, caller, action, target, r).await
 }
 
 #[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(name = %name))]

@@ -6,11 +6,11 @@
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use futures::StreamExt;
 use nip_core::nar_file::NarFileName;
 use nip_core::narinfo::MAX_NARINFO_SIZE;
 use nip_core::store_path::StorePathHash;
-use nip_store::NarRecord;
+use nip_store::staging::StageReservation;
+use nip_store::{NarRecord, StagedFile};
 
 use crate::auth::{Caller, Scope};
 use crate::cache;
@@ -37,11 +37,22 @@ pub(super) async fn permit(state: &AppState, caller: &Caller, put: bool) -> ApiR
             "this cache does not accept this method; start nip serve with {flag}"
         )));
     }
+    require_unprefixed(state, caller, scope, "cannot change the Nix store cache").await
+}
+
+/// Needs `scope` once any key exists (or when the caller sent one), and a key without a
+/// cache-key prefix; `cannot` says, in the refusal, what a prefixed key cannot do.
+pub(super) async fn require_unprefixed(
+    state: &AppState,
+    caller: &Caller,
+    scope: Scope,
+    cannot: &str,
+) -> ApiResult<()> {
     if caller.principal.is_some() || state.keys_exist().await? {
         let p = caller.require(scope, None)?;
         if p.prefix.is_some() {
             return Err(ApiError::Forbidden(format!(
-                "key {:?} is limited to a cache-key prefix and cannot change the Nix store cache",
+                "key {:?} is limited to a cache-key prefix and {cannot}",
                 p.name
             )));
         }
@@ -63,6 +74,7 @@ fn parse_hash(name: &str) -> ApiResult<StorePathHash> {
         .map_err(|e| ApiError::BadRequest(format!("invalid store path hash: {e}")))
 }
 
+/// Audits a Nix upload or delete ([`audit_outcome`]), its errors made 4xx for Nix 2.8.
 pub(super) async fn audited(
     state: &AppState,
     caller: &Caller,
@@ -70,7 +82,25 @@ pub(super) async fn audited(
     target: &str,
     r: ApiResult<(StatusCode, Option<(i64, String)>)>,
 ) -> ApiResult<StatusCode> {
-    let r = r.map_err(ApiError::for_nix_upload);
+    audit_outcome(
+        state,
+        caller,
+        action,
+        target,
+        r.map_err(ApiError::for_nix_upload),
+    )
+    .await
+}
+
+/// Writes `action` on `target` to the audit log with the status of `r` (and the size and SHA-256
+/// of what was stored, when given), and returns that status.
+pub(super) async fn audit_outcome(
+    state: &AppState,
+    caller: &Caller,
+    action: &str,
+    target: &str,
+    r: ApiResult<(StatusCode, Option<(i64, String)>)>,
+) -> ApiResult<StatusCode> {
     let status = match &r {
         Ok((s, _)) => s.as_u16(),
         Err(e) => e.status().as_u16(),
@@ -109,27 +139,12 @@ async fn store_nar(
     let name = NarFileName::parse(file)
         .map_err(|e| ApiError::BadRequest(format!("invalid NAR file name: {e}")))?;
     let max = state.config.max_upload_size;
-    if declared.is_some_and(|n| n > max) {
-        return Err(nar_too_large(max));
-    }
-    // Staging space for the declared body (Nix always sends Content-Length) is reserved before
-    // any byte is read, and grows with what arrives; it is given back when this returns, on
-    // every path. Past the bound: a 409 saying when to retry (`ApiError::for_nix_upload`).
-    let mut reservation = state.reserve_staging(caller, declared.unwrap_or(0))?;
-    let staged = state.staging.create().await?;
-    let mut writer = nip_store::BatchedWriter::new(&staged);
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::BadRequest(format!("upload body ended early: {e}")))?;
-        let total = writer.received() + chunk.len() as u64;
-        if total > max {
-            return Err(nar_too_large(max));
-        }
-        crate::state::grow_staging(&mut reservation, total)?;
-        writer.push(chunk).await?;
-    }
-    let (size, digest) = writer.finish().await?;
+    let StagedBody {
+        reservation: _reservation, // declared first, so given back last
+        staged,
+        size,
+        digest,
+    } = stage_body(state, caller, declared, body, max, "NAR").await?;
     if nip_core::base32::encode(&digest) != name.hash() {
         return Err(ApiError::BadRequest(
             "the NAR's bytes do not match the file hash in its name; nothing was stored".into(),
@@ -145,10 +160,51 @@ async fn store_nar(
     Ok((StatusCode::OK, Some((rec.size, rec.sha256))))
 }
 
-fn nar_too_large(max: u64) -> ApiError {
-    ApiError::PayloadTooLarge(format!(
-        "NAR larger than this server's limit of {max} bytes"
-    ))
+/// A Nix upload's body in staging, and the staging space it holds until dropped.
+pub(super) struct StagedBody {
+    pub staged: StagedFile,
+    pub size: u64,
+    pub digest: [u8; 32],
+    pub reservation: StageReservation,
+}
+
+/// Streams a Nix upload's body (`declared` bytes by its Content-Length) to a staged file,
+/// refusing more than `max` bytes with a 413 that names `what`. Staging space for the declared
+/// body (Nix always sends Content-Length) is reserved before any byte is read, and grows with
+/// what arrives; it is given back when the [`StagedBody`] is dropped, or on any error. Past the
+/// bound: a 409 saying when to retry (`ApiError::for_nix_upload`).
+pub(super) async fn stage_body(
+    state: &AppState,
+    caller: &Caller,
+    declared: Option<u64>,
+    body: Body,
+    max: u64,
+    what: &str,
+) -> ApiResult<StagedBody> {
+    let too_large = || {
+        ApiError::PayloadTooLarge(format!(
+            "{what} larger than this server's limit of {max} bytes"
+        ))
+    };
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let mut reservation = state.reserve_staging(caller, declared.unwrap_or(0))?;
+    let (staged, size, digest) = crate::state::stage_stream(
+        state,
+        body.into_data_stream(),
+        max,
+        &mut reservation,
+        too_large,
+        |e| ApiError::BadRequest(format!("upload body ended early: {e}")),
+    )
+    .await?;
+    Ok(StagedBody {
+        staged,
+        size,
+        digest,
+        reservation,
+    })
 }
 
 #[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(name = %name))]

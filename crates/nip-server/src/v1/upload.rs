@@ -233,21 +233,19 @@ fn bad_multipart(e: axum::extract::multipart::MultipartError) -> ApiError {
 
 async fn receive_file(
     state: &AppState,
-    mut field: Field<'_>,
+    field: Field<'_>,
     max: u64,
     reservation: &mut StageReservation,
 ) -> ApiResult<Received> {
-    let staged = state.staging.create().await?;
-    let mut writer = nip_store::BatchedWriter::new(&staged);
-    while let Some(chunk) = field.chunk().await.map_err(bad_multipart)? {
-        let total = writer.received() + chunk.len() as u64;
-        if total > max {
-            return Err(too_large(max));
-        }
-        crate::state::grow_staging(reservation, total)?;
-        writer.push(chunk).await?;
-    }
-    let (size, digest) = writer.finish().await?;
+    let (staged, size, digest) = crate::state::stage_stream(
+        state,
+        field,
+        max,
+        reservation,
+        || too_large(max),
+        bad_multipart,
+    )
+    .await?;
     Ok(Received {
         staged,
         size,

@@ -170,7 +170,11 @@ fn three_instances_fetch_each_miss_once() {
             "instances served different narinfos"
         );
     }
-    assert_eq!(upstream_gets(&c.log, &format!("{big}.narinfo")), 1, "narinfo lookups upstream");
+    assert_eq!(
+        upstream_gets(&c.log, &format!("{big}.narinfo")),
+        1,
+        "narinfo lookups upstream"
+    );
 
     // 30 concurrent misses for its 50 MiB NAR: one upstream fetch, 30 identical verified bodies.
     let text = String::from_utf8(first).unwrap();
@@ -178,7 +182,10 @@ fn three_instances_fetch_each_miss_once() {
     let file_hash = narinfo_field(&text, "FileHash");
     let started = Instant::now();
     let bodies = fetch_all(&c.urls, &nar_path, 30);
-    eprintln!("30 NAR requests over 3 instances took {:?}", started.elapsed());
+    eprintln!(
+        "30 NAR requests over 3 instances took {:?}",
+        started.elapsed()
+    );
     for b in &bodies {
         let b = b.as_ref().expect("NAR download");
         assert_eq!(sha256_nix32(b), file_hash, "a client got other bytes");
@@ -295,10 +302,16 @@ fn start_balancer(dir: &Path, ports: &[u16]) -> Option<(KillOnDrop, String)> {
         .collect();
     let port = free_port();
     let site = conf
-        .replace("    server nip-a:8501 max_fails=3 fail_timeout=10s;\n", &servers)
+        .replace(
+            "    server nip-a:8501 max_fails=3 fail_timeout=10s;\n",
+            &servers,
+        )
         .replace("    server nip-b:8501 max_fails=3 fail_timeout=10s;\n", "")
         .replace("listen 8080;", &format!("listen 127.0.0.1:{port};"));
-    assert!(site.contains(&servers), "deploy/nginx.conf changed its upstream lines");
+    assert!(
+        site.contains(&servers),
+        "deploy/nginx.conf changed its upstream lines"
+    );
     let d = dir.display();
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("site.conf"), site).unwrap();
@@ -368,7 +381,9 @@ fn rolling_restart_behind_nginx_fails_no_substitution() {
         a.push(tmp.path().join(format!("tmp-{i}")).display().to_string());
         a
     };
-    let logs: Vec<_> = (0..3).map(|i| tmp.path().join(format!("nip-{i}.log"))).collect();
+    let logs: Vec<_> = (0..3)
+        .map(|i| tmp.path().join(format!("nip-{i}.log")))
+        .collect();
     let mut nodes: Vec<KillOnDrop> = (0..3)
         .map(|i| serve_on(ports[i], &logs[i], &node_args(i)))
         .collect();
@@ -412,7 +427,10 @@ fn rolling_restart_behind_nginx_fails_no_substitution() {
         run_ok(Command::new("kill").args(["-TERM", &pid]));
         let deadline = Instant::now() + Duration::from_secs(60);
         while nodes[i].0.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "instance {i} did not stop after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "instance {i} did not stop after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         nodes[i] = serve_on(ports[i], &logs[i], &node_args(i));

@@ -378,7 +378,10 @@ pub fn start_flask_reference(dir: &Path, token: &str, test: &str) -> Option<Flas
         url: format!("http://127.0.0.1:{port}"),
         data,
     };
-    wait_http_ok(&format!("{}/v1/health", server.url), Duration::from_secs(60));
+    wait_http_ok(
+        &format!("{}/v1/health", server.url),
+        Duration::from_secs(60),
+    );
     Some(server)
 }
 

@@ -415,7 +415,10 @@ fn take_over(kind: Db, test: &str) {
     // Logged at start, on every backend (at --log-level debug start-up lines were once lost
     // after connecting to PostgreSQL).
     let logged = std::fs::read_to_string(&log).unwrap();
-    assert!(logged.contains("took over the ncps installation"), "{logged}");
+    assert!(
+        logged.contains("took over the ncps installation"),
+        "{logged}"
+    );
 
     // Real Nix, trusting only ncps' key, substitutes what was uploaded to ncps (and the fetched
     // path) with no upstream reachable.

@@ -169,8 +169,8 @@ fn an_unsigned_upstream_is_served_only_when_marked_trusted() {
 }
 
 /// Narinfos without FileHash/FileSize (Attic, niks3, nix-serve): served without them, the NAR
-/// checked against NarHash/NarSize by decompressing it as it streams, so a wrong NAR is never
-/// stored nor handed out whole; real Nix substitutes such paths through nip.
+/// checked against NarHash/NarSize by decompressing it (zstd or xz) as it streams, so a wrong NAR
+/// is never stored nor handed out whole; real Nix substitutes such paths through nip.
 #[test]
 fn narinfos_without_file_hash_are_checked_by_nar_hash_and_substituted_by_real_nix() {
     let test = "narinfos_without_file_hash_are_checked_by_nar_hash";
@@ -181,7 +181,7 @@ fn narinfos_without_file_hash_are_checked_by_nar_hash_and_substituted_by_real_ni
     let up = tmp.path().join("upstream");
     let (upstream_key, paths) = make_upstream(&up, 2);
     let (app, big, hello) = (&paths[0], &paths[1], &paths[2]);
-    // The same (signed) paths as a niks3-style cache: zstd, and no FileHash/FileSize.
+    // The same (signed) paths as a niks3-style cache: zstd or xz, and no FileHash/FileSize.
     let cache = tmp.path().join("niks3");
     let copy = |compression: &str, paths: &[&String]| {
         run_ok(
@@ -199,26 +199,38 @@ fn narinfos_without_file_hash_are_checked_by_nar_hash_and_substituted_by_real_ni
                 .args(paths),
         );
     };
+    // A new path signed by the upstream's key, holding `bytes`.
+    let add_signed = |name: &str, bytes: &[u8]| {
+        let src = tmp.path().join(name);
+        std::fs::write(&src, bytes).unwrap();
+        let path = run_ok(Command::new("nix-store").arg("--add").arg(&src))
+            .trim()
+            .to_string();
+        run_ok(
+            Command::new("nix")
+                .args([
+                    "--extra-experimental-features",
+                    "nix-command",
+                    "store",
+                    "sign",
+                ])
+                .arg("--key-file")
+                .arg(up.join("secret.key"))
+                .arg(&path),
+        );
+        path
+    };
+    let noise = |n: usize| (0..n).map(|_| rand::random::<u8>()).collect::<Vec<u8>>();
     // One more signed path, whose NAR an upstream pads with junk nothing decompresses to.
-    let junk_src = tmp.path().join("padded.txt");
-    std::fs::write(&junk_src, format!("padded {}", rand::random::<u64>())).unwrap();
-    let padded = run_ok(Command::new("nix-store").arg("--add").arg(&junk_src))
-        .trim()
-        .to_string();
-    run_ok(
-        Command::new("nix")
-            .args([
-                "--extra-experimental-features",
-                "nix-command",
-                "store",
-                "sign",
-            ])
-            .arg("--key-file")
-            .arg(up.join("secret.key"))
-            .arg(&padded),
+    let padded = add_signed(
+        "padded.txt",
+        format!("padded {}", rand::random::<u64>()).as_bytes(),
     );
+    // xz ones: a NAR of several body chunks, and one the upstream corrupts.
+    let xz_big = add_signed("xz-big.bin", &noise(1 << 20));
+    let xz_bad = add_signed("xz-bad.bin", &noise(256 << 10));
     copy("zstd", &[app, big, &padded]);
-    copy("xz", &[hello]);
+    copy("xz", &[hello, &xz_big, &xz_bad]);
     std::fs::write(
         cache.join("nix-cache-info"),
         "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
@@ -252,6 +264,15 @@ fn narinfos_without_file_hash_are_checked_by_nar_hash_and_substituted_by_real_ni
     body.resize(body.len() + (8 << 20), 0);
     body.extend_from_slice(&std::fs::read(&padded_nar).unwrap());
     std::fs::write(&padded_nar, body).unwrap();
+
+    // A byte of one xz NAR flipped mid-stream.
+    let bad_narinfo =
+        std::fs::read_to_string(cache.join(format!("{}.narinfo", hash_of(&xz_bad)))).unwrap();
+    let bad_nar = cache.join(field(&bad_narinfo, "URL").unwrap());
+    let mut bytes = std::fs::read(&bad_nar).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&bad_nar, bytes).unwrap();
 
     let (_upstream, url) = start_static(&cache);
     let data = tmp.path().join("nip");
@@ -321,11 +342,43 @@ fn narinfos_without_file_hash_are_checked_by_nar_hash_and_substituted_by_real_ni
         "{log}"
     );
 
-    // xz without FileHash cannot be checked here: not served, and the log says why.
-    assert_eq!(
-        get(&format!("{}/{}.narinfo", nip.url, hash_of(hello))).0,
-        404
+    // xz without FileHash: checked the same way. The flipped byte fails the check (xz's own CRC
+    // or NarHash): the client's response is cut short, nothing is stored.
+    let (status, narinfo) = get(&format!("{}/{}.narinfo", nip.url, hash_of(&xz_bad)));
+    assert_eq!(status, 200, "{narinfo}");
+    assert_eq!(field(&narinfo, "FileHash"), None, "{narinfo}");
+    let served = field(&narinfo, "URL").unwrap().to_string();
+    assert!(served.ends_with(".nar.xz"), "{narinfo}");
+    let resp = reqwest::blocking::Client::new()
+        .get(format!("{}/{served}", nip.url))
+        .send()
+        .unwrap();
+    assert!(
+        !(resp.status() == 200 && resp.bytes().is_ok()),
+        "a corrupted xz NAR was served whole"
     );
+    assert_eq!(get(&format!("{}/upload/{served}", nip.url)).0, 404);
     let log = log_of(&data);
-    assert!(log.contains("can check only zstd NARs"), "{log}");
+    assert!(
+        log.contains("the NAR does not decompress")
+            || log.contains("does not match the narinfo's NarHash"),
+        "{log}"
+    );
+
+    // Good xz NARs: real Nix substitutes them, and nip stores the upstream's file as it is.
+    substitute(&nip.url, &nip_key, &[hello.clone(), xz_big.clone()], false);
+    let (status, narinfo) = get(&format!("{}/{}.narinfo", nip.url, hash_of(&xz_big)));
+    assert_eq!(status, 200, "{narinfo}");
+    assert_eq!(field(&narinfo, "FileHash"), None, "{narinfo}");
+    let served = field(&narinfo, "URL").unwrap().to_string();
+    assert!(served.ends_with(".nar.xz"), "{narinfo}");
+    let upstream_narinfo =
+        std::fs::read_to_string(cache.join(format!("{}.narinfo", hash_of(&xz_big)))).unwrap();
+    let original = std::fs::read(cache.join(field(&upstream_narinfo, "URL").unwrap())).unwrap();
+    let (status, stored) = http_get(&format!("{}/upload/{served}", nip.url)).expect("stored NAR");
+    assert_eq!(status, 200);
+    assert!(
+        stored == original,
+        "the stored NAR is not the upstream's file"
+    );
 }

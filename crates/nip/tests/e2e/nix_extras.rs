@@ -771,16 +771,7 @@ fn listings_are_made_from_stored_nars_when_the_upstream_has_none() {
     let hash = hash_of(&out).to_string();
     let (sk, pk) = generate_key(&tmp.path().join("keys"), "plain-up-1");
     run_ok(Command::new("nix").args(["store", "sign", "--key-file", sk.to_str().unwrap(), &out]));
-    // An upstream with zstd NARs and no listings; Nix's own listing kept aside to compare.
-    let cache = tmp.path().join("upcache");
-    run_ok(Command::new("nix").args([
-        "copy",
-        "--to",
-        &format!("file://{}?compression=zstd", cache.display()),
-        &out,
-    ]));
-    std::fs::write(cache.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
-    assert!(!cache.join(format!("{hash}.ls")).exists());
+    // Nix's own listing, kept aside to compare.
     let reference = tmp.path().join("reference");
     run_ok(Command::new("nix").args([
         "copy",
@@ -791,41 +782,60 @@ fn listings_are_made_from_stored_nars_when_the_upstream_has_none() {
     let expected: serde_json::Value =
         serde_json::from_slice(&std::fs::read(reference.join(format!("{hash}.ls"))).unwrap())
             .unwrap();
-    let (_upstream, upstream_url) = start_static(&cache);
-    let server = start_nip(
-        &tmp.path().join("data"),
-        &[
-            "--upstream-cache",
-            &upstream_url,
-            "--upstream-public-key",
-            &pk,
-        ],
-    );
-    // Before the NAR is stored there is nothing to list.
-    let (status, _) = http_get(&format!("{}/{hash}.ls", server.url)).unwrap();
-    assert_eq!(status, 404);
-    // Reading a file through nip stores the NAR.
-    let cat = run_ok(Command::new("nix").args([
-        "store",
-        "cat",
-        "--store",
-        &server.url,
-        &format!("{out}/sub/f"),
-    ]));
-    assert_eq!(cat.trim(), format!("hi {salt}"));
-    let mut listing = None;
-    for _ in 0..50 {
-        let (status, body) = http_get(&format!("{}/{hash}.ls", server.url)).unwrap();
-        if status == 200 {
-            listing = Some(serde_json::from_slice::<serde_json::Value>(&body).unwrap());
-            break;
+    // An upstream with no listings, with zstd NARs, then one with xz NARs (cache.nixos.org's, and
+    // what `nix copy` writes by default).
+    for compression in ["zstd", "xz"] {
+        let cache = tmp.path().join(format!("upcache-{compression}"));
+        run_ok(Command::new("nix").args([
+            "copy",
+            "--to",
+            &format!("file://{}?compression={compression}", cache.display()),
+            &out,
+        ]));
+        std::fs::write(cache.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+        assert!(!cache.join(format!("{hash}.ls")).exists());
+        let (_upstream, upstream_url) = start_static(&cache);
+        let server = start_nip(
+            &tmp.path().join(format!("data-{compression}")),
+            &[
+                "--upstream-cache",
+                &upstream_url,
+                "--upstream-public-key",
+                &pk,
+            ],
+        );
+        // Before the NAR is stored there is nothing to list.
+        let (status, _) = http_get(&format!("{}/{hash}.ls", server.url)).unwrap();
+        assert_eq!(status, 404, "{compression}");
+        // Reading a file through nip stores the NAR.
+        let cat = run_ok(Command::new("nix").args([
+            "store",
+            "cat",
+            "--store",
+            &server.url,
+            &format!("{out}/sub/f"),
+        ]));
+        assert_eq!(cat.trim(), format!("hi {salt}"));
+        let (_, narinfo) = http_get(&format!("{}/{hash}.narinfo", server.url)).unwrap();
+        let narinfo = String::from_utf8(narinfo).unwrap();
+        assert!(
+            narinfo.contains(&format!("Compression: {compression}\n")),
+            "{narinfo}"
+        );
+        let mut listing = None;
+        for _ in 0..50 {
+            let (status, body) = http_get(&format!("{}/{hash}.ls", server.url)).unwrap();
+            if status == 200 {
+                listing = Some(serde_json::from_slice::<serde_json::Value>(&body).unwrap());
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(
+            listing.unwrap_or_else(|| panic!("no listing made from the stored {compression} NAR")),
+            expected
+        );
     }
-    assert_eq!(
-        listing.expect("no listing made from the stored NAR"),
-        expected
-    );
 }
 
 /// A build-trace-v2 entry (ncps, newer Nix) signed by `key`, and its fingerprint.
@@ -1084,7 +1094,10 @@ fn realisation_uploads_wait_for_every_upstream_unless_a_trusted_key_signed_them(
     assert!(refused.text().unwrap().contains(&dead));
     let (status, _) = http_get(&format!("{}/realisations/{}.doi", server.url, id(1))).unwrap();
     assert_eq!(status, 404, "the refused realisation was stored");
-    assert_eq!(put(&id(2), signed_realisation(&id(2), &out, &builder)).status(), 200);
+    assert_eq!(
+        put(&id(2), signed_realisation(&id(2), &out, &builder)).status(),
+        200
+    );
     let (status, _) = http_get(&format!("{}/realisations/{}.doi", server.url, id(2))).unwrap();
     assert_eq!(status, 200);
 }
