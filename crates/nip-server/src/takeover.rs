@@ -255,14 +255,7 @@ fn convert(n: &NcpsNarInfo, trusted: &[PublicKey], upstream: &[PublicKey]) -> Op
     if info.store_path.hash().as_str() != n.hash {
         return None;
     }
-    let fingerprint = info.fingerprint();
-    info.sigs.retain(|sig| {
-        trusted.iter().any(|k| {
-            sig.split_once(':')
-                .is_some_and(|(name, _)| name == k.name())
-                && k.verify(fingerprint.as_bytes(), sig)
-        })
-    });
+    crate::cache::upload::sanitize(&mut info, trusted);
     let by_upstream = verify_narinfo(&info, upstream).map(|k| k.name().to_string());
     let signed_by = by_upstream
         .clone()

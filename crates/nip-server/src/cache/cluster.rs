@@ -33,14 +33,21 @@ pub enum Turn {
 /// A held fill lease, renewed in the background; its row is deleted (freed for the others, and
 /// one row per miss does not pile up) when dropped.
 pub struct Lease {
-    renew: tokio::task::JoinHandle<()>,
-    end: Option<(AppState, String)>,
+    /// The renewal task and what to delete when done; `None` when fetching without a lease.
+    held: Option<(tokio::task::JoinHandle<()>, AppState, String)>,
+}
+
+impl Lease {
+    /// Fetching without a lease (the database could not be asked, or the wait ran out).
+    fn none() -> Self {
+        Lease { held: None }
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.renew.abort();
-        if let Some((state, name)) = self.end.take() {
+        if let Some((renew, state, name)) = self.held.take() {
+            renew.abort();
             tokio::spawn(async move {
                 let holder = state.instance_id().to_string();
                 if let Err(e) = state.meta.drop_lease(&name, &holder).await {
@@ -69,8 +76,7 @@ fn lease(state: &AppState, name: &str) -> Lease {
         }
     });
     Lease {
-        renew,
-        end: Some((state.clone(), name.to_string())),
+        held: Some((renew, state.clone(), name.to_string())),
     }
 }
 
@@ -108,10 +114,7 @@ where
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(lease = %name, error = %e, "cannot take a fill lease; fetching without one");
-                    return Turn::Lead(Lease {
-                        renew: tokio::spawn(async {}),
-                        end: None,
-                    });
+                    return Turn::Lead(Lease::none());
                 }
             }
         }
@@ -121,10 +124,7 @@ where
         }
         if started.elapsed() >= max_wait {
             tracing::warn!(lease = %name, waited_ms = started.elapsed().as_millis() as u64, "another instance's fetch takes longer than --cache-lock-download-ttl; fetching here too");
-            return Turn::Lead(Lease {
-                renew: tokio::spawn(async {}),
-                end: None,
-            });
+            return Turn::Lead(Lease::none());
         }
         tokio::time::sleep(POLL).await;
         if stored().await {

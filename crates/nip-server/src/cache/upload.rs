@@ -109,7 +109,7 @@ fn trusted_keys(state: &AppState) -> Vec<PublicKey> {
 /// that verify against a trusted key (a fake `Sig: cache.nixos.org-1:…` would otherwise be served
 /// beside this cache's own), a Deriver that is a store path name, a CA that names a known method;
 /// unknown fields are dropped. None of these enter the signed fingerprint.
-fn sanitize(info: &mut NarInfo, keys: &[PublicKey]) {
+pub(crate) fn sanitize(info: &mut NarInfo, keys: &[PublicKey]) {
     let fingerprint = info.fingerprint();
     info.sigs.retain(|sig| {
         keys.iter().any(|k| {
