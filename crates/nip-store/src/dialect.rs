@@ -434,6 +434,47 @@ mod tests {
         }
     }
 
+    /// MariaDB ignores sqlx's own migration lock (`GET_LOCK(…, -1)` is NULL there), so nip holds
+    /// one of its own: while another session holds it, an instance waits instead of running
+    /// migrations over a half-applied one (CI once failed with `Dirty(3)`).
+    #[tokio::test]
+    async fn mysql_migrations_wait_for_the_migration_lock() {
+        use sqlx::Connection;
+        let Ok(admin) = std::env::var("NIP_TEST_MYSQL_URL") else {
+            return;
+        };
+        let url = crate::testdb::fresh_mysql(&admin).await;
+        let mut holder = sqlx::mysql::MySqlConnection::connect(&url).await.unwrap();
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT CAST(GET_LOCK(CONCAT('nip-migrate:', DATABASE()), 5) AS SIGNED)",
+        )
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+        assert_eq!(held, Some(1));
+        let opening = tokio::spawn({
+            let url = url.clone();
+            async move { crate::sql::SqlMeta::connect_with(&url, 2).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert!(
+            !opening.is_finished(),
+            "migrations ran while the lock was held"
+        );
+        let tables: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.tables \
+             WHERE table_schema = DATABASE() AND table_name = 'narinfos'",
+        )
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+        assert_eq!(tables, 0, "no migration ran while the lock was held");
+        holder.close().await.unwrap();
+        let meta = opening.await.unwrap().expect("opens once the lock is free");
+        use crate::meta::MetaStore;
+        meta.ping().await.unwrap();
+    }
+
     /// A migration added for one backend is added for all of them.
     #[test]
     fn every_backend_has_every_migration() {

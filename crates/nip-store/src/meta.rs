@@ -10,6 +10,8 @@ pub enum MetaError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("invalid database URL {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
+    #[error("{0}")]
+    MigrationLocked(String),
 }
 
 /// A narinfo as served by this cache (already rewritten and signed).

@@ -407,19 +407,69 @@ impl SqlMeta {
 /// Keys per access-time statement.
 const TOUCH_BATCH: usize = 1000;
 
+/// How long a starting instance waits for another one's MySQL migrations.
+const MYSQL_MIGRATE_LOCK_SECS: u32 = 300;
+
 /// Applies pending migrations. On PostgreSQL sqlx holds an advisory lock while migrating. On
 /// SQLite it takes none, so two processes starting on a fresh file both try migration 1; each
 /// migration is one transaction, so the loser fails without a trace (table exists, or a busy
-/// snapshot) and simply runs again, and then finds the work done.
+/// snapshot) and simply runs again, and then finds the work done. On MySQL see
+/// [`migrate_mysql`].
 async fn migrate(pool: &AnyPool, backend: Backend) -> Result<(), MetaError> {
+    if backend == Backend::Mysql {
+        return migrate_mysql(pool).await;
+    }
+    retry_migrations(backend.migrator(), MigrateOn::Pool(pool)).await
+}
+
+/// MySQL DDL is not transactional: a second instance that runs while the first is inside a
+/// migration sees it half-applied ("dirty") and fails. sqlx's own lock there is
+/// `GET_LOCK(…, -1)`, which MariaDB answers with NULL (no lock) and sqlx does not check. So nip
+/// takes a named lock of its own, checks it is held, and migrates on that same session; the
+/// session is closed afterwards, which frees the lock even when a migration failed.
+async fn migrate_mysql(pool: &AnyPool) -> Result<(), MetaError> {
+    let mut conn = pool.acquire().await?.detach();
+    let held: Option<i64> = sqlx::query_scalar(
+        "SELECT CAST(GET_LOCK(CONCAT('nip-migrate:', DATABASE()), ?) AS SIGNED)",
+    )
+    .bind(i64::from(MYSQL_MIGRATE_LOCK_SECS))
+    .fetch_one(&mut conn)
+    .await?;
+    if held != Some(1) {
+        return Err(MetaError::MigrationLocked(format!(
+            "another nip instance has been migrating this MySQL database for over \
+             {MYSQL_MIGRATE_LOCK_SECS} s (lock `nip-migrate:<database>`); if none is running, \
+             check `SELECT IS_USED_LOCK('nip-migrate:<database>')` and restart"
+        )));
+    }
+    let outcome = retry_migrations(&MYSQL_MIGRATOR, MigrateOn::Session(&mut conn)).await;
+    let _ = conn.close().await;
+    outcome
+}
+
+/// Where migrations run: any pooled connection, or the one session that holds the lock.
+enum MigrateOn<'a> {
+    Pool(&'a AnyPool),
+    Session(&'a mut sqlx::AnyConnection),
+}
+
+async fn retry_migrations(
+    migrator: &sqlx::migrate::Migrator,
+    mut on: MigrateOn<'_>,
+) -> Result<(), MetaError> {
+    let salt = u64::from(std::process::id()) ^ (migrator as *const _ as u64 >> 4);
     let mut attempt = 1;
     loop {
-        match backend.migrator().run(pool).await {
+        let outcome = match &mut on {
+            MigrateOn::Pool(pool) => migrator.run(*pool).await,
+            // `run_direct`: `run` on a bare connection trips a higher-ranked lifetime bound.
+            MigrateOn::Session(conn) => migrator.run_direct(&mut **conn).await,
+        };
+        match outcome {
             Ok(()) => return Ok(()),
             Err(e) if attempt < MIGRATE_ATTEMPTS => {
                 tracing::debug!(error = %e, attempt, "migration failed, probably racing another process; retrying");
                 // Stagger the retries so racing processes do not collide again.
-                let salt = u64::from(std::process::id()) ^ (pool as *const AnyPool as u64 >> 4);
                 let jitter = salt.wrapping_mul(u64::from(attempt) * 31) % 50;
                 tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt) + jitter)).await;
                 attempt += 1;
