@@ -8,6 +8,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::Response;
+use axum::Extension;
 use nip_core::store_path::{StorePath, StorePathHash};
 use nip_store::{ExtraKind, ExtraRecord, PutExtra};
 
@@ -79,40 +80,17 @@ fn parse_name(kind: ExtraKind, raw: &str) -> ApiResult<String> {
 
 pub async fn get_root(
     state: State<AppState>,
+    Extension(on_miss): Extension<OnMiss>,
     caller: Caller,
     method: Method,
     headers: HeaderMap,
     Path(name): Path<String>,
-) -> ApiResult<Response> {
-    root(state, caller, method, headers, name, OnMiss::AskUpstreams).await
-}
-
-pub async fn get_upload_root(
-    state: State<AppState>,
-    caller: Caller,
-    method: Method,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> ApiResult<Response> {
-    root(state, caller, method, headers, name, OnMiss::NotFound).await
-}
-
-async fn root(
-    state: State<AppState>,
-    caller: Caller,
-    method: Method,
-    headers: HeaderMap,
-    name: String,
-    on_miss: OnMiss,
 ) -> ApiResult<Response> {
     if name.ends_with(".ls") {
         let kind = ExtraKind::Listing;
         return get(&state, caller, method, headers, kind, &name, on_miss).await;
     }
-    match on_miss {
-        OnMiss::AskUpstreams => narinfo::get_narinfo(state, caller, Path(name)).await,
-        OnMiss::NotFound => narinfo::get_upload_narinfo(state, caller, Path(name)).await,
-    }
+    narinfo::get_narinfo(state, Extension(on_miss), caller, Path(name)).await
 }
 
 pub async fn put_root(
@@ -128,111 +106,43 @@ pub async fn put_root(
     upload::put_narinfo(state, caller, Path(name), body).await
 }
 
-macro_rules! kind_handlers {
-    ($kind:expr, $get:ident, $get_upload:ident, $put:ident) => {
-        pub async fn $get(
-            State(state): State<AppState>,
-            caller: Caller,
-            method: Method,
-            headers: HeaderMap,
-            Path(name): Path<String>,
-        ) -> ApiResult<Response> {
-            get(
-                &state,
-                caller,
-                method,
-                headers,
-                $kind,
-                &name,
-                OnMiss::AskUpstreams,
-            )
-            .await
-        }
-
-        pub async fn $get_upload(
-            State(state): State<AppState>,
-            caller: Caller,
-            method: Method,
-            headers: HeaderMap,
-            Path(name): Path<String>,
-        ) -> ApiResult<Response> {
-            get(
-                &state,
-                caller,
-                method,
-                headers,
-                $kind,
-                &name,
-                OnMiss::NotFound,
-            )
-            .await
-        }
-
-        pub async fn $put(
-            State(state): State<AppState>,
-            caller: Result<Caller, ApiError>,
-            headers: HeaderMap,
-            Path(name): Path<String>,
-            body: Body,
-        ) -> ApiResult<StatusCode> {
-            put(&state, caller, headers, $kind, &name, body).await
-        }
-    };
+/// `log/`, `realisations/` and `debuginfo/`: one file name after the prefix; the route says which
+/// kind ([`crate::nix::router`]).
+pub async fn get_file(
+    State(state): State<AppState>,
+    Extension(on_miss): Extension<OnMiss>,
+    Extension(kind): Extension<ExtraKind>,
+    caller: Caller,
+    method: Method,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    get(&state, caller, method, headers, kind, &name, on_miss).await
 }
 
-kind_handlers!(ExtraKind::Log, get_log, get_upload_log, put_log);
-kind_handlers!(
-    ExtraKind::Realisation,
-    get_realisation,
-    get_upload_realisation,
-    put_realisation
-);
-kind_handlers!(
-    ExtraKind::DebugInfo,
-    get_debuginfo,
-    get_upload_debuginfo,
-    put_debuginfo
-);
+pub async fn put_file(
+    State(state): State<AppState>,
+    Extension(kind): Extension<ExtraKind>,
+    caller: Result<Caller, ApiError>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult<StatusCode> {
+    put(&state, caller, headers, kind, &name, body).await
+}
 
 // `build-trace-v2/{drv}/{output}`: two path segments, one name.
 pub async fn get_build_trace(
     State(state): State<AppState>,
+    Extension(on_miss): Extension<OnMiss>,
     caller: Caller,
     method: Method,
     headers: HeaderMap,
     Path((drv, output)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let name = format!("{drv}/{output}");
-    get(
-        &state,
-        caller,
-        method,
-        headers,
-        ExtraKind::BuildTrace,
-        &name,
-        OnMiss::AskUpstreams,
-    )
-    .await
-}
-
-pub async fn get_upload_build_trace(
-    State(state): State<AppState>,
-    caller: Caller,
-    method: Method,
-    headers: HeaderMap,
-    Path((drv, output)): Path<(String, String)>,
-) -> ApiResult<Response> {
-    let name = format!("{drv}/{output}");
-    get(
-        &state,
-        caller,
-        method,
-        headers,
-        ExtraKind::BuildTrace,
-        &name,
-        OnMiss::NotFound,
-    )
-    .await
+    let kind = ExtraKind::BuildTrace;
+    get(&state, caller, method, headers, kind, &name, on_miss).await
 }
 
 pub async fn put_build_trace(

@@ -9,8 +9,9 @@ mod pin;
 mod upload;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, put};
-use axum::Router;
+use axum::routing::{delete, get, post};
+use axum::{Extension, Router};
+use nip_store::ExtraKind;
 
 use crate::AppState;
 
@@ -23,32 +24,32 @@ pub(crate) enum OnMiss {
     NotFound,
 }
 
+/// The same files at the root and under `/upload/`; deletes and pins only at the root.
 pub fn router() -> Router<AppState> {
+    Router::new()
+        .merge(files(OnMiss::AskUpstreams))
+        .nest("/upload", files(OnMiss::NotFound))
+        .route("/{name}", delete(upload::delete_narinfo))
+        .route("/nar/{file}", delete(upload::delete_nar))
+        // ncps' closure pins.
+        .route("/pin/{name}", post(pin::pin).delete(pin::unpin))
+        .route("/pins", get(pin::pins))
+}
+
+fn files(on_miss: OnMiss) -> Router<AppState> {
+    let file = |kind: ExtraKind| {
+        get(extras::get_file)
+            .put(extras::put_file)
+            .layer(Extension(kind))
+    };
     Router::new()
         .route("/nix-cache-info", get(cache_info::nix_cache_info))
         .route("/pubkey", get(cache_info::pubkey))
-        .route(
-            "/{name}",
-            // `<hash>.narinfo`, and `<hash>.ls` (NAR listings) through `extras`.
-            get(extras::get_root)
-                .put(extras::put_root)
-                .delete(upload::delete_narinfo),
-        )
-        // ncps' closure pins.
-        .route(
-            "/pin/{name}",
-            axum::routing::post(pin::pin).delete(pin::unpin),
-        )
-        .route("/pins", get(pin::pins))
-        .route("/log/{drv}", get(extras::get_log).put(extras::put_log))
-        .route(
-            "/realisations/{id}",
-            get(extras::get_realisation).put(extras::put_realisation),
-        )
-        .route(
-            "/debuginfo/{id}",
-            get(extras::get_debuginfo).put(extras::put_debuginfo),
-        )
+        // `<hash>.narinfo`, and `<hash>.ls` (NAR listings) through `extras`.
+        .route("/{name}", get(extras::get_root).put(extras::put_root))
+        .route("/log/{drv}", file(ExtraKind::Log))
+        .route("/realisations/{id}", file(ExtraKind::Realisation))
+        .route("/debuginfo/{id}", file(ExtraKind::DebugInfo))
         .route(
             "/build-trace-v2/{drv}/{output}",
             get(extras::get_build_trace).put(extras::put_build_trace),
@@ -58,33 +59,7 @@ pub fn router() -> Router<AppState> {
             get(nar::get_nar)
                 .put(upload::put_nar)
                 // NAR uploads stream to disk under their own size limit.
-                .layer(DefaultBodyLimit::disable())
-                .delete(upload::delete_nar),
+                .layer(DefaultBodyLimit::disable()),
         )
-        .route("/upload/nix-cache-info", get(cache_info::nix_cache_info))
-        .route("/upload/pubkey", get(cache_info::pubkey))
-        .route(
-            "/upload/{name}",
-            get(extras::get_upload_root).put(extras::put_root),
-        )
-        .route(
-            "/upload/log/{drv}",
-            get(extras::get_upload_log).put(extras::put_log),
-        )
-        .route(
-            "/upload/realisations/{id}",
-            get(extras::get_upload_realisation).put(extras::put_realisation),
-        )
-        .route(
-            "/upload/debuginfo/{id}",
-            get(extras::get_upload_debuginfo).put(extras::put_debuginfo),
-        )
-        .route(
-            "/upload/build-trace-v2/{drv}/{output}",
-            get(extras::get_upload_build_trace).put(extras::put_build_trace),
-        )
-        .route(
-            "/upload/nar/{file}",
-            get(nar::get_upload_nar).merge(put(upload::put_nar).layer(DefaultBodyLimit::disable())),
-        )
+        .layer(Extension(on_miss))
 }

@@ -6,6 +6,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::Response;
+use axum::Extension;
 use nip_core::nar_file::{Compression, NarFileName};
 use tokio_util::io::{ReaderStream, StreamReader};
 
@@ -22,35 +23,15 @@ const NAR_CONTENT_TYPE: &str = "application/x-nix-nar";
 /// Compressed bytes per body frame (the default 4 KiB would mean a write per 4 KiB).
 const ZSTD_CHUNK: usize = 128 * 1024;
 
+/// `/nar/<file>`, at the root and under `/upload/` (the route says [`OnMiss`]).
 #[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(file = %file))]
 pub async fn get_nar(
     State(state): State<AppState>,
+    Extension(on_miss): Extension<OnMiss>,
     caller: Caller,
     method: Method,
     headers: HeaderMap,
     Path(file): Path<String>,
-) -> ApiResult<Response> {
-    nar(state, caller, method, headers, file, OnMiss::AskUpstreams).await
-}
-
-#[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(file = %file))]
-pub async fn get_upload_nar(
-    State(state): State<AppState>,
-    caller: Caller,
-    method: Method,
-    headers: HeaderMap,
-    Path(file): Path<String>,
-) -> ApiResult<Response> {
-    nar(state, caller, method, headers, file, OnMiss::NotFound).await
-}
-
-async fn nar(
-    state: AppState,
-    caller: Caller,
-    method: Method,
-    headers: HeaderMap,
-    file: String,
-    on_miss: OnMiss,
 ) -> ApiResult<Response> {
     state.check_nix_read(&caller)?;
     let name = NarFileName::parse(&file)

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use nip_core::store_path::StorePathHash;
 
 use crate::auth::Caller;
@@ -15,29 +16,13 @@ use crate::error::{ApiError, ApiResult};
 use crate::nix::OnMiss;
 use crate::AppState;
 
+/// `/<hash>.narinfo`, at the root and under `/upload/` (the route says [`OnMiss`]).
 #[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(name = %name))]
 pub async fn get_narinfo(
     State(state): State<AppState>,
+    Extension(on_miss): Extension<OnMiss>,
     caller: Caller,
     Path(name): Path<String>,
-) -> ApiResult<Response> {
-    narinfo(state, caller, name, OnMiss::AskUpstreams).await
-}
-
-#[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(name = %name))]
-pub async fn get_upload_narinfo(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(name): Path<String>,
-) -> ApiResult<Response> {
-    narinfo(state, caller, name, OnMiss::NotFound).await
-}
-
-async fn narinfo(
-    state: AppState,
-    caller: Caller,
-    name: String,
-    on_miss: OnMiss,
 ) -> ApiResult<Response> {
     state.check_nix_read(&caller)?;
     let Some(hash) = name.strip_suffix(".narinfo") else {
