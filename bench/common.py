@@ -53,9 +53,10 @@ def percentile(values, p):
     return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
 
 
-def wrk(port, paths_file, duration, token=None, connections=50):
-    """One bounded wrk run cycling through the paths in paths_file: (req/s, p99 ms, non-2xx)."""
-    cmd = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "5s", "--latency",
+def wrk(port, paths_file, duration, token=None, connections=50, cpus=None):
+    """One bounded wrk run cycling through the paths in paths_file: (req/s, p99 ms, non-2xx);
+    on the CPUs `cpus` (taskset list) when given."""
+    cmd = (["taskset", "-c", cpus] if cpus else []) + ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "5s", "--latency",
            "-s", f"{HERE}/paths.lua"]
     if token:
         cmd += ["-H", f"Authorization: Bearer {token}"]
@@ -68,8 +69,8 @@ def wrk(port, paths_file, duration, token=None, connections=50):
     return rps, p99_ms, int(errors.group(1)) if errors else 0
 
 
-def wrk_summary(port, paths_file, duration, repeats, token=None):
-    runs = [wrk(port, paths_file, duration, token) for _ in range(repeats)]
+def wrk_summary(port, paths_file, duration, repeats, token=None, cpus=None):
+    runs = [wrk(port, paths_file, duration, token, cpus=cpus) for _ in range(repeats)]
     return {"rps": summary([r[0] for r in runs]), "p99_ms": summary([r[1] for r in runs]),
             "errors": sum(r[2] for r in runs)}
 
