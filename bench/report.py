@@ -21,6 +21,13 @@ HOW = [
     "p99 of 2000 sequential GETs on one connection, and wrk over 10000 random rows.",
     "P7: `nip build` of a recipe writing random bytes, timed as a process: again on the machine that built "
     "it (local hit), and on a fresh HOME (remote hit) against `curl` fetching the same artifact to a file.",
+    "P9: a fixture closure of input-addressed store paths built once by the real Nix here (`/bin/sh` "
+    "derivations referring to each other; mostly a few KiB, a few of 10–50 MiB of random bytes), signed and "
+    "exported with `nix copy` (NARs xz and zstd) and served by nginx; each run is Nix 2.8's `nix-store -r ROOT` "
+    "into a fresh empty store with an empty narinfo disk cache (Nix defaults: max-jobs 1, http-connections "
+    "25), timed as a process: from that nginx directly, through a fresh nip whose upstream is that nginx "
+    "(cold; its requests counted in the upstream's access log), and through the first cold run's nip (warm). "
+    "Runs interleaved; the ratio is the peer's median time over nip's.",
 ]
 
 

@@ -4,22 +4,24 @@ nginx serving the same files statically (and as the signed upstream for misses),
 reference of the /v1 API under gunicorn, and turborepo-remote-cache. Writes BENCHMARKS.md and
 bench/results.json with the machine, versions, medians with min–max over repeats, and ratios to
 the targets. Every load loop is bounded in count and time.
-Usage (from bench/run.sh): run.py NIP_BINARY [--quick] [--only p1p2,p2b,p3,p4,p5,p5n,p6,p7,p7d,p3c,p8,p2pin,zstd,criterion]"""
+Usage (from bench/run.sh): run.py NIP_BINARY [--quick] [--only p1p2,p2b,p3,p4,p5,p5n,p6,p7,p7d,p3c,p8,p2pin,p9,zstd,criterion]"""
 import argparse, datetime, importlib.metadata, json, os, platform, shutil, tempfile, time
 
-import dataset, pinned, report, scenarios
+import closure, dataset, pinned, report, scenarios
 from common import ROOT, version
 from peers import Servers
 
 QUICK = dict(narinfos=2000, big_mib=64, duration=3, repeats=3, artifacts=300, misses=60, p4_mib=256,
-             heavy_repeats=1, p5_flask_mib=64, index_entries=100_000, p7_mib=32)
+             heavy_repeats=1, p5_flask_mib=64, index_entries=100_000, p7_mib=32,
+             p9_paths=500, p9_big_mib=[10, 20, 30, 40, 50], p9_repeats=2)
 FULL = dict(narinfos=10000, big_mib=256, duration=8, repeats=5, artifacts=1000, misses=250, p4_mib=1024,
-            heavy_repeats=1, p5_flask_mib=256, index_entries=1_000_000, p7_mib=100)
+            heavy_repeats=1, p5_flask_mib=256, index_entries=1_000_000, p7_mib=100,
+            p9_paths=500, p9_big_mib=[10, 20, 30, 40, 50], p9_repeats=3)
 SCENARIOS = {"p1p2": scenarios.p1_p2_hits, "p2b": scenarios.p2b_artifact_lookups, "p3": scenarios.p3_misses,
              "p4": scenarios.p4_memory, "p5": scenarios.p5_uploads, "p6": scenarios.p6_big_index,
              "p7": scenarios.p7_client, "zstd": scenarios.zstd_on_the_fly,
              "p5n": scenarios.nix_upload_check, "p7d": scenarios.p7d_dead_remote, "p3c": scenarios.p3c_cluster_followers,
-             "p8": scenarios.p8_cold_miss, "p2pin": pinned.p2_pinned}
+             "p8": scenarios.p8_cold_miss, "p2pin": pinned.p2_pinned, "p9": closure.p9_closure}
 
 
 class Context:
@@ -58,7 +60,8 @@ def notes(p, quick):
     scale = "quick mode: smaller sizes than the issue's (said in each row)" if quick else "full mode"
     return [scale, f"{p['narinfos']} distinct narinfos", f"{p['artifacts']} /v1 artifacts",
             f"{p['misses']} distinct misses for P3", f"P4 {p['p4_mib']} MiB", f"P5 64 MiB and {p['p5_flask_mib']} MiB",
-            f"P6 {p['index_entries']} index entries", f"P7 {p['p7_mib']} MiB"]
+            f"P6 {p['index_entries']} index entries", f"P7 {p['p7_mib']} MiB",
+            f"P9 {p['p9_paths']} store paths ({'+'.join(map(str, p['p9_big_mib']))} MiB big ones), {p['p9_repeats']} runs"]
 
 
 def main():

@@ -3,7 +3,7 @@
 # python3-venv, nodejs/npm; a venv with flask, gunicorn and cryptography in /tmp/nip-bench-venv;
 # turborepo-remote-cache from npm in /tmp/nip-bench-turbo), builds nip and the criterion benches
 # (release), runs bench/run.py and writes BENCHMARKS.md + bench/results.json.
-# Usage: bench/run.sh [--quick] [--only p1p2,p2b,p3,p4,p5,p6,p7,criterion]
+# Usage: bench/run.sh [--quick] [--only p1p2,p2b,p3,p4,p5,p6,p7,p9,criterion] (p9 needs Nix: scripts/nix-fixture/install-nix.sh)
 # Full: about 8 minutes after the builds; --quick: under 2 minutes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
