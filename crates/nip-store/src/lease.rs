@@ -39,6 +39,7 @@ impl Leases for SqlMeta {
             return take_lease_mysql(self, name, holder, now, until).await;
         }
         // The conditional upsert is one statement on both backends: no read-then-write race.
+        let _turn = self.write_turn().await;
         let done = sqlx::query(
             "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) \
              ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
@@ -48,26 +49,28 @@ impl Leases for SqlMeta {
         .bind(holder)
         .bind(until)
         .bind(now)
-        .execute(self.pool())
+        .execute(self.relaxed_pool())
         .await?;
         Ok(done.rows_affected() == 1)
     }
 
     async fn end_lease(&self, name: &str, holder: &str, until: i64) -> Result<(), MetaError> {
+        let _turn = self.write_turn().await;
         sqlx::query(&self.sql("UPDATE leases SET expires_at = $1 WHERE name = $2 AND holder = $3"))
             .bind(until)
             .bind(name)
             .bind(holder)
-            .execute(self.pool())
+            .execute(self.relaxed_pool())
             .await?;
         Ok(())
     }
 
     async fn drop_lease(&self, name: &str, holder: &str) -> Result<(), MetaError> {
+        let _turn = self.write_turn().await;
         sqlx::query(&self.sql("DELETE FROM leases WHERE name = $1 AND holder = $2"))
             .bind(name)
             .bind(holder)
-            .execute(self.pool())
+            .execute(self.relaxed_pool())
             .await?;
         Ok(())
     }

@@ -113,6 +113,16 @@ pub fn mysql_url(url: &str) -> Result<String, MetaError> {
 #[derive(Clone, Debug)]
 pub struct SqlMeta {
     pool: AnyPool,
+    /// SQLite only: one connection whose commits skip the fsync (`synchronous = NORMAL`: after a
+    /// power loss the last of them may be gone, never half-applied; a process crash loses
+    /// nothing). For rows nip can do without: leases (a lost lease is free), access times, and
+    /// narinfos fetched from an upstream (fetched again when asked). Uploads, keys and the audit
+    /// log stay FULL. Each cold miss made six fsynced commits; now one or two.
+    relaxed_pool: Option<AnyPool>,
+    /// SQLite only: its one writer at a time is taken in turn here. Two of this process's
+    /// connections writing at once made one sleep in SQLite's busy handler (1, 2, 5 … 100 ms);
+    /// queued here, a writer waits only as long as the other one writes.
+    write_gate: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
     backend: Backend,
     /// The configured URL when it is an ncps database: nip's tables are then elsewhere.
     ncps: Option<String>,
@@ -199,6 +209,7 @@ impl SqlMeta {
             .max_connections(max_connections.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .test_before_acquire(true);
+        let mut sqlite_url = None;
         let pool = match backend {
             Backend::Sqlite => {
                 let file = sqlite_options(url)?.get_filename().to_path_buf();
@@ -216,24 +227,11 @@ impl SqlMeta {
                 } else {
                     format!("{url}?mode=rwc")
                 };
-                options
-                    .after_connect(|conn, _| {
-                        Box::pin(async move {
-                            // WAL + FULL: a committed row survives power loss, so "recorded"
-                            // implies "durable"; readers never wait for the writer.
-                            conn.execute("PRAGMA busy_timeout = 10000").await?;
-                            conn.execute("PRAGMA journal_mode = WAL").await?;
-                            conn.execute("PRAGMA synchronous = FULL").await?;
-                            conn.execute("PRAGMA foreign_keys = ON").await?;
-                            // 512 KiB per connection, not SQLite's 2 MiB: pages are in the OS
-                            // cache anyway, hot entries in nip's own, and a full pool of 2 MiB
-                            // caches was a third of the server's resident memory.
-                            conn.execute("PRAGMA cache_size = -512").await?;
-                            Ok(())
-                        })
-                    })
-                    .connect(&url)
-                    .await?
+                let pool = sqlite_pool(options, &url, "FULL").await?;
+                // An in-memory database is one per connection pool: leases stay in the main one.
+                let shared_file = file.as_os_str() != ":memory:" && !url.contains("mode=memory");
+                sqlite_url = Some(url).filter(|_| shared_file);
+                pool
             }
             Backend::Postgres => options.connect(url).await?,
             Backend::Mysql => {
@@ -252,8 +250,21 @@ impl SqlMeta {
             }
         };
         migrate(&pool, backend).await?;
+        let relaxed_pool = match sqlite_url {
+            Some(url) => {
+                let single = AnyPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
+                    .test_before_acquire(true);
+                Some(sqlite_pool(single, &url, "NORMAL").await?)
+            }
+            None => None,
+        };
+        let write_gate = (backend == Backend::Sqlite).then(Default::default);
         Ok(SqlMeta {
             pool,
+            relaxed_pool,
+            write_gate,
             backend,
             ncps: located.ncps,
         })
@@ -362,6 +373,20 @@ impl SqlMeta {
         &self.pool
     }
 
+    /// Where rows that need no durability are written (see `relaxed_pool`).
+    pub(crate) fn relaxed_pool(&self) -> &AnyPool {
+        self.relaxed_pool.as_ref().unwrap_or(&self.pool)
+    }
+
+    /// This process's turn to write (SQLite; no wait on the other backends): held across a
+    /// write statement or transaction of the hot path.
+    pub(crate) async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.write_gate {
+            Some(gate) => Some(gate.lock().await),
+            None => None,
+        }
+    }
+
     /// The query text for this database's backend (see [`crate::dialect`]).
     pub fn sql<'q>(&self, sql: &'q str) -> std::borrow::Cow<'q, str> {
         crate::dialect::for_backend(self.backend, sql)
@@ -389,7 +414,8 @@ impl SqlMeta {
         };
         let sql = update.replace("{keys}", keys_sql);
         let sql = self.sql(&sql);
-        let mut tx = self.pool.begin().await?;
+        let _turn = self.write_turn().await;
+        let mut tx = self.relaxed_pool().begin().await?;
         for batch in keys.chunks(TOUCH_BATCH) {
             let json = serde_json::to_string(batch).expect("strings serialize");
             sqlx::query(&sql)
@@ -406,6 +432,37 @@ impl SqlMeta {
 
 /// Keys per access-time statement.
 const TOUCH_BATCH: usize = 1000;
+
+/// A SQLite pool; `synchronous` is FULL for the index (a committed row survives power loss, so
+/// "recorded" implies "durable"), NORMAL where losing the last commits is harmless.
+async fn sqlite_pool(
+    options: AnyPoolOptions,
+    url: &str,
+    synchronous: &'static str,
+) -> Result<AnyPool, sqlx::Error> {
+    options
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                // WAL: readers never wait for the writer.
+                conn.execute("PRAGMA busy_timeout = 10000").await?;
+                conn.execute("PRAGMA journal_mode = WAL").await?;
+                conn.execute(if synchronous == "FULL" {
+                    "PRAGMA synchronous = FULL"
+                } else {
+                    "PRAGMA synchronous = NORMAL"
+                })
+                .await?;
+                conn.execute("PRAGMA foreign_keys = ON").await?;
+                // 512 KiB per connection, not SQLite's 2 MiB: pages are in the OS cache anyway,
+                // hot entries in nip's own, and a full pool of 2 MiB caches was a third of the
+                // server's resident memory.
+                conn.execute("PRAGMA cache_size = -512").await?;
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await
+}
 
 /// How long a starting instance waits for another one's MySQL migrations.
 const MYSQL_MIGRATE_LOCK_SECS: u32 = 300;
@@ -551,7 +608,13 @@ impl MetaStore for SqlMeta {
         sources: &[NarSource],
     ) -> Result<PutNarInfo, MetaError> {
         let now = unix_now();
-        let mut tx = self.pool.begin().await?;
+        let _turn = self.write_turn().await;
+        let pool = if rec.origin == "upload" {
+            &self.pool
+        } else {
+            self.relaxed_pool()
+        };
+        let mut tx = pool.begin().await?;
         let inserted = insert_narinfo(&mut *tx, self.backend, rec, now, now).await? > 0;
         if !inserted {
             let row = sqlx::query(&self.sql(&format!(
@@ -628,6 +691,7 @@ impl MetaStore for SqlMeta {
 
     async fn put_nar(&self, rec: &NarRecord) -> Result<(), MetaError> {
         let now = unix_now();
+        let _turn = self.write_turn().await;
         sqlx::query(&self.sql(
             "INSERT INTO nars (nar_file, size, sha256, created_at, last_accessed_at) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (nar_file) DO UPDATE SET size = excluded.size, \
