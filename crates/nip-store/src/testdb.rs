@@ -17,6 +17,15 @@ impl TestDb {
     pub fn into_parts(self) -> (SqlMeta, Option<tempfile::TempDir>) {
         (self.meta, self._dir)
     }
+
+    /// The database at `url` on a test server (nothing to keep alive).
+    async fn on_server(url: String) -> TestDb {
+        TestDb {
+            meta: SqlMeta::connect(&url).await.unwrap(),
+            url,
+            _dir: None,
+        }
+    }
 }
 
 pub async fn all() -> Vec<TestDb> {
@@ -28,50 +37,39 @@ pub async fn all() -> Vec<TestDb> {
         _dir: Some(dir),
     }];
     match std::env::var("NIP_TEST_POSTGRES_URL") {
-        Ok(admin) => {
-            let name = format!("nip_t_{}", rand_suffix());
-            let mut conn = sqlx::postgres::PgConnection::connect(&admin)
-                .await
-                .expect("connect to NIP_TEST_POSTGRES_URL");
-            sqlx::query(&format!("CREATE DATABASE {name}"))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            conn.close().await.unwrap();
-            let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-            let url = format!("{base}/{name}");
-            dbs.push(TestDb {
-                meta: SqlMeta::connect(&url).await.unwrap(),
-                url,
-                _dir: None,
-            });
-        }
-        Err(_) => {
-            assert!(
-                !required(),
-                "NIP_TEST_POSTGRES_URL is not set: ./scripts/test.sh starts PostgreSQL"
-            );
-            eprintln!("PostgreSQL backend not tested: NIP_TEST_POSTGRES_URL is not set");
-        }
+        Ok(admin) => dbs.push(TestDb::on_server(fresh_postgres(&admin).await).await),
+        Err(_) => not_tested("NIP_TEST_POSTGRES_URL", "PostgreSQL", "PostgreSQL"),
     }
     match std::env::var("NIP_TEST_MYSQL_URL") {
-        Ok(admin) => {
-            let url = fresh_mysql(&admin).await;
-            dbs.push(TestDb {
-                meta: SqlMeta::connect(&url).await.unwrap(),
-                url,
-                _dir: None,
-            });
-        }
-        Err(_) => {
-            assert!(
-                !required(),
-                "NIP_TEST_MYSQL_URL is not set: ./scripts/test.sh starts MariaDB"
-            );
-            eprintln!("MySQL backend not tested: NIP_TEST_MYSQL_URL is not set");
-        }
+        Ok(admin) => dbs.push(TestDb::on_server(fresh_mysql(&admin).await).await),
+        Err(_) => not_tested("NIP_TEST_MYSQL_URL", "MySQL", "MariaDB"),
     }
     dbs
+}
+
+/// A backend whose server `var` does not name: a failure when the test command requires every
+/// backend, else a note that `backend` is not tested (`./scripts/test.sh` starts `server`).
+fn not_tested(var: &str, backend: &str, server: &str) {
+    assert!(
+        !required(),
+        "{var} is not set: ./scripts/test.sh starts {server}"
+    );
+    eprintln!("{backend} backend not tested: {var} is not set");
+}
+
+/// A new, empty database on the PostgreSQL server of `admin` (a URL whose user may create them).
+async fn fresh_postgres(admin: &str) -> String {
+    let name = format!("nip_t_{}", rand_suffix());
+    let mut conn = sqlx::postgres::PgConnection::connect(admin)
+        .await
+        .expect("connect to NIP_TEST_POSTGRES_URL");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(admin);
+    format!("{base}/{name}")
 }
 
 /// A new, empty database on the MySQL server of `admin` (a URL whose user may create them).

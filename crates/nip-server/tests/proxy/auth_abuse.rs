@@ -109,10 +109,8 @@ async fn failures_are_aggregated_per_address_and_long_paths_truncated() {
 #[tokio::test]
 async fn status_page_hides_activity_names_once_a_key_exists() {
     let key = upstream_key();
-    let up = FakeUpstream::start(40).await;
     let e = make_entry("very-private-name", 1000, Compression::None, &key);
-    up.publish(&e);
-    let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
+    let (_up, nip) = nip_over(&key, &[&e]).await;
     let (status, _) = get(&format!("{}/{}.narinfo", nip.url, e.hash), None).await;
     assert_eq!(status, 200);
     let (status, page) = get(&nip.url, None).await;

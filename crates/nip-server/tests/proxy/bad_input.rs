@@ -4,8 +4,7 @@ use crate::harness::*;
 #[tokio::test]
 async fn bad_paths_are_refused_without_touching_the_file_system() {
     let key = upstream_key();
-    let up = FakeUpstream::start(40).await;
-    let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
+    let (up, nip) = nip_over(&key, &[]).await;
     // A file next to the store that traversal would reach.
     std::fs::write(nip.dir.path().join("data/secret.txt"), "top secret").unwrap();
     let long = "a".repeat(5000);
@@ -67,8 +66,7 @@ async fn bad_paths_are_refused_without_touching_the_file_system() {
 #[tokio::test]
 async fn nar_unknown_to_the_index_is_404_without_upstream_request() {
     let key = upstream_key();
-    let up = FakeUpstream::start(40).await;
-    let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
+    let (up, nip) = nip_over(&key, &[]).await;
     let file = format!("{}.nar.xz", nip_core::base32::encode(&[7u8; 32]));
     assert_eq!(get(&format!("{}/nar/{file}", nip.url)).await.0, 404);
     assert_eq!(up.hits(&format!("nar/{file}")), 0);

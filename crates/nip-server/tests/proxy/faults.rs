@@ -11,23 +11,6 @@ async fn narinfo_status(nip: &Nip, e: &Entry) -> u16 {
     get(&format!("{}/{}.narinfo", nip.url, e.hash)).await.0
 }
 
-/// Nothing of the entry is stored: no NAR file, no NAR row, no staged leftovers.
-async fn assert_nar_not_cached(nip: &Nip, nar_file: &str) {
-    // The fill task cleans up right after the client sees the error.
-    for _ in 0..50 {
-        if nip.staging_files() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(nip.staging_files(), 0, "staged file left behind");
-    assert!(!nip.stored_nar(nar_file), "bad NAR was stored");
-    assert!(
-        nip.state.index().get_nar(nar_file).await.unwrap().is_none(),
-        "bad NAR was recorded"
-    );
-}
-
 #[tokio::test]
 async fn narinfo_500_alone_is_a_miss_and_not_remembered() {
     let key = upstream_key();
@@ -155,15 +138,10 @@ async fn nar_faults_abort_the_client_cache_nothing_and_retry_elsewhere() {
             }),
         ),
     ] {
-        let bad = FakeUpstream::start(10).await;
-        let good = FakeUpstream::start(50).await;
         let e = make_entry("nar-fault", 2_000_000, Compression::Xz, &key);
-        bad.publish(&e);
-        good.publish(&e);
-        bad.set(&e.nar_path, make_fault(e.nar.clone()));
-        let nip = start_nip(&[&bad, &good], &[key.public_key()], vec![]).await;
-        let (_, text) = get(&format!("{}/{}.narinfo", nip.url, e.hash)).await;
-        let nar_path = served_nar_path(std::str::from_utf8(&text.unwrap()).unwrap());
+        let (_bad, good, nip) =
+            bad_before_good(&e, &key, &e.nar_path, make_fault(e.nar.clone())).await;
+        let nar_path = served_nar_path_of(&nip, &e).await;
         let nar_file = nar_path.trim_start_matches("nar/").to_string();
         let nar_url = format!("{}/{nar_path}", nip.url);
 
@@ -174,7 +152,7 @@ async fn nar_faults_abort_the_client_cache_nothing_and_retry_elsewhere() {
                 b.len()
             );
         }
-        assert_nar_not_cached(&nip, &nar_file).await;
+        assert_nar_not_cached(&nip, &nar_file, what).await;
 
         assert_refetched_from(&nip, &good, &e, &nar_url, &nar_file, what).await;
     }
@@ -189,19 +167,9 @@ async fn nar_failure_before_first_byte_fails_over_within_the_request() {
         ("404", Behavior::Status(404)),
         ("hang", Behavior::Hang),
     ] {
-        let bad = FakeUpstream::start(10).await;
-        let good = FakeUpstream::start(50).await;
         let e = make_entry("failover", 50_000, Compression::Zstd, &key);
-        bad.publish(&e);
-        good.publish(&e);
-        bad.set(&e.nar_path, fault);
-        let nip = start_nip(&[&bad, &good], &[key.public_key()], vec![]).await;
-        let (_, text) = get(&format!("{}/{}.narinfo", nip.url, e.hash)).await;
-        let nar_url = format!(
-            "{}/{}",
-            nip.url,
-            served_nar_path(std::str::from_utf8(&text.unwrap()).unwrap())
-        );
+        let (bad, good, nip) = bad_before_good(&e, &key, &e.nar_path, fault).await;
+        let nar_url = served_nar_url(&nip, &e).await;
         let (status, body) = get(&nar_url).await;
         assert_eq!(status, 200, "{what}");
         assert_eq!(body.unwrap(), e.nar, "{what}");
@@ -219,11 +187,10 @@ async fn nar_with_wrong_hash_and_no_alternative_is_never_cached() {
     up.publish(&e);
     up.set(&e.nar_path, Behavior::Serve(random_bytes(e.nar.len())));
     let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
-    let (_, text) = get(&format!("{}/{}.narinfo", nip.url, e.hash)).await;
-    let nar_path = served_nar_path(std::str::from_utf8(&text.unwrap()).unwrap());
+    let nar_path = served_nar_path_of(&nip, &e).await;
     for _ in 0..2 {
         let (_, body) = get(&format!("{}/{nar_path}", nip.url)).await;
         assert!(body.is_err(), "client got a complete body of wrong bytes");
     }
-    assert_nar_not_cached(&nip, nar_path.trim_start_matches("nar/")).await;
+    assert_nar_not_cached(&nip, nar_path.trim_start_matches("nar/"), "wrong bytes").await;
 }

@@ -439,6 +439,23 @@ impl Nip {
     }
 }
 
+/// Nothing of the NAR is stored: no file, no row, no staged leftovers (the fill task cleans up
+/// right after the client sees the error). `what` names the case in the failure.
+pub async fn assert_nar_not_cached(nip: &Nip, nar_file: &str, what: &str) {
+    for _ in 0..100 {
+        if nip.staging_files() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(nip.staging_files(), 0, "{what}: staged file left behind");
+    assert!(!nip.stored_nar(nar_file), "{what}: bad NAR was stored");
+    assert!(
+        nip.state.index().get_nar(nar_file).await.unwrap().is_none(),
+        "{what}: bad NAR was recorded"
+    );
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
@@ -456,6 +473,57 @@ pub async fn get(url: &str) -> (u16, Result<Bytes, String>) {
 /// The NAR file name the proxy serves an entry's NAR under.
 pub fn served_nar_path(narinfo_text: &str) -> String {
     NarInfo::parse(narinfo_text).unwrap().url
+}
+
+/// The NAR path (`nar/…`) of `e` in the narinfo `nip` serves for it.
+pub async fn served_nar_path_of(nip: &Nip, e: &Entry) -> String {
+    let (_, text) = get(&format!("{}/{}.narinfo", nip.url, e.hash)).await;
+    served_nar_path(std::str::from_utf8(&text.unwrap()).unwrap())
+}
+
+/// The URL of `e`'s NAR as `nip` serves it (the NAR path its narinfo names).
+pub async fn served_nar_url(nip: &Nip, e: &Entry) -> String {
+    format!("{}/{}", nip.url, served_nar_path_of(nip, e).await)
+}
+
+/// A bad upstream (priority 10) that answers `fault` at `path` and a good one (priority 50), both
+/// publishing `e`, and nip in front of both trusting `key`.
+pub async fn bad_before_good(
+    e: &Entry,
+    key: &SigningKey,
+    path: &str,
+    fault: Behavior,
+) -> (FakeUpstream, FakeUpstream, Nip) {
+    let bad = FakeUpstream::start(10).await;
+    let good = FakeUpstream::start(50).await;
+    bad.publish(e);
+    good.publish(e);
+    bad.set(path, fault);
+    let nip = start_nip(&[&bad, &good], &[key.public_key()], vec![]).await;
+    (bad, good, nip)
+}
+
+/// One upstream (priority 40) publishing `entries`, and nip in front of it trusting `key`.
+pub async fn nip_over(key: &SigningKey, entries: &[&Entry]) -> (FakeUpstream, Nip) {
+    let up = FakeUpstream::start(40).await;
+    for e in entries {
+        up.publish(e);
+    }
+    let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
+    (up, nip)
+}
+
+/// nip in front of an upstream with nothing, `/v1` open to `token`.
+pub async fn start_nip_with_api_key(token: &str) -> (FakeUpstream, Nip) {
+    let up = FakeUpstream::start(40).await;
+    let key = upstream_key();
+    let nip = start_nip(
+        &[&up],
+        &[key.public_key()],
+        vec![("cache.api-key", vec![token.into()])],
+    )
+    .await;
+    (up, nip)
 }
 
 /// After a failed fill, the next GET of `nar_url` gets the whole NAR, fetched once from `good`,

@@ -161,17 +161,7 @@ fn multipart_body() -> impl Strategy<Value = (String, Vec<u8>)> {
 fn multipart_uploads_never_cause_a_server_error() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let token = "fuzz-token-0123456789abcdef";
-    let (nip, _up) = rt.block_on(async {
-        let up = FakeUpstream::start(40).await;
-        let key = upstream_key();
-        let nip = start_nip(
-            &[&up],
-            &[key.public_key()],
-            vec![("cache.api-key", vec![token.into()])],
-        )
-        .await;
-        (nip, up)
-    });
+    let (_up, nip) = rt.block_on(start_nip_with_api_key(token));
     let client = client();
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
         cases: cases(200),

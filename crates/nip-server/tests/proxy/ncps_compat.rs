@@ -97,10 +97,8 @@ async fn get_token_gates_nix_reads_and_a_read_key_works_too() {
 #[tokio::test]
 async fn upload_path_reads_never_go_upstream() {
     let key = upstream_key();
-    let up = FakeUpstream::start(40).await;
     let e = make_entry("upstream-only", 1000, Compression::Xz, &key);
-    up.publish(&e);
-    let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
+    let (up, nip) = nip_over(&key, &[&e]).await;
 
     let upload_narinfo = format!("{}/upload/{}.narinfo", nip.url, e.hash);
     assert_eq!(status_with(&upload_narinfo, None, false).await, 404);

@@ -8,10 +8,8 @@ use crate::harness::*;
 #[tokio::test]
 async fn miss_then_hit_is_rewritten_resigned_and_served_from_cache() {
     let key = upstream_key();
-    let up = FakeUpstream::start(40).await;
     let e = make_entry("hello-2.12", 300_000, Compression::Xz, &key);
-    up.publish(&e);
-    let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
+    let (up, nip) = nip_over(&key, &[&e]).await;
 
     let (status, body) = get(&format!("{}/{}.narinfo", nip.url, e.hash)).await;
     assert_eq!(status, 200);
@@ -57,8 +55,7 @@ async fn miss_then_hit_is_rewritten_resigned_and_served_from_cache() {
 #[tokio::test]
 async fn cache_info_pubkey_and_health() {
     let key = upstream_key();
-    let up = FakeUpstream::start(40).await;
-    let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
+    let (_up, nip) = nip_over(&key, &[]).await;
     let (status, body) = get(&format!("{}/nix-cache-info", nip.url)).await;
     assert_eq!(status, 200);
     let body = String::from_utf8(body.unwrap().to_vec()).unwrap();
@@ -91,16 +88,9 @@ async fn cache_info_pubkey_and_health() {
 #[tokio::test]
 async fn cached_nar_supports_range_and_head_of_uncached_nar_does_not_download() {
     let key = upstream_key();
-    let up = FakeUpstream::start(40).await;
     let e = make_entry("ranged", 10_000, Compression::Zstd, &key);
-    up.publish(&e);
-    let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
-    let (_, text) = get(&format!("{}/{}.narinfo", nip.url, e.hash)).await;
-    let nar_url = format!(
-        "{}/{}",
-        nip.url,
-        served_nar_path(std::str::from_utf8(&text.unwrap()).unwrap())
-    );
+    let (up, nip) = nip_over(&key, &[&e]).await;
+    let nar_url = served_nar_url(&nip, &e).await;
 
     let head = client().head(&nar_url).send().await.unwrap();
     assert_eq!(head.status(), 200);
@@ -136,12 +126,7 @@ async fn best_priority_upstream_wins_among_signed_answers() {
     slow_prio.publish(&e);
     best.publish(&e);
     let nip = start_nip(&[&slow_prio, &best], &[key.public_key()], vec![]).await;
-    let (_, text) = get(&format!("{}/{}.narinfo", nip.url, e.hash)).await;
-    let nar_url = format!(
-        "{}/{}",
-        nip.url,
-        served_nar_path(std::str::from_utf8(&text.unwrap()).unwrap())
-    );
+    let nar_url = served_nar_url(&nip, &e).await;
     assert_eq!(get(&nar_url).await.1.unwrap(), e.nar);
     assert_eq!(best.hits(&e.nar_path), 1);
     assert_eq!(slow_prio.hits(&e.nar_path), 0);
@@ -150,8 +135,7 @@ async fn best_priority_upstream_wins_among_signed_answers() {
 #[tokio::test]
 async fn missing_everywhere_is_404_and_remembered() {
     let key = upstream_key();
-    let up = FakeUpstream::start(40).await;
-    let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
+    let (up, nip) = nip_over(&key, &[]).await;
     let hash = random_hash();
     assert_eq!(get(&format!("{}/{hash}.narinfo", nip.url)).await.0, 404);
     assert_eq!(get(&format!("{}/{hash}.narinfo", nip.url)).await.0, 404);
@@ -166,19 +150,11 @@ async fn missing_everywhere_is_404_and_remembered() {
 #[tokio::test]
 async fn uncompressed_nar_is_zstd_encoded_for_clients_that_accept_it() {
     let key = upstream_key();
-    let up = FakeUpstream::start(40).await;
     let plain = make_entry("plain", 200_000, Compression::None, &key);
     let xz = make_entry("packed", 50_000, Compression::Xz, &key);
-    up.publish(&plain);
-    up.publish(&xz);
-    let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
+    let (_up, nip) = nip_over(&key, &[&plain, &xz]).await;
     for (e, expect_zstd) in [(&plain, true), (&xz, false)] {
-        let (_, text) = get(&format!("{}/{}.narinfo", nip.url, e.hash)).await;
-        let nar_url = format!(
-            "{}/{}",
-            nip.url,
-            served_nar_path(std::str::from_utf8(&text.unwrap()).unwrap())
-        );
+        let nar_url = served_nar_url(&nip, e).await;
         assert_eq!(
             get(&nar_url).await.1.unwrap(),
             e.nar,

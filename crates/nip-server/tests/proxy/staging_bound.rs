@@ -55,16 +55,17 @@ async fn nix_puts_past_the_per_client_bound_get_a_4xx_and_reservations_are_relea
             other.nar_path
         )
     };
+    let put = |path: &str, body: Vec<u8>| {
+        client()
+            .put(format!("{}/{path}", nip.url))
+            .body(body)
+            .send()
+    };
     let s1 = stalled(&nip, head(1500)).await;
     let s2 = stalled(&nip, head(1500)).await;
     wait_reserved(&nip, 3000).await;
 
-    let resp = client()
-        .put(format!("{}/{}", nip.url, e.nar_path))
-        .body(e.nar.clone())
-        .send()
-        .await
-        .unwrap();
+    let resp = put(&e.nar_path, e.nar.to_vec()).await.unwrap();
     assert_eq!(resp.status().as_u16(), 409, "past the per-client bound");
     let body = resp.text().await.unwrap();
     assert!(body.contains("retry in"), "{body}");
@@ -73,38 +74,21 @@ async fn nix_puts_past_the_per_client_bound_get_a_4xx_and_reservations_are_relea
     // Dropped connections give their bytes back.
     drop((s1, s2));
     wait_reserved(&nip, 0).await;
-    let resp = client()
-        .put(format!("{}/{}", nip.url, e.nar_path))
-        .body(e.nar.clone())
-        .send()
-        .await
-        .unwrap();
+    let resp = put(&e.nar_path, e.nar.to_vec()).await.unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     assert!(nip.stored_nar(e.nar_path.trim_start_matches("nar/")));
     wait_reserved(&nip, 0).await;
 
     // So do refused uploads (bytes not matching the name).
-    let resp = client()
-        .put(format!("{}/{}", nip.url, other.nar_path))
-        .body(vec![1u8; 500])
-        .send()
-        .await
-        .unwrap();
+    let resp = put(&other.nar_path, vec![1u8; 500]).await.unwrap();
     assert_eq!(resp.status().as_u16(), 400);
     wait_reserved(&nip, 0).await;
 }
 
 #[tokio::test]
 async fn v1_uploads_past_the_global_bound_get_429_and_reservations_are_released() {
-    let up = FakeUpstream::start(40).await;
-    let key = upstream_key();
     let token = "staging-token-0123456789abcdef";
-    let nip = start_nip(
-        &[&up],
-        &[key.public_key()],
-        vec![("cache.api-key", vec![token.into()])],
-    )
-    .await;
+    let (_up, nip) = start_nip_with_api_key(token).await;
     // Per client is larger than global here, so the global bound is what refuses.
     nip.state.staging_limits().set_caps(4000, 1 << 20);
     let head = |n: usize, k: &str| {
@@ -145,15 +129,8 @@ async fn v1_uploads_past_the_global_bound_get_429_and_reservations_are_released(
 
 #[tokio::test]
 async fn listings_of_large_metadata_stay_under_the_cap_and_say_they_were_cut() {
-    let up = FakeUpstream::start(40).await;
-    let key = upstream_key();
     let token = "list-token-0123456789abcdef";
-    let nip = start_nip(
-        &[&up],
-        &[key.public_key()],
-        vec![("cache.api-key", vec![token.into()])],
-    )
-    .await;
+    let (_up, nip) = start_nip_with_api_key(token).await;
     // 20 artifacts of ~1 MiB metadata each: ~20 MiB if listed whole.
     let big = "m".repeat(1_000_000);
     for i in 0..20 {

@@ -10,22 +10,6 @@ use nip_core::narinfo::MAX_NARINFO_SIZE;
 
 use crate::harness::*;
 
-/// Nothing of the NAR is stored: no file, no row, no staged leftovers.
-async fn assert_not_cached(nip: &Nip, nar_file: &str, what: &str) {
-    for _ in 0..100 {
-        if nip.staging_files() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(nip.staging_files(), 0, "{what}: staged file left behind");
-    assert!(!nip.stored_nar(nar_file), "{what}: bad NAR was stored");
-    assert!(
-        nip.state.index().get_nar(nar_file).await.unwrap().is_none(),
-        "{what}: bad NAR was recorded"
-    );
-}
-
 /// A chunked (no Content-Length) raw answer, so the size is only known while reading.
 fn raw_chunked(body: &[u8]) -> Bytes {
     let mut v =
@@ -71,15 +55,9 @@ async fn nar_with_lying_length_or_reset_is_cut_and_never_cached() {
         ),
     ];
     for (what, fault) in cases {
-        let bad = FakeUpstream::start(10).await;
-        let good = FakeUpstream::start(50).await;
         let e = make_entry("lying", 300_000, Compression::Xz, &key);
-        bad.publish(&e);
-        good.publish(&e);
-        bad.set(&e.nar_path, fault(&e.nar));
-        let nip = start_nip(&[&bad, &good], &[key.public_key()], vec![]).await;
-        let (_, text) = get(&format!("{}/{}.narinfo", nip.url, e.hash)).await;
-        let nar_path = served_nar_path(std::str::from_utf8(&text.unwrap()).unwrap());
+        let (bad, good, nip) = bad_before_good(&e, &key, &e.nar_path, fault(&e.nar)).await;
+        let nar_path = served_nar_path_of(&nip, &e).await;
         let nar_file = nar_path.trim_start_matches("nar/").to_string();
         let nar_url = format!("{}/{nar_path}", nip.url);
 
@@ -88,7 +66,7 @@ async fn nar_with_lying_length_or_reset_is_cut_and_never_cached() {
             // A failure before the first byte may fail over within the same request.
             Ok(b) if status == 200 => assert_eq!(b, e.nar, "{what}: complete body, bad bytes"),
             Ok(b) => assert!(status >= 400, "{what}: {status} with {} bytes", b.len()),
-            Err(_) => assert_not_cached(&nip, &nar_file, what).await,
+            Err(_) => assert_nar_not_cached(&nip, &nar_file, what).await,
         }
         assert_eq!(
             bad.hits(&e.nar_path),
@@ -104,15 +82,10 @@ async fn nar_with_lying_length_or_reset_is_cut_and_never_cached() {
 #[tokio::test]
 async fn nar_reset_before_the_answer_fails_over_within_the_request() {
     let key = upstream_key();
-    let bad = FakeUpstream::start(10).await;
-    let good = FakeUpstream::start(50).await;
     let e = make_entry("reset", 50_000, Compression::Zstd, &key);
-    bad.publish(&e);
-    good.publish(&e);
-    bad.set(&e.nar_path, Behavior::RawReset(Bytes::new()));
-    let nip = start_nip(&[&bad, &good], &[key.public_key()], vec![]).await;
-    let (_, text) = get(&format!("{}/{}.narinfo", nip.url, e.hash)).await;
-    let nar_path = served_nar_path(std::str::from_utf8(&text.unwrap()).unwrap());
+    let (bad, _good, nip) =
+        bad_before_good(&e, &key, &e.nar_path, Behavior::RawReset(Bytes::new())).await;
+    let nar_path = served_nar_path_of(&nip, &e).await;
     let (status, body) = get(&format!("{}/{nar_path}", nip.url)).await;
     assert_eq!(status, 200);
     assert_eq!(body.unwrap(), e.nar);
@@ -172,13 +145,8 @@ async fn bad_narinfo_is_absent_and_the_good_upstream_answers() {
         ),
     ];
     for (what, fault) in cases {
-        let bad = FakeUpstream::start(10).await;
-        let good = FakeUpstream::start(50).await;
         let e = make_entry("badinfo", 1000, Compression::Xz, &key);
-        good.publish(&e);
-        bad.publish(&e);
-        bad.set(&e.narinfo_path(), fault(&e));
-        let nip = start_nip(&[&bad, &good], &[key.public_key()], vec![]).await;
+        let (bad, _good, nip) = bad_before_good(&e, &key, &e.narinfo_path(), fault(&e)).await;
         let (status, body) = get(&format!("{}/{}.narinfo", nip.url, e.hash)).await;
         assert_eq!(status, 200, "{what}");
         assert!(
@@ -241,21 +209,11 @@ async fn stalled_upstream_does_not_slow_other_clients() {
     // Warm the cache for the entries the fast clients read.
     let mut nar_urls = Vec::new();
     for e in &cached {
-        let (_, text) = get(&format!("{}/{}.narinfo", nip.url, e.hash)).await;
-        let url = format!(
-            "{}/{}",
-            nip.url,
-            served_nar_path(std::str::from_utf8(&text.unwrap()).unwrap())
-        );
+        let url = served_nar_url(&nip, e).await;
         assert_eq!(get(&url).await.1.unwrap(), e.nar);
         nar_urls.push(url);
     }
-    let (_, text) = get(&format!("{}/{}.narinfo", nip.url, stalled.hash)).await;
-    let stalled_url = format!(
-        "{}/{}",
-        nip.url,
-        served_nar_path(std::str::from_utf8(&text.unwrap()).unwrap())
-    );
+    let stalled_url = served_nar_url(&nip, &stalled).await;
 
     let mut slow = Vec::new();
     for _ in 0..10 {

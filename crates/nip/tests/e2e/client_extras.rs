@@ -57,17 +57,6 @@ fn recipe_new_writes_a_template_that_builds_and_is_never_overwritten() {
     assert!(!m.root.join("evil.toml").exists());
 }
 
-fn audit(data: &Path) -> Vec<serde_json::Value> {
-    let out = nip(&[
-        "audit",
-        "--json",
-        "--cache-data-path",
-        data.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn actions(entries: &[serde_json::Value], action: &str) -> Vec<serde_json::Value> {
     entries
         .iter()
@@ -152,26 +141,11 @@ fn audit_reads_records_nix_narinfo_and_nar_reads() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let up = tmp.path().join("upstream");
-    let (upstream_key, paths) = make_upstream(&up, 1);
-    let (_upstream, upstream_url) = start_static(&up.join("cache"));
+    let ((upstream_key, paths), (_upstream, upstream_url)) =
+        serve_upstream(&tmp.path().join("upstream"), 1);
     let data = tmp.path().join("data");
-    let server = start_nip(
-        &data,
-        &[
-            "--upstream-cache",
-            &upstream_url,
-            "--upstream-public-key",
-            &upstream_key,
-            "--audit-reads",
-        ],
-    );
-    let hash = paths[0]
-        .trim_start_matches("/nix/store/")
-        .split('-')
-        .next()
-        .unwrap()
-        .to_string();
+    let server = start_nip_behind(&data, &upstream_url, &upstream_key, &["--audit-reads"]);
+    let hash = store_hash(&paths[0]);
     let (status, narinfo) = http_get(&format!("{}/{hash}.narinfo", server.url)).unwrap();
     assert_eq!(status, 200);
     let narinfo = String::from_utf8(narinfo).unwrap();

@@ -63,20 +63,22 @@ fn hash_of(store_path: &str) -> String {
     store_path.trim_start_matches("/nix/store/")[..32].to_string()
 }
 
+/// The body of a GET of `url`, which must be a success.
+fn get_body(url: String) -> reqwest::Result<Vec<u8>> {
+    client()
+        .get(url)
+        .send()
+        .and_then(|r| r.error_for_status())
+        .and_then(|r| r.bytes())
+        .map(|b| b.to_vec())
+}
+
 /// Concurrent GETs of `path`, request i going to `urls[i % urls.len()]`: each body, or the error.
 fn fetch_all(urls: &[String], path: &str, n: usize) -> Vec<Result<Vec<u8>, String>> {
     let handles: Vec<_> = (0..n)
         .map(|i| {
             let url = format!("{}/{path}", urls[i % urls.len()]);
-            std::thread::spawn(move || {
-                client()
-                    .get(url)
-                    .send()
-                    .and_then(|r| r.error_for_status())
-                    .and_then(|r| r.bytes())
-                    .map(|b| b.to_vec())
-                    .map_err(|e| e.to_string())
-            })
+            std::thread::spawn(move || get_body(url).map_err(|e| e.to_string()))
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -106,10 +108,19 @@ struct Cluster {
     _upstream: KillOnDrop,
 }
 
-/// Three instances on a fresh database and S3 prefix in front of a slow upstream holding a
-/// 50 MiB NAR (`paths[1]`); `None` when PostgreSQL, S3 or Nix is missing (a failure under the
-/// test command).
-fn cluster(test: &str) -> Option<Cluster> {
+/// What the instances of a cluster share: a fresh database and S3 prefix, and a slow upstream
+/// (25 MiB/s, its log in `log`) holding a `big_mib` MiB NAR (`paths[1]`).
+struct Backing {
+    tmp: tempfile::TempDir,
+    paths: Vec<String>,
+    log: std::path::PathBuf,
+    upstream: KillOnDrop,
+    /// `nip serve` arguments for an instance, but its temp path.
+    args: Vec<String>,
+}
+
+/// `None` when PostgreSQL, S3 or Nix is missing (a failure under the test command).
+fn backing(test: &str, big_mib: u32, hostname: &str) -> Option<Backing> {
     let db = fresh_database(test)?;
     if !nix_available(test) {
         return None;
@@ -117,9 +128,8 @@ fn cluster(test: &str) -> Option<Cluster> {
     let tmp = tempfile::tempdir().unwrap();
     let s3 = fresh_s3_args(test, &tmp.path().join("keys"))?;
     let up = tmp.path().join("upstream");
-    let (upstream_key, paths) = make_upstream(&up, 50);
+    let (upstream_key, paths) = make_upstream(&up, big_mib);
     let log = tmp.path().join("upstream.log");
-    // 25 MiB/s: the 50 MiB NAR takes about two seconds to fill.
     let (upstream, upstream_url) = start_slow_upstream(&up.join("cache"), &log, 25 << 20);
     let mut args: Vec<String> = [
         "--cache-database-url",
@@ -129,28 +139,58 @@ fn cluster(test: &str) -> Option<Cluster> {
         "--cache-upstream-public-key",
         &upstream_key,
         "--cache-hostname",
-        "nip-cluster",
+        hostname,
     ]
     .map(String::from)
     .to_vec();
     args.extend(s3);
+    Some(Backing {
+        tmp,
+        paths,
+        log,
+        upstream,
+        args,
+    })
+}
+
+impl Backing {
+    /// The arguments of instance `name`: the shared ones and its own temp path.
+    fn node_args(&self, name: &str) -> Vec<String> {
+        let mut a = self.args.clone();
+        a.push("--cache-temp-path".into());
+        a.push(
+            self.tmp
+                .path()
+                .join(format!("tmp-{name}"))
+                .display()
+                .to_string(),
+        );
+        a
+    }
+}
+
+/// Three instances on a fresh database and S3 prefix in front of a slow upstream holding a
+/// 50 MiB NAR (`paths[1]`); `None` when PostgreSQL, S3 or Nix is missing (a failure under the
+/// test command).
+fn cluster(test: &str) -> Option<Cluster> {
+    // 25 MiB/s: the 50 MiB NAR takes about two seconds to fill.
+    let b = backing(test, 50, "nip-cluster")?;
     let nodes: Vec<NipServer> = ["a", "b", "c"]
         .iter()
         .map(|name| {
-            let temp = tmp.path().join(format!("tmp-{name}")).display().to_string();
-            let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
-            a.extend(["--cache-temp-path", &temp]);
-            spawn_nip(&tmp.path().join(format!("{name}.log")), &a, &[])
+            let a = b.node_args(name);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            spawn_nip(&b.tmp.path().join(format!("{name}.log")), &a, &[])
         })
         .collect();
     let urls = nodes.iter().map(|n| n.url.clone()).collect();
     Some(Cluster {
-        tmp,
+        tmp: b.tmp,
         nodes,
         urls,
-        paths,
-        log,
-        _upstream: upstream,
+        paths: b.paths,
+        log: b.log,
+        _upstream: b.upstream,
     })
 }
 
@@ -212,14 +252,7 @@ fn a_killed_filler_is_taken_over_without_a_bad_body() {
     // A starts the fill; B and C wait for it.
     let a_client = {
         let url = format!("{}/{nar_path}", c.urls[0]);
-        std::thread::spawn(move || {
-            client()
-                .get(url)
-                .send()
-                .and_then(|r| r.error_for_status())
-                .and_then(|r| r.bytes())
-                .map(|b| b.to_vec())
-        })
+        std::thread::spawn(move || get_body(url))
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while upstream_gets(&c.log, &nar_path) == 0 {
@@ -229,14 +262,7 @@ fn a_killed_filler_is_taken_over_without_a_bad_body() {
     let followers: Vec<_> = (1..3)
         .map(|i| {
             let url = format!("{}/{nar_path}", c.urls[i]);
-            std::thread::spawn(move || {
-                client()
-                    .get(url)
-                    .send()
-                    .and_then(|r| r.error_for_status())
-                    .and_then(|r| r.bytes())
-                    .map(|b| b.to_vec())
-            })
+            std::thread::spawn(move || get_body(url))
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
@@ -347,40 +373,12 @@ fn start_balancer(dir: &Path, ports: &[u16]) -> Option<(KillOnDrop, String)> {
 #[test]
 fn rolling_restart_behind_nginx_fails_no_substitution() {
     let test = "rolling_restart_behind_nginx_fails_no_substitution";
-    let Some(db) = fresh_database(test) else {
+    let Some(b) = backing(test, 20, "nip-rolling") else {
         return;
     };
-    if !nix_available(test) {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let Some(s3) = fresh_s3_args(test, &tmp.path().join("keys")) else {
-        return;
-    };
-    let up = tmp.path().join("upstream");
-    let (upstream_key, paths) = make_upstream(&up, 20);
-    let log = tmp.path().join("upstream.log");
-    let (_upstream, upstream_url) = start_slow_upstream(&up.join("cache"), &log, 25 << 20);
-    let mut args: Vec<String> = [
-        "--cache-database-url",
-        &db,
-        "--cache-upstream-url",
-        &upstream_url,
-        "--cache-upstream-public-key",
-        &upstream_key,
-        "--cache-hostname",
-        "nip-rolling",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(s3);
+    let (tmp, paths) = (&b.tmp, &b.paths);
     let ports = [free_port(), free_port(), free_port()];
-    let node_args = |i: usize| {
-        let mut a = args.clone();
-        a.push("--cache-temp-path".into());
-        a.push(tmp.path().join(format!("tmp-{i}")).display().to_string());
-        a
-    };
+    let node_args = |i: usize| b.node_args(&i.to_string());
     let logs: Vec<_> = (0..3)
         .map(|i| tmp.path().join(format!("nip-{i}.log")))
         .collect();

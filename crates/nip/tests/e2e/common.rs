@@ -43,7 +43,19 @@ impl Drop for KillOnDrop {
 /// Whether real Nix is present. When the test command requires it (NIP_REQUIRE_NIX=1) or under
 /// CI=true, a missing Nix is a failure, never a skip.
 pub fn nix_available(test: &str) -> bool {
-    let ok = Command::new("nix-store")
+    nix_tool_available("nix-store", test)
+}
+
+/// A fresh temporary directory for a test that needs real Nix, or `None` (a skip, or a failure
+/// when the test command requires Nix) when it is missing: see [`nix_available`].
+pub fn nix_tempdir(test: &str) -> Option<tempfile::TempDir> {
+    nix_available(test).then(|| tempfile::tempdir().unwrap())
+}
+
+/// Whether the Nix tool `tool` (`nix-store`, `nix-instantiate`, …) answers `--version`: a failure,
+/// not a skip, when the test command requires Nix (NIP_REQUIRE_NIX=1 or CI=true).
+pub fn nix_tool_available(tool: &str, test: &str) -> bool {
+    let ok = Command::new(tool)
         .arg("--version")
         .stdout(Stdio::null())
         .status()
@@ -52,9 +64,9 @@ pub fn nix_available(test: &str) -> bool {
         let required = components_required() || std::env::var("NIP_REQUIRE_NIX").is_ok();
         assert!(
             !required,
-            "{test}: nix-store is missing; run scripts/nix-fixture/install-nix.sh (as root)"
+            "{test}: {tool} is missing; run scripts/nix-fixture/install-nix.sh (as root)"
         );
-        eprintln!("{test}: SKIPPED: nix-store is missing (run ./scripts/test.sh to install it)");
+        eprintln!("{test}: SKIPPED: {tool} is missing (run ./scripts/test.sh to install it)");
     }
     ok
 }
@@ -147,6 +159,11 @@ pub fn spawn_nip(log: &Path, args: &[&str], envs: &[(&str, &str)]) -> NipServer 
 
 /// Serves a directory over HTTP with Python's http.server (a plain static upstream).
 pub fn start_static(dir: &Path) -> (KillOnDrop, String) {
+    start_static_to(dir, Stdio::null())
+}
+
+/// [`start_static`] with its stderr, where it logs every request, going to `stderr`.
+pub fn start_static_to(dir: &Path, stderr: impl Into<Stdio>) -> (KillOnDrop, String) {
     let port = free_port();
     let child = Command::new("python3")
         .args([
@@ -159,7 +176,7 @@ pub fn start_static(dir: &Path) -> (KillOnDrop, String) {
         ])
         .arg(dir)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("start python3 -m http.server");
     let url = format!("http://127.0.0.1:{port}");
@@ -223,9 +240,15 @@ pub fn tool_missing(tool: &str, test: &str, install: &str) {
 /// Builds a signed upstream cache in `dir` with the fixture script (`BIG_MIB` for its big path)
 /// and returns its public key and the top-level store paths (line 1 is input-addressed).
 pub fn make_upstream(dir: &Path, big_mib: u32) -> (String, Vec<String>) {
+    make_upstream_with(dir, &[], big_mib)
+}
+
+/// [`make_upstream`] with more arguments to the fixture script (its key name first).
+pub fn make_upstream_with(dir: &Path, args: &[&str], big_mib: u32) -> (String, Vec<String>) {
     let out = run_ok(
         Command::new(fixture_script("make-upstream.sh"))
             .arg(dir)
+            .args(args)
             .env("BIG_MIB", big_mib.to_string()),
     );
     let key = out
@@ -309,13 +332,19 @@ pub fn fresh_s3_args(test: &str, key_dir: &Path) -> Option<Vec<String>> {
 /// `nix-cache-info`. Tests that upload narinfos need one: nip first asks its upstreams whether
 /// they have a new path, and refuses it (424) while one cannot answer, as a dead upstream can't.
 pub fn start_empty_upstream(dir: &Path) -> (KillOnDrop, String) {
+    write_cache_info(dir);
+    start_static(dir)
+}
+
+/// Writes the `nix-cache-info` of a binary cache (store /nix/store, priority 40) into `dir`,
+/// making `dir` if need be.
+pub fn write_cache_info(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(
         dir.join("nix-cache-info"),
         "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
     )
     .unwrap();
-    start_static(dir)
 }
 
 /// The guide's reference server of the `/v1` API (bench/flask_reference.py under gunicorn, run by
@@ -427,4 +456,177 @@ pub fn promtool_problems(text: &str, test: &str) -> Option<Vec<String>> {
         "promtool failed without saying why: {report}"
     );
     Some(problems)
+}
+
+/// ncps' NixOS module JSON (`fixtures/ncps-nixos.json`) made to run on this machine: its storage
+/// and temp path under `data`, its address `127.0.0.1:port`, `upstream_url` its only upstream.
+/// Written to `<dir>/ncps-config.json`, whose path it returns.
+pub fn write_ncps_nixos_config(dir: &Path, data: &Path, port: u16, upstream_url: &str) -> PathBuf {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/fixtures/ncps-nixos.json"),
+    )
+    .unwrap()
+    .replace("/var/lib/ncps", &data.display().to_string())
+    .replace("\"/tmp\"", &format!("\"{}/tmp\"", data.display()))
+    .replace("\":8501\"", &format!("\"127.0.0.1:{port}\""))
+    .replace(
+        "[\"https://cache.nixos.org\",\"https://nix-community.cachix.org\"]",
+        &format!("[\"{upstream_url}\"]"),
+    );
+    assert!(text.contains(upstream_url) && text.contains(&format!(":{port}")));
+    std::fs::create_dir_all(data.join("tmp")).unwrap();
+    let config = dir.join("ncps-config.json");
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// Spawns a server with `cmd` (stdout dropped, stderr into `log`) and waits until it answers
+/// `/healthz` on `127.0.0.1:port`; returns it, killed on drop, and its URL.
+pub fn spawn_server(cmd: &mut Command, log: &Path, port: u16) -> (KillOnDrop, String) {
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let server = KillOnDrop(child);
+    let url = format!("http://127.0.0.1:{port}");
+    wait_http_ok(&format!("{url}/healthz"), Duration::from_secs(30));
+    (server, url)
+}
+
+/// The `/nix-cache-info` a server at `url` answers, which must be a 200.
+pub fn nix_cache_info(url: &str) -> String {
+    let (status, body) = http_get(&format!("{url}/nix-cache-info")).unwrap();
+    assert_eq!(status, 200);
+    String::from_utf8(body).unwrap()
+}
+
+/// The hash part of a store path: `/nix/store/<hash>-<name>` → `<hash>`.
+pub fn store_hash(path: &str) -> String {
+    path.trim_start_matches("/nix/store/")
+        .split('-')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// `nip serve` with its data in `data`, in front of the upstream at `upstream_url` trusting
+/// `upstream_key`, with `extra` arguments.
+pub fn start_nip_behind(
+    data: &Path,
+    upstream_url: &str,
+    upstream_key: &str,
+    extra: &[&str],
+) -> NipServer {
+    let args = [
+        "--upstream-cache",
+        upstream_url,
+        "--upstream-public-key",
+        upstream_key,
+    ];
+    start_nip(data, &[&args[..], extra].concat())
+}
+
+/// `nip serve` that takes uploads (`--cache-allow-put-verb`), its data in `data`, in front of an
+/// upstream that has nothing (`start_empty_upstream` of `<dir>/upstream`: a dead one makes
+/// uploads 424) trusting `upstream_key`, with `extra` arguments. Returns the upstream too.
+pub fn start_upload_nip(
+    dir: &Path,
+    data: &Path,
+    upstream_key: &str,
+    extra: &[&str],
+) -> (KillOnDrop, NipServer) {
+    let (upstream, upstream_url) = start_empty_upstream(&dir.join("upstream"));
+    let args = [&["--cache-allow-put-verb"][..], extra].concat();
+    let server = start_nip_behind(data, &upstream_url, upstream_key, &args);
+    (upstream, server)
+}
+
+/// Real Nix substitutes `paths` from `url` into a fresh store, trusting only `key`
+/// (`check-substitute.sh`); its output.
+pub fn check_substitute(url: &str, key: &str, paths: &[impl AsRef<std::ffi::OsStr>]) -> String {
+    run_ok(
+        Command::new(fixture_script("check-substitute.sh"))
+            .arg(url)
+            .arg(key)
+            .args(paths)
+            .env("CHECK_TIMEOUT", "120"),
+    )
+}
+
+/// The public key a nip server at `url` serves at `/pubkey`, trimmed.
+pub fn server_pubkey(url: &str) -> String {
+    let (status, body) = http_get(&format!("{url}/pubkey")).unwrap();
+    assert_eq!(status, 200);
+    String::from_utf8(body).unwrap().trim().to_string()
+}
+
+/// `nip audit --json` of a server data directory: its entries.
+pub fn audit(data: &Path) -> Vec<serde_json::Value> {
+    let out = nip(&[
+        "audit",
+        "--json",
+        "--cache-data-path",
+        data.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `url` accepts `token` (200); `nip keys revoke name` on the server data `data` (and `extra`
+/// arguments) succeeds; within a second `url` refuses the token (401), with no restart.
+pub fn revoke_and_wait_refused(url: &str, token: &str, name: &str, data: &Path, extra: &[&str]) {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let status = || client.get(url).bearer_auth(token).send().unwrap().status();
+    assert_eq!(status(), 200);
+    let args = [
+        "keys",
+        "revoke",
+        name,
+        "--cache-data-path",
+        data.to_str().unwrap(),
+    ];
+    let out = nip(&[&args[..], extra].concat());
+    assert!(out.status.success());
+    let revoked_at = Instant::now();
+    loop {
+        let status = status();
+        if status == 401 {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "{url} still answers {status} a second after revocation"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A netrc file in `dir` that gives Nix `token` as the password for 127.0.0.1; its path.
+pub fn netrc(dir: &Path, token: &str) -> String {
+    let f = dir.join(format!("netrc-{}", &token[..12]));
+    std::fs::write(
+        &f,
+        format!("machine 127.0.0.1 login nix password {token}\n"),
+    )
+    .unwrap();
+    f.display().to_string()
+}
+
+/// Two keys for a server data directory: "uploader" (write) and "reader" (read); their tokens.
+pub fn writer_and_reader(data: &Path) -> (String, String) {
+    (
+        create_key(data, "uploader", "write", &[]),
+        create_key(data, "reader", "read", &[]),
+    )
+}
+
+/// [`make_upstream`] in `dir`, its cache served by [`start_static`]: ((public key, store paths),
+/// (server, URL)).
+pub fn serve_upstream(dir: &Path, big_mib: u32) -> ((String, Vec<String>), (KillOnDrop, String)) {
+    let made = make_upstream(dir, big_mib);
+    (made, start_static(&dir.join("cache")))
 }

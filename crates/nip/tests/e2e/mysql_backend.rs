@@ -1,7 +1,6 @@
 //! MariaDB/MySQL as the metadata database: the real `nip serve` on a `mysql://` URL (the test
 //! MariaDB server `./scripts/test.sh` starts), real Nix substituting through it, and a /v1
 //! artifact round trip.
-use std::process::Command;
 use std::time::Duration;
 
 use sqlx::Connection;
@@ -42,40 +41,34 @@ fn nix_substitutes_and_artifacts_round_trip_on_mariadb() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let up = tmp.path().join("upstream");
-    let (upstream_key, paths) = make_upstream(&up, 2);
-    let (mut upstream, upstream_url) = start_static(&up.join("cache"));
+    let ((upstream_key, paths), (mut upstream, upstream_url)) =
+        serve_upstream(&tmp.path().join("upstream"), 2);
     let data = tmp.path().join("nip-data");
     // API keys live in the metadata database too.
     let admin = create_key(&data, "admin", "admin", &["--cache-database-url", &db]);
-    let nip = start_nip(
-        &data,
-        &[
-            "--cache-database-url",
-            &db,
-            "--upstream-cache",
-            &upstream_url,
-            "--upstream-public-key",
-            &upstream_key,
-            "--cache-hostname",
-            "nip-mysql",
-        ],
-    );
+    let serve = || {
+        start_nip(
+            &data,
+            &[
+                "--cache-database-url",
+                &db,
+                "--upstream-cache",
+                &upstream_url,
+                "--upstream-public-key",
+                &upstream_key,
+                "--cache-hostname",
+                "nip-mysql",
+            ],
+        )
+    };
+    let nip = serve();
     // Nothing went to a SQLite file: the database is MariaDB's.
     assert!(!data.join("db/db.sqlite").exists());
     let (status, body) = http_get(&format!("{}/pubkey", nip.url)).unwrap();
     assert_eq!(status, 200);
     let nip_key = String::from_utf8(body).unwrap().trim().to_string();
 
-    let check = |key: &str| {
-        run_ok(
-            Command::new(fixture_script("check-substitute.sh"))
-                .arg(&nip.url)
-                .arg(key)
-                .args(&paths)
-                .env("CHECK_TIMEOUT", "120"),
-        )
-    };
+    let check = |key: &str| check_substitute(&nip.url, key, &paths);
     // Through nip from the upstream, then with the upstream gone: from nip's cache.
     check(&nip_key);
     upstream.kill();
@@ -137,27 +130,10 @@ fn nix_substitutes_and_artifacts_round_trip_on_mariadb() {
 
     // A restart on the same database keeps the signing key and everything recorded.
     drop(nip);
-    let nip = start_nip(
-        &data,
-        &[
-            "--cache-database-url",
-            &db,
-            "--upstream-cache",
-            &upstream_url,
-            "--upstream-public-key",
-            &upstream_key,
-            "--cache-hostname",
-            "nip-mysql",
-        ],
-    );
+    let nip = serve();
     let (_, body) = http_get(&format!("{}/pubkey", nip.url)).unwrap();
     assert_eq!(String::from_utf8(body).unwrap().trim(), nip_key);
-    let hash = paths[0]
-        .trim_start_matches("/nix/store/")
-        .split('-')
-        .next()
-        .unwrap()
-        .to_string();
+    let hash = store_hash(&paths[0]);
     let (status, _) = http_get(&format!("{}/{hash}.narinfo", nip.url)).unwrap();
     assert_eq!(status, 200);
     let dl = client

@@ -251,13 +251,16 @@ fn migrate_up_dry_run_then_apply() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let d = data.to_str().unwrap();
-    let out = run_ok(Command::new(env!("CARGO_BIN_EXE_nip")).args([
-        "migrate",
-        "up",
-        "--dry-run",
-        "--cache-storage-local",
-        d,
-    ]));
+    let dry_run = || {
+        run_ok(Command::new(env!("CARGO_BIN_EXE_nip")).args([
+            "migrate",
+            "up",
+            "--dry-run",
+            "--cache-storage-local",
+            d,
+        ]))
+    };
+    let out = dry_run();
     assert!(out.contains("pending migration"), "{out}");
     assert!(out.contains("0001"), "{out}");
     assert!(
@@ -271,51 +274,21 @@ fn migrate_up_dry_run_then_apply() {
         d,
     ]));
     assert!(out.contains("applied"), "{out}");
-    let out = run_ok(Command::new(env!("CARGO_BIN_EXE_nip")).args([
-        "migrate",
-        "up",
-        "--dry-run",
-        "--cache-storage-local",
-        d,
-    ]));
+    let out = dry_run();
     assert!(out.contains("up to date"), "{out}");
-    let server = start_nip(
-        &data,
-        &[
-            "--upstream-cache",
-            "http://127.0.0.1:9",
-            "--upstream-public-key",
-            NIXOS_KEY,
-        ],
-    );
+    let server = start_nip_behind(&data, "http://127.0.0.1:9", NIXOS_KEY, &[]);
     assert_eq!(http_get(&format!("{}/healthz", server.url)).unwrap().0, 200);
-}
-
-fn fixture(dir: &Path, key_name: &str) -> (String, Vec<String>) {
-    let key = run_ok(
-        Command::new(fixture_script("make-upstream.sh"))
-            .arg(dir)
-            .arg(key_name)
-            .env("BIG_MIB", "2"),
-    );
-    let key = key.trim().lines().last().unwrap().to_string();
-    let paths = std::fs::read_to_string(dir.join("paths.txt"))
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
-    (key, paths)
 }
 
 /// `nix copy --to http://…/upload` (ncps' upload URL) uploads; a fresh store then substitutes
 /// the paths from the root URL, trusting nip's key.
 #[test]
 fn nix_copy_to_upload_then_substitute_from_root() {
-    if !nix_available("nix_copy_to_upload_then_substitute_from_root") {
+    let Some(tmp) = nix_tempdir("nix_copy_to_upload_then_substitute_from_root") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let (upstream_key, paths) = fixture(&tmp.path().join("paths"), "upstream-test-1");
+    };
+    let (upstream_key, paths) =
+        make_upstream_with(&tmp.path().join("paths"), &["upstream-test-1"], 2);
     // An upstream that answers "not found": with a dead one, nip refuses new paths (424).
     let (_upstream, upstream_url) = start_empty_upstream(&tmp.path().join("upstream"));
     let server = start_nip(
@@ -340,15 +313,7 @@ fn nix_copy_to_upload_then_substitute_from_root() {
         "nix copy --to {upload} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let nip_key =
-        String::from_utf8(http_get(&format!("{}/pubkey", server.url)).unwrap().1).unwrap();
-    run_ok(
-        Command::new(fixture_script("check-substitute.sh"))
-            .arg(&server.url)
-            .arg(nip_key.trim())
-            .args(&paths)
-            .env("CHECK_TIMEOUT", "120"),
-    );
+    check_substitute(&server.url, &server_pubkey(&server.url), &paths);
 }
 
 /// Rewrites a fixture cache the way other servers lay it out: NARs at nix-serve style URLs
@@ -399,12 +364,11 @@ fn relayout(cache: &Path) -> usize {
 /// through nip.
 #[test]
 fn real_nix_through_nip_from_priority_upstream_with_nix_serve_urls_and_any_key_name() {
-    if !nix_available("real_nix_through_nip_from_priority_upstream") {
+    let Some(tmp) = nix_tempdir("real_nix_through_nip_from_priority_upstream") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let up = tmp.path().join("upstream");
-    let (upstream_key, paths) = fixture(&up, "not-the-host-name-1");
+    let (upstream_key, paths) = make_upstream_with(&up, &["not-the-host-name-1"], 2);
     assert!(relayout(&up.join("cache")) >= 4);
     let (_upstream, upstream_url) = start_static(&up.join("cache"));
     let server = start_nip(
@@ -418,27 +382,15 @@ fn real_nix_through_nip_from_priority_upstream_with_nix_serve_urls_and_any_key_n
             "nip-compat",
         ],
     );
-    let nip_key =
-        String::from_utf8(http_get(&format!("{}/pubkey", server.url)).unwrap().1).unwrap();
-    run_ok(
-        Command::new(fixture_script("check-substitute.sh"))
-            .arg(&server.url)
-            .arg(nip_key.trim())
-            .args(&paths)
-            .env("CHECK_TIMEOUT", "120"),
-    );
+    check_substitute(&server.url, &server_pubkey(&server.url), &paths);
     // Served narinfo point at this cache's normalized NAR names.
-    let hash = paths[0]
-        .trim_start_matches("/nix/store/")
-        .split('-')
-        .next()
-        .unwrap();
+    let hash = store_hash(&paths[0]);
     let (status, body) = http_get(&format!("{}/{hash}.narinfo", server.url)).unwrap();
     assert_eq!(status, 200);
     let text = String::from_utf8(body).unwrap();
     let url = text.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
     assert!(
-        url.starts_with("nar/") && !url.contains('?') && !url.contains(hash),
+        url.starts_with("nar/") && !url.contains('?') && !url.contains(&hash),
         "{url}"
     );
 }

@@ -4,8 +4,7 @@
 //! configuration and name each setting nip does without; the NixOS one also really starts and
 //! serves. `cache.cdc.enabled: true` is refused with what to do.
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use serde_json::{json, Value};
 
@@ -60,6 +59,21 @@ fn ignored(cfg: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The upstreams (and their keys) both ncps files name: cache.nixos.org and nix-community.
+fn assert_ncps_default_upstreams(cfg: &Value) {
+    assert_eq!(
+        cfg["cache.upstream.urls"],
+        json!([
+            "https://cache.nixos.org/",
+            "https://nix-community.cachix.org/"
+        ])
+    );
+    assert_eq!(
+        cfg["cache.upstream.public-keys"],
+        json!([NIXOS_KEY, COMMUNITY_KEY])
+    );
+}
+
 fn flags(ignored: &[(String, String)]) -> Vec<&str> {
     ignored.iter().map(|(f, _)| f.as_str()).collect()
 }
@@ -84,17 +98,7 @@ fn ncps_nixos_module_json_config_is_accepted_as_is() {
     // max-open-conns 0 means the default, as in ncps.
     assert_eq!(cfg["cache.database.pool.max-open-conns"], 8);
     assert_eq!(cfg["cache.cdc.enabled"], false);
-    assert_eq!(
-        cfg["cache.upstream.urls"],
-        json!([
-            "https://cache.nixos.org/",
-            "https://nix-community.cachix.org/"
-        ])
-    );
-    assert_eq!(
-        cfg["cache.upstream.public-keys"],
-        json!([NIXOS_KEY, COMMUNITY_KEY])
-    );
+    assert_ncps_default_upstreams(&cfg);
     assert_eq!(cfg["cache.upstream.dialer-timeout"], "5000ms");
     // Go's duration form "1m30s".
     assert_eq!(cfg["cache.upstream.response-header-timeout"], "90000ms");
@@ -129,38 +133,21 @@ fn ncps_nixos_module_json_config_starts_a_server() {
     let (_upstream, upstream_url) = start_empty_upstream(&tmp.path().join("upstream"));
     let data = tmp.path().join("ncps");
     let port = free_port();
-    let text = std::fs::read_to_string(fixture("ncps-nixos.json"))
-        .unwrap()
-        .replace("/var/lib/ncps", &data.display().to_string())
-        .replace("\"/tmp\"", &format!("\"{}/tmp\"", data.display()))
-        .replace("\":8501\"", &format!("\"127.0.0.1:{port}\""))
-        .replace(
-            "[\"https://cache.nixos.org\",\"https://nix-community.cachix.org\"]",
-            &format!("[\"{upstream_url}\"]"),
-        );
-    assert!(text.contains(&upstream_url) && text.contains(&format!(":{port}")));
-    std::fs::create_dir_all(data.join("tmp")).unwrap();
-    let config = tmp.path().join("ncps-config.json");
-    std::fs::write(&config, text).unwrap();
+    let config = write_ncps_nixos_config(tmp.path(), &data, port, &upstream_url);
     let log = tmp.path().join("nip.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_nip"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", tmp.path())
-        .arg("--config")
-        .arg(&config)
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let _server = KillOnDrop(child);
-    let url = format!("http://127.0.0.1:{port}");
-    wait_http_ok(&format!("{url}/healthz"), Duration::from_secs(30));
-    let (status, body) = http_get(&format!("{url}/nix-cache-info")).unwrap();
-    assert_eq!(status, 200);
+    let (_server, url) = spawn_server(
+        Command::new(env!("CARGO_BIN_EXE_nip"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", tmp.path())
+            .arg("--config")
+            .arg(&config)
+            .arg("serve"),
+        &log,
+        port,
+    );
     assert_eq!(
-        String::from_utf8(body).unwrap(),
+        nix_cache_info(&url),
         "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 10\n"
     );
     assert!(data.join("db/db.sqlite").exists());
@@ -206,17 +193,7 @@ fn ncps_config_example_yaml_is_accepted_verbatim() {
     assert_eq!(cfg["cache.storage.local"], "/var/lib/ncps");
     assert_eq!(cfg["cache.temp-path"], "/tmp");
     assert_eq!(cfg["cache.netrc-file"], "/etc/ncps/netrc");
-    assert_eq!(
-        cfg["cache.upstream.urls"],
-        json!([
-            "https://cache.nixos.org/",
-            "https://nix-community.cachix.org/"
-        ])
-    );
-    assert_eq!(
-        cfg["cache.upstream.public-keys"],
-        json!([NIXOS_KEY, COMMUNITY_KEY])
-    );
+    assert_ncps_default_upstreams(&cfg);
     assert_eq!(cfg["cache.upstream.dialer-timeout"], "3000ms");
     assert_eq!(cfg["cache.upstream.response-header-timeout"], "3000ms");
     assert_eq!(cfg["server.addr"], ":8501");

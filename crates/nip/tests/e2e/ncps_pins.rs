@@ -56,10 +56,9 @@ fn metric(text: &str, series: &str) -> f64 {
 
 #[test]
 fn a_pinned_closure_survives_eviction_and_ncps_metrics_follow() {
-    if !nix_available("a_pinned_closure_survives_eviction") {
+    let Some(tmp) = nix_tempdir("a_pinned_closure_survives_eviction") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let up_a = tmp.path().join("upstream-a");
     let up_b = tmp.path().join("upstream-b");
     let (key_a, paths_a) = make_upstream(&up_a, 3);
@@ -206,23 +205,15 @@ fn a_pinned_closure_survives_eviction_and_ncps_metrics_follow() {
 /// names from `/metrics`.
 #[test]
 fn pins_are_open_before_any_key_and_ncps_metric_names_can_be_turned_off() {
-    if !nix_available("pins_are_open_before_any_key") {
+    let Some(tmp) = nix_tempdir("pins_are_open_before_any_key") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let up = tmp.path().join("upstream");
-    let (key, paths) = make_upstream(&up, 1);
-    let (_up, url) = start_static(&up.join("cache"));
-    let nip = start_nip(
+    };
+    let ((key, paths), (_up, url)) = serve_upstream(&tmp.path().join("upstream"), 1);
+    let nip = start_nip_behind(
         &tmp.path().join("data"),
-        &[
-            "--upstream-cache",
-            &url,
-            "--upstream-public-key",
-            &key,
-            "--prometheus-enabled",
-            "--prometheus-ncps-metrics=false",
-        ],
+        &url,
+        &key,
+        &["--prometheus-enabled", "--prometheus-ncps-metrics=false"],
     );
     fetch(&nip.url, &paths[0]);
     let pin_url = format!("{}/pin/{}.narinfo", nip.url, hash_of(&paths[0]));

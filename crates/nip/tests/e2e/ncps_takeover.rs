@@ -202,27 +202,22 @@ async fn fill_ncps(
         .fetch_one(db)
         .await
         .unwrap();
-        for r in &info.references {
-            sqlx::query(&q(
-                kind,
-                "INSERT INTO narinfo_references (reference, narinfo_id) VALUES ($1, $2)",
-            ))
-            .bind(r.base_name())
-            .bind(id)
-            .execute(db)
-            .await
-            .unwrap();
-        }
-        for s in &info.sigs {
-            sqlx::query(&q(
-                kind,
-                "INSERT INTO narinfo_signatures (signature, narinfo_id) VALUES ($1, $2)",
-            ))
-            .bind(s)
-            .bind(id)
-            .execute(db)
-            .await
-            .unwrap();
+        let references = info.references.iter().map(|r| r.base_name().to_string());
+        for (insert, value) in references
+            .map(|r| ("INSERT INTO narinfo_references (reference, narinfo_id)", r))
+            .chain(info.sigs.iter().map(|s| {
+                (
+                    "INSERT INTO narinfo_signatures (signature, narinfo_id)",
+                    s.to_string(),
+                )
+            }))
+        {
+            sqlx::query(&q(kind, &format!("{insert} VALUES ($1, $2)")))
+                .bind(value)
+                .bind(id)
+                .execute(db)
+                .await
+                .unwrap();
         }
         let (hash, compression) = file.split_once(".nar").unwrap();
         let nar_id: i64 = sqlx::query_scalar(&q(
@@ -267,6 +262,17 @@ async fn fill_ncps(
     }
 }
 
+/// The first column of every row `sql` selects, as text.
+async fn strings(db: &AnyPool, sql: &str) -> Vec<String> {
+    sqlx::query(sql)
+        .fetch_all(db)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<String, _>(0))
+        .collect()
+}
+
 /// Every row of ncps' tables, as text, for a before/after comparison.
 async fn ncps_rows(db: &AnyPool, kind: Db) -> Vec<String> {
     let mut out = Vec::new();
@@ -277,14 +283,11 @@ async fn ncps_rows(db: &AnyPool, kind: Db) -> Vec<String> {
             ),
             // SQLite has no row-to-text: every table's rows through json_object of all columns.
             Db::Sqlite => {
-                let cols: Vec<String> =
-                    sqlx::query(&format!("SELECT name FROM pragma_table_info('{t}')"))
-                        .fetch_all(db)
-                        .await
-                        .unwrap()
-                        .iter()
-                        .map(|r| r.get::<String, _>(0))
-                        .collect();
+                let cols = strings(
+                    db,
+                    &format!("SELECT name FROM pragma_table_info('{t}')"),
+                )
+                .await;
                 let pairs: Vec<String> = cols.iter().map(|c| format!("'{c}', \"{c}\"")).collect();
                 format!(
                     "SELECT COALESCE(group_concat(j, '|'), '') FROM \
@@ -294,16 +297,14 @@ async fn ncps_rows(db: &AnyPool, kind: Db) -> Vec<String> {
             }
             // MySQL: each row through JSON_OBJECT of all its columns (a TEXT value: bytes to `Any`).
             Db::Mysql => {
-                let cols: Vec<String> = sqlx::query(&format!(
-                    "SELECT CAST(column_name AS CHAR(64)) FROM information_schema.columns \
-                     WHERE table_schema = DATABASE() AND table_name = '{t}' ORDER BY ordinal_position"
-                ))
-                .fetch_all(db)
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get::<String, _>(0))
-                .collect();
+                let cols = strings(
+                    db,
+                    &format!(
+                        "SELECT CAST(column_name AS CHAR(64)) FROM information_schema.columns \
+                         WHERE table_schema = DATABASE() AND table_name = '{t}' ORDER BY ordinal_position"
+                    ),
+                )
+                .await;
                 let pairs: Vec<String> = cols.iter().map(|c| format!("'{c}', `{c}`")).collect();
                 let rows = sqlx::query(&format!(
                     "SELECT JSON_OBJECT({}) AS j FROM {t} ORDER BY id",

@@ -82,10 +82,9 @@ fn log_of(data: &std::path::Path) -> String {
 /// Nix substitutes trusting only nip's key.
 #[test]
 fn an_unsigned_upstream_is_served_only_when_marked_trusted() {
-    if !nix_available("an_unsigned_upstream_is_served_only_when_marked_trusted") {
+    let Some(tmp) = nix_tempdir("an_unsigned_upstream_is_served_only_when_marked_trusted") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let up = tmp.path().join("upstream");
     let (upstream_key, paths) = make_upstream(&up, 1);
     let cache = up.join("cache");
@@ -105,15 +104,7 @@ fn an_unsigned_upstream_is_served_only_when_marked_trusted() {
 
     // A key but no opt-in: the unsigned narinfo is dropped, and the log says how to opt in.
     let strict_data = tmp.path().join("strict");
-    let strict = start_nip(
-        &strict_data,
-        &[
-            "--upstream-cache",
-            &url,
-            "--upstream-public-key",
-            &upstream_key,
-        ],
-    );
+    let strict = start_nip_behind(&strict_data, &url, &upstream_key, &[]);
     assert_eq!(get(&format!("{}/{app}.narinfo", strict.url)).0, 404);
     let log = log_of(&strict_data);
     assert!(
@@ -231,11 +222,7 @@ fn narinfos_without_file_hash_are_checked_by_nar_hash_and_substituted_by_real_ni
     let xz_bad = add_signed("xz-bad.bin", &noise(256 << 10));
     copy("zstd", &[app, big, &padded]);
     copy("xz", &[hello, &xz_big, &xz_bad]);
-    std::fs::write(
-        cache.join("nix-cache-info"),
-        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
-    )
-    .unwrap();
+    write_cache_info(&cache);
     strip_fields(&cache, &["FileHash:", "FileSize:"]);
 
     // The big path's NAR is replaced by another valid zstd stream before anyone fetched it.
@@ -276,16 +263,11 @@ fn narinfos_without_file_hash_are_checked_by_nar_hash_and_substituted_by_real_ni
 
     let (_upstream, url) = start_static(&cache);
     let data = tmp.path().join("nip");
-    let nip = start_nip(
+    let nip = start_nip_behind(
         &data,
-        &[
-            "--upstream-cache",
-            &url,
-            "--upstream-public-key",
-            &upstream_key,
-            "--cache-hostname",
-            "nip-niks3",
-        ],
+        &url,
+        &upstream_key,
+        &["--cache-hostname", "nip-niks3"],
     );
     let (status, nip_key) = get(&format!("{}/pubkey", nip.url));
     assert_eq!(status, 200);

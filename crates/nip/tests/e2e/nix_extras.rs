@@ -6,6 +6,9 @@ use std::process::Command;
 
 use crate::common::*;
 
+/// The key of an upstream that signs nothing here.
+const UNUSED_KEY: &str = "unused-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+
 fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
@@ -13,81 +16,86 @@ fn client() -> reqwest::blocking::Client {
         .unwrap()
 }
 
+/// Writes the Nix function `expr` of one string argument to `<dir>/<file>` and builds it with
+/// that argument (`arg`: name, value) and `extra` options. Returns (the file, output path).
+fn build_expr(
+    dir: &Path,
+    file: &str,
+    expr: &str,
+    arg: (&str, &str),
+    extra: &[&str],
+) -> (String, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let nix = dir.join(file).display().to_string();
+    std::fs::write(&nix, expr).unwrap();
+    let out = run_ok(
+        Command::new("nix-build")
+            .args([&nix, "--no-out-link", "--argstr", arg.0, arg.1])
+            .args(extra),
+    );
+    (nix, out.trim().to_string())
+}
+
 /// Builds a fresh derivation whose builder prints to stdout and stderr (its build log) and
 /// makes a tree (a directory, an executable, a symlink). Returns (output path, drv path, salt).
 fn build_logged(dir: &Path) -> (String, String, String) {
-    std::fs::create_dir_all(dir).unwrap();
     let salt = format!("{}-{}", std::process::id(), rand::random::<u64>());
-    let nix = dir.join("logged.nix");
-    std::fs::write(
-        &nix,
+    let (_, out) = build_expr(
+        dir,
+        "logged.nix",
         r#"{ salt }: builtins.derivation {
   name = "logged"; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
   args = [ "-c" "echo building ${salt}; echo on-stderr ${salt} >&2; mkdir -p $out/sub; echo hi ${salt} > $out/sub/f; printf '#!/bin/sh\n' > $out/run; chmod +x $out/run; ln -s sub/f $out/l" ];
 }"#,
-    )
-    .unwrap();
-    let out = run_ok(Command::new("nix-build").arg(&nix).args([
-        "--no-out-link",
-        "--argstr",
-        "salt",
-        &salt,
-    ]));
-    let out = out.trim().to_string();
+        ("salt", &salt),
+        &[],
+    );
     let drv = run_ok(Command::new("nix-store").args(["-q", "--deriver", &out]));
     (out, drv.trim().to_string(), salt)
+}
+
+/// [`build_logged`] in `<tmp>/build`, its output signed with a new key `key_name` (made in
+/// `<tmp>/keys`). Returns (output path, drv path, salt, output hash, public key).
+fn build_logged_signed(tmp: &Path, key_name: &str) -> (String, String, String, String, String) {
+    let (out, drv, salt) = build_logged(&tmp.join("build"));
+    let hash = hash_of(&out).to_string();
+    let (sk, pk) = generate_key(&tmp.join("keys"), key_name);
+    run_ok(Command::new("nix").args(["store", "sign", "--key-file", sk.to_str().unwrap(), &out]));
+    (out, drv, salt, hash, pk)
+}
+
+/// The listing (`<hash>.ls`) Nix writes for the store path `out` into a file:// cache in `dir`.
+fn nix_listing(dir: &Path, out: &str, hash: &str) -> serde_json::Value {
+    run_ok(Command::new("nix").args([
+        "copy",
+        "--to",
+        &format!("file://{}?write-nar-listing=true", dir.display()),
+        out,
+    ]));
+    serde_json::from_slice(&std::fs::read(dir.join(format!("{hash}.ls"))).unwrap()).unwrap()
 }
 
 fn hash_of(path: &str) -> &str {
     &path["/nix/store/".len().."/nix/store/".len() + 32]
 }
 
-fn netrc(dir: &Path, token: &str) -> String {
-    let f = dir.join(format!("netrc-{}", &token[..12]));
-    std::fs::write(
-        &f,
-        format!("machine 127.0.0.1 login nix password {token}\n"),
-    )
-    .unwrap();
-    f.display().to_string()
-}
-
-fn audit(data: &Path) -> Vec<serde_json::Value> {
-    let out = nip(&[
-        "audit",
-        "--json",
-        "--cache-data-path",
-        data.to_str().unwrap(),
-    ]);
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn listings_and_build_logs_upload_and_read_back_with_real_nix() {
-    if !nix_available("listings_and_build_logs_upload_and_read_back_with_real_nix") {
+    let Some(tmp) = nix_tempdir("listings_and_build_logs_upload_and_read_back_with_real_nix")
+    else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let (out, drv, salt) = build_logged(&tmp.path().join("build"));
     let drv_base = drv.trim_start_matches("/nix/store/").to_string();
     let hash = hash_of(&out).to_string();
 
     let data = tmp.path().join("data");
-    let write = create_key(&data, "uploader", "write", &[]);
-    let read = create_key(&data, "reader", "read", &[]);
-    let (_upstream, upstream_url) = start_empty_upstream(&tmp.path().join("upstream"));
-    let server = start_nip(
+    let (write, read) = writer_and_reader(&data);
+    let (_upstream, server) = start_upload_nip(
+        tmp.path(),
         &data,
-        &[
-            "--upstream-cache",
-            &upstream_url,
-            "--upstream-public-key",
-            "unused-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=",
-            "--cache-allow-put-verb",
-            "--cache-hostname",
-            "nip-extras",
-            "--prometheus-enabled",
-        ],
+        UNUSED_KEY,
+        &["--cache-hostname", "nip-extras", "--prometheus-enabled"],
     );
     let write_netrc = netrc(tmp.path(), &write);
     let nix_with = |args: &[&str], netrc: &str| {
@@ -115,16 +123,7 @@ fn listings_and_build_logs_upload_and_read_back_with_real_nix() {
         String::from_utf8_lossy(&copy.stderr)
     );
     // The same listing Nix writes into a file:// cache.
-    let reference = tmp.path().join("reference");
-    run_ok(Command::new("nix").args([
-        "copy",
-        "--to",
-        &format!("file://{}?write-nar-listing=true", reference.display()),
-        &out,
-    ]));
-    let expected: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(reference.join(format!("{hash}.ls"))).unwrap())
-            .unwrap();
+    let expected = nix_listing(&tmp.path().join("reference"), &out, &hash);
     let ls = client()
         .get(format!("{}/{hash}.ls", server.url))
         .send()
@@ -258,24 +257,11 @@ fn listings_and_build_logs_upload_and_read_back_with_real_nix() {
 
 #[test]
 fn listings_and_build_logs_are_proxied_from_an_upstream() {
-    if !nix_available("listings_and_build_logs_are_proxied_from_an_upstream") {
+    let Some(tmp) = nix_tempdir("listings_and_build_logs_are_proxied_from_an_upstream") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let (out, drv, salt) = build_logged(&tmp.path().join("build"));
-    let hash = hash_of(&out).to_string();
+    };
+    let (out, drv, salt, hash, pk) = build_logged_signed(tmp.path(), "extras-up-1");
     // A signed file:// cache with the listing and the log, served over HTTP.
-    let key_dir = tmp.path().join("keys");
-    std::fs::create_dir_all(&key_dir).unwrap();
-    let (sk, pk) = (key_dir.join("secret"), key_dir.join("public"));
-    run_ok(Command::new("nix-store").args([
-        "--generate-binary-cache-key",
-        "extras-up-1",
-        sk.to_str().unwrap(),
-        pk.to_str().unwrap(),
-    ]));
-    let pk = std::fs::read_to_string(&pk).unwrap();
-    run_ok(Command::new("nix").args(["store", "sign", "--key-file", sk.to_str().unwrap(), &out]));
     let cache = tmp.path().join("upcache");
     let file_url = format!("file://{}", cache.display());
     run_ok(Command::new("nix").args([
@@ -285,23 +271,11 @@ fn listings_and_build_logs_are_proxied_from_an_upstream() {
         &out,
     ]));
     run_ok(Command::new("nix").args(["store", "copy-log", "--to", &file_url, &drv]));
-    std::fs::write(
-        cache.join("nix-cache-info"),
-        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
-    )
-    .unwrap();
+    write_cache_info(&cache);
     let (mut upstream, upstream_url) = start_static(&cache);
 
     let data = tmp.path().join("data");
-    let server = start_nip(
-        &data,
-        &[
-            "--upstream-cache",
-            &upstream_url,
-            "--upstream-public-key",
-            pk.trim(),
-        ],
-    );
+    let server = start_nip_behind(&data, &upstream_url, &pk, &[]);
     let log = run_ok(Command::new("nix").args(["log", "--store", &server.url, &out]));
     assert!(log.contains(&format!("building {salt}")), "{log}");
     let ls_r =
@@ -330,33 +304,26 @@ const CA: &str = "nix-command ca-derivations";
 /// Builds a fresh content-addressed derivation (ca-derivations), signing its realisation with
 /// `secret_key` as Nix does at build time. Returns (nix file, salt, output path).
 fn build_ca(dir: &Path, secret_key: &Path) -> (String, String, String) {
-    std::fs::create_dir_all(dir).unwrap();
     let salt = format!("{}-{}", std::process::id(), rand::random::<u64>());
-    let nix = dir.join("ca.nix");
-    std::fs::write(
-        &nix,
+    let (nix, out) = build_expr(
+        dir,
+        "ca.nix",
         r#"{ salt }: builtins.derivation {
   name = "ca-thing"; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
   __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";
   args = [ "-c" "echo content-addressed ${salt} > $out" ];
 }"#,
-    )
-    .unwrap();
-    let nix = nix.display().to_string();
-    let out = run_ok(Command::new("nix-build").args([
-        &nix,
-        "--no-out-link",
-        "--argstr",
-        "salt",
-        &salt,
-        "--option",
-        "extra-experimental-features",
-        CA,
-        "--option",
-        "secret-key-files",
-        secret_key.to_str().unwrap(),
-    ]));
-    (nix, salt, out.trim().to_string())
+        ("salt", &salt),
+        &[
+            "--option",
+            "extra-experimental-features",
+            CA,
+            "--option",
+            "secret-key-files",
+            secret_key.to_str().unwrap(),
+        ],
+    );
+    (nix, salt, out)
 }
 
 fn generate_key(dir: &Path, name: &str) -> (std::path::PathBuf, String) {
@@ -390,6 +357,15 @@ fn signed_realisation(id: &str, out_path: &str, key: &nip_core::signing::Signing
     r.to_string()
 }
 
+/// PUTs a realisation document `body` as `realisations/<id>.doi` to the server at `url`.
+fn put_realisation(url: &str, id: &str, body: String) -> reqwest::blocking::Response {
+    client()
+        .put(format!("{url}/realisations/{id}.doi"))
+        .body(body)
+        .send()
+        .unwrap()
+}
+
 /// `nix build` of the CA derivation into a fresh, empty store that may only substitute from
 /// `url` (trusting `key`) and may not build anything.
 fn substitute_ca(tmp: &Path, nix_file: &str, salt: &str, url: &str, key: &str) -> Output {
@@ -412,23 +388,19 @@ use std::process::Output;
 
 #[test]
 fn ca_realisations_upload_substitute_and_forgeries_are_refused() {
-    if !nix_available("ca_realisations_upload_substitute_and_forgeries_are_refused") {
+    let Some(tmp) = nix_tempdir("ca_realisations_upload_substitute_and_forgeries_are_refused")
+    else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let (sk, pk) = generate_key(&tmp.path().join("keys"), "builder-1");
     let (nix_file, salt, out) = build_ca(&tmp.path().join("build"), &sk);
 
     let data = tmp.path().join("data");
-    let (_upstream, upstream_url) = start_empty_upstream(&tmp.path().join("upstream"));
-    let server = start_nip(
+    let (_upstream, server) = start_upload_nip(
+        tmp.path(),
         &data,
+        UNUSED_KEY,
         &[
-            "--upstream-cache",
-            &upstream_url,
-            "--upstream-public-key",
-            "unused-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=",
-            "--cache-allow-put-verb",
             "--cache-trusted-upload-key",
             &pk,
             "--cache-require-trusted-signature",
@@ -511,13 +483,7 @@ fn ca_realisations_upload_substitute_and_forgeries_are_refused() {
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     );
-    let put = |id: &str, body: String| {
-        client()
-            .put(format!("{}/realisations/{id}.doi", server.url))
-            .body(body)
-            .send()
-            .unwrap()
-    };
+    let put = |id: &str, body: String| put_realisation(&server.url, id, body);
     let forged = put(&fake_id, signed_realisation(&fake_id, &out_base, &forger));
     assert_eq!(forged.status(), 403);
     assert!(forged.text().unwrap().contains("does not verify"));
@@ -562,10 +528,10 @@ fn ca_realisations_upload_substitute_and_forgeries_are_refused() {
 
 #[test]
 fn ca_realisations_are_proxied_only_when_signed_by_an_upstream_key() {
-    if !nix_available("ca_realisations_are_proxied_only_when_signed_by_an_upstream_key") {
+    let Some(tmp) = nix_tempdir("ca_realisations_are_proxied_only_when_signed_by_an_upstream_key")
+    else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let (sk, pk) = generate_key(&tmp.path().join("keys"), "upstream-ca-1");
     let (nix_file, salt, out) = build_ca(&tmp.path().join("build"), &sk);
     let (nix_file2, salt2, _) = build_ca(&tmp.path().join("build2"), &sk);
@@ -585,11 +551,7 @@ fn ca_realisations_are_proxied_only_when_signed_by_an_upstream_key() {
             CA,
         ]));
     }
-    std::fs::write(
-        cache.join("nix-cache-info"),
-        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
-    )
-    .unwrap();
+    write_cache_info(&cache);
     // Two realisations upstream: tamper with the second one's outPath, keeping its signature.
     let mut docs: Vec<_> = std::fs::read_dir(cache.join("realisations"))
         .unwrap()
@@ -621,13 +583,11 @@ fn ca_realisations_are_proxied_only_when_signed_by_an_upstream_key() {
 
     let data = tmp.path().join("data");
     let uploader = nip_core::signing::SigningKey::generate("uploader-1").unwrap();
-    let server = start_nip(
+    let server = start_nip_behind(
         &data,
+        &upstream_url,
+        &pk,
         &[
-            "--upstream-cache",
-            &upstream_url,
-            "--upstream-public-key",
-            &pk,
             "--cache-allow-put-verb",
             "--cache-trusted-upload-key",
             &uploader.public_key().to_string(),
@@ -675,47 +635,31 @@ fn ca_realisations_are_proxied_only_when_signed_by_an_upstream_key() {
 /// Builds a fresh path holding a debug file under `lib/debug/.build-id/`; returns it and the
 /// build id.
 fn build_debug(dir: &Path) -> (String, String) {
-    std::fs::create_dir_all(dir).unwrap();
     let id: String = rand::random::<[u8; 20]>()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let nix = dir.join("dbg.nix");
-    std::fs::write(
-        &nix,
+    let (_, out) = build_expr(
+        dir,
+        "dbg.nix",
         r#"{ id }: builtins.derivation {
   name = "with-debug"; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
   args = [ "-c" "d=$out/lib/debug/.build-id/${builtins.substring 0 2 id}; mkdir -p $d; echo debug ${id} > $d/${builtins.substring 2 38 id}.debug" ];
 }"#,
-    )
-    .unwrap();
-    let out =
-        run_ok(
-            Command::new("nix-build")
-                .arg(&nix)
-                .args(["--no-out-link", "--argstr", "id", &id]),
-        );
-    (out.trim().to_string(), id)
+        ("id", &id),
+        &[],
+    );
+    (out, id)
 }
 
 #[test]
 fn debug_info_is_stored_and_proxied() {
-    if !nix_available("debug_info_is_stored_and_proxied") {
+    let Some(tmp) = nix_tempdir("debug_info_is_stored_and_proxied") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let (out, id) = build_debug(&tmp.path().join("build"));
-    let (_upstream, upstream_url) = start_empty_upstream(&tmp.path().join("upstream"));
-    let server = start_nip(
-        &tmp.path().join("data"),
-        &[
-            "--upstream-cache",
-            &upstream_url,
-            "--upstream-public-key",
-            "unused-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=",
-            "--cache-allow-put-verb",
-        ],
-    );
+    let (_upstream, server) =
+        start_upload_nip(tmp.path(), &tmp.path().join("data"), UNUSED_KEY, &[]);
     run_ok(Command::new("timeout").args([
         "120",
         "nix",
@@ -763,25 +707,13 @@ fn debug_info_is_stored_and_proxied() {
 
 #[test]
 fn listings_are_made_from_stored_nars_when_the_upstream_has_none() {
-    if !nix_available("listings_are_made_from_stored_nars_when_the_upstream_has_none") {
+    let Some(tmp) = nix_tempdir("listings_are_made_from_stored_nars_when_the_upstream_has_none")
+    else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let (out, _, salt) = build_logged(&tmp.path().join("build"));
-    let hash = hash_of(&out).to_string();
-    let (sk, pk) = generate_key(&tmp.path().join("keys"), "plain-up-1");
-    run_ok(Command::new("nix").args(["store", "sign", "--key-file", sk.to_str().unwrap(), &out]));
+    };
+    let (out, _, salt, hash, pk) = build_logged_signed(tmp.path(), "plain-up-1");
     // Nix's own listing, kept aside to compare.
-    let reference = tmp.path().join("reference");
-    run_ok(Command::new("nix").args([
-        "copy",
-        "--to",
-        &format!("file://{}?write-nar-listing=true", reference.display()),
-        &out,
-    ]));
-    let expected: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(reference.join(format!("{hash}.ls"))).unwrap())
-            .unwrap();
+    let expected = nix_listing(&tmp.path().join("reference"), &out, &hash);
     // An upstream with no listings, with zstd NARs, then one with xz NARs (cache.nixos.org's, and
     // what `nix copy` writes by default).
     for compression in ["zstd", "xz"] {
@@ -795,14 +727,11 @@ fn listings_are_made_from_stored_nars_when_the_upstream_has_none() {
         std::fs::write(cache.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
         assert!(!cache.join(format!("{hash}.ls")).exists());
         let (_upstream, upstream_url) = start_static(&cache);
-        let server = start_nip(
+        let server = start_nip_behind(
             &tmp.path().join(format!("data-{compression}")),
-            &[
-                "--upstream-cache",
-                &upstream_url,
-                "--upstream-public-key",
-                &pk,
-            ],
+            &upstream_url,
+            &pk,
+            &[],
         );
         // Before the NAR is stored there is nothing to list.
         let (status, _) = http_get(&format!("{}/{hash}.ls", server.url)).unwrap();
@@ -867,13 +796,11 @@ fn build_trace_entries_are_verified_stored_and_proxied() {
     )
     .unwrap();
     let (_up, up_url) = start_static(&up);
-    let server = start_nip(
+    let server = start_nip_behind(
         &tmp.path().join("data"),
+        &up_url,
+        &signer.public_key().to_string(),
         &[
-            "--upstream-cache",
-            &up_url,
-            "--upstream-public-key",
-            &signer.public_key().to_string(),
             "--cache-allow-put-verb",
             "--cache-trusted-upload-key",
             &signer.public_key().to_string(),
@@ -948,19 +875,8 @@ fn build_trace_entries_are_verified_stored_and_proxied() {
 fn build_logs_count_in_the_size_budget_and_are_evicted() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let (_upstream, upstream_url) = start_empty_upstream(&tmp.path().join("upstream"));
-    let server = start_nip(
-        &data,
-        &[
-            "--upstream-cache",
-            &upstream_url,
-            "--upstream-public-key",
-            "unused-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=",
-            "--cache-allow-put-verb",
-            "--cache-max-size",
-            "100K",
-        ],
-    );
+    let (_upstream, server) =
+        start_upload_nip(tmp.path(), &data, UNUSED_KEY, &["--cache-max-size", "100K"]);
     let url = |i: usize| format!("{}/log/{}-build-{i}.drv", server.url, "7".repeat(32));
     // 12 logs of 16 KiB: 192 KiB, past the 100 KiB budget.
     for i in 0..12 {
@@ -1005,23 +921,14 @@ fn build_logs_count_in_the_size_budget_and_are_evicted() {
 
 #[test]
 fn compressed_build_logs_keep_their_encoding_and_nix_reads_them() {
-    if !nix_available("compressed_build_logs_keep_their_encoding_and_nix_reads_them") {
+    let Some(tmp) = nix_tempdir("compressed_build_logs_keep_their_encoding_and_nix_reads_them")
+    else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let (out, drv, salt) = build_logged(&tmp.path().join("build"));
     let drv_base = drv.trim_start_matches("/nix/store/");
-    let (_upstream, upstream_url) = start_empty_upstream(&tmp.path().join("upstream"));
-    let server = start_nip(
-        &tmp.path().join("data"),
-        &[
-            "--upstream-cache",
-            &upstream_url,
-            "--upstream-public-key",
-            "unused-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=",
-            "--cache-allow-put-verb",
-        ],
-    );
+    let (_upstream, server) =
+        start_upload_nip(tmp.path(), &tmp.path().join("data"), UNUSED_KEY, &[]);
     run_ok(Command::new("nix").args(["copy", "--to", &server.url, &out]));
     // A log compressed as Hydra and newer Nix send them.
     let text = format!("compressed log of {salt}\n");
@@ -1067,13 +974,11 @@ fn realisation_uploads_wait_for_every_upstream_unless_a_trusted_key_signed_them(
     let builder = nip_core::signing::SigningKey::generate("builder-1").unwrap();
     let data = tmp.path().join("data");
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let server = start_nip(
+    let server = start_nip_behind(
         &data,
+        &dead,
+        UNUSED_KEY,
         &[
-            "--upstream-cache",
-            &dead,
-            "--upstream-public-key",
-            "unused-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=",
             "--cache-allow-put-verb",
             "--cache-trusted-upload-key",
             &builder.public_key().to_string(),
@@ -1081,13 +986,7 @@ fn realisation_uploads_wait_for_every_upstream_unless_a_trusted_key_signed_them(
     );
     let id = |n: u8| format!("sha256:{}!out", format!("{n:02x}").repeat(32));
     let out = format!("{}-ca-thing", "1".repeat(32));
-    let put = |id: &str, body: String| {
-        client()
-            .put(format!("{}/realisations/{id}.doi", server.url))
-            .body(body)
-            .send()
-            .unwrap()
-    };
+    let put = |id: &str, body: String| put_realisation(&server.url, id, body);
     let stranger = nip_core::signing::SigningKey::generate("stranger-1").unwrap();
     let refused = put(&id(1), signed_realisation(&id(1), &out, &stranger));
     assert_eq!(refused.status(), 424);

@@ -7,25 +7,19 @@ use crate::common::*;
 /// refused; and once the upstream is gone the paths still come from nip's cache.
 #[test]
 fn real_nix_substitutes_through_nip_and_from_cache_after_upstream_stops() {
-    if !nix_available("real_nix_substitutes_through_nip") {
+    let Some(tmp) = nix_tempdir("real_nix_substitutes_through_nip") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let up = tmp.path().join("upstream");
     let (upstream_key, paths) = make_upstream(&up, 4);
     assert_eq!(paths.len(), 3);
 
     let (mut upstream, upstream_url) = start_static(&up.join("cache"));
-    let nip = start_nip(
+    let nip = start_nip_behind(
         &tmp.path().join("nip-data"),
-        &[
-            "--upstream-cache",
-            &upstream_url,
-            "--upstream-public-key",
-            &upstream_key,
-            "--cache-hostname",
-            "nip-e2e",
-        ],
+        &upstream_url,
+        &upstream_key,
+        &["--cache-hostname", "nip-e2e"],
     );
     let (status, body) = http_get(&format!("{}/pubkey", nip.url)).unwrap();
     assert_eq!(status, 200);

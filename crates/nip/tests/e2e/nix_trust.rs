@@ -3,7 +3,6 @@
 //! succeeds; and the signature gate (`--cache-require-trusted-signature`), set by flags, by
 //! environment or by a config file, refuses unsigned uploads with a 403 and keeps the uploader's
 //! signature. `nip audit` lists every refusal and every upload by store path.
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -235,17 +234,6 @@ fn upload_forgery(cache: &Cache, genuine: &str) -> String {
     error
 }
 
-/// Real Nix substitutes `paths` from `url` into a fresh store, trusting only `key`.
-fn check_substitute(url: &str, key: &str, paths: &[impl AsRef<OsStr>]) {
-    run_ok(
-        Command::new(fixture_script("check-substitute.sh"))
-            .arg(url)
-            .arg(key)
-            .args(paths)
-            .env("CHECK_TIMEOUT", "120"),
-    );
-}
-
 fn assert_copied(out: &Output) {
     assert!(
         out.status.success(),
@@ -259,10 +247,9 @@ fn assert_copied(out: &Output) {
 /// "immutable"); the served narinfo is unchanged and Nix still gets the genuine path.
 #[test]
 fn an_upload_cannot_replace_a_path_nip_serves() {
-    if !nix_available("an_upload_cannot_replace_a_path_nip_serves") {
+    let Some(tmp) = nix_tempdir("an_upload_cannot_replace_a_path_nip_serves") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let (cache, up) = nip_before_a_signed_upstream(tmp.path());
     let p = &up.paths[0]; // input-addressed: Nix checks its signature
     let before = cache.narinfo(p); // fetched from the upstream and cached
@@ -293,10 +280,9 @@ fn an_upload_cannot_replace_a_path_nip_serves() {
 /// refused naming the upstream; readers then get the upstream's narinfo, with its signature.
 #[test]
 fn an_upload_cannot_pre_poison_a_path_only_the_upstream_has() {
-    if !nix_available("an_upload_cannot_pre_poison_a_path_only_the_upstream_has") {
+    let Some(tmp) = nix_tempdir("an_upload_cannot_pre_poison_a_path_only_the_upstream_has") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let (cache, up) = nip_before_a_signed_upstream(tmp.path());
     let q = &up.paths[1];
     let genuine = up.narinfo(q);
@@ -324,10 +310,9 @@ fn an_upload_cannot_pre_poison_a_path_only_the_upstream_has() {
 /// narinfo again (same contents: 200, nothing changes).
 #[test]
 fn nix_copy_of_the_same_paths_twice_succeeds_both_times() {
-    if !nix_available("nix_copy_of_the_same_paths_twice_succeeds_both_times") {
+    let Some(tmp) = nix_tempdir("nix_copy_of_the_same_paths_twice_succeeds_both_times") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     // Local store paths to upload; the fixture's file:// cache is not served.
     let local = Upstream::make(&tmp.path().join("paths"));
     let empty = start_empty_upstream(&tmp.path().join("empty-upstream"));

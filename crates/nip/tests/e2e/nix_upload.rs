@@ -6,47 +6,29 @@ use crate::common::*;
 
 #[test]
 fn nix_copy_with_a_write_key_uploads_and_a_fresh_store_substitutes() {
-    if !nix_available("nix_copy_with_a_write_key_uploads") {
+    let Some(tmp) = nix_tempdir("nix_copy_with_a_write_key_uploads") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     // Local store paths to upload (the fixture also writes a signed file:// cache we ignore).
     let up = tmp.path().join("paths");
     let (upstream_key, paths) = make_upstream(&up, 2);
 
     let data = tmp.path().join("data");
-    let write = create_key(&data, "uploader", "write", &[]);
-    let read = create_key(&data, "reader", "read", &[]);
+    let (write, read) = writer_and_reader(&data);
     // An upstream that answers "not found": with a dead one, nip refuses new paths (424).
-    let (_upstream, upstream_url) = start_empty_upstream(&tmp.path().join("upstream"));
-    let server = start_nip(
+    let (_upstream, server) = start_upload_nip(
+        tmp.path(),
         &data,
-        &[
-            "--upstream-cache",
-            &upstream_url,
-            "--upstream-public-key",
-            &upstream_key,
-            "--cache-allow-put-verb",
-            "--cache-hostname",
-            "nip-up",
-        ],
+        &upstream_key,
+        &["--cache-hostname", "nip-up"],
     );
-    let netrc = |token: &str| {
-        let f = tmp.path().join(format!("netrc-{}", &token[..12]));
-        std::fs::write(
-            &f,
-            format!("machine 127.0.0.1 login nix password {token}\n"),
-        )
-        .unwrap();
-        f
-    };
     let copy = |token: &str| {
         let mut cmd = Command::new("timeout");
         cmd.args(["120", "nix", "copy", "--to", &server.url])
             .args(&paths)
             .arg("--option")
             .arg("netrc-file")
-            .arg(netrc(token))
+            .arg(netrc(tmp.path(), token))
             .args(["--option", "connect-timeout", "5"]);
         run(&mut cmd)
     };

@@ -70,18 +70,11 @@ fn lru_keeps_the_store_under_its_limit_and_evicts_least_recently_read_first() {
     let data = tmp.path().join("data");
     let token = create_key(&data, "admin", "admin", &[]);
     // Nix uploads need an upstream that answers "not found" (a dead one makes them 424).
-    let (_upstream, upstream_url) = start_empty_upstream(&tmp.path().join("upstream"));
-    let server = start_nip(
+    let (_upstream, server) = start_upload_nip(
+        tmp.path(),
         &data,
-        &[
-            "--upstream-cache",
-            &upstream_url,
-            "--upstream-public-key",
-            DUMMY_UPSTREAM[3],
-            "--cache-max-size",
-            "50M",
-            "--cache-allow-put-verb",
-        ],
+        DUMMY_UPSTREAM[3],
+        &["--cache-max-size", "50M"],
     );
     const MIB: usize = 1 << 20;
     let hot = ["hot-0", "hot-1", "hot-2"];

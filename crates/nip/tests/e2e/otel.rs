@@ -118,14 +118,21 @@ fn make_requests(url: &str) {
 }
 
 fn upstream(dir: &Path) -> (KillOnDrop, String) {
-    let cache = dir.join("upstream");
-    std::fs::create_dir_all(&cache).unwrap();
-    std::fs::write(
-        cache.join("nix-cache-info"),
-        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
-    )
-    .unwrap();
-    start_static(&cache)
+    start_empty_upstream(&dir.join("upstream"))
+}
+
+/// `nip serve` with OpenTelemetry on (and `otel` arguments) in front of `upstream_url` and of a
+/// dead second upstream: its failure is logged inside the narinfo request.
+fn serve_otel(dir: &Path, upstream_url: &str, otel: &[&str]) -> (KillOnDrop, String) {
+    let upstreams = [
+        "--upstream-cache",
+        upstream_url,
+        "--upstream-cache",
+        "http://127.0.0.1:1",
+        "--upstream-public-key",
+        UPSTREAM_KEY,
+    ];
+    serve(dir, &[&["--otel-enabled"][..], otel, &upstreams].concat())
 }
 
 #[test]
@@ -137,21 +144,7 @@ fn otel_exports_request_spans_and_logs_over_otlp_grpc() {
     let (mut sink, port, out) = start_sink(&py, dir);
     let (_upstream, upstream_url) = upstream(dir);
     let collector = format!("http://127.0.0.1:{port}");
-    let (mut server, url) = serve(
-        dir,
-        &[
-            "--otel-enabled",
-            "--otel-grpc-url",
-            &collector,
-            "--upstream-cache",
-            &upstream_url,
-            // A dead second upstream: its failure is logged inside the narinfo request.
-            "--upstream-cache",
-            "http://127.0.0.1:1",
-            "--upstream-public-key",
-            UPSTREAM_KEY,
-        ],
-    );
+    let (mut server, url) = serve_otel(dir, &upstream_url, &["--otel-grpc-url", &collector]);
     make_requests(&url);
     stop_gracefully(&mut server.0, dir);
     sink.kill();
@@ -242,19 +235,7 @@ fn otel_without_url_writes_to_stdout_and_a_dead_collector_costs_nothing() {
     let dir = tmp.path().join("stdout");
     std::fs::create_dir_all(&dir).unwrap();
     let (_upstream, upstream_url) = upstream(&dir);
-    let (mut server, url) = serve(
-        &dir,
-        &[
-            "--otel-enabled",
-            "--upstream-cache",
-            &upstream_url,
-            // A dead second upstream: its failure is logged inside the narinfo request.
-            "--upstream-cache",
-            "http://127.0.0.1:1",
-            "--upstream-public-key",
-            UPSTREAM_KEY,
-        ],
-    );
+    let (mut server, url) = serve_otel(&dir, &upstream_url, &[]);
     make_requests(&url);
     stop_gracefully(&mut server.0, &dir);
     let stdout = std::fs::read_to_string(dir.join("stdout")).unwrap();

@@ -25,22 +25,7 @@ const STUB_PACKAGE: &str = "/stub/nip";
 /// Whether `nix-instantiate` is present: a failure, not a skip, when the test command requires
 /// Nix (NIP_REQUIRE_NIX=1 or CI=true), as [`nix_available`].
 fn nix_instantiate_available(test: &str) -> bool {
-    let ok = Command::new("nix-instantiate")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        let required = components_required() || std::env::var("NIP_REQUIRE_NIX").is_ok();
-        assert!(
-            !required,
-            "{test}: nix-instantiate is missing; run scripts/nix-fixture/install-nix.sh (as root)"
-        );
-        eprintln!(
-            "{test}: SKIPPED: nix-instantiate is missing (run ./scripts/test.sh to install it)"
-        );
-    }
-    ok
+    nix_tool_available("nix-instantiate", test)
 }
 
 fn nip_bin() -> &'static str {
@@ -106,6 +91,22 @@ fn eval_module(user: &Value) -> Value {
             .arg(user.to_string()),
     );
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// `nix-instantiate --eval --strict --json` of the expression `expr`, from the repository root.
+fn eval_expr(expr: &str) -> String {
+    run_ok(
+        Command::new("nix-instantiate")
+            .current_dir(repo_root())
+            .args([
+                "--readonly-mode",
+                "--eval",
+                "--strict",
+                "--json",
+                "-E",
+                expr,
+            ]),
+    )
 }
 
 fn service_config(eval: &Value) -> &Value {
@@ -300,22 +301,15 @@ fn module_service_script_starts_nip() {
         );
     assert!(script.contains("CACHE_SECRET_KEY_PATH"), "{script}");
     let log = tmp.path().join("nip.log");
-    let child = clean("sh", tmp.path())
-        .current_dir("/")
-        .env("CREDENTIALS_DIRECTORY", &creds)
-        .args(["-c", &script, "nip-wrapper", "serve"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let _server = KillOnDrop(child);
-    let url = format!("http://127.0.0.1:{port}");
-    wait_http_ok(&format!("{url}/healthz"), Duration::from_secs(30));
-    let (status, body) = http_get(&format!("{url}/nix-cache-info")).unwrap();
-    assert_eq!(status, 200);
-    assert!(String::from_utf8(body)
-        .unwrap()
-        .contains("StoreDir: /nix/store"));
+    let (_server, url) = spawn_server(
+        clean("sh", tmp.path())
+            .current_dir("/")
+            .env("CREDENTIALS_DIRECTORY", &creds)
+            .args(["-c", &script, "nip-wrapper", "serve"]),
+        &log,
+        port,
+    );
+    assert!(nix_cache_info(&url).contains("StoreDir: /nix/store"));
     let (status, body) = http_get(&format!("{url}/pubkey")).unwrap();
     assert_eq!(status, 200);
     assert_eq!(
@@ -585,18 +579,7 @@ fn flake_outputs_are_the_package_and_the_module() {
         modules = builtins.mapAttrs (_: m: toString m) self.nixosModules;
       }
     "#;
-    let out = run_ok(
-        Command::new("nix-instantiate")
-            .current_dir(repo_root())
-            .args([
-                "--readonly-mode",
-                "--eval",
-                "--strict",
-                "--json",
-                "-E",
-                expr,
-            ]),
-    );
+    let out = eval_expr(expr);
     let flake: Value = serde_json::from_str(&out).unwrap();
     let root = repo_root();
     let package = root.join("nix/package.nix").display().to_string();
@@ -646,18 +629,7 @@ fn package_installs_nip_and_the_ncps_shims() {
         lockFileExists = builtins.pathExists p.cargoLock.lockFile;
       }
     "#;
-    let out = run_ok(
-        Command::new("nix-instantiate")
-            .current_dir(repo_root())
-            .args([
-                "--readonly-mode",
-                "--eval",
-                "--strict",
-                "--json",
-                "-E",
-                expr,
-            ]),
-    );
+    let out = eval_expr(expr);
     let pkg: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(pkg["pname"], "nip");
     assert_eq!(pkg["version"], env!("CARGO_PKG_VERSION"));
@@ -874,21 +846,7 @@ fn services_ncps_with_package_nip_starts() {
     let (_upstream, upstream_url) = start_empty_upstream(&tmp.path().join("upstream"));
     let data = tmp.path().join("ncps");
     let port = free_port();
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/fixtures/ncps-nixos.json"),
-    )
-    .unwrap()
-    .replace("/var/lib/ncps", &data.display().to_string())
-    .replace("\"/tmp\"", &format!("\"{}/tmp\"", data.display()))
-    .replace("\":8501\"", &format!("\"127.0.0.1:{port}\""))
-    .replace(
-        "[\"https://cache.nixos.org\",\"https://nix-community.cachix.org\"]",
-        &format!("[\"{upstream_url}\"]"),
-    );
-    assert!(text.contains(&upstream_url) && text.contains(&format!(":{port}")));
-    std::fs::create_dir_all(data.join("tmp")).unwrap();
-    let config = tmp.path().join("ncps-config.json");
-    std::fs::write(&config, text).unwrap();
+    let config = write_ncps_nixos_config(tmp.path(), &data, port, &upstream_url);
 
     let url = format!("sqlite:{}/db/db.sqlite", data.display());
     let (code, out) = run_shim(
@@ -899,25 +857,18 @@ fn services_ncps_with_package_nip_starts() {
     );
     assert_eq!(code, 0, "{out}");
     let log = tmp.path().join("nip.log");
-    let child = clean("sh", tmp.path())
-        .current_dir("/")
-        .arg(shim("ncps"))
-        .env("NIP_BIN", nip_bin())
-        .arg("--config")
-        .arg(&config)
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let _server = KillOnDrop(child);
-    let base = format!("http://127.0.0.1:{port}");
-    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(30));
-    let (status, body) = http_get(&format!("{base}/nix-cache-info")).unwrap();
-    assert_eq!(status, 200);
-    assert!(String::from_utf8(body)
-        .unwrap()
-        .contains("StoreDir: /nix/store"));
+    let (_server, base) = spawn_server(
+        clean("sh", tmp.path())
+            .current_dir("/")
+            .arg(shim("ncps"))
+            .env("NIP_BIN", nip_bin())
+            .arg("--config")
+            .arg(&config)
+            .arg("serve"),
+        &log,
+        port,
+    );
+    assert!(nix_cache_info(&base).contains("StoreDir: /nix/store"));
     let log = std::fs::read_to_string(&log).unwrap();
     // The migrations were applied by the preStart: the server found nothing to do.
     assert!(!log.to_lowercase().contains("error"), "{log}");

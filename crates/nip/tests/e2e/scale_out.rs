@@ -3,8 +3,8 @@
 //! what one stores the other serves, a key revoked for one is refused by the other within a
 //! second, concurrent misses spread over both cost at most one upstream fetch per instance, and
 //! real Nix substitutes through B what A fetched.
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use reqwest::blocking::{multipart, Client};
 
@@ -22,36 +22,15 @@ fn two_instances_share_postgres_and_the_store() {
     let Some(db) = fresh_database("two_instances_share_postgres_and_the_store") else {
         return;
     };
-    if !nix_available("two_instances_share_postgres_and_the_store") {
+    let Some(tmp) = nix_tempdir("two_instances_share_postgres_and_the_store") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let up = tmp.path().join("upstream");
     let (upstream_key, paths) = make_upstream(&up, 8);
     // The upstream logs every request: that is how fetches are counted.
-    let port = free_port();
     let log_path = tmp.path().join("upstream.log");
-    let mut upstream = KillOnDrop(
-        Command::new("python3")
-            .args([
-                "-m",
-                "http.server",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--directory",
-            ])
-            .arg(up.join("cache"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let upstream_url = format!("http://127.0.0.1:{port}");
-    wait_http_ok(
-        &format!("{upstream_url}/nix-cache-info"),
-        Duration::from_secs(30),
-    );
+    let (mut upstream, upstream_url) =
+        start_static_to(&up.join("cache"), std::fs::File::create(&log_path).unwrap());
 
     let data = tmp.path().join("shared");
     let common = [
@@ -110,49 +89,17 @@ fn two_instances_share_postgres_and_the_store() {
 
     // Revoked through the shared database: B refuses within a second.
     let url = format!("{}/v1/artifacts/shared-1", b.url);
-    assert_eq!(
-        client()
-            .get(&url)
-            .bearer_auth(&reader)
-            .send()
-            .unwrap()
-            .status(),
-        200
-    );
-    let out = nip(&[
-        "keys",
-        "revoke",
+    revoke_and_wait_refused(
+        &url,
+        &reader,
         "reader",
-        "--cache-data-path",
-        data.to_str().unwrap(),
-        "--cache-database-url",
-        &db,
-    ]);
-    assert!(out.status.success());
-    let revoked = Instant::now();
-    while client()
-        .get(&url)
-        .bearer_auth(&reader)
-        .send()
-        .unwrap()
-        .status()
-        != 401
-    {
-        assert!(
-            revoked.elapsed() < Duration::from_secs(1),
-            "B still accepts a revoked key"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        &data,
+        &["--cache-database-url", &db],
+    );
 
     // 20 concurrent requests for one uncached NAR over A and B: at most one fetch per instance.
     let big = &paths[1];
-    let hash = big
-        .trim_start_matches("/nix/store/")
-        .split('-')
-        .next()
-        .unwrap()
-        .to_string();
+    let hash = store_hash(big);
     let narinfo = client()
         .get(format!("{}/{hash}.narinfo", a.url))
         .send()

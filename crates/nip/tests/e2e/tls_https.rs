@@ -280,23 +280,21 @@ fn https_round_trip_with_private_ca_and_build_falls_back_without_it() {
 
     // SSL_CERT_FILE works as well as --ca-cert: B now downloads instead of building, and the
     // --ci summary line reports the hit and the time it saved.
-    let out = b
-        .cmd(&["build", "hello", "+python", "--ci"])
-        .env("SSL_CERT_FILE", ca)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "{stderr}");
+    let ci_build = |m: &Machine| {
+        let out = m
+            .cmd(&["build", "hello", "+python", "--ci"])
+            .env("SSL_CERT_FILE", ca)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    ci_build(&b);
     // B's local cache already has its own build: drop it so the remote must answer.
     let d = Machine::new(tmp.path(), "machine-d", &recipes);
     d.configure_remote(&server.url, &write_key, &[]);
-    let out = d
-        .cmd(&["build", "hello", "+python", "--ci"])
-        .env("SSL_CERT_FILE", ca)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "{stderr}");
+    let stderr = ci_build(&d);
     assert!(
         stderr.contains("source=remote hits=1 misses=0 saved="),
         "{stderr}"
@@ -372,13 +370,11 @@ fn certificate_reloads_on_sighup_and_file_change_without_dropping_connections() 
 /// NIX_SSL_CERT_FILE (what `ssl-cert-file` in nix.conf sets).
 #[test]
 fn real_nix_substitutes_over_https() {
-    if !nix_available("real_nix_substitutes_over_https") {
+    let Some(tmp) = nix_tempdir("real_nix_substitutes_over_https") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let up = tmp.path().join("upstream");
-    let (upstream_key, paths) = make_upstream(&up, 2);
-    let (_upstream, upstream_url) = start_static(&up.join("cache"));
+    };
+    let ((upstream_key, paths), (_upstream, upstream_url)) =
+        serve_upstream(&tmp.path().join("upstream"), 2);
     let pki = TestPki::new(tmp.path());
     let (cert, key, _) = pki.issue("server", &["127.0.0.1"]);
     let nip = start_https(

@@ -1,6 +1,6 @@
 //! The full authorization matrix against the real binary: every kind of credential against every
 //! `/v1` route and the Nix GET, PUT and DELETE endpoints, each with its exact status.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::blocking::{multipart, Client};
 use reqwest::Method;
@@ -315,40 +315,7 @@ fn a_revoked_key_is_refused_within_a_second_without_restart() {
     let s = setup(&[]);
     let token = create_key(&s.data, "short-lived", "read", &[]);
     let url = format!("{}/v1/artifacts?limit=1", s.server.url);
-    assert_eq!(
-        client()
-            .get(&url)
-            .bearer_auth(&token)
-            .send()
-            .unwrap()
-            .status(),
-        200
-    );
-    let out = nip(&[
-        "keys",
-        "revoke",
-        "short-lived",
-        "--cache-data-path",
-        s.data.to_str().unwrap(),
-    ]);
-    assert!(out.status.success());
-    let revoked_at = Instant::now();
-    loop {
-        let status = client()
-            .get(&url)
-            .bearer_auth(&token)
-            .send()
-            .unwrap()
-            .status();
-        if status == 401 {
-            break;
-        }
-        assert!(
-            revoked_at.elapsed() < Duration::from_secs(1),
-            "still {status} a second after revocation"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    revoke_and_wait_refused(&url, &token, "short-lived", &s.data, &[]);
 }
 
 #[test]
