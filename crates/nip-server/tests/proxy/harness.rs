@@ -437,6 +437,18 @@ impl Nip {
     pub fn stored_nar(&self, file: &str) -> bool {
         self.dir.path().join("data/store/nar").join(file).exists()
     }
+
+    /// Waits (5 s at most) until a filled NAR is stored and recorded: clients get the last byte
+    /// once it is checked, and the fsync, rename and row follow just after.
+    pub async fn wait_cached(&self, file: &str) -> bool {
+        for _ in 0..250 {
+            if self.stored_nar(file) && self.state.index().get_nar(file).await.unwrap().is_some() {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        false
+    }
 }
 
 /// Nothing of the NAR is stored: no file, no row, no staged leftovers (the fill task cleans up
@@ -540,5 +552,5 @@ pub async fn assert_refetched_from(
     assert_eq!(status, 200, "{what}");
     assert_eq!(body.unwrap(), e.nar, "{what}");
     assert_eq!(good.hits(&e.nar_path), 1, "{what}");
-    assert!(nip.stored_nar(nar_file), "{what}");
+    assert!(nip.wait_cached(nar_file).await, "{what}");
 }

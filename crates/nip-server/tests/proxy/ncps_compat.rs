@@ -123,6 +123,7 @@ async fn upload_path_reads_never_go_upstream() {
     // Once the root has fetched the NAR, /upload serves it from storage.
     let (status, nar) = get(&format!("{}/{nar_url}", nip.url)).await;
     assert_eq!((status, nar.unwrap()), (200, e.nar.clone()));
+    assert!(nip.wait_cached(nar_url.trim_start_matches("nar/")).await);
     let (status, nar) = get(&upload_nar).await;
     assert_eq!((status, nar.unwrap()), (200, e.nar.clone()));
     assert_eq!(up.hits(&e.nar_path), 1);

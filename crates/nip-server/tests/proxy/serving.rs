@@ -98,6 +98,7 @@ async fn cached_nar_supports_range_and_head_of_uncached_nar_does_not_download() 
     assert_eq!(up.hits(&e.nar_path), 0, "HEAD downloaded the NAR");
 
     assert_eq!(get(&nar_url).await.1.unwrap(), e.nar);
+    assert!(nip.wait_cached(nar_url.rsplit('/').next().unwrap()).await);
     let part = client()
         .get(&nar_url)
         .header("range", "bytes=100-199")
@@ -160,6 +161,7 @@ async fn uncompressed_nar_is_zstd_encoded_for_clients_that_accept_it() {
             e.nar,
             "first fetch (fills the cache)"
         );
+        assert!(nip.wait_cached(nar_url.rsplit('/').next().unwrap()).await);
         let resp = client()
             .get(&nar_url)
             .header("accept-encoding", "gzip, zstd")
