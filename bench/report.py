@@ -114,6 +114,11 @@ def write(report):
                  if missed else ""), ""]
     lines += ["## How each scenario is measured", ""] + [f"- {h}" for h in HOW] + [""]
     lines += ["## Details of this run", ""] + [f"- {d}" for d in report["details"]] + [""]
+    # Hand-written: profiles, experiments and runs of their own, kept across runs.
+    notes = os.path.join(HERE, "notes.md")
+    if os.path.exists(notes):
+        with open(notes) as f:
+            lines += [f.read().rstrip("\n"), ""]
     if report.get("criterion"):
         lines += ["## Micro-benchmarks (criterion, `--quick`)", "",
                   "| function | time per call |", "|---|---|"]
