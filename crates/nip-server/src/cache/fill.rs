@@ -2,10 +2,10 @@
 //!
 //! One fill per NAR file runs in its own task: it downloads into a staged temp file, hashing as it
 //! goes; clients (the first and any that join later) read the temp file up to the length written
-//! so a late joiner still gets the whole body. Only after size and hash check out do clients get
-//! the last byte, and is the file fsynced, published and recorded (clients do not wait for
-//! that). On a failure before the check nothing is cached and every client's stream ends in an
-//! error, so no client sees a complete-looking body with bad bytes.
+//! so far, so a late joiner still gets the whole body. Only after size and hash check out do
+//! clients get the last byte, and is the file fsynced, published and recorded (clients do not
+//! wait for that). On a failure before the check nothing is cached and every client's stream
+//! ends in an error, so no client sees a complete-looking body with bad bytes.
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
