@@ -96,7 +96,10 @@ pub struct Jobs {
 
 pub fn spawn(state: AppState) -> Jobs {
     let (stop, rx) = watch::channel(false);
-    let mut handles = vec![tokio::spawn(flush_loop(state.clone(), rx.clone()))];
+    let mut handles = vec![
+        tokio::spawn(flush_loop(state.clone(), rx.clone())),
+        tokio::spawn(presence_loop(state.clone(), rx.clone())),
+    ];
     if state.read_audit.enabled() {
         handles.push(tokio::spawn(crate::read_audit::flush_loop(
             state.clone(),
@@ -121,6 +124,18 @@ pub fn spawn(state: AppState) -> Jobs {
         handles.push(tokio::spawn(eviction_loop(state, max, rx)));
     }
     Jobs { stop, handles }
+}
+
+/// Renews this instance's presence row until shutdown, then deletes it.
+async fn presence_loop(state: AppState, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(crate::cache::cluster::PRESENCE_EVERY) => {}
+            _ = stop.changed() => break,
+        }
+        crate::cache::cluster::announce(&state).await;
+    }
+    crate::cache::cluster::withdraw(&state).await;
 }
 
 impl Jobs {

@@ -51,6 +51,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let upstreams = state.upstreams.clone();
     tokio::spawn(async move { upstreams.refresh_priorities().await });
+    // Before serving: the other instances must see this one before it can miss anything.
+    cache::cluster::announce(&state).await;
     let jobs = jobs::spawn(state.clone());
     let tls = state.config.tls.clone();
     let limits = state.config.conn_limits;

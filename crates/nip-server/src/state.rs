@@ -37,6 +37,8 @@ pub struct Inner {
     /// Narinfos no upstream had: when they were found missing, and whether every upstream
     /// answered (only a certain absence lets an upload skip asking again).
     pub(crate) negative: Mutex<HashMap<String, (Instant, bool)>>,
+    /// When this instance last asked whether another one shares the database, and the answer.
+    pub(crate) peers_seen: Mutex<Option<(Instant, bool)>>,
     pub(crate) started_at: Instant,
     pub(crate) rate_limiter: Option<auth::RateLimiter>,
     /// API keys recently looked up (half a second).
@@ -204,6 +206,7 @@ impl AppState {
             fills: Arc::default(),
             narinfo_lookups: Coalescer::default(),
             negative: Mutex::new(HashMap::new()),
+            peers_seen: Mutex::new(None),
             started_at: Instant::now(),
             hot_narinfos: hot::HotNarinfos::new(hot::NARINFO_TTL),
             hot_artifacts: hot::HotArtifacts::new(hot::ARTIFACT_TTL),

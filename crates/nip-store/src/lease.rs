@@ -24,6 +24,10 @@ pub trait Leases: Send + Sync + 'static {
 
     /// Deletes our own lease row (short-lived leases, one per miss, must not pile up).
     async fn drop_lease(&self, name: &str, holder: &str) -> Result<(), MetaError>;
+
+    /// Whether a holder other than `holder` has a lease whose name starts with `prefix` and whose
+    /// term has not passed `now`.
+    async fn others_hold(&self, prefix: &str, holder: &str, now: i64) -> Result<bool, MetaError>;
 }
 
 #[async_trait]
@@ -74,6 +78,33 @@ impl Leases for SqlMeta {
             .await?;
         Ok(())
     }
+
+    async fn others_hold(&self, prefix: &str, holder: &str, now: i64) -> Result<bool, MetaError> {
+        let n: i64 = sqlx::query_scalar(&self.sql(
+            "SELECT COUNT(*) FROM leases WHERE name LIKE $1 ESCAPE '!' AND holder <> $2 \
+             AND expires_at > $3",
+        ))
+        .bind(like_prefix(prefix))
+        .bind(holder)
+        .bind(now)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(n > 0)
+    }
+}
+
+/// `LIKE` with the prefix's own `%`, `_` and `!` taken literally (`!` escapes: MySQL reads a
+/// backslash inside a string literal as an escape of its own).
+fn like_prefix(prefix: &str) -> String {
+    let mut p = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
+        if matches!(c, '%' | '_' | '!') {
+            p.push('!');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
 }
 
 /// MySQL has no conditional upsert, and counts matched rather than changed rows: a conditional
@@ -113,6 +144,31 @@ async fn take_lease_mysql(
 mod tests {
     use super::*;
     use crate::testdb;
+
+    #[tokio::test]
+    async fn others_hold_sees_live_leases_of_other_holders_only() {
+        for db in testdb::all().await {
+            let m = &db.meta;
+            assert!(!m.others_hold("instance:", "a", 100).await.unwrap());
+            m.take_lease("instance:a", "a", 100, 115).await.unwrap();
+            assert!(
+                !m.others_hold("instance:", "a", 100).await.unwrap(),
+                "own row"
+            );
+            assert!(m.others_hold("instance:", "b", 100).await.unwrap());
+            assert!(
+                !m.others_hold("instance:", "b", 115).await.unwrap(),
+                "expired"
+            );
+            m.take_lease("instancex", "c", 100, 200).await.unwrap();
+            m.take_lease("instance_b", "d", 100, 200).await.unwrap();
+            assert!(
+                !m.others_hold("instance:", "a", 120).await.unwrap(),
+                "prefix is literal: {}",
+                db.url
+            );
+        }
+    }
 
     #[tokio::test]
     async fn one_holder_at_a_time_until_the_term_ends() {

@@ -4,6 +4,7 @@
 //! works. The others wait for the result to show up in the shared index and store, and serve it
 //! from there; when the lease ends without a result (the holder failed, or was killed and its
 //! lease ran out) the next waiter takes it and fetches. No Redis: the database is the lock.
+//! Each instance keeps a presence row there too; one that sees no other skips the leases.
 //!
 //! Why followers wait instead of streaming the leader's bytes through an internal endpoint:
 //! it needs no instance-to-instance traffic, addresses or cluster secret, and a follower can never
@@ -21,6 +22,57 @@ const RENEW_EVERY: Duration = Duration::from_secs(1);
 /// How often a waiter looks for the result, and how often it tries the lease.
 const POLL: Duration = Duration::from_millis(100);
 const TRY_LEASE_EVERY: Duration = Duration::from_millis(500);
+
+/// An instance's presence row (`instance:<id>` in `leases`): how long it lasts unrenewed, and how
+/// often it is renewed.
+const PRESENCE_TERM_SECS: i64 = 15;
+pub const PRESENCE_EVERY: Duration = Duration::from_secs(5);
+const PRESENCE_PREFIX: &str = "instance:";
+/// How long "no other instance is alive" is believed before the database is asked again: an
+/// instance that starts is seen by the others within this.
+const PEERS_FRESH: Duration = Duration::from_millis(200);
+
+/// Writes (or renews) this instance's presence row. Fill leases cost two writes per miss; an
+/// instance that sees no other one alive fetches without them (its own requests already share
+/// one fill in memory).
+pub async fn announce(state: &AppState) {
+    let now = nip_store::unix_now();
+    let id = state.instance_id();
+    let name = format!("{PRESENCE_PREFIX}{id}");
+    if let Err(e) = state
+        .meta
+        .take_lease(&name, id, now, now + PRESENCE_TERM_SECS)
+        .await
+    {
+        tracing::debug!(error = %e, "cannot record this instance's presence");
+    }
+}
+
+/// Deletes this instance's presence row (at shutdown: the others stop taking fill leases for it).
+pub async fn withdraw(state: &AppState) {
+    let id = state.instance_id();
+    let _ = state
+        .meta
+        .drop_lease(&format!("{PRESENCE_PREFIX}{id}"), id)
+        .await;
+}
+
+/// Whether another instance shares the database now (a database that cannot say: yes).
+async fn others_alive(state: &AppState) -> bool {
+    if let Some((at, alive)) = *state.peers_seen.lock().unwrap_or_else(|e| e.into_inner()) {
+        if at.elapsed() < PEERS_FRESH {
+            return alive;
+        }
+    }
+    let now = nip_store::unix_now();
+    let alive = state
+        .meta
+        .others_hold(PRESENCE_PREFIX, state.instance_id(), now)
+        .await
+        .unwrap_or(true);
+    *state.peers_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), alive));
+    alive
+}
 
 /// What a caller that wants to fetch `name` does.
 pub enum Turn {
@@ -89,6 +141,9 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = bool>,
 {
+    if !others_alive(state).await {
+        return Turn::Lead(Lease::none());
+    }
     let holder = state.instance_id().to_string();
     let started = Instant::now();
     let max_wait = state.config().fill_wait;
@@ -104,8 +159,9 @@ where
                 .await
             {
                 Ok(true) => {
-                    // Taken after a wait: the holder may have stored it just before it ended.
-                    if waited && stored().await {
+                    // The last holder may have stored it and let go between the caller's look
+                    // at the index and this lease (more likely after a wait, possible without).
+                    if stored().await {
                         let _ = state.meta.drop_lease(name, &holder).await;
                         return Turn::Stored;
                     }

@@ -429,6 +429,18 @@ impl Nip {
             .unwrap_or(0)
     }
 
+    /// Waits (5 s at most) until no staged file is left: a fill removes its own once the NAR is
+    /// published, which may be just after its clients got the last byte.
+    pub async fn staging_files_settled(&self) -> usize {
+        for _ in 0..250 {
+            if self.staging_files() == 0 {
+                return 0;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        self.staging_files()
+    }
+
     /// The index's narinfo record for a store path hash.
     pub async fn narinfo_record(&self, hash: &str) -> Option<nip_store::NarInfoRecord> {
         self.state.index().get_narinfo(hash).await.unwrap()

@@ -49,7 +49,7 @@ async fn miss_then_hit_is_rewritten_resigned_and_served_from_cache() {
     assert_eq!((status, nar.unwrap()), (200, e.nar.clone()));
     assert_eq!(up.hits(&e.narinfo_path()), 1);
     assert_eq!(up.hits(&e.nar_path), 1);
-    assert_eq!(nip.staging_files(), 0);
+    assert_eq!(nip.staging_files_settled().await, 0);
 }
 
 #[tokio::test]
