@@ -252,19 +252,20 @@ pub async fn delete_narinfo(
     caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let r = async {
-        permit(&state, &caller, false).await?;
-        let hash = parse_hash(&name)?;
-        let deleted = state.meta.delete_narinfo(hash.as_str()).await?;
-        state.hot_narinfos.forget(hash.as_str());
-        if deleted {
-            Ok((StatusCode::NO_CONTENT, None))
-        } else {
-            Err(ApiError::NotFound("no such narinfo".into()))
-        }
-    }
-    .await;
-    audited(&state, &caller, "narinfo-delete", &name, r).await
+    audited_delete(
+        &state,
+        &caller,
+        "narinfo-delete",
+        &name,
+        "narinfo",
+        || async {
+            let hash = parse_hash(&name)?;
+            let deleted = state.meta.delete_narinfo(hash.as_str()).await?;
+            state.hot_narinfos.forget(hash.as_str());
+            Ok(deleted)
+        },
+    )
+    .await
 }
 
 #[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(file = %file))]
@@ -273,16 +274,36 @@ pub async fn delete_nar(
     caller: Caller,
     Path(file): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let r = async {
-        permit(&state, &caller, false).await?;
+    audited_delete(&state, &caller, "nar-delete", &file, "NAR", || async {
         let name = NarFileName::parse(&file)
             .map_err(|e| ApiError::BadRequest(format!("invalid NAR file name: {e}")))?;
-        if cache::nar::delete(&state, &name.file_name()).await? {
+        Ok(cache::nar::delete(&state, &name.file_name()).await?)
+    })
+    .await
+}
+
+/// A DELETE: allowed as an upload is, `delete` says whether there was something to delete,
+/// and the outcome is audited as `action` on `target`.
+async fn audited_delete<F, Fut>(
+    state: &AppState,
+    caller: &Caller,
+    action: &str,
+    target: &str,
+    what: &str,
+    delete: F,
+) -> ApiResult<StatusCode>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ApiResult<bool>>,
+{
+    let r = async {
+        permit(state, caller, false).await?;
+        if delete().await? {
             Ok((StatusCode::NO_CONTENT, None))
         } else {
-            Err(ApiError::NotFound("no such NAR".into()))
+            Err(ApiError::NotFound(format!("no such {what}")))
         }
     }
     .await;
-    audited(&state, &caller, "nar-delete", &file, r).await
+    audited(state, caller, action, target, r).await
 }
