@@ -51,7 +51,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let upstreams = state.upstreams.clone();
     tokio::spawn(async move { upstreams.refresh_priorities().await });
-    // Before serving: the other instances must see this one before it can miss anything.
+    // Before serving, so the others see this one soon (they may believe themselves alone for up
+    // to 200 ms more: at worst a miss is fetched twice then).
     cache::cluster::announce(&state).await;
     let jobs = jobs::spawn(state.clone());
     let tls = state.config.tls.clone();

@@ -446,7 +446,7 @@ mod tests {
         let url = crate::testdb::fresh_mysql(&admin).await;
         let mut holder = sqlx::mysql::MySqlConnection::connect(&url).await.unwrap();
         let held: Option<i64> = sqlx::query_scalar(
-            "SELECT CAST(GET_LOCK(CONCAT('nip-migrate:', DATABASE()), 5) AS SIGNED)",
+            "SELECT CAST(GET_LOCK(CONCAT('nip-migrate:', SHA1(DATABASE())), 5) AS SIGNED)",
         )
         .fetch_one(&mut holder)
         .await

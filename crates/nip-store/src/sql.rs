@@ -229,7 +229,8 @@ impl SqlMeta {
                 };
                 let pool = sqlite_pool(options, &url, "FULL").await?;
                 // An in-memory database is one per connection pool: leases stay in the main one.
-                let shared_file = file.as_os_str() != ":memory:" && !url.contains("mode=memory");
+                // (sqlx renames `:memory:` to a `file:sqlx-in-memory-…` URI, so the URL says it.)
+                let shared_file = !url.contains(":memory:") && !url.contains("mode=memory");
                 sqlite_url = Some(url).filter(|_| shared_file);
                 pool
             }
@@ -256,7 +257,19 @@ impl SqlMeta {
                     .max_connections(1)
                     .acquire_timeout(ACQUIRE_TIMEOUT)
                     .test_before_acquire(true);
-                Some(sqlite_pool(single, &url, "NORMAL").await?)
+                let relaxed = sqlite_pool(single, &url, "NORMAL").await?;
+                // NORMAL is safe against corruption only in WAL mode, which some file systems
+                // refuse (SQLite then silently keeps its rollback journal).
+                let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                    .fetch_one(&relaxed)
+                    .await?;
+                if mode.eq_ignore_ascii_case("wal") {
+                    Some(relaxed)
+                } else {
+                    tracing::warn!(journal_mode = %mode, "SQLite is not in WAL mode here: every commit is fsynced");
+                    relaxed.close().await;
+                    None
+                }
             }
             None => None,
         };
@@ -380,11 +393,14 @@ impl SqlMeta {
 
     /// This process's turn to write (SQLite; no wait on the other backends): held across a
     /// write statement or transaction of the hot path.
+    /// A writer stuck in SQLite's busy handler (another process holds the lock) delays the queue
+    /// by up to its busy timeout; past that, a writer goes ahead without its turn and lets
+    /// SQLite's own locking decide, as before the queue.
     pub(crate) async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        match &self.write_gate {
-            Some(gate) => Some(gate.lock().await),
-            None => None,
-        }
+        let gate = self.write_gate.as_ref()?;
+        tokio::time::timeout(WRITE_TURN_WAIT, gate.lock())
+            .await
+            .ok()
     }
 
     /// The query text for this database's backend (see [`crate::dialect`]).
@@ -464,6 +480,9 @@ async fn sqlite_pool(
         .await
 }
 
+/// The longest a SQLite writer waits for its turn in this process (SQLite's busy timeout).
+const WRITE_TURN_WAIT: Duration = Duration::from_secs(10);
+
 /// How long a starting instance waits for another one's MySQL migrations.
 const MYSQL_MIGRATE_LOCK_SECS: u32 = 300;
 
@@ -487,7 +506,7 @@ async fn migrate(pool: &AnyPool, backend: Backend) -> Result<(), MetaError> {
 async fn migrate_mysql(pool: &AnyPool) -> Result<(), MetaError> {
     let mut conn = pool.acquire().await?.detach();
     let held: Option<i64> = sqlx::query_scalar(
-        "SELECT CAST(GET_LOCK(CONCAT('nip-migrate:', DATABASE()), ?) AS SIGNED)",
+        "SELECT CAST(GET_LOCK(CONCAT('nip-migrate:', SHA1(DATABASE())), ?) AS SIGNED)",
     )
     .bind(i64::from(MYSQL_MIGRATE_LOCK_SECS))
     .fetch_one(&mut conn)
@@ -495,8 +514,8 @@ async fn migrate_mysql(pool: &AnyPool) -> Result<(), MetaError> {
     if held != Some(1) {
         return Err(MetaError::MigrationLocked(format!(
             "another nip instance has been migrating this MySQL database for over \
-             {MYSQL_MIGRATE_LOCK_SECS} s (lock `nip-migrate:<database>`); if none is running, \
-             check `SELECT IS_USED_LOCK('nip-migrate:<database>')` and restart"
+             {MYSQL_MIGRATE_LOCK_SECS} s; if none is running, check \
+             `SELECT IS_USED_LOCK(CONCAT('nip-migrate:', SHA1(DATABASE())))` and restart"
         )));
     }
     let outcome = retry_migrations(&MYSQL_MIGRATOR, MigrateOn::Session(&mut conn)).await;

@@ -44,7 +44,7 @@ pub async fn announce(state: &AppState) {
         .take_lease(&name, id, now, now + PRESENCE_TERM_SECS)
         .await
     {
-        tracing::debug!(error = %e, "cannot record this instance's presence");
+        tracing::warn!(error = %e, "cannot record this instance's presence; other instances may fetch a miss this one fetches too");
     }
 }
 

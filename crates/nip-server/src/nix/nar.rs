@@ -75,7 +75,11 @@ pub async fn get_nar(
     let lease = if state.fills.is_running(&file).await {
         None
     } else {
-        let stored = || async { matches!(state.meta.get_nar(&file).await, Ok(Some(_))) };
+        // Row and bytes: a row whose blob went missing is being fetched again, not stored.
+        let stored = || async {
+            matches!(state.meta.get_nar(&file).await, Ok(Some(_)))
+                && matches!(state.blobs.stat(&key).await, Ok(Some(_)))
+        };
         match cluster::lead_or_wait(&state, &format!("nar:{file}"), stored).await {
             cluster::Turn::Lead(lease) => Some(lease),
             cluster::Turn::Stored => {
