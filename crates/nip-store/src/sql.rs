@@ -227,7 +227,7 @@ impl SqlMeta {
                 } else {
                     format!("{url}?mode=rwc")
                 };
-                let pool = sqlite_pool(options, &url, "FULL").await?;
+                let pool = sqlite_pool(options, &url, true).await?;
                 // An in-memory database is one per connection pool: leases stay in the main one.
                 // (sqlx renames `:memory:` to a `file:sqlx-in-memory-…` URI, so the URL says it.)
                 let shared_file = !url.contains(":memory:") && !url.contains("mode=memory");
@@ -257,7 +257,7 @@ impl SqlMeta {
                     .max_connections(1)
                     .acquire_timeout(ACQUIRE_TIMEOUT)
                     .test_before_acquire(true);
-                let relaxed = sqlite_pool(single, &url, "NORMAL").await?;
+                let relaxed = sqlite_pool(single, &url, false).await?;
                 // NORMAL is safe against corruption only in WAL mode, which some file systems
                 // refuse (SQLite then silently keeps its rollback journal).
                 let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
@@ -391,11 +391,10 @@ impl SqlMeta {
         self.relaxed_pool.as_ref().unwrap_or(&self.pool)
     }
 
-    /// This process's turn to write (SQLite; no wait on the other backends): held across a
-    /// write statement or transaction of the hot path.
-    /// A writer stuck in SQLite's busy handler (another process holds the lock) delays the queue
-    /// by up to its busy timeout; past that, a writer goes ahead without its turn and lets
-    /// SQLite's own locking decide, as before the queue.
+    /// This process's turn to write (SQLite; no wait on the other backends), held across a write
+    /// statement or transaction of the hot path. A writer stuck in SQLite's busy handler (another
+    /// process holds the lock) delays the queue by up to its busy timeout; past that, a writer
+    /// goes ahead without its turn and lets SQLite's own locking decide, as before the queue.
     pub(crate) async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
         let gate = self.write_gate.as_ref()?;
         tokio::time::timeout(WRITE_TURN_WAIT, gate.lock())
@@ -449,12 +448,13 @@ impl SqlMeta {
 /// Keys per access-time statement.
 const TOUCH_BATCH: usize = 1000;
 
-/// A SQLite pool; `synchronous` is FULL for the index (a committed row survives power loss, so
-/// "recorded" implies "durable"), NORMAL where losing the last commits is harmless.
+/// A SQLite pool: `durable` commits are fsynced (FULL: a committed row survives power loss, so
+/// "recorded" implies "durable"); the others are not (NORMAL), where losing the last commits is
+/// harmless.
 async fn sqlite_pool(
     options: AnyPoolOptions,
     url: &str,
-    synchronous: &'static str,
+    durable: bool,
 ) -> Result<AnyPool, sqlx::Error> {
     options
         .after_connect(move |conn, _| {
@@ -462,7 +462,7 @@ async fn sqlite_pool(
                 // WAL: readers never wait for the writer.
                 conn.execute("PRAGMA busy_timeout = 10000").await?;
                 conn.execute("PRAGMA journal_mode = WAL").await?;
-                conn.execute(if synchronous == "FULL" {
+                conn.execute(if durable {
                     "PRAGMA synchronous = FULL"
                 } else {
                     "PRAGMA synchronous = NORMAL"
