@@ -265,7 +265,7 @@ fn convert(n: &NcpsNarInfo, trusted: &[PublicKey], upstream: &[PublicKey]) -> Op
     let origin = match (&n.upstream_url, &by_upstream) {
         (Some(u), _) if !u.is_empty() => u.clone(),
         (_, Some(_)) => "ncps".to_string(),
-        _ => "upload".to_string(),
+        _ => nip_store::UPLOAD_ORIGIN.to_string(),
     };
     Some(Converted {
         info,

@@ -31,7 +31,9 @@ pub use index::{
 };
 pub use lease::Leases;
 pub use local::LocalBlobStore;
-pub use meta::{MetaError, MetaStore, NarInfoRecord, NarRecord, NarSource, PutNarInfo};
+pub use meta::{
+    MetaError, MetaStore, NarInfoRecord, NarRecord, NarSource, PutNarInfo, UPLOAD_ORIGIN,
+};
 pub use s3::{S3BlobStore, S3Config};
 pub use sql::{Backend, SqlMeta, SqliteMeta};
 pub use staging::{BatchedWriter, StagedFile, Staging};

@@ -14,6 +14,9 @@ pub enum MetaError {
     MigrationLocked(String),
 }
 
+/// The origin of a narinfo that was uploaded (not fetched): it is stored durably.
+pub const UPLOAD_ORIGIN: &str = "upload";
+
 /// A narinfo as served by this cache (already rewritten and signed).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NarInfoRecord {
@@ -24,7 +27,7 @@ pub struct NarInfoRecord {
     pub file_hash: Option<String>,
     pub nar_hash: String,
     pub narinfo: String,
-    /// Upstream base URL it came from, or `upload`.
+    /// Upstream base URL it came from, or [`UPLOAD_ORIGIN`].
     pub origin: String,
     /// Name of the key whose signature vouched for it: the upstream key that verified it, or the
     /// trusted upload key that signed an upload. `None`: an upload no trusted key signed, or a

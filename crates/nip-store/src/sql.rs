@@ -628,7 +628,7 @@ impl MetaStore for SqlMeta {
     ) -> Result<PutNarInfo, MetaError> {
         let now = unix_now();
         let _turn = self.write_turn().await;
-        let pool = if rec.origin == "upload" {
+        let pool = if rec.origin == crate::meta::UPLOAD_ORIGIN {
             &self.pool
         } else {
             self.relaxed_pool()

@@ -68,7 +68,7 @@ pub async fn store(
         file_hash: info.file_hash.as_ref().map(|h| h.to_string()),
         nar_hash: info.nar_hash.to_string(),
         narinfo: info.to_text(),
-        origin: "upload".into(),
+        origin: nip_store::UPLOAD_ORIGIN.into(),
         signed_by,
         uploaded_by: uploader,
     };
@@ -224,7 +224,7 @@ async fn check_upstreams(
         }),
         Fetched::Stored(_) => match state.meta.get_narinfo(hash.as_str()).await? {
             Some(rec) => same_contents(&rec, info).map(Some).map_err(|e| match e {
-                CacheError::Immutable { origin, .. } if origin != "upload" => {
+                CacheError::Immutable { origin, .. } if origin != nip_store::UPLOAD_ORIGIN => {
                     CacheError::ShadowsUpstream {
                         store_path,
                         upstream: origin,

@@ -297,7 +297,7 @@ async fn store_upload(
         sha256: hex::encode(digest),
         content_type: store::content_type(kind).to_string(),
         content_encoding: encoding,
-        origin: "upload".into(),
+        origin: nip_store::UPLOAD_ORIGIN.into(),
         uploaded_by: caller.key_name(),
         last_accessed_at: 0,
     };
