@@ -42,7 +42,7 @@ pub enum FillState {
     /// Every byte is in and checked; the file is being fsynced, published and recorded.
     /// Clients get the last byte now rather than after the fsync and the database commits (a
     /// small NAR's miss took twice as long). Should storing fail, clients keep the checked
-    /// bytes they got and the next request fetches again.
+    /// bytes they got.
     Verified {
         written: u64,
     },
