@@ -131,8 +131,19 @@ fn a_pinned_closure_survives_eviction_and_ncps_metrics_follow() {
     fetch(u, big_a);
     std::thread::sleep(Duration::from_millis(1100));
     fetch(u, big_b);
+    // Wait on the metrics, not on `held`: a read touches the access time and would race the
+    // eviction's choice of the least recently used entries.
+    let evicted = || {
+        let text = call(Method::GET, &format!("{u}/metrics"), None)
+            .text()
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("ncps_lru_nar_files_evicted_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while held(u, big_a) {
+    while evicted() < 2.0 {
         if Instant::now() > deadline {
             let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
             panic!("nothing was evicted:\n{log}");
@@ -143,6 +154,7 @@ fn a_pinned_closure_survives_eviction_and_ncps_metrics_follow() {
     assert!(held(u, app), "the pinned path was evicted");
     assert!(held(u, &dep), "the pinned path's reference was evicted");
     assert!(!held(u, hello), "the older unpinned path stayed");
+    assert!(!held(u, big_a), "the older big path stayed");
     assert!(held(u, big_b), "the newest path was evicted");
 
     let text = call(Method::GET, &format!("{u}/metrics"), None)
