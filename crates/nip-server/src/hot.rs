@@ -28,6 +28,12 @@ impl Weigh for Arc<str> {
     }
 }
 
+impl Weigh for () {
+    fn weight(&self) -> usize {
+        32
+    }
+}
+
 impl Weigh for ArtifactRecord {
     fn weight(&self) -> usize {
         64 + self.key.len() + self.sha256.len() + self.metadata.len()
@@ -54,6 +60,9 @@ pub struct Hot<V> {
 
 pub type HotNarinfos = Hot<Arc<str>>;
 pub type HotArtifacts = Hot<ArtifactRecord>;
+/// NAR files known to have a row: a hit skips the database and only opens the file (which
+/// tells whether the bytes are still there).
+pub type HotNars = Hot<()>;
 
 struct Entries<V> {
     map: HashMap<String, (V, Instant)>,

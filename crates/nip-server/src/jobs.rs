@@ -279,6 +279,9 @@ pub async fn eviction_pass(state: &AppState, max: u64) {
             if s.narinfos > 0 {
                 state.hot_narinfos.clear();
             }
+            if s.nars > 0 {
+                state.hot_nars.clear();
+            }
             if s.artifacts > 0 {
                 state.hot_artifacts.clear();
             }
@@ -395,6 +398,7 @@ pub async fn verify_pass(state: &AppState) -> Option<nip_store::VerifyReport> {
         state.hot_artifacts.forget(key);
     }
     if report.removed() > 0 {
+        state.hot_nars.clear();
         if let Ok(u) = state.meta.usage().await {
             state.budget.set(u.bytes);
         }

@@ -57,6 +57,8 @@ pub struct Inner {
     pub(crate) budget: Arc<budget::Budget>,
     /// Narinfos recently served, so hits skip the database.
     pub(crate) hot_narinfos: hot::HotNarinfos,
+    /// NARs recently found in the index, so hits skip the database.
+    pub(crate) hot_nars: hot::HotNars,
     /// Artifact records recently looked up, so `/v1` lookups skip the database.
     pub(crate) hot_artifacts: hot::HotArtifacts,
     /// Names this process in cluster-wide leases (host, pid, random: unique across restarts).
@@ -209,6 +211,7 @@ impl AppState {
             peers_seen: Mutex::new(None),
             started_at: Instant::now(),
             hot_narinfos: hot::HotNarinfos::new(hot::NARINFO_TTL),
+            hot_nars: hot::HotNars::new(hot::NARINFO_TTL),
             hot_artifacts: hot::HotArtifacts::new(hot::ARTIFACT_TTL),
             key_cache: auth::KeyCache::with_max_bytes(
                 auth::KEY_CACHE_TTL,

@@ -227,7 +227,8 @@ impl SqlMeta {
                 } else {
                     format!("{url}?mode=rwc")
                 };
-                let pool = sqlite_pool(options, &url, true).await?;
+                // A local file has no connection to lose: the test is a wasted hop per query.
+                let pool = sqlite_pool(options.test_before_acquire(false), &url, true).await?;
                 // An in-memory database is one per connection pool: leases stay in the main one.
                 // (sqlx renames `:memory:` to a `file:sqlx-in-memory-…` URI, so the URL says it.)
                 let shared_file = !url.contains(":memory:") && !url.contains("mode=memory");
@@ -256,7 +257,7 @@ impl SqlMeta {
                 let single = AnyPoolOptions::new()
                     .max_connections(1)
                     .acquire_timeout(ACQUIRE_TIMEOUT)
-                    .test_before_acquire(true);
+                    .test_before_acquire(false);
                 let relaxed = sqlite_pool(single, &url, false).await?;
                 // NORMAL is safe against corruption only in WAL mode, which some file systems
                 // refuse (SQLite then silently keeps its rollback journal).

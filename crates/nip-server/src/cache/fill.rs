@@ -19,7 +19,7 @@ use nip_core::hash::NixHash;
 use nip_core::nar_file::{Compression, NarFileName};
 use nip_core::narinfo::NarInfo;
 use nip_store::staging::read_at;
-use nip_store::{BlobKey, NarInfoRecord, NarRecord, NarSource, StagedFile};
+use nip_store::{NarInfoRecord, NarRecord, NarSource, StagedFile};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -31,6 +31,10 @@ use crate::AppState;
 /// blocking pool, and at 1 MiB rather than 256 KiB a cold miss costs a tenth less CPU and
 /// streams 15–20% faster (P8).
 const READ_CHUNK: usize = 1024 * 1024;
+/// A NAR up to this size is received into memory, checked and handed to its clients from there,
+/// and only then written to a staged file: a small miss (most of a closure) waits for no file
+/// creation, write or read-back.
+const IN_MEMORY_MAX: usize = 256 * 1024;
 /// How long a source that failed to deliver a NAR is tried last for that NAR.
 const FAILED_SOURCE_TTL: Duration = Duration::from_secs(600);
 
@@ -45,9 +49,12 @@ pub enum FillState {
     /// bytes they got.
     Verified {
         written: u64,
+        /// The whole file, when it was small enough to be kept in memory (see [`IN_MEMORY_MAX`]).
+        memory: Option<Bytes>,
     },
     Done {
         written: u64,
+        memory: Option<Bytes>,
     },
     Failed(Arc<str>),
 }
@@ -244,7 +251,8 @@ pub enum FillError {
 }
 
 pub struct Fill {
-    file: Arc<std::fs::File>,
+    /// Created once bytes go to disk: a small NAR's clients get it from memory before that.
+    staged: tokio::sync::OnceCell<StagedFile>,
     state: watch::Receiver<FillState>,
     /// The announced size: the last byte is held back until the hash is checked, so a client
     /// can never hold a complete-looking body whose bytes turn out wrong.
@@ -306,36 +314,37 @@ impl Fills {
         if let Some(fill) = map.get(&spec.nar_file) {
             return Ok(Some((fill.clone(), FillRole::Joined)));
         }
-        // Re-checked under the lock: a fill may have finished since the caller looked.
-        if ctx
-            .blobs
-            .stat(&BlobKey::nar(&spec.nar_file)?)
-            .await?
-            .is_some()
-        {
+        // Re-checked under the lock: a fill may have finished since the caller looked (it
+        // notes the NAR in memory before it leaves the map). A NAR another instance stored is
+        // found by the caller's lease; an upload meanwhile only costs a download.
+        if ctx.hot_nars.get(&spec.nar_file).is_some() {
             return Ok(None);
         }
-        let staged = ctx.staging.create().await?;
         let (tx, rx) = watch::channel(FillState::Running { written: 0 });
         let fill = Arc::new(Fill {
-            file: staged.file.clone(),
+            staged: tokio::sync::OnceCell::new(),
             state: rx,
             expected_size: spec.file_size,
         });
         map.insert(spec.nar_file.clone(), fill.clone());
         self.started
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (fills, ctx) = (self.clone(), ctx.clone());
+        let (fills, ctx, this) = (self.clone(), ctx.clone(), fill.clone());
         // The download outlives the request that started it; its span stays a child of it.
         let span = tracing::info_span!("NAR fill", nar_file = %spec.nar_file);
         tokio::spawn(async move {
             let nar_file = spec.nar_file.clone();
             let started = Instant::now();
-            let result = fills.run(&ctx, spec, staged, &tx).await;
+            let result = fills.run(&ctx, spec, &this, &tx).await;
+            drop(this);
             let state = match result {
                 Ok(written) => {
                     tracing::debug!(%nar_file, bytes = written, ms = started.elapsed().as_millis() as u64, "NAR cached");
-                    FillState::Done { written }
+                    let memory = match &*tx.borrow() {
+                        FillState::Verified { memory, .. } => memory.clone(),
+                        _ => None,
+                    };
+                    FillState::Done { written, memory }
                 }
                 Err(why) => {
                     tracing::warn!(%nar_file, %why, "NAR fill failed; nothing cached");
@@ -378,7 +387,7 @@ impl Fills {
         &self,
         ctx: &AppState,
         spec: FillSpec,
-        staged: StagedFile,
+        fill: &Fill,
         tx: &watch::Sender<FillState>,
     ) -> Result<u64, FillError> {
         let sources = self.order_sources(&spec.nar_file, spec.sources.clone());
@@ -402,7 +411,7 @@ impl Fills {
                 span.record("otel.kind", "client");
             }
             let result = self
-                .download(ctx, &spec, src, &staged, tx)
+                .download(ctx, &spec, src, fill, tx)
                 .instrument(span.clone())
                 .await;
             match &result {
@@ -424,10 +433,15 @@ impl Fills {
                         size: written as i64,
                         sha256: hex::encode(sha256),
                     };
-                    crate::cache::nar::publish(ctx, &staged, &rec).await?;
+                    let staged = fill.staged.get().ok_or_else(|| {
+                        let e = std::io::Error::other("the checked bytes were not staged");
+                        FillError::Store(nip_store::StoreError::Io(e).into())
+                    })?;
+                    crate::cache::nar::publish(ctx, staged, &rec).await?;
                     return Ok(written);
                 }
-                Err(DownloadError {
+                Err(DownloadError::Local(e)) => return Err(FillError::Store(e.into())),
+                Err(DownloadError::Upstream {
                     message,
                     bytes_sent,
                 }) => {
@@ -455,10 +469,10 @@ impl Fills {
         ctx: &AppState,
         spec: &FillSpec,
         src: &NarSource,
-        staged: &StagedFile,
+        fill: &Fill,
         tx: &watch::Sender<FillState>,
     ) -> Result<(u64, [u8; 32]), DownloadError> {
-        let fail = |message: String, bytes_sent: bool| DownloadError {
+        let fail = |message: String, bytes_sent: bool| DownloadError::Upstream {
             message,
             bytes_sent,
         };
@@ -473,9 +487,15 @@ impl Fills {
             return Err(fail(format!("HTTP {}", resp.status()), false));
         }
         let mut body = Box::pin(ctx.upstreams.body_stream(resp));
-        let mut writer = nip_store::BatchedWriter::new(staged);
+        let mut writer: Option<nip_store::BatchedWriter<'_>> = None;
+        // A small file stays in memory until it is checked (None once it turns out too big).
+        let mut memory = spec
+            .file_size
+            .is_none_or(|n| n <= IN_MEMORY_MAX as u64)
+            .then(|| bytes::BytesMut::with_capacity(spec.file_size.unwrap_or(0) as usize));
         // Whether readers of the staged file (clients) may have been given bytes of this attempt.
         let mut sent = false;
+        let mut received = 0u64;
         let mut nar_check = match &spec.expect {
             Expect::NarHash {
                 size, compression, ..
@@ -491,85 +511,156 @@ impl Fills {
             },
             Expect::FileHash(_) => None,
         };
-        let received = async {
+        let outcome = async {
             while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| e.to_string())?;
-                if spec
-                    .file_size
-                    .is_some_and(|n| writer.received() + chunk.len() as u64 > n)
-                {
-                    return Err("upstream sent more bytes than FileSize".to_string());
+                let chunk = chunk.map_err(|e| Failure::Upstream(e.to_string()))?;
+                received += chunk.len() as u64;
+                if spec.file_size.is_some_and(|n| received > n) {
+                    return Err(Failure::Upstream(
+                        "upstream sent more bytes than FileSize".into(),
+                    ));
                 }
-                if spec
-                    .max_size
-                    .is_some_and(|n| writer.received() + chunk.len() as u64 > n)
-                {
-                    return Err("upstream sent more bytes than a NAR of its NarSize takes".into());
+                if spec.max_size.is_some_and(|n| received > n) {
+                    return Err(Failure::Upstream(
+                        "upstream sent more bytes than a NAR of its NarSize takes".into(),
+                    ));
                 }
                 if let Some(dec) = nar_check.as_mut() {
-                    dec.write(&chunk)
-                        .await
-                        .map_err(|e| format!("the NAR does not decompress: {e}"))?;
+                    dec.write(&chunk).await.map_err(|e| {
+                        Failure::Upstream(format!("the NAR does not decompress: {e}"))
+                    })?;
                 }
-                if let Some(on_disk) = writer.push(chunk).await.map_err(|e| e.to_string())? {
+                if let Some(held) = memory.as_mut() {
+                    if held.len() + chunk.len() <= IN_MEMORY_MAX {
+                        held.extend_from_slice(&chunk);
+                        continue;
+                    }
+                }
+                let w = match writer.as_mut() {
+                    Some(w) => w,
+                    None => writer.insert(nip_store::BatchedWriter::new(staged(ctx, fill).await?)),
+                };
+                // Too big for memory after all: what was held goes first.
+                if let Some(held) = memory.take().filter(|h| !h.is_empty()) {
+                    w.push(held.freeze()).await?;
+                }
+                if let Some(on_disk) = w.push(chunk).await? {
                     sent = true;
                     let _ = tx.send(FillState::Running { written: on_disk });
                 }
             }
-            let nar = match nar_check.take() {
-                Some(dec) => Some(
-                    dec.finish()
-                        .await
-                        .map_err(|e| format!("the NAR does not decompress: {e}"))?,
-                ),
-                None => None,
+            let nar =
+                match nar_check.take() {
+                    Some(dec) => Some(dec.finish().await.map_err(|e| {
+                        Failure::Upstream(format!("the NAR does not decompress: {e}"))
+                    })?),
+                    None => None,
+                };
+            let (written, digest, kept) = match (memory.take(), writer.as_mut()) {
+                (Some(held), _) => {
+                    let held = held.freeze();
+                    let digest: [u8; 32] = Sha256::digest(&held).into();
+                    (held.len() as u64, digest, Some(held))
+                }
+                (None, Some(w)) => {
+                    let (written, digest) = w.finish().await?;
+                    (written, digest, None)
+                }
+                // Nothing arrived of a file too big for memory: the size check refuses it.
+                (None, None) => (0, Sha256::digest([]).into(), None),
             };
-            let (written, digest) = writer.finish().await.map_err(|e| e.to_string())?;
-            Ok((written, digest, nar))
+            Ok((written, digest, nar, kept))
         }
         .await;
         // Checked before readers learn the final length, so a bad source whose bytes nobody saw
         // yet can still be replaced by the next one.
-        let checked = received.and_then(|(written, digest, nar)| {
+        let checked = outcome.and_then(|(written, digest, nar, kept)| {
+            let bad = |m: String| Err(Failure::Upstream(m));
             if let Some(n) = spec.file_size.filter(|n| written != *n) {
-                return Err(format!("got {written} bytes, FileSize says {n}"));
+                return bad(format!("got {written} bytes, FileSize says {n}"));
             }
             match (&spec.expect, nar) {
                 (Expect::FileHash(sha), _) if digest != *sha => {
-                    Err("bytes do not match the narinfo's FileHash".to_string())
+                    bad("bytes do not match the narinfo's FileHash".to_string())
                 }
                 (Expect::NarHash { size, .. }, Some((len, _))) if len != *size => {
-                    Err(format!("the NAR has {len} bytes, NarSize says {size}"))
+                    bad(format!("the NAR has {len} bytes, NarSize says {size}"))
                 }
                 (Expect::NarHash { sha256, .. }, Some((_, nar_digest)))
                     if nar_digest != *sha256 =>
                 {
-                    Err("the decompressed NAR does not match the narinfo's NarHash".to_string())
+                    bad("the decompressed NAR does not match the narinfo's NarHash".to_string())
                 }
-                (Expect::NarHash { .. }, None) => Err("the NAR was not checked".to_string()),
-                _ => Ok((written, digest)),
+                (Expect::NarHash { .. }, None) => bad("the NAR was not checked".to_string()),
+                _ => Ok((written, digest, kept)),
             }
         });
         match checked {
-            Ok((written, digest)) => {
-                let _ = tx.send(FillState::Verified { written });
+            Ok((written, digest, kept)) => {
+                let _ = tx.send(FillState::Verified {
+                    written,
+                    memory: kept.clone(),
+                });
+                // Clients have the bytes: now they go to disk, to be published.
+                if let Some(kept) = kept {
+                    let mut w = nip_store::BatchedWriter::new(staged(ctx, fill).await?);
+                    w.push(kept).await?;
+                    w.finish().await?;
+                }
                 Ok((written, digest))
             }
-            Err(message) => {
+            Err(Failure::Local(e)) => Err(DownloadError::Local(e)),
+            Err(Failure::Upstream(message)) => {
                 // Nobody saw these bytes: empty the file so the next source starts clean. If
                 // that fails, the fill cannot go on with another source.
-                let clean = !sent && writer.discard().await.is_ok();
+                let clean = !sent
+                    && match writer.as_mut() {
+                        Some(w) => w.discard().await.is_ok(),
+                        None => true,
+                    };
                 Err(fail(message, !clean))
             }
         }
     }
 }
 
-struct DownloadError {
-    message: String,
-    /// Whether clients may have been given bytes of this attempt (or the staged file could not
-    /// be emptied): then no other source may take over.
-    bytes_sent: bool,
+/// The fill's staged file, created on first use.
+async fn staged<'a>(
+    ctx: &AppState,
+    fill: &'a Fill,
+) -> Result<&'a StagedFile, nip_store::StoreError> {
+    fill.staged.get_or_try_init(|| ctx.staging.create()).await
+}
+
+/// Why a download attempt stopped, inside [`Fills::download`].
+enum Failure {
+    /// The source's fault: another source may be tried.
+    Upstream(String),
+    /// This cache's storage failed.
+    Local(nip_store::StoreError),
+}
+
+impl From<nip_store::StoreError> for Failure {
+    fn from(e: nip_store::StoreError) -> Self {
+        Failure::Local(e)
+    }
+}
+
+enum DownloadError {
+    Upstream {
+        message: String,
+        /// Whether clients may have been given bytes of this attempt (or the staged file
+        /// could not be emptied): then no other source may take over.
+        bytes_sent: bool,
+    },
+    /// Storage failed: no source would do better.
+    Local(nip_store::StoreError),
+}
+
+impl From<nip_store::StoreError> for DownloadError {
+    fn from(e: nip_store::StoreError) -> Self {
+        DownloadError::Local(e)
+    }
 }
 
 impl Fill {
@@ -591,12 +682,34 @@ impl Fill {
                             Some(n) => (*written).min(n.saturating_sub(1)),
                             None => written.saturating_sub(1),
                         },
-                        FillState::Verified { written } | FillState::Done { written } => *written,
+                        FillState::Verified { written, .. } | FillState::Done { written, .. } => {
+                            *written
+                        }
                         FillState::Failed(_) => offset,
                     };
+                    if let FillState::Verified {
+                        memory: Some(all), ..
+                    }
+                    | FillState::Done {
+                        memory: Some(all), ..
+                    } = &state
+                    {
+                        let start = (offset as usize).min(all.len());
+                        if start < all.len() {
+                            let next = all.len() as u64;
+                            return Some((Ok(all.slice(start..)), (fill, rx, next, false)));
+                        }
+                        return None;
+                    }
                     if offset < available {
                         let len = ((available - offset) as usize).min(READ_CHUNK);
-                        return match read_at(fill.file.clone(), offset, len).await {
+                        let Some(staged) = fill.staged.get() else {
+                            return Some((
+                                Err(std::io::Error::other("no staged file to read")),
+                                (fill, rx, offset, true),
+                            ));
+                        };
+                        return match read_at(staged.file.clone(), offset, len).await {
                             Ok(b) if !b.is_empty() => {
                                 let next = offset + b.len() as u64;
                                 Some((Ok(b), (fill, rx, next, false)))

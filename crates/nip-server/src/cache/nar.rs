@@ -26,7 +26,9 @@ pub async fn publish(
         .blobs
         .put_file(&BlobKey::nar(&rec.nar_file)?, staged.path())
         .await?;
+    let seen = state.hot_nars.generation();
     state.meta.put_nar(rec).await?;
+    state.hot_nars.insert(&rec.nar_file, (), seen);
     // After the row: an eviction pass this wakes counts the store from the rows.
     state.budget.stored(rec.size as u64);
     Ok(())
@@ -35,6 +37,7 @@ pub async fn publish(
 /// Removes a NAR's row and bytes together with every narinfo that points at it (none may be
 /// served without its NAR); true when the NAR was stored.
 pub async fn delete(state: &AppState, nar_file: &str) -> Result<bool, CacheError> {
+    state.hot_nars.forget(nar_file);
     let existed = state.meta.get_nar(nar_file).await?.is_some();
     for hash in state.meta.evict_nar(nar_file).await? {
         state.hot_narinfos.forget(&hash);

@@ -96,11 +96,10 @@ pub async fn fetch(state: &AppState, hash: &StorePathHash) -> (Fetched, Role) {
 
 async fn fetch_and_store(state: AppState, hash: StorePathHash) -> Fetched {
     // A request that missed just before an earlier fetch of this hash stored it and ended would
-    // fetch it a second time: the database, asked again by the one fetch now running, knows.
-    match state.meta.get_narinfo(hash.as_str()).await {
-        Ok(Some(rec)) => return Fetched::Stored(Arc::from(rec.narinfo)),
-        Ok(None) => {}
-        Err(e) => return Fetched::Failed(Arc::from(e.to_string())),
+    // fetch it a second time: that fetch left the narinfo in memory. (Another instance's fetch
+    // is found by the lease below.)
+    if let Some(text) = state.hot_narinfos.get(hash.as_str()) {
+        return Fetched::Stored(text);
     }
     // One upstream lookup across the instances sharing the database.
     let stored = || async { matches!(state.meta.get_narinfo(hash.as_str()).await, Ok(Some(_))) };
@@ -142,17 +141,22 @@ async fn fetch_and_store(state: AppState, hash: StorePathHash) -> Fetched {
             return Fetched::Unservable { upstream, info };
         }
     };
-    match state.meta.put_narinfo(&record, &sources).await {
+    let seen = state.hot_narinfos.generation();
+    let stored = match state.meta.put_narinfo(&record, &sources).await {
         Ok(PutNarInfo::Inserted) => {
             state
                 .stats
                 .activity("narinfo-fetch", record.store_path.clone());
-            Fetched::Stored(Arc::from(record.narinfo))
+            Arc::<str>::from(record.narinfo)
         }
         // Stored meanwhile (an upload, or another instance's fetch): that one stands.
-        Ok(PutNarInfo::Exists(existing)) => Fetched::Stored(Arc::from(existing.narinfo)),
-        Err(e) => Fetched::Failed(Arc::from(e.to_string())),
-    }
+        Ok(PutNarInfo::Exists(existing)) => Arc::from(existing.narinfo),
+        Err(e) => return Fetched::Failed(Arc::from(e.to_string())),
+    };
+    state
+        .hot_narinfos
+        .insert(hash.as_str(), stored.clone(), seen);
+    Fetched::Stored(stored)
 }
 
 /// The NAR file name this cache serves a narinfo's NAR under, with the file's SHA-256 and size

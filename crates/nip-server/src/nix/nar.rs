@@ -39,7 +39,7 @@ pub async fn get_nar(
     let file = name.file_name();
     let key = nip_store::BlobKey::nar(&file)?;
 
-    if state.meta.get_nar(&file).await?.is_some() {
+    if indexed(&state, &file).await? {
         if let Some(resp) =
             serve_stored(&state, &key, &headers, &method, name.compression()).await?
         {
@@ -50,13 +50,22 @@ pub async fn get_nar(
             state.read_audit.note(&caller, read);
             return Ok(resp);
         }
-        tracing::warn!("NAR recorded but missing from storage; fetching again");
+        // Another instance may have evicted it since this one saw the row.
+        state.hot_nars.forget(&file);
+        if state.meta.get_nar(&file).await?.is_some() {
+            tracing::warn!("NAR recorded but missing from storage; fetching again");
+        }
     }
     if on_miss == OnMiss::NotFound {
         return Err(ApiError::NotFound("this cache has no such NAR".into()));
     }
 
-    let Some(info) = state.meta.narinfo_for_nar(&file).await? else {
+    // Both at once: each is a round trip to the database.
+    let (info, sources) = tokio::try_join!(
+        state.meta.narinfo_for_nar(&file),
+        state.meta.nar_sources(&file)
+    )?;
+    let Some(info) = info else {
         return Err(ApiError::NotFound(
             "this cache knows no narinfo for this NAR; fetch the narinfo first".into(),
         ));
@@ -68,7 +77,6 @@ pub async fn get_nar(
             .body(Body::empty())
             .map_err(ApiError::internal);
     }
-    let sources = state.meta.nar_sources(&file).await?;
     let spec = FillSpec::for_narinfo(&info, sources).map_err(ApiError::internal)?;
     // One upstream fetch across the instances sharing the database: unless this instance is
     // filling it already, take the fill lease or wait for the instance that holds it.
@@ -118,6 +126,19 @@ pub async fn get_nar(
     }
 }
 
+/// Whether the index has a row for this NAR: from memory when seen recently.
+async fn indexed(state: &AppState, file: &str) -> ApiResult<bool> {
+    if state.hot_nars.get(file).is_some() {
+        return Ok(true);
+    }
+    let seen = state.hot_nars.generation();
+    let found = state.meta.get_nar(file).await?.is_some();
+    if found {
+        state.hot_nars.insert(file, (), seen);
+    }
+    Ok(found)
+}
+
 fn nar_headers(status: StatusCode, size: Option<u64>) -> axum::http::response::Builder {
     let mut b = Response::builder()
         .status(status)
@@ -138,6 +159,13 @@ async fn serve_stored(
     method: &Method,
     compression: Compression,
 ) -> ApiResult<Option<Response>> {
+    // The common case, a whole GET, opens the file once: its size comes with it.
+    if method == Method::GET && !headers.contains_key(header::RANGE) {
+        let Some(read) = state.blobs.read(key, None).await? else {
+            return Ok(None);
+        };
+        return Ok(Some(whole_body(read, compression, headers)?));
+    }
     let Some(size) = state.blobs.stat(key).await? else {
         return Ok(None);
     };
@@ -154,30 +182,42 @@ async fn serve_stored(
     let Some(read) = state.blobs.read(key, range).await? else {
         return Ok(None);
     };
-    // Uncompressed NARs (e.g. from `nix copy ?compression=none`) go out zstd-compressed to clients
-    // that accept it, as Harmonia does; already compressed ones are served as stored.
-    if compression == Compression::None && range.is_none() && accepts_zstd(headers) {
-        // The fastest level: this runs per download, on the server's CPU (about 2× level 3's
-        // speed for a slightly larger output; see BENCHMARKS.md).
-        let encoder = ZstdEncoder::with_quality(
-            StreamReader::new(read.body),
-            async_compression::Level::Fastest,
-        );
-        return Ok(Some(
-            nar_headers(StatusCode::OK, None)
-                .header(header::CONTENT_ENCODING, "zstd")
-                .header(header::VARY, "Accept-Encoding")
-                .body(Body::from_stream(ReaderStream::with_capacity(
-                    encoder, ZSTD_CHUNK,
-                )))
-                .map_err(ApiError::internal)?,
-        ));
+    if range.is_none() {
+        return Ok(Some(whole_body(read, compression, headers)?));
     }
     Ok(Some(
         builder
             .body(Body::from_stream(read.body))
             .map_err(ApiError::internal)?,
     ))
+}
+
+/// A whole stored NAR as a 200 response.
+fn whole_body(
+    read: nip_store::BlobRead,
+    compression: Compression,
+    headers: &HeaderMap,
+) -> ApiResult<Response> {
+    // Uncompressed NARs (e.g. from `nix copy ?compression=none`) go out zstd-compressed to clients
+    // that accept it, as Harmonia does; already compressed ones are served as stored.
+    if compression == Compression::None && accepts_zstd(headers) {
+        // The fastest level: this runs per download, on the server's CPU (about 2× level 3's
+        // speed for a slightly larger output; see BENCHMARKS.md).
+        let encoder = ZstdEncoder::with_quality(
+            StreamReader::new(read.body),
+            async_compression::Level::Fastest,
+        );
+        return nar_headers(StatusCode::OK, None)
+            .header(header::CONTENT_ENCODING, "zstd")
+            .header(header::VARY, "Accept-Encoding")
+            .body(Body::from_stream(ReaderStream::with_capacity(
+                encoder, ZSTD_CHUNK,
+            )))
+            .map_err(ApiError::internal);
+    }
+    nar_headers(StatusCode::OK, Some(read.size))
+        .body(Body::from_stream(read.body))
+        .map_err(ApiError::internal)
 }
 
 /// Whether `Accept-Encoding` lists zstd with a non-zero quality.
