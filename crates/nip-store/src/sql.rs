@@ -634,34 +634,48 @@ impl MetaStore for SqlMeta {
         } else {
             self.relaxed_pool()
         };
-        let mut tx = pool.begin().await?;
-        let inserted = insert_narinfo(&mut *tx, self.backend, rec, now, now).await? > 0;
-        if !inserted {
-            let row = sqlx::query(&self.sql(&format!(
-                "SELECT {NARINFO_COLUMNS} FROM narinfos WHERE hash = $1"
-            )))
-            .bind(&rec.hash)
-            .fetch_one(&mut *tx)
-            .await?;
-            let existing = narinfo_from_row(&row)?;
-            tx.commit().await?;
-            return Ok(PutNarInfo::Exists(Box::new(existing)));
-        }
-        for (rank, src) in sources.iter().enumerate() {
-            sqlx::query(&self.sql(
-                "INSERT INTO nar_sources (nar_file, url, upstream, rank) VALUES ($1, $2, $3, $4) \
+        // Two statements, no transaction (each round trip counts on a miss): the sources go
+        // first, so a narinfo is never seen without them. Should the narinfo turn out stored
+        // meanwhile, the sources stay as alternatives for this NAR file.
+        if !sources.is_empty() {
+            let rows = (0..sources.len())
+                .map(|i| {
+                    format!(
+                        "(${}, ${}, ${}, ${})",
+                        4 * i + 1,
+                        4 * i + 2,
+                        4 * i + 3,
+                        4 * i + 4
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO nar_sources (nar_file, url, upstream, rank) VALUES {rows} \
                  ON CONFLICT (nar_file, url) DO UPDATE SET upstream = excluded.upstream, \
-                 rank = excluded.rank",
-            ))
-            .bind(&rec.nar_file)
-            .bind(&src.url)
-            .bind(&src.upstream)
-            .bind(rank as i64)
-            .execute(&mut *tx)
-            .await?;
+                 rank = excluded.rank"
+            );
+            let sql = self.sql(&sql);
+            let mut q = sqlx::query(&sql);
+            for (rank, src) in sources.iter().enumerate() {
+                q = q
+                    .bind(&rec.nar_file)
+                    .bind(&src.url)
+                    .bind(&src.upstream)
+                    .bind(rank as i64);
+            }
+            q.execute(pool).await?;
         }
-        tx.commit().await?;
-        Ok(PutNarInfo::Inserted)
+        if insert_narinfo(pool, self.backend, rec, now, now).await? > 0 {
+            return Ok(PutNarInfo::Inserted);
+        }
+        let row = sqlx::query(&self.sql(&format!(
+            "SELECT {NARINFO_COLUMNS} FROM narinfos WHERE hash = $1"
+        )))
+        .bind(&rec.hash)
+        .fetch_one(pool)
+        .await?;
+        Ok(PutNarInfo::Exists(Box::new(narinfo_from_row(&row)?)))
     }
 
     async fn narinfo_for_nar(&self, nar_file: &str) -> Result<Option<NarInfoRecord>, MetaError> {
