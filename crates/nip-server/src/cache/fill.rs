@@ -1,10 +1,11 @@
 //! Filling the cache with a NAR from upstream while streaming it to every client that asks.
 //!
 //! One fill per NAR file runs in its own task: it downloads into a staged temp file, hashing as it
-//! goes; clients (the first and any that join later) read the temp file up to the length written
-//! so far, so a late joiner still gets the whole body. Only after size and hash check out do
-//! clients get the last byte, and is the file fsynced, published and recorded (clients do not
-//! wait for that). On a failure before the check nothing is cached and every client's stream
+//! goes; clients (the first and any that join later) get the bytes received so far from a window
+//! of recent chunks in memory, or from the temp file once they fell behind it, so a late joiner
+//! still gets the whole body. A small NAR is received whole into memory and reaches the disk
+//! after its clients have it. Only after size and hash check out do clients get the last byte,
+//! and is the file fsynced, published and recorded (clients do not wait for that). On a failure before the check nothing is cached and every client's stream
 //! ends in an error, so no client sees a complete-looking body with bad bytes.
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -35,13 +36,20 @@ const READ_CHUNK: usize = 1024 * 1024;
 /// and only then written to a staged file: a small miss (most of a closure) waits for no file
 /// creation, write or read-back.
 const IN_MEMORY_MAX: usize = 256 * 1024;
+/// Received chunks kept in memory beyond those not yet on disk: clients keeping up with the
+/// download take them from there, and only one that falls behind reads the staged file.
+const WINDOW_MAX: usize = 4 * 1024 * 1024;
+/// How many new bytes wake the clients of a fill (each wake-up is a trip through every client's
+/// task).
+const ANNOUNCE_EVERY: u64 = 64 * 1024;
 /// How long a source that failed to deliver a NAR is tried last for that NAR.
 const FAILED_SOURCE_TTL: Duration = Duration::from_secs(600);
 
 #[derive(Clone, Debug)]
 pub enum FillState {
     Running {
-        written: u64,
+        /// Bytes received so far: in the window, or on disk if they left it.
+        received: u64,
     },
     /// Every byte is in and checked; the file is being fsynced, published and recorded.
     /// Clients get the last byte now rather than after the fsync and the database commits (a
@@ -253,6 +261,7 @@ pub enum FillError {
 pub struct Fill {
     /// Created once bytes go to disk: a small NAR's clients get it from memory before that.
     staged: tokio::sync::OnceCell<StagedFile>,
+    window: Mutex<Window>,
     state: watch::Receiver<FillState>,
     /// The announced size: the last byte is held back until the hash is checked, so a client
     /// can never hold a complete-looking body whose bytes turn out wrong.
@@ -260,12 +269,66 @@ pub struct Fill {
 }
 
 impl Fill {
+    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.window.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Resolves once the fill has stored the NAR or failed.
     pub async fn finished(&self) {
         let mut state = self.state.clone();
         let _ = state
             .wait_for(|s| !matches!(s, FillState::Running { .. } | FillState::Verified { .. }))
             .await;
+    }
+}
+
+/// The latest received chunks, in order: every chunk not yet on disk, and older ones up to
+/// [`WINDOW_MAX`] bytes.
+#[derive(Default)]
+struct Window {
+    chunks: std::collections::VecDeque<(u64, Bytes)>,
+    bytes: usize,
+}
+
+impl Window {
+    fn push(&mut self, start: u64, chunk: Bytes) {
+        self.bytes += chunk.len();
+        self.chunks.push_back((start, chunk));
+    }
+
+    /// Lets go of the oldest chunks past the bound, of those already on disk.
+    fn trim(&mut self, on_disk: u64) {
+        while self.bytes > WINDOW_MAX {
+            match self.chunks.front() {
+                Some((start, c)) if start + c.len() as u64 <= on_disk => {
+                    self.bytes -= c.len();
+                    self.chunks.pop_front();
+                }
+                _ => break,
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.chunks.clear();
+        self.bytes = 0;
+    }
+
+    /// The bytes from `offset` up to `end` that the window holds (one chunk's worth), or where
+    /// the window starts when `offset` is before it (those bytes are on disk).
+    fn read(&self, offset: u64, end: u64) -> Result<Bytes, Option<u64>> {
+        let first = self.chunks.front().map(|(s, _)| *s);
+        if first.is_none_or(|s| offset < s) {
+            return Err(first);
+        }
+        let i = self.chunks.partition_point(|(s, _)| *s <= offset) - 1;
+        let (start, chunk) = &self.chunks[i];
+        let from = (offset - start) as usize;
+        let to = chunk.len().min((end - start) as usize);
+        if from >= to {
+            return Err(None);
+        }
+        Ok(chunk.slice(from..to))
     }
 }
 
@@ -320,9 +383,10 @@ impl Fills {
         if ctx.hot_nars.get(&spec.nar_file).is_some() {
             return Ok(None);
         }
-        let (tx, rx) = watch::channel(FillState::Running { written: 0 });
+        let (tx, rx) = watch::channel(FillState::Running { received: 0 });
         let fill = Arc::new(Fill {
             staged: tokio::sync::OnceCell::new(),
+            window: Mutex::default(),
             state: rx,
             expected_size: spec.file_size,
         });
@@ -496,6 +560,8 @@ impl Fills {
         // Whether readers of the staged file (clients) may have been given bytes of this attempt.
         let mut sent = false;
         let mut received = 0u64;
+        // What clients were last told they may read.
+        let mut announced = 0u64;
         let mut nar_check = match &spec.expect {
             Expect::NarHash {
                 size, compression, ..
@@ -541,12 +607,18 @@ impl Fills {
                     None => writer.insert(nip_store::BatchedWriter::new(staged(ctx, fill).await?)),
                 };
                 // Too big for memory after all: what was held goes first.
-                if let Some(held) = memory.take().filter(|h| !h.is_empty()) {
-                    w.push(held.freeze()).await?;
+                let held = memory.take().filter(|h| !h.is_empty()).map(|h| h.freeze());
+                for piece in held.into_iter().chain([chunk]) {
+                    let start = w.received();
+                    fill.window().push(start, piece.clone());
+                    if let Some(on_disk) = w.push(piece).await? {
+                        fill.window().trim(on_disk);
+                    }
                 }
-                if let Some(on_disk) = w.push(chunk).await? {
+                if received - announced >= ANNOUNCE_EVERY {
+                    announced = received;
                     sent = true;
-                    let _ = tx.send(FillState::Running { written: on_disk });
+                    let _ = tx.send(FillState::Running { received });
                 }
             }
             let nar =
@@ -613,6 +685,7 @@ impl Fills {
             Err(Failure::Upstream(message)) => {
                 // Nobody saw these bytes: empty the file so the next source starts clean. If
                 // that fails, the fill cannot go on with another source.
+                fill.window().clear();
                 let clean = !sent
                     && match writer.as_mut() {
                         Some(w) => w.discard().await.is_ok(),
@@ -678,9 +751,9 @@ impl Fill {
                     let available = match &state {
                         // Without a known size the last byte written so far is held back: the
                         // end may come at any moment, and it is released only once checked.
-                        FillState::Running { written } => match fill.expected_size {
-                            Some(n) => (*written).min(n.saturating_sub(1)),
-                            None => written.saturating_sub(1),
+                        FillState::Running { received } => match fill.expected_size {
+                            Some(n) => (*received).min(n.saturating_sub(1)),
+                            None => received.saturating_sub(1),
                         },
                         FillState::Verified { written, .. } | FillState::Done { written, .. } => {
                             *written
@@ -702,7 +775,19 @@ impl Fill {
                         return None;
                     }
                     if offset < available {
-                        let len = ((available - offset) as usize).min(READ_CHUNK);
+                        let from_window = fill.window().read(offset, available);
+                        let window_start = match from_window {
+                            Ok(b) => {
+                                let next = offset + b.len() as u64;
+                                return Some((Ok(b), (fill, rx, next, false)));
+                            }
+                            Err(start) => start,
+                        };
+                        // Behind the window: these bytes are on disk.
+                        let len = window_start
+                            .map_or(available, |s| s.min(available))
+                            .saturating_sub(offset)
+                            .min(READ_CHUNK as u64) as usize;
                         let Some(staged) = fill.staged.get() else {
                             return Some((
                                 Err(std::io::Error::other("no staged file to read")),
@@ -834,6 +919,31 @@ mod tests {
 
     /// Each compression decodes to the NAR's length and hash; a cut, corrupted, overlong or
     /// trailing-garbage stream fails.
+    #[test]
+    fn the_window_keeps_what_is_not_on_disk_and_hands_out_slices() {
+        let mut w = Window::default();
+        let chunk = |n: usize, b: u8| Bytes::from(vec![b; n]);
+        assert_eq!(w.read(0, 10).unwrap_err(), None);
+        let big = WINDOW_MAX / 2;
+        w.push(0, chunk(big, 1));
+        w.push(big as u64, chunk(big, 2));
+        w.push(2 * big as u64, chunk(big, 3));
+        // Past the bound, but nothing is on disk yet: all stays.
+        w.trim(0);
+        assert_eq!(w.chunks.len(), 3);
+        // The first chunk is on disk: it goes; a reader before the window is told where it starts.
+        w.trim(big as u64);
+        assert_eq!(w.chunks.len(), 2);
+        assert_eq!(w.read(10, 3 * big as u64).unwrap_err(), Some(big as u64));
+        // A read within a chunk ends at that chunk's end, or at the given end.
+        let b = w.read(big as u64 + 5, 3 * big as u64).unwrap();
+        assert_eq!((b.len(), b[0]), (big - 5, 2));
+        let b = w.read(2 * big as u64, 2 * big as u64 + 7).unwrap();
+        assert_eq!((b.len(), b[0]), (7, 3));
+        w.clear();
+        assert_eq!((w.chunks.len(), w.bytes), (0, 0));
+    }
+
     #[tokio::test]
     async fn nar_checks_decode_and_refuse_bad_streams() {
         let nar: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();

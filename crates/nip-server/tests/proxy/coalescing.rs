@@ -60,3 +60,43 @@ async fn fifty_concurrent_nar_requests_make_one_upstream_fetch() {
 async fn get_owned(url: String) -> (u16, Result<bytes::Bytes, String>) {
     get(&url).await
 }
+
+/// A client that joins a big fill late reads what left the in-memory window from the staged
+/// file, then the rest as it arrives: the same bytes as the first client's.
+#[tokio::test]
+async fn a_late_joiner_of_a_big_fill_gets_every_byte() {
+    let key = upstream_key();
+    let up = FakeUpstream::start(40).await;
+    let e = make_entry("big-late", 12 * 1024 * 1024, Compression::Xz, &key);
+    up.publish(&e);
+    up.set(
+        &e.nar_path,
+        Behavior::Slow {
+            body: e.nar.clone(),
+            chunk: 256 * 1024,
+            delay: Duration::from_millis(15),
+        },
+    );
+    let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
+    let (status, body) = get_owned(format!("{}/{}.narinfo", nip.url, e.hash)).await;
+    assert_eq!(status, 200);
+    let nar_url = format!(
+        "{}/{}",
+        nip.url,
+        served_nar_path(std::str::from_utf8(&body.unwrap()).unwrap())
+    );
+    let first = tokio::spawn(get_owned(nar_url.clone()));
+    // About 8 of the 12 MiB are in by then: more than the window keeps.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(nip.state.fills_started(), 1, "the fill is under way");
+    let late = tokio::spawn(get_owned(nar_url));
+    for r in [first, late] {
+        let (status, body) = r.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            body.unwrap() == e.nar,
+            "a body differs from the upstream's bytes"
+        );
+    }
+    assert_eq!(up.hits(&e.nar_path), 1);
+}
