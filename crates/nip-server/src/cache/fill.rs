@@ -332,6 +332,17 @@ impl Window {
     }
 }
 
+struct LeaveMap {
+    fills: Arc<Fills>,
+    nar_file: String,
+}
+
+impl Drop for LeaveMap {
+    fn drop(&mut self) {
+        self.fills.inflight().remove(&self.nar_file);
+    }
+}
+
 /// Whether a request started a fill or joined one under way (for logs and metrics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FillRole {
@@ -340,7 +351,8 @@ pub enum FillRole {
 }
 
 pub struct Fills {
-    inflight: tokio::sync::Mutex<HashMap<String, Arc<Fill>>>,
+    /// Never held across an await.
+    inflight: Mutex<HashMap<String, Arc<Fill>>>,
     failed_sources: Mutex<HashMap<(String, String), Instant>>,
     started: std::sync::atomic::AtomicU64,
 }
@@ -348,7 +360,7 @@ pub struct Fills {
 impl Default for Fills {
     fn default() -> Self {
         Fills {
-            inflight: tokio::sync::Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
             failed_sources: Mutex::new(HashMap::new()),
             started: Default::default(),
         }
@@ -358,7 +370,11 @@ impl Default for Fills {
 impl Fills {
     /// Whether this instance is filling `nar_file` now (a request then joins it).
     pub async fn is_running(&self, nar_file: &str) -> bool {
-        self.inflight.lock().await.contains_key(nar_file)
+        self.inflight().contains_key(nar_file)
+    }
+
+    fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Fill>>> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Fills started since the server started (each is one upstream download).
@@ -373,7 +389,7 @@ impl Fills {
         ctx: &AppState,
         spec: FillSpec,
     ) -> Result<Option<(Arc<Fill>, FillRole)>, nip_store::StoreError> {
-        let mut map = self.inflight.lock().await;
+        let mut map = self.inflight();
         if let Some(fill) = map.get(&spec.nar_file) {
             return Ok(Some((fill.clone(), FillRole::Joined)));
         }
@@ -391,6 +407,7 @@ impl Fills {
             expected_size: spec.file_size,
         });
         map.insert(spec.nar_file.clone(), fill.clone());
+        drop(map);
         self.started
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (fills, ctx, this) = (self.clone(), ctx.clone(), fill.clone());
@@ -398,6 +415,12 @@ impl Fills {
         let span = tracing::info_span!("NAR fill", nar_file = %spec.nar_file);
         tokio::spawn(async move {
             let nar_file = spec.nar_file.clone();
+            // Out of the map when the task ends, even by a panic: else every later request for
+            // this NAR would join a fill that is gone.
+            let _leave = LeaveMap {
+                fills: fills.clone(),
+                nar_file: nar_file.clone(),
+            };
             let started = Instant::now();
             let result = fills.run(&ctx, spec, &this, &tx).await;
             drop(this);
@@ -421,7 +444,6 @@ impl Fills {
             if !(verified && matches!(state, FillState::Failed(_))) {
                 let _ = tx.send(state);
             }
-            fills.inflight.lock().await.remove(&nar_file);
         }.instrument(span));
         Ok(Some((fill, FillRole::Started)))
     }
