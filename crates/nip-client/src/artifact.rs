@@ -791,6 +791,24 @@ mod tests {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
     }
 
+    /// Asserts the file [`victim`] made still has its mode and contents.
+    #[track_caller]
+    fn assert_victim_untouched(v: &Path) {
+        assert_eq!(mode_of(v), 0o600);
+        assert_eq!(std::fs::read_to_string(v).unwrap(), "secret");
+    }
+
+    /// A symlink `link -> target`, then a directory entry `dir` (raw) that resolves through it.
+    fn symlink_then_dir(link: &str, target: &Path, dir: &[u8]) -> Vec<u8> {
+        archive(&[
+            (symlink_header(link, target), Vec::new()),
+            (
+                raw_header(tar::EntryType::Directory, 0o755, dir),
+                Vec::new(),
+            ),
+        ])
+    }
+
     #[test]
     fn a_dotdot_directory_behind_a_symlink_cannot_chmod_a_file_outside() {
         // The review's attack: `a -> victim`, then a directory `a/..`, which tar skips and the
@@ -798,21 +816,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let v = victim(t.path());
         let p = t.path().join("a.tar.zst");
-        std::fs::write(
-            &p,
-            archive(&[
-                (symlink_header("a", &v), Vec::new()),
-                (
-                    raw_header(tar::EntryType::Directory, 0o755, b"a/.."),
-                    Vec::new(),
-                ),
-            ]),
-        )
-        .unwrap();
+        std::fs::write(&p, symlink_then_dir("a", &v, b"a/..")).unwrap();
         let pkgs = t.path().join("pkgs");
         let result = unpack(&p, &pkgs, "k", &small_limits());
-        assert_eq!(mode_of(&v), 0o600);
-        assert_eq!(std::fs::read_to_string(&v).unwrap(), "secret");
+        assert_victim_untouched(&v);
         let err = result.unwrap_err();
         assert!(matches!(err, ClientError::Refused(..)), "{err}");
         assert!(err.to_string().contains("a/.."), "{err}");
@@ -863,23 +870,12 @@ mod tests {
         .unwrap();
         let out = unpack(&p, &t.path().join("pkgs"), "k", &small_limits()).unwrap();
         assert_eq!(std::fs::read_link(out.join("l")).unwrap(), v);
-        assert_eq!(mode_of(&v), 0o600);
-        assert_eq!(std::fs::read_to_string(&v).unwrap(), "secret");
+        assert_victim_untouched(&v);
         // A directory entry over a symlink to a directory outside is refused, its target untouched.
         use std::os::unix::fs::PermissionsExt;
         let outside = v.parent().unwrap();
         std::fs::set_permissions(outside, std::fs::Permissions::from_mode(0o700)).unwrap();
-        std::fs::write(
-            &p,
-            archive(&[
-                (symlink_header("d", outside), Vec::new()),
-                (
-                    raw_header(tar::EntryType::Directory, 0o755, b"d"),
-                    Vec::new(),
-                ),
-            ]),
-        )
-        .unwrap();
+        std::fs::write(&p, symlink_then_dir("d", outside, b"d")).unwrap();
         let pkgs = t.path().join("pkgs2");
         assert!(unpack(&p, &pkgs, "k", &small_limits()).is_err());
         assert_eq!(mode_of(outside), 0o700);

@@ -250,13 +250,16 @@ impl KeyStore for SqlMeta {
     }
 }
 
-#[async_trait]
-impl AuditLog for SqlMeta {
-    async fn audit(&self, e: &AuditEntry) -> Result<(), MetaError> {
-        sqlx::query(&self.sql(
-            "INSERT INTO audit_log (at, key_name, remote_addr, action, target, size, sha256, result) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        ))
+const INSERT_AUDIT: &str =
+    "INSERT INTO audit_log (at, key_name, remote_addr, action, target, size, sha256, result) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+
+/// [`INSERT_AUDIT`] (as rewritten for the backend) bound to `e`, for the pool or a transaction.
+fn insert_audit<'q>(
+    sql: &'q str,
+    e: &'q AuditEntry,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    sqlx::query(sql)
         .bind(e.at)
         .bind(&e.key_name)
         .bind(&e.remote_addr)
@@ -265,8 +268,14 @@ impl AuditLog for SqlMeta {
         .bind(e.size)
         .bind(&e.sha256)
         .bind(&e.result)
-        .execute(self.pool())
-        .await?;
+}
+
+#[async_trait]
+impl AuditLog for SqlMeta {
+    async fn audit(&self, e: &AuditEntry) -> Result<(), MetaError> {
+        insert_audit(&self.sql(INSERT_AUDIT), e)
+            .execute(self.pool())
+            .await?;
         Ok(())
     }
 
@@ -274,20 +283,9 @@ impl AuditLog for SqlMeta {
         // One transaction: one sync of the database for the whole batch.
         let mut tx = self.pool().begin().await?;
         for e in entries {
-            sqlx::query(&self.sql(
-                "INSERT INTO audit_log (at, key_name, remote_addr, action, target, size, sha256, result) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            ))
-            .bind(e.at)
-            .bind(&e.key_name)
-            .bind(&e.remote_addr)
-            .bind(&e.action)
-            .bind(&e.target)
-            .bind(e.size)
-            .bind(&e.sha256)
-            .bind(&e.result)
-            .execute(&mut *tx)
-            .await?;
+            insert_audit(&self.sql(INSERT_AUDIT), e)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -328,6 +326,22 @@ mod tests {
         }
     }
 
+    /// The keys `list_artifacts` returns, in its order.
+    async fn listed(
+        db: &SqlMeta,
+        name: Option<&str>,
+        version: Option<&str>,
+        prefix: Option<&str>,
+        after: Option<(i64, &str)>,
+        limit: i64,
+    ) -> Vec<String> {
+        let records = db
+            .list_artifacts(name, version, prefix, after, limit)
+            .await
+            .unwrap();
+        records.into_iter().map(|r| r.key).collect()
+    }
+
     #[tokio::test]
     async fn artifacts_are_immutable_and_listed_newest_first() {
         for t in crate::testdb::all().await {
@@ -356,47 +370,26 @@ mod tests {
             db.put_artifact(&rec("axb", "s3", 30), Some("other"), Some("1"))
                 .await
                 .unwrap();
-            let keys = |v: Vec<ArtifactRecord>| v.into_iter().map(|r| r.key).collect::<Vec<_>>();
             assert_eq!(
-                keys(
-                    db.list_artifacts(Some("pkg"), Some("1"), None, None, 10)
-                        .await
-                        .unwrap()
-                ),
+                listed(db, Some("pkg"), Some("1"), None, None, 10).await,
                 ["a_2", "a_1"]
             );
             // `_` is literal in prefixes.
             assert_eq!(
-                keys(
-                    db.list_artifacts(None, None, Some("a_"), None, 10)
-                        .await
-                        .unwrap()
-                ),
+                listed(db, None, None, Some("a_"), None, 10).await,
                 ["a_2", "a_1"]
             );
             // Pages continue strictly after the cursor, ties on time broken by key.
             assert_eq!(
-                keys(
-                    db.list_artifacts(None, None, None, Some((30, "axb")), 1)
-                        .await
-                        .unwrap()
-                ),
+                listed(db, None, None, None, Some((30, "axb")), 1).await,
                 ["a_2"]
             );
             assert_eq!(
-                keys(
-                    db.list_artifacts(None, None, None, Some((20, "a_3")), 10)
-                        .await
-                        .unwrap()
-                ),
+                listed(db, None, None, None, Some((20, "a_3")), 10).await,
                 ["a_2", "a_1"]
             );
             assert_eq!(
-                keys(
-                    db.list_artifacts(None, None, None, Some((20, "a_2")), 10)
-                        .await
-                        .unwrap()
-                ),
+                listed(db, None, None, None, Some((20, "a_2")), 10).await,
                 ["a_1"]
             );
             let (gone, shared) = db.delete_artifact("a_1").await.unwrap().unwrap();

@@ -57,32 +57,33 @@ fn not_tested(var: &str, backend: &str, server: &str) {
     eprintln!("{backend} backend not tested: {var} is not set");
 }
 
-/// A new, empty database on the PostgreSQL server of `admin` (a URL whose user may create them).
-async fn fresh_postgres(admin: &str) -> String {
+/// Creates a new, empty database on the server of `admin` (a URL whose user may create them,
+/// read from `var`) and returns its name.
+async fn create_database(admin: &str, var: &str) -> String {
     let name = format!("nip_t_{}", rand_suffix());
-    let mut conn = sqlx::postgres::PgConnection::connect(admin)
+    // `Any` finds no driver until they are installed; `SqlMeta::connect` may not have run yet.
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(admin)
         .await
-        .expect("connect to NIP_TEST_POSTGRES_URL");
+        .unwrap_or_else(|e| panic!("connect to {var}: {e:?}"));
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut conn)
         .await
         .unwrap();
     conn.close().await.unwrap();
+    name
+}
+
+/// A new, empty database on the PostgreSQL server of `admin` (a URL whose user may create them).
+async fn fresh_postgres(admin: &str) -> String {
+    let name = create_database(admin, "NIP_TEST_POSTGRES_URL").await;
     let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(admin);
     format!("{base}/{name}")
 }
 
 /// A new, empty database on the MySQL server of `admin` (a URL whose user may create them).
 pub async fn fresh_mysql(admin: &str) -> String {
-    let name = format!("nip_t_{}", rand_suffix());
-    let mut conn = sqlx::mysql::MySqlConnection::connect(admin)
-        .await
-        .expect("connect to NIP_TEST_MYSQL_URL");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    conn.close().await.unwrap();
+    let name = create_database(admin, "NIP_TEST_MYSQL_URL").await;
     let (base, query) = admin.split_once('?').unwrap_or((admin, ""));
     let base = base.rsplit_once('/').map(|(b, _)| b).unwrap_or(base);
     if query.is_empty() {
