@@ -39,7 +39,8 @@ pub async fn get_nar(
     let file = name.file_name();
     let key = nip_store::BlobKey::nar(&file)?;
 
-    if indexed(&state, &file).await? {
+    let (stored, prefetched) = indexed(&state, &file, on_miss).await?;
+    if stored {
         if let Some(resp) =
             serve_stored(&state, &key, &headers, &method, name.compression()).await?
         {
@@ -60,11 +61,10 @@ pub async fn get_nar(
         return Err(ApiError::NotFound("this cache has no such NAR".into()));
     }
 
-    // Both at once: each is a round trip to the database.
-    let (info, sources) = tokio::try_join!(
-        state.meta.narinfo_for_nar(&file),
-        state.meta.nar_sources(&file)
-    )?;
+    let (info, sources) = match prefetched {
+        Some(p) => p,
+        None => fill_facts(&state, &file).await?,
+    };
     let Some(info) = info else {
         return Err(ApiError::NotFound(
             "this cache knows no narinfo for this NAR; fetch the narinfo first".into(),
@@ -126,17 +126,43 @@ pub async fn get_nar(
     }
 }
 
-/// Whether the index has a row for this NAR: from memory when seen recently.
-async fn indexed(state: &AppState, file: &str) -> ApiResult<bool> {
+/// The narinfo naming a NAR and the upstream URLs recorded for it: what a fill needs.
+type FillFacts = (Option<nip_store::NarInfoRecord>, Vec<nip_store::NarSource>);
+
+async fn fill_facts(state: &AppState, file: &str) -> ApiResult<FillFacts> {
+    // Both at once: each is a round trip to the database.
+    Ok(tokio::try_join!(
+        state.meta.narinfo_for_nar(file),
+        state.meta.nar_sources(file)
+    )?)
+}
+
+/// Whether the index has a row for this NAR: from memory when seen recently. When the index is
+/// asked on a route that fetches misses, what a fill needs is read at the same time (a miss
+/// then waits for one round trip, not two), and returned.
+async fn indexed(
+    state: &AppState,
+    file: &str,
+    on_miss: OnMiss,
+) -> ApiResult<(bool, Option<FillFacts>)> {
     if state.hot_nars.get(file).is_some() {
-        return Ok(true);
+        return Ok((true, None));
     }
     let seen = state.hot_nars.generation();
-    let found = state.meta.get_nar(file).await?.is_some();
-    if found {
+    let (row, facts) = match on_miss {
+        OnMiss::AskUpstreams => {
+            let (row, facts) = tokio::try_join!(
+                async { Ok::<_, ApiError>(state.meta.get_nar(file).await?) },
+                fill_facts(state, file)
+            )?;
+            (row, Some(facts))
+        }
+        OnMiss::NotFound => (state.meta.get_nar(file).await?, None),
+    };
+    if row.is_some() {
         state.hot_nars.insert(file, (), seen);
     }
-    Ok(found)
+    Ok((row.is_some(), facts))
 }
 
 fn nar_headers(status: StatusCode, size: Option<u64>) -> axum::http::response::Builder {
