@@ -7,20 +7,8 @@ use crate::harness::*;
 
 #[tokio::test]
 async fn fifty_concurrent_nar_requests_make_one_upstream_fetch() {
-    let key = upstream_key();
-    let up = FakeUpstream::start(40).await;
-    let e = make_entry("popular", 2 * 1024 * 1024, Compression::Xz, &key);
-    up.publish(&e);
     // Slow enough that all 50 requests arrive while the fill is under way.
-    up.set(
-        &e.nar_path,
-        Behavior::Slow {
-            body: e.nar.clone(),
-            chunk: 64 * 1024,
-            delay: Duration::from_millis(30),
-        },
-    );
-    let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
+    let (up, e, nip) = slow_nar("popular", 2 * 1024 * 1024, 64 * 1024, 30).await;
 
     let narinfo_requests: Vec<_> = (0..50)
         .map(|_| tokio::spawn(get_owned(format!("{}/{}.narinfo", nip.url, e.hash))))
@@ -57,6 +45,30 @@ async fn fifty_concurrent_nar_requests_make_one_upstream_fetch() {
     assert_eq!(nip.state.fills_started(), 1);
 }
 
+/// A nip in front of an upstream that sends a NAR of `size` random bytes in `chunk`s, each after
+/// `delay_ms`.
+async fn slow_nar(
+    name: &str,
+    size: usize,
+    chunk: usize,
+    delay_ms: u64,
+) -> (FakeUpstream, Entry, Nip) {
+    let key = upstream_key();
+    let up = FakeUpstream::start(40).await;
+    let e = make_entry(name, size, Compression::Xz, &key);
+    up.publish(&e);
+    up.set(
+        &e.nar_path,
+        Behavior::Slow {
+            body: e.nar.clone(),
+            chunk,
+            delay: Duration::from_millis(delay_ms),
+        },
+    );
+    let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
+    (up, e, nip)
+}
+
 async fn get_owned(url: String) -> (u16, Result<bytes::Bytes, String>) {
     get(&url).await
 }
@@ -65,19 +77,7 @@ async fn get_owned(url: String) -> (u16, Result<bytes::Bytes, String>) {
 /// file, then the rest as it arrives: the same bytes as the first client's.
 #[tokio::test]
 async fn a_late_joiner_of_a_big_fill_gets_every_byte() {
-    let key = upstream_key();
-    let up = FakeUpstream::start(40).await;
-    let e = make_entry("big-late", 12 * 1024 * 1024, Compression::Xz, &key);
-    up.publish(&e);
-    up.set(
-        &e.nar_path,
-        Behavior::Slow {
-            body: e.nar.clone(),
-            chunk: 256 * 1024,
-            delay: Duration::from_millis(15),
-        },
-    );
-    let nip = start_nip(&[&up], &[key.public_key()], vec![]).await;
+    let (up, e, nip) = slow_nar("big-late", 12 * 1024 * 1024, 256 * 1024, 15).await;
     let (status, body) = get_owned(format!("{}/{}.narinfo", nip.url, e.hash)).await;
     assert_eq!(status, 200);
     let nar_url = format!(
