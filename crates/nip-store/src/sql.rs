@@ -637,6 +637,14 @@ impl MetaStore for SqlMeta {
         // Two statements, no transaction (each round trip counts on a miss): the sources go
         // first, so a narinfo is never seen without them. Should the narinfo turn out stored
         // meanwhile, the sources stay as alternatives for this NAR file.
+        // One row per URL (two upstreams may name the same one): PostgreSQL refuses an upsert
+        // that touches a row twice.
+        let mut seen = std::collections::HashSet::new();
+        let sources: Vec<(usize, &NarSource)> = sources
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| seen.insert(s.url.as_str()))
+            .collect();
         if !sources.is_empty() {
             let rows = (0..sources.len())
                 .map(|i| {
@@ -657,12 +665,12 @@ impl MetaStore for SqlMeta {
             );
             let sql = self.sql(&sql);
             let mut q = sqlx::query(&sql);
-            for (rank, src) in sources.iter().enumerate() {
+            for (rank, src) in &sources {
                 q = q
                     .bind(&rec.nar_file)
                     .bind(&src.url)
                     .bind(&src.upstream)
-                    .bind(rank as i64);
+                    .bind(*rank as i64);
             }
             q.execute(pool).await?;
         }
@@ -835,7 +843,15 @@ mod tests {
                 meta.get_narinfo("h1").await.unwrap(),
                 Some(rec("h1", "f.nar"))
             );
-            // Immutable: a second narinfo for the hash changes nothing and is told what is there.
+            // Two upstreams naming the same URL: one row.
+            let twice = vec![sources[0].clone(), sources[0].clone()];
+            assert_eq!(
+                meta.put_narinfo(&rec("h2", "d.nar"), &twice).await.unwrap(),
+                PutNarInfo::Inserted
+            );
+            assert_eq!(meta.nar_sources("d.nar").await.unwrap(), &twice[..1]);
+            // Immutable: a second narinfo for the hash leaves the stored one as it is and is told
+            // what is there.
             let mut other = rec("h1", "g.nar");
             other.nar_hash = "sha256:other".into();
             other.uploaded_by = Some("ci".into());
