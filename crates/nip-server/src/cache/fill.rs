@@ -38,7 +38,7 @@ const READ_CHUNK: usize = 1024 * 1024;
 const IN_MEMORY_MAX: usize = 256 * 1024;
 /// Received chunks kept in memory beyond those not yet on disk: clients keeping up with the
 /// download take them from there, and only one that falls behind reads the staged file.
-const WINDOW_MAX: usize = 4 * 1024 * 1024;
+const WINDOW_MAX: usize = 1024 * 1024;
 /// How many new bytes wake the clients of a fill (each wake-up is a trip through every client's
 /// task).
 const ANNOUNCE_EVERY: u64 = 64 * 1024;
@@ -283,7 +283,7 @@ impl Fill {
 }
 
 /// The latest received chunks, in order: every chunk not yet on disk, and older ones up to
-/// [`WINDOW_MAX`] bytes.
+/// [`WINDOW_MAX`] bytes. Emptied once every byte is on disk and checked.
 #[derive(Default)]
 struct Window {
     chunks: std::collections::VecDeque<(u64, Bytes)>,
@@ -314,32 +314,77 @@ impl Window {
         self.bytes = 0;
     }
 
-    /// The bytes from `offset` up to `end` that the window holds (one chunk's worth), or where
-    /// the window starts when `offset` is before it (those bytes are on disk).
-    fn read(&self, offset: u64, end: u64) -> Result<Bytes, Option<u64>> {
-        let first = self.chunks.front().map(|(s, _)| *s);
-        if first.is_none_or(|s| offset < s) {
-            return Err(first);
+    /// The bytes from `offset` up to `end` (at most one chunk's worth), or where to read them.
+    fn read(&self, offset: u64, end: u64) -> WindowRead {
+        let Some(first) = self.chunks.front().map(|(s, _)| *s) else {
+            return WindowRead::OnDisk { before: None };
+        };
+        if offset < first {
+            return WindowRead::OnDisk {
+                before: Some(first),
+            };
         }
         let i = self.chunks.partition_point(|(s, _)| *s <= offset) - 1;
         let (start, chunk) = &self.chunks[i];
         let from = (offset - start) as usize;
         let to = chunk.len().min((end - start) as usize);
         if from >= to {
-            return Err(None);
+            return WindowRead::Lost;
         }
-        Ok(chunk.slice(from..to))
+        WindowRead::Here(chunk.slice(from..to))
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum WindowRead {
+    Here(Bytes),
+    /// Before the window (or with the window empty): on disk, up to `before` if given.
+    OnDisk {
+        before: Option<u64>,
+    },
+    /// Past the window's end: announced bytes it does not hold (never expected).
+    Lost,
+}
+
+/// How long a fill's "stored" note outlives it: far longer than a request takes from its look
+/// at the index to [`Fills::join_or_start`].
+const STORED_NOTE_TTL: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct Inflight {
+    running: HashMap<String, Arc<Fill>>,
+    /// NARs fills here stored lately, noted as each leaves `running`.
+    stored: HashMap<String, Instant>,
+    /// Size of `stored` at which old notes are swept out (twice what stayed, at least 1024).
+    sweep_at: usize,
+}
+
+impl Inflight {
+    fn stored_lately(&self, nar_file: &str) -> bool {
+        self.stored
+            .get(nar_file)
+            .is_some_and(|at| at.elapsed() < STORED_NOTE_TTL)
     }
 }
 
 struct LeaveMap {
     fills: Arc<Fills>,
     nar_file: String,
+    /// Set once the fill stored the NAR.
+    stored: bool,
 }
 
 impl Drop for LeaveMap {
     fn drop(&mut self) {
-        self.fills.inflight().remove(&self.nar_file);
+        let mut map = self.fills.inflight();
+        map.running.remove(&self.nar_file);
+        if self.stored {
+            if map.stored.len() >= map.sweep_at {
+                map.stored.retain(|_, at| at.elapsed() < STORED_NOTE_TTL);
+                map.sweep_at = (2 * map.stored.len()).max(1024);
+            }
+            map.stored.insert(self.nar_file.clone(), Instant::now());
+        }
     }
 }
 
@@ -352,7 +397,7 @@ pub enum FillRole {
 
 pub struct Fills {
     /// Never held across an await.
-    inflight: Mutex<HashMap<String, Arc<Fill>>>,
+    inflight: Mutex<Inflight>,
     failed_sources: Mutex<HashMap<(String, String), Instant>>,
     started: std::sync::atomic::AtomicU64,
 }
@@ -360,7 +405,7 @@ pub struct Fills {
 impl Default for Fills {
     fn default() -> Self {
         Fills {
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Mutex::default(),
             failed_sources: Mutex::new(HashMap::new()),
             started: Default::default(),
         }
@@ -370,11 +415,17 @@ impl Default for Fills {
 impl Fills {
     /// Whether this instance is filling `nar_file` now (a request then joins it).
     pub async fn is_running(&self, nar_file: &str) -> bool {
-        self.inflight().contains_key(nar_file)
+        self.inflight().running.contains_key(nar_file)
     }
 
-    fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Fill>>> {
+    fn inflight(&self) -> std::sync::MutexGuard<'_, Inflight> {
         self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops the note that a fill here stored `nar_file` (its file turned out gone): the next
+    /// [`Fills::join_or_start`] starts a fill. False when there was no such note.
+    pub fn forget_stored(&self, nar_file: &str) -> bool {
+        self.inflight().stored.remove(nar_file).is_some()
     }
 
     /// Fills started since the server started (each is one upstream download).
@@ -390,13 +441,12 @@ impl Fills {
         spec: FillSpec,
     ) -> Result<Option<(Arc<Fill>, FillRole)>, nip_store::StoreError> {
         let mut map = self.inflight();
-        if let Some(fill) = map.get(&spec.nar_file) {
+        if let Some(fill) = map.running.get(&spec.nar_file) {
             return Ok(Some((fill.clone(), FillRole::Joined)));
         }
-        // Re-checked under the lock: a fill may have finished since the caller looked (it
-        // notes the NAR in memory before it leaves the map). A NAR another instance stored is
-        // found by the caller's lease; an upload meanwhile only costs a download.
-        if ctx.hot_nars.get(&spec.nar_file).is_some() {
+        // A fill may have stored it since the caller looked at the index (a NAR another
+        // instance stored is found by the caller's lease; an upload meanwhile costs a download).
+        if map.stored_lately(&spec.nar_file) {
             return Ok(None);
         }
         let (tx, rx) = watch::channel(FillState::Running { received: 0 });
@@ -406,7 +456,7 @@ impl Fills {
             state: rx,
             expected_size: spec.file_size,
         });
-        map.insert(spec.nar_file.clone(), fill.clone());
+        map.running.insert(spec.nar_file.clone(), fill.clone());
         drop(map);
         self.started
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -417,15 +467,17 @@ impl Fills {
             let nar_file = spec.nar_file.clone();
             // Out of the map when the task ends, even by a panic: else every later request for
             // this NAR would join a fill that is gone.
-            let _leave = LeaveMap {
+            let mut leave = LeaveMap {
                 fills: fills.clone(),
                 nar_file: nar_file.clone(),
+                stored: false,
             };
             let started = Instant::now();
             let result = fills.run(&ctx, spec, &this, &tx).await;
             drop(this);
             let state = match result {
                 Ok(written) => {
+                    leave.stored = true;
                     tracing::debug!(%nar_file, bytes = written, ms = started.elapsed().as_millis() as u64, "NAR cached");
                     let memory = match &*tx.borrow() {
                         FillState::Verified { memory, .. } => memory.clone(),
@@ -695,24 +747,31 @@ impl Fills {
                     written,
                     memory: kept.clone(),
                 });
-                // Clients have the bytes: now they go to disk, to be published.
-                if let Some(kept) = kept {
-                    let mut w = nip_store::BatchedWriter::new(staged(ctx, fill).await?);
-                    w.push(kept).await?;
-                    w.finish().await?;
+                match kept {
+                    // Clients have the bytes: now they go to disk, to be published.
+                    Some(kept) => {
+                        let mut w = nip_store::BatchedWriter::new(staged(ctx, fill).await?);
+                        w.push(kept).await?;
+                        w.finish().await?;
+                    }
+                    // Every byte is on disk: clients read the rest from there.
+                    None => fill.window().clear(),
                 }
                 Ok((written, digest))
             }
             Err(Failure::Local(e)) => Err(DownloadError::Local(e)),
             Err(Failure::Upstream(message)) => {
                 // Nobody saw these bytes: empty the file so the next source starts clean. If
-                // that fails, the fill cannot go on with another source.
-                fill.window().clear();
+                // that fails, the fill cannot go on with another source. (Bytes clients were
+                // told of stay readable until the fill's error reaches them.)
                 let clean = !sent
                     && match writer.as_mut() {
                         Some(w) => w.discard().await.is_ok(),
                         None => true,
                     };
+                if clean {
+                    fill.window().clear();
+                }
                 Err(fail(message, !clean))
             }
         }
@@ -799,11 +858,17 @@ impl Fill {
                     if offset < available {
                         let from_window = fill.window().read(offset, available);
                         let window_start = match from_window {
-                            Ok(b) => {
+                            WindowRead::Here(b) => {
                                 let next = offset + b.len() as u64;
                                 return Some((Ok(b), (fill, rx, next, false)));
                             }
-                            Err(start) => start,
+                            WindowRead::OnDisk { before } => before,
+                            WindowRead::Lost => {
+                                return Some((
+                                    Err(std::io::Error::other("the fill lost announced bytes")),
+                                    (fill, rx, offset, true),
+                                ));
+                            }
                         };
                         // Behind the window: these bytes are on disk.
                         let len = window_start
@@ -939,13 +1004,15 @@ mod tests {
         check.finish().await
     }
 
-    /// Each compression decodes to the NAR's length and hash; a cut, corrupted, overlong or
-    /// trailing-garbage stream fails.
     #[test]
     fn the_window_keeps_what_is_not_on_disk_and_hands_out_slices() {
         let mut w = Window::default();
         let chunk = |n: usize, b: u8| Bytes::from(vec![b; n]);
-        assert_eq!(w.read(0, 10).unwrap_err(), None);
+        let here = |r: WindowRead| match r {
+            WindowRead::Here(b) => (b.len(), b[0]),
+            other => panic!("not in the window: {other:?}"),
+        };
+        assert_eq!(w.read(0, 10), WindowRead::OnDisk { before: None });
         let big = WINDOW_MAX / 2;
         w.push(0, chunk(big, 1));
         w.push(big as u64, chunk(big, 2));
@@ -956,16 +1023,19 @@ mod tests {
         // The first chunk is on disk: it goes; a reader before the window is told where it starts.
         w.trim(big as u64);
         assert_eq!(w.chunks.len(), 2);
-        assert_eq!(w.read(10, 3 * big as u64).unwrap_err(), Some(big as u64));
+        let before = Some(big as u64);
+        assert_eq!(w.read(10, 3 * big as u64), WindowRead::OnDisk { before });
         // A read within a chunk ends at that chunk's end, or at the given end.
-        let b = w.read(big as u64 + 5, 3 * big as u64).unwrap();
-        assert_eq!((b.len(), b[0]), (big - 5, 2));
-        let b = w.read(2 * big as u64, 2 * big as u64 + 7).unwrap();
-        assert_eq!((b.len(), b[0]), (7, 3));
+        assert_eq!(here(w.read(big as u64 + 5, 3 * big as u64)), (big - 5, 2));
+        assert_eq!(here(w.read(2 * big as u64, 2 * big as u64 + 7)), (7, 3));
+        // Past what it holds: never handed out as on disk.
+        assert_eq!(w.read(3 * big as u64, 4 * big as u64), WindowRead::Lost);
         w.clear();
         assert_eq!((w.chunks.len(), w.bytes), (0, 0));
     }
 
+    /// Each compression decodes to the NAR's length and hash; a cut, corrupted, overlong or
+    /// trailing-garbage stream fails.
     #[tokio::test]
     async fn nar_checks_decode_and_refuse_bad_streams() {
         let nar: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();

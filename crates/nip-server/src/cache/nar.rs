@@ -38,6 +38,7 @@ pub async fn publish(
 /// served without its NAR); true when the NAR was stored.
 pub async fn delete(state: &AppState, nar_file: &str) -> Result<bool, CacheError> {
     state.hot_nars.forget(nar_file);
+    state.fills.forget_stored(nar_file);
     let existed = state.meta.get_nar(nar_file).await?.is_some();
     for hash in state.meta.evict_nar(nar_file).await? {
         state.hot_narinfos.forget(&hash);

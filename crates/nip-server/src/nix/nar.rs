@@ -39,8 +39,7 @@ pub async fn get_nar(
     let file = name.file_name();
     let key = nip_store::BlobKey::nar(&file)?;
 
-    let (stored, prefetched) = indexed(&state, &file, on_miss).await?;
-    if stored {
+    if indexed(&state, &file).await? {
         if let Some(resp) =
             serve_stored(&state, &key, &headers, &method, name.compression()).await?
         {
@@ -61,10 +60,11 @@ pub async fn get_nar(
         return Err(ApiError::NotFound("this cache has no such NAR".into()));
     }
 
-    let (info, sources) = match prefetched {
-        Some(p) => p,
-        None => fill_facts(&state, &file).await?,
-    };
+    // Both at once: each is a round trip to the database.
+    let (info, sources) = tokio::try_join!(
+        state.meta.narinfo_for_nar(&file),
+        state.meta.nar_sources(&file)
+    )?;
     let Some(info) = info else {
         return Err(ApiError::NotFound(
             "this cache knows no narinfo for this NAR; fetch the narinfo first".into(),
@@ -98,71 +98,55 @@ pub async fn get_nar(
             }
         }
     };
-    match state.fills.join_or_start(&state, spec).await? {
-        Some((fill, role)) => {
-            if let Some(lease) = lease {
-                // Held until the fill ends, whoever of its clients stays.
-                let fill = fill.clone();
-                tokio::spawn(async move {
-                    fill.finished().await;
-                    drop(lease);
-                });
+    let (fill, role) = loop {
+        match state.fills.join_or_start(&state, spec.clone()).await? {
+            Some(started) => break started,
+            None => {
+                if let Some(resp) =
+                    serve_stored(&state, &key, &headers, &method, name.compression()).await?
+                {
+                    return Ok(resp);
+                }
+                // A fill here stored it a moment ago, and the file is gone already (evicted,
+                // or removed behind nip's back): fetch it again.
+                if !state.fills.forget_stored(&file) {
+                    return Err(ApiError::internal("NAR vanished right after it was stored"));
+                }
             }
-            tracing::debug!(?role, "NAR miss: streaming from upstream");
-            let read = crate::nix::narinfo::nix_read("nar-read", &file, "200 upstream");
-            state.read_audit.note(&caller, read);
-            state.stats.miss(Kind::Nar);
-            match role {
-                FillRole::Started => state.stats.activity("nar-fetch", file.clone()),
-                FillRole::Joined => state.stats.coalesced(Kind::Nar),
-            }
-            Ok(nar_headers(StatusCode::OK, size)
-                .body(Body::from_stream(fill.stream()))
-                .map_err(ApiError::internal)?)
         }
-        None => serve_stored(&state, &key, &headers, &method, name.compression())
-            .await?
-            .ok_or_else(|| ApiError::internal("NAR vanished right after it was stored")),
+    };
+    if let Some(lease) = lease {
+        // Held until the fill ends, whoever of its clients stays.
+        let fill = fill.clone();
+        tokio::spawn(async move {
+            fill.finished().await;
+            drop(lease);
+        });
     }
+    tracing::debug!(?role, "NAR miss: streaming from upstream");
+    let read = crate::nix::narinfo::nix_read("nar-read", &file, "200 upstream");
+    state.read_audit.note(&caller, read);
+    state.stats.miss(Kind::Nar);
+    match role {
+        FillRole::Started => state.stats.activity("nar-fetch", file.clone()),
+        FillRole::Joined => state.stats.coalesced(Kind::Nar),
+    }
+    nar_headers(StatusCode::OK, size)
+        .body(Body::from_stream(fill.stream()))
+        .map_err(ApiError::internal)
 }
 
-/// The narinfo naming a NAR and the upstream URLs recorded for it: what a fill needs.
-type FillFacts = (Option<nip_store::NarInfoRecord>, Vec<nip_store::NarSource>);
-
-async fn fill_facts(state: &AppState, file: &str) -> ApiResult<FillFacts> {
-    // Both at once: each is a round trip to the database.
-    Ok(tokio::try_join!(
-        state.meta.narinfo_for_nar(file),
-        state.meta.nar_sources(file)
-    )?)
-}
-
-/// Whether the index has a row for this NAR: from memory when seen recently. When the index is
-/// asked on a route that fetches misses, what a fill needs is read at the same time (a miss
-/// then waits for one round trip, not two), and returned.
-async fn indexed(
-    state: &AppState,
-    file: &str,
-    on_miss: OnMiss,
-) -> ApiResult<(bool, Option<FillFacts>)> {
+/// Whether the index has a row for this NAR: from memory when seen recently.
+async fn indexed(state: &AppState, file: &str) -> ApiResult<bool> {
     if state.hot_nars.get(file).is_some() {
-        return Ok((true, None));
+        return Ok(true);
     }
     let seen = state.hot_nars.generation();
-    let (row, facts) = match on_miss {
-        OnMiss::AskUpstreams => {
-            let (row, facts) = tokio::try_join!(
-                async { Ok::<_, ApiError>(state.meta.get_nar(file).await?) },
-                fill_facts(state, file)
-            )?;
-            (row, Some(facts))
-        }
-        OnMiss::NotFound => (state.meta.get_nar(file).await?, None),
-    };
-    if row.is_some() {
+    let found = state.meta.get_nar(file).await?.is_some();
+    if found {
         state.hot_nars.insert(file, (), seen);
     }
-    Ok((row.is_some(), facts))
+    Ok(found)
 }
 
 fn nar_headers(status: StatusCode, size: Option<u64>) -> axum::http::response::Builder {
