@@ -33,14 +33,7 @@ async fn fifty_concurrent_nar_requests_make_one_upstream_fetch() {
             get_owned(url).await
         }));
     }
-    for r in requests {
-        let (status, body) = r.await.unwrap();
-        assert_eq!(status, 200);
-        assert!(
-            body.unwrap() == e.nar,
-            "a body differs from the upstream's bytes"
-        );
-    }
+    assert_whole_bodies(requests, &e).await;
     assert_eq!(up.hits(&e.nar_path), 1);
     assert_eq!(nip.state.fills_started(), 1);
 }
@@ -69,6 +62,21 @@ async fn slow_nar(
     (up, e, nip)
 }
 
+/// Every request answered 200 with exactly the upstream's bytes.
+async fn assert_whole_bodies(
+    requests: Vec<tokio::task::JoinHandle<(u16, Result<bytes::Bytes, String>)>>,
+    e: &Entry,
+) {
+    for r in requests {
+        let (status, body) = r.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            body.unwrap() == e.nar,
+            "a body differs from the upstream's bytes"
+        );
+    }
+}
+
 async fn get_owned(url: String) -> (u16, Result<bytes::Bytes, String>) {
     get(&url).await
 }
@@ -94,13 +102,6 @@ async fn a_late_joiner_of_a_big_fill_gets_every_byte() {
     );
     assert_eq!(nip.state.fills_started(), 1);
     let late = tokio::spawn(get_owned(nar_url));
-    for r in [first, late] {
-        let (status, body) = r.await.unwrap();
-        assert_eq!(status, 200);
-        assert!(
-            body.unwrap() == e.nar,
-            "a body differs from the upstream's bytes"
-        );
-    }
+    assert_whole_bodies(vec![first, late], &e).await;
     assert_eq!(up.hits(&e.nar_path), 1);
 }
