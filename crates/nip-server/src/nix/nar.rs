@@ -7,6 +7,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::Response;
 use axum::Extension;
+use futures::StreamExt;
 use nip_core::nar_file::{Compression, NarFileName};
 use tokio_util::io::{ReaderStream, StreamReader};
 
@@ -131,8 +132,17 @@ pub async fn get_nar(
         FillRole::Started => state.stats.activity("nar-fetch", file.clone()),
         FillRole::Joined => state.stats.coalesced(Kind::Nar),
     }
+    // The status waits for the first bytes: a fill that fails before any (a small NAR is
+    // checked whole first) is a 502, not a 200 whose connection drops.
+    let mut body = Box::pin(fill.stream());
+    let first = match body.next().await {
+        Some(Ok(bytes)) => Some(bytes),
+        Some(Err(e)) => return Err(ApiError::BadGateway(e.to_string())),
+        None => None,
+    };
+    let rest = futures::stream::iter(first.map(Ok)).chain(body);
     nar_headers(StatusCode::OK, size)
-        .body(Body::from_stream(fill.stream()))
+        .body(Body::from_stream(rest))
         .map_err(ApiError::internal)
 }
 
