@@ -462,22 +462,28 @@ pub fn promtool_problems(text: &str, test: &str) -> Option<Vec<String>> {
 /// and temp path under `data`, its address `127.0.0.1:port`, `upstream_url` its only upstream.
 /// Written to `<dir>/ncps-config.json`, whose path it returns.
 pub fn write_ncps_nixos_config(dir: &Path, data: &Path, port: u16, upstream_url: &str) -> PathBuf {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/fixtures/ncps-nixos.json"),
-    )
-    .unwrap()
-    .replace("/var/lib/ncps", &data.display().to_string())
-    .replace("\"/tmp\"", &format!("\"{}/tmp\"", data.display()))
-    .replace("\":8501\"", &format!("\"127.0.0.1:{port}\""))
-    .replace(
-        "[\"https://cache.nixos.org\",\"https://nix-community.cachix.org\"]",
-        &format!("[\"{upstream_url}\"]"),
-    );
+    let text = ncps_nixos_json(data, &data.join("tmp"), port, upstream_url);
     assert!(text.contains(upstream_url) && text.contains(&format!(":{port}")));
     std::fs::create_dir_all(data.join("tmp")).unwrap();
     let config = dir.join("ncps-config.json");
     std::fs::write(&config, text).unwrap();
     config
+}
+
+/// ncps' NixOS module JSON with its state directory `state`, temp path `temp`, address
+/// `127.0.0.1:port` and `upstream_url` its only upstream.
+pub fn ncps_nixos_json(state: &Path, temp: &Path, port: u16, upstream_url: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/fixtures/ncps-nixos.json"),
+    )
+    .unwrap()
+    .replace("/var/lib/ncps", &state.display().to_string())
+    .replace("\"/tmp\"", &format!("\"{}\"", temp.display()))
+    .replace("\":8501\"", &format!("\"127.0.0.1:{port}\""))
+    .replace(
+        "[\"https://cache.nixos.org\",\"https://nix-community.cachix.org\"]",
+        &format!("[\"{upstream_url}\"]"),
+    )
 }
 
 /// Spawns a server with `cmd` (stdout dropped, stderr into `log`) and waits until it answers

@@ -940,18 +940,8 @@ fn nip_runtime_needs_nothing_the_hardening_forbids() {
         }
     }
     let port = free_port();
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/fixtures/ncps-nixos.json"),
-    )
-    .unwrap()
-    .replace("/var/lib/ncps", &state.display().to_string())
-    .replace("\"/tmp\"", &format!("\"{}\"", temp.display()))
-    .replace("\":8501\"", &format!("\"127.0.0.1:{port}\""))
-    .replace("\"0 2 * * *\"", "\"@every 1s\"")
-    .replace(
-        "[\"https://cache.nixos.org\",\"https://nix-community.cachix.org\"]",
-        &format!("[\"{upstream_url}\"]"),
-    );
+    let text = ncps_nixos_json(&state, &temp, port, &upstream_url)
+        .replace("\"0 2 * * *\"", "\"@every 1s\"");
     let config = root.join("nip-config.json");
     std::fs::write(&config, text).unwrap();
     let trace = tmp.path().join("trace");
