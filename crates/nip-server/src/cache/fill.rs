@@ -631,10 +631,9 @@ impl Fills {
             .file_size
             .is_none_or(|n| n <= IN_MEMORY_MAX as u64)
             .then(|| bytes::BytesMut::with_capacity(spec.file_size.unwrap_or(0) as usize));
-        // Whether readers of the staged file (clients) may have been given bytes of this attempt.
-        let mut sent = false;
         let mut received = 0u64;
-        // What clients were last told they may read.
+        // What clients were last told they may read: once above 0, they may have bytes of this
+        // attempt, and no other source may take over.
         let mut announced = 0u64;
         let mut nar_check = match &spec.expect {
             Expect::NarHash {
@@ -691,7 +690,6 @@ impl Fills {
                 }
                 if received - announced >= ANNOUNCE_EVERY {
                     announced = received;
-                    sent = true;
                     let _ = tx.send(FillState::Running { received });
                 }
             }
@@ -750,9 +748,8 @@ impl Fills {
                 match kept {
                     // Clients have the bytes: now they go to disk, to be published.
                     Some(kept) => {
-                        let mut w = nip_store::BatchedWriter::new(staged(ctx, fill).await?);
-                        w.push(kept).await?;
-                        w.finish().await?;
+                        // Hashed already: written as it is.
+                        staged(ctx, fill).await?.append(kept).await?;
                     }
                     // Every byte is on disk: clients read the rest from there.
                     None => fill.window().clear(),
@@ -764,7 +761,7 @@ impl Fills {
                 // Nobody saw these bytes: empty the file so the next source starts clean. If
                 // that fails, the fill cannot go on with another source. (Bytes clients were
                 // told of stay readable until the fill's error reaches them.)
-                let clean = !sent
+                let clean = announced == 0
                     && match writer.as_mut() {
                         Some(w) => w.discard().await.is_ok(),
                         None => true,
