@@ -12,7 +12,7 @@ use sqlx::{AnyPool, Row};
 
 use crate::common::*;
 
-const MIGRATIONS: &str = "crates/nip/tests/e2e/fixtures/ncps-migrations";
+const MIGRATIONS: &str = "crates/nip/tests/e2e/fixtures/vendor/ncps-migrations";
 /// ncps' tables, to show nip leaves them as they were.
 const NCPS_TABLES: &[&str] = &[
     "config",
