@@ -560,6 +560,14 @@ mod tests {
             .unwrap_or_default()
     }
 
+    /// Unpacks `p` into `pkgs`, expecting a refusal that leaves nothing behind; its message.
+    fn refused(p: &Path, pkgs: &Path, limits: &UnpackLimits) -> String {
+        let err = unpack(p, pkgs, "k", limits).unwrap_err();
+        assert!(matches!(err, ClientError::Refused(..)), "{err}");
+        assert_eq!(left_in(pkgs), Vec::<String>::new());
+        err.to_string()
+    }
+
     fn small_limits() -> UnpackLimits {
         UnpackLimits {
             min_bytes: 1 << 20,
@@ -576,15 +584,12 @@ mod tests {
         let p = t.path().join("bomb.tar.zst");
         std::fs::write(&p, &bomb).unwrap();
         let pkgs = t.path().join("pkgs");
-        let err = unpack(&p, &pkgs, "k", &UnpackLimits::default())
-            .unwrap_err()
-            .to_string();
+        let err = refused(&p, &pkgs, &UnpackLimits::default());
         assert!(
             err.contains("artifact k refused: it unpacks to more than 256.0 MiB"),
             "{err}"
         );
         assert!(err.contains("policies.maxUnpackRatio"), "{err}");
-        assert_eq!(left_in(&pkgs), Vec::<String>::new());
     }
 
     #[test]
@@ -602,10 +607,8 @@ mod tests {
         let p = t.path().join("a.tar.zst");
         std::fs::write(&p, archive(&entries)).unwrap();
         let pkgs = t.path().join("pkgs");
-        let err = unpack(&p, &pkgs, "k", &small_limits()).unwrap_err();
-        assert!(matches!(err, ClientError::Refused(..)), "{err}");
-        assert!(err.to_string().contains("more than 1.0 MiB"), "{err}");
-        assert_eq!(left_in(&pkgs), Vec::<String>::new());
+        let err = refused(&p, &pkgs, &small_limits());
+        assert!(err.contains("more than 1.0 MiB"), "{err}");
         // The same archive within a larger bound unpacks.
         let ok = UnpackLimits {
             min_bytes: 2 << 20,
@@ -632,9 +635,7 @@ mod tests {
         )
         .unwrap();
         let pkgs = t.path().join("pkgs");
-        let err = unpack(&p, &pkgs, "k", &small_limits()).unwrap_err();
-        assert!(matches!(err, ClientError::Refused(..)), "{err}");
-        assert_eq!(left_in(&pkgs), Vec::<String>::new());
+        refused(&p, &pkgs, &small_limits());
     }
 
     #[test]
@@ -646,12 +647,9 @@ mod tests {
         let p = t.path().join("a.tar.zst");
         std::fs::write(&p, archive(&entries)).unwrap();
         let pkgs = t.path().join("pkgs");
-        let err = unpack(&p, &pkgs, "k", &small_limits())
-            .unwrap_err()
-            .to_string();
+        let err = refused(&p, &pkgs, &small_limits());
         assert!(err.contains("more than 10 entries"), "{err}");
         assert!(err.contains("policies.maxUnpackEntries"), "{err}");
-        assert_eq!(left_in(&pkgs), Vec::<String>::new());
         // Ten are fine.
         std::fs::write(&p, archive(&entries[..10])).unwrap();
         assert!(unpack(&p, &pkgs, "k", &small_limits()).is_ok());
@@ -685,14 +683,11 @@ mod tests {
         let p = t.path().join("a.tar.zst");
         std::fs::write(&p, archive(&[(dev, Vec::new())])).unwrap();
         let pkgs = t.path().join("pkgs");
-        let err = unpack(&p, &pkgs, "k", &small_limits())
-            .unwrap_err()
-            .to_string();
+        let err = refused(&p, &pkgs, &small_limits());
         assert!(
             err.contains("only files, directories and symlinks"),
             "{err}"
         );
-        assert_eq!(left_in(&pkgs), Vec::<String>::new());
     }
 
     #[test]
@@ -818,12 +813,9 @@ mod tests {
         let p = t.path().join("a.tar.zst");
         std::fs::write(&p, symlink_then_dir("a", &v, b"a/..")).unwrap();
         let pkgs = t.path().join("pkgs");
-        let result = unpack(&p, &pkgs, "k", &small_limits());
+        let err = refused(&p, &pkgs, &small_limits());
         assert_victim_untouched(&v);
-        let err = result.unwrap_err();
-        assert!(matches!(err, ClientError::Refused(..)), "{err}");
-        assert!(err.to_string().contains("a/.."), "{err}");
-        assert_eq!(left_in(&pkgs), Vec::<String>::new());
+        assert!(err.contains("a/.."), "{err}");
     }
 
     #[test]
@@ -846,9 +838,7 @@ mod tests {
                 ]),
             )
             .unwrap();
-            let err = unpack(&p, &pkgs, "k", &small_limits()).unwrap_err();
-            assert!(matches!(err, ClientError::Refused(..)), "{err}");
-            assert_eq!(left_in(&pkgs), Vec::<String>::new());
+            refused(&p, &pkgs, &small_limits());
         }
         assert!(!t.path().join("abs").exists() && !t.path().join("f").exists());
     }
@@ -895,12 +885,9 @@ mod tests {
             )
         };
         std::fs::write(&p, archive(&[deep("x1"), deep("x2")])).unwrap();
-        let err = unpack(&p, &pkgs, "k", &small_limits())
-            .unwrap_err()
-            .to_string();
+        let err = refused(&p, &pkgs, &small_limits());
         assert!(err.contains("more than 10 entries"), "{err}");
         assert!(err.contains("policies.maxUnpackEntries"), "{err}");
-        assert_eq!(left_in(&pkgs), Vec::<String>::new());
         // The review's shape: one 255-byte ustar name, ~127 directories in one header.
         let mut name = "x1".to_string();
         while name.len() + 4 <= 255 {

@@ -163,6 +163,23 @@ fn record(row: &AnyRow) -> Result<ExtraRecord, sqlx::Error> {
     })
 }
 
+impl SqlMeta {
+    /// The row `sql` returns for `kind` ($1) and `name` ($2), if any.
+    async fn extra_row(
+        &self,
+        sql: &str,
+        kind: ExtraKind,
+        name: &str,
+    ) -> Result<Option<ExtraRecord>, MetaError> {
+        let row = sqlx::query(sql)
+            .bind(kind.as_str())
+            .bind(name)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.as_ref().map(record).transpose()?)
+    }
+}
+
 #[async_trait]
 impl ExtraIndex for SqlMeta {
     async fn get_extra(
@@ -170,14 +187,8 @@ impl ExtraIndex for SqlMeta {
         kind: ExtraKind,
         name: &str,
     ) -> Result<Option<ExtraRecord>, MetaError> {
-        let row = sqlx::query(&self.sql(&format!(
-            "SELECT {COLUMNS} FROM nix_extras WHERE kind = $1 AND name = $2"
-        )))
-        .bind(kind.as_str())
-        .bind(name)
-        .fetch_optional(self.pool())
-        .await?;
-        Ok(row.as_ref().map(record).transpose()?)
+        let sql = format!("SELECT {COLUMNS} FROM nix_extras WHERE kind = $1 AND name = $2");
+        self.extra_row(&self.sql(&sql), kind, name).await
     }
 
     async fn put_extra(&self, rec: &ExtraRecord) -> Result<PutExtra, MetaError> {
@@ -232,14 +243,9 @@ impl ExtraIndex for SqlMeta {
             tx.commit().await?;
             return Ok(row.as_ref().map(record).transpose()?);
         }
-        let row = sqlx::query(&format!(
-            "DELETE FROM nix_extras WHERE kind = $1 AND name = $2 RETURNING {COLUMNS}"
-        ))
-        .bind(kind.as_str())
-        .bind(name)
-        .fetch_optional(self.pool())
-        .await?;
-        Ok(row.as_ref().map(record).transpose()?)
+        let sql =
+            format!("DELETE FROM nix_extras WHERE kind = $1 AND name = $2 RETURNING {COLUMNS}");
+        self.extra_row(&sql, kind, name).await
     }
 
     async fn touch_extra(&self, kind: ExtraKind, name: &str, at: i64) -> Result<(), MetaError> {

@@ -56,6 +56,26 @@ impl Backend {
     }
 }
 
+/// The migration versions recorded as applied on `conn` (none when `has_table` is false, the
+/// migrations table not yet created), then closes it: one query for every backend.
+async fn applied_versions<C>(mut conn: C, has_table: bool) -> Result<Vec<i64>, MetaError>
+where
+    C: Connection,
+    for<'c> &'c mut C: Executor<'c, Database = C::Database>,
+    (i64,): for<'r> sqlx::FromRow<'r, <C::Database as sqlx::Database>::Row>,
+    for<'q> <C::Database as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, C::Database>,
+{
+    let applied = if has_table {
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(&mut conn)
+            .await?
+    } else {
+        Vec::new()
+    };
+    conn.close().await?;
+    Ok(applied)
+}
+
 /// A `mysql://` URL in the form sqlx reads. ncps' forms are accepted too: `mysql+unix:///SOCKET/DB`
 /// and a socket given as `?socket=`, `?unix_socket=` or `?host=/PATH`.
 pub fn mysql_url(url: &str) -> Result<String, MetaError> {
@@ -332,15 +352,7 @@ impl SqlMeta {
                 )
                 .fetch_optional(&mut conn)
                 .await?;
-                let applied = if has_table.is_some() {
-                    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-                        .fetch_all(&mut conn)
-                        .await?
-                } else {
-                    Vec::new()
-                };
-                conn.close().await?;
-                applied
+                applied_versions(conn, has_table.is_some()).await?
             }
             Backend::Postgres => {
                 let mut conn = sqlx::postgres::PgConnection::connect(url).await?;
@@ -348,15 +360,7 @@ impl SqlMeta {
                     sqlx::query_scalar("SELECT CAST(to_regclass('_sqlx_migrations') AS TEXT)")
                         .fetch_one(&mut conn)
                         .await?;
-                let applied = if has_table.is_some() {
-                    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-                        .fetch_all(&mut conn)
-                        .await?
-                } else {
-                    Vec::new()
-                };
-                conn.close().await?;
-                applied
+                applied_versions(conn, has_table.is_some()).await?
             }
             Backend::Mysql => {
                 let mut conn = sqlx::mysql::MySqlConnection::connect(&mysql_url(url)?).await?;
@@ -366,15 +370,7 @@ impl SqlMeta {
                 )
                 .fetch_one(&mut conn)
                 .await?;
-                let applied = if has_table > 0 {
-                    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-                        .fetch_all(&mut conn)
-                        .await?
-                } else {
-                    Vec::new()
-                };
-                conn.close().await?;
-                applied
+                applied_versions(conn, has_table > 0).await?
             }
         };
         Ok(all
@@ -571,6 +567,15 @@ fn narinfo_from_row(row: &AnyRow) -> Result<NarInfoRecord, sqlx::Error> {
     })
 }
 
+/// A `nars` row selected with `nar_file, size, sha256`.
+pub(crate) fn nar_record(row: &AnyRow) -> Result<NarRecord, sqlx::Error> {
+    Ok(NarRecord {
+        nar_file: row.try_get("nar_file")?,
+        size: row.try_get("size")?,
+        sha256: row.try_get("sha256")?,
+    })
+}
+
 /// Inserts a narinfo row unless one is stored for its hash: DO NOTHING, never UPDATE, since a
 /// stored store path is immutable (docs/security.md). Returns the rows inserted (0 or 1; MySQL's
 /// duplicate-key error counts as 0, see [`crate::dialect::inserted`]).
@@ -610,16 +615,37 @@ where
 const NARINFO_COLUMNS: &str = "hash, store_path, nar_file, file_size, file_hash, nar_hash, \
      narinfo, origin, signed_by, uploaded_by";
 
-#[async_trait]
-impl MetaStore for SqlMeta {
-    async fn get_narinfo(&self, hash: &str) -> Result<Option<NarInfoRecord>, MetaError> {
+impl SqlMeta {
+    /// The first narinfo row matching `filter` (after WHERE; `$1` is `value`).
+    async fn narinfo_where(
+        &self,
+        filter: &str,
+        value: &str,
+    ) -> Result<Option<NarInfoRecord>, MetaError> {
         let row = sqlx::query(&self.sql(&format!(
-            "SELECT {NARINFO_COLUMNS} FROM narinfos WHERE hash = $1"
+            "SELECT {NARINFO_COLUMNS} FROM narinfos WHERE {filter}"
         )))
-        .bind(hash)
+        .bind(value)
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.as_ref().map(narinfo_from_row).transpose()?)
+    }
+
+    /// Runs the DELETE `sql` with `$1` = `value`: whether it deleted anything.
+    async fn delete_where(&self, sql: &str, value: &str) -> Result<bool, MetaError> {
+        let n = sqlx::query(&self.sql(sql))
+            .bind(value)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n > 0)
+    }
+}
+
+#[async_trait]
+impl MetaStore for SqlMeta {
+    async fn get_narinfo(&self, hash: &str) -> Result<Option<NarInfoRecord>, MetaError> {
+        self.narinfo_where("hash = $1", hash).await
     }
 
     async fn put_narinfo(
@@ -687,13 +713,7 @@ impl MetaStore for SqlMeta {
     }
 
     async fn narinfo_for_nar(&self, nar_file: &str) -> Result<Option<NarInfoRecord>, MetaError> {
-        let row = sqlx::query(&self.sql(&format!(
-            "SELECT {NARINFO_COLUMNS} FROM narinfos WHERE nar_file = $1 LIMIT 1"
-        )))
-        .bind(nar_file)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.as_ref().map(narinfo_from_row).transpose()?)
+        self.narinfo_where("nar_file = $1 LIMIT 1", nar_file).await
     }
 
     async fn nar_sources(&self, nar_file: &str) -> Result<Vec<NarSource>, MetaError> {
@@ -720,15 +740,7 @@ impl MetaStore for SqlMeta {
                 .bind(nar_file)
                 .fetch_optional(&self.pool)
                 .await?;
-        row.map(|r| {
-            Ok(NarRecord {
-                nar_file: r.try_get("nar_file")?,
-                size: r.try_get("size")?,
-                sha256: r.try_get("sha256")?,
-            })
-        })
-        .transpose()
-        .map_err(|e: sqlx::Error| e.into())
+        Ok(row.as_ref().map(nar_record).transpose()?)
     }
 
     async fn put_nar(&self, rec: &NarRecord) -> Result<(), MetaError> {
@@ -750,21 +762,13 @@ impl MetaStore for SqlMeta {
     }
 
     async fn delete_narinfo(&self, hash: &str) -> Result<bool, MetaError> {
-        let n = sqlx::query(&self.sql("DELETE FROM narinfos WHERE hash = $1"))
-            .bind(hash)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(n > 0)
+        self.delete_where("DELETE FROM narinfos WHERE hash = $1", hash)
+            .await
     }
 
     async fn delete_nar(&self, nar_file: &str) -> Result<bool, MetaError> {
-        let n = sqlx::query(&self.sql("DELETE FROM nars WHERE nar_file = $1"))
-            .bind(nar_file)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(n > 0)
+        self.delete_where("DELETE FROM nars WHERE nar_file = $1", nar_file)
+            .await
     }
 
     async fn ping(&self) -> Result<(), MetaError> {

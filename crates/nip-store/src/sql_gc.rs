@@ -168,16 +168,10 @@ impl GcIndex for SqlMeta {
         let rows = sqlx::query("SELECT nar_file, size, sha256 FROM nars ORDER BY nar_file")
             .fetch_all(self.pool())
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(NarRecord {
-                    nar_file: r.try_get("nar_file")?,
-                    size: r.try_get("size")?,
-                    sha256: r.try_get("sha256")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+        Ok(rows
+            .iter()
+            .map(crate::sql::nar_record)
+            .collect::<Result<_, _>>()?)
     }
 
     async fn all_artifact_rows(&self) -> Result<Vec<ArtifactRow>, MetaError> {

@@ -46,16 +46,28 @@ fn audit_entry(row: &AnyRow) -> Result<AuditEntry, sqlx::Error> {
     })
 }
 
+/// The artifact stored under `key`, read through `exec` (the pool or a transaction).
+async fn artifact_by_key<'e, E>(
+    db: &SqlMeta,
+    exec: E,
+    key: &str,
+) -> Result<Option<ArtifactRecord>, MetaError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    let row = sqlx::query(&db.sql(&format!(
+        "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE key = $1"
+    )))
+    .bind(key)
+    .fetch_optional(exec)
+    .await?;
+    Ok(row.as_ref().map(artifact).transpose()?)
+}
+
 #[async_trait]
 impl ArtifactIndex for SqlMeta {
     async fn get_artifact(&self, key: &str) -> Result<Option<ArtifactRecord>, MetaError> {
-        let row = sqlx::query(&self.sql(&format!(
-            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE key = $1"
-        )))
-        .bind(key)
-        .fetch_optional(self.pool())
-        .await?;
-        Ok(row.as_ref().map(artifact).transpose()?)
+        artifact_by_key(self, self.pool(), key).await
     }
 
     async fn put_artifact(
@@ -135,13 +147,7 @@ impl ArtifactIndex for SqlMeta {
         key: &str,
     ) -> Result<Option<(ArtifactRecord, bool)>, MetaError> {
         let mut tx = self.pool().begin().await?;
-        let row = sqlx::query(&self.sql(&format!(
-            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE key = $1"
-        )))
-        .bind(key)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(rec) = row.as_ref().map(artifact).transpose()? else {
+        let Some(rec) = artifact_by_key(self, &mut *tx, key).await? else {
             return Ok(None);
         };
         sqlx::query(&self.sql("DELETE FROM artifacts WHERE key = $1"))

@@ -134,24 +134,40 @@ mod tests {
 
     #[test]
     fn the_configured_zone_moves_the_utc_instant() {
-        // 02:00 in Paris is 01:00 UTC in winter (CET) and 00:00 UTC in summer (CEST).
-        assert_eq!(
-            next("0 2 * * *", "Europe/Paris", "2026-01-15T12:00:00Z"),
-            "2026-01-16T01:00:00+00:00"
-        );
-        assert_eq!(
-            next("0 2 * * *", "Europe/Paris", "2026-07-15T12:00:00Z"),
-            "2026-07-16T00:00:00+00:00"
-        );
-        // Midnight in Los Angeles (PST, UTC-8).
-        assert_eq!(
-            next("0 0 * * *", "America/Los_Angeles", "2026-12-04T07:00:00Z"),
-            "2026-12-04T08:00:00+00:00"
-        );
-        assert_eq!(
-            next("0 2 * * *", "UTC", "2026-01-15T12:00:00Z"),
-            "2026-01-16T02:00:00+00:00"
-        );
+        for (schedule, zone, now, want) in [
+            // 02:00 in Paris is 01:00 UTC in winter (CET) and 00:00 UTC in summer (CEST).
+            (
+                "0 2 * * *",
+                "Europe/Paris",
+                "2026-01-15T12:00:00Z",
+                "2026-01-16T01:00:00+00:00",
+            ),
+            (
+                "0 2 * * *",
+                "Europe/Paris",
+                "2026-07-15T12:00:00Z",
+                "2026-07-16T00:00:00+00:00",
+            ),
+            // Midnight in Los Angeles (PST, UTC-8).
+            (
+                "0 0 * * *",
+                "America/Los_Angeles",
+                "2026-12-04T07:00:00Z",
+                "2026-12-04T08:00:00+00:00",
+            ),
+            (
+                "0 2 * * *",
+                "UTC",
+                "2026-01-15T12:00:00Z",
+                "2026-01-16T02:00:00+00:00",
+            ),
+        ] {
+            assert_eq!(
+                next(schedule, zone, now),
+                want,
+                "{schedule} in {zone} after {now}"
+            );
+        }
     }
 
     #[test]

@@ -17,28 +17,34 @@ use crate::auth::{Caller, Scope};
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
-fn parse_hash(name: &str) -> ApiResult<StorePathHash> {
-    let hash = name
-        .strip_suffix(".narinfo")
-        .ok_or_else(|| ApiError::NotFound("no such endpoint: use /pin/<hash>.narinfo".into()))?;
-    StorePathHash::parse(hash)
-        .map_err(|e| ApiError::BadRequest(format!("invalid store path hash: {e}")))
-}
-
-/// Needs `scope` once any key exists (or when the caller sent one), and an unprefixed key.
-async fn permit(state: &AppState, caller: &Caller, scope: Scope) -> ApiResult<()> {
-    super::upload::require_unprefixed(state, caller, scope, "cannot pin store paths").await
-}
-
-async fn audited(
+/// Pins (`pin`) or unpins the hash in `name` once the caller may, and audits the outcome.
+async fn audited_pin(
     state: &AppState,
     caller: &Caller,
-    action: &str,
-    target: &str,
-    r: ApiResult<StatusCode>,
+    name: &str,
+    pin: bool,
 ) -> ApiResult<StatusCode> {
-    let r = r.map(|status| (status, None));
-    super::upload::audit_outcome(state, caller, action, target, r).await
+    let (scope, action) = if pin {
+        (Scope::Write, "nix-pin")
+    } else {
+        (Scope::Admin, "nix-unpin")
+    };
+    let r = async {
+        super::upload::require_unprefixed(state, caller, scope, "cannot pin store paths").await?;
+        let hash = super::upload::parse_hash(name, "no such endpoint: use /pin/<hash>.narinfo")?;
+        if !pin {
+            state.meta.unpin(hash.as_str()).await?;
+        } else if state.meta.get_narinfo(hash.as_str()).await?.is_some() {
+            state.meta.pin(hash.as_str(), nip_store::unix_now()).await?;
+        } else {
+            return Err(ApiError::NotFound(
+                "this cache holds no narinfo for this hash: fetch or upload it first".into(),
+            ));
+        }
+        Ok((StatusCode::OK, None))
+    }
+    .await;
+    super::upload::audit_outcome(state, caller, action, name, r).await
 }
 
 #[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(name = %name))]
@@ -47,19 +53,7 @@ pub async fn pin(
     caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let r = async {
-        permit(&state, &caller, Scope::Write).await?;
-        let hash = parse_hash(&name)?;
-        if state.meta.get_narinfo(hash.as_str()).await?.is_none() {
-            return Err(ApiError::NotFound(
-                "this cache holds no narinfo for this hash: fetch or upload it first".into(),
-            ));
-        }
-        state.meta.pin(hash.as_str(), nip_store::unix_now()).await?;
-        Ok(StatusCode::OK)
-    }
-    .await;
-    audited(&state, &caller, "nix-pin", &name, r).await
+    audited_pin(&state, &caller, &name, true).await
 }
 
 #[tracing::instrument(target = "nip::request", level = "debug", skip_all, fields(name = %name))]
@@ -68,14 +62,7 @@ pub async fn unpin(
     caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let r = async {
-        permit(&state, &caller, Scope::Admin).await?;
-        let hash = parse_hash(&name)?;
-        state.meta.unpin(hash.as_str()).await?;
-        Ok(StatusCode::OK)
-    }
-    .await;
-    audited(&state, &caller, "nix-unpin", &name, r).await
+    audited_pin(&state, &caller, &name, false).await
 }
 
 #[tracing::instrument(target = "nip::request", level = "debug", skip_all)]

@@ -66,10 +66,11 @@ pub(super) fn upload_caller(caller: Result<Caller, ApiError>) -> ApiResult<Calle
     caller.map_err(ApiError::for_nix_upload)
 }
 
-fn parse_hash(name: &str) -> ApiResult<StorePathHash> {
+/// The store path hash of a `<hash>.narinfo` name; `not_found` is the 404 for any other name.
+pub(super) fn parse_hash(name: &str, not_found: &str) -> ApiResult<StorePathHash> {
     let hash = name
         .strip_suffix(".narinfo")
-        .ok_or_else(|| ApiError::NotFound("no such endpoint".into()))?;
+        .ok_or_else(|| ApiError::NotFound(not_found.into()))?;
     StorePathHash::parse(hash)
         .map_err(|e| ApiError::BadRequest(format!("invalid store path hash: {e}")))
 }
@@ -220,7 +221,7 @@ pub async fn put_narinfo(
     let mut action = "narinfo-upload";
     let r = async {
         permit(&state, &caller, true).await?;
-        let hash = parse_hash(&name)?;
+        let hash = parse_hash(&name, "no such endpoint")?;
         let bytes = axum::body::to_bytes(body, MAX_NARINFO_SIZE)
             .await
             .map_err(|_| {
@@ -259,7 +260,7 @@ pub async fn delete_narinfo(
         &name,
         "narinfo",
         || async {
-            let hash = parse_hash(&name)?;
+            let hash = parse_hash(&name, "no such endpoint")?;
             let deleted = state.meta.delete_narinfo(hash.as_str()).await?;
             state.hot_narinfos.forget(hash.as_str());
             Ok(deleted)

@@ -22,10 +22,13 @@ pub async fn download(
 ) -> ApiResult<Response> {
     let key = checked_key(&key)?;
     caller.require(Scope::Read, Some(key))?;
-    let Some(rec) = state.meta.get_artifact(key).await? else {
+    let note = |result: &str, rec: Option<&nip_store::ArtifactRecord>| {
         state
             .read_audit
-            .note(&caller, read("artifact-download", key, "404", None));
+            .note(&caller, read("artifact-download", key, result, rec))
+    };
+    let Some(rec) = state.meta.get_artifact(key).await? else {
+        note("404", None);
         return Err(ApiError::NotFound("not found".into()));
     };
     let etag = format!("\"{}\"", rec.sha256);
@@ -34,18 +37,14 @@ pub async fn download(
         .and_then(|v| v.to_str().ok())
         == Some(etag.as_str())
     {
-        state
-            .read_audit
-            .note(&caller, read("artifact-download", key, "304", Some(&rec)));
+        note("304", Some(&rec));
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
     if method == Method::GET {
         if let Some(url) = crate::cache::artifact::presigned(&state, &rec).await? {
             // 307 keeps the method, and clients resend their Range header to the new location.
             let location = HeaderValue::from_str(&url).map_err(ApiError::internal)?;
-            state
-                .read_audit
-                .note(&caller, read("artifact-download", key, "307", Some(&rec)));
+            note("307", Some(&rec));
             return Ok((
                 StatusCode::TEMPORARY_REDIRECT,
                 [(header::LOCATION, location)],
@@ -89,9 +88,7 @@ pub async fn download(
             Method::HEAD => format!("{} HEAD", status.as_u16()),
             _ => status.as_u16().to_string(),
         };
-        state
-            .read_audit
-            .note(&caller, read("artifact-download", key, &result, Some(&rec)));
+        note(&result, Some(&rec));
     }
     if method == Method::HEAD {
         return builder.body(Body::empty()).map_err(ApiError::internal);

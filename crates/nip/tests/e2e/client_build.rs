@@ -5,24 +5,16 @@ use std::time::{Duration, Instant};
 
 use crate::client_env::*;
 
-fn setup() -> (tempfile::TempDir, std::path::PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let recipes = write_recipes(tmp.path());
-    (tmp, recipes)
-}
-
 fn read(path: &serde_json::Value, rel: &str) -> String {
     std::fs::read_to_string(std::path::Path::new(path.as_str().unwrap()).join(rel)).unwrap()
 }
 
 #[test]
 fn second_machine_downloads_instead_of_building() {
-    let (tmp, recipes) = setup();
+    let (tmp, recipes) = with_recipes();
     let remote = start_remote(tmp.path());
-    let a = Machine::new(tmp.path(), "machine-a", &recipes);
-    let b = Machine::new(tmp.path(), "machine-b", &recipes);
-    a.use_remote(&remote.server.url, &remote.write_key);
-    b.use_remote(&remote.server.url, &remote.write_key);
+    let a = remote.machine(tmp.path(), "machine-a", &recipes, &remote.write_key);
+    let b = remote.machine(tmp.path(), "machine-b", &recipes, &remote.write_key);
 
     let (ra, _) = a.build(&["hello", "+python+ruby"]);
     assert_eq!(a.builds_run(), 1, "machine A must run the build");
@@ -73,8 +65,7 @@ fn second_machine_downloads_instead_of_building() {
     assert_eq!(sb["localArtifacts"], 1);
 
     // The guide's loop: list keys, push each (idempotent: the server already has it).
-    let simple = b.nip(&["cache", "list", "--format=simple"]);
-    assert_eq!(String::from_utf8(simple.stdout).unwrap().trim(), key);
+    assert_eq!(b.cached_keys(), [key.as_str()]);
     let push = b.nip(&["cache", "remote", "push", &key]);
     assert!(
         push.status.success(),
@@ -89,12 +80,10 @@ fn second_machine_downloads_instead_of_building() {
 
 #[test]
 fn pull_by_package_and_version_then_build_uses_it() {
-    let (tmp, recipes) = setup();
+    let (tmp, recipes) = with_recipes();
     let remote = start_remote(tmp.path());
-    let a = Machine::new(tmp.path(), "machine-a", &recipes);
-    let b = Machine::new(tmp.path(), "machine-b", &recipes);
-    a.use_remote(&remote.server.url, &remote.write_key);
-    b.use_remote(&remote.server.url, &remote.read_key);
+    let a = remote.machine(tmp.path(), "machine-a", &recipes, &remote.write_key);
+    let b = remote.machine(tmp.path(), "machine-b", &recipes, &remote.read_key);
     let (ra, _) = a.build(&["hello", "+ruby"]);
     let out = b.nip(&["cache", "remote", "pull", "hello", "2.12", "+ruby"]);
     assert!(
@@ -102,11 +91,7 @@ fn pull_by_package_and_version_then_build_uses_it() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let listed = b.nip(&["cache", "list", "--format=simple"]);
-    assert_eq!(
-        String::from_utf8(listed.stdout).unwrap().trim(),
-        ra["key"].as_str().unwrap()
-    );
+    assert_eq!(b.cached_keys(), [ra["key"].as_str().unwrap()]);
     let (rb, _) = b.build(&["hello", "+ruby", "--no-remote-cache"]);
     assert_eq!(rb["source"], "local");
     assert_eq!(b.builds_run(), 0);
@@ -114,7 +99,7 @@ fn pull_by_package_and_version_then_build_uses_it() {
 
 #[test]
 fn variant_order_keeps_the_key_and_a_source_change_makes_a_new_one() {
-    let (tmp, recipes) = setup();
+    let (tmp, recipes) = with_recipes();
     let a = Machine::new(tmp.path(), "machine-a", &recipes);
     let (r1, _) = a.build(&["hello", "+ruby+python", "--no-remote-cache"]);
     let (r2, _) = a.build(&["hello", "+python", "+ruby", "+python", "--no-remote-cache"]);
@@ -136,10 +121,9 @@ fn variant_order_keeps_the_key_and_a_source_change_makes_a_new_one() {
 
 #[test]
 fn remote_stopped_machine_builds_warns_and_exits_zero() {
-    let (tmp, recipes) = setup();
+    let (tmp, recipes) = with_recipes();
     let mut remote = start_remote(tmp.path());
-    let b = Machine::new(tmp.path(), "machine-b", &recipes);
-    b.use_remote(&remote.server.url, &remote.write_key);
+    let b = remote.machine(tmp.path(), "machine-b", &recipes, &remote.write_key);
     remote.server.child.kill();
 
     let started = Instant::now();
@@ -166,10 +150,9 @@ fn remote_stopped_machine_builds_warns_and_exits_zero() {
 
 #[test]
 fn read_only_key_builds_and_warns_about_the_upload() {
-    let (tmp, recipes) = setup();
+    let (tmp, recipes) = with_recipes();
     let remote = start_remote(tmp.path());
-    let dev = Machine::new(tmp.path(), "dev", &recipes);
-    dev.use_remote(&remote.server.url, &remote.read_key);
+    let dev = remote.machine(tmp.path(), "dev", &recipes, &remote.read_key);
     let (r, stderr) = dev.build(&["hello"]);
     assert_eq!(r["source"], "built");
     assert_eq!(r["uploaded"], false);
@@ -188,10 +171,9 @@ fn read_only_key_builds_and_warns_about_the_upload() {
 
 #[test]
 fn corrupted_download_is_rejected_and_rebuilt() {
-    let (tmp, recipes) = setup();
+    let (tmp, recipes) = with_recipes();
     let remote = start_remote(tmp.path());
-    let a = Machine::new(tmp.path(), "machine-a", &recipes);
-    a.use_remote(&remote.server.url, &remote.write_key);
+    let a = remote.machine(tmp.path(), "machine-a", &recipes, &remote.write_key);
     let (ra, _) = a.build(&["hello", "+python"]);
 
     let upstream = remote.server.url.trim_start_matches("http://");
@@ -229,7 +211,7 @@ fn corrupted_download_is_rejected_and_rebuilt() {
 
 #[test]
 fn unknown_variant_and_missing_recipe_say_what_exists() {
-    let (tmp, recipes) = setup();
+    let (tmp, recipes) = with_recipes();
     let m = Machine::new(tmp.path(), "m", &recipes);
     let out = m.nip(&["build", "hello", "+perl"]);
     assert!(!out.status.success());

@@ -33,6 +33,22 @@ pub fn start_remote(dir: &Path) -> Remote {
     }
 }
 
+impl Remote {
+    /// A new machine `name` whose remote is this server, used with `key`.
+    pub fn machine(&self, parent: &Path, name: &str, recipes: &Path, key: &str) -> Machine {
+        let m = Machine::new(parent, name, recipes);
+        m.use_remote(&self.server.url, key);
+        m
+    }
+}
+
+/// A temporary directory holding the recipe fixture ([`write_recipes`]), and its recipes path.
+pub fn with_recipes() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipes = write_recipes(tmp.path());
+    (tmp, recipes)
+}
+
 /// Writes `recipes/hello.toml` (variants python, ruby; a `src/` source dir) under `dir`. Its
 /// build appends a line to `$NIP_TEST_COUNTER`, so tests can tell whether it ran.
 pub fn write_recipes(dir: &Path) -> PathBuf {
@@ -71,6 +87,18 @@ impl Machine {
             root,
             recipes: recipes.to_path_buf(),
         }
+    }
+
+    /// The keys `nip cache list --format=simple` prints, sorted.
+    pub fn cached_keys(&self) -> Vec<String> {
+        let listed = self.nip(&["cache", "list", "--format=simple"]);
+        let mut keys: Vec<String> = String::from_utf8(listed.stdout)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+        keys.sort();
+        keys
     }
 
     pub fn counter(&self) -> PathBuf {

@@ -11,8 +11,7 @@ use crate::common::*;
 
 #[test]
 fn recipe_new_writes_a_template_that_builds_and_is_never_overwritten() {
-    let tmp = tempfile::tempdir().unwrap();
-    let recipes = write_recipes(tmp.path());
+    let (tmp, recipes) = with_recipes();
     let m = Machine::new(tmp.path(), "dev", &recipes);
 
     // The missing recipe's error names the command.

@@ -96,14 +96,7 @@ fn the_guides_flask_server_works_as_a_remote() {
     let out = d.nip(&["cache", "remote", "pull", "hello", "2.12"]);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{stderr}");
-    let listed = d.nip(&["cache", "list", "--format=simple"]);
-    let mut keys: Vec<String> = String::from_utf8(listed.stdout)
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
-    keys.sort();
-    assert_eq!(keys, expected, "{stderr}");
+    assert_eq!(d.cached_keys(), expected, "{stderr}");
     // Pulled bytes are verified against the metadata and usable offline.
     let (rd, _) = d.build(&["hello", "+python", "--no-remote-cache"]);
     assert_eq!(rd["source"], "local");

@@ -30,8 +30,7 @@ fn timed_build(m: &Machine, args: &[&str]) -> (serde_json::Value, String, Durati
 
 #[test]
 fn a_refused_remote_costs_a_build_no_retries_and_is_remembered() {
-    let tmp = tempfile::tempdir().unwrap();
-    let recipes = write_recipes(tmp.path());
+    let (tmp, recipes) = with_recipes();
     let m = Machine::new(tmp.path(), "dev", &recipes);
     let dead = format!("http://127.0.0.1:{}", free_port());
     use_remote_defaults(&m, &dead, serde_json::json!({}));
@@ -108,8 +107,7 @@ fn spawn_nip_on(log: &std::path::Path, port: &str, args: &[&str]) -> KillOnDrop 
 
 #[test]
 fn a_silent_remote_costs_one_lookup_deadline() {
-    let tmp = tempfile::tempdir().unwrap();
-    let recipes = write_recipes(tmp.path());
+    let (tmp, recipes) = with_recipes();
     let m = Machine::new(tmp.path(), "dev", &recipes);
     // Connections complete in the kernel's backlog; nothing ever answers.
     let hole = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -143,11 +141,9 @@ fn a_silent_remote_costs_one_lookup_deadline() {
 
 #[test]
 fn push_and_pull_by_name_and_version_take_every_variant() {
-    let tmp = tempfile::tempdir().unwrap();
-    let recipes = write_recipes(tmp.path());
+    let (tmp, recipes) = with_recipes();
     let remote = start_remote(tmp.path());
-    let a = Machine::new(tmp.path(), "machine-a", &recipes);
-    a.use_remote(&remote.server.url, &remote.write_key);
+    let a = remote.machine(tmp.path(), "machine-a", &recipes, &remote.write_key);
     let mut keys: Vec<String> = [&[][..], &["+python"][..], &["+ruby", "+python"][..]]
         .iter()
         .map(|v| {
@@ -171,36 +167,25 @@ fn push_and_pull_by_name_and_version_take_every_variant() {
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stderr.matches("is already on").count(), 3, "{stderr}");
 
-    let b = Machine::new(tmp.path(), "machine-b", &recipes);
-    b.use_remote(&remote.server.url, &remote.read_key);
+    let b = remote.machine(tmp.path(), "machine-b", &recipes, &remote.read_key);
     let out = b.nip(&["cache", "remote", "pull", "hello", "2.12"]);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{stderr}");
-    let listed = b.nip(&["cache", "list", "--format=simple"]);
-    let mut got: Vec<String> = String::from_utf8(listed.stdout)
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
-    got.sort();
-    assert_eq!(got, keys);
+    assert_eq!(b.cached_keys(), keys);
     // One variant asked for: that one only.
-    let c = Machine::new(tmp.path(), "machine-c", &recipes);
-    c.use_remote(&remote.server.url, &remote.read_key);
+    let c = remote.machine(tmp.path(), "machine-c", &recipes, &remote.read_key);
     let out = c.nip(&["cache", "remote", "pull", "hello", "2.12", "+python"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let listed = c.nip(&["cache", "list", "--format=simple"]);
-    assert_eq!(String::from_utf8(listed.stdout).unwrap().lines().count(), 1);
+    assert_eq!(c.cached_keys().len(), 1);
 }
 
 #[test]
 fn a_closed_stdout_ends_every_command_quietly() {
-    let tmp = tempfile::tempdir().unwrap();
-    let recipes = write_recipes(tmp.path());
+    let (tmp, recipes) = with_recipes();
     let m = Machine::new(tmp.path(), "dev", &recipes);
     m.build(&["hello", "--no-remote-cache"]);
     let commands: [&[&str]; 7] = [
@@ -294,11 +279,9 @@ fn an_empty_api_key_is_accepted_with_a_warning() {
 
 #[test]
 fn failures_print_the_guides_words_first() {
-    let tmp = tempfile::tempdir().unwrap();
-    let recipes = write_recipes(tmp.path());
+    let (tmp, recipes) = with_recipes();
     let remote = start_remote(tmp.path());
-    let m = Machine::new(tmp.path(), "dev", &recipes);
-    m.use_remote(&remote.server.url, "nip_wrong_key_0000000000");
+    let m = remote.machine(tmp.path(), "dev", &recipes, "nip_wrong_key_0000000000");
     let (r, stderr) = m.build(&["hello"]);
     assert_eq!(r["source"], "built");
     assert!(

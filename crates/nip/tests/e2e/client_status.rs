@@ -12,8 +12,7 @@ fn expected(url: &str, key_line: &str, last: &str) -> String {
 
 #[test]
 fn status_shape_when_available_and_when_not() {
-    let tmp = tempfile::tempdir().unwrap();
-    let recipes = write_recipes(tmp.path());
+    let (tmp, recipes) = with_recipes();
     let mut remote = start_remote(tmp.path());
     let m = Machine::new(tmp.path(), "dev", &recipes);
     let url = remote.server.url.clone();
@@ -88,8 +87,7 @@ fn status_shape_when_available_and_when_not() {
 
 #[test]
 fn corrupt_config_file_is_an_error_naming_file_and_line() {
-    let tmp = tempfile::tempdir().unwrap();
-    let recipes = write_recipes(tmp.path());
+    let (tmp, recipes) = with_recipes();
     let m = Machine::new(tmp.path(), "dev", &recipes);
     let dir = m.root.join("config/nip");
     std::fs::create_dir_all(&dir).unwrap();

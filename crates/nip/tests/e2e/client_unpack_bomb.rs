@@ -99,8 +99,7 @@ fn assert_built_without_the_bomb(m: &Machine, r: &serde_json::Value, stderr: &st
 
 #[test]
 fn a_zstd_bomb_on_the_server_is_refused_and_the_package_built_locally() {
-    let tmp = tempfile::tempdir().unwrap();
-    let recipes = write_recipes(tmp.path());
+    let (tmp, recipes) = with_recipes();
     let remote = start_remote(tmp.path());
 
     // The recipe's cache key, from a machine that builds without the remote.
@@ -133,8 +132,7 @@ fn a_zstd_bomb_on_the_server_is_refused_and_the_package_built_locally() {
         .unwrap();
 
     // A victim downloading it: unpacked while it streams, refused, built locally.
-    let b = Machine::new(tmp.path(), "machine-b", &recipes);
-    b.use_remote(&remote.server.url, &remote.read_key);
+    let b = remote.machine(tmp.path(), "machine-b", &recipes, &remote.read_key);
     let (rb, stderr) = b.build(&["hello"]);
     assert!(
         stderr.contains(&format!(
@@ -153,8 +151,7 @@ fn a_zstd_bomb_on_the_server_is_refused_and_the_package_built_locally() {
 
     // A victim who pulled it into the local cache (no unpack there): the local entry is
     // discarded at build time, and the build runs.
-    let c = Machine::new(tmp.path(), "machine-c", &recipes);
-    c.use_remote(&remote.server.url, &remote.read_key);
+    let c = remote.machine(tmp.path(), "machine-c", &recipes, &remote.read_key);
     let pull = c.nip(&["cache", "remote", "pull", "hello", "2.12"]);
     assert!(
         pull.status.success(),
@@ -176,11 +173,9 @@ fn a_zstd_bomb_on_the_server_is_refused_and_the_package_built_locally() {
 /// read from `policies`. The build still succeeds.
 #[test]
 fn unpack_limits_come_from_the_config_policies() {
-    let tmp = tempfile::tempdir().unwrap();
-    let recipes = write_recipes(tmp.path());
+    let (tmp, recipes) = with_recipes();
     let remote = start_remote(tmp.path());
-    let a = Machine::new(tmp.path(), "machine-a", &recipes);
-    a.use_remote(&remote.server.url, &remote.write_key);
+    let a = remote.machine(tmp.path(), "machine-a", &recipes, &remote.write_key);
     let (ra, _) = a.build(&["hello"]);
     assert_eq!(ra["uploaded"], true);
 

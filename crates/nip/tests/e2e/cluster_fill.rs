@@ -30,10 +30,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
 "#;
 
 fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap()
+    http_client(120)
 }
 
 fn start_slow_upstream(dir: &Path, log: &Path, rate: u64) -> (KillOnDrop, String) {
@@ -239,12 +236,7 @@ fn a_killed_filler_is_taken_over_without_a_bad_body() {
         return;
     };
     let big = hash_of(&c.paths[1]);
-    let text = client()
-        .get(format!("{}/{big}.narinfo", c.urls[0]))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let text = get_text(&client(), &format!("{}/{big}.narinfo", c.urls[0]));
     let nar_path = narinfo_field(&text, "URL");
     let file_hash = narinfo_field(&text, "FileHash");
     let size: usize = narinfo_field(&text, "FileSize").parse().unwrap();
@@ -388,12 +380,7 @@ fn rolling_restart_behind_nginx_fails_no_substitution() {
     let Some((_lb, url)) = start_balancer(&tmp.path().join("nginx"), &ports) else {
         return;
     };
-    let pubkey = client()
-        .get(format!("{url}/pubkey"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let pubkey = get_text(&client(), &format!("{url}/pubkey"));
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let substitutions = {

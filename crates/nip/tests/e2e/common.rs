@@ -90,14 +90,52 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-pub fn http_get(url: &str) -> Option<(u16, Vec<u8>)> {
-    let resp = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(10))
+/// A blocking HTTP client whose requests time out after `secs` seconds.
+pub fn http_client(secs: u64) -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(secs))
         .build()
         .unwrap()
-        .get(url)
+}
+
+/// `POST /v1/artifacts/{key}` of `form` to the server at `url`, with `token`.
+pub fn post_artifact(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    token: &str,
+    key: &str,
+    form: reqwest::blocking::multipart::Form,
+) -> reqwest::blocking::Response {
+    client
+        .post(format!("{url}/v1/artifacts/{key}"))
+        .bearer_auth(token)
+        .multipart(form)
         .send()
-        .ok()?;
+        .unwrap()
+}
+
+/// `GET url` with `token` as the bearer credential.
+pub fn get_as(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    token: &str,
+) -> reqwest::blocking::Response {
+    client.get(url).bearer_auth(token).send().unwrap()
+}
+
+/// A multipart form of one part, "file", holding `bytes`: an artifact upload without metadata.
+pub fn file_form(bytes: Vec<u8>) -> reqwest::blocking::multipart::Form {
+    reqwest::blocking::multipart::Form::new()
+        .part("file", reqwest::blocking::multipart::Part::bytes(bytes))
+}
+
+/// The body of `GET url` as text, whatever its status.
+pub fn get_text(client: &reqwest::blocking::Client, url: &str) -> String {
+    client.get(url).send().unwrap().text().unwrap()
+}
+
+pub fn http_get(url: &str) -> Option<(u16, Vec<u8>)> {
+    let resp = http_client(10).get(url).send().ok()?;
     let status = resp.status().as_u16();
     Some((status, resp.bytes().ok()?.to_vec()))
 }
@@ -567,6 +605,23 @@ pub fn server_pubkey(url: &str) -> String {
     String::from_utf8(body).unwrap().trim().to_string()
 }
 
+/// `nip admin stats --json` of a server data directory, which must succeed.
+pub fn admin_stats(data: &Path) -> serde_json::Value {
+    let out = nip(&[
+        "admin",
+        "stats",
+        "--json",
+        "--cache-data-path",
+        data.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// `nip audit --json` of a server data directory: its entries.
 pub fn audit(data: &Path) -> Vec<serde_json::Value> {
     let out = nip(&[
@@ -582,10 +637,7 @@ pub fn audit(data: &Path) -> Vec<serde_json::Value> {
 /// `url` accepts `token` (200); `nip keys revoke name` on the server data `data` (and `extra`
 /// arguments) succeeds; within a second `url` refuses the token (401), with no restart.
 pub fn revoke_and_wait_refused(url: &str, token: &str, name: &str, data: &Path, extra: &[&str]) {
-    let client = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
+    let client = http_client(60);
     let status = || client.get(url).bearer_auth(token).send().unwrap().status();
     assert_eq!(status(), 200);
     let args = [

@@ -1,8 +1,6 @@
 //! MariaDB/MySQL as the metadata database: the real `nip serve` on a `mysql://` URL (the test
 //! MariaDB server `./scripts/test.sh` starts), real Nix substituting through it, and a /v1
 //! artifact round trip.
-use std::time::Duration;
-
 use sqlx::Connection;
 
 use crate::common::*;
@@ -76,10 +74,7 @@ fn nix_substitutes_and_artifacts_round_trip_on_mariadb() {
     check(&upstream_key);
 
     // A /v1 artifact: upload, metadata, listing, download, immutability.
-    let client = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
+    let client = http_client(60);
     let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let upload = |key: &str, bytes: Vec<u8>| {
         let form = reqwest::blocking::multipart::Form::new()
@@ -90,22 +85,11 @@ fn nix_substitutes_and_artifacts_round_trip_on_mariadb() {
                 ),
             )
             .part("file", reqwest::blocking::multipart::Part::bytes(bytes));
-        client
-            .post(format!("{}/v1/artifacts/{key}", nip.url))
-            .bearer_auth(&admin)
-            .multipart(form)
-            .send()
-            .unwrap()
+        post_artifact(&client, &nip.url, &admin, key, form)
             .status()
             .as_u16()
     };
-    let get = |path: &str| {
-        client
-            .get(format!("{}{path}", nip.url))
-            .bearer_auth(&admin)
-            .send()
-            .unwrap()
-    };
+    let get = |path: &str| get_as(&client, &format!("{}{path}", nip.url), &admin);
     assert_eq!(upload("Pkg-1.0", bytes.clone()), 201);
     // Keys are case-sensitive: a second artifact, not a clash.
     assert_eq!(upload("pkg-1.0", b"other".to_vec()), 201);
@@ -136,10 +120,6 @@ fn nix_substitutes_and_artifacts_round_trip_on_mariadb() {
     let hash = store_hash(&paths[0]);
     let (status, _) = http_get(&format!("{}/{hash}.narinfo", nip.url)).unwrap();
     assert_eq!(status, 200);
-    let dl = client
-        .get(format!("{}/v1/download/Pkg-1.0", nip.url))
-        .bearer_auth(&admin)
-        .send()
-        .unwrap();
+    let dl = get_as(&client, &format!("{}/v1/download/Pkg-1.0", nip.url), &admin);
     assert_eq!(dl.bytes().unwrap().to_vec(), bytes);
 }

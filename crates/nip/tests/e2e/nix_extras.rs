@@ -10,10 +10,7 @@ use crate::common::*;
 const UNUSED_KEY: &str = "unused-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
 
 fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .build()
-        .unwrap()
+    http_client(30)
 }
 
 /// Writes the Nix function `expr` of one string argument to `<dir>/<file>` and builds it with
@@ -237,12 +234,7 @@ fn listings_and_build_logs_upload_and_read_back_with_real_nix() {
             "no {action} {target} {result} in {entries:#?}"
         );
     }
-    let metrics = client()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = get_text(&client(), &format!("{}/metrics", server.url));
     for kind in ["ls", "log"] {
         assert!(
             metrics
@@ -907,14 +899,7 @@ fn build_logs_count_in_the_size_budget_and_are_evicted() {
     assert!(left >= 1, "everything was evicted");
     // The newest log was read last and written last: it stays.
     assert_eq!(http_get(&url(11)).unwrap().0, 200);
-    let stats = nip(&[
-        "admin",
-        "stats",
-        "--json",
-        "--cache-data-path",
-        data.to_str().unwrap(),
-    ]);
-    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    let stats = admin_stats(&data);
     let bytes = stats["bytes"].as_i64().unwrap();
     assert_eq!(bytes, left as i64 * 16 * 1024, "{stats}");
 }

@@ -14,10 +14,7 @@ const DUMMY_UPSTREAM: [&str; 4] = [
 ];
 
 fn http() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
+    http_client(10)
 }
 
 #[test]
@@ -56,12 +53,7 @@ fn real_prometheus_scrapes_a_counter_that_moves_and_promtool_accepts_the_metrics
             .unwrap();
         assert!(resp.status().is_client_error(), "{}", resp.status());
     }
-    let metrics = http()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = get_text(&http(), &format!("{}/metrics", server.url));
     assert!(
         !metrics.contains("PROBE"),
         "a made-up method became a label"

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use reqwest::blocking::{multipart, Client};
+use reqwest::blocking::Client;
 
 use crate::common::*;
 use crate::nix_fixture;
@@ -17,48 +17,19 @@ const DUMMY_UPSTREAM: [&str; 4] = [
 ];
 
 fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
+    http_client(60)
 }
 
 fn upload_artifact(url: &str, token: &str, key: &str, bytes: Vec<u8>) -> u16 {
-    let form = multipart::Form::new().part("file", multipart::Part::bytes(bytes));
-    client()
-        .post(format!("{url}/v1/artifacts/{key}"))
-        .bearer_auth(token)
-        .multipart(form)
-        .send()
-        .unwrap()
+    post_artifact(&client(), url, token, key, file_form(bytes))
         .status()
         .as_u16()
 }
 
 fn status(url: &str, token: &str, path: &str) -> u16 {
-    client()
-        .get(format!("{url}{path}"))
-        .bearer_auth(token)
-        .send()
-        .unwrap()
+    get_as(&client(), &format!("{url}{path}"), token)
         .status()
         .as_u16()
-}
-
-fn stats(data: &std::path::Path) -> serde_json::Value {
-    let out = nip(&[
-        "admin",
-        "stats",
-        "--json",
-        "--cache-data-path",
-        data.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// 200 MiB of artifacts and Nix entries into a 50 MiB store while a few entries keep being read:
@@ -129,7 +100,7 @@ fn lru_keeps_the_store_under_its_limit_and_evicts_least_recently_read_first() {
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let bytes = stats(&data)["bytes"].as_i64().unwrap();
+        let bytes = admin_stats(&data)["bytes"].as_i64().unwrap();
         if bytes <= 50 * MIB as i64 {
             break;
         }
@@ -180,7 +151,7 @@ fn lru_keeps_the_store_under_its_limit_and_evicts_least_recently_read_first() {
         kept > 0 && gone > 0,
         "kept {kept}, evicted {gone} Nix entries"
     );
-    let s = stats(&data);
+    let s = admin_stats(&data);
     assert_eq!(s["nars"], s["narinfos"], "{s}");
 }
 
@@ -278,13 +249,8 @@ fn full_disk_refuses_writes_with_507_and_keeps_serving_reads() {
         upload_artifact(&server.url, &token, "small", vec![3u8; 1 << 20]),
         201
     );
-    let form = multipart::Form::new().part("file", multipart::Part::bytes(vec![4u8; 32 << 20]));
-    let resp = client()
-        .post(format!("{}/v1/artifacts/too-big", server.url))
-        .bearer_auth(&token)
-        .multipart(form)
-        .send()
-        .unwrap();
+    let form = file_form(vec![4u8; 32 << 20]);
+    let resp = post_artifact(&client(), &server.url, &token, "too-big", form);
     assert_eq!(resp.status(), 507);
     let body: serde_json::Value = resp.json().unwrap();
     assert!(body["error"].as_str().unwrap().contains("full"), "{body}");
@@ -294,11 +260,11 @@ fn full_disk_refuses_writes_with_507_and_keeps_serving_reads() {
         0,
         "half-written upload left behind"
     );
-    let dl = client()
-        .get(format!("{}/v1/download/small", server.url))
-        .bearer_auth(&token)
-        .send()
-        .unwrap();
+    let dl = get_as(
+        &client(),
+        &format!("{}/v1/download/small", server.url),
+        &token,
+    );
     assert_eq!(dl.status(), 200);
     assert_eq!(dl.bytes().unwrap().len(), 1 << 20);
     assert_eq!(status(&server.url, &token, "/v1/health"), 200);

@@ -9,7 +9,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
-use reqwest::blocking::{multipart, Client};
+use reqwest::blocking::Client;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -17,10 +17,7 @@ use crate::common::*;
 use crate::reliability_crash::write_upstream;
 
 fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
+    http_client(60)
 }
 
 fn sha_hex(b: &[u8]) -> String {
@@ -95,13 +92,7 @@ fn fill_store(
     assert_eq!(sha_hex(&nar), sha_hex(upstream_nar), "NAR bytes differ");
     let art: Vec<u8> = (0..150_000).map(|_| rand::random::<u8>()).collect();
     let art_key = "verify-artifact-1".to_string();
-    let form = multipart::Form::new().part("file", multipart::Part::bytes(art.clone()));
-    let resp = client()
-        .post(format!("{url}/v1/artifacts/{art_key}"))
-        .bearer_auth(token)
-        .multipart(form)
-        .send()
-        .unwrap();
+    let resp = post_artifact(&client(), url, token, &art_key, file_form(art.clone()));
     assert_eq!(resp.status(), 201);
     // The NAR's row is written once its bytes are safe, just after the last byte went out.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -277,12 +268,12 @@ fn corrupt_then_verify_and_repair(tmp: &Path, settings: &[String], flip: &dyn Fn
     // is fetched again from the upstream once the narinfo's expires (30 s), with the right bytes.
     let deadline = Instant::now() + Duration::from_secs(45);
     loop {
-        let art = client()
-            .get(format!("{}/v1/artifacts/{}", server.url, s.art_key))
-            .bearer_auth(&token)
-            .send()
-            .unwrap()
-            .status();
+        let art = get_as(
+            &client(),
+            &format!("{}/v1/artifacts/{}", server.url, s.art_key),
+            &token,
+        )
+        .status();
         let (status, nar, _) = get_path(&server.url, &s.hash);
         if art == 404 && status == 200 {
             assert_eq!(
@@ -418,11 +409,11 @@ fn scheduled_scrub_repairs_and_the_server_refetches_at_once() {
         "the repaired path was not fetched again at once"
     );
     assert_eq!(sha_hex(&nar), sha_hex(&upstream_nar));
-    let art = client()
-        .get(format!("{}/v1/artifacts/{}", server.url, s.art_key))
-        .bearer_auth(&token)
-        .send()
-        .unwrap();
+    let art = get_as(
+        &client(),
+        &format!("{}/v1/artifacts/{}", server.url, s.art_key),
+        &token,
+    );
     assert_eq!(art.status(), 404, "the removed artifact is still served");
 
     let log = std::fs::read_to_string(data.with_extension("log")).unwrap();

@@ -109,11 +109,11 @@ fn make_requests(url: &str) {
         404
     );
     assert_eq!(http_get(&format!("{url}/v1/health")).unwrap().0, 200);
-    let resp = reqwest::blocking::Client::new()
-        .get(format!("{url}/pubkey?token={SECRET}"))
-        .bearer_auth(SECRET)
-        .send()
-        .unwrap();
+    let resp = get_as(
+        &reqwest::blocking::Client::new(),
+        &format!("{url}/pubkey?token={SECRET}"),
+        SECRET,
+    );
     assert_eq!(resp.status().as_u16(), 200);
 }
 

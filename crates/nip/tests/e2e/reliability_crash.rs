@@ -228,11 +228,7 @@ fn verify(url: &str, token: &str, disk: Disk, acked: &Acked, attempted: &Attempt
     }
     // Durability: an acknowledged upload is there, with its bytes.
     for (key, sha) in &acked.artifacts {
-        let r = c
-            .get(format!("{url}/v1/download/{key}"))
-            .bearer_auth(token)
-            .send()
-            .unwrap();
+        let r = get_as(&c, &format!("{url}/v1/download/{key}"), token);
         assert_eq!(r.status(), 200, "acknowledged artifact {key} lost");
         assert_eq!(&sha_hex(&r.bytes().unwrap()), sha, "artifact {key}: bytes");
     }
@@ -244,11 +240,7 @@ fn verify(url: &str, token: &str, disk: Disk, acked: &Acked, attempted: &Attempt
     }
     // No visible entry is partial: whatever is visible has exactly its recorded digest.
     for (key, sha) in &attempted.artifacts {
-        let r = c
-            .get(format!("{url}/v1/artifacts/{key}"))
-            .bearer_auth(token)
-            .send()
-            .unwrap();
+        let r = get_as(&c, &format!("{url}/v1/artifacts/{key}"), token);
         match r.status().as_u16() {
             404 => continue,
             200 => {}
@@ -256,11 +248,7 @@ fn verify(url: &str, token: &str, disk: Disk, acked: &Acked, attempted: &Attempt
         }
         let meta: serde_json::Value = r.json().unwrap();
         assert_eq!(meta["sha256"].as_str().unwrap(), sha, "artifact {key}: row");
-        let bytes = c
-            .get(format!("{url}/v1/download/{key}"))
-            .bearer_auth(token)
-            .send()
-            .unwrap()
+        let bytes = get_as(&c, &format!("{url}/v1/download/{key}"), token)
             .bytes()
             .unwrap();
         assert_eq!(

@@ -90,10 +90,7 @@ fn database_restart_gives_fast_503s_and_service_resumes_without_a_server_restart
         ],
     );
     let url = &server.url;
-    let c = Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
+    let c = http_client(60);
     let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
     assert_eq!(upload(&c, url, &token, "before", &bytes), 201);
 
@@ -127,11 +124,7 @@ fn database_restart_gives_fast_503s_and_service_resumes_without_a_server_restart
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let got = c
-        .get(format!("{url}/v1/download/before"))
-        .bearer_auth(&token)
-        .send()
-        .unwrap()
+    let got = get_as(&c, &format!("{url}/v1/download/before"), &token)
         .bytes()
         .unwrap();
     assert_eq!(&got[..], &bytes[..], "bytes stored before the outage");

@@ -51,10 +51,7 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
 
 /// Plain requests still work, quickly enough to be called "served".
 fn assert_serving(url: &str, what: &str) {
-    let c = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let c = http_client(10);
     for _ in 0..20 {
         let r = c
             .get(format!("{url}/nix-cache-info"))
@@ -156,38 +153,38 @@ fn idle_and_slowloris_connections_are_closed_while_others_are_served() {
     );
 }
 
+/// Sends `head` on a new connection to the server at `url`: what it answered before closing.
+/// The server may close before reading it all: a write error is a refusal too.
+fn send_raw(url: &str, head: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr(url)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(head);
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// A request head over 64 KiB is refused (431 or a close), with no effect on other clients.
 #[test]
 fn oversized_request_head_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let server = start(&tmp.path().join("data"), 0);
     for size in [100 * 1024, 4 << 20] {
-        let mut s = TcpStream::connect(addr(&server.url)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
         head.resize(head.len() + size, b'a');
         head.extend_from_slice(b"\r\n\r\n");
-        // The server may close before reading it all: a write error is a refusal too.
-        let _ = s.write_all(&head);
-        let mut answer = Vec::new();
-        let _ = s.read_to_end(&mut answer);
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = send_raw(&server.url, &head);
         assert!(
             answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
             "{size}-byte head: {answer}"
         );
         // Many small headers: also bounded.
-        let mut s = TcpStream::connect(addr(&server.url)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n".to_vec();
         for i in 0..5000 {
             head.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
         }
         head.extend_from_slice(b"\r\n");
-        let _ = s.write_all(&head);
-        let mut answer = Vec::new();
-        let _ = s.read_to_end(&mut answer);
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = send_raw(&server.url, &head);
         assert!(
             !answer.starts_with("HTTP/1.1 200"),
             "5000 headers: {answer}"

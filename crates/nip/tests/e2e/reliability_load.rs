@@ -78,12 +78,7 @@ fn soak_mixed_traffic_has_no_errors_and_flat_memory() {
     let c = reqwest::blocking::Client::new();
     let mut targets = Vec::new();
     for e in &entries {
-        let text = c
-            .get(format!("{}/{}.narinfo", server.url, e.hash))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap();
+        let text = get_text(&c, &format!("{}/{}.narinfo", server.url, e.hash));
         let info = nip_core::narinfo::NarInfo::parse(&text).unwrap();
         let nar = c
             .get(format!("{}/{}", server.url, info.url))
@@ -99,14 +94,13 @@ fn soak_mixed_traffic_has_no_errors_and_flat_memory() {
         let mut bytes = vec![0u8; rng.gen_range(1..300_000)];
         rng.fill_bytes(&mut bytes);
         let len = bytes.len();
-        let form = reqwest::blocking::multipart::Form::new()
-            .part("file", reqwest::blocking::multipart::Part::bytes(bytes));
-        let r = c
-            .post(format!("{}/v1/artifacts/soak-{i}", server.url))
-            .bearer_auth(&token)
-            .multipart(form)
-            .send()
-            .unwrap();
+        let r = post_artifact(
+            &c,
+            &server.url,
+            &token,
+            &format!("soak-{i}"),
+            file_form(bytes),
+        );
         assert_eq!(r.status(), 201);
         targets.push(Target::Artifact(format!("/v1/download/soak-{i}"), len));
         targets.push(Target::Metadata(format!("/v1/artifacts/soak-{i}/metadata")));

@@ -4,17 +4,13 @@
 //! second, concurrent misses spread over both cost at most one upstream fetch per instance, and
 //! real Nix substitutes through B what A fetched.
 use std::process::Command;
-use std::time::Duration;
 
-use reqwest::blocking::{multipart, Client};
+use reqwest::blocking::Client;
 
 use crate::common::*;
 
 fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
+    http_client(60)
 }
 
 #[test]
@@ -68,19 +64,14 @@ fn two_instances_share_postgres_and_the_store() {
 
     // An artifact uploaded through A downloads through B byte-identical.
     let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-    let form = multipart::Form::new().part("file", multipart::Part::bytes(bytes.clone()));
-    let up_resp = client()
-        .post(format!("{}/v1/artifacts/shared-1", a.url))
-        .bearer_auth(&admin)
-        .multipart(form)
-        .send()
-        .unwrap();
+    let form = file_form(bytes.clone());
+    let up_resp = post_artifact(&client(), &a.url, &admin, "shared-1", form);
     assert_eq!(up_resp.status(), 201);
-    let down = client()
-        .get(format!("{}/v1/download/shared-1", b.url))
-        .bearer_auth(&reader)
-        .send()
-        .unwrap();
+    let down = get_as(
+        &client(),
+        &format!("{}/v1/download/shared-1", b.url),
+        &reader,
+    );
     assert_eq!(down.status(), 200);
     assert!(
         down.bytes().unwrap() == bytes,
@@ -100,12 +91,7 @@ fn two_instances_share_postgres_and_the_store() {
     // 20 concurrent requests for one uncached NAR over A and B: at most one fetch per instance.
     let big = &paths[1];
     let hash = store_hash(big);
-    let narinfo = client()
-        .get(format!("{}/{hash}.narinfo", a.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let narinfo = get_text(&client(), &format!("{}/{hash}.narinfo", a.url));
     let nar_path = narinfo
         .lines()
         .find_map(|l| l.strip_prefix("URL: "))
@@ -150,20 +136,10 @@ fn two_instances_share_postgres_and_the_store() {
     );
 
     // Real Nix: A fetches everything, the upstream goes away, B serves it all.
-    let pubkey = client()
-        .get(format!("{}/pubkey", a.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let pubkey = get_text(&client(), &format!("{}/pubkey", a.url));
     assert_eq!(
         pubkey,
-        client()
-            .get(format!("{}/pubkey", b.url))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap(),
+        get_text(&client(), &format!("{}/pubkey", b.url)),
         "instances sign with different keys"
     );
     let check = |url: &str| {
@@ -211,22 +187,22 @@ fn presigned_downloads_are_served_by_s3_directly() {
     let server = spawn_nip(&tmp.path().join("nip.log"), &args, &[]);
     let url = &server.url;
     let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8).collect();
-    let form = multipart::Form::new().part("file", multipart::Part::bytes(bytes.clone()));
-    let resp = client()
-        .post(format!("{url}/v1/artifacts/presigned-1"))
-        .bearer_auth(&token)
-        .multipart(form)
-        .send()
-        .unwrap();
+    let resp = post_artifact(
+        &client(),
+        url,
+        &token,
+        "presigned-1",
+        file_form(bytes.clone()),
+    );
     assert_eq!(resp.status(), 201);
 
-    let info: serde_json::Value = client()
-        .get(format!("{url}/v1/artifacts/presigned-1"))
-        .bearer_auth(&token)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let info: serde_json::Value = get_as(
+        &client(),
+        &format!("{url}/v1/artifacts/presigned-1"),
+        &token,
+    )
+    .json()
+    .unwrap();
     let direct = info["downloadUrl"].as_str().unwrap();
     assert!(direct.starts_with(&endpoint), "not an S3 URL: {direct}");
     assert!(
@@ -242,11 +218,11 @@ fn presigned_downloads_are_served_by_s3_directly() {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    let r = no_redirects
-        .get(format!("{url}/v1/download/presigned-1"))
-        .bearer_auth(&token)
-        .send()
-        .unwrap();
+    let r = get_as(
+        &no_redirects,
+        &format!("{url}/v1/download/presigned-1"),
+        &token,
+    );
     assert_eq!(r.status(), 307);
     let location = r.headers()["location"].to_str().unwrap();
     assert!(location.starts_with(&endpoint), "{location}");

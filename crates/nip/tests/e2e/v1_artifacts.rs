@@ -39,32 +39,20 @@ fn env(extra: &[&str]) -> Env {
 }
 
 fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()
-        .unwrap()
+    http_client(300)
 }
 
 fn upload(e: &Env, key: &str, bytes: Vec<u8>, metadata: &str) -> (u16, serde_json::Value) {
     let form = multipart::Form::new()
         .part("metadata", multipart::Part::text(metadata.to_string()))
         .part("file", multipart::Part::bytes(bytes));
-    let resp = client()
-        .post(format!("{}/v1/artifacts/{key}", e.server.url))
-        .bearer_auth(&e.admin)
-        .multipart(form)
-        .send()
-        .unwrap();
+    let resp = post_artifact(&client(), &e.server.url, &e.admin, key, form);
     let status = resp.status().as_u16();
     (status, resp.json().unwrap_or(serde_json::Value::Null))
 }
 
 fn get(e: &Env, path: &str) -> reqwest::blocking::Response {
-    client()
-        .get(format!("{}{path}", e.server.url))
-        .bearer_auth(&e.admin)
-        .send()
-        .unwrap()
+    get_as(&client(), &format!("{}{path}", e.server.url), &e.admin)
 }
 
 fn sha_hex(b: &[u8]) -> String {
@@ -401,12 +389,7 @@ fn one_gib_upload_keeps_server_memory_flat() {
         "file",
         multipart::Part::reader_with_length(Gen(SIZE, Sha256::new()), SIZE),
     );
-    let resp = client()
-        .post(format!("{}/v1/artifacts/huge", e.server.url))
-        .bearer_auth(&e.admin)
-        .multipart(form)
-        .send()
-        .unwrap();
+    let resp = post_artifact(&client(), &e.server.url, &e.admin, "huge", form);
     assert_eq!(resp.status(), 201);
     let body: serde_json::Value = resp.json().unwrap();
     assert_eq!(body["size"], SIZE);
@@ -443,11 +426,11 @@ fn audit_log_records_writes_deletes_and_failures_without_tokens() {
         .unwrap();
     assert_eq!(del.status(), 204);
     let bad_token = "nip_ffffffffffffffffffffffffffffffffffffffffffffffff";
-    let r = client()
-        .get(format!("{}/v1/artifacts/x", e.server.url))
-        .bearer_auth(bad_token)
-        .send()
-        .unwrap();
+    let r = get_as(
+        &client(),
+        &format!("{}/v1/artifacts/x", e.server.url),
+        bad_token,
+    );
     assert_eq!(r.status(), 401);
     let out = nip(&[
         "audit",
@@ -518,11 +501,11 @@ fn rate_limit_answers_429_with_retry_after() {
     assert!((1..=2).contains(&retry), "Retry-After {retry}");
     // Another key has its own bucket.
     let other = create_key(&e.data, "other", "read", &[]);
-    let r = client()
-        .get(format!("{}/v1/artifacts?limit=1", e.server.url))
-        .bearer_auth(other)
-        .send()
-        .unwrap();
+    let r = get_as(
+        &client(),
+        &format!("{}/v1/artifacts?limit=1", e.server.url),
+        &other,
+    );
     assert_eq!(r.status(), 200);
 }
 
@@ -551,13 +534,7 @@ fn retention_deletes_artifacts_not_downloaded_recently() {
         1,
         "the idle artifact's bytes are still stored"
     );
-    let out = nip(&[
-        "audit",
-        "--json",
-        "--cache-data-path",
-        e.data.to_str().unwrap(),
-    ]);
-    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let entries = audit(&e.data);
     assert!(entries
         .iter()
         .any(|x| x["action"] == "retention-delete" && x["target"] == "idle"));

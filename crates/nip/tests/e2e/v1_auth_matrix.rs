@@ -70,10 +70,7 @@ fn setup(extra_args: &[&str]) -> Setup {
 }
 
 fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
+    http_client(20)
 }
 
 fn send(s: &Setup, cred: &str, method: Method, path: &str, body: Option<Body>) -> u16 {
@@ -332,13 +329,13 @@ fn env_api_key_is_a_read_write_key() {
         ],
         &[("NIP_CACHE_API_KEY", token)],
     );
-    let form = multipart::Form::new().part("file", multipart::Part::bytes(b"x".to_vec()));
-    let up = client()
-        .post(format!("{}/v1/artifacts/env-k", server.url))
-        .bearer_auth(token)
-        .multipart(form)
-        .send()
-        .unwrap();
+    let up = post_artifact(
+        &client(),
+        &server.url,
+        token,
+        "env-k",
+        file_form(b"x".to_vec()),
+    );
     assert_eq!(up.status(), 201);
     let del = client()
         .delete(format!("{}/v1/artifacts/env-k", server.url))
