@@ -60,6 +60,9 @@ pub struct ServeConfig {
     pub response_header_timeout: Duration,
     pub body_idle_timeout: Duration,
     pub negative_ttl: Duration,
+    /// `--cache-prefetch-nar-max-size`: NARs up to this size are fetched with their narinfo
+    /// (0: never).
+    pub prefetch_nar_max_size: u64,
     /// `--cache-lock-download-ttl`: how long a miss waits for another instance's fetch.
     pub fill_wait: Duration,
     pub server_addr: String,
@@ -403,6 +406,7 @@ impl ServeConfig {
             response_header_timeout: v.req("cache.upstream.response-header-timeout"),
             body_idle_timeout: v.req("cache.upstream.body-idle-timeout"),
             negative_ttl: v.req("cache.negative-ttl"),
+            prefetch_nar_max_size: v.req("cache.prefetch-nar-max-size"),
             fill_wait: v.req("cache.lock.download-lock-ttl"),
             server_addr: v.req("server.addr"),
             log_level: v.req("log.level"),

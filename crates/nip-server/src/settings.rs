@@ -74,6 +74,8 @@ pub enum Kind {
     Age,
     /// A size above zero (`512`, `10K`, `100M`, `10G`, `1T`: powers of 1024); shown in bytes.
     Size,
+    /// A size as [`Kind::Size`], where 0 turns the feature off.
+    SizeOrZero,
     /// A number above zero (requests per second).
     Rate,
     /// A number of at least 1 (requests in a burst).
@@ -280,6 +282,10 @@ pub const SETTINGS: &[Setting] = &[
       "An upstream body that sends nothing for this long is abandoned").default("30s"),
     s("cache.negative-ttl", &["cache-negative-ttl"], &["CACHE_NEGATIVE_TTL"], &["cache.negative-ttl"], Kind::Duration,
       "How long a narinfo that no upstream has is remembered as absent").default("30s"),
+    s("cache.prefetch-nar-max-size", &["cache-prefetch-nar-max-size"], &["NIP_CACHE_PREFETCH_NAR_MAX_SIZE"],
+      &["cache.prefetch-nar-max-size"], Kind::SizeOrZero,
+      "When a narinfo is fetched from an upstream, fetch its NAR right away in the background if its file is at most this big (Nix asks for it next); 0 turns it off")
+      .default("1M"),
     s("server.addr", &["server-addr"], &["SERVER_ADDR"], &["server.addr"], Kind::Text,
       "Address to listen on ([host]:port)").default(":8501"),
     s("log.level", &["log-level"], &["LOG_LEVEL"], &["log.level"], Kind::Text,

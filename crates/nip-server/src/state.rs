@@ -33,6 +33,8 @@ pub struct Inner {
     pub(crate) signer: SigningKey,
     pub(crate) public_key: PublicKey,
     pub(crate) fills: Arc<Fills>,
+    /// NARs fetched with their narinfo (`--cache-prefetch-nar-max-size`).
+    pub(crate) prefetch: cache::prefetch::Prefetcher,
     pub(crate) narinfo_lookups: Coalescer<String, cache::narinfo::Fetched>,
     /// Narinfos no upstream had: when they were found missing, and whether every upstream
     /// answered (only a certain absence lets an upload skip asking again).
@@ -206,6 +208,7 @@ impl AppState {
             signer,
             public_key,
             fills: Arc::default(),
+            prefetch: Default::default(),
             narinfo_lookups: Coalescer::default(),
             negative: Mutex::new(HashMap::new()),
             peers_seen: Mutex::new(None),

@@ -132,6 +132,20 @@ fn lease(state: &AppState, name: &str) -> Lease {
     }
 }
 
+/// Takes the fill lease `name` if it is free and the result is not stored yet; `None` otherwise
+/// (for work nobody waits on, such as a prefetch).
+pub async fn try_lead(state: &AppState, name: &str) -> Option<Lease> {
+    if !others_alive(state).await {
+        return Some(Lease::none());
+    }
+    let holder = state.instance_id().to_string();
+    let now = nip_store::unix_now();
+    match state.meta.take_lease(name, &holder, now, now + TERM_SECS).await {
+        Ok(true) => Some(lease(state, name)),
+        Ok(false) | Err(_) => None,
+    }
+}
+
 /// Takes the fill lease `name`, or, while another instance holds it, waits until `stored()`
 /// finds the result in the shared index or store (→ `Stored`), the lease frees (→ `Lead`), or
 /// `--cache-lock-download-ttl` passes (→ `Lead`: a second fetch beats failing the client). A

@@ -9,6 +9,7 @@ pub mod fill;
 pub mod listing;
 pub mod nar;
 pub mod narinfo;
+pub mod prefetch;
 pub mod realisation;
 pub mod upload;
 

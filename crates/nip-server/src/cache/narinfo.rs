@@ -147,6 +147,7 @@ async fn fetch_and_store(state: AppState, hash: StorePathHash) -> Fetched {
             state
                 .stats
                 .activity("narinfo-fetch", record.store_path.clone());
+            super::prefetch::after_fetch(&state, &record, sources);
             Arc::<str>::from(record.narinfo)
         }
         // Stored meanwhile (an upload, or another instance's fetch): that one stands.

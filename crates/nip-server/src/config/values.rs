@@ -258,6 +258,9 @@ fn parse_scalar(s: &Setting, kind: Kind, v: &str) -> Result<Value, String> {
             .filter(|n| *n > 0)
             .map(Value::Int)
             .ok_or_else(|| format!("expected a size like 10G, got {v:?}")),
+        Kind::SizeOrZero => parse_size(v)
+            .map(Value::Int)
+            .ok_or_else(|| format!("expected a size like 1M, or 0, got {v:?}")),
         Kind::Rate => number(|n| n > 0.0, "a positive number"),
         Kind::Burst => number(|n| n >= 1.0, "a number >= 1"),
         Kind::Count => v

@@ -400,6 +400,9 @@ pub async fn start_nip(
         ),
         ("cache.upstream.response-header-timeout", vec!["1s".into()]),
         ("cache.upstream.body-idle-timeout", vec!["1s".into()]),
+        // These tests drive fills by their requests (and change what the upstream serves
+        // between the narinfo and the NAR); prefetch.rs turns prefetching on.
+        ("cache.prefetch-nar-max-size", vec!["0".into()]),
     ]);
     layer.extend(extra);
     let config = nip_server::config::ServeConfig::from_layer(&layer).unwrap();

@@ -8,6 +8,7 @@ mod faults;
 mod hostile_input;
 mod jobs_lease;
 mod ncps_compat;
+mod prefetch;
 mod serving;
 mod staging_bound;
 mod trust;
