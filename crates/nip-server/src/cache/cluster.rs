@@ -140,7 +140,11 @@ pub async fn try_lead(state: &AppState, name: &str) -> Option<Lease> {
     }
     let holder = state.instance_id().to_string();
     let now = nip_store::unix_now();
-    match state.meta.take_lease(name, &holder, now, now + TERM_SECS).await {
+    match state
+        .meta
+        .take_lease(name, &holder, now, now + TERM_SECS)
+        .await
+    {
         Ok(true) => Some(lease(state, name)),
         Ok(false) | Err(_) => None,
     }
