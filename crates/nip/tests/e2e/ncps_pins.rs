@@ -93,6 +93,9 @@ fn a_pinned_closure_survives_eviction_and_ncps_metrics_follow() {
             "--cache-max-size",
             "5M",
             "--prometheus-enabled",
+            // Every NAR is fetched by its request, so ncps' hit/miss counts below are exact.
+            "--cache-prefetch-nar-max-size",
+            "0",
         ],
     );
     let u = &nip.url;
