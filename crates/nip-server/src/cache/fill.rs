@@ -575,7 +575,14 @@ impl Fills {
                         let e = std::io::Error::other("the checked bytes were not staged");
                         FillError::Store(nip_store::StoreError::Io(e).into())
                     })?;
-                    crate::cache::nar::publish(ctx, staged, &rec).await?;
+                    // A file named by its FileHash and checked against it cannot differ from
+                    // one stored under that name meanwhile.
+                    let named_by_content = match &spec.expect {
+                        Expect::FileHash(sha) => NarFileName::parse(&spec.nar_file)
+                            .is_ok_and(|n| n.hash() == nip_core::base32::encode(sha)),
+                        Expect::NarHash { .. } => false,
+                    };
+                    crate::cache::nar::publish(ctx, staged, &rec, named_by_content).await?;
                     return Ok(written);
                 }
                 Err(DownloadError::Local(e)) => return Err(FillError::Store(e.into())),
@@ -747,10 +754,16 @@ impl Fills {
                 });
                 match kept {
                     // Clients have the bytes: now they go to disk, to be published.
-                    Some(kept) => {
-                        // Hashed already: written as it is.
-                        staged(ctx, fill).await?.append(kept).await?;
-                    }
+                    // Hashed already: written as it is, fsynced in the same trip to disk
+                    // unless an earlier source's attempt left a (now empty) staged file.
+                    Some(kept) => match fill.staged.get() {
+                        Some(file) => file.append(kept).await?,
+                        None => {
+                            let file = ctx.staging.create_with(kept).await?;
+                            // Only this task sets it: it was empty a moment ago.
+                            let _ = fill.staged.set(file);
+                        }
+                    },
                     // Every byte is on disk: clients read the rest from there.
                     None => fill.window().clear(),
                 }

@@ -6,15 +6,22 @@ use crate::cache::CacheError;
 use crate::AppState;
 
 /// Publishes a staged NAR whose size and SHA-256 were checked, then records it: bytes first,
-/// fsynced and renamed into place, the row only once they are safe.
+/// fsynced and renamed into place, the row only once they are safe. `named_by_content`: the
+/// name is the SHA-256 the bytes were checked against, so bytes stored under it meanwhile are
+/// the same and need no look.
 pub async fn publish(
     state: &AppState,
     staged: &StagedFile,
     rec: &NarRecord,
+    named_by_content: bool,
 ) -> Result<(), CacheError> {
     // Another fill (another instance, or an upstream with other compressed bytes of a NAR
     // known only by its NarHash) stored this name first: its row and bytes stand together.
-    if let Some(existing) = state.meta.get_nar(&rec.nar_file).await? {
+    let existing = match named_by_content {
+        true => None,
+        false => state.meta.get_nar(&rec.nar_file).await?,
+    };
+    if let Some(existing) = existing {
         let key = BlobKey::nar(&rec.nar_file)?;
         if existing.sha256 != rec.sha256 && state.blobs.stat(&key).await?.is_some() {
             tracing::debug!(nar_file = %rec.nar_file, "stored meanwhile with other bytes; keeping those");
