@@ -310,12 +310,23 @@ fn number(v: f64) -> String {
 /// ncps' metrics (its names, labels and types), computed from nip's own and from the state, so
 /// dashboards built for ncps keep working. The mapping is listed in the README ("ncps users").
 fn ncps_metrics(nip: &str, state: &AppState) -> String {
-    use std::fmt::Write;
     let samples = parse_samples(nip);
     let mut out = String::new();
-    let head = |out: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
+    ncps_served(&mut out, &samples);
+    ncps_gauges(&mut out, &samples, state);
+    ncps_lru_counters(&mut out, &samples);
+    ncps_histograms(&mut out, &samples);
+    out
+}
+
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// `ncps_nar_served_total` and `ncps_narinfo_served_total`: hits and misses.
+fn ncps_served(out: &mut String, samples: &[Sample]) {
+    use std::fmt::Write;
     for (name, kind, help) in [
         (
             "ncps_nar_served_total",
@@ -328,12 +339,12 @@ fn ncps_metrics(nip: &str, state: &AppState) -> String {
             "Counts the number of NAR info files served.",
         ),
     ] {
-        head(&mut out, name, "counter", help);
+        head(out, name, "counter", help);
         for (result, nip_name) in [
             ("hit", "nip_cache_hits_total"),
             ("miss", "nip_cache_misses_total"),
         ] {
-            let v = sum(&samples, nip_name, &[("kind", kind)]);
+            let v = sum(samples, nip_name, &[("kind", kind)]);
             let _ = writeln!(
                 out,
                 "{name}{{result=\"{result}\",status=\"success\"}} {}",
@@ -341,7 +352,12 @@ fn ncps_metrics(nip: &str, state: &AppState) -> String {
             );
         }
     }
-    let stored = sum(&samples, "nip_store_size_bytes", &[]);
+}
+
+/// The store's size and entries, the size limit, the upstreams.
+fn ncps_gauges(out: &mut String, samples: &[Sample], state: &AppState) {
+    use std::fmt::Write;
+    let stored = sum(samples, "nip_store_size_bytes", &[]);
     let max = state.budget.max_bytes.unwrap_or(0) as f64;
     let healthy = state
         .upstreams
@@ -358,12 +374,12 @@ fn ncps_metrics(nip: &str, state: &AppState) -> String {
         (
             "ncps_narinfo_count",
             "Number of narinfo objects currently in cache.",
-            sum(&samples, "nip_store_entries", &[("kind", "narinfo")]),
+            sum(samples, "nip_store_entries", &[("kind", "narinfo")]),
         ),
         (
             "ncps_nar_file_count",
             "Number of NAR file objects currently in cache.",
-            sum(&samples, "nip_store_entries", &[("kind", "nar")]),
+            sum(samples, "nip_store_entries", &[("kind", "nar")]),
         ),
         (
             "ncps_cache_max_size_bytes",
@@ -387,24 +403,29 @@ fn ncps_metrics(nip: &str, state: &AppState) -> String {
         ),
     ];
     for (name, help, v) in gauges {
-        head(&mut out, name, "gauge", help);
+        head(out, name, "gauge", help);
         let _ = writeln!(out, "{name} {}", number(v));
     }
+}
+
+/// What eviction did.
+fn ncps_lru_counters(out: &mut String, samples: &[Sample]) {
+    use std::fmt::Write;
     let counters = [
         (
             "ncps_lru_cleanup_runs_total",
             "Total number of LRU cleanup executions.",
-            sum(&samples, "nip_eviction_runs_total", &[]),
+            sum(samples, "nip_eviction_runs_total", &[]),
         ),
         (
             "ncps_lru_narinfos_evicted_total",
             "Total number of narinfos evicted by LRU.",
-            sum(&samples, "nip_evictions_total", &[("kind", "narinfo")]),
+            sum(samples, "nip_evictions_total", &[("kind", "narinfo")]),
         ),
         (
             "ncps_lru_nar_files_evicted_total",
             "Total number of NAR files evicted by LRU.",
-            sum(&samples, "nip_evictions_total", &[("kind", "nar")]),
+            sum(samples, "nip_evictions_total", &[("kind", "nar")]),
         ),
         // nip stores whole NARs: no chunks.
         (
@@ -415,13 +436,18 @@ fn ncps_metrics(nip: &str, state: &AppState) -> String {
         (
             "ncps_lru_bytes_freed_total",
             "Total bytes freed by LRU eviction.",
-            sum(&samples, "nip_evicted_bytes_total", &[]),
+            sum(samples, "nip_evicted_bytes_total", &[]),
         ),
     ];
     for (name, help, v) in counters {
-        head(&mut out, name, "counter", help);
+        head(out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", number(v));
     }
+}
+
+/// Eviction and upstream fetch durations, from nip's histograms summed over their labels.
+fn ncps_histograms(out: &mut String, samples: &[Sample]) {
+    use std::fmt::Write;
     let histograms = [
         (
             "ncps_lru_cleanup_duration_seconds",
@@ -443,7 +469,7 @@ fn ncps_metrics(nip: &str, state: &AppState) -> String {
         ),
     ];
     for (name, help, nip_name, filter) in histograms {
-        head(&mut out, name, "histogram", help);
+        head(out, name, "histogram", help);
         let with: Vec<(&str, &str)> = filter.into_iter().collect();
         // Buckets summed over nip's label sets (e.g. every upstream), in `le` order.
         let mut buckets: Vec<(String, f64)> = Vec::new();
@@ -460,14 +486,14 @@ fn ncps_metrics(nip: &str, state: &AppState) -> String {
         }
         let bound = |le: &str| le.parse::<f64>().unwrap_or(f64::INFINITY);
         buckets.sort_by(|a, b| bound(&a.0).total_cmp(&bound(&b.0)));
-        let count = sum(&samples, &format!("{nip_name}_count"), &with);
+        let count = sum(samples, &format!("{nip_name}_count"), &with);
         if buckets.last().is_none_or(|(le, _)| bound(le).is_finite()) {
             buckets.push(("+Inf".into(), count));
         }
         for (le, n) in buckets {
             let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {}", number(n));
         }
-        let total = sum(&samples, &format!("{nip_name}_sum"), &with);
+        let total = sum(samples, &format!("{nip_name}_sum"), &with);
         let _ = writeln!(
             out,
             "{name}_sum {}\n{name}_count {}",
@@ -475,7 +501,6 @@ fn ncps_metrics(nip: &str, state: &AppState) -> String {
             number(count)
         );
     }
-    out
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use nip_core::hash::{HashAlgo, NixHash};
 use nip_core::nar_file::NarFileName;
 use nip_core::narinfo::NarInfo;
 use nip_core::signing::{verify_narinfo, PublicKey, SigningKey};
-use nip_store::ncps::{ncps_nar_path, ImportCounts, NcpsDb, NcpsNarInfo};
+use nip_store::ncps::{ncps_nar_path, ImportCounts, ImportTx, NcpsDb, NcpsNarInfo};
 use nip_store::{BlobKey, BlobStore, NarInfoRecord, NarRecord, SqlMeta};
 use sha2::Digest;
 
@@ -86,17 +86,22 @@ pub async fn ncps(
         ..Summary::default()
     };
     let signer = signing_key(config, &db, blobs, dry_run, &mut s).await?;
-    let layout = Layout::of(config);
-    let upstream_keys = &config.upstream_public_keys;
     let mut trusted: Vec<PublicKey> = config.trusted_upload_keys.clone();
-    trusted.extend(upstream_keys.iter().cloned());
-
+    trusted.extend(config.upstream_public_keys.iter().cloned());
+    let mut import = Import {
+        config,
+        blobs,
+        layout: Layout::of(config),
+        trusted,
+        signer,
+        adopted: HashSet::new(),
+        s,
+    };
     let mut tx = if dry_run {
         None
     } else {
         Some(meta.begin_import().await?)
     };
-    let mut adopted: HashSet<String> = HashSet::new();
     let (mut after, mut seen) = (0i64, 0u64);
     loop {
         let page = db.narinfos_after(after, PAGE).await?;
@@ -104,67 +109,11 @@ pub async fn ncps(
         after = last.id;
         for n in &page {
             seen += 1;
-            let Some(item) = convert(n, &trusted, upstream_keys) else {
-                s.invalid += 1;
-                continue;
-            };
-            let from = layout.ncps_key(&n.url)?;
-            let Some(size) = blobs.stat(&from).await? else {
-                s.missing_nars += 1;
-                continue;
-            };
-            if item.info.file_size.is_some_and(|f| f != size) {
-                tracing::warn!(store_path = %n.store_path, file = %from.as_str(), size, "ncps' NAR file does not have the size its narinfo says: not imported");
-                s.invalid += 1;
-                continue;
-            }
-            let sha256 = match &item.info.file_hash {
-                Some(h) if h.algo == HashAlgo::Sha256 => h.to_hex(),
-                _ => hash_blob(blobs, &from).await?,
-            };
-            let mut info = item.info;
-            if config.sign_narinfo {
-                if let Some(key) = &signer {
-                    info.sign(key);
-                }
-            }
-            let rec = NarInfoRecord {
-                hash: info.store_path.hash().as_str().to_string(),
-                store_path: info.store_path.full(),
-                nar_file: item.file.clone(),
-                file_size: Some(size as i64),
-                file_hash: info.file_hash.as_ref().map(|h| h.to_string()),
-                nar_hash: info.nar_hash.to_string(),
-                narinfo: info.to_text(),
-                origin: item.origin,
-                signed_by: item.signed_by,
-                uploaded_by: None,
-            };
-            let Some(tx) = tx.as_mut() else {
-                s.narinfos += 1;
-                if adopted.insert(item.file) {
-                    s.nars += 1;
-                }
-                continue;
-            };
-            if adopted.insert(item.file.clone()) {
-                // Bytes first, rows after: the rows commit only once every adopted file is durable.
-                blobs.adopt(&from, &BlobKey::nar(&item.file)?).await?;
-                let nar = NarRecord {
-                    nar_file: item.file,
-                    size: size as i64,
-                    sha256,
-                };
-                if tx.nar(&nar, n.created_at, n.last_accessed_at).await? {
-                    s.nars += 1;
-                }
-            }
-            if tx.narinfo(&rec, n.created_at, n.last_accessed_at).await? {
-                s.narinfos += 1;
-            }
+            import.one(n, tx.as_mut()).await?;
         }
         progress(seen, counts.narinfos);
     }
+    let mut s = import.s;
     let pins = db.pins().await?;
     let now = nip_store::unix_now();
     for hash in &pins {
@@ -193,6 +142,86 @@ pub async fn ncps(
         }
     }
     Ok(Outcome::Imported(s))
+}
+
+/// The import of ncps' narinfos and NAR files, one narinfo at a time.
+struct Import<'a> {
+    config: &'a ServeConfig,
+    blobs: &'a dyn BlobStore,
+    layout: Layout,
+    /// Keys whose signatures are kept: trusted upload keys, then upstream keys.
+    trusted: Vec<PublicKey>,
+    signer: Option<SigningKey>,
+    /// NAR files adopted so far (several narinfos may share one).
+    adopted: HashSet<String>,
+    s: Summary,
+}
+
+impl Import<'_> {
+    /// Imports one of ncps' narinfos and its NAR file (without `tx`: counts what would be).
+    async fn one(&mut self, n: &NcpsNarInfo, tx: Option<&mut ImportTx>) -> anyhow::Result<()> {
+        let (blobs, s) = (self.blobs, &mut self.s);
+        let upstream_keys = &self.config.upstream_public_keys;
+        let Some(item) = convert(n, &self.trusted, upstream_keys) else {
+            s.invalid += 1;
+            return Ok(());
+        };
+        let from = self.layout.ncps_key(&n.url)?;
+        let Some(size) = blobs.stat(&from).await? else {
+            s.missing_nars += 1;
+            return Ok(());
+        };
+        if item.info.file_size.is_some_and(|f| f != size) {
+            tracing::warn!(store_path = %n.store_path, file = %from.as_str(), size, "ncps' NAR file does not have the size its narinfo says: not imported");
+            s.invalid += 1;
+            return Ok(());
+        }
+        let sha256 = match &item.info.file_hash {
+            Some(h) if h.algo == HashAlgo::Sha256 => h.to_hex(),
+            _ => hash_blob(blobs, &from).await?,
+        };
+        let mut info = item.info;
+        if self.config.sign_narinfo {
+            if let Some(key) = &self.signer {
+                info.sign(key);
+            }
+        }
+        let rec = NarInfoRecord {
+            hash: info.store_path.hash().as_str().to_string(),
+            store_path: info.store_path.full(),
+            nar_file: item.file.clone(),
+            file_size: Some(size as i64),
+            file_hash: info.file_hash.as_ref().map(|h| h.to_string()),
+            nar_hash: info.nar_hash.to_string(),
+            narinfo: info.to_text(),
+            origin: item.origin,
+            signed_by: item.signed_by,
+            uploaded_by: None,
+        };
+        let Some(tx) = tx else {
+            s.narinfos += 1;
+            if self.adopted.insert(item.file) {
+                s.nars += 1;
+            }
+            return Ok(());
+        };
+        if self.adopted.insert(item.file.clone()) {
+            // Bytes first, rows after: the rows commit only once every adopted file is durable.
+            blobs.adopt(&from, &BlobKey::nar(&item.file)?).await?;
+            let nar = NarRecord {
+                nar_file: item.file,
+                size: size as i64,
+                sha256,
+            };
+            if tx.nar(&nar, n.created_at, n.last_accessed_at).await? {
+                s.nars += 1;
+            }
+        }
+        if tx.narinfo(&rec, n.created_at, n.last_accessed_at).await? {
+            s.narinfos += 1;
+        }
+        Ok(())
+    }
 }
 
 /// Where ncps' files are relative to nip's blob store: locally nip's root is `<data>/store`,

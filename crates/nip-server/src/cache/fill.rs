@@ -631,129 +631,27 @@ impl Fills {
         if !resp.status().is_success() {
             return Err(fail(format!("HTTP {}", resp.status()), false));
         }
-        let mut body = Box::pin(ctx.upstreams.body_stream(resp));
-        let mut writer: Option<nip_store::BatchedWriter<'_>> = None;
-        // A small file stays in memory until it is checked (None once it turns out too big).
-        let mut memory = spec
-            .file_size
-            .is_none_or(|n| n <= IN_MEMORY_MAX as u64)
-            .then(|| bytes::BytesMut::with_capacity(spec.file_size.unwrap_or(0) as usize));
-        let mut received = 0u64;
-        // What clients were last told they may read: once above 0, they may have bytes of this
-        // attempt, and no other source may take over.
-        let mut announced = 0u64;
-        let mut nar_check = match &spec.expect {
-            Expect::NarHash {
-                size, compression, ..
-            } => match NarCheck::new(*compression, *size) {
-                Some(check) => Some(check),
-                None => {
-                    let c = compression.narinfo_name();
-                    return Err(fail(
-                        format!("cannot check a {c} NAR by its NarHash"),
-                        false,
-                    ));
-                }
-            },
-            Expect::FileHash(_) => None,
-        };
-        let outcome = async {
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| Failure::Upstream(e.to_string()))?;
-                received += chunk.len() as u64;
-                if spec.file_size.is_some_and(|n| received > n) {
-                    return Err(Failure::Upstream(
-                        "upstream sent more bytes than FileSize".into(),
-                    ));
-                }
-                if spec.max_size.is_some_and(|n| received > n) {
-                    return Err(Failure::Upstream(
-                        "upstream sent more bytes than a NAR of its NarSize takes".into(),
-                    ));
-                }
-                if let Some(dec) = nar_check.as_mut() {
-                    dec.write(&chunk).await.map_err(|e| {
-                        Failure::Upstream(format!("the NAR does not decompress: {e}"))
-                    })?;
-                }
-                if let Some(held) = memory.as_mut() {
-                    if held.len() + chunk.len() <= IN_MEMORY_MAX {
-                        held.extend_from_slice(&chunk);
-                        continue;
-                    }
-                }
-                let w = match writer.as_mut() {
-                    Some(w) => w,
-                    None => writer.insert(nip_store::BatchedWriter::new(staged(ctx, fill).await?)),
-                };
-                // Too big for memory after all: what was held goes first.
-                let held = memory.take().filter(|h| !h.is_empty()).map(|h| h.freeze());
-                for piece in held.into_iter().chain([chunk]) {
-                    let start = w.received();
-                    fill.window().push(start, piece.clone());
-                    if let Some(on_disk) = w.push(piece).await? {
-                        fill.window().trim(on_disk);
-                    }
-                }
-                if received - announced >= ANNOUNCE_EVERY {
-                    announced = received;
-                    let _ = tx.send(FillState::Running { received });
-                }
-            }
-            let nar =
-                match nar_check.take() {
-                    Some(dec) => Some(dec.finish().await.map_err(|e| {
-                        Failure::Upstream(format!("the NAR does not decompress: {e}"))
-                    })?),
-                    None => None,
-                };
-            let (written, digest, kept) = match (memory.take(), writer.as_mut()) {
-                (Some(held), _) => {
-                    let held = held.freeze();
-                    let digest: [u8; 32] = Sha256::digest(&held).into();
-                    (held.len() as u64, digest, Some(held))
-                }
-                (None, Some(w)) => {
-                    let (written, digest) = w.finish().await?;
-                    (written, digest, None)
-                }
-                // Nothing arrived of a file too big for memory: the size check refuses it.
-                (None, None) => (0, Sha256::digest([]).into(), None),
-            };
-            Ok((written, digest, nar, kept))
-        }
-        .await;
+        let nar_check = nar_check_for(spec).map_err(|m| fail(m, false))?;
+        let body = Box::pin(ctx.upstreams.body_stream(resp));
+        let mut rx = Receiving::new(spec, fill);
         // Checked before readers learn the final length, so a bad source whose bytes nobody saw
         // yet can still be replaced by the next one.
-        let checked = outcome.and_then(|(written, digest, nar, kept)| {
-            let bad = |m: String| Err(Failure::Upstream(m));
-            if let Some(n) = spec.file_size.filter(|n| written != *n) {
-                return bad(format!("got {written} bytes, FileSize says {n}"));
-            }
-            match (&spec.expect, nar) {
-                (Expect::FileHash(sha), _) if digest != *sha => {
-                    bad("bytes do not match the narinfo's FileHash".to_string())
-                }
-                (Expect::NarHash { size, .. }, Some((len, _))) if len != *size => {
-                    bad(format!("the NAR has {len} bytes, NarSize says {size}"))
-                }
-                (Expect::NarHash { sha256, .. }, Some((_, nar_digest)))
-                    if nar_digest != *sha256 =>
-                {
-                    bad("the decompressed NAR does not match the narinfo's NarHash".to_string())
-                }
-                (Expect::NarHash { .. }, None) => bad("the NAR was not checked".to_string()),
-                _ => Ok((written, digest, kept)),
-            }
-        });
+        let checked = rx
+            .receive(ctx, body, nar_check, tx)
+            .await
+            .and_then(|got| check(spec, got));
         match checked {
-            Ok((written, digest, kept)) => {
+            Ok(Received {
+                written,
+                digest,
+                kept,
+                ..
+            }) => {
                 let _ = tx.send(FillState::Verified {
                     written,
                     memory: kept.clone(),
                 });
                 match kept {
-                    // Clients have the bytes: now they go to disk, to be published.
                     // Hashed already: written as it is, fsynced in the same trip to disk
                     // unless an earlier source's attempt left a (now empty) staged file.
                     Some(kept) => match fill.staged.get() {
@@ -774,8 +672,8 @@ impl Fills {
                 // Nobody saw these bytes: empty the file so the next source starts clean. If
                 // that fails, the fill cannot go on with another source. (Bytes clients were
                 // told of stay readable until the fill's error reaches them.)
-                let clean = announced == 0
-                    && match writer.as_mut() {
+                let clean = rx.announced == 0
+                    && match rx.writer.as_mut() {
                         Some(w) => w.discard().await.is_ok(),
                         None => true,
                     };
@@ -785,6 +683,178 @@ impl Fills {
                 Err(fail(message, !clean))
             }
         }
+    }
+}
+
+/// The decompressing check a NAR known only by its NarHash needs (`None` for a FileHash).
+fn nar_check_for(spec: &FillSpec) -> Result<Option<NarCheck>, String> {
+    match &spec.expect {
+        Expect::NarHash {
+            size, compression, ..
+        } => NarCheck::new(*compression, *size).map(Some).ok_or_else(|| {
+            let c = compression.narinfo_name();
+            format!("cannot check a {c} NAR by its NarHash")
+        }),
+        Expect::FileHash(_) => Ok(None),
+    }
+}
+
+/// What one download attempt received: the file's size and SHA-256, the decompressed NAR's size
+/// and SHA-256 when it was checked by NarHash, and the bytes when they stayed in memory.
+struct Received {
+    written: u64,
+    digest: [u8; 32],
+    nar: Option<(u64, [u8; 32])>,
+    kept: Option<Bytes>,
+}
+
+/// Whether the received file is the one the narinfo describes.
+fn check(spec: &FillSpec, got: Received) -> Result<Received, Failure> {
+    let bad = |m: String| Err(Failure::Upstream(m));
+    if let Some(n) = spec.file_size.filter(|n| got.written != *n) {
+        return bad(format!("got {} bytes, FileSize says {n}", got.written));
+    }
+    match (&spec.expect, got.nar) {
+        (Expect::FileHash(sha), _) if got.digest != *sha => {
+            bad("bytes do not match the narinfo's FileHash".to_string())
+        }
+        (Expect::NarHash { size, .. }, Some((len, _))) if len != *size => {
+            bad(format!("the NAR has {len} bytes, NarSize says {size}"))
+        }
+        (Expect::NarHash { sha256, .. }, Some((_, nar_digest))) if nar_digest != *sha256 => {
+            bad("the decompressed NAR does not match the narinfo's NarHash".to_string())
+        }
+        (Expect::NarHash { .. }, None) => bad("the NAR was not checked".to_string()),
+        _ => Ok(got),
+    }
+}
+
+/// One download attempt's bytes on their way: in memory while the file is small, else in the
+/// staged file (and the fill's window for its clients).
+struct Receiving<'a> {
+    spec: &'a FillSpec,
+    fill: &'a Fill,
+    writer: Option<nip_store::BatchedWriter<'a>>,
+    /// A small file stays in memory until it is checked (None once it turns out too big).
+    memory: Option<bytes::BytesMut>,
+    received: u64,
+    /// What clients were last told they may read: once above 0, they may have bytes of this
+    /// attempt, and no other source may take over.
+    announced: u64,
+}
+
+impl<'a> Receiving<'a> {
+    fn new(spec: &'a FillSpec, fill: &'a Fill) -> Self {
+        let memory = spec
+            .file_size
+            .is_none_or(|n| n <= IN_MEMORY_MAX as u64)
+            .then(|| bytes::BytesMut::with_capacity(spec.file_size.unwrap_or(0) as usize));
+        Receiving {
+            spec,
+            fill,
+            writer: None,
+            memory,
+            received: 0,
+            announced: 0,
+        }
+    }
+
+    /// Reads the body to its end: bounded by FileSize (or what NarSize allows), decompressed
+    /// into `nar_check` as it comes, kept or written, clients told every [`ANNOUNCE_EVERY`].
+    async fn receive(
+        &mut self,
+        ctx: &AppState,
+        mut body: Pin<Box<impl Stream<Item = Result<Bytes, crate::upstream::UpstreamError>>>>,
+        mut nar_check: Option<NarCheck>,
+        tx: &watch::Sender<FillState>,
+    ) -> Result<Received, Failure> {
+        let spec = self.spec;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| Failure::Upstream(e.to_string()))?;
+            self.received += chunk.len() as u64;
+            if spec.file_size.is_some_and(|n| self.received > n) {
+                return Err(Failure::Upstream(
+                    "upstream sent more bytes than FileSize".into(),
+                ));
+            }
+            if spec.max_size.is_some_and(|n| self.received > n) {
+                return Err(Failure::Upstream(
+                    "upstream sent more bytes than a NAR of its NarSize takes".into(),
+                ));
+            }
+            if let Some(dec) = nar_check.as_mut() {
+                dec.write(&chunk)
+                    .await
+                    .map_err(|e| Failure::Upstream(format!("the NAR does not decompress: {e}")))?;
+            }
+            // Bytes held in memory are announced only once checked (Verified).
+            let written = self.keep_or_write(ctx, chunk).await?;
+            if written && self.received - self.announced >= ANNOUNCE_EVERY {
+                self.announced = self.received;
+                let _ = tx.send(FillState::Running {
+                    received: self.received,
+                });
+            }
+        }
+        let nar = match nar_check {
+            Some(dec) => Some(
+                dec.finish()
+                    .await
+                    .map_err(|e| Failure::Upstream(format!("the NAR does not decompress: {e}")))?,
+            ),
+            None => None,
+        };
+        let (written, digest, kept) = match (self.memory.take(), self.writer.as_mut()) {
+            (Some(held), _) => {
+                let held = held.freeze();
+                let digest: [u8; 32] = Sha256::digest(&held).into();
+                (held.len() as u64, digest, Some(held))
+            }
+            (None, Some(w)) => {
+                let (written, digest) = w.finish().await?;
+                (written, digest, None)
+            }
+            // Nothing arrived of a file too big for memory: the size check refuses it.
+            (None, None) => (0, Sha256::digest([]).into(), None),
+        };
+        Ok(Received {
+            written,
+            digest,
+            nar,
+            kept,
+        })
+    }
+
+    /// Keeps a chunk in memory while the file fits (false), else writes it after what was held
+    /// (true).
+    async fn keep_or_write(&mut self, ctx: &AppState, chunk: Bytes) -> Result<bool, Failure> {
+        if let Some(held) = self.memory.as_mut() {
+            if held.len() + chunk.len() <= IN_MEMORY_MAX {
+                held.extend_from_slice(&chunk);
+                return Ok(false);
+            }
+        }
+        let fill = self.fill;
+        let w = match self.writer.as_mut() {
+            Some(w) => w,
+            None => self
+                .writer
+                .insert(nip_store::BatchedWriter::new(staged(ctx, fill).await?)),
+        };
+        // Too big for memory after all: what was held goes first.
+        let held = self
+            .memory
+            .take()
+            .filter(|h| !h.is_empty())
+            .map(|h| h.freeze());
+        for piece in held.into_iter().chain([chunk]) {
+            let start = w.received();
+            fill.window().push(start, piece.clone());
+            if let Some(on_disk) = w.push(piece).await? {
+                fill.window().trim(on_disk);
+            }
+        }
+        Ok(true)
     }
 }
 

@@ -60,7 +60,20 @@ pub async fn get_nar(
     if on_miss == OnMiss::NotFound {
         return Err(ApiError::NotFound("this cache has no such NAR".into()));
     }
+    miss(&state, &caller, &method, &headers, &name, key).await
+}
 
+/// A NAR not in storage: joins or starts its fill (one upstream fetch across the instances) and
+/// streams it as it arrives.
+async fn miss(
+    state: &AppState,
+    caller: &Caller,
+    method: &Method,
+    headers: &HeaderMap,
+    name: &NarFileName,
+    key: nip_store::BlobKey,
+) -> ApiResult<Response> {
+    let file = name.file_name();
     // Both at once: each is a round trip to the database.
     let (info, sources) = tokio::try_join!(
         state.meta.narinfo_for_nar(&file),
@@ -89,22 +102,22 @@ pub async fn get_nar(
             matches!(state.meta.get_nar(&file).await, Ok(Some(_)))
                 && matches!(state.blobs.stat(&key).await, Ok(Some(_)))
         };
-        match cluster::lead_or_wait(&state, &format!("nar:{file}"), stored).await {
+        match cluster::lead_or_wait(state, &format!("nar:{file}"), stored).await {
             cluster::Turn::Lead(lease) => Some(lease),
             cluster::Turn::Stored => {
                 state.stats.coalesced(Kind::Nar);
-                return serve_stored(&state, &key, &headers, &method, name.compression())
+                return serve_stored(state, &key, headers, method, name.compression())
                     .await?
                     .ok_or_else(|| ApiError::internal("NAR vanished right after it was stored"));
             }
         }
     };
     let (fill, role) = loop {
-        match state.fills.join_or_start(&state, spec.clone()).await? {
+        match state.fills.join_or_start(state, spec.clone()).await? {
             Some(started) => break started,
             None => {
                 if let Some(resp) =
-                    serve_stored(&state, &key, &headers, &method, name.compression()).await?
+                    serve_stored(state, &key, headers, method, name.compression()).await?
                 {
                     return Ok(resp);
                 }
@@ -126,7 +139,7 @@ pub async fn get_nar(
     }
     tracing::debug!(?role, "NAR miss: streaming from upstream");
     let read = crate::nix::narinfo::nix_read("nar-read", &file, "200 upstream");
-    state.read_audit.note(&caller, read);
+    state.read_audit.note(caller, read);
     state.stats.miss(Kind::Nar);
     match role {
         FillRole::Started => state.stats.activity("nar-fetch", file.clone()),
