@@ -356,7 +356,6 @@ fn ncps_served(out: &mut String, samples: &[Sample]) {
 
 /// The store's size and entries, the size limit, the upstreams.
 fn ncps_gauges(out: &mut String, samples: &[Sample], state: &AppState) {
-    use std::fmt::Write;
     let stored = sum(samples, "nip_store_size_bytes", &[]);
     let max = state.budget.max_bytes.unwrap_or(0) as f64;
     let healthy = state
@@ -402,15 +401,20 @@ fn ncps_gauges(out: &mut String, samples: &[Sample], state: &AppState) {
             healthy as f64,
         ),
     ];
-    for (name, help, v) in gauges {
-        head(out, name, "gauge", help);
-        let _ = writeln!(out, "{name} {}", number(v));
+    singles(out, "gauge", &gauges);
+}
+
+/// Metrics of one sample each: (name, help, value).
+fn singles(out: &mut String, kind: &str, metrics: &[(&str, &str, f64)]) {
+    use std::fmt::Write;
+    for (name, help, v) in metrics {
+        head(out, name, kind, help);
+        let _ = writeln!(out, "{name} {}", number(*v));
     }
 }
 
 /// What eviction did.
 fn ncps_lru_counters(out: &mut String, samples: &[Sample]) {
-    use std::fmt::Write;
     let counters = [
         (
             "ncps_lru_cleanup_runs_total",
@@ -439,10 +443,7 @@ fn ncps_lru_counters(out: &mut String, samples: &[Sample]) {
             sum(samples, "nip_evicted_bytes_total", &[]),
         ),
     ];
-    for (name, help, v) in counters {
-        head(out, name, "counter", help);
-        let _ = writeln!(out, "{name} {}", number(v));
-    }
+    singles(out, "counter", &counters);
 }
 
 /// Eviction and upstream fetch durations, from nip's histograms summed over their labels.

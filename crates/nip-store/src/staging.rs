@@ -35,26 +35,16 @@ impl Staging {
 
     /// Creates a new empty staged file.
     pub async fn create(&self) -> Result<StagedFile, StoreError> {
-        let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || {
-            let named = tempfile::Builder::new()
-                .prefix("nip-staged-")
-                .tempfile_in(&dir)
-                .map_err(StoreError::from_io)?;
-            let (file, temp) = named.into_parts();
-            Ok(StagedFile {
-                temp,
-                file: Arc::new(file),
-                synced: false.into(),
-            })
-        })
-        .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+        self.create_holding(None).await
     }
 
     /// A staged file holding `data`, fsynced: one trip to the blocking pool instead of three
     /// (create, append, sync) for bytes that are all at hand, such as a small NAR checked in memory.
     pub async fn create_with(&self, data: bytes::Bytes) -> Result<StagedFile, StoreError> {
+        self.create_holding(Some(data)).await
+    }
+
+    async fn create_holding(&self, data: Option<bytes::Bytes>) -> Result<StagedFile, StoreError> {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
             use std::io::Write;
@@ -63,12 +53,14 @@ impl Staging {
                 .tempfile_in(&dir)
                 .map_err(StoreError::from_io)?;
             let (mut file, temp) = named.into_parts();
-            file.write_all(&data).map_err(StoreError::from_io)?;
-            file.sync_all().map_err(StoreError::from_io)?;
+            if let Some(data) = &data {
+                file.write_all(data).map_err(StoreError::from_io)?;
+                file.sync_all().map_err(StoreError::from_io)?;
+            }
             Ok(StagedFile {
                 temp,
                 file: Arc::new(file),
-                synced: true.into(),
+                synced: data.is_some().into(),
             })
         })
         .await
