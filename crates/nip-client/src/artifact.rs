@@ -238,27 +238,26 @@ pub fn unpack_stream(
         .prefix(".unpack-")
         .tempdir_in(pkgs)
         .map_err(io_ctx(format!("create a directory in {}", pkgs.display())))?;
-    let corrupt =
-        |e: std::io::Error| ClientError::Corrupt(key.to_string(), format!("cannot unpack: {e}"));
-    let max_bytes = limits.max_bytes(archive_size);
-    let too_big = || {
-        ClientError::Refused(
-            key.to_string(),
-            format!(
-                "it unpacks to more than {} from a {} archive (limit: max(policies.maxUnpackBytes, \
-                 policies.maxUnpackRatio × archive size))",
-                human_bytes(max_bytes),
-                human_bytes(archive_size)
-            ),
-        )
+    let root = tmp
+        .path()
+        .canonicalize()
+        .map_err(io_ctx(format!("resolve {}", tmp.path().display())))?;
+    let mut unpack = Unpack {
+        key,
+        limits,
+        archive_size,
+        max_bytes: limits.max_bytes(archive_size),
+        root,
+        hit: Rc::new(Cell::new(false)),
+        count: 0,
+        dirs: Dirs::default(),
     };
-    let dec = zstd::Decoder::with_buffer(archive).map_err(corrupt)?;
-    let hit = Rc::new(Cell::new(false));
+    let dec = zstd::Decoder::with_buffer(archive).map_err(|e| unpack.corrupt(e))?;
     let capped = Capped {
         inner: dec,
         read: 0,
-        max: max_bytes,
-        hit: Rc::clone(&hit),
+        max: unpack.max_bytes,
+        hit: Rc::clone(&unpack.hit),
     };
     let mut ar = tar::Archive::new(capped);
     // Only the permission bits (masked below), never the archive's owners or xattrs.
@@ -266,83 +265,12 @@ pub fn unpack_stream(
     ar.set_preserve_ownerships(false);
     ar.set_unpack_xattrs(false);
     ar.set_mask(0o022);
-    let root = tmp
-        .path()
-        .canonicalize()
-        .map_err(io_ctx(format!("resolve {}", tmp.path().display())))?;
-    let too_many = || {
-        ClientError::Refused(
-            key.to_string(),
-            format!(
-                "it has more than {} entries, counting the directories their paths imply \
-                 (limit: policies.maxUnpackEntries)",
-                limits.max_entries
-            ),
-        )
-    };
     let result = (|| -> Result<()> {
-        let mut count = 0u64;
-        let mut dirs = Dirs::default();
-        let entries = ar.entries().map_err(corrupt)?;
-        for entry in entries {
-            let mut entry = entry.map_err(|e| if hit.get() { too_big() } else { corrupt(e) })?;
-            count += 1;
-            if count > limits.max_entries {
-                return Err(too_many());
-            }
-            // The size the header announces, refused before a byte of it is written.
-            if entry.raw_file_position().saturating_add(entry.size()) > max_bytes {
-                return Err(too_big());
-            }
-            let kind = entry.header().entry_type();
-            use tar::EntryType as T;
-            if !matches!(kind, T::Regular | T::Continuous | T::Directory | T::Symlink) {
-                return Err(ClientError::Refused(
-                    key.to_string(),
-                    format!(
-                        "entry {} has type {kind:?}; only files, directories and symlinks are unpacked",
-                        entry.path_bytes().escape_ascii()
-                    ),
-                ));
-            }
-            // Absolute paths and `..` are refused, not skipped as `unpack_in` would: a skipped
-            // entry's path must never reach the mode fix-up below.
-            let escapes = |name: &[u8]| {
-                ClientError::Refused(
-                    key.to_string(),
-                    format!(
-                        "entry {} has an absolute path or a `..` component",
-                        name.escape_ascii()
-                    ),
-                )
-            };
-            let rel = relative_path(&entry.path().map_err(corrupt)?)
-                .ok_or_else(|| escapes(&entry.path_bytes()))?;
-            // `unpack_in` creates every missing parent: count them before it does.
-            if let Some(parent) = rel.parent() {
-                if !dirs.add(parent, &mut count, limits.max_entries) {
-                    return Err(too_many());
-                }
-            }
-            if kind == T::Directory {
-                dirs.add_counted(&rel);
-            }
-            // `unpack_in` also refuses entries that would land outside the target directory (e.g.
-            // through a symlink), and skips (`false`) those it will not unpack: refused here.
-            let unpacked =
-                entry
-                    .unpack_in(&root)
-                    .map_err(|e| if hit.get() { too_big() } else { corrupt(e) })?;
-            if !unpacked {
-                return Err(escapes(&entry.path_bytes()));
-            }
-            if kind == T::Directory {
-                // At once, so a directory recorded read-only still takes its contents (and can be
-                // removed if the unpack stops).
-                set_mode(&root.join(&rel), 0o755)?;
-            }
+        for entry in ar.entries().map_err(|e| unpack.corrupt(e))? {
+            let entry = entry.map_err(|e| unpack.failed(e))?;
+            unpack.entry(entry)?;
         }
-        normalize_modes(&root)
+        normalize_modes(&unpack.root)
     })();
     // On error `tmp` is dropped here: everything written so far is removed.
     result?;
@@ -350,6 +278,120 @@ pub fn unpack_stream(
         tmp,
         dest: pkgs.join(key),
     })
+}
+
+/// One unpack under way: its limits, and what it has unpacked so far.
+struct Unpack<'a> {
+    key: &'a str,
+    limits: &'a UnpackLimits,
+    archive_size: u64,
+    max_bytes: u64,
+    /// The (canonical) temp directory entries are unpacked in.
+    root: PathBuf,
+    /// Set when the decompressed stream passed `max_bytes`.
+    hit: Rc<Cell<bool>>,
+    /// Entries so far, with the directories their paths imply.
+    count: u64,
+    dirs: Dirs,
+}
+
+impl Unpack<'_> {
+    fn corrupt(&self, e: std::io::Error) -> ClientError {
+        ClientError::Corrupt(self.key.to_string(), format!("cannot unpack: {e}"))
+    }
+
+    /// A read or write error: the byte limit's refusal when it was hit, else a corrupt archive.
+    fn failed(&self, e: std::io::Error) -> ClientError {
+        if self.hit.get() {
+            self.too_big()
+        } else {
+            self.corrupt(e)
+        }
+    }
+
+    fn too_big(&self) -> ClientError {
+        ClientError::Refused(
+            self.key.to_string(),
+            format!(
+                "it unpacks to more than {} from a {} archive (limit: max(policies.maxUnpackBytes, \
+                 policies.maxUnpackRatio × archive size))",
+                human_bytes(self.max_bytes),
+                human_bytes(self.archive_size)
+            ),
+        )
+    }
+
+    fn too_many(&self) -> ClientError {
+        ClientError::Refused(
+            self.key.to_string(),
+            format!(
+                "it has more than {} entries, counting the directories their paths imply \
+                 (limit: policies.maxUnpackEntries)",
+                self.limits.max_entries
+            ),
+        )
+    }
+
+    /// Absolute paths and `..` are refused, not skipped as `unpack_in` would: a skipped entry's
+    /// path must never reach the mode fix-up.
+    fn escapes(&self, name: &[u8]) -> ClientError {
+        ClientError::Refused(
+            self.key.to_string(),
+            format!(
+                "entry {} has an absolute path or a `..` component",
+                name.escape_ascii()
+            ),
+        )
+    }
+
+    /// Checks one entry against the limits and unpacks it under `root`.
+    fn entry<R: std::io::Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<()> {
+        self.count += 1;
+        if self.count > self.limits.max_entries {
+            return Err(self.too_many());
+        }
+        // The size the header announces, refused before a byte of it is written.
+        if entry.raw_file_position().saturating_add(entry.size()) > self.max_bytes {
+            return Err(self.too_big());
+        }
+        let kind = entry.header().entry_type();
+        use tar::EntryType as T;
+        if !matches!(kind, T::Regular | T::Continuous | T::Directory | T::Symlink) {
+            return Err(ClientError::Refused(
+                self.key.to_string(),
+                format!(
+                    "entry {} has type {kind:?}; only files, directories and symlinks are unpacked",
+                    entry.path_bytes().escape_ascii()
+                ),
+            ));
+        }
+        let rel = relative_path(&entry.path().map_err(|e| self.corrupt(e))?)
+            .ok_or_else(|| self.escapes(&entry.path_bytes()))?;
+        // `unpack_in` creates every missing parent: count them before it does.
+        if let Some(parent) = rel.parent() {
+            if !self
+                .dirs
+                .add(parent, &mut self.count, self.limits.max_entries)
+            {
+                return Err(self.too_many());
+            }
+        }
+        if kind == T::Directory {
+            self.dirs.add_counted(&rel);
+        }
+        // `unpack_in` also refuses entries that would land outside the target directory (e.g.
+        // through a symlink), and skips (`false`) those it will not unpack: refused here.
+        let unpacked = entry.unpack_in(&self.root).map_err(|e| self.failed(e))?;
+        if !unpacked {
+            return Err(self.escapes(&entry.path_bytes()));
+        }
+        if kind == T::Directory {
+            // At once, so a directory recorded read-only still takes its contents (and can be
+            // removed if the unpack stops).
+            set_mode(&self.root.join(&rel), 0o755)?;
+        }
+        Ok(())
+    }
 }
 
 /// An entry's path relative to the target, its `.` components dropped; `None` if it has any
