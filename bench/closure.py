@@ -6,10 +6,12 @@ directory named after its parameters so later runs reuse it. Each measured run i
 ROOT` into a fresh empty store (`--store DIR`), timed as a process: from nginx serving that cache
 (direct), through a fresh nip whose upstream is that nginx (cold), and through a nip that already
 fetched the closure once (warm)."""
-import http.client, json, os, random, shutil, statistics, subprocess, tempfile, time
+import http.client, json, os, random, shutil, statistics, subprocess, sys, tempfile, time
 
 from common import MIB, summary
 from report import absolute
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 FIXTURE_VERSION = 1
 CACHE_ROOT = os.environ.get("NIP_BENCH_FIXTURES", os.path.expanduser("~/.cache/nip-bench"))
@@ -226,6 +228,45 @@ def p9_closure(ctx):
                         "upstream direct", secs["direct"], 0.8),
             absolute("P9", f"narinfo + NAR requests to the upstream per cold closure ({fx['paths']} paths)", "",
                      summary(fetched), 2 * fx["paths"])]
+
+
+FAR_MS = 10
+
+
+def p9_far_upstream(ctx):
+    """P9far: the P9 closure with the upstream one 10 ms round trip away (a relay on loopback
+    holds each request 10 ms), as a real binary cache is: Nix straight from it, and through a fresh
+    nip in front of it, with and without NAR prefetch; one run each, interleaved."""
+    fx = make_fixture(ctx.p9_paths, ctx.p9_big_mib, 5)
+    work = f"{ctx.work}/p9far"
+    os.makedirs(work, exist_ok=True)
+    upstream = ctx.servers.nginx("p9far-upstream", fx["cache"])
+    far = ctx.servers._start("p9far-relay", [sys.executable, f"{HERE}/delay_proxy.py", "{port}",
+                                             str(upstream.port), str(FAR_MS)])
+    up = f"http://127.0.0.1:{far.port}"
+    runs = {"direct": [], "cold": [], "cold_no_prefetch": []}
+    for r in range(ctx.p9_repeats):
+        runs["direct"].append(substitute(work, up, fx["public_key"], fx["root"]))
+        for kind, extra in (("cold", ()), ("cold_no_prefetch", ("--cache-prefetch-nar-max-size", "0"))):
+            data = f"{work}/nip-{kind}-{r}-data"
+            nip = ctx.servers.nip(f"p9far-{kind}-{r}", fx["public_key"], upstream=up, data_dir=data, extra=extra)
+            key = download_text(nip.port, "/pubkey")
+            runs[kind].append(substitute(work, f"http://127.0.0.1:{nip.port}", key, fx["root"]))
+            ctx.servers.stop(nip)
+            shutil.rmtree(data, ignore_errors=True)
+    for s in (far, upstream):
+        ctx.servers.stop(s)
+    if {n for v in runs.values() for _, n in v} != {fx["paths"]}:
+        raise SystemExit(f"P9far: a fresh store did not hold the {fx['paths']} paths")
+    secs = {k: summary([s for s, _ in v]) for k, v in runs.items()}
+    ctx.raw["p9far"] = {"seconds": secs, "delay_ms": FAR_MS}
+    d, c, n = (secs[k]["median"] for k in ("direct", "cold", "cold_no_prefetch"))
+    ctx.details.append(
+        f"P9far: the P9 closure from an upstream {FAR_MS} ms away (each request held {FAR_MS} ms by a relay on "
+        f"loopback): Nix straight from it {d:.2f} s, through a fresh nip {c:.2f} s ({d / c:.2f}× of direct), "
+        f"the same without NAR prefetch {n:.2f} s ({d / n:.2f}×).")
+    return [time_versus("P9far", f"{fx['paths']}-path closure, upstream {FAR_MS} ms away, cold nip, wall time",
+                        secs["cold"], "upstream direct", secs["direct"], 0.8)]
 
 
 def time_versus(id_, scenario, nip, peer_name, peer, want):

@@ -4,7 +4,7 @@ nginx serving the same files statically (and as the signed upstream for misses),
 reference of the /v1 API under gunicorn, and turborepo-remote-cache. Writes BENCHMARKS.md and
 bench/results.json with the machine, versions, medians with min–max over repeats, and ratios to
 the targets. Every load loop is bounded in count and time.
-Usage (from bench/run.sh): run.py NIP_BINARY [--quick] [--only p1p2,p2b,p3,p4,p5,p5n,p6,p7,p7d,p3c,p8,p2pin,p9,zstd,criterion]"""
+Usage (from bench/run.sh): run.py NIP_BINARY [--quick] [--only p1p2,p2b,p3,p4,p5,p5n,p6,p7,p7d,p3c,p8,p2pin,p9,p9far,zstd,criterion]"""
 import argparse, datetime, importlib.metadata, json, os, platform, shutil, tempfile, time
 
 import closure, dataset, pinned, report, scenarios
@@ -21,7 +21,8 @@ SCENARIOS = {"p1p2": scenarios.p1_p2_hits, "p2b": scenarios.p2b_artifact_lookups
              "p4": scenarios.p4_memory, "p5": scenarios.p5_uploads, "p6": scenarios.p6_big_index,
              "p7": scenarios.p7_client, "zstd": scenarios.zstd_on_the_fly,
              "p5n": scenarios.nix_upload_check, "p7d": scenarios.p7d_dead_remote, "p3c": scenarios.p3c_cluster_followers,
-             "p8": scenarios.p8_cold_miss, "p2pin": pinned.p2_pinned, "p9": closure.p9_closure}
+             "p8": scenarios.p8_cold_miss, "p2pin": pinned.p2_pinned, "p9": closure.p9_closure,
+             "p9far": closure.p9_far_upstream}
 
 
 class Context:
