@@ -143,7 +143,9 @@ fn audit_reads_records_nix_narinfo_and_nar_reads() {
     let ((upstream_key, paths), (_upstream, upstream_url)) =
         serve_upstream(&tmp.path().join("upstream"), 1);
     let data = tmp.path().join("data");
-    let server = start_nip_behind(&data, &upstream_url, &upstream_key, &["--audit-reads"]);
+    // No prefetch: the first NAR read must be the one that fills it from the upstream.
+    let args = ["--audit-reads", "--cache-prefetch-nar-max-size", "0"];
+    let server = start_nip_behind(&data, &upstream_url, &upstream_key, &args);
     let hash = store_hash(&paths[0]);
     let (status, narinfo) = http_get(&format!("{}/{hash}.narinfo", server.url)).unwrap();
     assert_eq!(status, 200);
