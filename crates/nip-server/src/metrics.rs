@@ -84,6 +84,10 @@ fn describe() {
         "Bytes received from upstream caches"
     );
     describe_counter!(
+        "nip_nar_prefetches_total",
+        "NARs fetched with their narinfo (--cache-prefetch-nar-max-size), by outcome: started, skipped (stored, running, or another instance fetching), dropped (queue full)"
+    );
+    describe_counter!(
         "nip_auth_failures_total",
         "Requests refused for a bad token, by reason"
     );

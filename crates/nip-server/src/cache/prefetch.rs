@@ -46,6 +46,7 @@ pub fn after_fetch(state: &AppState, record: &NarInfoRecord, sources: Vec<NarSou
     let queue = &state.prefetch.queued;
     if queue.fetch_add(1, Ordering::Relaxed) >= QUEUE_MAX {
         queue.fetch_sub(1, Ordering::Relaxed);
+        counted("dropped");
         return;
     }
     let state = state.clone();
@@ -58,26 +59,31 @@ pub fn after_fetch(state: &AppState, record: &NarInfoRecord, sources: Vec<NarSou
     });
 }
 
+fn counted(outcome: &'static str) {
+    metrics::counter!("nip_nar_prefetches_total", "outcome" => outcome).increment(1);
+}
+
 async fn run(state: &AppState, spec: FillSpec) {
     let file = spec.nar_file.clone();
     if state.hot_nars.get(&file).is_some() || state.fills.is_running(&file).await {
-        return;
+        return counted("skipped");
     }
     // Stored already (another narinfo names the same file, or an upload): nothing to fetch.
     if !matches!(state.meta.get_nar(&file).await, Ok(None)) {
-        return;
+        return counted("skipped");
     }
     // Another instance fetching it is left to it: a prefetch never waits.
     let Some(lease) = cluster::try_lead(state, &format!("nar:{file}")).await else {
-        return;
+        return counted("skipped");
     };
     match state.fills.join_or_start(state, spec).await {
         Ok(Some((fill, FillRole::Started))) => {
             tracing::debug!(nar_file = %file, "prefetching NAR");
+            counted("started");
             state.stats.activity("nar-prefetch", file);
             fill.finished().await;
         }
-        Ok(_) => {}
+        Ok(_) => counted("skipped"),
         Err(e) => tracing::debug!(nar_file = %file, error = %e, "cannot prefetch NAR"),
     }
     drop(lease);

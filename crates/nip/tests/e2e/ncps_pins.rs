@@ -239,4 +239,17 @@ fn pins_are_open_before_any_key_and_ncps_metric_names_can_be_turned_off() {
         .unwrap();
     assert!(text.contains("nip_cache_misses_total"), "{text}");
     assert!(!text.contains("ncps_"), "{text}");
+    // The narinfo fetch queued its NAR's prefetch (started, or skipped when the NAR request
+    // came first); the counter shows once that prefetch has had its turn.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = call(reqwest::Method::GET, &format!("{}/metrics", nip.url), None)
+            .text()
+            .unwrap();
+        if text.contains("nip_nar_prefetches_total{outcome=") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
