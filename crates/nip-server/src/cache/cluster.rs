@@ -94,6 +94,15 @@ impl Lease {
     fn none() -> Self {
         Lease { held: None }
     }
+
+    /// Stops renewing without deleting the row: for a holder that found this instance's own
+    /// fill running under the same name (leases are per instance, so the row is that fill's
+    /// too, and it deletes the row when it ends; an unrenewed row runs out by itself).
+    pub fn leave_to_running_fill(mut self) {
+        if let Some((renew, _, _)) = self.held.take() {
+            renew.abort();
+        }
+    }
 }
 
 impl Drop for Lease {
@@ -132,9 +141,14 @@ fn lease(state: &AppState, name: &str) -> Lease {
     }
 }
 
-/// Takes the fill lease `name` if it is free and the result is not stored yet; `None` otherwise
-/// (for work nobody waits on, such as a prefetch).
-pub async fn try_lead(state: &AppState, name: &str) -> Option<Lease> {
+/// Takes the fill lease `name` if it is free and `stored()` does not find the result (the last
+/// holder may have stored it and let go just before); `None` otherwise, without waiting (for
+/// work nobody waits on, such as a prefetch).
+pub async fn try_lead<F, Fut>(state: &AppState, name: &str, stored: F) -> Option<Lease>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
     if !others_alive(state).await {
         return Some(Lease::none());
     }
@@ -145,6 +159,10 @@ pub async fn try_lead(state: &AppState, name: &str) -> Option<Lease> {
         .take_lease(name, &holder, now, now + TERM_SECS)
         .await
     {
+        Ok(true) if stored().await => {
+            let _ = state.meta.drop_lease(name, &holder).await;
+            None
+        }
         Ok(true) => Some(lease(state, name)),
         Ok(false) | Err(_) => None,
     }

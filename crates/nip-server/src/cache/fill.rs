@@ -658,8 +658,11 @@ impl Fills {
                         Some(file) => file.append(kept).await?,
                         None => {
                             let file = ctx.staging.create_with(kept).await?;
-                            // Only this task sets it: it was empty a moment ago.
-                            let _ = fill.staged.set(file);
+                            // Only this task sets it, and it was empty a moment ago.
+                            if fill.staged.set(file).is_err() {
+                                let e = std::io::Error::other("the fill was staged twice");
+                                return Err(DownloadError::Local(e.into()));
+                            }
                         }
                     },
                     // Every byte is on disk: clients read the rest from there.

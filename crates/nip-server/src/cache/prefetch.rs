@@ -37,7 +37,7 @@ impl Default for Prefetcher {
 /// size is known and small enough.
 pub fn after_fetch(state: &AppState, record: &NarInfoRecord, sources: Vec<NarSource>) {
     let max = state.config.prefetch_nar_max_size;
-    if !record.file_size.is_some_and(|n| n >= 0 && n as u64 <= max) {
+    if max == 0 || !record.file_size.is_some_and(|n| n >= 0 && n as u64 <= max) {
         return;
     }
     let Ok(spec) = FillSpec::for_narinfo(record, sources) else {
@@ -65,6 +65,9 @@ fn counted(outcome: &'static str) {
 
 async fn run(state: &AppState, spec: FillSpec) {
     let file = spec.nar_file.clone();
+    let Ok(key) = nip_store::BlobKey::nar(&file) else {
+        return counted("skipped");
+    };
     if state.hot_nars.get(&file).is_some() || state.fills.is_running(&file).await {
         return counted("skipped");
     }
@@ -73,7 +76,11 @@ async fn run(state: &AppState, spec: FillSpec) {
         return counted("skipped");
     }
     // Another instance fetching it is left to it: a prefetch never waits.
-    let Some(lease) = cluster::try_lead(state, &format!("nar:{file}")).await else {
+    let stored = || async {
+        matches!(state.meta.get_nar(&file).await, Ok(Some(_)))
+            && matches!(state.blobs.stat(&key).await, Ok(Some(_)))
+    };
+    let Some(lease) = cluster::try_lead(state, &format!("nar:{file}"), stored).await else {
         return counted("skipped");
     };
     match state.fills.join_or_start(state, spec).await {
@@ -82,9 +89,14 @@ async fn run(state: &AppState, spec: FillSpec) {
             counted("started");
             state.stats.activity("nar-prefetch", file);
             fill.finished().await;
+            drop(lease);
         }
-        Ok(_) => counted("skipped"),
+        // A request here started its fill meanwhile: the lease row is that fill's too.
+        Ok(Some((_, FillRole::Joined))) => {
+            counted("skipped");
+            lease.leave_to_running_fill();
+        }
+        Ok(None) => counted("skipped"),
         Err(e) => tracing::debug!(nar_file = %file, error = %e, "cannot prefetch NAR"),
     }
-    drop(lease);
 }
