@@ -414,7 +414,7 @@ impl Default for Fills {
 
 impl Fills {
     /// Whether this instance is filling `nar_file` now (a request then joins it).
-    pub async fn is_running(&self, nar_file: &str) -> bool {
+    pub fn is_running(&self, nar_file: &str) -> bool {
         self.inflight().running.contains_key(nar_file)
     }
 

@@ -41,6 +41,13 @@ pub async fn publish(
     Ok(())
 }
 
+/// Whether `nar_file` is stored: its row and its bytes (a row whose blob went missing is being
+/// fetched again, not stored).
+pub async fn is_stored(state: &AppState, nar_file: &str, key: &BlobKey) -> bool {
+    matches!(state.meta.get_nar(nar_file).await, Ok(Some(_)))
+        && matches!(state.blobs.stat(key).await, Ok(Some(_)))
+}
+
 /// Removes a NAR's row and bytes together with every narinfo that points at it (none may be
 /// served without its NAR); true when the NAR was stored.
 pub async fn delete(state: &AppState, nar_file: &str) -> Result<bool, CacheError> {

@@ -68,7 +68,7 @@ async fn run(state: &AppState, spec: FillSpec) {
     let Ok(key) = nip_store::BlobKey::nar(&file) else {
         return counted("skipped");
     };
-    if state.hot_nars.get(&file).is_some() || state.fills.is_running(&file).await {
+    if state.hot_nars.get(&file).is_some() || state.fills.is_running(&file) {
         return counted("skipped");
     }
     // Stored already (another narinfo names the same file, or an upload): nothing to fetch.
@@ -76,10 +76,7 @@ async fn run(state: &AppState, spec: FillSpec) {
         return counted("skipped");
     }
     // Another instance fetching it is left to it: a prefetch never waits.
-    let stored = || async {
-        matches!(state.meta.get_nar(&file).await, Ok(Some(_)))
-            && matches!(state.blobs.stat(&key).await, Ok(Some(_)))
-    };
+    let stored = || crate::cache::nar::is_stored(state, &file, &key);
     let Some(lease) = cluster::try_lead(state, &format!("nar:{file}"), stored).await else {
         return counted("skipped");
     };

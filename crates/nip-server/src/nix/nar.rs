@@ -94,14 +94,10 @@ async fn miss(
     let spec = FillSpec::for_narinfo(&info, sources).map_err(ApiError::internal)?;
     // One upstream fetch across the instances sharing the database: unless this instance is
     // filling it already, take the fill lease or wait for the instance that holds it.
-    let lease = if state.fills.is_running(&file).await {
+    let lease = if state.fills.is_running(&file) {
         None
     } else {
-        // Row and bytes: a row whose blob went missing is being fetched again, not stored.
-        let stored = || async {
-            matches!(state.meta.get_nar(&file).await, Ok(Some(_)))
-                && matches!(state.blobs.stat(&key).await, Ok(Some(_)))
-        };
+        let stored = || crate::cache::nar::is_stored(state, &file, &key);
         match cluster::lead_or_wait(state, &format!("nar:{file}"), stored).await {
             cluster::Turn::Lead(lease) => Some(lease),
             cluster::Turn::Stored => {
