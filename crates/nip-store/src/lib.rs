@@ -13,6 +13,7 @@ pub mod meta;
 pub mod ncps;
 pub mod s3;
 pub mod sql;
+mod sql_batch;
 mod sql_gc;
 mod sql_index;
 pub mod staging;

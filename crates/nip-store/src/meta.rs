@@ -66,8 +66,9 @@ pub trait MetaStore: Send + Sync + 'static {
     /// The narinfo for a store path hash, if the cache holds it.
     async fn get_narinfo(&self, hash: &str) -> Result<Option<NarInfoRecord>, MetaError>;
 
-    /// Inserts a narinfo together with the places its NAR can be fetched from (best first), in
-    /// one transaction, unless one is stored for the hash already: that one is kept and returned.
+    /// Inserts a narinfo together with the places its NAR can be fetched from (best first; they
+    /// are written first), unless one is stored for the hash already: that one is kept and
+    /// returned.
     async fn put_narinfo(
         &self,
         rec: &NarInfoRecord,
@@ -85,6 +86,12 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Records that the NAR's bytes are stored and verified. Call only after the blob is published.
     async fn put_nar(&self, rec: &NarRecord) -> Result<(), MetaError>;
+
+    /// [`MetaStore::put_nar`] for a NAR fetched from an upstream, which can be fetched again: its
+    /// row may be written without an fsync and with others (SQLite), like fetched narinfos.
+    async fn put_fetched_nar(&self, rec: &NarRecord) -> Result<(), MetaError> {
+        self.put_nar(rec).await
+    }
 
     /// Removes a narinfo; true when it existed.
     async fn delete_narinfo(&self, hash: &str) -> Result<bool, MetaError>;

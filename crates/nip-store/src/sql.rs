@@ -143,6 +143,8 @@ pub struct SqlMeta {
     /// connections writing at once made one sleep in SQLite's busy handler (1, 2, 5 … 100 ms);
     /// queued here, a writer waits only as long as the other one writes.
     write_gate: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
+    /// SQLite only: fetched narinfos and NAR rows are written many per statement (see [`crate::sql_batch`]).
+    batcher: Option<crate::sql_batch::Batcher>,
     backend: Backend,
     /// The configured URL when it is an ncps database: nip's tables are then elsewhere.
     ncps: Option<String>,
@@ -294,11 +296,17 @@ impl SqlMeta {
             }
             None => None,
         };
-        let write_gate = (backend == Backend::Sqlite).then(Default::default);
+        let write_gate: Option<std::sync::Arc<tokio::sync::Mutex<()>>> =
+            (backend == Backend::Sqlite).then(Default::default);
+        let batcher = relaxed_pool
+            .as_ref()
+            .zip(write_gate.as_ref())
+            .map(|(p, g)| crate::sql_batch::Batcher::start(p.clone(), g.clone()));
         Ok(SqlMeta {
             pool,
             relaxed_pool,
             write_gate,
+            batcher,
             backend,
             ncps: located.ncps,
         })
@@ -393,10 +401,12 @@ impl SqlMeta {
     /// process holds the lock) delays the queue by up to its busy timeout; past that, a writer
     /// goes ahead without its turn and lets SQLite's own locking decide, as before the queue.
     pub(crate) async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        let gate = self.write_gate.as_ref()?;
-        tokio::time::timeout(WRITE_TURN_WAIT, gate.lock())
-            .await
-            .ok()
+        take_turn(self.write_gate.as_ref()).await
+    }
+
+    #[cfg(test)]
+    pub(crate) fn batcher(&self) -> Option<&crate::sql_batch::Batcher> {
+        self.batcher.as_ref()
     }
 
     /// The query text for this database's backend (see [`crate::dialect`]).
@@ -477,6 +487,16 @@ async fn sqlite_pool(
         .await
 }
 
+/// The turn to write at `gate` (see [`SqlMeta::write_turn`]); `None` without a gate or past
+/// [`WRITE_TURN_WAIT`].
+pub(crate) async fn take_turn(
+    gate: Option<&std::sync::Arc<tokio::sync::Mutex<()>>>,
+) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+    tokio::time::timeout(WRITE_TURN_WAIT, gate?.lock())
+        .await
+        .ok()
+}
+
 /// The longest a SQLite writer waits for its turn in this process (SQLite's busy timeout).
 const WRITE_TURN_WAIT: Duration = Duration::from_secs(10);
 
@@ -552,7 +572,7 @@ async fn retry_migrations(
     }
 }
 
-fn narinfo_from_row(row: &AnyRow) -> Result<NarInfoRecord, sqlx::Error> {
+pub(crate) fn narinfo_from_row(row: &AnyRow) -> Result<NarInfoRecord, sqlx::Error> {
     Ok(NarInfoRecord {
         hash: row.try_get("hash")?,
         store_path: row.try_get("store_path")?,
@@ -612,7 +632,103 @@ where
     crate::dialect::inserted(done)
 }
 
-const NARINFO_COLUMNS: &str = "hash, store_path, nar_file, file_size, file_hash, nar_hash, \
+/// `sources` with their rank (their place in the list), one per URL: two upstreams may name the
+/// same one, and PostgreSQL refuses an upsert that touches a row twice.
+pub(crate) fn ranked_sources(sources: &[NarSource]) -> Vec<(usize, &NarSource)> {
+    let mut seen = std::collections::HashSet::new();
+    sources
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| seen.insert(s.url.as_str()))
+        .collect()
+}
+
+/// The upsert of `rows` NAR sources, binding (nar_file, url, upstream, rank) per row.
+pub(crate) fn sources_insert(rows: usize) -> String {
+    let values = (0..rows)
+        .map(|i| {
+            format!(
+                "(${}, ${}, ${}, ${})",
+                4 * i + 1,
+                4 * i + 2,
+                4 * i + 3,
+                4 * i + 4
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT INTO nar_sources (nar_file, url, upstream, rank) VALUES {values} \
+         ON CONFLICT (nar_file, url) DO UPDATE SET upstream = excluded.upstream, \
+         rank = excluded.rank"
+    )
+}
+
+/// Stores one narinfo and its sources on `pool`, the caller holding the turn to write. Two
+/// statements, no transaction (each round trip counts on a miss): the sources go first, so a
+/// narinfo is never seen without them. Should the narinfo turn out stored meanwhile, the
+/// sources stay as alternatives for this NAR file.
+pub(crate) async fn put_narinfo_alone(
+    pool: &AnyPool,
+    backend: Backend,
+    rec: &NarInfoRecord,
+    sources: &[NarSource],
+) -> Result<PutNarInfo, MetaError> {
+    let now = unix_now();
+    let sources = ranked_sources(sources);
+    if !sources.is_empty() {
+        let sql = backend.sql(&sources_insert(sources.len())).into_owned();
+        let mut q = sqlx::query(&sql);
+        for (rank, src) in &sources {
+            q = q
+                .bind(&rec.nar_file)
+                .bind(&src.url)
+                .bind(&src.upstream)
+                .bind(*rank as i64);
+        }
+        q.execute(pool).await?;
+    }
+    if insert_narinfo(pool, backend, rec, now, now).await? > 0 {
+        return Ok(PutNarInfo::Inserted);
+    }
+    let row = sqlx::query(&backend.sql(&format!(
+        "SELECT {NARINFO_COLUMNS} FROM narinfos WHERE hash = $1"
+    )))
+    .bind(&rec.hash)
+    .fetch_one(pool)
+    .await?;
+    Ok(PutNarInfo::Exists(Box::new(narinfo_from_row(&row)?)))
+}
+
+/// The upsert of NAR rows, `values` binding (nar_file, size, sha256, created_at,
+/// last_accessed_at) per row.
+pub(crate) fn nars_insert(values: &str) -> String {
+    format!(
+        "INSERT INTO nars (nar_file, size, sha256, created_at, last_accessed_at) VALUES {values} \
+         ON CONFLICT (nar_file) DO UPDATE SET size = excluded.size, sha256 = excluded.sha256"
+    )
+}
+
+/// Records one NAR on `pool`, the caller holding the turn to write.
+pub(crate) async fn put_nar_alone(
+    pool: &AnyPool,
+    backend: Backend,
+    rec: &NarRecord,
+) -> Result<(), MetaError> {
+    let now = unix_now();
+    sqlx::query(&backend.sql(&nars_insert("($1, $2, $3, $4, $5)")))
+        .bind(&rec.nar_file)
+        .bind(rec.size)
+        .bind(&rec.sha256)
+        .bind(now)
+        .bind(now)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub(crate) const NARINFO_COLUMNS: &str =
+    "hash, store_path, nar_file, file_size, file_hash, nar_hash, \
      narinfo, origin, signed_by, uploaded_by";
 
 impl SqlMeta {
@@ -653,63 +769,17 @@ impl MetaStore for SqlMeta {
         rec: &NarInfoRecord,
         sources: &[NarSource],
     ) -> Result<PutNarInfo, MetaError> {
-        let now = unix_now();
-        let _turn = self.write_turn().await;
-        let pool = if rec.origin == crate::meta::UPLOAD_ORIGIN {
-            &self.pool
-        } else {
-            self.relaxed_pool()
-        };
-        // Two statements, no transaction (each round trip counts on a miss): the sources go
-        // first, so a narinfo is never seen without them. Should the narinfo turn out stored
-        // meanwhile, the sources stay as alternatives for this NAR file.
-        // One row per URL (two upstreams may name the same one): PostgreSQL refuses an upsert
-        // that touches a row twice.
-        let mut seen = std::collections::HashSet::new();
-        let sources: Vec<(usize, &NarSource)> = sources
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| seen.insert(s.url.as_str()))
-            .collect();
-        if !sources.is_empty() {
-            let rows = (0..sources.len())
-                .map(|i| {
-                    format!(
-                        "(${}, ${}, ${}, ${})",
-                        4 * i + 1,
-                        4 * i + 2,
-                        4 * i + 3,
-                        4 * i + 4
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!(
-                "INSERT INTO nar_sources (nar_file, url, upstream, rank) VALUES {rows} \
-                 ON CONFLICT (nar_file, url) DO UPDATE SET upstream = excluded.upstream, \
-                 rank = excluded.rank"
-            );
-            let sql = self.sql(&sql);
-            let mut q = sqlx::query(&sql);
-            for (rank, src) in &sources {
-                q = q
-                    .bind(&rec.nar_file)
-                    .bind(&src.url)
-                    .bind(&src.upstream)
-                    .bind(*rank as i64);
+        if rec.origin == crate::meta::UPLOAD_ORIGIN {
+            let _turn = self.write_turn().await;
+            return put_narinfo_alone(&self.pool, self.backend, rec, sources).await;
+        }
+        if let Some(batcher) = &self.batcher {
+            if let Some(done) = batcher.put_narinfo(rec, sources).await {
+                return done;
             }
-            q.execute(pool).await?;
         }
-        if insert_narinfo(pool, self.backend, rec, now, now).await? > 0 {
-            return Ok(PutNarInfo::Inserted);
-        }
-        let row = sqlx::query(&self.sql(&format!(
-            "SELECT {NARINFO_COLUMNS} FROM narinfos WHERE hash = $1"
-        )))
-        .bind(&rec.hash)
-        .fetch_one(pool)
-        .await?;
-        Ok(PutNarInfo::Exists(Box::new(narinfo_from_row(&row)?)))
+        let _turn = self.write_turn().await;
+        put_narinfo_alone(self.relaxed_pool(), self.backend, rec, sources).await
     }
 
     async fn narinfo_for_nar(&self, nar_file: &str) -> Result<Option<NarInfoRecord>, MetaError> {
@@ -744,21 +814,18 @@ impl MetaStore for SqlMeta {
     }
 
     async fn put_nar(&self, rec: &NarRecord) -> Result<(), MetaError> {
-        let now = unix_now();
         let _turn = self.write_turn().await;
-        sqlx::query(&self.sql(
-            "INSERT INTO nars (nar_file, size, sha256, created_at, last_accessed_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (nar_file) DO UPDATE SET size = excluded.size, \
-             sha256 = excluded.sha256",
-        ))
-        .bind(&rec.nar_file)
-        .bind(rec.size)
-        .bind(&rec.sha256)
-        .bind(now)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        put_nar_alone(&self.pool, self.backend, rec).await
+    }
+
+    async fn put_fetched_nar(&self, rec: &NarRecord) -> Result<(), MetaError> {
+        if let Some(batcher) = &self.batcher {
+            if let Some(done) = batcher.put_nar(rec).await {
+                return done;
+            }
+        }
+        let _turn = self.write_turn().await;
+        put_nar_alone(self.relaxed_pool(), self.backend, rec).await
     }
 
     async fn delete_narinfo(&self, hash: &str) -> Result<bool, MetaError> {

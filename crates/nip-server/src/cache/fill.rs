@@ -582,7 +582,13 @@ impl Fills {
                             .is_ok_and(|n| n.hash() == nip_core::base32::encode(sha)),
                         Expect::NarHash { .. } => false,
                     };
-                    crate::cache::nar::publish(ctx, staged, &rec, named_by_content).await?;
+                    crate::cache::nar::publish(
+                        ctx,
+                        staged,
+                        &rec,
+                        crate::cache::nar::Origin::Fetched { named_by_content },
+                    )
+                    .await?;
                     return Ok(written);
                 }
                 Err(DownloadError::Local(e)) => return Err(FillError::Store(e.into())),

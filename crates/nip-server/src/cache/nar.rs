@@ -5,16 +5,29 @@ use nip_store::{BlobKey, NarRecord, StagedFile};
 use crate::cache::CacheError;
 use crate::AppState;
 
+/// Where a NAR being published comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Uploaded: its row is written durably.
+    Upload,
+    /// Fetched from an upstream, which has it again should its row be lost (see
+    /// `MetaStore::put_fetched_nar`). `named_by_content`: the name is the SHA-256 the bytes were
+    /// checked against, so bytes stored under it meanwhile are the same and need no look.
+    Fetched { named_by_content: bool },
+}
+
 /// Publishes a staged NAR whose size and SHA-256 were checked, then records it: bytes first,
-/// fsynced and renamed into place, the row only once they are safe. `named_by_content`: the
-/// name is the SHA-256 the bytes were checked against, so bytes stored under it meanwhile are
-/// the same and need no look.
+/// fsynced and renamed into place, the row only once they are safe.
 pub async fn publish(
     state: &AppState,
     staged: &StagedFile,
     rec: &NarRecord,
-    named_by_content: bool,
+    origin: Origin,
 ) -> Result<(), CacheError> {
+    let named_by_content = origin
+        == Origin::Fetched {
+            named_by_content: true,
+        };
     // Another fill (another instance, or an upstream with other compressed bytes of a NAR
     // known only by its NarHash) stored this name first: its row and bytes stand together.
     let existing = match named_by_content {
@@ -34,7 +47,10 @@ pub async fn publish(
         .put_file(&BlobKey::nar(&rec.nar_file)?, staged.path())
         .await?;
     let seen = state.hot_nars.generation();
-    state.meta.put_nar(rec).await?;
+    match origin {
+        Origin::Upload => state.meta.put_nar(rec).await?,
+        Origin::Fetched { .. } => state.meta.put_fetched_nar(rec).await?,
+    }
     state.hot_nars.insert(&rec.nar_file, (), seen);
     // After the row: an eviction pass this wakes counts the store from the rows.
     state.budget.stored(rec.size as u64);

@@ -156,7 +156,7 @@ async fn store_nar(
         size: size as i64,
         sha256: hex::encode(digest),
     };
-    cache::nar::publish(state, &staged, &rec, false).await?;
+    cache::nar::publish(state, &staged, &rec, cache::nar::Origin::Upload).await?;
     state.stats.activity("nar-upload", name.file_name());
     Ok((StatusCode::OK, Some((rec.size, rec.sha256))))
 }
