@@ -137,6 +137,11 @@ pub trait BlobStore: Send + Sync + 'static {
     /// could see half-written: after this returns the blob is complete and durable.
     async fn put_file(&self, key: &BlobKey, staged: &Path) -> Result<(), StoreError>;
 
+    /// Publishes `bytes`, all at hand, under `key`, as [`BlobStore::put_file`] does a staged
+    /// file: complete and durable when this returns. For a small blob this is one trip to disk
+    /// (or one PUT) instead of staging a file first.
+    async fn put_bytes(&self, key: &BlobKey, bytes: Bytes) -> Result<(), StoreError>;
+
     /// Makes `to` hold the bytes of `from`, a blob outside nip's layout (another cache's files),
     /// leaving `from` as it is: a hard link on a local disk, a server-side copy on S3. `to` is
     /// complete and durable when this returns. Ok(false) when `from` does not exist.

@@ -95,5 +95,28 @@ async fn every_backend_keeps_the_blob_contract() {
         store.delete(&key).await.unwrap();
         store.delete(&key).await.unwrap();
         assert!(store.stat(&key).await.unwrap().is_none(), "{name}");
+
+        // Bytes at hand are published the same way, leaving no half-published file behind.
+        let small = bytes::Bytes::from_static(b"a small NAR checked in memory");
+        store.put_bytes(&key, small.clone()).await.unwrap();
+        assert_eq!(
+            store.stat(&key).await.unwrap(),
+            Some(small.len() as u64),
+            "{name}"
+        );
+        assert_eq!(
+            collect(store.read(&key, None).await.unwrap().unwrap()).await,
+            small.to_vec(),
+            "{name}"
+        );
+        let listed: Vec<String> = store
+            .list("nar")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        assert_eq!(listed, ["nar/abc.nar"], "{name}");
+        store.delete(&key).await.unwrap();
     }
 }

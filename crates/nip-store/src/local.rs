@@ -2,6 +2,7 @@
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::StreamExt;
 
 use crate::blob::{BlobEntry, BlobKey, BlobRange, BlobRead, BlobStore, StoreError};
@@ -123,6 +124,27 @@ impl BlobStore for LocalBlobStore {
             .map_err(StoreError::from_io)
     }
 
+    async fn put_bytes(&self, key: &BlobKey, bytes: Bytes) -> Result<(), StoreError> {
+        let dest = self.path(key);
+        tokio::task::spawn_blocking(move || {
+            publish_with(&dest, |p| {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                // 0600 as staged files are: blobs are served by nip, not read by others.
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(p)?;
+                file.write_all(&bytes)?;
+                file.sync_all()
+            })
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+        .map_err(StoreError::from_io)
+    }
+
     async fn adopt(&self, from: &BlobKey, to: &BlobKey) -> Result<bool, StoreError> {
         let (from, dest) = (self.path(from), self.path(to));
         if !from.is_file() {
@@ -162,27 +184,34 @@ impl BlobStore for LocalBlobStore {
     }
 }
 
-/// Hard-links (or, across file systems, copies) the staged file next to `dest`, then renames it
-/// into place and fsyncs the directory, so `dest` is either absent or complete, even after a crash.
-/// The staged file itself stays where it is: its owner deletes it.
+/// Hard-links (or, across file systems, copies) the staged file next to `dest`, then publishes
+/// it there (see [`publish_with`]). The staged file itself stays where it is: its owner deletes it.
 fn publish(staged: &Path, dest: &Path) -> std::io::Result<()> {
+    publish_with(dest, |p| match std::fs::hard_link(staged, p) {
+        Ok(()) => Ok(()),
+        // EXDEV: the temp path is on another file system.
+        Err(e) if e.raw_os_error() == Some(18) => {
+            std::fs::copy(staged, p)?;
+            std::fs::File::open(p)?.sync_all()
+        }
+        Err(e) => Err(e),
+    })
+}
+
+/// Has `make` create a complete, fsynced file at a fresh hidden name next to `dest`, then renames
+/// it into place and fsyncs the directory, so `dest` is either absent or complete, even after a
+/// crash. A crash in between leaves a `.publish-` file, which reconciliation lists.
+fn publish_with(
+    dest: &Path,
+    make: impl FnMut(&Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let dir = dest
         .parent()
         .ok_or_else(|| std::io::Error::other("blob path has no parent"))?;
     std::fs::create_dir_all(dir)?;
     let tmp = tempfile::Builder::new()
         .prefix(".publish-")
-        .make_in(dir, |p| {
-            match std::fs::hard_link(staged, p) {
-                Ok(()) => Ok(()),
-                // EXDEV: the temp path is on another file system.
-                Err(e) if e.raw_os_error() == Some(18) => {
-                    std::fs::copy(staged, p)?;
-                    std::fs::File::open(p)?.sync_all()
-                }
-                Err(e) => Err(e),
-            }
-        })?;
+        .make_in(dir, make)?;
     tmp.persist(dest).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()
 }

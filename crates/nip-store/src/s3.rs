@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
@@ -116,6 +117,14 @@ impl BlobStore for S3BlobStore {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(err(e)),
         }
+    }
+
+    async fn put_bytes(&self, key: &BlobKey, bytes: Bytes) -> Result<(), StoreError> {
+        self.store
+            .put(&self.path(key.as_str()), bytes.into())
+            .await
+            .map_err(err)?;
+        Ok(())
     }
 
     async fn put_file(&self, key: &BlobKey, staged: &Path) -> Result<(), StoreError> {

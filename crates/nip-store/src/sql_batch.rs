@@ -52,22 +52,28 @@ impl Job {
     }
 }
 
+#[derive(Debug, Default)]
+struct Counts {
+    taken: AtomicUsize,
+    batches: AtomicUsize,
+}
+
 /// The queue to the one task that writes fetched rows (see the module).
 #[derive(Clone, Debug)]
 pub(crate) struct Batcher {
     tx: mpsc::Sender<Job>,
-    /// The most rows written in one batch so far (tests read it).
+    /// Rows taken from the queue and batches written so far (tests read them).
     #[cfg_attr(not(test), allow(dead_code))]
-    largest: Arc<AtomicUsize>,
+    counts: Arc<Counts>,
 }
 
 impl Batcher {
     /// Starts the writing task on `pool`, taking `gate` (this process's turn to write) per batch.
     pub(crate) fn start(pool: AnyPool, gate: Arc<Mutex<()>>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let largest = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(run(rx, pool, gate, largest.clone()));
-        Batcher { tx, largest }
+        let counts = Arc::new(Counts::default());
+        tokio::spawn(run(rx, pool, gate, counts.clone()));
+        Batcher { tx, counts }
     }
 
     /// Queues a fetched narinfo for the next batch. `None` when the writing task is gone (its
@@ -87,10 +93,13 @@ impl Batcher {
         answer.await.ok()
     }
 
-    /// The most rows one batch has written.
+    /// Rows taken from the queue, and batches written, so far.
     #[cfg(test)]
-    pub(crate) fn largest_batch(&self) -> usize {
-        self.largest.load(Ordering::Relaxed)
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        (
+            self.counts.taken.load(Ordering::Relaxed),
+            self.counts.batches.load(Ordering::Relaxed),
+        )
     }
 
     /// Rows waiting for the writing task.
@@ -120,7 +129,7 @@ async fn run(
     mut rx: mpsc::Receiver<Job>,
     pool: AnyPool,
     gate: Arc<Mutex<()>>,
-    largest: Arc<AtomicUsize>,
+    counts: Arc<Counts>,
 ) {
     let mut next: Option<Job> = None;
     loop {
@@ -145,9 +154,10 @@ async fn run(
             sources += job.sources();
             batch.push(job);
         }
-        largest.fetch_max(batch.len(), Ordering::Relaxed);
+        counts.taken.fetch_add(batch.len(), Ordering::Relaxed);
         let _turn = crate::sql::take_turn(Some(&gate)).await;
         write(&pool, batch).await;
+        counts.batches.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -387,18 +397,27 @@ mod tests {
                 })
             })
             .collect();
-        // The writing task holds the first row while it waits for the turn; the rest queue.
-        while batcher.queued() < n - 1 {
-            tokio::task::yield_now().await;
-        }
+        // The writing task takes the first rows and waits for the turn; the rest queue.
+        let (taken_before, batches_before) = batcher.counts();
+        let all_queued = async {
+            while batcher.counts().0 - taken_before + batcher.queued() < n {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), all_queued)
+            .await
+            .expect("every row reaches the queue");
         drop(turn);
         let mut done = Vec::new();
         for t in tasks {
             done.push(t.await.unwrap());
         }
+        // What the task took before the turn, then the rest by the batch (one more batch for a
+        // hash repeated in the queue); one by one would be n.
+        let batches = batcher.counts().1 - batches_before;
         assert!(
-            batcher.largest_batch() >= (n - 1).min(super::BATCH_MAX),
-            "the rows were written in batches"
+            batches <= 2 + n.div_ceil(super::BATCH_MAX),
+            "{n} rows took {batches} batches"
         );
         done
     }

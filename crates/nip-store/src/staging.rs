@@ -18,8 +18,6 @@ pub struct Staging {
 pub struct StagedFile {
     temp: tempfile::TempPath,
     pub file: Arc<std::fs::File>,
-    /// Every byte appended so far is fsynced ([`Staging::create_with`]): `sync` has nothing to do.
-    synced: std::sync::atomic::AtomicBool,
 }
 
 impl Staging {
@@ -35,32 +33,16 @@ impl Staging {
 
     /// Creates a new empty staged file.
     pub async fn create(&self) -> Result<StagedFile, StoreError> {
-        self.create_holding(None).await
-    }
-
-    /// A staged file holding `data`, fsynced: one trip to the blocking pool instead of three
-    /// (create, append, sync) for bytes that are all at hand, such as a small NAR checked in memory.
-    pub async fn create_with(&self, data: bytes::Bytes) -> Result<StagedFile, StoreError> {
-        self.create_holding(Some(data)).await
-    }
-
-    async fn create_holding(&self, data: Option<bytes::Bytes>) -> Result<StagedFile, StoreError> {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
-            use std::io::Write;
             let named = tempfile::Builder::new()
                 .prefix("nip-staged-")
                 .tempfile_in(&dir)
                 .map_err(StoreError::from_io)?;
-            let (mut file, temp) = named.into_parts();
-            if let Some(data) = &data {
-                file.write_all(data).map_err(StoreError::from_io)?;
-                file.sync_all().map_err(StoreError::from_io)?;
-            }
+            let (file, temp) = named.into_parts();
             Ok(StagedFile {
                 temp,
                 file: Arc::new(file),
-                synced: data.is_some().into(),
             })
         })
         .await
@@ -92,8 +74,6 @@ impl StagedFile {
 
     /// Appends bytes at the end (the file is only ever appended to).
     pub async fn append(&self, data: bytes::Bytes) -> Result<(), StoreError> {
-        self.synced
-            .store(false, std::sync::atomic::Ordering::Release);
         let file = self.file.clone();
         tokio::task::spawn_blocking(move || {
             use std::io::Write;
@@ -106,9 +86,6 @@ impl StagedFile {
 
     /// Flushes the bytes to stable storage.
     pub async fn sync(&self) -> Result<(), StoreError> {
-        if self.synced.load(std::sync::atomic::Ordering::Acquire) {
-            return Ok(());
-        }
         let file = self.file.clone();
         tokio::task::spawn_blocking(move || file.sync_all())
             .await
@@ -233,9 +210,6 @@ impl<'a> BatchedWriter<'a> {
     /// Queues `chunk` and writes what it can. Returns the number of bytes now in the file when
     /// that number moved (readers of the staged file may read that far).
     pub async fn push(&mut self, chunk: bytes::Bytes) -> Result<Option<u64>, StoreError> {
-        self.staged
-            .synced
-            .store(false, std::sync::atomic::Ordering::Release);
         let before = self.on_disk;
         self.received += chunk.len() as u64;
         self.pending_len += chunk.len();
@@ -544,30 +518,5 @@ mod tests {
             (5, <[u8; 32]>::from(Sha256::digest(b"fresh")))
         );
         assert_eq!(std::fs::read(staged.path()).unwrap(), b"fresh");
-    }
-
-    #[tokio::test]
-    async fn create_with_stages_the_bytes_fsynced_and_appends_unsync_them() {
-        use std::sync::atomic::Ordering;
-        let dir = tempfile::tempdir().unwrap();
-        let staging = Staging::new(dir.path()).unwrap();
-        let staged = staging
-            .create_with(bytes::Bytes::from_static(b"checked"))
-            .await
-            .unwrap();
-        assert_eq!(std::fs::read(staged.path()).unwrap(), b"checked");
-        assert!(staged.synced.load(Ordering::Acquire));
-        staged
-            .append(bytes::Bytes::from_static(b" more"))
-            .await
-            .unwrap();
-        assert!(
-            !staged.synced.load(Ordering::Acquire),
-            "sync would skip new bytes"
-        );
-        staged.sync().await.unwrap();
-        assert_eq!(std::fs::read(staged.path()).unwrap(), b"checked more");
-        let fresh = staging.create().await.unwrap();
-        assert!(!fresh.synced.load(Ordering::Acquire));
     }
 }

@@ -1011,6 +1011,14 @@ mod tests {
             self.inner.put_file(key, staged).await
         }
 
+        async fn put_bytes(
+            &self,
+            key: &BlobKey,
+            bytes: bytes::Bytes,
+        ) -> Result<(), crate::StoreError> {
+            self.inner.put_bytes(key, bytes).await
+        }
+
         async fn delete(&self, key: &BlobKey) -> Result<(), crate::StoreError> {
             self.inner.delete(key).await
         }

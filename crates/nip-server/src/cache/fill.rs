@@ -26,6 +26,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use crate::cache::nar;
 use crate::AppState;
 
 /// Most bytes a client reads of a file being filled at once: each read is one trip to the
@@ -553,16 +554,16 @@ impl Fills {
                 .instrument(span.clone())
                 .await;
             match &result {
-                Ok((n, _)) => span.record("bytes", i64::try_from(*n).unwrap_or(i64::MAX)),
+                Ok((n, ..)) => span.record("bytes", i64::try_from(*n).unwrap_or(i64::MAX)),
                 Err(_) => span.record("otel.status_code", "ERROR"),
             };
             let outcome = if result.is_ok() { "ok" } else { "error" };
             crate::upstream::record_upstream(&src.upstream, "nar", outcome, started);
-            if let Ok((n, _)) = &result {
+            if let Ok((n, ..)) = &result {
                 metrics::counter!("nip_upstream_bytes_total").increment(*n);
             }
             match result {
-                Ok((written, sha256)) => {
+                Ok((written, sha256, kept)) => {
                     if let Some(u) = &upstream {
                         u.record_success();
                     }
@@ -571,10 +572,14 @@ impl Fills {
                         size: written as i64,
                         sha256: hex::encode(sha256),
                     };
-                    let staged = fill.staged.get().ok_or_else(|| {
-                        let e = std::io::Error::other("the checked bytes were not staged");
-                        FillError::Store(nip_store::StoreError::Io(e).into())
-                    })?;
+                    let checked = match (kept, fill.staged.get()) {
+                        (Some(bytes), None) => nar::Checked::Memory(bytes),
+                        (_, Some(staged)) => nar::Checked::Staged(staged),
+                        (None, None) => {
+                            let e = std::io::Error::other("the checked bytes were not staged");
+                            return Err(FillError::Store(nip_store::StoreError::Io(e).into()));
+                        }
+                    };
                     // A file named by its FileHash and checked against it cannot differ from
                     // one stored under that name meanwhile.
                     let named_by_content = match &spec.expect {
@@ -582,13 +587,8 @@ impl Fills {
                             .is_ok_and(|n| n.hash() == nip_core::base32::encode(sha)),
                         Expect::NarHash { .. } => false,
                     };
-                    crate::cache::nar::publish(
-                        ctx,
-                        staged,
-                        &rec,
-                        crate::cache::nar::Origin::Fetched { named_by_content },
-                    )
-                    .await?;
+                    let origin = nar::Origin::Fetched { named_by_content };
+                    nar::publish(ctx, checked, &rec, origin).await?;
                     return Ok(written);
                 }
                 Err(DownloadError::Local(e)) => return Err(FillError::Store(e.into())),
@@ -622,7 +622,7 @@ impl Fills {
         src: &NarSource,
         fill: &Fill,
         tx: &watch::Sender<FillState>,
-    ) -> Result<(u64, [u8; 32]), DownloadError> {
+    ) -> Result<(u64, [u8; 32], Option<Bytes>), DownloadError> {
         let fail = |message: String, bytes_sent: bool| DownloadError::Upstream {
             message,
             bytes_sent,
@@ -657,24 +657,18 @@ impl Fills {
                     written,
                     memory: kept.clone(),
                 });
-                match kept {
-                    // Hashed already: written as it is, fsynced in the same trip to disk
-                    // unless an earlier source's attempt left a (now empty) staged file.
-                    Some(kept) => match fill.staged.get() {
-                        Some(file) => file.append(kept).await?,
-                        None => {
-                            let file = ctx.staging.create_with(kept).await?;
-                            // Only this task sets it, and it was empty a moment ago.
-                            if fill.staged.set(file).is_err() {
-                                let e = std::io::Error::other("the fill was staged twice");
-                                return Err(DownloadError::Local(e.into()));
-                            }
+                match &kept {
+                    // Hashed already: published from memory, unless an earlier source's attempt
+                    // left a (now empty) staged file.
+                    Some(kept) => {
+                        if let Some(file) = fill.staged.get() {
+                            file.append(kept.clone()).await?;
                         }
-                    },
+                    }
                     // Every byte is on disk: clients read the rest from there.
                     None => fill.window().clear(),
                 }
-                Ok((written, digest))
+                Ok((written, digest, kept))
             }
             Err(Failure::Local(e)) => Err(DownloadError::Local(e)),
             Err(Failure::Upstream(message)) => {

@@ -1,5 +1,6 @@
 //! NAR files in the store: the one way a NAR's bytes enter it (from an upload or an upstream fill)
 //! and leave it, with the bookkeeping every write needs.
+use bytes::Bytes;
 use nip_store::{BlobKey, NarRecord, StagedFile};
 
 use crate::cache::CacheError;
@@ -16,11 +17,18 @@ pub enum Origin {
     Fetched { named_by_content: bool },
 }
 
-/// Publishes a staged NAR whose size and SHA-256 were checked, then records it: bytes first,
-/// fsynced and renamed into place, the row only once they are safe.
+/// Where a NAR's checked bytes are.
+pub enum Checked<'a> {
+    Staged(&'a StagedFile),
+    /// A small NAR received into memory: published without a staged file.
+    Memory(Bytes),
+}
+
+/// Publishes a NAR whose size and SHA-256 were checked, then records it: bytes first, fsynced
+/// and renamed into place, the row only once they are safe.
 pub async fn publish(
     state: &AppState,
-    staged: &StagedFile,
+    bytes: Checked<'_>,
     rec: &NarRecord,
     origin: Origin,
 ) -> Result<(), CacheError> {
@@ -41,11 +49,14 @@ pub async fn publish(
             return Ok(());
         }
     }
-    staged.sync().await?;
-    state
-        .blobs
-        .put_file(&BlobKey::nar(&rec.nar_file)?, staged.path())
-        .await?;
+    let key = BlobKey::nar(&rec.nar_file)?;
+    match bytes {
+        Checked::Staged(staged) => {
+            staged.sync().await?;
+            state.blobs.put_file(&key, staged.path()).await?;
+        }
+        Checked::Memory(bytes) => state.blobs.put_bytes(&key, bytes).await?,
+    }
     let seen = state.hot_nars.generation();
     match origin {
         Origin::Upload => state.meta.put_nar(rec).await?,

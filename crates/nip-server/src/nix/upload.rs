@@ -156,7 +156,8 @@ async fn store_nar(
         size: size as i64,
         sha256: hex::encode(digest),
     };
-    cache::nar::publish(state, &staged, &rec, cache::nar::Origin::Upload).await?;
+    let checked = cache::nar::Checked::Staged(&staged);
+    cache::nar::publish(state, checked, &rec, cache::nar::Origin::Upload).await?;
     state.stats.activity("nar-upload", name.file_name());
     Ok((StatusCode::OK, Some((rec.size, rec.sha256))))
 }
