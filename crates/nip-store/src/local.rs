@@ -203,15 +203,20 @@ fn publish(staged: &Path, dest: &Path) -> std::io::Result<()> {
 /// crash. A crash in between leaves a `.publish-` file, which reconciliation lists.
 fn publish_with(
     dest: &Path,
-    make: impl FnMut(&Path) -> std::io::Result<()>,
+    mut make: impl FnMut(&Path) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     let dir = dest
         .parent()
         .ok_or_else(|| std::io::Error::other("blob path has no parent"))?;
     std::fs::create_dir_all(dir)?;
+    // A file `make` left half-made is removed here: nothing else would before reconciliation.
     let tmp = tempfile::Builder::new()
         .prefix(".publish-")
-        .make_in(dir, make)?;
+        .make_in(dir, |p| {
+            make(p).inspect_err(|_| {
+                let _ = std::fs::remove_file(p);
+            })
+        })?;
     tmp.persist(dest).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()
 }
@@ -221,6 +226,19 @@ mod tests {
     use super::*;
     use crate::blob_suite::collect;
     use crate::staging::Staging;
+
+    #[test]
+    fn a_file_left_half_made_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("nar/x.nar");
+        let failed = publish_with(&dest, |p| {
+            std::fs::write(p, b"half")?;
+            Err(std::io::Error::other("disk full"))
+        });
+        assert!(failed.is_err());
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("nar")).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 
     #[tokio::test]
     async fn publish_read_range_delete() {

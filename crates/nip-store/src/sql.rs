@@ -136,8 +136,8 @@ pub struct SqlMeta {
     /// SQLite only: one connection whose commits skip the fsync (`synchronous = NORMAL`: after a
     /// power loss the last of them may be gone, never half-applied; a process crash loses
     /// nothing). For rows nip can do without: leases (a lost lease is free), access times, and
-    /// narinfos fetched from an upstream (fetched again when asked). Uploads, keys and the audit
-    /// log stay FULL. Each cold miss made six fsynced commits; now one or two.
+    /// narinfos and new NAR rows fetched from an upstream (fetched again when asked). Uploads,
+    /// keys and the audit log stay FULL. Each cold miss made six fsynced commits; now one or two.
     relaxed_pool: Option<AnyPool>,
     /// SQLite only: its one writer at a time is taken in turn here. Two of this process's
     /// connections writing at once made one sleep in SQLite's busy handler (1, 2, 5 … 100 ms);

@@ -56,13 +56,16 @@ impl Job {
 struct Counts {
     taken: AtomicUsize,
     batches: AtomicUsize,
+    /// Batches the database refused, written again row by row.
+    fallbacks: AtomicUsize,
 }
 
 /// The queue to the one task that writes fetched rows (see the module).
 #[derive(Clone, Debug)]
 pub(crate) struct Batcher {
     tx: mpsc::Sender<Job>,
-    /// Rows taken from the queue and batches written so far (tests read them).
+    /// Rows taken from the queue (a row held for the next batch counts once) and batches
+    /// written so far (tests read them).
     #[cfg_attr(not(test), allow(dead_code))]
     counts: Arc<Counts>,
 }
@@ -93,12 +96,14 @@ impl Batcher {
         answer.await.ok()
     }
 
-    /// Rows taken from the queue, and batches written, so far.
+    /// Rows taken from the queue, batches written, and batches written again row by row, so far.
     #[cfg(test)]
-    pub(crate) fn counts(&self) -> (usize, usize) {
+    pub(crate) fn counts(&self) -> (usize, usize, usize) {
+        let c = &self.counts;
         (
-            self.counts.taken.load(Ordering::Relaxed),
-            self.counts.batches.load(Ordering::Relaxed),
+            c.taken.load(Ordering::Relaxed),
+            c.batches.load(Ordering::Relaxed),
+            c.fallbacks.load(Ordering::Relaxed),
         )
     }
 
@@ -136,7 +141,10 @@ async fn run(
         let first = match next.take() {
             Some(job) => job,
             None => match rx.recv().await {
-                Some(job) => job,
+                Some(job) => {
+                    counts.taken.fetch_add(1, Ordering::Relaxed);
+                    job
+                }
                 None => return,
             },
         };
@@ -147,6 +155,7 @@ async fn run(
         // the next one, so each narinfo is told truly whether it was the one inserted.
         while batch.len() < BATCH_MAX && sources < SOURCES_MAX {
             let Ok(job) = rx.try_recv() else { break };
+            counts.taken.fetch_add(1, Ordering::Relaxed);
             if !keys.insert(key(&job)) {
                 next = Some(job);
                 break;
@@ -154,22 +163,22 @@ async fn run(
             sources += job.sources();
             batch.push(job);
         }
-        counts.taken.fetch_add(batch.len(), Ordering::Relaxed);
         let _turn = crate::sql::take_turn(Some(&gate)).await;
-        write(&pool, batch).await;
+        write(&pool, batch, &counts).await;
         counts.batches.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 /// Writes `batch` and answers each job. Should the batch fail, each is written alone, so one
 /// bad row fails only its own request.
-async fn write(pool: &AnyPool, batch: Vec<Job>) {
+async fn write(pool: &AnyPool, batch: Vec<Job>, counts: &Counts) {
     let inserted = match batch.len() {
         1 => None,
         _ => match insert_all(pool, &batch).await {
             Ok(inserted) => Some(inserted),
             Err(e) => {
                 tracing::debug!(error = %e, rows = batch.len(), "batched insert failed; writing each row alone");
+                counts.fallbacks.fetch_add(1, Ordering::Relaxed);
                 None
             }
         },
@@ -204,7 +213,7 @@ async fn write(pool: &AnyPool, batch: Vec<Job>) {
     }
 }
 
-/// The sources of every narinfo, then the narinfos: the hashes inserted (a hash stored before is
+/// The sources of every narinfo, then the narinfos, then the NAR rows: the hashes inserted (a hash stored before is
 /// left as it is, immutable).
 async fn insert_all(pool: &AnyPool, batch: &[Job]) -> Result<HashSet<String>, MetaError> {
     let narinfos: Vec<(&NarInfoRecord, &[NarSource])> = batch
@@ -221,16 +230,22 @@ async fn insert_all(pool: &AnyPool, batch: &[Job]) -> Result<HashSet<String>, Me
             Job::Narinfo { .. } => None,
         })
         .collect();
-    insert_sources(pool, &narinfos).await?;
-    let inserted = insert_narinfos(pool, &narinfos).await?;
-    insert_nars(pool, &nars).await?;
+    // One transaction: a batch is one commit, and a batch refused halfway leaves nothing behind
+    // for the rows written again alone (a narinfo of its own would then look stored by another).
+    let mut tx = pool.begin().await?;
+    insert_sources(&mut tx, &narinfos).await?;
+    let inserted = insert_narinfos(&mut tx, &narinfos).await?;
+    insert_nars(&mut tx, &nars).await?;
+    tx.commit().await?;
     Ok(inserted)
 }
+
+type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
 /// The sources of every narinfo, one row per (NAR file, URL): two narinfos of one NAR file may
 /// name the same URL.
 async fn insert_sources(
-    pool: &AnyPool,
+    tx: &mut Tx,
     narinfos: &[(&NarInfoRecord, &[NarSource])],
 ) -> Result<(), MetaError> {
     let mut seen = HashSet::new();
@@ -247,7 +262,7 @@ async fn insert_sources(
         return Ok(());
     }
     let sql = sources_insert(sources.len());
-    let mut q = sqlx::query(&sql);
+    let mut q = batch_query(&sql);
     for (file, rank, s) in &sources {
         q = q
             .bind(*file)
@@ -255,13 +270,13 @@ async fn insert_sources(
             .bind(&s.upstream)
             .bind(*rank as i64);
     }
-    q.execute(pool).await?;
+    q.execute(&mut **tx).await?;
     Ok(())
 }
 
 /// The narinfos: the hashes inserted (a hash stored before is left as it is, immutable).
 async fn insert_narinfos(
-    pool: &AnyPool,
+    tx: &mut Tx,
     narinfos: &[(&NarInfoRecord, &[NarSource])],
 ) -> Result<HashSet<String>, MetaError> {
     if narinfos.is_empty() {
@@ -273,7 +288,7 @@ async fn insert_narinfos(
          ON CONFLICT (hash) DO NOTHING RETURNING hash",
         values(narinfos.len(), 12)
     );
-    let mut q = sqlx::query(&sql);
+    let mut q = batch_query(&sql);
     for (r, _) in narinfos {
         q = q
             .bind(&r.hash)
@@ -289,7 +304,7 @@ async fn insert_narinfos(
             .bind(now)
             .bind(now);
     }
-    let rows = q.fetch_all(pool).await?;
+    let rows = q.fetch_all(&mut **tx).await?;
     rows.iter()
         .map(|row| row.try_get::<String, _>("hash"))
         .collect::<Result<_, _>>()
@@ -297,13 +312,13 @@ async fn insert_narinfos(
 }
 
 /// The NAR rows, as [`crate::sql::put_nar_alone`] writes one.
-async fn insert_nars(pool: &AnyPool, nars: &[&NarRecord]) -> Result<(), MetaError> {
+async fn insert_nars(tx: &mut Tx, nars: &[&NarRecord]) -> Result<(), MetaError> {
     if nars.is_empty() {
         return Ok(());
     }
     let now = crate::unix_now();
     let sql = crate::sql::nars_insert(&values(nars.len(), 5));
-    let mut q = sqlx::query(&sql);
+    let mut q = batch_query(&sql);
     for r in nars {
         q = q
             .bind(&r.nar_file)
@@ -312,8 +327,14 @@ async fn insert_nars(pool: &AnyPool, nars: &[&NarRecord]) -> Result<(), MetaErro
             .bind(now)
             .bind(now);
     }
-    q.execute(pool).await?;
+    q.execute(&mut **tx).await?;
     Ok(())
+}
+
+/// A statement whose text depends on the batch's size: not kept prepared, so the batches' many
+/// shapes do not push the hot statements out of the connection's statement cache.
+fn batch_query(sql: &str) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
+    sqlx::query(sql).persistent(false)
 }
 
 /// `rows` parenthesised groups of `columns` placeholders, numbered from `$1`.
@@ -378,11 +399,13 @@ mod tests {
     }
 
     /// Runs `puts` at once while this process's turn to write is held, so that all of them queue
-    /// and are written in as few batches as the limits allow; their results, in order.
-    async fn queued_together(meta: &SqlMeta, puts: Vec<Put>) -> Vec<Done> {
+    /// and are written in as few batches as the limits allow; their results, in order, and how
+    /// many batches had to be written again row by row.
+    async fn queued_together(meta: &SqlMeta, puts: Vec<Put>) -> (Vec<Done>, usize) {
         let batcher = meta.batcher().expect("a SQLite file has a batcher").clone();
         let turn = meta.write_turn().await;
         let n = puts.len();
+        let (taken_before, batches_before, fallbacks_before) = batcher.counts();
         let tasks: Vec<_> = puts
             .into_iter()
             .map(|put| {
@@ -398,7 +421,6 @@ mod tests {
             })
             .collect();
         // The writing task takes the first rows and waits for the turn; the rest queue.
-        let (taken_before, batches_before) = batcher.counts();
         let all_queued = async {
             while batcher.counts().0 - taken_before + batcher.queued() < n {
                 tokio::task::yield_now().await;
@@ -414,12 +436,13 @@ mod tests {
         }
         // What the task took before the turn, then the rest by the batch (one more batch for a
         // hash repeated in the queue); one by one would be n.
-        let batches = batcher.counts().1 - batches_before;
+        let (_, batches, fallbacks) = batcher.counts();
+        let batches = batches - batches_before;
         assert!(
             batches <= 2 + n.div_ceil(super::BATCH_MAX),
             "{n} rows took {batches} batches"
         );
-        done
+        (done, fallbacks - fallbacks_before)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -456,7 +479,8 @@ mod tests {
         // The same hash twice in one queue: the second goes into the next batch and learns that
         // the first was stored.
         puts.push(Put::Narinfo(rec("h1", "f1.nar"), vec![]));
-        let done = queued_together(&meta, puts).await;
+        let (done, fallbacks) = queued_together(&meta, puts).await;
+        assert_eq!(fallbacks, 0, "the batches were written as batches");
 
         // Rows queue in whatever order their tasks ran: of the two for h1 either may be first.
         let (mut inserted, mut exists) = (0, Vec::new());
@@ -502,28 +526,35 @@ mod tests {
         .await
         .unwrap();
         sqlx::query(
-            "CREATE TRIGGER refuse BEFORE INSERT ON narinfos WHEN NEW.hash = 'bad' \
+            "CREATE TRIGGER refuse BEFORE INSERT ON narinfos WHEN NEW.hash LIKE 'bad%' \
              BEGIN SELECT RAISE(ABORT, 'refused'); END",
         )
         .execute(meta.pool())
         .await
         .unwrap();
-        let puts = ["a", "bad", "c", "d"]
+        // Two refused rows: whichever batches the rows fall into, one batch holds a refused row
+        // and another row (only the first batch can be a single row).
+        let hashes = ["a", "bad1", "c", "bad2", "d"];
+        let puts = hashes
             .iter()
             .map(|h| Put::Narinfo(rec(h, &format!("{h}.nar")), vec![]))
             .collect();
-        let done = queued_together(&meta, puts).await;
-        for (h, d) in ["a", "bad", "c", "d"].iter().zip(done) {
-            match (h, d) {
-                (&"bad", Done::Narinfo(Err(e))) => {
+        let (done, fallbacks) = queued_together(&meta, puts).await;
+        assert!(
+            fallbacks >= 1,
+            "a batch with a refused row was written again row by row"
+        );
+        for (h, d) in hashes.iter().zip(done) {
+            match d {
+                Done::Narinfo(Err(e)) if h.starts_with("bad") => {
                     assert!(e.to_string().contains("refused"), "{e}")
                 }
-                (_, Done::Narinfo(Ok(PutNarInfo::Inserted))) => {
+                Done::Narinfo(Ok(PutNarInfo::Inserted)) if !h.starts_with("bad") => {
                     assert!(meta.get_narinfo(h).await.unwrap().is_some())
                 }
-                (h, _) => panic!("{h}: unexpected outcome"),
+                _ => panic!("{h}: unexpected outcome"),
             }
         }
-        assert!(meta.get_narinfo("bad").await.unwrap().is_none());
+        assert!(meta.get_narinfo("bad1").await.unwrap().is_none());
     }
 }

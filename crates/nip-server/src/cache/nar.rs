@@ -42,7 +42,7 @@ pub async fn publish(
         true => None,
         false => state.meta.get_nar(&rec.nar_file).await?,
     };
-    if let Some(existing) = existing {
+    if let Some(existing) = &existing {
         let key = BlobKey::nar(&rec.nar_file)?;
         if existing.sha256 != rec.sha256 && state.blobs.stat(&key).await?.is_some() {
             tracing::debug!(nar_file = %rec.nar_file, "stored meanwhile with other bytes; keeping those");
@@ -58,9 +58,10 @@ pub async fn publish(
         Checked::Memory(bytes) => state.blobs.put_bytes(&key, bytes).await?,
     }
     let seen = state.hot_nars.generation();
-    match origin {
-        Origin::Upload => state.meta.put_nar(rec).await?,
-        Origin::Fetched { .. } => state.meta.put_fetched_nar(rec).await?,
+    // A row that may be lost must not leave an older durable one for these new bytes behind.
+    match (origin, existing) {
+        (Origin::Fetched { .. }, None) => state.meta.put_fetched_nar(rec).await?,
+        _ => state.meta.put_nar(rec).await?,
     }
     state.hot_nars.insert(&rec.nar_file, (), seen);
     // After the row: an eviction pass this wakes counts the store from the rows.
