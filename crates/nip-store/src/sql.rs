@@ -609,27 +609,42 @@ pub(crate) async fn insert_narinfo<'e, E>(
 where
     E: Executor<'e, Database = sqlx::Any>,
 {
-    let done = sqlx::query(&backend.sql(
-        "INSERT INTO narinfos (hash, store_path, nar_file, file_size, file_hash, nar_hash, \
-         narinfo, origin, signed_by, uploaded_by, created_at, last_accessed_at) \
+    let sql = backend
+        .sql(&format!(
+            "INSERT INTO narinfos ({NARINFO_COLUMNS}, created_at, last_accessed_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-         ON CONFLICT (hash) DO NOTHING",
-    ))
-    .bind(&rec.hash)
-    .bind(&rec.store_path)
-    .bind(&rec.nar_file)
-    .bind(rec.file_size)
-    .bind(&rec.file_hash)
-    .bind(&rec.nar_hash)
-    .bind(&rec.narinfo)
-    .bind(&rec.origin)
-    .bind(&rec.signed_by)
-    .bind(&rec.uploaded_by)
-    .bind(created_at)
-    .bind(accessed_at)
-    .execute(exec)
-    .await;
+         ON CONFLICT (hash) DO NOTHING"
+        ))
+        .into_owned();
+    let q = sqlx::query(&sql);
+    let done = bind_narinfo(q, rec, created_at, accessed_at)
+        .execute(exec)
+        .await;
     crate::dialect::inserted(done)
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Binds a narinfo row's twelve columns, in the order of [`NARINFO_COLUMNS`], `created_at`,
+/// `last_accessed_at`.
+pub(crate) fn bind_narinfo<'q>(
+    q: AnyQuery<'q>,
+    rec: &'q NarInfoRecord,
+    created_at: i64,
+    accessed_at: i64,
+) -> AnyQuery<'q> {
+    q.bind(&rec.hash)
+        .bind(&rec.store_path)
+        .bind(&rec.nar_file)
+        .bind(rec.file_size)
+        .bind(&rec.file_hash)
+        .bind(&rec.nar_hash)
+        .bind(&rec.narinfo)
+        .bind(&rec.origin)
+        .bind(&rec.signed_by)
+        .bind(&rec.uploaded_by)
+        .bind(created_at)
+        .bind(accessed_at)
 }
 
 /// `sources` with their rank (their place in the list), one per URL: two upstreams may name the
@@ -845,7 +860,7 @@ impl MetaStore for SqlMeta {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[tokio::test]
@@ -873,7 +888,8 @@ mod tests {
         assert_eq!(mode(tmp.path()), 0o755);
     }
 
-    fn rec(hash: &str, nar_file: &str) -> NarInfoRecord {
+    /// A fetched narinfo row for tests.
+    pub(crate) fn rec(hash: &str, nar_file: &str) -> NarInfoRecord {
         NarInfoRecord {
             hash: hash.into(),
             store_path: format!("/nix/store/{hash}-x"),

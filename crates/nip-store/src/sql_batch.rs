@@ -290,19 +290,7 @@ async fn insert_narinfos(
     );
     let mut q = batch_query(&sql);
     for (r, _) in narinfos {
-        q = q
-            .bind(&r.hash)
-            .bind(&r.store_path)
-            .bind(&r.nar_file)
-            .bind(r.file_size)
-            .bind(&r.file_hash)
-            .bind(&r.nar_hash)
-            .bind(&r.narinfo)
-            .bind(&r.origin)
-            .bind(&r.signed_by)
-            .bind(&r.uploaded_by)
-            .bind(now)
-            .bind(now);
+        q = crate::sql::bind_narinfo(q, r, now, now);
     }
     let rows = q.fetch_all(&mut **tx).await?;
     rows.iter()
@@ -364,22 +352,8 @@ async fn stored(pool: &AnyPool, hash: &str) -> Result<PutNarInfo, MetaError> {
 #[cfg(test)]
 mod tests {
     use crate::meta::{MetaStore, NarInfoRecord, NarRecord, NarSource, PutNarInfo};
+    use crate::sql::tests::rec;
     use crate::sql::SqlMeta;
-
-    fn rec(hash: &str, nar_file: &str) -> NarInfoRecord {
-        NarInfoRecord {
-            hash: hash.into(),
-            store_path: format!("/nix/store/{hash}-x"),
-            nar_file: nar_file.into(),
-            file_size: Some(3),
-            file_hash: Some(format!("sha256:{nar_file}")),
-            nar_hash: "sha256:def".into(),
-            narinfo: format!("StorePath: /nix/store/{hash}-x\n"),
-            origin: "http://up".into(),
-            signed_by: Some("up-1".into()),
-            uploaded_by: None,
-        }
-    }
 
     fn source(nar_file: &str, up: &str) -> NarSource {
         NarSource {
@@ -396,6 +370,12 @@ mod tests {
     enum Done {
         Narinfo(Result<PutNarInfo, crate::meta::MetaError>),
         Nar(Result<(), crate::meta::MetaError>),
+    }
+
+    async fn fresh() -> (SqlMeta, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("db.sqlite").display());
+        (SqlMeta::connect(&url).await.unwrap(), dir)
     }
 
     /// Runs `puts` at once while this process's turn to write is held, so that all of them queue
@@ -447,13 +427,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn rows_queued_together_are_written_together_and_each_is_told_its_own_outcome() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = SqlMeta::connect(&format!(
-            "sqlite:{}",
-            dir.path().join("db.sqlite").display()
-        ))
-        .await
-        .unwrap();
+        let (meta, _dir) = fresh().await;
         // A narinfo stored before: the batch must leave it and say so.
         let before = rec("h0", "f0.nar");
         meta.put_narinfo(&before, &[]).await.unwrap();
@@ -518,13 +492,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_row_the_database_refuses_fails_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = SqlMeta::connect(&format!(
-            "sqlite:{}",
-            dir.path().join("db.sqlite").display()
-        ))
-        .await
-        .unwrap();
+        let (meta, _dir) = fresh().await;
         sqlx::query(
             "CREATE TRIGGER refuse BEFORE INSERT ON narinfos WHEN NEW.hash LIKE 'bad%' \
              BEGIN SELECT RAISE(ABORT, 'refused'); END",
