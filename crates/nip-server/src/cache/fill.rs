@@ -573,8 +573,8 @@ impl Fills {
                         sha256: hex::encode(sha256),
                     };
                     let checked = match (kept, fill.staged.get()) {
-                        (Some(bytes), None) => nar::Checked::Memory(bytes),
-                        (_, Some(staged)) => nar::Checked::Staged(staged),
+                        (Some(bytes), _) => nar::Checked::Memory(bytes),
+                        (None, Some(staged)) => nar::Checked::Staged(staged),
                         (None, None) => {
                             let e = std::io::Error::other("the checked bytes were not staged");
                             return Err(FillError::Store(nip_store::StoreError::Io(e).into()));
@@ -657,16 +657,11 @@ impl Fills {
                     written,
                     memory: kept.clone(),
                 });
-                match &kept {
-                    // Hashed already: published from memory, unless an earlier source's attempt
-                    // left a (now empty) staged file.
-                    Some(kept) => {
-                        if let Some(file) = fill.staged.get() {
-                            file.append(kept.clone()).await?;
-                        }
-                    }
-                    // Every byte is on disk: clients read the rest from there.
-                    None => fill.window().clear(),
+                // Every byte is on disk: clients read the rest from there. (Bytes kept in
+                // memory are published from there; a staged file an earlier source's attempt
+                // left, now empty, goes with the fill.)
+                if kept.is_none() {
+                    fill.window().clear();
                 }
                 Ok((written, digest, kept))
             }
