@@ -231,11 +231,14 @@ fn publish_with(
         .ok_or_else(|| std::io::Error::other("blob path has no parent"))?;
     std::fs::create_dir_all(dir)?;
     // A file `make` left half-made is removed here: nothing else would before reconciliation.
+    // Not on a name collision: that file is another publisher's, and tempfile tries a new name.
     let tmp = tempfile::Builder::new()
         .prefix(".publish-")
         .make_in(dir, |p| {
-            make(p).inspect_err(|_| {
-                let _ = std::fs::remove_file(p);
+            make(p).inspect_err(|e| {
+                if e.kind() != std::io::ErrorKind::AlreadyExists {
+                    let _ = std::fs::remove_file(p);
+                }
             })
         })?;
     tmp.persist(dest).map_err(|e| e.error)?;
@@ -259,6 +262,19 @@ mod tests {
         assert!(failed.is_err());
         let left: Vec<_> = std::fs::read_dir(dir.path().join("nar")).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");
+        // A name taken by another publisher is left to it; the next name is tried.
+        let mut names = Vec::new();
+        publish_with(&dest, |p| {
+            names.push(p.to_path_buf());
+            if names.len() == 1 {
+                std::fs::write(p, b"another publisher's")?;
+                return Err(std::io::ErrorKind::AlreadyExists.into());
+            }
+            std::fs::write(p, b"mine")
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(&names[0]).unwrap(), b"another publisher's");
+        assert_eq!(std::fs::read(&dest).unwrap(), b"mine");
     }
 
     #[tokio::test]
