@@ -139,15 +139,12 @@ impl BlobStore for LocalBlobStore {
     async fn put_file(&self, key: &BlobKey, staged: &Path) -> Result<(), StoreError> {
         let dest = self.path(key);
         let staged = staged.to_path_buf();
-        tokio::task::spawn_blocking(move || publish(&staged, &dest))
-            .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
-            .map_err(StoreError::from_io)
+        on_blocking_pool(move || publish(&staged, &dest)).await
     }
 
     async fn put_bytes(&self, key: &BlobKey, bytes: Bytes) -> Result<(), StoreError> {
         let dest = self.path(key);
-        tokio::task::spawn_blocking(move || {
+        on_blocking_pool(move || {
             publish_with(&dest, |p| {
                 use std::io::Write;
                 use std::os::unix::fs::OpenOptionsExt;
@@ -162,8 +159,6 @@ impl BlobStore for LocalBlobStore {
             })
         })
         .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
-        .map_err(StoreError::from_io)
     }
 
     async fn adopt(&self, from: &BlobKey, to: &BlobKey) -> Result<bool, StoreError> {
@@ -171,10 +166,7 @@ impl BlobStore for LocalBlobStore {
         if !from.is_file() {
             return Ok(false);
         }
-        tokio::task::spawn_blocking(move || publish(&from, &dest))
-            .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
-            .map_err(StoreError::from_io)?;
+        on_blocking_pool(move || publish(&from, &dest)).await?;
         Ok(true)
     }
 
@@ -203,6 +195,17 @@ impl BlobStore for LocalBlobStore {
         }
         Ok(out)
     }
+}
+
+/// Runs file system work on tokio's blocking pool, its I/O error mapped as [`StoreError::from_io`]
+/// does (a full disk told apart).
+async fn on_blocking_pool(
+    work: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+) -> Result<(), StoreError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+        .map_err(StoreError::from_io)
 }
 
 /// Hard-links (or, across file systems, copies) the staged file next to `dest`, then publishes
