@@ -38,18 +38,17 @@ pub async fn publish(
         };
     // Another fill (another instance, or an upstream with other compressed bytes of a NAR
     // known only by its NarHash) stored this name first: its row and bytes stand together.
+    let key = BlobKey::nar(&rec.nar_file)?;
     let existing = match named_by_content {
         true => None,
         false => state.meta.get_nar(&rec.nar_file).await?,
     };
     if let Some(existing) = &existing {
-        let key = BlobKey::nar(&rec.nar_file)?;
         if existing.sha256 != rec.sha256 && state.blobs.stat(&key).await?.is_some() {
             tracing::debug!(nar_file = %rec.nar_file, "stored meanwhile with other bytes; keeping those");
             return Ok(());
         }
     }
-    let key = BlobKey::nar(&rec.nar_file)?;
     match bytes {
         Checked::Staged(staged) => {
             staged.sync().await?;
