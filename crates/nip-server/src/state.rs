@@ -158,7 +158,14 @@ impl AppState {
             SqliteMeta::connect_with(&config.database_url, config.database_max_connections).await?;
         take_over_ncps(&config, &sql, blobs.as_ref()).await?;
         let meta: Arc<dyn Index> = Arc::new(sql);
-        match nip_store::gc::reconcile(meta.as_ref(), blobs.as_ref(), false).await {
+        match nip_store::gc::reconcile(
+            meta.as_ref(),
+            blobs.as_ref(),
+            std::time::Duration::ZERO,
+            false,
+        )
+        .await
+        {
             Ok(s) if s.total() == 0 => {}
             Ok(s) => tracing::info!(
                 rows_without_bytes = s.rows_without_bytes,

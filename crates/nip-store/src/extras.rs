@@ -419,7 +419,9 @@ mod tests {
             assert!(blobs.stat(&old_key).await.unwrap().is_none());
             // A lost blob: its row goes.
             std::fs::remove_file(blobs.root().join("ls/new.00")).unwrap();
-            let s = crate::gc::reconcile(&db, &blobs, false).await.unwrap();
+            let s = crate::gc::reconcile(&db, &blobs, std::time::Duration::ZERO, false)
+                .await
+                .unwrap();
             assert_eq!(s.rows_without_bytes, 1);
             assert!(db
                 .get_extra(ExtraKind::Listing, "new")
@@ -432,7 +434,7 @@ mod tests {
                 .unwrap()
                 .is_some());
             assert_eq!(
-                crate::gc::reconcile(&db, &blobs, false)
+                crate::gc::reconcile(&db, &blobs, std::time::Duration::ZERO, false)
                     .await
                     .unwrap()
                     .total(),

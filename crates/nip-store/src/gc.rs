@@ -219,32 +219,37 @@ pub struct ReconcileSummary {
     pub rows_without_bytes: u64,
     pub bytes_without_rows: u64,
     pub partial_files: u64,
+    /// Half-published files changed within the grace asked for: perhaps a live writer's, left.
+    pub young_partial_files: u64,
 }
 
 impl ReconcileSummary {
+    /// What was (or, in a dry run, would be) removed.
     pub fn total(&self) -> u64 {
         self.rows_without_bytes + self.bytes_without_rows + self.partial_files
     }
 }
 
-/// Files younger than this are left alone: another instance may be between publishing the bytes
-/// and committing the row.
-const GRACE: Duration = Duration::from_secs(600);
+/// Files changed within this are left alone: another instance may be between publishing the bytes
+/// and committing the row, and a half-published file may be a running server's fill or upload,
+/// which changes it as it writes.
+pub const GRACE: Duration = Duration::from_secs(600);
 
-/// Deletes listed blobs that no row references (once older than [`GRACE`]) and half-published
-/// files (names starting with `.`).
+/// Deletes listed blobs that no row references (once unchanged for [`GRACE`]) and half-published
+/// files (names starting with `.`; once unchanged for `partial_grace`).
 async fn sweep(
     blobs: &dyn BlobStore,
     listed: &[BlobEntry],
     prefix: &str,
     referenced: impl Fn(&str) -> bool,
+    partial_grace: Duration,
     dry_run: bool,
     s: &mut ReconcileSummary,
 ) -> Result<(), GcError> {
     let now = SystemTime::now();
-    let old_enough = |m: Option<SystemTime>| {
+    let unchanged_for = |m: Option<SystemTime>, grace: Duration| {
         m.and_then(|m| now.duration_since(m).ok())
-            .is_none_or(|age| age >= GRACE)
+            .is_none_or(|age| age >= grace)
     };
     for b in listed {
         let name = b
@@ -253,8 +258,13 @@ async fn sweep(
             .and_then(|r| r.strip_prefix('/'))
             .unwrap_or(&b.key);
         if name.starts_with('.') {
+            // A fill or upload of this or another instance may be writing it right now.
+            if !unchanged_for(b.modified, partial_grace) {
+                s.young_partial_files += 1;
+                continue;
+            }
             s.partial_files += 1;
-        } else if !referenced(name) && old_enough(b.modified) {
+        } else if !referenced(name) && unchanged_for(b.modified, GRACE) {
             s.bytes_without_rows += 1;
         } else {
             continue;
@@ -280,10 +290,13 @@ fn names_under(listed: &[BlobEntry], prefix: &str) -> HashSet<String> {
 }
 
 /// Finds and removes what a crash can leave: index rows whose bytes are gone, stored bytes that no
-/// row references, and half-published files.
+/// row references, and half-published files. `partial_grace`: how long a half-published file must
+/// be unchanged to go; zero at a server's start (any is a crash's), [`GRACE`] when a server may be
+/// running and writing them (`nip admin gc`).
 pub async fn reconcile<I: Index + ?Sized>(
     index: &I,
     blobs: &dyn BlobStore,
+    partial_grace: Duration,
     dry_run: bool,
 ) -> Result<ReconcileSummary, GcError> {
     let mut s = ReconcileSummary::default();
@@ -308,6 +321,7 @@ pub async fn reconcile<I: Index + ?Sized>(
         &nar_blobs,
         NAR_PREFIX,
         |name| nar_rows.contains(name),
+        partial_grace,
         dry_run,
         &mut s,
     )
@@ -330,6 +344,7 @@ pub async fn reconcile<I: Index + ?Sized>(
         &art_blobs,
         ARTIFACT_PREFIX,
         |name| referenced.contains(name),
+        partial_grace,
         dry_run,
         &mut s,
     )
@@ -356,6 +371,7 @@ pub async fn reconcile<I: Index + ?Sized>(
             &listed,
             prefix,
             |name| referenced.contains(name),
+            partial_grace,
             dry_run,
             &mut s,
         )
@@ -624,26 +640,55 @@ mod tests {
                 .unwrap()
                 .set_modified(old)
                 .unwrap();
-            std::fs::write(f.blobs.root().join("artifacts/.publish-x"), b"x").unwrap();
-            // A young stray file may belong to an upload in progress elsewhere: left alone.
+            let partial = f.blobs.root().join("artifacts/.publish-x");
+            std::fs::write(&partial, b"x").unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&partial)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+            // A young stray file may belong to an upload in progress elsewhere, and a young
+            // half-published one to a fill writing it now: both left alone.
             std::fs::write(f.blobs.root().join("artifacts/young"), b"x").unwrap();
+            let writing = f.blobs.root().join("nar/.publish-live");
+            std::fs::write(&writing, b"x").unwrap();
 
-            let s = reconcile(&f.db, &f.blobs, false).await.unwrap();
+            // As `nip admin gc` runs it, beside a server that may be writing.
+            let s = reconcile(&f.db, &f.blobs, GRACE, false).await.unwrap();
             assert_eq!(
                 s,
                 ReconcileSummary {
                     rows_without_bytes: 3,
                     bytes_without_rows: 1,
-                    partial_files: 1
+                    partial_files: 1,
+                    young_partial_files: 1,
                 }
             );
+            assert!(!partial.exists());
+            assert!(writing.exists());
             assert!(f.db.get_narinfo("lost").await.unwrap().is_none());
             assert!(f.db.get_narinfo("good").await.unwrap().is_some());
             assert!(f.db.get_artifact("gone").await.unwrap().is_none());
             assert!(f.db.get_artifact("art").await.unwrap().is_some());
             assert!(!stray.exists());
             assert!(f.blobs.root().join("artifacts/young").exists());
-            assert_eq!(reconcile(&f.db, &f.blobs, false).await.unwrap().total(), 0);
+            assert_eq!(
+                reconcile(&f.db, &f.blobs, GRACE, false)
+                    .await
+                    .unwrap()
+                    .total(),
+                0
+            );
+            // At a server's start every half-published file is a crash's.
+            let s = reconcile(&f.db, &f.blobs, Duration::ZERO, false)
+                .await
+                .unwrap();
+            assert_eq!(
+                (s.partial_files, s.young_partial_files, s.total()),
+                (1, 0, 1)
+            );
+            assert!(!writing.exists());
         }
     }
 }

@@ -453,11 +453,18 @@ pub fn run_admin(cmd: &AdminCommand) -> anyhow::Result<()> {
                 let blobs = nip_server::open_blobs(&config)?;
                 let dry = args.dry_run;
                 let verb = if dry { "would remove" } else { "removed" };
-                let r = nip_store::gc::reconcile(&db, blobs.as_ref(), dry).await?;
+                let r = nip_store::gc::reconcile(&db, blobs.as_ref(), nip_store::gc::GRACE, dry).await?;
                 println!(
                     "crash leftovers: {verb} {} rows without bytes, {} stored files without rows, {} half-written files",
                     r.rows_without_bytes, r.bytes_without_rows, r.partial_files
                 );
+                if r.young_partial_files > 0 {
+                    println!(
+                        "left {} half-written files changed in the last {} minutes: a running server may be writing them (a later run removes them if not)",
+                        r.young_partial_files,
+                        nip_store::gc::GRACE.as_secs() / 60
+                    );
+                }
                 match config.max_size {
                     Some(max) => {
                         let s = nip_store::gc::evict(&db, blobs.as_ref(), max, dry).await?;

@@ -207,6 +207,33 @@ fn crash_leftovers_are_cleaned_at_start() {
             && log.contains("partial_files=1"),
         "{log}"
     );
+
+    // `nip admin gc` beside the running server: a half-published file written just now may be
+    // the server's fill or upload in progress and is kept; one unchanged for an hour goes.
+    let writing = data.join("store/artifacts/.publish-live");
+    std::fs::write(&writing, b"being written").unwrap();
+    let abandoned = data.join("store/artifacts/.publish-old");
+    std::fs::write(&abandoned, b"half").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&abandoned)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let out = nip(&["admin", "gc", "--cache-data-path", data.to_str().unwrap()]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(writing.exists() && !abandoned.exists(), "{printed}");
+    assert!(
+        printed.contains("1 half-written files")
+            && printed.contains("left 1 half-written files changed in the last 10 minutes"),
+        "{printed}"
+    );
+    assert_eq!(status(&server.url, &token, "/v1/download/kept"), 200);
 }
 
 fn sha_hex(b: &[u8]) -> String {
