@@ -39,8 +39,8 @@ pub struct Inner {
     /// Narinfos no upstream had: when they were found missing, and whether every upstream
     /// answered (only a certain absence lets an upload skip asking again).
     pub(crate) negative: Mutex<HashMap<String, (Instant, bool)>>,
-    /// When this instance last asked whether another one shares the database, and the answer.
-    pub(crate) peers_seen: Mutex<Option<(Instant, bool)>>,
+    /// Whether another instance shares the database, as last asked.
+    pub(crate) peers: cache::cluster::PeersSeen,
     pub(crate) started_at: Instant,
     pub(crate) rate_limiter: Option<auth::RateLimiter>,
     /// API keys recently looked up (half a second).
@@ -218,7 +218,7 @@ impl AppState {
             prefetch: Default::default(),
             narinfo_lookups: Coalescer::default(),
             negative: Mutex::new(HashMap::new()),
-            peers_seen: Mutex::new(None),
+            peers: Default::default(),
             started_at: Instant::now(),
             hot_narinfos: hot::HotNarinfos::new(hot::NARINFO_TTL),
             hot_nars: hot::HotNars::new(hot::NARINFO_TTL),

@@ -59,19 +59,56 @@ pub async fn withdraw(state: &AppState) {
 
 /// Whether another instance shares the database now (a database that cannot say: yes).
 async fn others_alive(state: &AppState) -> bool {
-    if let Some((at, alive)) = *state.peers_seen.lock().unwrap_or_else(|e| e.into_inner()) {
-        if at.elapsed() < PEERS_FRESH {
+    state
+        .peers
+        .get(async {
+            let now = nip_store::unix_now();
+            state
+                .meta
+                .others_hold(PRESENCE_PREFIX, state.instance_id(), now)
+                .await
+                .unwrap_or(true)
+        })
+        .await
+}
+
+/// The last answer to "is another instance alive?", believed for [`PEERS_FRESH`]. One request at
+/// a time asks again; the others meanwhile go by the last answer (a burst of misses would
+/// otherwise each ask the database at once).
+#[derive(Default)]
+pub struct PeersSeen {
+    seen: std::sync::Mutex<Option<(Instant, bool)>>,
+    asking: tokio::sync::Mutex<()>,
+}
+
+impl PeersSeen {
+    fn last(&self) -> Option<(Instant, bool)> {
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn get(&self, ask: impl Future<Output = bool>) -> bool {
+        let fresh = |seen: Option<(Instant, bool)>| {
+            seen.filter(|(at, _)| at.elapsed() < PEERS_FRESH)
+                .map(|(_, alive)| alive)
+        };
+        let last = self.last();
+        if let Some(alive) = fresh(last) {
             return alive;
         }
+        let _asking = match (self.asking.try_lock(), last) {
+            (Ok(turn), _) => turn,
+            (Err(_), Some((_, alive))) => return alive,
+            // Nothing seen yet: wait for the answer under way.
+            (Err(_), None) => self.asking.lock().await,
+        };
+        // Answered while this request waited for its turn.
+        if let Some(alive) = fresh(self.last()) {
+            return alive;
+        }
+        let alive = ask.await;
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), alive));
+        alive
     }
-    let now = nip_store::unix_now();
-    let alive = state
-        .meta
-        .others_hold(PRESENCE_PREFIX, state.instance_id(), now)
-        .await
-        .unwrap_or(true);
-    *state.peers_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), alive));
-    alive
 }
 
 /// What a caller that wants to fetch `name` does.
@@ -222,5 +259,65 @@ where
         if stored().await {
             return Turn::Stored;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_burst_asks_the_database_once() {
+        let peers = Arc::new(PeersSeen::default());
+        let asked = Arc::new(AtomicUsize::new(0));
+        let ask = |alive: bool| {
+            let asked = asked.clone();
+            async move {
+                asked.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                alive
+            }
+        };
+        // 20 requests at once, nothing seen yet: one asks, the others wait for its answer.
+        let burst: Vec<_> = (0..20)
+            .map(|_| {
+                let (peers, ask) = (peers.clone(), ask(true));
+                tokio::spawn(async move { peers.get(ask).await })
+            })
+            .collect();
+        for r in futures::future::join_all(burst).await {
+            assert!(r.unwrap());
+        }
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
+        assert_eq!(peers.last().map(|(_, alive)| alive), Some(true));
+        // Stale: one asks again while the others go by the last answer.
+        tokio::time::sleep(PEERS_FRESH).await;
+        let (started, asking_now) = tokio::sync::oneshot::channel();
+        let (release, gate) = tokio::sync::oneshot::channel::<()>();
+        let slow_ask = {
+            let asked = asked.clone();
+            async move {
+                asked.fetch_add(1, Ordering::SeqCst);
+                let _ = started.send(());
+                let _ = gate.await;
+                false
+            }
+        };
+        let asking = tokio::spawn({
+            let peers = peers.clone();
+            async move { peers.get(slow_ask).await }
+        });
+        asking_now.await.unwrap();
+        assert!(
+            peers.get(ask(false)).await,
+            "the last answer, while one asks"
+        );
+        release.send(()).unwrap();
+        assert!(!asking.await.unwrap());
+        assert_eq!(asked.load(Ordering::SeqCst), 2);
+        assert_eq!(peers.last().map(|(_, alive)| alive), Some(false));
     }
 }
