@@ -81,11 +81,15 @@ pub fn open_blobs(config: &ServeConfig) -> anyhow::Result<Arc<dyn BlobStore>> {
             nip_store::S3BlobStore::new(s3)
                 .map_err(|e| anyhow::anyhow!("cannot use S3 bucket {}: {e}", s3.bucket))?,
         ),
-        None => Arc::new(
-            LocalBlobStore::new(config.data_path.join("store")).map_err(|e| {
+        None => {
+            let local = LocalBlobStore::new(config.data_path.join("store")).map_err(|e| {
                 anyhow::anyhow!("cannot use data path {}: {e}", config.data_path.display())
-            })?,
-        ),
+            })?;
+            Arc::new(match config.tls {
+                Some(_) => local.without_mapped_reads(),
+                None => local,
+            })
+        }
     })
 }
 

@@ -9,6 +9,8 @@ pub mod gc;
 pub mod index;
 pub mod lease;
 pub mod local;
+#[cfg(target_os = "linux")]
+mod mapped;
 pub mod meta;
 pub mod ncps;
 pub mod s3;

@@ -13,13 +13,25 @@ const READ_CHUNK: usize = 256 * 1024;
 #[derive(Clone, Debug)]
 pub struct LocalBlobStore {
     root: PathBuf,
+    /// Big reads hand out mappings of the page cache instead of copies ([`crate::mapped`]).
+    map_reads: bool,
 }
 
 impl LocalBlobStore {
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
         std::fs::create_dir_all(&root).map_err(StoreError::from_io)?;
-        Ok(LocalBlobStore { root })
+        Ok(LocalBlobStore {
+            root,
+            map_reads: cfg!(target_os = "linux"),
+        })
+    }
+
+    /// Reads copy every piece instead of mapping it: for TLS, whose encryption copies the bytes
+    /// anyway, and which would touch a mapped page in user space.
+    pub fn without_mapped_reads(mut self) -> Self {
+        self.map_reads = false;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -34,44 +46,52 @@ impl LocalBlobStore {
 /// The bytes `[start, start + len)` of `file` as a stream of `READ_CHUNK` pieces, the next piece
 /// read (on the blocking pool) while the current one is sent: reading and sending overlap, which
 /// a reader that only reads when polled does not do. At most two pieces per stream in memory.
+/// With `map`, a piece is a mapping of the page cache when its pages are in memory.
 fn read_ahead(
     file: std::fs::File,
     start: u64,
     len: u64,
+    map: bool,
 ) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
     type Next = tokio::task::JoinHandle<std::io::Result<(std::fs::File, bytes::Bytes)>>;
-    // The file travels with each read (seeking only before the first); `read_to_end` fills the
-    // fresh buffer without zeroing it.
-    fn read(mut file: std::fs::File, seek_to: Option<u64>, left: u64) -> Next {
+    // The file travels with each read; `read_to_end` fills the fresh buffer without zeroing it.
+    fn read(mut file: std::fs::File, offset: u64, left: u64, map: bool) -> Next {
         tokio::task::spawn_blocking(move || {
             use std::io::{Read, Seek};
-            if let Some(offset) = seek_to {
-                file.seek(std::io::SeekFrom::Start(offset))?;
-            }
             let n = left.min(READ_CHUNK as u64);
+            #[cfg(target_os = "linux")]
+            if map {
+                if let Some(piece) = crate::mapped::map(&file, offset, n as usize) {
+                    return Ok((file, piece));
+                }
+            }
+            file.seek(std::io::SeekFrom::Start(offset))?;
             let mut buf = Vec::with_capacity(n as usize);
             (&mut file).take(n).read_to_end(&mut buf)?;
             Ok((file, bytes::Bytes::from(buf)))
         })
     }
-    let first: Option<Next> = (len > 0).then(|| read(file, Some(start), len));
-    futures::stream::unfold((first, len), |(next, left)| async move {
-        let (file, chunk) = match next?.await {
-            Ok(Ok(read)) => read,
-            Ok(Err(e)) => return Some((Err(e), (None, 0))),
-            Err(e) => return Some((Err(std::io::Error::other(e)), (None, 0))),
-        };
-        if chunk.is_empty() {
-            let e = std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the file is shorter than it was",
-            );
-            return Some((Err(e), (None, 0)));
-        }
-        let left = left - chunk.len() as u64;
-        let next = (left > 0).then(|| read(file, None, left));
-        Some((Ok(chunk), (next, left)))
-    })
+    let first: Option<Next> = (len > 0).then(|| read(file, start, len, map));
+    futures::stream::unfold(
+        (first, start, len),
+        move |(next, offset, left)| async move {
+            let (file, chunk) = match next?.await {
+                Ok(Ok(read)) => read,
+                Ok(Err(e)) => return Some((Err(e), (None, offset, 0))),
+                Err(e) => return Some((Err(std::io::Error::other(e)), (None, offset, 0))),
+            };
+            if chunk.is_empty() {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the file is shorter than it was",
+                );
+                return Some((Err(e), (None, offset, 0)));
+            }
+            let (offset, left) = (offset + chunk.len() as u64, left - chunk.len() as u64);
+            let next = (left > 0).then(|| read(file, offset, left, map));
+            Some((Ok(chunk), (next, offset, left)))
+        },
+    )
 }
 
 fn not_found_is_none<T>(r: std::io::Result<T>) -> Result<Option<T>, StoreError> {
@@ -132,7 +152,7 @@ impl BlobStore for LocalBlobStore {
             ),
             None => (0, size),
         };
-        let body = read_ahead(file, start, len).boxed();
+        let body = read_ahead(file, start, len, self.map_reads).boxed();
         Ok(Some(BlobRead { size, body }))
     }
 
@@ -278,6 +298,40 @@ mod tests {
         .unwrap();
         assert_eq!(std::fs::read(&names[0]).unwrap(), b"another publisher's");
         assert_eq!(std::fs::read(&dest).unwrap(), b"mine");
+    }
+
+    #[tokio::test]
+    async fn mapped_and_copied_reads_give_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mapped = LocalBlobStore::new(dir.path().join("store")).unwrap();
+        let copied = mapped.clone().without_mapped_reads();
+        let key = BlobKey::new("nar/big.nar").unwrap();
+        let data: Vec<u8> = (0..(3 * READ_CHUNK + 4321))
+            .map(|i| (i % 253) as u8)
+            .collect();
+        mapped
+            .put_bytes(&key, bytes::Bytes::from(data.clone()))
+            .await
+            .unwrap();
+        let last = data.len() as u64 - 1;
+        for range in [
+            None,
+            Some((0, last)),
+            Some((1, last)),
+            Some((4095, READ_CHUNK as u64 + 5)),
+            Some((READ_CHUNK as u64 - 1, 2 * READ_CHUNK as u64)),
+            Some((last - 10, last)),
+        ] {
+            let range = range.map(|(start, end)| BlobRange { start, end });
+            let want = match range {
+                Some(r) => &data[r.start as usize..=r.end as usize],
+                None => &data[..],
+            };
+            for store in [&mapped, &copied] {
+                let got = collect(store.read(&key, range).await.unwrap().unwrap()).await;
+                assert!(got == want, "{range:?}, mapped: {}", store.map_reads);
+            }
+        }
     }
 
     #[tokio::test]
