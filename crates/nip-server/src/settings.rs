@@ -281,7 +281,7 @@ pub const SETTINGS: &[Setting] = &[
       &["CACHE_UPSTREAM_BODY_IDLE_TIMEOUT"], &["cache.upstream.body-idle-timeout"], Kind::Duration,
       "An upstream body that sends nothing for this long is abandoned").default("30s"),
     s("cache.negative-ttl", &["cache-negative-ttl"], &["CACHE_NEGATIVE_TTL"], &["cache.negative-ttl"], Kind::Duration,
-      "How long a narinfo that no upstream has is remembered as absent").default("30s"),
+      "How long a narinfo (or a listing, build log, realisation or debug info file) that no upstream has is remembered as absent").default("30s"),
     s("cache.prefetch-nar-max-size", &["cache-prefetch-nar-max-size"], &["NIP_CACHE_PREFETCH_NAR_MAX_SIZE"],
       &["cache.prefetch-nar-max-size"], Kind::SizeOrZero,
       "When a narinfo is fetched from an upstream, fetch its NAR right away in the background if its file is at most this big (Nix asks for it next); 0 turns it off")

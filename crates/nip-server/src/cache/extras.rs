@@ -117,8 +117,15 @@ pub async fn lookup(
         return Ok(None);
     }
     count(kind, "miss");
-    if let Some(rec) = fetch(state, kind, name).await? {
-        return Ok(Some(rec));
+    // An absence is remembered for `--cache-negative-ttl`, as a narinfo's is: tools that probe
+    // many names (debug info by build id, listings) would otherwise ask the upstreams each time.
+    let missing = format!("{}:{name}", kind.as_str());
+    if !state.is_known_missing(&missing, false) {
+        match fetch(state, kind, name).await? {
+            Fetched::Found(rec) => return Ok(Some(rec)),
+            Fetched::Absent { certain } => state.remember_missing(&missing, certain),
+            Fetched::NoAnswer => {}
+        }
     }
     // No upstream has a listing: made from the stored NAR when it is here.
     match (kind, nip_core::store_path::StorePathHash::parse(name)) {
@@ -127,21 +134,24 @@ pub async fn lookup(
     }
 }
 
+/// What asking the upstreams for a file came to.
+enum Fetched {
+    Found(ExtraRecord),
+    /// An upstream said it lacks the file; `certain` when every upstream was asked and did.
+    Absent {
+        certain: bool,
+    },
+    /// No upstream could tell (all down, error pages, timeouts).
+    NoAnswer,
+}
+
 /// Asks the healthy upstreams, best priority first, for the file; stores the first copy found
 /// (a realisation only once [`crate::cache::realisation`] accepted its signatures).
-async fn fetch(
-    state: &AppState,
-    kind: ExtraKind,
-    name: &str,
-) -> Result<Option<ExtraRecord>, CacheError> {
-    let mut upstreams: Vec<_> = state
-        .upstreams
-        .list()
-        .iter()
-        .filter(|u| u.is_healthy())
-        .cloned()
-        .collect();
+async fn fetch(state: &AppState, kind: ExtraKind, name: &str) -> Result<Fetched, CacheError> {
+    let all = state.upstreams.list();
+    let mut upstreams: Vec<_> = all.iter().filter(|u| u.is_healthy()).cloned().collect();
     upstreams.sort_by_key(|u| u.priority());
+    let (mut absent, mut certain) = (false, upstreams.len() == all.len());
     for u in upstreams {
         for path in cache_paths(kind, name) {
             let Ok(url) = u.url.join(&path) else {
@@ -150,16 +160,20 @@ async fn fetch(
             match fetch_one(state, kind, name, &u, url).await {
                 Ok(Some(rec)) => {
                     count(kind, "fetched");
-                    return Ok(Some(rec));
+                    return Ok(Fetched::Found(rec));
                 }
-                Ok(None) => {}
+                Ok(None) => absent = true,
                 Err(why) => {
+                    certain = false;
                     tracing::debug!(upstream = %u.name(), kind = kind.as_str(), %why, "cannot fetch from upstream");
                 }
             }
         }
     }
-    Ok(None)
+    Ok(match absent {
+        true => Fetched::Absent { certain },
+        false => Fetched::NoAnswer,
+    })
 }
 
 /// Asks every upstream, healthy or not, whether it has the file, for an upload that must not

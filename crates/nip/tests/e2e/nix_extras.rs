@@ -985,3 +985,51 @@ fn realisation_uploads_wait_for_every_upstream_unless_a_trusted_key_signed_them(
     let (status, _) = http_get(&format!("{}/realisations/{}.doi", server.url, id(2))).unwrap();
     assert_eq!(status, 200);
 }
+
+/// Listings, logs and debug info no upstream has are remembered as absent for
+/// `--cache-negative-ttl`: probing tools ask the upstream once per name, not once per request.
+#[test]
+fn extras_no_upstream_has_are_asked_for_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("upcache");
+    std::fs::create_dir_all(&cache).unwrap();
+    write_cache_info(&cache);
+    let requests = tmp.path().join("upstream.log");
+    let (_upstream, upstream_url) =
+        start_static_to(&cache, std::fs::File::create(&requests).unwrap());
+    let server = start_nip_behind(&tmp.path().join("data"), &upstream_url, UNUSED_KEY, &[]);
+    let drv = format!("{}-x.drv", "2".repeat(32));
+    let paths = [
+        format!("/{}.ls", "1".repeat(32)),
+        format!("/log/{drv}"),
+        "/debuginfo/0123456789abcdef".to_string(),
+    ];
+    for _ in 0..3 {
+        for p in &paths {
+            let (status, _) = http_get(&format!("{}{p}", server.url)).unwrap();
+            assert_eq!(status, 404, "{p}");
+        }
+    }
+    let upstream_log = || std::fs::read_to_string(&requests).unwrap();
+    let asked = |log: &str, p: &str| log.matches(&format!("\"GET {p} HTTP")).count();
+    let log = upstream_log();
+    assert_eq!(asked(&log, &paths[0]), 1, "{log}");
+    assert_eq!(asked(&log, &paths[1]), 1, "{log}");
+    // Debug info is looked for under two names, each once.
+    assert_eq!(asked(&log, &paths[2]), 1, "{log}");
+    assert_eq!(asked(&log, &format!("{}.debug", paths[2])), 1, "{log}");
+
+    // With the negative cache off, every request asks again.
+    let server = start_nip_behind(
+        &tmp.path().join("data2"),
+        &upstream_url,
+        UNUSED_KEY,
+        &["--cache-negative-ttl", "0s"],
+    );
+    for _ in 0..2 {
+        let (status, _) = http_get(&format!("{}{}", server.url, paths[1])).unwrap();
+        assert_eq!(status, 404);
+    }
+    let log = upstream_log();
+    assert_eq!(asked(&log, &paths[1]), 3, "{log}");
+}
