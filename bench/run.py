@@ -16,7 +16,7 @@ QUICK = dict(narinfos=2000, big_mib=64, duration=3, repeats=3, artifacts=300, mi
              p9_paths=500, p9_big_mib=[10, 20, 30, 40, 50], p9_repeats=2)
 FULL = dict(narinfos=10000, big_mib=256, duration=8, repeats=5, artifacts=1000, misses=250, p4_mib=1024,
             heavy_repeats=1, p5_flask_mib=256, index_entries=1_000_000, p7_mib=100,
-            p9_paths=500, p9_big_mib=[10, 20, 30, 40, 50], p9_repeats=3)
+            p9_paths=500, p9_big_mib=[10, 20, 30, 40, 50], p9_repeats=5)
 SCENARIOS = {"p1p2": scenarios.p1_p2_hits, "p2b": scenarios.p2b_artifact_lookups, "p3": scenarios.p3_misses,
              "p4": scenarios.p4_memory, "p5": scenarios.p5_uploads, "p6": scenarios.p6_big_index,
              "p7": scenarios.p7_client, "zstd": scenarios.zstd_on_the_fly,
