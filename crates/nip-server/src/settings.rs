@@ -642,7 +642,7 @@ mod tests {
         let help = |key| find(key).unwrap().help_text();
         assert_eq!(
             help("cache.negative-ttl"),
-            "How long a narinfo that no upstream has is remembered as absent. Default: 30s"
+            "How long a narinfo (or a listing, build log, realisation or debug info file) that no upstream has is remembered as absent. Default: 30s"
         );
         assert_eq!(
             help("artifact.retention"),

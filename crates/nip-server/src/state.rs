@@ -74,8 +74,14 @@ impl std::ops::Deref for AppState {
     }
 }
 
-/// The configured blob storage: an S3 bucket, or the local store directory.
+/// The configured blob storage: an S3 bucket, or the local store directory. Tools (`nip admin`)
+/// read every piece by copying it; the server maps big reads of a local store unless it serves
+/// TLS ([`LocalBlobStore::without_mapped_reads`]).
 pub fn open_blobs(config: &ServeConfig) -> anyhow::Result<Arc<dyn BlobStore>> {
+    open_blobs_with(config, false)
+}
+
+fn open_blobs_with(config: &ServeConfig, map_reads: bool) -> anyhow::Result<Arc<dyn BlobStore>> {
     Ok(match &config.s3 {
         Some(s3) => Arc::new(
             nip_store::S3BlobStore::new(s3)
@@ -85,9 +91,9 @@ pub fn open_blobs(config: &ServeConfig) -> anyhow::Result<Arc<dyn BlobStore>> {
             let local = LocalBlobStore::new(config.data_path.join("store")).map_err(|e| {
                 anyhow::anyhow!("cannot use data path {}: {e}", config.data_path.display())
             })?;
-            Arc::new(match config.tls {
-                Some(_) => local.without_mapped_reads(),
-                None => local,
+            Arc::new(match map_reads {
+                true => local,
+                false => local.without_mapped_reads(),
             })
         }
     })
@@ -157,7 +163,7 @@ impl AppState {
             Ok(n) => tracing::info!(count = n, "removed temp files left by an earlier crash"),
             Err(e) => tracing::warn!(error = %e, "could not clean the temp path"),
         }
-        let blobs = open_blobs(&config)?;
+        let blobs = open_blobs_with(&config, config.tls.is_none())?;
         let sql =
             SqliteMeta::connect_with(&config.database_url, config.database_max_connections).await?;
         take_over_ncps(&config, &sql, blobs.as_ref()).await?;

@@ -5,15 +5,31 @@
 //!
 //! Why a mapping is safe here: published blobs are never changed in place. They are replaced by
 //! rename and removed by unlink, and either leaves a mapped inode intact, so a response that holds
-//! a piece keeps valid bytes. The pages are brought in when mapped and checked to be in memory, so
-//! a read error shows as an error of the read that falls back, not as a fault later.
+//! a piece keeps valid bytes (a store edited in place under a running server, e.g. `rsync
+//! --inplace`, is not). The pages are read in when mapped, and a piece whose pages cannot all be
+//! read is copied instead, so a read error shows as the copy's error. (A page the kernel drops
+//! and then fails to read again before the piece is sent is still a fault: a narrow window.)
+//! Mappings in use are bounded, far below the kernel's per-process limit: past the bound pieces
+//! are copied.
 #![allow(unsafe_code)]
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
+
+/// Mappings in use at most: 2 GiB of 256 KiB pieces, two per response, where the kernel allows a
+/// process about 65 000 mappings (`vm.max_map_count`) in all, its allocator's included.
+const MAX_IN_USE: usize = 8192;
+static IN_USE: AtomicUsize = AtomicUsize::new(0);
+
+/// Mappings in use now.
+#[cfg(test)]
+pub fn in_use() -> usize {
+    IN_USE.load(Ordering::Relaxed)
+}
 
 /// A read-only mapping, unmapped on drop. `bytes` of it start `skip` bytes in (the mapping
 /// starts on a page boundary).
@@ -44,6 +60,7 @@ impl Drop for Mapping {
         unsafe {
             libc::munmap(self.ptr.as_ptr(), self.map_len);
         }
+        IN_USE.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -57,46 +74,53 @@ fn page_size() -> u64 {
     }
 }
 
-/// `len` bytes of `file` from `offset`, mapped with every page in memory; `None` when they
-/// cannot be (nothing to map, the file is shorter, a page could not be read, mmap failed): the
-/// caller reads them instead.
-pub fn map(file: &File, offset: u64, len: usize) -> Option<Bytes> {
-    if len == 0 {
+/// `len` bytes of `file` (of `file_len` bytes) from `offset`, mapped with every page read in;
+/// `None` when they are not to be mapped (nothing to map, past the end of the file, too many
+/// mappings in use) or cannot be (a page could not be read, an old kernel, mmap failed): the
+/// caller copies them instead.
+pub fn map(file: &File, file_len: u64, offset: u64, len: usize) -> Option<Bytes> {
+    if len == 0 || offset.checked_add(len as u64)? > file_len {
+        return None;
+    }
+    if IN_USE.fetch_add(1, Ordering::Relaxed) >= MAX_IN_USE {
+        IN_USE.fetch_sub(1, Ordering::Relaxed);
         return None;
     }
     let page = page_size();
     let start = offset - offset % page;
     let skip = (offset - start) as usize;
-    let map_len = skip.checked_add(len)?;
+    let (Some(map_len), Ok(start)) = (skip.checked_add(len), libc::off_t::try_from(start)) else {
+        IN_USE.fetch_sub(1, Ordering::Relaxed);
+        return None;
+    };
     // SAFETY: a fresh read-only shared mapping of an open file; the kernel picks the address.
-    // MAP_POPULATE reads the pages in now (errors are not reported: `mincore` checks below).
     let ptr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             map_len,
             libc::PROT_READ,
-            libc::MAP_SHARED | libc::MAP_POPULATE,
+            libc::MAP_SHARED,
             file.as_raw_fd(),
-            libc::off_t::try_from(start).ok()?,
+            start,
         )
     };
-    if ptr == libc::MAP_FAILED {
+    let Some(ptr) = NonNull::new(ptr).filter(|p| p.as_ptr() != libc::MAP_FAILED) else {
+        IN_USE.fetch_sub(1, Ordering::Relaxed);
         return None;
-    }
+    };
+    // Unmapped (and uncounted) on drop from here on.
     let mapping = Mapping {
-        ptr: NonNull::new(ptr)?,
+        ptr,
         map_len,
         skip,
         len,
     };
-    let pages = map_len.div_ceil(page as usize);
-    let mut resident = vec![0u8; pages];
-    // SAFETY: `ptr` is page-aligned (mmap's result), `map_len` lies within the mapping and
-    // `resident` has one byte per page of it.
-    let rc = unsafe { libc::mincore(ptr, map_len, resident.as_mut_ptr()) };
-    // A page past the end of the file, or one the kernel could not read, is not resident:
-    // touching it would fault (SIGBUS), so such a piece is read instead.
-    if rc != 0 || resident.iter().any(|r| r & 1 == 0) {
+    // Reads every page in now. It fails (EFAULT) where touching a page would fault (SIGBUS): an
+    // I/O error, or a page past the end of the file; EINVAL before Linux 5.14. Either way the
+    // piece is copied instead.
+    // SAFETY: the range is exactly the mapping made above.
+    let rc = unsafe { libc::madvise(ptr.as_ptr(), map_len, libc::MADV_POPULATE_READ) };
+    if rc != 0 {
         return None;
     }
     Some(Bytes::from_owner(mapping))
@@ -114,13 +138,19 @@ mod tests {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         f.write_all(&data).unwrap();
         f.sync_all().unwrap();
+        let size = data.len() as u64;
         for (offset, len) in [(0, 300_000), (1, 5000), (4095, 4097), (123_457, 100_000)] {
-            let piece = map(&f, offset as u64, len).expect("mapped");
+            let piece = map(&f, size, offset as u64, len).expect("mapped");
             assert_eq!(&piece[..], &data[offset..offset + len], "at {offset}");
         }
-        // Past the end, or nothing: not mapped (the caller reads, and sees the short file).
-        assert!(map(&f, 299_000, 8192).is_none());
-        assert!(map(&f, 0, 0).is_none());
+        // Past the end (also within the last page, which the kernel would fill with zeros), or
+        // nothing: not mapped (the caller copies, and sees the short file).
+        assert!(map(&f, size, 299_500, 1000).is_none());
+        assert!(map(&f, size, 299_000, 8192).is_none());
+        assert!(map(&f, size, 0, 0).is_none());
+        // A file that is shorter than the caller believes: the pages past its end cannot be
+        // read in, so nothing is mapped.
+        assert!(map(&f, size + 100_000, 290_000, 50_000).is_none());
     }
 
     #[test]
@@ -129,7 +159,7 @@ mod tests {
         let path = dir.path().join("blob");
         std::fs::write(&path, vec![42u8; 100_000]).unwrap();
         let f = File::open(&path).unwrap();
-        let piece = map(&f, 0, 100_000).unwrap();
+        let piece = map(&f, 100_000, 0, 100_000).unwrap();
         // Removed (eviction) and replaced (a new publish renames over it) while a response holds
         // the piece: it keeps the bytes it had.
         drop(f);
