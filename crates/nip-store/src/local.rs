@@ -221,7 +221,7 @@ impl BlobStore for LocalBlobStore {
 
 /// Runs file system work on tokio's blocking pool, its I/O error mapped as [`StoreError::from_io`]
 /// does (a full disk told apart).
-async fn on_blocking_pool(
+pub(crate) async fn on_blocking_pool(
     work: impl FnOnce() -> std::io::Result<()> + Send + 'static,
 ) -> Result<(), StoreError> {
     tokio::task::spawn_blocking(work)

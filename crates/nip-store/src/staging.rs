@@ -6,6 +6,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::blob::StoreError;
+use crate::local::on_blocking_pool;
 
 /// Directory where incoming bytes are staged (`--cache-temp-path`).
 #[derive(Clone, Debug)]
@@ -75,22 +76,17 @@ impl StagedFile {
     /// Appends bytes at the end (the file is only ever appended to).
     pub async fn append(&self, data: bytes::Bytes) -> Result<(), StoreError> {
         let file = self.file.clone();
-        tokio::task::spawn_blocking(move || {
+        on_blocking_pool(move || {
             use std::io::Write;
             (&*file).write_all(&data)
         })
         .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
-        .map_err(StoreError::from_io)
     }
 
     /// Flushes the bytes to stable storage.
     pub async fn sync(&self) -> Result<(), StoreError> {
         let file = self.file.clone();
-        tokio::task::spawn_blocking(move || file.sync_all())
-            .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
-            .map_err(StoreError::from_io)
+        on_blocking_pool(move || file.sync_all()).await
     }
 }
 
@@ -246,14 +242,12 @@ impl<'a> BatchedWriter<'a> {
             }
         }
         let file = self.staged.file.clone();
-        tokio::task::spawn_blocking(move || {
+        on_blocking_pool(move || {
             use std::io::{Seek, SeekFrom};
             file.set_len(0)?;
             (&*file).seek(SeekFrom::Start(0)).map(|_| ())
         })
-        .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
-        .map_err(StoreError::from_io)?;
+        .await?;
         *self = BatchedWriter::new(self.staged);
         Ok(())
     }
