@@ -47,7 +47,7 @@ impl LocalBlobStore {
 /// The bytes `[start, start + len)` of `file` as a stream of `READ_CHUNK` pieces, the next piece
 /// read (on the blocking pool) while the current one is sent: reading and sending overlap, which
 /// a reader that only reads when polled does not do. At most two pieces per stream in memory.
-/// With `map`, a piece is a mapping of the page cache when its pages are in memory.
+/// With `map`, a piece is a mapping of the page cache when its pages can be read in.
 fn read_ahead(
     file: std::fs::File,
     size: u64,
