@@ -82,17 +82,15 @@ pub fn map(file: &File, file_len: u64, offset: u64, len: usize) -> Option<Bytes>
     if len == 0 || offset.checked_add(len as u64)? > file_len {
         return None;
     }
+    let page = page_size();
+    let start = offset - offset % page;
+    let skip = (offset - start) as usize;
+    let map_len = skip.checked_add(len)?;
+    let start = libc::off_t::try_from(start).ok()?;
     if IN_USE.fetch_add(1, Ordering::Relaxed) >= MAX_IN_USE {
         IN_USE.fetch_sub(1, Ordering::Relaxed);
         return None;
     }
-    let page = page_size();
-    let start = offset - offset % page;
-    let skip = (offset - start) as usize;
-    let (Some(map_len), Ok(start)) = (skip.checked_add(len), libc::off_t::try_from(start)) else {
-        IN_USE.fetch_sub(1, Ordering::Relaxed);
-        return None;
-    };
     // SAFETY: a fresh read-only shared mapping of an open file; the kernel picks the address.
     let ptr = unsafe {
         libc::mmap(
