@@ -291,17 +291,16 @@ enum Verified {
     JustDownloaded,
 }
 
-/// Returns the unpacked package, verifying the archive first when it has to be unpacked (unless
-/// it was verified while being downloaded).
+/// Returns the unpacked package, verifying the archive first when it has to be unpacked or the
+/// package compared with it after a reboot (unless it was verified while being downloaded).
 fn use_artifact(
     client: &Client,
     meta: &Metadata,
     pkgs: &Path,
     verified: Verified,
 ) -> Result<PathBuf> {
-    let done = pkgs.join(&meta.key);
-    if done.is_dir() {
-        return Ok(done);
+    if crate::pkgs::trusted(pkgs, &meta.key) {
+        return Ok(pkgs.join(&meta.key));
     }
     let archive = client.local.artifact_path(&meta.key);
     let limits = client.config.policies.unpack_limits();

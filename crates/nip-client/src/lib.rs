@@ -8,6 +8,7 @@ pub mod config;
 pub mod dirs;
 pub mod error;
 pub mod key;
+pub mod pkgs;
 pub mod local;
 pub mod ops;
 pub mod progress;

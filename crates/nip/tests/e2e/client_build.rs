@@ -200,13 +200,40 @@ fn corrupted_download_is_rejected_and_rebuilt() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     left.sort();
-    assert_eq!(left, [rb["key"].as_str().unwrap()]);
+    let key = rb["key"].as_str().unwrap();
+    // The package, and the marker saying it is complete in this boot.
+    assert_eq!(left, [format!(".{key}.boot"), key.to_string()]);
     let s = b.stats();
     assert_eq!(
         (s["downloads"].as_u64(), s["downloadsOk"].as_u64()),
         (Some(1), Some(0))
     );
     assert_eq!(s["downloadSuccessRate"], 0.0);
+}
+
+#[test]
+fn after_a_reboot_a_package_damaged_by_the_crash_is_unpacked_again() {
+    let (tmp, recipes) = with_recipes();
+    let m = Machine::new(tmp.path(), "m", &recipes);
+    let (r, _) = m.build(&["hello", "+python", "--no-remote-cache"]);
+    assert_eq!(r["source"], "built");
+    let path = std::path::Path::new(r["path"].as_str().unwrap());
+    let key = r["key"].as_str().unwrap();
+    let marker = path.with_file_name(format!(".{key}.boot"));
+    let this_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), this_boot.trim());
+
+    // What a power loss can leave: the unpack's writes lost, the package under its final name,
+    // and the machine booted again (another boot id).
+    let greeting = path.join("share/greeting.txt");
+    std::fs::write(&greeting, "").unwrap();
+    std::fs::write(&marker, "00000000-0000-0000-0000-000000000000").unwrap();
+    let (again, _) = m.build(&["hello", "+python", "--no-remote-cache"]);
+    assert_eq!(again["source"], "local");
+    assert_eq!(again["path"], r["path"]);
+    assert_eq!(m.builds_run(), 1, "the local archive is used, not a rebuild");
+    assert_eq!(read(&again["path"], "share/greeting.txt"), "hello, world\n");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), this_boot.trim());
 }
 
 #[test]
