@@ -970,7 +970,11 @@ mod tests {
         assert!(err.contains("more than 100 entries"), "{err}");
         let mut left = left_in(&pkgs);
         left.sort();
-        assert_eq!(left, [".k.boot", "k"], "only the first package and its marker");
+        assert_eq!(
+            left,
+            [".k.boot", "k"],
+            "only the first package and its marker"
+        );
         // Directories shared between entries, or given as entries, count once: eight entries (one
         // of them the directory `d`) and the directories `d/e` and `d/e/f` make ten.
         let file = |path: &str| (file_header(path, 0o644, 1), b"x".to_vec());

@@ -198,7 +198,10 @@ mod tests {
         let check = || matches_archive(&archive, &dest, &limits).unwrap();
         assert!(check());
         let readme = dest.join("README");
-        let f = std::fs::OpenOptions::new().write(true).open(&readme).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&readme)
+            .unwrap();
         f.set_len(4096).unwrap();
         assert!(!check(), "a truncated file");
         std::fs::write(&readme, vec![b'r'; 200_000]).unwrap();
@@ -242,7 +245,11 @@ mod tests {
         std::fs::write(&mark_file, "an-earlier-boot").unwrap();
         assert!(!trusted(&pkgs, "k"));
         assert_eq!(unpack(&archive, &pkgs, "k", &limits).unwrap(), dest);
-        assert_eq!(inode(&dest.join("README")), readme_inode, "not unpacked again");
+        assert_eq!(
+            inode(&dest.join("README")),
+            readme_inode,
+            "not unpacked again"
+        );
         assert!(trusted(&pkgs, "k"));
 
         // A crash that lost some of them: unpacked again, in place of the damaged tree.
@@ -289,7 +296,11 @@ mod tests {
         let inode = |p: &Path| std::fs::metadata(p).unwrap().ino();
         let theirs = inode(&dest.join("README"));
         assert_eq!(stream().publish().unwrap(), dest);
-        assert_eq!(inode(&dest.join("README")), theirs, "trusted: theirs is kept");
+        assert_eq!(
+            inode(&dest.join("README")),
+            theirs,
+            "trusted: theirs is kept"
+        );
         std::fs::write(marker(&pkgs, "k"), "an-earlier-boot").unwrap();
         std::fs::write(dest.join("README"), "").unwrap();
         assert_eq!(stream().publish().unwrap(), dest);

@@ -231,7 +231,11 @@ fn after_a_reboot_a_package_damaged_by_the_crash_is_unpacked_again() {
     let (again, _) = m.build(&["hello", "+python", "--no-remote-cache"]);
     assert_eq!(again["source"], "local");
     assert_eq!(again["path"], r["path"]);
-    assert_eq!(m.builds_run(), 1, "the local archive is used, not a rebuild");
+    assert_eq!(
+        m.builds_run(),
+        1,
+        "the local archive is used, not a rebuild"
+    );
     assert_eq!(read(&again["path"], "share/greeting.txt"), "hello, world\n");
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), this_boot.trim());
 }
