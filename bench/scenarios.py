@@ -322,7 +322,8 @@ def p7_client(ctx):
                        f"The least a client that checks what it keeps does (one thread: receive, SHA-256 with "
                        f"OpenSSL, write, fsync; no unpacking): {statistics.median(floor):.2f} s, "
                        f"{statistics.median(f / c for f, c in zip(floor, plain)):.2f}× curl; `nip build`, which also "
-                       f"unpacks but does not fsync what it downloads, takes "
+                       f"unpacks but does not fsync what it downloads (after a reboot it checks a package against "
+                       f"its archive before using it again; docs/binary-cache.md), takes "
                        f"{statistics.median(r / f for r, f in zip(remote, floor)):.2f}× of that.")
     return [absolute("P7", f"`nip build`, local hit, {ctx.p7_mib} MiB artifact", "ms", summary(local), 50),
             versus("P7", f"`nip build`, remote hit, {ctx.p7_mib} MiB artifact", "s", summary(remote), "curl",
