@@ -249,6 +249,7 @@ pub fn unpack_stream(
     limits: &UnpackLimits,
 ) -> Result<Unpacked> {
     std::fs::create_dir_all(pkgs).map_err(io_ctx(format!("create {}", pkgs.display())))?;
+    crate::pkgs::sweep(pkgs);
     let tmp = tempfile::Builder::new()
         .prefix(".unpack-")
         .tempdir_in(pkgs)

@@ -67,6 +67,36 @@ pub fn replace(fresh: &Path, dest: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Temp and moved-aside trees older than this are leftovers of a crashed unpack, not one under way.
+const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Removes what crashed unpacks left in `pkgs`: temp trees (`.unpack-*`) and moved-aside ones
+/// (`.stale-*`) a day old, and markers whose package is gone. Errors are ignored: only disk
+/// space is at stake.
+pub fn sweep(pkgs: &Path) {
+    let Ok(rd) = std::fs::read_dir(pkgs) else {
+        return;
+    };
+    let now = std::time::SystemTime::now();
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with(".unpack-") || name.starts_with(".stale-") {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age > LEFTOVER_AGE));
+            if old {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        } else if let Some(key) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".boot")) {
+            if !pkgs.join(key).exists() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
 /// Whether the tree at `dest` holds exactly what `archive` unpacks to: the same entries, files
 /// with the same bytes and executable bit, symlinks with the same targets. `false` as soon as
 /// anything differs or the archive goes past `limits` (it then cannot be unpacked either).
@@ -168,6 +198,7 @@ mod tests {
     use super::*;
     use crate::artifact::{pack, unpack};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::time::Duration;
 
     /// A package (a file, an executable, a symlink, a nested directory) packed, and unpacked
     /// into `<tmp>/pkgs/k`: (pkgs, the archive's path).
@@ -307,5 +338,35 @@ mod tests {
         assert_ne!(inode(&dest.join("README")), theirs, "untrusted: replaced");
         assert_eq!(std::fs::read(dest.join("README")).unwrap().len(), 200_000);
         assert!(trusted(&pkgs, "k"));
+    }
+
+    #[test]
+    fn sweep_removes_a_crash_s_leftovers_and_nothing_under_way() {
+        let t = tempfile::tempdir().unwrap();
+        let (pkgs, _) = unpacked(t.path());
+        let day_old = std::time::SystemTime::now() - LEFTOVER_AGE - Duration::from_secs(60);
+        for name in [
+            ".unpack-old",
+            ".stale-old/old/bin",
+            ".unpack-new",
+            ".stale-new/old",
+        ] {
+            std::fs::create_dir_all(pkgs.join(name)).unwrap();
+        }
+        std::fs::write(pkgs.join(".stale-old/old/bin/tool"), "x").unwrap();
+        for name in [".unpack-old", ".stale-old"] {
+            std::fs::File::open(pkgs.join(name))
+                .unwrap()
+                .set_modified(day_old)
+                .unwrap();
+        }
+        std::fs::write(pkgs.join(".gone.boot"), boot()).unwrap();
+        sweep(&pkgs);
+        let mut left: Vec<String> = std::fs::read_dir(&pkgs)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".k.boot", ".stale-new", ".unpack-new", "k"]);
     }
 }
