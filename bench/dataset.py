@@ -2,7 +2,7 @@
 """Benchmark data: a signed binary cache made of fake NARs (`make`), random files
 (`write_random`) and a large narinfo index written straight into nip's SQLite database
 (`fill_narinfos`)."""
-import base64, hashlib, json, os, random, sqlite3, time
+import base64, hashlib, json, os, random, sqlite3, subprocess, time
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -73,12 +73,47 @@ def make(out, count, big_mib):
         "small": small,
         "medium": add_entry(cache, key, "medium", MEDIUM_MIB << 20),
         "big": add_entry(cache, key, "big", big_mib << 20),
+        # A throwaway key of this run's fake upstream: scenarios sign entries of their own with it.
+        "signing_key": base64.b64encode(key.private_bytes_raw()).decode(),
     }
     with open(manifest["narinfos"], "w") as f:
         f.writelines(f"/{e['hash']}.narinfo\n" for e in small)
     with open(f"{out}/manifest.json", "w") as f:
         json.dump(manifest, f)
     return manifest
+
+
+def add_compressed(cache, signing_key, label, nar, compression):
+    """The NAR file `nar` compressed with the `zstd` or `xz` command (multithreaded, fast levels)
+    into the cache, with its signed narinfo (FileHash of the compressed bytes, NarHash of the
+    NAR); returns (store hash, NAR file name, compressed size)."""
+    nar_digest = hashlib.sha256()
+    with open(nar, "rb") as f:
+        while piece := f.read(1 << 20):
+            nar_digest.update(piece)
+    nar_size = os.path.getsize(nar)
+    ext, cmd = {"zstd": (".zst", ["zstd", "-q", "-3", "-T2", "-c", nar]),
+                "xz": (".xz", ["xz", "-0", "-T2", "-c", nar])}[compression]
+    tmp = f"{cache}/nar/tmp{ext}"
+    with open(tmp, "wb") as out:
+        subprocess.run(cmd, stdout=out, check=True)
+    file_digest = hashlib.sha256()
+    with open(tmp, "rb") as f:
+        while piece := f.read(1 << 20):
+            file_digest.update(piece)
+    file_hash, file_size = nix32(file_digest.digest()), os.path.getsize(tmp)
+    name = f"{file_hash}.nar{ext}"
+    os.replace(tmp, f"{cache}/nar/{name}")
+    key = Ed25519PrivateKey.from_private_bytes(base64.b64decode(signing_key))
+    h = nix32(os.urandom(20))
+    path = f"/nix/store/{h}-bench-{label}"
+    nar_hash = nix32(nar_digest.digest())
+    sig = base64.b64encode(key.sign(f"1;{path};sha256:{nar_hash};{nar_size};".encode())).decode()
+    with open(f"{cache}/{h}.narinfo", "w") as f:
+        f.write(f"StorePath: {path}\nURL: nar/{name}\nCompression: {compression}\n"
+                f"FileHash: sha256:{file_hash}\nFileSize: {file_size}\nNarHash: sha256:{nar_hash}\n"
+                f"NarSize: {nar_size}\nReferences: \nSig: {KEY_NAME}:{sig}\n")
+    return {"hash": h, "nar": name, "size": file_size, "nar_size": nar_size}
 
 
 def fake_nix32(n):

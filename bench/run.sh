@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for the benchmarks of issue 8: installs what is missing (apt: wrk, nginx, curl,
-# python3-venv, nodejs/npm; a venv with flask, gunicorn and cryptography in /tmp/nip-bench-venv;
+# python3-venv, nodejs/npm, zstd, xz-utils; a venv with flask, gunicorn and cryptography in /tmp/nip-bench-venv;
 # turborepo-remote-cache from npm in /tmp/nip-bench-turbo), builds nip and the criterion benches
 # (release), runs bench/run.py and writes BENCHMARKS.md + bench/results.json.
 # Usage: bench/run.sh [--quick] [--only p1p2,p2b,p3,p4,p5,p6,p7,p9,criterion] (p9 needs Nix: scripts/nix-fixture/install-nix.sh)
@@ -14,6 +14,8 @@ need=()
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v zstd >/dev/null 2>&1 || need+=(zstd)
+command -v xz >/dev/null 2>&1 || need+=(xz-utils)
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
