@@ -157,14 +157,16 @@ impl Default for UnpackLimits {
 /// `<pkgs>/<key>` from `archive` (checked against its digest by the caller): the package already
 /// there when it can be trusted (see [`crate::pkgs`]) or still matches the archive, else unpacked
 /// into a temp directory renamed into place, so a crash never leaves a half-unpacked package
-/// that looks complete.
+/// that looks complete. Holds the package's lock throughout, so a concurrent build of the same
+/// package waits and then finds it done.
 pub fn unpack(archive: &Path, pkgs: &Path, key: &str, limits: &UnpackLimits) -> Result<PathBuf> {
+    let mut locked = crate::pkgs::lock(pkgs, key)?;
     let dest = pkgs.join(key);
-    if crate::pkgs::trusted(pkgs, key) {
+    if locked.trusted() {
         return Ok(dest);
     }
-    if dest.is_dir() && crate::pkgs::matches_archive(archive, &dest, limits)? {
-        crate::pkgs::mark(pkgs, key);
+    if dest.is_dir() && crate::pkgs::matches_archive(archive, &dest)? {
+        locked.mark();
         return Ok(dest);
     }
     let f = std::fs::File::open(archive).map_err(io_ctx(format!("open {}", archive.display())))?;
@@ -174,7 +176,7 @@ pub fn unpack(archive: &Path, pkgs: &Path, key: &str, limits: &UnpackLimits) -> 
         .len();
     // Large reads: the archive can be hundreds of MiB.
     let r = std::io::BufReader::with_capacity(1 << 20, f);
-    unpack_stream(r, size, pkgs, key, limits)?.publish()
+    unpack_stream(r, size, pkgs, key, limits)?.publish_locked(locked)
 }
 
 /// A package unpacked into a temp directory beside its final place, not yet visible there.
@@ -190,20 +192,27 @@ impl Unpacked {
     /// is kept when it can be trusted (someone else unpacked it concurrently: theirs is as good
     /// as ours), else replaced.
     pub fn publish(self) -> Result<PathBuf> {
+        let locked = crate::pkgs::lock(&self.pkgs, &self.key)?;
+        self.publish_locked(locked)
+    }
+
+    fn publish_locked(self, mut locked: crate::pkgs::Locked) -> Result<PathBuf> {
         let dest = self.pkgs.join(&self.key);
-        let kept = self.tmp.keep();
-        if let Err(e) = std::fs::rename(&kept, &dest) {
-            let replaced = if !dest.is_dir() {
-                Err(io_ctx(format!("rename into {}", dest.display()))(e))
-            } else if crate::pkgs::trusted(&self.pkgs, &self.key) {
-                Ok(())
-            } else {
-                crate::pkgs::replace(&kept, &dest)
-            };
-            let _ = std::fs::remove_dir_all(&kept);
-            replaced?;
+        if locked.trusted() {
+            // `self.tmp` is removed when dropped.
+            return Ok(dest);
         }
-        crate::pkgs::mark(&self.pkgs, &self.key);
+        let kept = self.tmp.keep();
+        let placed = if std::fs::symlink_metadata(&dest).is_ok() {
+            crate::pkgs::replace(&kept, &dest)
+        } else {
+            std::fs::rename(&kept, &dest).map_err(io_ctx(format!("rename into {}", dest.display())))
+        };
+        if let Err(e) = placed {
+            let _ = std::fs::remove_dir_all(&kept);
+            return Err(e);
+        }
+        locked.mark();
         Ok(dest)
     }
 }

@@ -178,11 +178,16 @@ fn from_local(client: &Client, key: &str, pkgs: &Path) -> Option<(Metadata, Path
             client.log(hit_op(key, "local", &meta));
             Some((meta, path))
         }
-        Err(e) => {
+        // Only a bad archive is discarded: a failure to read or write the package is not its fault.
+        Err(e @ (ClientError::Corrupt(..) | ClientError::Refused(..))) => {
             warn(&format!(
                 "Local cache entry {key} is unusable, discarded: {e}"
             ));
             client.local.remove(key);
+            None
+        }
+        Err(e) => {
+            warn(&format!("Local cache entry {key} cannot be used: {e}"));
             None
         }
     }
@@ -299,7 +304,7 @@ fn use_artifact(
     pkgs: &Path,
     verified: Verified,
 ) -> Result<PathBuf> {
-    if crate::pkgs::trusted(pkgs, &meta.key) {
+    if crate::pkgs::trusted(pkgs, &meta.key)? {
         return Ok(pkgs.join(&meta.key));
     }
     let archive = client.local.artifact_path(&meta.key);

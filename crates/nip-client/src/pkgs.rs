@@ -5,13 +5,16 @@
 //! truncated under its final name. A package is therefore trusted as it is only during the boot
 //! that unpacked or checked it, which a marker `.<key>.boot` beside it records (the kernel's boot
 //! id). After a reboot its first use compares it with its archive, already checked against its
-//! digest; one that differs is unpacked again. Without a boot id (not Linux), packages are trusted.
-use std::collections::HashSet;
-use std::io::Read;
+//! digest; one that differs is unpacked again. Without a boot id (not Linux, or no `/proc`),
+//! packages are trusted. The marker is also the package's lock: every check, publish and mark
+//! holds it, so concurrent `nip build`s never replace a package another one just published.
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use crate::artifact::{relative_path, UnpackLimits};
+use crate::artifact::relative_path;
 use crate::error::{io_ctx, Result};
 
 /// This boot's id, read once.
@@ -30,27 +33,88 @@ fn marker(pkgs: &Path, key: &str) -> PathBuf {
     pkgs.join(format!(".{key}.boot"))
 }
 
-/// Whether `<pkgs>/<key>` exists and was unpacked or checked during this boot.
-pub fn trusted(pkgs: &Path, key: &str) -> bool {
+/// The exclusive lock on one package, held through its marker file.
+pub struct Locked {
+    file: File,
+    dest: PathBuf,
+    marker: PathBuf,
+}
+
+/// Waits for the lock on `<pkgs>/<key>`.
+pub fn lock(pkgs: &Path, key: &str) -> Result<Locked> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::create_dir_all(pkgs).map_err(io_ctx(format!("create {}", pkgs.display())))?;
+    let path = marker(pkgs, key);
+    let ctx = || format!("lock {}", path.display());
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_ctx(ctx()))?;
+        file.lock().map_err(io_ctx(ctx()))?;
+        // `sweep` may have removed the file while we waited: then lock the one now there.
+        let held = file.metadata().map_err(io_ctx(ctx()))?;
+        if std::fs::metadata(&path).is_ok_and(|m| m.ino() == held.ino() && m.dev() == held.dev()) {
+            return Ok(Locked {
+                file,
+                dest: pkgs.join(key),
+                marker: path,
+            });
+        }
+    }
+}
+
+impl Locked {
+    /// Whether the package exists and was unpacked or checked during this boot.
+    pub fn trusted(&mut self) -> bool {
+        if !self.dest.is_dir() {
+            return false;
+        }
+        let Some(id) = this_boot() else {
+            return true;
+        };
+        let mut text = String::new();
+        std::io::Seek::rewind(&mut self.file).is_ok()
+            && self.file.read_to_string(&mut text).is_ok()
+            && text.trim() == id
+    }
+
+    /// Records that the package is complete in this boot. Not fsynced: a crash changes the boot
+    /// id anyway. A failed write only costs a check on the next use.
+    pub fn mark(&mut self) {
+        if let Some(id) = this_boot() {
+            let _ = self.file.set_len(0);
+            let _ = std::io::Seek::rewind(&mut self.file);
+            let _ = self.file.write_all(id.as_bytes());
+        }
+    }
+}
+
+impl Drop for Locked {
+    /// A marker without its package (an unpack that failed) goes, while the lock is still held:
+    /// waiters that opened it see it gone and open a new one.
+    fn drop(&mut self) {
+        if std::fs::symlink_metadata(&self.dest).is_err() {
+            let _ = std::fs::remove_file(&self.marker);
+        }
+    }
+}
+
+/// Whether `<pkgs>/<key>` exists and can be used without reading it. A package that does not
+/// exist is answered without taking its lock.
+pub fn trusted(pkgs: &Path, key: &str) -> Result<bool> {
     if !pkgs.join(key).is_dir() {
-        return false;
+        return Ok(false);
     }
-    match this_boot() {
-        None => true,
-        Some(id) => std::fs::read_to_string(marker(pkgs, key)).is_ok_and(|s| s.trim() == id),
-    }
+    Ok(lock(pkgs, key)?.trusted())
 }
 
-/// Records that `<pkgs>/<key>` is complete in this boot. Not fsynced: a crash changes the boot id
-/// anyway. A failed write only costs a check on the next use.
-pub fn mark(pkgs: &Path, key: &str) {
-    if let Some(id) = this_boot() {
-        let _ = std::fs::write(marker(pkgs, key), id);
-    }
-}
-
-/// Puts the complete package `fresh` in the place of `dest`, which exists but cannot be trusted.
-/// The old tree is moved aside first, so `dest` is never missing or mixed for long.
+/// Puts the complete package `fresh` in the place of `dest`, which exists but cannot be trusted,
+/// under its lock. The old tree is moved aside first and put back if `fresh` cannot take its
+/// place, so `dest` is missing only between two renames.
 pub fn replace(fresh: &Path, dest: &Path) -> Result<()> {
     let pkgs = dest.parent().unwrap_or(Path::new("."));
     let aside = tempfile::Builder::new()
@@ -60,14 +124,18 @@ pub fn replace(fresh: &Path, dest: &Path) -> Result<()> {
     let old = aside.path().join("old");
     std::fs::rename(dest, &old).map_err(io_ctx(format!("move {} aside", dest.display())))?;
     if let Err(e) = std::fs::rename(fresh, dest) {
-        let _ = std::fs::rename(&old, dest);
+        if std::fs::rename(&old, dest).is_err() {
+            // Keep the old tree rather than delete it with `aside`.
+            let _ = aside.keep();
+        }
         return Err(io_ctx(format!("rename into {}", dest.display()))(e));
     }
     // `aside` is removed with the old tree in it when dropped here.
     Ok(())
 }
 
-/// Temp and moved-aside trees older than this are leftovers of a crashed unpack, not one under way.
+/// Temp and moved-aside trees older than this (by their modification time) are leftovers of a
+/// crashed unpack, not one under way.
 const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Removes what crashed unpacks left in `pkgs`: temp trees (`.unpack-*`) and moved-aside ones
@@ -81,7 +149,8 @@ pub fn sweep(pkgs: &Path) {
     for e in rd.flatten() {
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
-        if name.starts_with(".unpack-") || name.starts_with(".stale-") {
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && (name.starts_with(".unpack-") || name.starts_with(".stale-")) {
             let old = e
                 .metadata()
                 .and_then(|m| m.modified())
@@ -90,113 +159,169 @@ pub fn sweep(pkgs: &Path) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         } else if let Some(key) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".boot")) {
-            if !pkgs.join(key).exists() {
-                let _ = std::fs::remove_file(e.path());
-            }
+            remove_orphan_marker(pkgs, key);
         }
     }
 }
 
-/// Whether the tree at `dest` holds exactly what `archive` unpacks to: the same entries, files
-/// with the same bytes and executable bit, symlinks with the same targets. `false` as soon as
-/// anything differs or the archive goes past `limits` (it then cannot be unpacked either).
-pub fn matches_archive(archive: &Path, dest: &Path, limits: &UnpackLimits) -> Result<bool> {
-    let ctx = || format!("compare {} with {}", dest.display(), archive.display());
-    let f = std::fs::File::open(archive).map_err(io_ctx(ctx()))?;
-    let size = f.metadata().map_err(io_ctx(ctx()))?.len();
-    let dec = zstd::Decoder::new(f).map_err(io_ctx(ctx()))?;
-    let mut ar = tar::Archive::new(dec.take(limits.max_bytes(size)));
-    let mut seen: HashSet<PathBuf> = HashSet::new();
-    let Ok(entries) = ar.entries() else {
-        return Ok(false);
+/// Removes the marker of a package that is gone, unless someone holds its lock.
+fn remove_orphan_marker(pkgs: &Path, key: &str) {
+    if pkgs.join(key).exists() {
+        return;
+    }
+    let path = marker(pkgs, key);
+    let Ok(file) = std::fs::OpenOptions::new().read(true).open(&path) else {
+        return;
     };
-    for entry in entries {
-        let Ok(mut entry) = entry else {
-            return Ok(false);
-        };
-        let Some(rel) = entry.path().ok().and_then(|p| relative_path(&p)) else {
-            return Ok(false);
-        };
-        for p in rel.ancestors().filter(|p| !p.as_os_str().is_empty()) {
-            if !seen.insert(p.to_path_buf()) {
-                break;
-            }
-        }
-        if seen.len() as u64 > limits.max_entries {
-            return Ok(false);
-        }
-        if !entry_matches(&mut entry, &dest.join(&rel))? {
-            return Ok(false);
-        }
+    if file.try_lock().is_ok() && !pkgs.join(key).exists() {
+        // Waiters that opened it before see it gone once they hold it, and open a new one.
+        let _ = std::fs::remove_file(&path);
     }
-    Ok(count_entries(dest)? == seen.len() as u64)
 }
 
-fn entry_matches<R: Read>(entry: &mut tar::Entry<'_, R>, path: &Path) -> Result<bool> {
+/// One entry of an unpacked tree, as the archive must describe it.
+struct Node {
+    kind: Kind,
+    /// Given by the archive, or implied by an entry below it.
+    seen: bool,
+}
+
+#[derive(PartialEq)]
+enum Kind {
+    Dir,
+    File { size: u64, exec: bool },
+    Symlink(PathBuf),
+}
+
+/// The tree under `dest`, walked without following symlinks, and the bytes of its files; `None`
+/// when it cannot be read (it then does not match anything).
+fn walk(dest: &Path) -> Option<(HashMap<PathBuf, Node>, u64)> {
     use std::os::unix::fs::PermissionsExt;
-    use tar::EntryType as T;
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
+    let (mut nodes, mut bytes) = (HashMap::new(), 0u64);
+    let mut dirs = vec![PathBuf::new()];
+    while let Some(rel) = dirs.pop() {
+        for e in std::fs::read_dir(dest.join(&rel)).ok()? {
+            let e = e.ok()?;
+            let rel = rel.join(e.file_name());
+            let meta = std::fs::symlink_metadata(e.path()).ok()?;
+            let kind = if meta.is_dir() {
+                dirs.push(rel.clone());
+                Kind::Dir
+            } else if meta.is_symlink() {
+                Kind::Symlink(std::fs::read_link(e.path()).ok()?)
+            } else if meta.is_file() {
+                bytes += meta.len();
+                Kind::File {
+                    size: meta.len(),
+                    exec: meta.permissions().mode() & 0o111 != 0,
+                }
+            } else {
+                return None;
+            };
+            nodes.insert(rel, Node { kind, seen: false });
+        }
+    }
+    Some((nodes, bytes))
+}
+
+/// Whether the tree at `dest` holds exactly what `archive` unpacks to: the same paths (walked
+/// without following symlinks), files with the same bytes and executable bit, symlinks with the
+/// same targets, directories, and nothing else. The archive is read at most about as far as the
+/// tree's own size allows, so a hostile archive costs no more than the tree it is compared with.
+pub fn matches_archive(archive: &Path, dest: &Path) -> Result<bool> {
+    let ctx = || format!("compare {} with {}", dest.display(), archive.display());
+    let Some((mut nodes, bytes)) = walk(dest) else {
         return Ok(false);
     };
-    Ok(match entry.header().entry_type() {
-        T::Directory => meta.is_dir(),
-        T::Symlink => {
-            meta.is_symlink()
-                && matches!(
-                    (entry.link_name(), std::fs::read_link(path)),
-                    (Ok(Some(want)), Ok(have)) if *want == *have
-                )
+    let f = std::fs::File::open(archive).map_err(io_ctx(ctx()))?;
+    let Ok(dec) = zstd::Decoder::new(f) else {
+        return Ok(false);
+    };
+    // Room for every file's data and padding, and generous headers (long names included) for
+    // every entry: an archive that needs more has something the tree does not.
+    let room = bytes + (nodes.len() as u64 + 2) * (16 << 10) + (1 << 20);
+    let mut ar = tar::Archive::new(dec.take(room));
+    let matched = (|| -> Result<bool> {
+        let Ok(entries) = ar.entries() else {
+            return Ok(false);
+        };
+        for entry in entries {
+            let Ok(mut entry) = entry else {
+                return Ok(false);
+            };
+            let Some(rel) = entry.path().ok().and_then(|p| relative_path(&p)) else {
+                return Ok(false);
+            };
+            if rel.as_os_str().is_empty() {
+                // The package directory itself.
+                if entry.header().entry_type() != tar::EntryType::Directory {
+                    return Ok(false);
+                }
+                continue;
+            }
+            let Some(node) = nodes.get(&rel) else {
+                return Ok(false);
+            };
+            if !entry_matches(&mut entry, &node.kind, &dest.join(&rel)) {
+                return Ok(false);
+            }
+            for p in rel.ancestors().filter(|p| !p.as_os_str().is_empty()) {
+                match nodes.get_mut(p) {
+                    Some(n) if n.seen => break,
+                    Some(n) => n.seen = true,
+                    None => return Ok(false),
+                }
+            }
         }
-        T::Regular | T::Continuous => {
-            let exec = |mode: u32| mode & 0o111 != 0;
-            meta.is_file()
-                && meta.len() == entry.size()
-                && exec(meta.permissions().mode()) == exec(entry.header().mode().unwrap_or(0))
-                && same_bytes(entry, path)?
+        Ok(true)
+    })()?;
+    // Stopped at `room`: the rest was never compared.
+    let cut = ar.into_inner().limit() == 0;
+    Ok(matched && !cut && nodes.values().all(|n| n.seen))
+}
+
+fn entry_matches<R: Read>(entry: &mut tar::Entry<'_, R>, kind: &Kind, path: &Path) -> bool {
+    use tar::EntryType as T;
+    match (entry.header().entry_type(), kind) {
+        (T::Directory, Kind::Dir) => true,
+        (T::Symlink, Kind::Symlink(have)) => {
+            matches!(entry.link_name(), Ok(Some(want)) if *want == **have)
+        }
+        (T::Regular | T::Continuous, Kind::File { size, exec }) => {
+            let want_exec = entry.header().mode().unwrap_or(0) & 0o111 != 0;
+            entry.size() == *size && want_exec == *exec && same_bytes(entry, path, *size)
         }
         _ => false,
-    })
+    }
 }
 
-fn same_bytes(a: &mut impl Read, path: &Path) -> Result<bool> {
-    let ctx = || format!("read {}", path.display());
-    let mut b = std::fs::File::open(path).map_err(io_ctx(ctx()))?;
+/// Whether `a` yields exactly `size` bytes, the same as the file at `path`.
+fn same_bytes(a: &mut impl Read, path: &Path, size: u64) -> bool {
+    let Ok(mut b) = std::fs::File::open(path) else {
+        return false;
+    };
     let (mut x, mut y) = (vec![0u8; 64 << 10], vec![0u8; 64 << 10]);
+    let mut read = 0u64;
     loop {
         let n = match a.read(&mut x) {
             Ok(n) => n,
-            Err(_) => return Ok(false),
+            Err(_) => return false,
         };
         if n == 0 {
-            // The sizes were compared: the file has nothing more.
-            return Ok(true);
+            // The file must end here too.
+            return read == size && matches!(b.read(&mut y[..1]), Ok(0));
         }
+        read += n as u64;
         if b.read_exact(&mut y[..n]).is_err() || x[..n] != y[..n] {
-            return Ok(false);
+            return false;
         }
     }
-}
-
-/// Files, directories and symlinks under `dir`, not following symlinks.
-fn count_entries(dir: &Path) -> Result<u64> {
-    let mut n = 0;
-    let mut dirs = vec![dir.to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).map_err(io_ctx(format!("read {}", d.display())))? {
-            let e = e.map_err(io_ctx(format!("read {}", d.display())))?;
-            n += 1;
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                dirs.push(e.path());
-            }
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::artifact::{pack, unpack};
+    use crate::artifact::{pack, unpack, UnpackLimits};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use std::time::Duration;
 
@@ -225,8 +350,8 @@ mod tests {
     fn a_package_matches_its_archive_until_anything_in_it_changes() {
         let t = tempfile::tempdir().unwrap();
         let (pkgs, archive) = unpacked(t.path());
-        let (dest, limits) = (pkgs.join("k"), UnpackLimits::default());
-        let check = || matches_archive(&archive, &dest, &limits).unwrap();
+        let dest = pkgs.join("k");
+        let check = || matches_archive(&archive, &dest).unwrap();
         assert!(check());
         let readme = dest.join("README");
         let f = std::fs::OpenOptions::new()
@@ -268,20 +393,20 @@ mod tests {
         let limits = UnpackLimits::default();
         let (dest, mark_file) = (pkgs.join("k"), marker(&pkgs, "k"));
         assert_eq!(std::fs::read_to_string(&mark_file).unwrap(), boot());
-        assert!(trusted(&pkgs, "k"));
+        assert!(trusted(&pkgs, "k").unwrap());
         let inode = |p: &Path| std::fs::metadata(p).unwrap().ino();
         let readme_inode = inode(&dest.join("README"));
 
         // A reboot after the unpack's writes reached the disk: compared, kept as it is.
         std::fs::write(&mark_file, "an-earlier-boot").unwrap();
-        assert!(!trusted(&pkgs, "k"));
+        assert!(!trusted(&pkgs, "k").unwrap());
         assert_eq!(unpack(&archive, &pkgs, "k", &limits).unwrap(), dest);
         assert_eq!(
             inode(&dest.join("README")),
             readme_inode,
             "not unpacked again"
         );
-        assert!(trusted(&pkgs, "k"));
+        assert!(trusted(&pkgs, "k").unwrap());
 
         // A crash that lost some of them: unpacked again, in place of the damaged tree.
         std::fs::write(&mark_file, "an-earlier-boot").unwrap();
@@ -292,7 +417,7 @@ mod tests {
             vec![b'r'; 200_000]
         );
         assert_ne!(inode(&dest.join("README")), readme_inode);
-        assert!(trusted(&pkgs, "k"));
+        assert!(trusted(&pkgs, "k").unwrap());
         // Nothing left beside it but its marker (no temp or moved-aside trees).
         let mut left: Vec<String> = std::fs::read_dir(&pkgs)
             .unwrap()
@@ -337,7 +462,7 @@ mod tests {
         assert_eq!(stream().publish().unwrap(), dest);
         assert_ne!(inode(&dest.join("README")), theirs, "untrusted: replaced");
         assert_eq!(std::fs::read(dest.join("README")).unwrap().len(), 200_000);
-        assert!(trusted(&pkgs, "k"));
+        assert!(trusted(&pkgs, "k").unwrap());
     }
 
     #[test]
@@ -368,5 +493,102 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, [".k.boot", ".stale-new", ".unpack-new", "k"]);
+    }
+    #[test]
+    fn a_tree_reached_through_symlinks_or_with_the_wrong_kinds_does_not_match() {
+        let t = tempfile::tempdir().unwrap();
+        // The archive: e/, e/f, d/f (plain directories).
+        let out = t.path().join("out");
+        std::fs::create_dir_all(out.join("e")).unwrap();
+        std::fs::create_dir_all(out.join("d")).unwrap();
+        std::fs::write(out.join("e/f"), "x").unwrap();
+        std::fs::write(out.join("d/f"), "x").unwrap();
+        let (_, archive) = pack(&out, &t.path().join("tmp"))
+            .unwrap()
+            .file
+            .keep()
+            .unwrap();
+        let tree = |name: &str| {
+            let d = t.path().join(name);
+            std::fs::create_dir_all(d.join("e")).unwrap();
+            std::fs::write(d.join("e/f"), "x").unwrap();
+            d
+        };
+        // `d` a symlink to `e`: `d/f` reads the same bytes, but it is not the tree the archive makes.
+        let linked = tree("linked");
+        std::os::unix::fs::symlink("e", linked.join("d")).unwrap();
+        assert!(!matches_archive(&archive, &linked).unwrap());
+        // `d` a file where a directory should be.
+        let file = tree("file");
+        std::fs::write(file.join("d"), "x").unwrap();
+        assert!(!matches_archive(&archive, &file).unwrap());
+        // `d/f` a directory where a file should be.
+        let dir = tree("dir");
+        std::fs::create_dir_all(dir.join("d/f")).unwrap();
+        assert!(!matches_archive(&archive, &dir).unwrap());
+        let whole = tree("whole");
+        std::fs::create_dir_all(whole.join("d")).unwrap();
+        std::fs::write(whole.join("d/f"), "x").unwrap();
+        assert!(matches_archive(&archive, &whole).unwrap());
+    }
+
+    #[test]
+    fn a_hostile_archive_costs_no_more_than_the_tree_it_is_compared_with() {
+        let t = tempfile::tempdir().unwrap();
+        let (pkgs, _) = unpacked(t.path());
+        // One entry with a 64 MiB GNU long name, a few KiB once compressed.
+        let mut b = tar::Builder::new(zstd::Encoder::new(Vec::new(), 3).unwrap());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(1);
+        h.set_mode(0o644);
+        let name = "a/".repeat(32 << 20);
+        b.append_data(&mut h, &name, &b"x"[..]).unwrap();
+        let bomb = t.path().join("bomb.tar.zst");
+        std::fs::write(&bomb, b.into_inner().unwrap().finish().unwrap()).unwrap();
+        assert!(std::fs::metadata(&bomb).unwrap().len() < 1 << 20);
+        let start = std::time::Instant::now();
+        assert!(!matches_archive(&bomb, &pkgs.join("k")).unwrap());
+        // Generous: the tree is 200 KB, so the archive is read for about 1.3 MB at most.
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn concurrent_publishes_of_an_untrusted_package_leave_one_whole_package() {
+        let t = tempfile::tempdir().unwrap();
+        let (pkgs, archive) = unpacked(t.path());
+        std::fs::write(marker(&pkgs, "k"), "an-earlier-boot").unwrap();
+        std::fs::write(pkgs.join("k/README"), "").unwrap();
+        let size = std::fs::metadata(&archive).unwrap().len();
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..5 {
+                        let u = crate::artifact::unpack_stream(
+                            std::io::BufReader::new(std::fs::File::open(&archive).unwrap()),
+                            size,
+                            &pkgs,
+                            "k",
+                            &UnpackLimits::default(),
+                        )
+                        .unwrap();
+                        let dest = u.publish().unwrap();
+                        // Whoever published, the package is whole whenever a publish returns.
+                        assert_eq!(std::fs::read(dest.join("README")).unwrap().len(), 200_000);
+                    }
+                });
+            }
+        });
+        assert!(trusted(&pkgs, "k").unwrap());
+        let mut left: Vec<String> = std::fs::read_dir(&pkgs)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".k.boot", "k"]);
     }
 }

@@ -238,6 +238,28 @@ fn after_a_reboot_a_package_damaged_by_the_crash_is_unpacked_again() {
     );
     assert_eq!(read(&again["path"], "share/greeting.txt"), "hello, world\n");
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), this_boot.trim());
+
+    // The same crash truncated the local archive too: it fails its SHA-256, is discarded, and
+    // the package is built again.
+    let archive = m.root.join(format!("cache/nip/binary-cache/{key}.tar.zst"));
+    let bytes = std::fs::read(&archive).unwrap();
+    std::fs::write(&archive, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(&greeting, "").unwrap();
+    std::fs::write(&marker, "00000000-0000-0000-0000-000000000000").unwrap();
+    let (rebuilt, stderr) = m.build(&["hello", "+python", "--no-remote-cache"]);
+    assert!(stderr.contains("is unusable, discarded"), "{stderr}");
+    assert!(stderr.contains("sha256"), "{stderr}");
+    assert_eq!(rebuilt["source"], "built");
+    assert_eq!(m.builds_run(), 2);
+    assert_eq!(
+        read(&rebuilt["path"], "share/greeting.txt"),
+        "hello, world\n"
+    );
+    assert_eq!(
+        std::fs::read(&archive).unwrap(),
+        bytes,
+        "the archive is whole again"
+    );
 }
 
 #[test]
