@@ -618,14 +618,25 @@ mod tests {
         b.into_inner().unwrap().finish().unwrap()
     }
 
-    /// What is left in `pkgs`: nothing, after a refused unpack.
+    /// What is left in `pkgs`, markers as `.boot/<key>` (the directory itself not counted):
+    /// nothing, after a refused unpack.
     fn left_in(pkgs: &Path) -> Vec<String> {
-        std::fs::read_dir(pkgs)
-            .map(|rd| {
-                rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
+        let names = |dir: &Path| -> Vec<String> {
+            std::fs::read_dir(dir)
+                .map(|rd| {
+                    rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut left: Vec<String> = names(pkgs).into_iter().filter(|n| n != ".boot").collect();
+        left.extend(
+            names(&pkgs.join(".boot"))
+                .into_iter()
+                .map(|n| format!(".boot/{n}")),
+        );
+        left.sort();
+        left
     }
 
     /// Unpacks `p` into `pkgs`, expecting a refusal that leaves nothing behind; its message.
@@ -978,11 +989,9 @@ mod tests {
         };
         let err = unpack(&p, &pkgs, "k2", &limits).unwrap_err().to_string();
         assert!(err.contains("more than 100 entries"), "{err}");
-        let mut left = left_in(&pkgs);
-        left.sort();
         assert_eq!(
-            left,
-            [".k.boot", "k"],
+            left_in(&pkgs),
+            [".boot/k", "k"],
             "only the first package and its marker"
         );
         // Directories shared between entries, or given as entries, count once: eight entries (one

@@ -3,8 +3,8 @@
 //! Unpacked files are not fsynced (a package can hold thousands; Nix does not fsync store paths
 //! either), so a machine that crashes may lose writes still in the page cache and leave a package
 //! truncated under its final name. A package is therefore trusted as it is only during the boot
-//! that unpacked or checked it, which a marker `.<key>.boot` beside it records (the kernel's boot
-//! id). After a reboot its first use compares it with its archive, already checked against its
+//! that unpacked or checked it, which a marker `.boot/<key>` beside it records (the kernel's boot
+//! id; in a directory of their own, so a 255-byte key still makes a valid name). After a reboot its first use compares it with its archive, already checked against its
 //! digest; one that differs is unpacked again. Without a boot id (not Linux, or no `/proc`),
 //! packages are trusted. The marker is also the package's lock: every check, publish and mark
 //! holds it, so concurrent `nip build`s never replace a package another one just published.
@@ -30,7 +30,14 @@ fn this_boot() -> Option<&'static str> {
 }
 
 fn marker(pkgs: &Path, key: &str) -> PathBuf {
-    pkgs.join(format!(".{key}.boot"))
+    pkgs.join(MARKERS).join(key)
+}
+
+/// The directory of the markers, in `pkgs`.
+const MARKERS: &str = ".boot";
+
+fn markers_dir(pkgs: &Path) -> PathBuf {
+    pkgs.join(MARKERS)
 }
 
 /// The exclusive lock on one package, held through its marker file.
@@ -43,7 +50,8 @@ pub struct Locked {
 /// Waits for the lock on `<pkgs>/<key>`.
 pub fn lock(pkgs: &Path, key: &str) -> Result<Locked> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::create_dir_all(pkgs).map_err(io_ctx(format!("create {}", pkgs.display())))?;
+    let dir = markers_dir(pkgs);
+    std::fs::create_dir_all(&dir).map_err(io_ctx(format!("create {}", dir.display())))?;
     let path = marker(pkgs, key);
     let ctx = || format!("lock {}", path.display());
     loop {
@@ -158,7 +166,13 @@ pub fn sweep(pkgs: &Path) {
             if old {
                 let _ = std::fs::remove_dir_all(e.path());
             }
-        } else if let Some(key) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".boot")) {
+        }
+    }
+    let Ok(rd) = std::fs::read_dir(markers_dir(pkgs)) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if let Some(key) = e.file_name().to_str() {
             remove_orphan_marker(pkgs, key);
         }
     }
@@ -424,7 +438,7 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, [".k.boot", "k"]);
+        assert_eq!(left, [".boot", "k"]);
 
         // In this boot a package is used without being read at all, even if changed since.
         std::fs::write(dest.join("README"), "").unwrap();
@@ -485,14 +499,22 @@ mod tests {
                 .set_modified(day_old)
                 .unwrap();
         }
-        std::fs::write(pkgs.join(".gone.boot"), boot()).unwrap();
+        std::fs::write(marker(&pkgs, "gone"), boot()).unwrap();
         sweep(&pkgs);
         let mut left: Vec<String> = std::fs::read_dir(&pkgs)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, [".k.boot", ".stale-new", ".unpack-new", "k"]);
+        assert_eq!(left, [".boot", ".stale-new", ".unpack-new", "k"]);
+        assert_eq!(
+            std::fs::read_dir(pkgs.join(".boot"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect::<Vec<_>>(),
+            ["k"],
+            "the marker of the package that is gone is removed"
+        );
     }
     #[test]
     fn a_tree_reached_through_symlinks_or_with_the_wrong_kinds_does_not_match() {
@@ -589,6 +611,22 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, [".k.boot", "k"]);
+        assert_eq!(left, [".boot", "k"]);
+    }
+
+    #[test]
+    fn the_longest_key_gets_a_marker_too() {
+        let t = tempfile::tempdir().unwrap();
+        let (_, archive) = unpacked(t.path());
+        let (pkgs, key) = (
+            t.path().join("pkgs2"),
+            "k".repeat(nip_core::api::MAX_KEY_LEN),
+        );
+        unpack(&archive, &pkgs, &key, &UnpackLimits::default()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(marker(&pkgs, &key)).unwrap(),
+            boot()
+        );
+        assert!(trusted(&pkgs, &key).unwrap());
     }
 }
