@@ -21,6 +21,11 @@ HOW = [
     "p99 of 2000 sequential GETs on one connection, and wrk over 10000 random rows.",
     "P7: `nip build` of a recipe writing random bytes, timed as a process: again on the machine that built "
     "it (local hit), and on a fresh HOME (remote hit) against `curl` fetching the same artifact to a file.",
+    "P8: a fresh nip whose upstream is an nginx serving the big NAR: its narinfo fetched first, then "
+    "`curl` of the NAR through nip (one client, and 10 at once) against `curl` straight from that nginx, each "
+    "repeat on a fresh data directory; the same for a NAR of real installed files stored compressed upstream "
+    "(zstd and xz, with a FileHash), which nip checks and serves as stored. The floor: one Python thread "
+    "receiving the NAR from nginx, hashing it (OpenSSL SHA-256), writing and fsyncing it.",
     "P9: a fixture closure of input-addressed store paths built once by the real Nix here (`/bin/sh` "
     "derivations referring to each other; mostly a few KiB, a few of 10–50 MiB of random bytes), signed and "
     "exported with `nix copy` (NARs xz and zstd) and served by nginx; each run is Nix 2.8's `nix-store -r ROOT` "

@@ -202,6 +202,12 @@ impl Unpacked {
             // `self.tmp` is removed when dropped.
             return Ok(dest);
         }
+        // A package from an earlier boot that is whole stays, as after a comparison with the
+        // archive (a program may be running from it).
+        if dest.is_dir() && crate::pkgs::same_tree(&dest, self.tmp.path()) {
+            locked.mark();
+            return Ok(dest);
+        }
         let kept = self.tmp.keep();
         let placed = if std::fs::symlink_metadata(&dest).is_ok() {
             crate::pkgs::replace(&kept, &dest)
@@ -326,10 +332,18 @@ impl Unpack<'_> {
         ClientError::Corrupt(self.key.to_string(), format!("cannot unpack: {e}"))
     }
 
-    /// A read or write error: the byte limit's refusal when it was hit, else a corrupt archive.
+    /// A read or write error: the byte limit's refusal when it was hit, an I/O error when this
+    /// machine cannot write (full, read-only, not allowed), else a corrupt archive.
     fn failed(&self, e: std::io::Error) -> ClientError {
+        use std::io::ErrorKind as K;
         if self.hit.get() {
             self.too_big()
+        } else if matches!(
+            e.kind(),
+            K::StorageFull | K::QuotaExceeded | K::ReadOnlyFilesystem | K::PermissionDenied
+        ) {
+            // This machine's disk, not the archive: the archive is kept.
+            io_ctx(format!("unpack {}", self.key))(e)
         } else {
             self.corrupt(e)
         }

@@ -221,11 +221,15 @@ fn from_remote(client: &Client, r: &Resolved, pkgs: &Path) -> Result<Option<(Met
                     client.log(hit_op(key, "remote", &meta));
                     Ok(Some((meta, path)))
                 }
-                Err(e) => {
+                Err(e @ (ClientError::Corrupt(..) | ClientError::Refused(..))) => {
                     warn(&format!(
                         "Remote artifact {key} cannot be used, discarded: {e}"
                     ));
                     client.local.remove(key);
+                    Ok(None)
+                }
+                Err(e) => {
+                    warn(&format!("Remote artifact {key} cannot be used: {e}"));
                     Ok(None)
                 }
             }

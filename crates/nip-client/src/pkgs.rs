@@ -49,7 +49,6 @@ pub struct Locked {
 
 /// Waits for the lock on `<pkgs>/<key>`.
 pub fn lock(pkgs: &Path, key: &str) -> Result<Locked> {
-    use std::os::unix::fs::MetadataExt;
     let dir = markers_dir(pkgs);
     std::fs::create_dir_all(&dir).map_err(io_ctx(format!("create {}", dir.display())))?;
     let path = marker(pkgs, key);
@@ -63,15 +62,23 @@ pub fn lock(pkgs: &Path, key: &str) -> Result<Locked> {
             .open(&path)
             .map_err(io_ctx(ctx()))?;
         file.lock().map_err(io_ctx(ctx()))?;
-        // `sweep` may have removed the file while we waited: then lock the one now there.
-        let held = file.metadata().map_err(io_ctx(ctx()))?;
-        if std::fs::metadata(&path).is_ok_and(|m| m.ino() == held.ino() && m.dev() == held.dev()) {
+        // The file may have been removed while we waited: then lock the one now there.
+        if still_at(&file, &path) {
             return Ok(Locked {
                 file,
                 dest: pkgs.join(key),
                 marker: path,
             });
         }
+    }
+}
+
+/// Whether `file` is still the one at `path` (not removed or replaced since it was opened).
+fn still_at(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => false,
     }
 }
 
@@ -187,7 +194,9 @@ fn remove_orphan_marker(pkgs: &Path, key: &str) {
     let Ok(file) = std::fs::OpenOptions::new().read(true).open(&path) else {
         return;
     };
-    if file.try_lock().is_ok() && !pkgs.join(key).exists() {
+    // Locked and still the file at `path`: another sweep may have removed this one and someone
+    // may hold the new one.
+    if file.try_lock().is_ok() && still_at(&file, &path) && !pkgs.join(key).exists() {
         // Waiters that opened it before see it gone once they hold it, and open a new one.
         let _ = std::fs::remove_file(&path);
     }
@@ -207,8 +216,9 @@ enum Kind {
     Symlink(PathBuf),
 }
 
-/// The tree under `dest`, walked without following symlinks, and the bytes of its files; `None`
-/// when it cannot be read (it then does not match anything).
+/// The tree under `dest`, walked without following symlinks, and the most bytes an archive of
+/// it can take (data rounded up to tar's 512-byte blocks, a header and long-name and long-link
+/// records for each entry); `None` when it cannot be read (it then does not match anything).
 fn walk(dest: &Path) -> Option<(HashMap<PathBuf, Node>, u64)> {
     use std::os::unix::fs::PermissionsExt;
     let (mut nodes, mut bytes) = (HashMap::new(), 0u64);
@@ -218,13 +228,16 @@ fn walk(dest: &Path) -> Option<(HashMap<PathBuf, Node>, u64)> {
             let e = e.ok()?;
             let rel = rel.join(e.file_name());
             let meta = std::fs::symlink_metadata(e.path()).ok()?;
+            bytes += 3 * 1024 + rel.as_os_str().len() as u64;
             let kind = if meta.is_dir() {
                 dirs.push(rel.clone());
                 Kind::Dir
             } else if meta.is_symlink() {
-                Kind::Symlink(std::fs::read_link(e.path()).ok()?)
+                let target = std::fs::read_link(e.path()).ok()?;
+                bytes += target.as_os_str().len() as u64;
+                Kind::Symlink(target)
             } else if meta.is_file() {
-                bytes += meta.len();
+                bytes += meta.len().div_ceil(512) * 512;
                 Kind::File {
                     size: meta.len(),
                     exec: meta.permissions().mode() & 0o111 != 0,
@@ -236,6 +249,25 @@ fn walk(dest: &Path) -> Option<(HashMap<PathBuf, Node>, u64)> {
         }
     }
     Some((nodes, bytes))
+}
+
+/// Whether the trees at `a` and `b` hold the same paths, kinds, files (bytes and executable bit)
+/// and symlink targets; `false` when either cannot be read.
+pub fn same_tree(a: &Path, b: &Path) -> bool {
+    let (Some((x, _)), Some((y, _))) = (walk(a), walk(b)) else {
+        return false;
+    };
+    x.len() == y.len()
+        && x.iter().all(|(rel, n)| {
+            y.get(rel).is_some_and(|m| {
+                n.kind == m.kind
+                    && match n.kind {
+                        Kind::File { size, .. } => std::fs::File::open(a.join(rel))
+                            .is_ok_and(|mut f| same_bytes(&mut f, &b.join(rel), size)),
+                        _ => true,
+                    }
+            })
+        })
 }
 
 /// Whether the tree at `dest` holds exactly what `archive` unpacks to: the same paths (walked
@@ -251,9 +283,9 @@ pub fn matches_archive(archive: &Path, dest: &Path) -> Result<bool> {
     let Ok(dec) = zstd::Decoder::new(f) else {
         return Ok(false);
     };
-    // Room for every file's data and padding, and generous headers (long names included) for
-    // every entry: an archive that needs more has something the tree does not.
-    let room = bytes + (nodes.len() as u64 + 2) * (16 << 10) + (1 << 20);
+    // An archive that needs more has something the tree does not (the slack: its end, and
+    // records such as pax headers).
+    let room = bytes + (64 << 10);
     let mut ar = tar::Archive::new(dec.take(room));
     let matched = (|| -> Result<bool> {
         let Ok(entries) = ar.entries() else {
@@ -299,7 +331,8 @@ fn entry_matches<R: Read>(entry: &mut tar::Entry<'_, R>, kind: &Kind, path: &Pat
     match (entry.header().entry_type(), kind) {
         (T::Directory, Kind::Dir) => true,
         (T::Symlink, Kind::Symlink(have)) => {
-            matches!(entry.link_name(), Ok(Some(want)) if *want == **have)
+            // As bytes: `Path`'s equality would take `a//b` for `a/b`.
+            matches!(entry.link_name(), Ok(Some(want)) if want.as_os_str() == have.as_os_str())
         }
         (T::Regular | T::Continuous, Kind::File { size, exec }) => {
             let want_exec = entry.header().mode().unwrap_or(0) & 0o111 != 0;
@@ -393,6 +426,9 @@ mod tests {
         std::os::unix::fs::symlink("README", dest.join("link")).unwrap();
         assert!(!check(), "a symlink to elsewhere");
         std::fs::remove_file(dest.join("link")).unwrap();
+        std::os::unix::fs::symlink("bin//tool", dest.join("link")).unwrap();
+        assert!(!check(), "a symlink written otherwise");
+        std::fs::remove_file(dest.join("link")).unwrap();
         assert!(!check(), "a missing entry");
         std::os::unix::fs::symlink("bin/tool", dest.join("link")).unwrap();
         assert!(check());
@@ -447,7 +483,7 @@ mod tests {
     }
 
     #[test]
-    fn a_package_unpacked_meanwhile_in_this_boot_is_kept_and_an_untrusted_one_replaced() {
+    fn a_package_unpacked_meanwhile_or_whole_is_kept_and_a_damaged_one_replaced() {
         let t = tempfile::tempdir().unwrap();
         let (pkgs, archive) = unpacked(t.path());
         let dest = pkgs.join("k");
@@ -471,6 +507,14 @@ mod tests {
             theirs,
             "trusted: theirs is kept"
         );
+        std::fs::write(marker(&pkgs, "k"), "an-earlier-boot").unwrap();
+        assert_eq!(stream().publish().unwrap(), dest);
+        assert_eq!(
+            inode(&dest.join("README")),
+            theirs,
+            "untrusted but the same as the new one: kept"
+        );
+        assert!(trusted(&pkgs, "k").unwrap());
         std::fs::write(marker(&pkgs, "k"), "an-earlier-boot").unwrap();
         std::fs::write(dest.join("README"), "").unwrap();
         assert_eq!(stream().publish().unwrap(), dest);
