@@ -389,6 +389,16 @@ mod tests {
         (pkgs, archive)
     }
 
+    /// What `dir` holds, sorted.
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
     fn boot() -> &'static str {
         this_boot().expect("Linux has a boot id")
     }
@@ -469,12 +479,7 @@ mod tests {
         assert_ne!(inode(&dest.join("README")), readme_inode);
         assert!(trusted(&pkgs, "k").unwrap());
         // Nothing left beside it but its marker (no temp or moved-aside trees).
-        let mut left: Vec<String> = std::fs::read_dir(&pkgs)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        assert_eq!(left, [".boot", "k"]);
+        assert_eq!(names(&pkgs), [".boot", "k"]);
 
         // In this boot a package is used without being read at all, even if changed since.
         std::fs::write(dest.join("README"), "").unwrap();
@@ -545,17 +550,9 @@ mod tests {
         }
         std::fs::write(marker(&pkgs, "gone"), boot()).unwrap();
         sweep(&pkgs);
-        let mut left: Vec<String> = std::fs::read_dir(&pkgs)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        assert_eq!(left, [".boot", ".stale-new", ".unpack-new", "k"]);
+        assert_eq!(names(&pkgs), [".boot", ".stale-new", ".unpack-new", "k"]);
         assert_eq!(
-            std::fs::read_dir(pkgs.join(".boot"))
-                .unwrap()
-                .map(|e| e.unwrap().file_name())
-                .collect::<Vec<_>>(),
+            names(&pkgs.join(".boot")),
             ["k"],
             "the marker of the package that is gone is removed"
         );
@@ -650,12 +647,7 @@ mod tests {
             }
         });
         assert!(trusted(&pkgs, "k").unwrap());
-        let mut left: Vec<String> = std::fs::read_dir(&pkgs)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        assert_eq!(left, [".boot", "k"]);
+        assert_eq!(names(&pkgs), [".boot", "k"]);
     }
 
     #[test]
