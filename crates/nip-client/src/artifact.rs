@@ -333,16 +333,17 @@ impl Unpack<'_> {
     }
 
     /// A read or write error: the byte limit's refusal when it was hit, an I/O error when this
-    /// machine cannot write (full, read-only, not allowed), else a corrupt archive.
+    /// machine's disk is full or read-only, else a corrupt archive.
     fn failed(&self, e: std::io::Error) -> ClientError {
         use std::io::ErrorKind as K;
         if self.hit.get() {
             self.too_big()
         } else if matches!(
             e.kind(),
-            K::StorageFull | K::QuotaExceeded | K::ReadOnlyFilesystem | K::PermissionDenied
+            K::StorageFull | K::QuotaExceeded | K::ReadOnlyFilesystem
         ) {
-            // This machine's disk, not the archive: the archive is kept.
+            // This machine's disk, not the archive: the archive is kept. (Not PermissionDenied:
+            // an archive's symlink into a directory we cannot read gives that too.)
             io_ctx(format!("unpack {}", self.key))(e)
         } else {
             self.corrupt(e)

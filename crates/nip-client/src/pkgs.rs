@@ -212,8 +212,12 @@ struct Node {
 #[derive(PartialEq)]
 enum Kind {
     Dir,
-    File { size: u64, exec: bool },
-    Symlink(PathBuf),
+    File {
+        size: u64,
+        exec: bool,
+    },
+    /// The target as bytes: `Path`'s equality would take `lib/` for `lib`.
+    Symlink(std::ffi::OsString),
 }
 
 /// The tree under `dest`, walked without following symlinks, and the most bytes an archive of
@@ -235,7 +239,7 @@ fn walk(dest: &Path) -> Option<(HashMap<PathBuf, Node>, u64)> {
             } else if meta.is_symlink() {
                 let target = std::fs::read_link(e.path()).ok()?;
                 bytes += target.as_os_str().len() as u64;
-                Kind::Symlink(target)
+                Kind::Symlink(target.into_os_string())
             } else if meta.is_file() {
                 bytes += meta.len().div_ceil(512) * 512;
                 Kind::File {
@@ -664,5 +668,31 @@ mod tests {
             boot()
         );
         assert!(trusted(&pkgs, &key).unwrap());
+    }
+
+    #[test]
+    fn same_tree_tells_every_difference() {
+        let t = tempfile::tempdir().unwrap();
+        let make = |name: &str, target: &str, bytes: &str| {
+            let d = t.path().join(name);
+            std::fs::create_dir_all(d.join("lib")).unwrap();
+            std::fs::write(d.join("lib/f"), bytes).unwrap();
+            std::os::unix::fs::symlink(target, d.join("link")).unwrap();
+            d
+        };
+        let a = make("a", "lib", "x");
+        assert!(same_tree(&a, &make("b", "lib", "x")));
+        assert!(
+            !same_tree(&a, &make("c", "lib/", "x")),
+            "a symlink written otherwise"
+        );
+        assert!(!same_tree(&a, &make("d", "lib", "y")), "other bytes");
+        let e = make("e", "lib", "x");
+        std::fs::write(e.join("lib/g"), "").unwrap();
+        assert!(!same_tree(&a, &e), "an extra file");
+        assert!(!same_tree(&e, &a), "a missing file");
+        let f = make("f", "lib", "x");
+        std::fs::set_permissions(f.join("lib/f"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(!same_tree(&a, &f), "an execute bit");
     }
 }
