@@ -636,14 +636,7 @@ mod tests {
     /// What is left in `pkgs`, markers as `.boot/<key>` (the directory itself not counted):
     /// nothing, after a refused unpack.
     fn left_in(pkgs: &Path) -> Vec<String> {
-        let names = |dir: &Path| -> Vec<String> {
-            std::fs::read_dir(dir)
-                .map(|rd| {
-                    rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        use crate::pkgs::tests::names;
         let mut left: Vec<String> = names(pkgs).into_iter().filter(|n| n != ".boot").collect();
         left.extend(
             names(&pkgs.join(".boot"))

@@ -178,8 +178,7 @@ fn from_local(client: &Client, key: &str, pkgs: &Path) -> Option<(Metadata, Path
             client.log(hit_op(key, "local", &meta));
             Some((meta, path))
         }
-        // Only a bad archive is discarded: a failure to read or write the package is not its fault.
-        Err(e @ (ClientError::Corrupt(..) | ClientError::Refused(..))) => {
+        Err(e) if e.blames_the_artifact() => {
             warn(&format!(
                 "Local cache entry {key} is unusable, discarded: {e}"
             ));
@@ -221,7 +220,7 @@ fn from_remote(client: &Client, r: &Resolved, pkgs: &Path) -> Result<Option<(Met
                     client.log(hit_op(key, "remote", &meta));
                     Ok(Some((meta, path)))
                 }
-                Err(e @ (ClientError::Corrupt(..) | ClientError::Refused(..))) => {
+                Err(e) if e.blames_the_artifact() => {
                     warn(&format!(
                         "Remote artifact {key} cannot be used, discarded: {e}"
                     ));

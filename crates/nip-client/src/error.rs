@@ -38,6 +38,14 @@ pub enum ClientError {
     Refused(String, String),
 }
 
+impl ClientError {
+    /// Whether the artifact itself is at fault (corrupt, or refused by the unpack bounds), so
+    /// its archive is discarded; other errors (this machine's disk, a lock) leave it.
+    pub fn blames_the_artifact(&self) -> bool {
+        matches!(self, ClientError::Corrupt(..) | ClientError::Refused(..))
+    }
+}
+
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 /// Adds a context line to I/O errors: `io_err("create /x")(e)`.

@@ -4,8 +4,9 @@
 //! either), so a machine that crashes may lose writes still in the page cache and leave a package
 //! truncated under its final name. A package is therefore trusted as it is only during the boot
 //! that unpacked or checked it, which a marker `.boot/<key>` beside it records (the kernel's boot
-//! id; in a directory of their own, so a 255-byte key still makes a valid name). After a reboot its first use compares it with its archive, already checked against its
-//! digest; one that differs is unpacked again. Without a boot id (not Linux, or no `/proc`),
+//! id; in a directory of their own, so a 255-byte key still makes a valid name). After a reboot
+//! its first use compares it with its archive, already checked against its digest; one that
+//! differs is unpacked again. Without a boot id (not Linux, or no `/proc`),
 //! packages are trusted. The marker is also the package's lock: every check, publish and mark
 //! holds it, so concurrent `nip build`s never replace a package another one just published.
 use std::collections::HashMap;
@@ -30,7 +31,7 @@ fn this_boot() -> Option<&'static str> {
 }
 
 fn marker(pkgs: &Path, key: &str) -> PathBuf {
-    pkgs.join(MARKERS).join(key)
+    markers_dir(pkgs).join(key)
 }
 
 /// The directory of the markers, in `pkgs`.
@@ -370,7 +371,7 @@ fn same_bytes(a: &mut impl Read, path: &Path, size: u64) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::artifact::{pack, unpack, UnpackLimits};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -393,12 +394,14 @@ mod tests {
         (pkgs, archive)
     }
 
-    /// What `dir` holds, sorted.
-    fn names(dir: &Path) -> Vec<String> {
+    /// What `dir` holds, sorted; nothing if it does not exist.
+    pub(crate) fn names(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+            .map(|rd| {
+                rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
         v.sort();
         v
     }
